@@ -1,0 +1,192 @@
+"""The on-disk format of a task vector: the contract between the extraction callback and the merger.
+
+A task vector is a folder::
+
+    <folder>/
+      task_vector.safetensors   backbone deltas (see below)
+      head.safetensors          the task head's state dict (may be empty for heads-free models such as T5)
+      meta.json                 see ``TaskVectorMeta``
+
+Parameter names are those of the backbone's own ``state_dict()`` (the ``transformers`` model loaded by
+``drm_lightning.models.backbone.load_backbone``), so ``W_0`` comes from that model under the same name.
+
+``kind == "dense"``: one entry per backbone parameter that changed, ``name -> W_ft - W_0`` (float32 or the
+training dtype). Parameters absent from the file have a zero delta (frozen ones).
+
+``kind == "lora"``: for every adapted linear weight ``name`` (e.g. ``encoder.layer.0.attention.self.query.weight``)
+two entries, ``name + ".lora_A"`` of shape ``[r, in]`` and ``name + ".lora_B"`` of shape ``[out, r]``; the delta is
+``scale * lora_B @ lora_A`` with ``scale = meta.lora.scale`` (``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA).
+Other backbone parameters that the LoRA run also trained may appear as plain dense deltas under their own names.
+
+Everything is safetensors and JSON: nothing executable is ever loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+DELTAS_FILE = "task_vector.safetensors"
+HEAD_FILE = "head.safetensors"
+META_FILE = "meta.json"
+LORA_A_SUFFIX = ".lora_A"
+LORA_B_SUFFIX = ".lora_B"
+
+
+class TaskVectorError(ValueError):
+    """A task vector folder that cannot be used; the message names the file and the key or value at fault."""
+
+
+@dataclass
+class LoraMeta:
+    """LoRA settings of an expert; ``scale`` multiplies ``B @ A``."""
+
+    r: int
+    alpha: float
+    scale: float
+    target_modules: list[str]
+    dropout: float = 0.0
+
+
+@dataclass
+class TaskVectorMeta:
+    """What ``meta.json`` holds."""
+
+    task: str
+    kind: Literal["dense", "lora"]
+    base_model: str
+    base_fingerprint: str
+    family: str = "encoder"
+    label_names: list[str] = field(default_factory=list)
+    lora: LoraMeta | None = None
+    head: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = META_FILE) -> TaskVectorMeta:
+        data = dict(data)
+        missing = [k for k in ("task", "kind", "base_model", "base_fingerprint") if k not in data]
+        if missing:
+            raise TaskVectorError(f"{source}: missing key(s) {missing}")
+        if data["kind"] not in ("dense", "lora"):
+            raise TaskVectorError(f"{source}: kind={data['kind']!r}, expected 'dense' or 'lora'")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TaskVectorError(f"{source}: unknown key(s) {unknown}")
+        lora = data.get("lora")
+        if data["kind"] == "lora":
+            if not isinstance(lora, Mapping):
+                raise TaskVectorError(f"{source}: kind='lora' needs a 'lora' section with r, alpha, scale")
+            try:
+                data["lora"] = LoraMeta(**lora)
+            except TypeError as err:
+                raise TaskVectorError(f"{source}: bad 'lora' section {dict(lora)}: {err}") from None
+        elif lora is not None:
+            data["lora"] = LoraMeta(**lora)
+        return cls(**data)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in meta.json / merge.json so results can be traced."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("drm_lightning", "torch", "lightning", "transformers", "peft", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+@contextmanager
+def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``target`` in one rename, on error it vanishes.
+
+    Why: a crash (or SIGKILL) mid-write must never leave a half-written task vector or model at ``target``.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            _rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        _rmtree(tmp)
+        raise
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_task_vector(
+    folder: str | os.PathLike[str],
+    deltas: Mapping[str, torch.Tensor],
+    head: Mapping[str, torch.Tensor],
+    meta: TaskVectorMeta,
+) -> Path:
+    """Write a task vector folder atomically (all three files appear together or not at all)."""
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in deltas.items()}, str(tmp / DELTAS_FILE))
+        save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(tmp / HEAD_FILE))
+        (tmp / META_FILE).write_text(meta.to_json())
+    return Path(folder)
+
+
+def read_meta(folder: str | os.PathLike[str]) -> TaskVectorMeta:
+    """Read and validate ``meta.json``; errors name the file."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise TaskVectorError(f"{path}: not found (is {folder} a task vector folder?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise TaskVectorError(f"{path}: invalid JSON ({err})") from None
+    return TaskVectorMeta.from_dict(data, source=str(path))
+
+
+def read_head(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load the head's state dict (safetensors only)."""
+    path = Path(folder) / HEAD_FILE
+    with open_safetensors(path) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike[str]) -> Iterator[Any]:
+    """``safe_open`` with an error that names the file when it is missing, truncated or not safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaskVectorError(f"{path}: not found")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
+        raise TaskVectorError(f"{path}: not a readable safetensors file ({err})") from None
+    with handle as f:
+        yield f
