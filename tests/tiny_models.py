@@ -1,0 +1,158 @@
+"""Tiny models of each family (hidden size 32), saved with ``save_pretrained`` so the real loading code runs.
+
+Why: tests must not reach the hub, and real models are far too slow on 2 CPU cores. Each folder holds what a hub
+checkpoint holds: ``config.json``, ``model.safetensors`` and a tokenizer (text families) or image processor
+(vision), so ``load_backbone`` and ``AutoTokenizer`` / ``AutoImageProcessor`` work on it unchanged.
+
+Usage::
+
+    from tiny_models import TINY_WORDS, make_tiny_model   # tests/ is on sys.path under pytest (conftest dir)
+    path = make_tiny_model("encoder", tmp_path / "bert")   # -> str, a save_pretrained folder
+
+Every word of ``TINY_WORDS`` is a single token of every tiny tokenizer, so synthetic sentences built from them
+tokenise to meaningful ids; other lowercase words fall back to letters.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import torch
+
+HIDDEN_SIZE = 32
+IMAGE_SIZE = 16
+
+TINY_WORDS: tuple[str, ...] = tuple(
+    """
+    the a an and or but is was are be not very so too this that it its of in on to with for as at by
+    movie film plot actor story scene music ending cast script director
+    good great fine fun nice best love lovely brilliant superb fresh
+    bad awful poor dull boring worst hate terrible weak rotten
+    cat dog bird fish red green blue yellow one two three four
+    positive negative neutral yes no maybe
+    """.split()
+)
+
+_LETTERS = list(string.ascii_lowercase + string.digits)
+
+
+def _bert_tokenizer():
+    from transformers import BertTokenizer
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    pieces = specials + list(TINY_WORDS) + _LETTERS + [f"##{c}" for c in _LETTERS] + list(string.punctuation)
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    return BertTokenizer(vocab=vocab)
+
+
+def _llama_tokenizer():
+    from transformers import LlamaTokenizer
+
+    # Byte-pair merges that build each "▁word" left to right, so every TINY_WORDS entry is one token.
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    pieces = specials + ["▁"] + _LETTERS + [f"▁{c}" for c in _LETTERS] + list(string.punctuation)
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        piece = "▁"
+        for char in word:
+            if (piece, char) not in merges:
+                merges.append((piece, char))
+            piece += char
+            pieces.append(piece)
+    vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
+    return LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<pad>", padding_side="right")
+
+
+def _t5_tokenizer():
+    from transformers import T5Tokenizer
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces = specials + [(f"▁{w}", -1.0) for w in TINY_WORDS] + [("▁", -2.0)]
+    pieces += [(c, -5.0) for c in _LETTERS + list(string.punctuation)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 0, **config_overrides) -> str:
+    """Build a random tiny model of ``family`` (``encoder|decoder|seq2seq|vision``) and save it to ``folder``.
+
+    Args:
+        family: ``"encoder"`` (BERT, with pooler, like real checkpoints), ``"decoder"`` (``LlamaForCausalLM``, as
+            hub checkpoints are), ``"seq2seq"`` (T5) or ``"vision"`` (ViT, 16x16 RGB, patch 8).
+        folder: where to ``save_pretrained``; created if missing.
+        seed: the weights are a function of the seed alone.
+        **config_overrides: passed to the config (e.g. ``num_hidden_layers=1``).
+
+    Returns:
+        ``str(folder)``.
+    """
+    import transformers as tf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if family == "encoder":
+        tok = _bert_tokenizer()
+        config = tf.BertConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            **config_overrides,
+        )
+        model = tf.BertModel(config)
+    elif family == "decoder":
+        tok = _llama_tokenizer()
+        config = tf.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN_SIZE,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+            **config_overrides,
+        )
+        model = tf.LlamaForCausalLM(config)
+    elif family == "seq2seq":
+        tok = _t5_tokenizer()
+        config = tf.T5Config(
+            vocab_size=len(tok),
+            d_model=HIDDEN_SIZE,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=2,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+            **config_overrides,
+        )
+        model = tf.T5ForConditionalGeneration(config)
+    elif family == "vision":
+        tok = tf.ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        config = tf.ViTConfig(
+            image_size=IMAGE_SIZE,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            **config_overrides,
+        )
+        model = tf.ViTModel(config)
+    else:
+        raise ValueError(f"family={family!r}: expected encoder, decoder, seq2seq or vision")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
