@@ -1,0 +1,255 @@
+"""Choose the scaling coefficient λ of a merged model on validation data only.
+
+The merged weight is ``W_0 + λ·Δ_merged`` (ALGORITHMS.md); Δ_merged is computed once per method and each λ only
+rescales it (``apply_merged_delta(merged, lam)`` in memory). λ is chosen by the **average normalised accuracy**:
+for each task the merged model's validation accuracy divided by the expert's, averaged over tasks, so every task
+counts the same whatever its difficulty. Test splits are never looked at here.
+
+Two strategies:
+
+``grid``
+    Evaluate every λ of the grid. Default grids per method (``default_grid``): 0.1–1.0 step 0.1 for Task Arithmetic,
+    TIES and DARE, whose Δ is a (trimmed) sum of deltas; 0.1–3.0 step 0.1 for the SVD methods (DRM, Iso-C, Iso-CTS,
+    TSV-M), whose renormalised or isotropic Δ often wants λ > 1.
+
+``refine``
+    Fewer evaluations on the same grid: evaluate every k-th λ (k ≈ √n, plus the last one), then run a discrete
+    golden-section search over the grid points between the best coarse λ's two coarse neighbours. About
+    ``√n + log₁.₆₂(2√n)`` evaluations instead of n (12 instead of 30 on the SVD grid). It returns the grid's best λ
+    whenever the curve is unimodal within that bracket; validation curves usually are, but noise can trap it on a
+    local bump, so ``grid`` stays the exhaustive choice. Ties go to the smaller λ in both strategies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from drm_lightning.evaluation.results import LambdaPoint, TaskMetrics, average_normalised
+
+Strategy = Literal["grid", "refine"]
+STRATEGIES: tuple[str, ...] = ("grid", "refine")
+
+_GOLDEN = (3.0 - math.sqrt(5.0)) / 2.0  # 0.382: the golden-section probe fraction
+
+
+def make_grid(start: float, stop: float, step: float) -> list[float]:
+    """``start, start+step, …, stop`` (inclusive), rounded so 0.1-steps give 0.3 and not 0.30000000000000004."""
+    if not step > 0:
+        raise ValueError(f"step={step!r}: must be > 0")
+    if not 0 < start <= stop:
+        raise ValueError(f"start={start!r}, stop={stop!r}: need 0 < start <= stop")
+    n = int(math.floor((stop - start) / step + 1e-9)) + 1
+    return [round(start + i * step, 10) for i in range(n)]
+
+
+ELEMENTWISE_GRID: tuple[float, ...] = tuple(make_grid(0.1, 1.0, 0.1))
+SVD_GRID: tuple[float, ...] = tuple(make_grid(0.1, 3.0, 0.1))
+
+# Method name (as in the merging registry, or a label that starts with it) -> its default λ grid.
+DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
+    "task_arithmetic": ELEMENTWISE_GRID,
+    "ta": ELEMENTWISE_GRID,
+    "ties": ELEMENTWISE_GRID,
+    "dare": ELEMENTWISE_GRID,
+    "drm": SVD_GRID,
+    "iso_c": SVD_GRID,
+    "iso_cts": SVD_GRID,
+    "tsv_m": SVD_GRID,
+    "tsv": SVD_GRID,
+}
+
+
+def default_grid(method: str) -> list[float]:
+    """The default λ grid of a merge method; ``drm_v``, ``DRM-H``, ``dare_ties`` … resolve by their longest prefix."""
+    key = method.strip().lower().replace("-", "_")
+    matches = [name for name in DEFAULT_GRIDS if key == name or key.startswith(name + "_")]
+    if not matches:
+        raise ValueError(f"method={method!r}: no default λ grid; known methods: {sorted(DEFAULT_GRIDS)}")
+    return list(DEFAULT_GRIDS[max(matches, key=len)])
+
+
+@dataclass
+class LambdaSearchResult:
+    """The chosen λ, its score and metrics, and every evaluated point in evaluation order."""
+
+    best_lambda: float
+    best_score: float
+    best_metrics: TaskMetrics
+    curve: list[LambdaPoint] = field(default_factory=list)
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.curve)
+
+    def sorted_curve(self) -> list[LambdaPoint]:
+        """The curve by increasing λ (what a plot wants)."""
+        return sorted(self.curve, key=lambda p: p.lam)
+
+
+def _check_grid(grid: Sequence[float]) -> list[float]:
+    values = sorted(float(x) for x in grid)
+    if not values:
+        raise ValueError("grid: empty; give at least one λ")
+    bad = [x for x in values if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"grid: non-finite λ {bad}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"grid: repeated λ in {values}")
+    return values
+
+
+def search_lambda(
+    evaluate: Callable[[float], Mapping[str, Mapping[str, float]]],
+    expert_metrics: Mapping[str, Mapping[str, float]],
+    grid: Sequence[float],
+    strategy: Strategy = "grid",
+    metric: str = "accuracy",
+    coarse_stride: int | None = None,
+) -> LambdaSearchResult:
+    """Find the λ of ``grid`` with the best average normalised ``metric``.
+
+    Args:
+        evaluate: λ -> ``{task: {metric: value}}`` on validation data; called at most once per λ.
+        expert_metrics: the experts' validation metrics, the normalisation reference (its tasks are the ones
+            averaged over).
+        grid: the candidate λ values (any order; searched in increasing order).
+        strategy: ``grid`` (every λ) or ``refine`` (coarse grid, then golden-section inside the best bracket).
+        metric: the metric to normalise and average.
+        coarse_stride: ``refine`` only: evaluate every k-th grid point first (default ⌈√n⌉, at least 2).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+    values = _check_grid(grid)
+    tasks = list(expert_metrics)
+    curve: list[LambdaPoint] = []
+    scores: dict[int, float] = {}
+
+    def score(i: int) -> float:
+        if i not in scores:
+            lam = values[i]
+            metrics = {t: dict(m) for t, m in evaluate(lam).items()}
+            point = LambdaPoint(lam, average_normalised(metrics, expert_metrics, metric, tasks), metrics)
+            curve.append(point)
+            scores[i] = point.score
+            rank_zero_info(f"λ={lam:g}: average normalised {metric} {point.score:.4f}")
+        return scores[i]
+
+    n = len(values)
+    if strategy == "grid" or n <= 3:
+        for i in range(n):
+            score(i)
+    else:
+        stride = coarse_stride if coarse_stride is not None else max(2, math.ceil(math.sqrt(n)))
+        if stride < 1:
+            raise ValueError(f"coarse_stride={coarse_stride!r}: must be >= 1")
+        coarse = sorted(set(range(0, n, stride)) | {n - 1})
+        best = _best_index(coarse, score)
+        k = coarse.index(best)
+        lo = coarse[k - 1] if k > 0 else best
+        hi = coarse[k + 1] if k + 1 < len(coarse) else best
+        _golden_section(lo, best, hi, score)
+
+    i = _best_index(sorted(scores), score)
+    point = next(p for p in curve if p.lam == values[i])
+    return LambdaSearchResult(best_lambda=point.lam, best_score=point.score, best_metrics=point.metrics, curve=curve)
+
+
+def _best_index(indices: Sequence[int], score: Callable[[int], float]) -> int:
+    """The index with the highest score; ties (and NaN scores, which never win) go to the smaller λ."""
+    best = indices[0]
+    for i in indices[1:]:
+        s, b = score(i), score(best)
+        if s > b or (math.isnan(b) and not math.isnan(s)):
+            best = i
+    return best
+
+
+def _golden_section(lo: int, c: int, hi: int, score: Callable[[int], float]) -> None:
+    """Discrete golden-section search for the maximum on grid indices ``lo..hi`` given the best point ``c``.
+
+    Invariant: ``lo <= c <= hi`` and ``c`` has the best score seen inside; each step probes the longer side at the
+    golden fraction and shrinks the bracket, until every neighbour of ``c`` inside it has been evaluated.
+    """
+    while True:
+        left, right = c - lo, hi - c
+        if max(left, right) <= 1:
+            if left == 1:
+                score(lo)
+            if right == 1:
+                score(hi)
+            return
+        if right >= left:
+            x = c + max(1, round(_GOLDEN * right))
+            if score(x) > score(c):
+                lo, c = c, x
+            else:
+                hi = x
+        else:
+            x = c - max(1, round(_GOLDEN * left))
+            if score(x) > score(c):
+                hi, c = c, x
+            else:
+                lo = x
+
+
+def search_merged_lambda(
+    merged: str | os.PathLike[str],
+    task_vectors: Sequence[str | os.PathLike[str]],
+    datamodules: Mapping[str, object],
+    expert_metrics: Mapping[str, Mapping[str, float]] | None = None,
+    grid: Sequence[float] | None = None,
+    strategy: Strategy = "grid",
+    metric: str = "accuracy",
+    method: str | None = None,
+    trainer_kwargs: dict | None = None,
+) -> LambdaSearchResult:
+    """λ search for one merged folder (written by ``merge_task_vectors``) on the tasks' validation splits.
+
+    Args:
+        merged: the merged folder; Δ_merged is read from it and only rescaled per λ.
+        task_vectors: the experts' task vector folders (their heads go on the merged backbone).
+        datamodules: task name -> its datamodule.
+        expert_metrics: the experts' validation metrics; evaluated here (base + own task vector) when ``None``.
+        grid: candidate λ values; the method's ``default_grid`` when ``None``.
+        strategy: ``grid`` or ``refine`` (see the module docstring).
+        metric: the metric to normalise and average.
+        method: the method name for the default grid; read from the folder's ``merge.json`` when ``None``.
+        trainer_kwargs: extra ``Trainer`` arguments for every evaluation.
+    """
+    from drm_lightning.evaluation.multitask import evaluate_backbone
+    from drm_lightning.merging.merger import apply_merged_delta
+
+    if grid is None:
+        grid = default_grid(method or read_merge_info(merged)["method"])
+    if expert_metrics is None:
+        expert_metrics = evaluate_backbone(
+            None, task_vectors, datamodules, "validation", trainer_kwargs, with_task_vector=True
+        )
+
+    def evaluate(lam: float) -> TaskMetrics:
+        model = apply_merged_delta(merged, lam)
+        return evaluate_backbone(model, task_vectors, datamodules, "validation", trainer_kwargs)
+
+    return search_lambda(evaluate, expert_metrics, grid, strategy=strategy, metric=metric)
+
+
+def read_merge_info(merged: str | os.PathLike[str]) -> dict:
+    """``merge.json`` of a merged folder, checked for the keys the evaluation uses."""
+    path = Path(merged) / "merge.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (is {merged} a folder written by merge_task_vectors?)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(info, dict) or "method" not in info:
+        raise ValueError(f"{path}: missing key 'method'")
+    return info

@@ -1,0 +1,208 @@
+"""The run report: ``report.json`` (every number) and ``report.md`` (the tables a person reads).
+
+Why a pure function of an ``EvaluationResults``: the numbers come from long runs, the formatting does not, so
+the formatting is tested on synthetic results and the same report can be rebuilt from a saved ``report.json``
+(``EvaluationResults.from_dict(json.load(f)["results"])``). Output is deterministic: fixed decimals, sorted JSON
+keys, tasks and methods in the order given.
+
+The markdown has four parts: per-task accuracy (pretrained backbone under the expert head, the expert, and for
+each merged model its absolute and normalised value, merged ÷ expert), a per-method summary (λ, merge time,
+averages), the λ search curves, and the plots when there are any.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from drm_lightning.evaluation.results import EvaluationResults
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_FORMAT_VERSION = 1
+MISSING = "n/a"
+
+
+def fmt_percent(value: float | None) -> str:
+    """A fraction in [0, 1] as a percentage with two decimals; ``n/a`` when absent."""
+    if value is None:
+        return MISSING
+    if not math.isfinite(value):
+        return "nan"
+    return f"{100.0 * value:.2f}"
+
+
+def fmt_lambda(value: float | None) -> str:
+    """λ with up to four decimals and no trailing zeros (``0.3``, ``1``, ``0.1375``)."""
+    if value is None:
+        return MISSING
+    text = f"{value:.4f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def fmt_seconds(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.2f}"
+
+
+def _table(header: Sequence[str], align: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _escape(text: str) -> str:
+    """Task and method names go into table cells: a ``|`` would split the cell."""
+    return text.replace("|", "\\|")
+
+
+def render_markdown(results: EvaluationResults, images: Sequence[str] = ()) -> str:
+    """The report as markdown; ``images`` are file names (relative to the report) to embed at the end."""
+    r = results
+    pct = f"{r.metric} (%)"
+    lines = [
+        "# drm_lightning merge report",
+        "",
+        f"Split: `{r.split}` · metric: `{r.metric}` · tasks: {len(r.tasks)} · merged models: {len(r.methods)}",
+        "",
+        f"## {pct} per task",
+        "",
+        "*norm.* = merged ÷ expert on the same task; *pretrained* = the pretrained backbone under the expert's head.",
+        "",
+    ]
+    header = ["task", "pretrained", "expert"]
+    for m in r.methods:
+        header += [_escape(m.label), f"{_escape(m.label)} norm."]
+    rows = []
+    for task in r.tasks:
+        row = [_escape(task), fmt_percent(r.value("pretrained", task)), fmt_percent(r.value("expert", task))]
+        for m in r.methods:
+            row += [fmt_percent(r.value(m.label, task)), fmt_percent(r.normalised(m.label, task))]
+        rows.append(row)
+    avg = ["**average**", fmt_percent(r.average("pretrained")), fmt_percent(r.average("expert"))]
+    for m in r.methods:
+        avg += [fmt_percent(r.average(m.label)), fmt_percent(r.average(m.label, normalised=True))]
+    rows.append(avg)
+    lines += _table(header, [":---"] + ["---:"] * (len(header) - 1), rows)
+
+    if r.methods:
+        lines += ["", "## Merged models", ""]
+        rows = []
+        for m in r.methods:
+            params = json.dumps(m.params, sort_keys=True, separators=(", ", ": ")) if m.params else ""
+            rows.append(
+                [
+                    _escape(m.label),
+                    _escape(m.method or m.label),
+                    _escape(params),
+                    fmt_lambda(m.lam),
+                    str(len(m.curve)),
+                    fmt_seconds(m.merge_seconds),
+                    fmt_percent(r.average(m.label)),
+                    fmt_percent(r.average(m.label, normalised=True)),
+                ]
+            )
+        header = ["model", "method", "params", "λ", "λ evaluations", "merge time (s)", f"avg {pct}", "avg norm. (%)"]
+        lines += _table(header, [":---", ":---", ":---"] + ["---:"] * 5, rows)
+
+    searched = [m for m in r.methods if m.curve]
+    if searched:
+        lines += [
+            "",
+            f"## λ search: average normalised {r.metric} (%)",
+            "",
+            "Scores on the validation split; **bold** marks each model's chosen λ.",
+            "",
+        ]
+        grid = sorted({p.lam for m in searched for p in m.curve})
+        rows = []
+        for lam in grid:
+            row = [fmt_lambda(lam)]
+            for m in searched:
+                scores = [p.score for p in m.curve if p.lam == lam]
+                cell = fmt_percent(scores[0]) if scores else ""
+                if scores and m.lam is not None and m.lam == lam:
+                    cell = f"**{cell}**"
+                row.append(cell)
+            rows.append(row)
+        lines += _table(["λ"] + [_escape(m.label) for m in searched], ["---:"] * (len(searched) + 1), rows)
+
+    if images:
+        lines += ["", "## Plots", ""]
+        for image in images:
+            name = Path(image).name
+            lines.append(f"![{Path(name).stem}]({name})")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON has no NaN/inf: they become ``null`` (``EvaluationResults.from_dict`` reads them back as NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def report_dict(results: EvaluationResults) -> dict[str, Any]:
+    """``report.json``'s content: the results themselves plus the derived numbers the tables show."""
+    r = results
+    summary: dict[str, Any] = {
+        "pretrained": {"average": r.average("pretrained")},
+        "expert": {"average": r.average("expert")},
+        "methods": {},
+    }
+    for m in r.methods:
+        summary["methods"][m.label] = {
+            "lambda": m.lam,
+            "merge_seconds": m.merge_seconds,
+            "average": r.average(m.label),
+            "average_normalised": r.average(m.label, normalised=True),
+            "normalised": {t: r.normalised(m.label, t) for t in r.tasks},
+        }
+    return _jsonable({"format_version": REPORT_FORMAT_VERSION, "results": r.to_dict(), "summary": summary})
+
+
+def write_report(
+    results: EvaluationResults,
+    folder: str | os.PathLike[str],
+    images: Sequence[str] = (),
+) -> str:
+    """Write ``report.json`` and ``report.md`` into ``folder`` (global rank 0 only) and return the markdown.
+
+    Every rank gets the markdown back, so a caller may print it anywhere; only rank 0 touches the disk.
+    """
+    markdown = render_markdown(results, images)
+    _write_files(Path(folder), json.dumps(report_dict(results), indent=2, sort_keys=True) + "\n", markdown)
+    return markdown
+
+
+@rank_zero_only
+def _write_files(folder: Path, report_json: str, markdown: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    # Write-then-rename: a reader (or a crash) never sees half a report.
+    for name, text in ((REPORT_JSON, report_json), (REPORT_MD, markdown)):
+        tmp = folder / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, folder / name)
+
+
+def read_report(folder: str | os.PathLike[str]) -> EvaluationResults:
+    """Load the results back from ``<folder>/report.json`` (e.g. to redraw plots or rebuild the markdown)."""
+    path = Path(folder) / REPORT_JSON
+    if not path.is_file():
+        raise ValueError(f"{path}: not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(data, dict) or "results" not in data:
+        raise ValueError(f"{path}: no 'results' section")
+    return EvaluationResults.from_dict(data["results"])
