@@ -1,0 +1,195 @@
+"""Lazy, validated reading of one task vector's deltas, one parameter at a time.
+
+Why lazy: a merge of T experts of an 8B model must never hold T models in memory. The reader keeps only the
+safetensors header (names, shapes, dtypes) and opens the file for each ``get``: ``safe_open`` memory-maps it, and
+pages touched through a mapping that stays open count as resident memory until it is closed, so a handle kept open
+across the whole walk would grow to the file's size per task vector.
+
+Why validate here: a task vector taken against another model (or with a typo'd key) would otherwise merge silently
+into garbage or fail deep inside a decomposition. Everything that the header alone can tell (unknown keys, shapes,
+LoRA rank and pairing, dtypes) is checked by ``validate`` before any tensor is read; values (NaN/Inf) are checked
+when each tensor is read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.task_vectors.format import (
+    DELTAS_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    TaskVectorError,
+    TaskVectorMeta,
+    open_safetensors,
+    read_meta,
+)
+
+#: safetensors dtype codes a delta may be stored in.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+class TaskVectorReader:
+    """One task vector folder: its ``meta.json`` and the header of its ``task_vector.safetensors``.
+
+    Args:
+        folder: a folder written by ``drm_lightning.task_vectors.format.write_task_vector``.
+
+    Raises:
+        TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (the message names the file), or
+            keys that do not fit the task vector's kind (an unpaired LoRA factor, a ``.lora_A`` key in a dense
+            task vector, a parameter given both densely and as LoRA factors).
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.meta: TaskVectorMeta = read_meta(self.folder)
+        self.path = self.folder / DELTAS_FILE
+        header: dict[str, tuple[tuple[int, ...], str]] = {}
+        with open_safetensors(self.path) as f:
+            for key in f.keys():
+                tensor_slice = f.get_slice(key)
+                header[key] = (tuple(int(s) for s in tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
+        self._header = header
+        self._dense: dict[str, str] = {}
+        self._lora: dict[str, tuple[str, str]] = {}
+        self._group_keys()
+
+    def __repr__(self) -> str:
+        return f"TaskVectorReader({str(self.folder)!r}, task={self.meta.task!r}, kind={self.meta.kind!r})"
+
+    @property
+    def task(self) -> str:
+        return self.meta.task
+
+    def _group_keys(self) -> None:
+        lora_a = {k[: -len(LORA_A_SUFFIX)]: k for k in self._header if k.endswith(LORA_A_SUFFIX)}
+        lora_b = {k[: -len(LORA_B_SUFFIX)]: k for k in self._header if k.endswith(LORA_B_SUFFIX)}
+        if (lora_a or lora_b) and self.meta.kind != "lora":
+            key = next(iter({**lora_a, **lora_b}.values()))
+            raise TaskVectorError(f"{self.path}: key {key!r} is a LoRA factor but meta.json says kind='dense'")
+        unpaired = sorted(set(lora_a) ^ set(lora_b))
+        if unpaired:
+            name = unpaired[0]
+            have = lora_a.get(name) or lora_b.get(name)
+            raise TaskVectorError(f"{self.path}: key {have!r} has no matching {LORA_A_SUFFIX}/{LORA_B_SUFFIX} factor")
+        for key in self._header:
+            if not key.endswith((LORA_A_SUFFIX, LORA_B_SUFFIX)):
+                self._dense[key] = key
+        for name in lora_a:
+            if name in self._dense:
+                raise TaskVectorError(
+                    f"{self.path}: parameter {name!r} is given both as a dense delta and as LoRA factors"
+                )
+            self._lora[name] = (lora_a[name], lora_b[name])
+
+    def names(self) -> list[str]:
+        """Base parameter names this task vector changes (LoRA pairs under their weight's name), sorted."""
+        return sorted([*self._dense, *self._lora])
+
+    def is_lowrank(self, name: str) -> bool:
+        return name in self._lora
+
+    def nbytes(self, name: str) -> int:
+        """Bytes this task vector stores for ``name`` (0 if absent): for memory accounting and logs."""
+        keys = self._lora.get(name) or ((self._dense[name],) if name in self._dense else ())
+        total = 0
+        for key in keys:
+            shape, dtype = self._header[key]
+            numel = 1
+            for s in shape:
+                numel *= s
+            total += numel * _itemsize(dtype)
+        return total
+
+    def validate(self, base_shapes: Mapping[str, Sequence[int]]) -> None:
+        """Check every key against the base model's parameters without reading any tensor.
+
+        Raises:
+            TaskVectorError: naming the file and the first offending keys.
+        """
+        unknown = [n for n in self.names() if n not in base_shapes]
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:5]) + (
+                f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            )
+            raise TaskVectorError(
+                f"{self.path}: {len(unknown)} key(s) are not parameters of the base model {self.meta.base_model!r}: "
+                f"{shown} (a typo, or a task vector of a different model?)"
+            )
+        for name in self.names():
+            self._check_header(name, tuple(int(s) for s in base_shapes[name]))
+
+    def _check_header(self, name: str, base_shape: tuple[int, ...]) -> None:
+        if name in self._dense:
+            shape, dtype = self._header[name]
+            self._check_dtype(name, dtype)
+            if shape != base_shape:
+                raise TaskVectorError(
+                    f"{self.path}: key {name!r} has shape {list(shape)}, base parameter has {list(base_shape)}"
+                )
+            return
+        key_a, key_b = self._lora[name]
+        (shape_a, dtype_a), (shape_b, dtype_b) = self._header[key_a], self._header[key_b]
+        self._check_dtype(key_a, dtype_a)
+        self._check_dtype(key_b, dtype_b)
+        rank = self.meta.lora.r if self.meta.lora is not None else None
+        if len(base_shape) != 2:
+            raise TaskVectorError(f"{self.path}: key {key_a!r}: LoRA factors for a {len(base_shape)}-D base parameter")
+        out_features, in_features = base_shape
+        if len(shape_a) != 2 or shape_a[1] != in_features or shape_a[0] != rank:
+            raise TaskVectorError(
+                f"{self.path}: key {key_a!r} has shape {list(shape_a)}, expected [r={rank}, in={in_features}] "
+                f"(meta.json lora.r={rank}, base parameter {list(base_shape)})"
+            )
+        if len(shape_b) != 2 or shape_b[0] != out_features or shape_b[1] != rank:
+            raise TaskVectorError(
+                f"{self.path}: key {key_b!r} has shape {list(shape_b)}, expected [out={out_features}, r={rank}] "
+                f"(meta.json lora.r={rank}, base parameter {list(base_shape)})"
+            )
+
+    def _check_dtype(self, key: str, dtype: str) -> None:
+        if dtype not in FLOAT_DTYPES:
+            raise TaskVectorError(
+                f"{self.path}: key {key!r} has dtype {dtype}, expected a float dtype {sorted(FLOAT_DTYPES)}"
+            )
+
+    def get(self, name: str, base_shape: Sequence[int]) -> torch.Tensor | LowRankDelta | None:
+        """The delta of ``name`` on CPU as stored (dense tensor or LoRA factors), or ``None`` for a zero delta.
+
+        Raises:
+            TaskVectorError: shape/rank mismatch with ``base_shape``, or NaN/Inf values (naming file and key).
+        """
+        base_shape = tuple(int(s) for s in base_shape)
+        if name not in self._dense and name not in self._lora:
+            return None
+        self._check_header(name, base_shape)
+        keys = (self._dense[name],) if name in self._dense else self._lora[name]
+        with open_safetensors(self.path) as f:
+            tensors = [self._read(f, key) for key in keys]
+        if name in self._dense:
+            return tensors[0]
+        lora_a, lora_b = tensors
+        assert self.meta.lora is not None  # _check_header verified the rank against it
+        return LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
+
+    def _read(self, handle, key: str) -> torch.Tensor:  # noqa: ANN001 - safetensors' handle has no public type
+        try:
+            tensor = handle.get_tensor(key)
+        except Exception as err:  # a header that lies about the data length surfaces only here
+            raise TaskVectorError(f"{self.path}: key {key!r} cannot be read ({err})") from None
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TaskVectorError(f"{self.path}: key {key!r} has {bad} non-finite value(s) (NaN or Inf)")
+        return tensor
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
+        dtype, 4
+    )
