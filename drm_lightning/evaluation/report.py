@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +206,27 @@ def read_report(folder: str | os.PathLike[str]) -> EvaluationResults:
     if not isinstance(data, dict) or "results" not in data:
         raise ValueError(f"{path}: no 'results' section")
     return EvaluationResults.from_dict(data["results"])
+
+
+def build_report(
+    results: EvaluationResults,
+    folder: str | os.PathLike[str],
+    task_vectors: Sequence[str | os.PathLike[str]] = (),
+    merged: Mapping[str, str | os.PathLike[str]] | None = None,
+    plots: bool = True,
+) -> str:
+    """Plots (when asked and matplotlib is there) then ``report.json``/``report.md`` embedding them; the markdown.
+
+    Args:
+        results: the numbers.
+        folder: the run folder the files go to.
+        task_vectors: task vector folders, for the singular value spectra.
+        merged: method label -> merged folder, for the singular value spectra.
+        plots: draw the figures at all.
+    """
+    images: list[str] = []
+    if plots:
+        from drm_lightning.evaluation.plots import write_plots
+
+        images = [p.name for p in write_plots(results, folder, task_vectors, merged)]
+    return write_report(results, folder, images)
