@@ -1,0 +1,317 @@
+"""What every task datamodule shares: loading splits, checking them, mapping labels, carving and sampling.
+
+Why one base class: text and image tasks differ only in how a batch is built (tokenizer vs image processor);
+everything that makes a run reproducible and its errors readable (split roles, seeded validation carve, seeded
+sub-sampling, label checks) must behave identically for both, and for every task the merger later evaluates.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+SUPPORTED_METRICS: tuple[str, ...] = ("accuracy", "f1", "mcc")
+"""Metric names a task may ask its model to report."""
+
+FILE_FORMATS: dict[str, str] = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+"""File extension -> ``datasets`` builder for ``data_files``."""
+
+ROLES: tuple[str, ...] = ("train", "validation", "test")
+_STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
+    "fit": ("train", "validation"),
+    "validate": ("validation",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: ("train", "validation"),
+}
+_SHOWN = 5  # how many offending values an error message quotes
+
+
+class DataError(ValueError):
+    """Bad task data or settings; the message names the task, split, column, file or value at fault."""
+
+
+def builder_for(data_files: Mapping[str, str]) -> str:
+    """The ``datasets`` builder (csv/json/parquet) for local files, checking that they exist and agree on format."""
+    if not data_files:
+        raise DataError("data_files: empty mapping; give at least {'train': <path>}")
+    formats: dict[str, str] = {}
+    for split, path in data_files.items():
+        suffixes = [s.lower() for s in Path(path).suffixes]
+        suffix = next((s for s in reversed(suffixes) if s in FILE_FORMATS), None)
+        if suffix is None:
+            raise DataError(
+                f"data_files[{split!r}] = {path!r}: unknown format; extensions understood: {sorted(FILE_FORMATS)}"
+            )
+        matches = glob.glob(path) if glob.has_magic(path) else [path] if Path(path).is_file() else []
+        if not matches:
+            raise DataError(f"data_files[{split!r}]: file not found: {path!r} (relative paths are from {Path.cwd()})")
+        formats[split] = FILE_FORMATS[suffix]
+    if len(set(formats.values())) > 1:
+        raise DataError(f"data_files: all splits must share one format, got {formats}")
+    return next(iter(formats.values()))
+
+
+def label_mapping(label_names: Sequence[str], feature: Any) -> dict[Any, int]:
+    """How a split's raw label values map to indices into ``label_names``.
+
+    Strings map by name. A ``ClassLabel`` column maps by its class names when they all appear in ``label_names``
+    (so an imagefolder's alphabetical folder order cannot scramble labels), by ``int(name)`` when its names are
+    numbers, and otherwise its integer values index ``label_names`` directly (a hub dataset whose labels the
+    config renames). Plain integers index ``label_names``.
+    """
+    from datasets import ClassLabel
+
+    by_name = {name: i for i, name in enumerate(label_names)}
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+        if all(name in by_name for name in names):
+            return {i: by_name[name] for i, name in enumerate(names)}
+        if all(name.isdecimal() for name in names):
+            return {i: int(name) for i, name in enumerate(names) if int(name) < len(label_names)}
+        return {i: i for i in range(min(len(names), len(label_names)))}
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        return by_name
+    return {i: i for i in range(len(label_names))}
+
+
+def check_labels(task: str, split: str, dataset: Any, label_column: str, mapping: Mapping[Any, int]) -> None:
+    """Raise if any label value in ``dataset`` has no index (unknown name, out-of-range integer, missing)."""
+    bad = [value for value in dataset.unique(label_column) if value is None or value not in mapping]
+    if bad:
+        shown = ", ".join(repr(v) for v in sorted(bad, key=repr)[:_SHOWN])
+        more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
+        known = sorted(mapping, key=repr)
+        raise DataError(
+            f"task {task!r}: split {split!r} column {label_column!r} has labels outside the label set "
+            f"{known if len(known) <= 20 else f'of {len(known)}'}: {shown}{more}"
+        )
+
+
+def check_columns(task: str, split: str, dataset: Any, columns: Sequence[str]) -> None:
+    """Raise if a needed column is absent (naming the available ones) or holds missing values."""
+    available = list(dataset.column_names)
+    for column in columns:
+        if column not in available:
+            raise DataError(f"task {task!r}: split {split!r} has no column {column!r}; available: {available}")
+        nulls = dataset.data.column(column).null_count
+        if nulls:
+            raise DataError(f"task {task!r}: split {split!r} column {column!r} has {nulls} missing value(s)")
+
+
+def seeded_subset(dataset: Any, limit: int | None, seed: int) -> Any:
+    """The first ``limit`` rows after a seeded shuffle (kept in source order for locality); all rows if None."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:limit])
+    return dataset.select(keep.tolist())
+
+
+def carve_validation(dataset: Any, fraction: float, seed: int, task: str, split: str) -> tuple[Any, Any]:
+    """Split ``dataset`` into disjoint (train, validation) parts, the same ones for the same seed."""
+    n = len(dataset)
+    n_val = math.ceil(n * fraction)
+    if not 0 < n_val < n:
+        raise DataError(f"task {task!r}: cannot carve val_fraction={fraction} of split {split!r} with {n} rows")
+    order = np.random.default_rng(seed).permutation(n)
+    return dataset.select(np.sort(order[n_val:]).tolist()), dataset.select(np.sort(order[:n_val]).tolist())
+
+
+class ClassificationDataModule(LightningDataModule):
+    """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
+
+    Subclasses pass their arguments up, call ``save_hyperparameters()``, and implement ``_input_columns``,
+    ``_load_splits`` and ``_collator``. Data is loaded in ``setup`` (per process), never in ``__init__``, so a
+    config can be parsed and checked without touching any file.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        label_names: list[str],
+        label_column: str,
+        train_split: str,
+        validation_split: str | None,
+        test_split: str | None,
+        val_fraction: float,
+        seed: int,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        max_train_samples: int | None,
+        max_eval_samples: int | None,
+        metrics: list[str] | None,
+    ) -> None:
+        super().__init__()
+        if not task:
+            raise DataError("task: must be a non-empty name")
+        if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+            raise DataError(f"task {task!r}: label_names must hold at least two distinct names, got {label_names}")
+        metrics = ["accuracy"] if metrics is None else list(metrics)
+        unknown = [m for m in metrics if m not in SUPPORTED_METRICS]
+        if unknown or not metrics:
+            raise DataError(f"task {task!r}: metrics {unknown or metrics} not in {list(SUPPORTED_METRICS)}")
+        if not 0.0 < val_fraction < 1.0:
+            raise DataError(f"task {task!r}: val_fraction must lie in (0, 1), got {val_fraction}")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise DataError(f"task {task!r}: {name} must be >= 1, got {value}")
+        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if value is not None and value < 1:
+                raise DataError(f"task {task!r}: {name} must be >= 1 or None, got {value}")
+        if num_workers < 0:
+            raise DataError(f"task {task!r}: num_workers must be >= 0, got {num_workers}")
+        self.task = task
+        self._label_names = list(label_names)
+        self._metrics = metrics
+        self._label_column = label_column
+        self._split_names = {"train": train_split, "validation": validation_split, "test": test_split}
+        self._val_fraction = val_fraction
+        self._seed = seed
+        self._batch_size = batch_size
+        self._eval_batch_size = eval_batch_size or batch_size
+        self._num_workers = num_workers
+        self._max_samples = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+        self._raw: Any = None  # datasets.DatasetDict once loaded
+        self._carved: tuple[Any, Any] | None = None
+        self._ready: dict[str, tuple[Any, dict[Any, int]]] = {}
+
+    # -- what the model reads -----------------------------------------------------------------------------------
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class names in index order; the model's head has one output per name."""
+        return list(self._label_names)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self._label_names)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metric names this task reports (a subset of ``SUPPORTED_METRICS``)."""
+        return list(self._metrics)
+
+    # -- subclass hooks -----------------------------------------------------------------------------------------
+
+    def _input_columns(self) -> list[str]:
+        """Columns the collator reads besides the label column."""
+        raise NotImplementedError
+
+    def _load_splits(self) -> Any:
+        """Return a ``datasets.DatasetDict`` with every available split."""
+        raise NotImplementedError
+
+    def _collator(self, label_map: dict[Any, int]) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """Build the batch function for a split whose raw labels map through ``label_map``."""
+        raise NotImplementedError
+
+    # -- Lightning hooks ----------------------------------------------------------------------------------------
+
+    @override
+    def prepare_data(self) -> None:
+        """Load (for a hub dataset: download and cache) once on each node's first process before ``setup``."""
+        if self._raw is None:
+            self._raw = self._load_splits()
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits once, then check and prepare the ones ``stage`` needs (a bad test split cannot stop fit)."""
+        if self._raw is None:
+            self._raw = self._load_splits()
+        for role in _STAGE_ROLES.get(stage, ROLES):
+            self.split(role)
+
+    def split(self, role: str) -> Any:
+        """The checked, sub-sampled ``datasets.Dataset`` for ``role`` (train / validation / test)."""
+        if role not in ROLES:
+            raise DataError(f"task {self.task!r}: unknown split role {role!r}; expected one of {list(ROLES)}")
+        if role not in self._ready:
+            if self._raw is None:
+                self._raw = self._load_splits()
+            dataset, name = self._select(role)
+            if len(dataset) == 0:
+                raise DataError(f"task {self.task!r}: split {name!r} ({role}) is empty")
+            check_columns(self.task, name, dataset, [*self._input_columns(), self._label_column])
+            mapping = label_mapping(self._label_names, dataset.features[self._label_column])
+            check_labels(self.task, name, dataset, self._label_column, mapping)
+            dataset = seeded_subset(dataset, self._max_samples[role], self._seed)
+            dataset = dataset.select_columns([*self._input_columns(), self._label_column])
+            self._ready[role] = (dataset, mapping)
+        return self._ready[role][0]
+
+    def _select(self, role: str) -> tuple[Any, str]:
+        """The raw dataset for a role and the split name used in messages; carves validation when it is absent."""
+        available = list(self._raw)
+        validation = self._split_names["validation"]
+        if role in ("train", "validation") and (validation is None or validation not in self._raw):
+            train_name = self._required(self._split_names["train"], "train", available)
+            if self._carved is None:
+                if len(self._raw[train_name]) == 0:
+                    raise DataError(f"task {self.task!r}: split {train_name!r} (train) is empty")
+                rank_zero_info(
+                    f"task {self.task!r}: no validation split {validation!r} among {available}; carving "
+                    f"{self._val_fraction:.0%} of {train_name!r} (seed {self._seed})"
+                )
+                self._carved = carve_validation(
+                    self._raw[train_name], self._val_fraction, self._seed, self.task, train_name
+                )
+            train, val = self._carved
+            return (train, train_name) if role == "train" else (val, f"{train_name} (carved validation)")
+        name = self._required(self._split_names[role], role, available)
+        return self._raw[name], name
+
+    def _required(self, name: str | None, role: str, available: list[str]) -> str:
+        if name is None:
+            raise DataError(f"task {self.task!r}: no {role} split configured ({role}_split is None)")
+        if name not in self._raw:
+            raise DataError(f"task {self.task!r}: {role}_split {name!r} not found; available splits: {available}")
+        return name
+
+    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        dataset = self.split(role)
+        _, mapping = self._ready[role]
+        return DataLoader(
+            dataset,
+            batch_size=self._batch_size if role == "train" else self._eval_batch_size,
+            shuffle=shuffle,
+            collate_fn=self._collator(mapping),
+            num_workers=self._num_workers,
+            persistent_workers=self._num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,167 @@
+"""Image classification tasks (ViT family) as a ``LightningDataModule`` on ``datasets``.
+
+Why the backbone's own ``AutoImageProcessor`` and no torchvision: resizing and normalising exactly as the
+pretrained model expects keeps every expert (and the merged model) on the same input distribution, and
+torchvision has no CPU-only wheel that leaves this project's torch alone. Images are decoded and processed in
+the collate function, so nothing but the raw files is ever cached.
+
+A config (LightningCLI ``data:`` section)::
+
+    class_path: drm_lightning.data.image.ImageClassificationDataModule
+    init_args:
+      task: fashion
+      image_processor: google/vit-base-patch16-224-in21k
+      data_dir: /data/fashion        # imagefolder: <split>/<label>/<file>.png
+      label_names: [tshirt, trouser, pullover]
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from drm_lightning.data.common import ClassificationDataModule, DataError
+from drm_lightning.models.resolve import resolve_pretrained
+
+
+def _as_rgb(value: Any, column: str) -> Any:
+    """A decoded PIL image in RGB (grayscale sets such as MNIST become 3-channel, as ViT expects)."""
+    from PIL import Image
+
+    if isinstance(value, str | Path):
+        value = Image.open(value)
+    elif isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        value = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    if not isinstance(value, Image.Image):
+        kind = type(value).__name__
+        raise DataError(f"image column {column!r}: expected an image, a path or image bytes, got {kind}")
+    return value.convert("RGB")
+
+
+@dataclass
+class ImageCollator:
+    """Process a list of rows into ``pixel_values`` and ``labels``; picklable, so it works with loader workers."""
+
+    processor: Any
+    image_column: str
+    label_column: str
+    label_map: Mapping[Any, int]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = [_as_rgb(row[self.image_column], self.image_column) for row in rows]
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([self.label_map[row[self.label_column]] for row in rows], dtype=torch.long)
+        return {"pixel_values": pixel_values, "labels": labels}
+
+
+class ImageClassificationDataModule(ClassificationDataModule):
+    """One image classification task: a hub dataset or a local imagefolder, processed on the fly.
+
+    Batches are dicts of ``pixel_values`` (float ``[B, 3, H, W]`` as the processor makes them) and ``labels``.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        image_processor: str,
+        label_names: list[str],
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        data_dir: str | None = None,
+        image_column: str = "image",
+        label_column: str = "label",
+        train_split: str = "train",
+        validation_split: str | None = "validation",
+        test_split: str | None = "test",
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        metrics: list[str] | None = None,
+    ) -> None:
+        """Describe one task; nothing is loaded until ``setup``.
+
+        Args:
+            task: Task name; keys task vectors, metrics and reports.
+            image_processor: Hub id, local folder or ``package://module/sub`` holding the backbone's
+                ``preprocessor_config.json``.
+            label_names: Class names in head-output order. An imagefolder's folder names map by name.
+            dataset: Hub id (or local dataset folder) for ``datasets.load_dataset``; excludes ``data_dir``.
+            dataset_config: The hub dataset's configuration.
+            data_dir: Local imagefolder (``<split>/<label>/<image>`` or ``<label>/<image>``); excludes ``dataset``.
+            image_column: Column with the image (decoded image, path or bytes).
+            label_column: Column with the label (class label, string name or integer index).
+            train_split: Split used for training.
+            validation_split: Split used for validation; when None or absent, ``val_fraction`` of the train
+                split is carved off with ``seed``.
+            test_split: Split used by ``test``; None if there is none.
+            val_fraction: Fraction of the train split carved off when there is no validation split.
+            seed: Seed of the carve and of ``max_*_samples`` sub-sampling.
+            batch_size: Training batch size.
+            eval_batch_size: Validation/test batch size (default: ``batch_size``).
+            num_workers: DataLoader worker processes (image decoding is the costly part).
+            max_train_samples: Keep this many training rows (a seeded random subset) for fast runs.
+            max_eval_samples: Same for validation and test.
+            metrics: Metrics the model reports for this task: ``accuracy``, ``f1``, ``mcc``.
+        """
+        super().__init__(
+            task=task,
+            label_names=label_names,
+            label_column=label_column,
+            train_split=train_split,
+            validation_split=validation_split,
+            test_split=test_split,
+            val_fraction=val_fraction,
+            seed=seed,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            metrics=metrics,
+        )
+        if (dataset is None) == (data_dir is None):
+            raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_dir (imagefolder)")
+        self.save_hyperparameters()
+
+    @cached_property
+    def processor(self) -> Any:
+        """The backbone's image processor, loaded on first use."""
+        from transformers import AutoImageProcessor
+
+        name = resolve_pretrained(self.hparams.image_processor)
+        return AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
+
+    @override
+    def _input_columns(self) -> list[str]:
+        return [self.hparams.image_column]
+
+    @override
+    def _load_splits(self) -> Any:
+        from datasets import DatasetDict, load_dataset
+
+        hp = self.hparams
+        if hp.data_dir is not None:
+            if not Path(hp.data_dir).is_dir():
+                raise DataError(f"task {self.task!r}: data_dir not found: {hp.data_dir!r}")
+            loaded = load_dataset("imagefolder", data_dir=hp.data_dir)
+        else:
+            loaded = load_dataset(hp.dataset, hp.dataset_config)
+        if not isinstance(loaded, DatasetDict):
+            raise DataError(f"task {self.task!r}: dataset {hp.dataset or hp.data_dir!r} did not load as named splits")
+        return loaded
+
+    @override
+    def _collator(self, label_map: dict[Any, int]) -> ImageCollator:
+        hp = self.hparams
+        return ImageCollator(self.processor, hp.image_column, hp.label_column, label_map)
