@@ -1,0 +1,98 @@
+"""``drm-lightning evaluate``: one backbone under every task's head, on one split of every task.
+
+::
+
+    drm-lightning evaluate --model merged/drm_v --task_vectors [tv/a,tv/b] --tasks [configs/task/a.yaml,...]
+    drm-lightning evaluate --model merged/drm_v_delta --lam 0.8 ...   # a merged delta at another λ
+    drm-lightning evaluate --task_vectors [...] --tasks [...]            # the pretrained backbone
+    drm-lightning evaluate --experts true --task_vectors [...] --tasks [...]   # each expert on its own task
+
+Why the task vectors are always needed: they carry each task's head (and label names) and the base model's name and
+fingerprint; the backbone alone has no classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from drm_lightning.commands.tasks import TaskEntry
+
+
+def evaluate(
+    task_vectors: list[str],
+    tasks: list[TaskEntry],
+    model: str | None = None,
+    lam: float | None = None,
+    experts: bool = False,
+    split: str = "test",
+    trainer: dict[str, Any] | None = None,
+    output: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate a backbone under each task's head: metrics per task on one split.
+
+    Args:
+        task_vectors: the experts' task vector folders (their heads, label names and base model).
+        tasks: the tasks' datamodules (configs/task/*.yaml paths or class_path mappings), one per task vector.
+        model: a merged model folder (from merge), a merged delta folder (with --lam), or any save_pretrained
+            folder / hub id of the same architecture; default: the pretrained base model.
+        lam: λ for a merged delta folder (W_0 + λ·Δ_merged).
+        experts: evaluate each task's expert (base + its own task vector) instead of one shared backbone.
+        split: the split to evaluate: train, validation or test.
+        trainer: Trainer arguments for the runs (e.g. {accelerator: gpu, devices: 1, precision: bf16-mixed}).
+        output: a JSON file to write the metrics to.
+
+    Returns:
+        ``{task: {metric: value}}``.
+    """
+    from drm_lightning.commands.merge import _datamodules
+    from drm_lightning.evaluation.multitask import evaluate_backbone
+
+    if not task_vectors:
+        raise ValueError("task_vectors=[]: give the task vector folders (they hold the task heads)")
+    if experts and model is not None:
+        raise ValueError(f"experts=True evaluates each expert; model={model!r} cannot be given with it")
+    if lam is not None and model is None:
+        raise ValueError(f"lam={lam!r}: only meaningful with --model <merged delta folder>")
+    datamodules = _datamodules(tasks, task_vectors)
+    backbone = None if model is None else load_model(model, lam, task_vectors)
+    metrics = evaluate_backbone(backbone, task_vectors, datamodules, split, trainer, with_task_vector=experts)
+    what = "experts" if experts else (model or "pretrained")
+    print(format_metrics(metrics, f"{what} on {split}"))
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        print(f"metrics: {output}", file=sys.stderr)
+    return metrics
+
+
+def load_model(model: str, lam: float | None, task_vectors: list[str]) -> Any:
+    """Load the backbone to evaluate: a merged delta at ``lam``, a merged model folder, or any model name."""
+    from drm_lightning.merging.merger import MERGED_DIR, apply_merged_delta, read_merge_record
+    from drm_lightning.models.backbone import load_backbone
+    from drm_lightning.task_vectors.format import read_meta
+
+    folder = Path(model)
+    if (folder / MERGED_DIR).is_dir():
+        if lam is None:
+            raise ValueError(f"model={model!r} is a merged delta folder: give --lam (the λ of W_0 + λ·Δ_merged)")
+        return apply_merged_delta(folder, lam)
+    if lam is not None:
+        raise ValueError(f"lam={lam!r}: model={model!r} is not a merged delta folder (no {MERGED_DIR}/ inside)")
+    if (folder / "merge.json").is_file():
+        family = read_merge_record(folder)["family"]
+    else:
+        family = read_meta(task_vectors[0]).family
+    return load_backbone(model, family)
+
+
+def format_metrics(metrics: dict[str, dict[str, float]], title: str) -> str:
+    """A small markdown table: one row per task, one column per metric."""
+    names = sorted({name for values in metrics.values() for name in values})
+    lines = [f"{title}:", "", "| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for task, values in metrics.items():
+        cells = [f"{values[n]:.4f}" if n in values else "n/a" for n in names]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

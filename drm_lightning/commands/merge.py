@@ -1,0 +1,128 @@
+"""``drm-lightning merge``: task vectors in, one merged model folder out.
+
+::
+
+    drm-lightning merge --config configs/merge/drm_v.yaml \\
+        --task_vectors [task_vectors/rotten_tomatoes,task_vectors/fine_food] --output merged/drm_v --lam 1.2
+    drm-lightning merge --config configs/merge/ties.yaml --task_vectors [...] --output merged/ties \\
+        --lam search --tasks [configs/task/rotten_tomatoes.yaml,configs/task/fine_food.yaml]
+
+Two steps, as the merger is built: Δ_merged is computed once (``merge_task_vectors``, into ``<output>_delta``),
+then ``W_0 + λ·Δ_merged`` is written as a ``save_pretrained`` folder with the task heads and ``merge.json``
+(``apply_merged_delta``). With ``--lam search`` λ is chosen on the tasks' validation splits first; keeping the
+delta folder lets a later ``evaluate --model <output>_delta --lam <λ>`` try another λ without merging again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from drm_lightning.commands.tasks import TaskEntry
+
+
+def merge(
+    task_vectors: list[str],
+    output: str,
+    method: str = "task_arithmetic",
+    params: dict[str, Any] | None = None,
+    lam: float | Literal["search"] = 1.0,
+    lambdas: list[float] | None = None,
+    strategy: Literal["grid", "refine"] = "grid",
+    tasks: list[TaskEntry] | None = None,
+    base: str | None = None,
+    family: str | None = None,
+    coefficients: list[float] | None = None,
+    device: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    delta_dir: str | None = None,
+    trainer: dict[str, Any] | None = None,
+) -> Path:
+    """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
+
+    Args:
+        task_vectors: task vector folders (written by ``fit``), all taken against the same base model.
+        output: the merged model folder (save_pretrained shards, tokenizer, heads/<task>/, merge.json).
+        method: merge method: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
+        params: the method's parameters (e.g. {drop_rate: 0.8}); unset ones take the method's defaults.
+        lam: the scaling coefficient λ, or "search" to choose it on the validation splits of --tasks.
+        lambdas: the λ grid for --lam search (default: the method's default grid).
+        strategy: λ search strategy: grid (every λ) or refine (coarse grid, then golden-section).
+        tasks: task datamodules for --lam search (configs/task/*.yaml paths or class_path mappings).
+        base: the base model (default: the one the task vectors record); its weights must match their fingerprint.
+        family: the backbone family (default: the one the task vectors record).
+        coefficients: per-task coefficients c_i, one per task vector (default: all 1).
+        device: where the merge math runs (default: cuda when available, else cpu).
+        include: regexes: only matching 2-D parameters get the method's matrix rule (default: all).
+        exclude: regexes: matching parameters get the elementwise rule (default: embeddings and heads).
+        delta_dir: where Δ_merged is kept (default: <output>_delta).
+        trainer: Trainer arguments for the λ search's validation runs (e.g. {accelerator: gpu, devices: 1}).
+
+    Returns:
+        The merged model folder.
+    """
+    from drm_lightning.merging.merger import apply_merged_delta, merge_task_vectors
+    from drm_lightning.merging.plan import MergePlan
+
+    if not task_vectors:
+        raise ValueError("task_vectors=[]: give at least one task vector folder")
+    search = lam == "search"
+    if search and not tasks:
+        raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
+    datamodules = _datamodules(tasks, task_vectors) if search else {}
+    plan_kwargs: dict[str, Any] = {}
+    if include is not None:
+        plan_kwargs["include"] = list(include)
+    if exclude is not None:
+        plan_kwargs["exclude"] = list(exclude)
+    plan = MergePlan(**plan_kwargs) if plan_kwargs else None
+    delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
+
+    result = merge_task_vectors(
+        task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
+    )
+    seconds = result.timings["total"]
+    print(f"merged {len(task_vectors)} task vectors with {result.label} in {seconds:.1f}s", file=sys.stderr)
+    search_record = None
+    if search:
+        from drm_lightning.evaluation.lambda_search import search_merged_lambda
+
+        found = search_merged_lambda(
+            delta, task_vectors, datamodules, grid=lambdas, strategy=strategy, method=method, trainer_kwargs=trainer
+        )
+        lam = found.best_lambda
+        search_record = {
+            "best_lambda": found.best_lambda,
+            "best_score": found.best_score,
+            "curve": [point.to_dict() for point in found.sorted_curve()],
+        }
+        print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f})", file=sys.stderr)
+    apply_merged_delta(delta, float(lam), output, base=base, family=family)
+    if search_record is not None:
+        (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
+    print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
+    return Path(output)
+
+
+def _datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:
+    """Build the tasks' datamodules, keyed by task name, and check they match the task vectors' tasks."""
+    from drm_lightning.commands.tasks import instantiate_datamodule, load_task_spec, task_name, with_defaults
+    from drm_lightning.task_vectors.format import read_meta
+
+    metas = {read_meta(folder).task: read_meta(folder) for folder in task_vectors}
+    datamodules: dict[str, Any] = {}
+    for i, entry in enumerate(tasks or []):
+        spec = load_task_spec(entry)
+        base = next(iter(metas.values())).base_model if metas else None
+        dm = instantiate_datamodule(with_defaults(spec, {}, tokenizer=base), where=f"tasks[{i}]")
+        datamodules[task_name(dm)] = dm
+    missing = sorted(set(metas) - set(datamodules))
+    if missing:
+        raise ValueError(f"tasks: no datamodule for task(s) {missing} of the task vectors (have {sorted(datamodules)})")
+    extra = sorted(set(datamodules) - set(metas))
+    if extra:
+        raise ValueError(f"tasks: task(s) {extra} have no task vector among {sorted(metas)}")
+    return datamodules

@@ -1,0 +1,510 @@
+"""``drm-lightning pipeline --config recipes/<recipe>.yaml``: experts → task vectors → merges → λ → test → report.
+
+A recipe names the tasks (datamodule configs), the shared model settings (``ExpertModule``'s arguments but the
+task-specific ones), the ``Trainer`` settings, and the merge methods. The run folder then holds::
+
+    <run_dir>/task_vectors/<task>/        one expert per task (TaskVectorCallback)
+    <run_dir>/experts/<task>/             its Lightning logs and fit.json (the settings it was fitted with)
+    <run_dir>/merged/<label>/             Δ_merged of each method (merge_task_vectors) + merge.json
+    <run_dir>/report.{md,json} *.png      the report (drm_lightning.evaluation.report)
+
+Stages: (1) fit every expert whose task vector is missing or was fitted with other settings (so a second run
+reuses them: resume friendly); (2) merge with each method; (3) choose λ per method on the validation splits;
+(4) evaluate the pretrained backbone, the experts and each merged model on the final split (test) of every task;
+(5) write and print the report.
+
+Multi-GPU / multi-node: launch the pipeline on every rank (torchrun, srun). Fitting uses the recipe's Trainer
+(DDP/FSDP); merges run on global rank 0 while the others wait; evaluation runs on every rank with the recipe's
+accelerator and devices; files are written by global rank 0 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from jsonargparse import ActionConfigFile, Namespace
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser
+
+from drm_lightning.commands.tasks import (
+    TaskEntry,
+    check_task_spec,
+    instantiate_datamodule,
+    load_task_spec,
+    task_name,
+    unused_defaults,
+    with_defaults,
+)
+
+PROG = "drm-lightning pipeline"
+#: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
+TASK_MODEL_ARGS = ("task", "label_names", "metrics")
+#: Trainer settings that do not change what an expert learns: changing them does not force a refit.
+_COSMETIC_TRAINER_KEYS = frozenset(
+    {
+        "callbacks",
+        "logger",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "log_every_n_steps",
+        "default_root_dir",
+        "num_sanity_val_steps",
+        "profiler",
+        "barebones",
+        "enable_autolog_hparams",
+        "model_registry",
+    }
+)
+#: Trainer settings passed on to the evaluation runs (validation / test of merged models).
+_EVAL_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "precision")
+
+
+@dataclass
+class DataDefaults:
+    """Datamodule arguments applied to every task of the recipe; unset ones keep each task's own value."""
+
+    max_train_samples: int | None = None
+    """Cap on training examples per task (a smaller, faster demo)."""
+    max_eval_samples: int | None = None
+    """Cap on validation and test examples per task."""
+    max_length: int | None = None
+    """Token length cap of text tasks."""
+    batch_size: int | None = None
+    """Training batch size."""
+    eval_batch_size: int | None = None
+    """Validation / test batch size."""
+    num_workers: int | None = None
+    """DataLoader worker processes."""
+    seed: int | None = None
+    """Seed of subsampling and of validation splits carved out of train."""
+
+
+@dataclass
+class MethodSpec:
+    """One merged model of the recipe."""
+
+    method: str
+    """Registry name: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The method's parameters; unset ones take its defaults."""
+    label: str | None = None
+    """Name in the report and of merged/<label> (default: the method name); lets one method run twice."""
+    lam: float | None = None
+    """A fixed λ; None searches ``lambdas`` on the validation splits."""
+    lambdas: list[float] | None = None
+    """The λ grid to search (default: the method's default grid)."""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.method
+
+
+def build_pipeline_parser() -> LightningArgumentParser:
+    """The recipe parser: every key of a recipe is checked against ExpertModule, Trainer and the dataclasses here."""
+    import inspect
+
+    from drm_lightning.models.expert import ExpertModule
+
+    parser = LightningArgumentParser(
+        prog=PROG,
+        exit_on_error=False,
+        description="Run a recipe: fit missing experts, merge with each method, choose λ, test, report.",
+    )
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="The recipe YAML (recipes/*.yaml).")
+    parser.add_argument("--run_dir", type=str, default="runs/pipeline", help="Folder of every output of the run.")
+    parser.add_argument(
+        "--tasks",
+        type=list[TaskEntry],
+        required=True,
+        help="Task datamodules: configs/task/*.yaml paths, {config: path, init_args: {...}} or class_path mappings.",
+    )
+    parser.add_class_arguments(DataDefaults, "data", help="Datamodule arguments applied to every task.")
+    params = set(inspect.signature(ExpertModule.__init__).parameters)
+    parser.add_class_arguments(
+        ExpertModule,
+        "model",
+        skip={p for p in TASK_MODEL_ARGS if p in params},
+        instantiate=False,
+        sub_configs=True,
+        help="ExpertModule arguments shared by every expert (task, label_names and metrics come from each task).",
+    )
+    parser.add_class_arguments(
+        Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True, help="Trainer of every fit."
+    )
+    parser.add_argument("--methods", type=list[MethodSpec], required=True, help="Merge methods, each a merged model.")
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
+    parser.add_argument(
+        "--strategy",
+        type=Literal["grid", "refine"],
+        default="grid",
+        help="λ search: grid (every λ) or refine (coarse grid, then golden-section).",
+    )
+    parser.add_argument("--metric", type=str, default="accuracy", help="The metric of the λ search and the report.")
+    parser.add_argument("--split", type=str, default="test", help="The split of the final numbers.")
+    parser.add_argument(
+        "--merge_device", type=str | None, default=None, help="Where merges run (default: cuda when available)."
+    )
+    parser.add_argument("--plots", type=bool, default=True, help="Draw the report's PNG plots.")
+    parser.add_argument(
+        "--eval_trainer",
+        type=dict[str, Any],
+        default={},
+        help="Trainer arguments of the evaluation runs (default: accelerator/devices/num_nodes/precision of trainer).",
+    )
+    return parser
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe, tasks resolved to checked datamodule specs."""
+
+    run_dir: Path
+    specs: list[dict[str, Any]]
+    model: dict[str, Any]
+    trainer: dict[str, Any]
+    methods: list[MethodSpec]
+    seed: int = 0
+    strategy: str = "grid"
+    metric: str = "accuracy"
+    split: str = "test"
+    merge_device: str | None = None
+    plots: bool = True
+    eval_trainer: dict[str, Any] = field(default_factory=dict)
+
+
+def _config_dirs(config: Namespace) -> list[Path]:
+    """Folders a relative task path may be relative to: each recipe file's folder and that folder's parent."""
+    dirs: list[Path] = []
+    for path in config.get("config") or []:
+        folder = Path(str(getattr(path, "absolute", path))).parent
+        dirs += [folder, folder.parent]
+    return dirs
+
+
+def load_recipe(config: Namespace) -> Recipe:
+    """Resolve and check everything in a parsed recipe that can be checked without loading models or data."""
+    from drm_lightning.merging.registry import get_method
+
+    defaults = {k: v for k, v in config.data.as_dict().items() if v is not None}
+    backbone = config.model.backbone
+    search_dirs = _config_dirs(config)
+    raw = [load_task_spec(entry, search_dirs) for entry in config.tasks]
+    if not raw:
+        raise ValueError("tasks=[]: a recipe needs at least one task")
+    unused = unused_defaults(raw, defaults)
+    if unused:
+        raise ValueError(f"data: {unused} is not an argument of any task's datamodule")
+    specs = [with_defaults(spec, defaults, tokenizer=backbone) for spec in raw]
+    for i, spec in enumerate(specs):
+        check_task_spec(spec, where=f"tasks[{i}]")
+    methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in config.methods]
+    if not methods:
+        raise ValueError("methods=[]: a recipe needs at least one merge method")
+    labels = [m.name for m in methods]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"methods: labels {labels} repeat; give each run of a method its own label")
+    for m in methods:
+        m.params = dict(get_method(m.method).check(dict(m.params or {})))
+    return Recipe(
+        run_dir=Path(config.run_dir),
+        specs=specs,
+        model=_plain(config.model),
+        trainer=_plain(config.trainer),
+        methods=methods,
+        seed=config.seed,
+        strategy=config.strategy,
+        metric=config.metric,
+        split=config.split,
+        merge_device=config.merge_device,
+        plots=config.plots,
+        eval_trainer=dict(config.eval_trainer or {}),
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A jsonargparse Namespace (or dataclass) as plain dicts/lists, for kwargs and JSON records."""
+    if isinstance(value, Namespace):
+        return {k: _plain(v) for k, v in value.as_dict().items()}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return _plain(asdict(value))
+    return value
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def _rank_zero_then_wait(fn: Callable[[], T]) -> T | None:
+    """Run ``fn`` on global rank 0 while the other ranks wait (a barrier when a process group exists)."""
+    import torch.distributed as dist
+
+    result = fn() if rank_zero_only.rank == 0 else None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def _log(message: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+class Pipeline:
+    """The stages of one recipe run; each stage reads what the previous one wrote under ``run_dir``."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.run_dir = recipe.run_dir
+        self.datamodules: dict[str, Any] = {}
+        self.specs: dict[str, dict[str, Any]] = {}
+        for i, spec in enumerate(recipe.specs):
+            dm = instantiate_datamodule(spec, where=f"tasks[{i}]")
+            name = task_name(dm)
+            if name in self.datamodules:
+                raise ValueError(f"tasks[{i}]: task {name!r} appears twice")
+            self.datamodules[name] = dm
+            self.specs[name] = spec
+        self.tasks = list(self.datamodules)
+        self.fitted: list[str] = []
+        self.reused: list[str] = []
+
+    # -- stage 1: experts ---------------------------------------------------------------------------------------
+    def task_vector_dir(self, task: str) -> Path:
+        return self.run_dir / "task_vectors" / task
+
+    def expert_dir(self, task: str) -> Path:
+        return self.run_dir / "experts" / task
+
+    def fit_settings(self, task: str) -> dict[str, Any]:
+        """What determines an expert: model settings, its datamodule, the trainer's learning settings, the seed."""
+        trainer = {k: v for k, v in self.recipe.trainer.items() if k not in _COSMETIC_TRAINER_KEYS}
+        return {"model": self.recipe.model, "data": self.specs[task], "trainer": trainer, "seed": self.recipe.seed}
+
+    def expert_is_current(self, task: str) -> bool:
+        """Whether the task vector exists and was fitted with the same settings (so it can be reused)."""
+        from drm_lightning.task_vectors.format import META_FILE
+
+        record = self.expert_dir(task) / "fit.json"
+        if not (self.task_vector_dir(task) / META_FILE).is_file() or not record.is_file():
+            return False
+        try:
+            saved = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            return False
+        return saved.get("digest") == _digest(self.fit_settings(task))
+
+    def fit_experts(self) -> None:
+        for task in self.tasks:
+            if self.expert_is_current(task):
+                _log(f"{task}: reusing the task vector in {self.task_vector_dir(task)}")
+                self.reused.append(task)
+                continue
+            self.fit_expert(task)
+            self.fitted.append(task)
+
+    def fit_expert(self, task: str) -> None:
+        from lightning.pytorch import seed_everything
+
+        from drm_lightning.models.expert import ExpertModule
+        from drm_lightning.task_vectors.callback import TaskVectorCallback
+
+        dm = self.datamodules[task]
+        _log(f"{task}: fitting the expert")
+        t0 = time.perf_counter()
+        seed_everything(self.recipe.seed, workers=True)
+        model = ExpertModule(
+            **self.recipe.model,
+            task=task,
+            label_names=_attribute(dm, "label_names"),
+            metrics=_attribute(dm, "metrics"),
+        )
+        trainer_kwargs = dict(self.recipe.trainer)
+        callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))
+        callbacks.append(TaskVectorCallback(str(self.task_vector_dir(task))))
+        trainer_kwargs = _instantiate_trainer_objects(trainer_kwargs)
+        trainer_kwargs["default_root_dir"] = str(self.expert_dir(task))
+        trainer = Trainer(**trainer_kwargs, callbacks=callbacks)
+        trainer.fit(model, datamodule=dm)
+        seconds = time.perf_counter() - t0
+        record = {"digest": _digest(self.fit_settings(task)), "settings": self.fit_settings(task), "seconds": seconds}
+
+        def write() -> None:
+            self.expert_dir(task).mkdir(parents=True, exist_ok=True)
+            text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+            (self.expert_dir(task) / "fit.json").write_text(text)
+
+        _rank_zero_then_wait(write)
+        _log(f"{task}: expert fitted in {seconds:.0f}s -> {self.task_vector_dir(task)}")
+
+    # -- stage 2: merges ----------------------------------------------------------------------------------------
+    def merged_dir(self, spec: MethodSpec) -> Path:
+        return self.run_dir / "merged" / spec.name
+
+    def merge_is_current(self, spec: MethodSpec) -> bool:
+        """A previous merge of the same method, parameters and inputs, newer than every task vector."""
+        from drm_lightning.merging.merger import MERGE_FILE
+        from drm_lightning.task_vectors.format import META_FILE
+
+        record_path = self.merged_dir(spec) / MERGE_FILE
+        if not record_path.is_file():
+            return False
+        try:
+            record = json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            return False
+        inputs = [str(self.task_vector_dir(t).resolve()) for t in self.tasks]
+        if record.get("method") != spec.method or record.get("params") != spec.params:
+            return False
+        if [i.get("path") for i in record.get("inputs", [])] != inputs:
+            return False
+        newest = max((self.task_vector_dir(t) / META_FILE).stat().st_mtime for t in self.tasks)
+        return record_path.stat().st_mtime >= newest
+
+    def merge_all(self) -> dict[str, float | None]:
+        """Merge with every method; return label -> merge seconds (from merge.json, also for reused merges)."""
+        from drm_lightning.merging.merger import merge_task_vectors, read_merge_record
+
+        folders = [str(self.task_vector_dir(t)) for t in self.tasks]
+        seconds: dict[str, float | None] = {}
+        for spec in self.recipe.methods:
+            out = self.merged_dir(spec)
+            if self.merge_is_current(spec):
+                _log(f"{spec.name}: reusing the merge in {out}")
+            else:
+                _log(f"{spec.name}: merging {len(folders)} task vectors")
+                _rank_zero_then_wait(
+                    lambda spec=spec, out=out: merge_task_vectors(
+                        folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
+                    )
+                )
+            seconds[spec.name] = read_merge_record(out).get("timings", {}).get("total")
+        return seconds
+
+    # -- stages 3-5: λ, evaluation, report ----------------------------------------------------------------------
+    def eval_trainer_kwargs(self) -> dict[str, Any]:
+        kwargs = {k: self.recipe.trainer[k] for k in _EVAL_TRAINER_KEYS if self.recipe.trainer.get(k) is not None}
+        return {**kwargs, **self.recipe.eval_trainer}
+
+    def evaluate(self, merge_seconds: Mapping[str, float | None]) -> Any:
+        from drm_lightning.evaluation.lambda_search import search_merged_lambda
+        from drm_lightning.evaluation.multitask import evaluate_backbone
+        from drm_lightning.evaluation.results import EvaluationResults, MethodResult
+        from drm_lightning.merging.merger import apply_merged_delta
+
+        r = self.recipe
+        folders = [str(self.task_vector_dir(t)) for t in self.tasks]
+        kwargs = self.eval_trainer_kwargs()
+        _log("experts on validation (the λ search's reference)")
+        expert_val = evaluate_backbone(None, folders, self.datamodules, "validation", kwargs, with_task_vector=True)
+        _log(f"experts and pretrained backbone on {r.split}")
+        expert = evaluate_backbone(None, folders, self.datamodules, r.split, kwargs, with_task_vector=True)
+        pretrained = evaluate_backbone(None, folders, self.datamodules, r.split, kwargs, with_task_vector=False)
+        methods = []
+        for spec in r.methods:
+            merged = self.merged_dir(spec)
+            curve = []
+            lam = spec.lam
+            if lam is None:
+                _log(f"{spec.name}: λ search on validation")
+                found = search_merged_lambda(
+                    merged,
+                    folders,
+                    self.datamodules,
+                    expert_metrics=expert_val,
+                    grid=spec.lambdas,
+                    strategy=r.strategy,
+                    metric=r.metric,
+                    method=spec.method,
+                    trainer_kwargs=kwargs,
+                )
+                lam, curve = found.best_lambda, found.curve
+            _log(f"{spec.name}: λ={lam:g} on {r.split}")
+            model = apply_merged_delta(merged, lam)
+            metrics = evaluate_backbone(model, folders, self.datamodules, r.split, kwargs)
+            del model
+            methods.append(
+                MethodResult(
+                    label=spec.name,
+                    metrics=metrics,
+                    lam=lam,
+                    merge_seconds=merge_seconds.get(spec.name),
+                    method=spec.method,
+                    params=spec.params,
+                    curve=curve,
+                )
+            )
+        return EvaluationResults(
+            tasks=self.tasks, expert=expert, methods=methods, pretrained=pretrained, metric=r.metric, split=r.split
+        )
+
+    def report(self, results: Any) -> str:
+        from drm_lightning.evaluation.report import build_report
+
+        merged = {spec.name: str(self.merged_dir(spec)) for spec in self.recipe.methods}
+        folders = [str(self.task_vector_dir(t)) for t in self.tasks]
+        return build_report(results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots)
+
+    def run(self) -> str:
+        t0 = time.perf_counter()
+        self.fit_experts()
+        seconds = self.merge_all()
+        results = self.evaluate(seconds)
+        markdown = self.report(results)
+        if rank_zero_only.rank == 0:
+            print(markdown)
+        _log(f"done in {time.perf_counter() - t0:.0f}s; report: {self.run_dir / 'report.md'}")
+        return markdown
+
+
+def _attribute(datamodule: Any, name: str) -> Any:
+    if hasattr(datamodule, name):
+        return getattr(datamodule, name)
+    return getattr(datamodule, "hparams", {}).get(name)
+
+
+def _instantiate_callbacks(value: Any) -> list[Any]:
+    """Recipe callbacks (class_path mappings) as objects."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [_instantiate_object(item) for item in items]
+
+
+def _instantiate_object(value: Any) -> Any:
+    """A ``class_path``/``init_args`` mapping as an object; anything else unchanged."""
+    if isinstance(value, Mapping) and "class_path" in value:
+        from jsonargparse._util import import_object
+
+        cls = import_object(value["class_path"])
+        init_args = {k: _instantiate_object(v) for k, v in (value.get("init_args") or {}).items()}
+        return cls(**init_args)
+    return value
+
+
+def _instantiate_trainer_objects(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments given as class_path mappings (strategy, logger, plugins) as objects."""
+    return {k: _instantiate_object(v) if k != "plugins" else _instantiate_callbacks(v) for k, v in kwargs.items()}
+
+
+def run_pipeline(args: Sequence[str]) -> str:
+    """Parse a recipe (``--config`` plus command-line overrides) and run it; return the report's markdown."""
+    parser = build_pipeline_parser()
+    config = parser.parse_args(list(args))
+    recipe = load_recipe(config)
+    return Pipeline(recipe).run()
