@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,25 @@ def builder_for(data_files: Mapping[str, str]) -> str:
     if len(set(formats.values())) > 1:
         raise DataError(f"data_files: all splits must share one format, got {formats}")
     return next(iter(formats.values()))
+
+
+_NO_DATA = re.compile(r'Instruction "([^"]+)" corresponds to no data')
+
+
+def load_dataset_checked(task: str, source: str, *args: Any, **kwargs: Any) -> Any:
+    """``datasets.load_dataset`` whose failures become one ``DataError`` naming the task, the source and the split."""
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        loaded = load_dataset(*args, **kwargs)
+    except Exception as err:  # datasets raises many types (ValueError, FileNotFoundError, pyarrow, pandas...)
+        empty = _NO_DATA.search(str(err))
+        if empty:
+            raise DataError(f"task {task!r}: split {empty.group(1)!r} of {source} is empty") from err
+        raise DataError(f"task {task!r}: cannot load {source}: {type(err).__name__}: {err}") from err
+    if not isinstance(loaded, DatasetDict):
+        raise DataError(f"task {task!r}: {source} did not load as named splits (got {type(loaded).__name__})")
+    return loaded
 
 
 def label_mapping(label_names: Sequence[str], feature: Any) -> dict[Any, int]:
@@ -248,37 +268,43 @@ class ClassificationDataModule(LightningDataModule):
         if role not in self._ready:
             if self._raw is None:
                 self._raw = self._load_splits()
-            dataset, name = self._select(role)
-            if len(dataset) == 0:
-                raise DataError(f"task {self.task!r}: split {name!r} ({role}) is empty")
-            check_columns(self.task, name, dataset, [*self._input_columns(), self._label_column])
+            dataset = self._select(role)
             mapping = label_mapping(self._label_names, dataset.features[self._label_column])
-            check_labels(self.task, name, dataset, self._label_column, mapping)
-            dataset = seeded_subset(dataset, self._max_samples[role], self._seed)
-            dataset = dataset.select_columns([*self._input_columns(), self._label_column])
-            self._ready[role] = (dataset, mapping)
+            self._ready[role] = (seeded_subset(dataset, self._max_samples[role], self._seed), mapping)
         return self._ready[role][0]
 
-    def _select(self, role: str) -> tuple[Any, str]:
-        """The raw dataset for a role and the split name used in messages; carves validation when it is absent."""
+    def _raw_split(self, name: str, role: str) -> Any:
+        """A loaded split, checked (non-empty, columns present and complete, labels known), cut to needed columns.
+
+        Checks run on whole loaded splits, before any carve or sub-sample: ``unique`` and column selection on a
+        row subset would first copy the rows.
+        """
+        dataset = self._raw[name]
+        if len(dataset) == 0:
+            raise DataError(f"task {self.task!r}: split {name!r} ({role}) is empty")
+        columns = [*self._input_columns(), self._label_column]
+        check_columns(self.task, name, dataset, columns)
+        mapping = label_mapping(self._label_names, dataset.features[self._label_column])
+        check_labels(self.task, name, dataset, self._label_column, mapping)
+        return dataset.select_columns(columns)
+
+    def _select(self, role: str) -> Any:
+        """The checked dataset for a role; carves validation off train when the validation split is absent."""
         available = list(self._raw)
         validation = self._split_names["validation"]
         if role in ("train", "validation") and (validation is None or validation not in self._raw):
             train_name = self._required(self._split_names["train"], "train", available)
             if self._carved is None:
-                if len(self._raw[train_name]) == 0:
-                    raise DataError(f"task {self.task!r}: split {train_name!r} (train) is empty")
+                train = self._raw_split(train_name, "train")
                 rank_zero_info(
                     f"task {self.task!r}: no validation split {validation!r} among {available}; carving "
                     f"{self._val_fraction:.0%} of {train_name!r} (seed {self._seed})"
                 )
-                self._carved = carve_validation(
-                    self._raw[train_name], self._val_fraction, self._seed, self.task, train_name
-                )
+                self._carved = carve_validation(train, self._val_fraction, self._seed, self.task, train_name)
             train, val = self._carved
-            return (train, train_name) if role == "train" else (val, f"{train_name} (carved validation)")
+            return train if role == "train" else val
         name = self._required(self._split_names[role], role, available)
-        return self._raw[name], name
+        return self._raw_split(name, role)
 
     def _required(self, name: str | None, role: str, available: list[str]) -> str:
         if name is None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError
+from drm_lightning.data.common import ClassificationDataModule, DataError, load_dataset_checked
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -88,6 +88,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         metrics: list[str] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         """Describe one task; nothing is loaded until ``setup``.
 
@@ -113,6 +114,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
             max_train_samples: Keep this many training rows (a seeded random subset) for fast runs.
             max_eval_samples: Same for validation and test.
             metrics: Metrics the model reports for this task: ``accuracy``, ``f1``, ``mcc``.
+            cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own, ~/.cache/huggingface).
         """
         super().__init__(
             task=task,
@@ -148,18 +150,14 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     @override
     def _load_splits(self) -> Any:
-        from datasets import DatasetDict, load_dataset
-
         hp = self.hparams
         if hp.data_dir is not None:
             if not Path(hp.data_dir).is_dir():
                 raise DataError(f"task {self.task!r}: data_dir not found: {hp.data_dir!r}")
-            loaded = load_dataset("imagefolder", data_dir=hp.data_dir)
-        else:
-            loaded = load_dataset(hp.dataset, hp.dataset_config)
-        if not isinstance(loaded, DatasetDict):
-            raise DataError(f"task {self.task!r}: dataset {hp.dataset or hp.data_dir!r} did not load as named splits")
-        return loaded
+            source = f"imagefolder {hp.data_dir!r}"
+            return load_dataset_checked(self.task, source, "imagefolder", data_dir=hp.data_dir, cache_dir=hp.cache_dir)
+        source = f"dataset {hp.dataset!r}" + (f" ({hp.dataset_config})" if hp.dataset_config else "")
+        return load_dataset_checked(self.task, source, hp.dataset, hp.dataset_config, cache_dir=hp.cache_dir)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> ImageCollator:

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, builder_for
+from drm_lightning.data.common import ClassificationDataModule, DataError, builder_for, load_dataset_checked
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -105,6 +105,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         metrics: list[str] | None = None,
         padding_side: Literal["left", "right"] | None = None,
         pad_to_multiple_of: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         """Describe one task; nothing is loaded until ``setup``.
 
@@ -133,6 +134,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             metrics: Metrics the model reports for this task: ``accuracy``, ``f1``, ``mcc``.
             padding_side: Override the tokenizer's padding side (decoders may want ``left``).
             pad_to_multiple_of: Pad each batch's length to a multiple of this (tensor-core friendly on GPUs).
+            cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own, ~/.cache/huggingface).
         """
         super().__init__(
             task=task,
@@ -168,16 +170,14 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     @override
     def _load_splits(self) -> Any:
-        from datasets import DatasetDict, load_dataset
-
         hp = self.hparams
         if hp.data_files is not None:
-            loaded = load_dataset(builder_for(hp.data_files), data_files=dict(hp.data_files))
-        else:
-            loaded = load_dataset(hp.dataset, hp.dataset_config)
-        if not isinstance(loaded, DatasetDict):
-            raise DataError(f"task {self.task!r}: dataset {hp.dataset!r} did not load as named splits")
-        return loaded
+            files = dict(hp.data_files)
+            return load_dataset_checked(
+                self.task, f"data_files {files}", builder_for(files), data_files=files, cache_dir=hp.cache_dir
+            )
+        source = f"dataset {hp.dataset!r}" + (f" ({hp.dataset_config})" if hp.dataset_config else "")
+        return load_dataset_checked(self.task, source, hp.dataset, hp.dataset_config, cache_dir=hp.cache_dir)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> TextCollator:
