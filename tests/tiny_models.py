@@ -19,7 +19,9 @@ import os
 import string
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+from torch.utils.data import DataLoader, StackDataset
 
 HIDDEN_SIZE = 32
 IMAGE_SIZE = 16
@@ -156,3 +158,84 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+POSITIVE = ("good", "great", "fine", "fun", "nice", "best", "love", "lovely", "brilliant", "superb")
+NEGATIVE = ("bad", "awful", "poor", "dull", "boring", "worst", "hate", "terrible", "weak", "rotten")
+FILLER = ("the", "movie", "film", "plot", "actor", "story", "was", "is", "very", "so", "this", "and")
+
+
+def synthetic_sentences(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` short sentences whose label (0 = negative, 1 = positive) is the sentiment word they contain."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(words: tuple[str, ...]) -> str:
+        return words[int(torch.randint(len(words), (1,), generator=gen))]
+
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(torch.randint(2, (1,), generator=gen))
+        words = [pick(FILLER) for _ in range(int(torch.randint(2, 7, (1,), generator=gen)))]
+        words.insert(int(torch.randint(len(words) + 1, (1,), generator=gen)), pick(POSITIVE if label else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+class SyntheticDataModule(pl.LightningDataModule):
+    """A small in-memory datamodule for any tiny family: sentiment-word sentences (text) or shifted noise (vision).
+
+    Batches are what the real datamodules yield: ``input_ids``, ``attention_mask`` (right padding),
+    ``token_type_ids`` for sentence pairs, or ``pixel_values``; plus ``labels`` (LongTensor). It exposes
+    ``label_names`` and ``metrics`` like the real ones.
+    """
+
+    def __init__(
+        self,
+        family: str,
+        model_path: str,
+        n: int = 32,
+        batch_size: int = 8,
+        pairs: bool = False,
+        label_names: tuple[str, ...] = ("negative", "positive"),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.family, self.model_path, self.n, self.batch_size = family, model_path, n, batch_size
+        self.pairs, self.label_names, self.seed = pairs, list(label_names), seed
+        self.metrics = ["accuracy"]
+
+    def _tensors(self, n: int, seed: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        if self.family == "vision":
+            labels = torch.randint(len(self.label_names), (n,), generator=gen)
+            pixels = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) + labels.view(-1, 1, 1, 1)
+            return {"pixel_values": pixels, "labels": labels}
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        texts, labels = synthetic_sentences(n, seed)
+        if self.pairs:
+            second, _ = synthetic_sentences(n, seed + 1000)
+            enc = tok(texts, second, padding=True, return_tensors="pt")
+        else:
+            enc = tok(texts, padding=True, return_tensors="pt")
+        out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out["labels"] = torch.tensor(labels) % len(self.label_names)
+        return out
+
+    def setup(self, stage: str) -> None:
+        self.train_data = self._tensors(self.n, self.seed)
+        self.val_data = self._tensors(max(8, self.n // 2), self.seed + 1)
+
+    def _loader(self, data: dict[str, torch.Tensor], shuffle: bool) -> DataLoader:
+        return DataLoader(StackDataset(**data), batch_size=self.batch_size, shuffle=shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, False)

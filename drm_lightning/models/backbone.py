@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Mapping
 
 import torch
 import transformers
@@ -94,8 +95,12 @@ def fingerprint(module: torch.nn.Module) -> str:
     add deltas onto a different base model. Tensors are hashed one at a time (contiguous, on CPU) so memory stays
     bounded by the largest tensor even for 8B models.
     """
+    return fingerprint_state(module.state_dict())
+
+
+def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
+    """``fingerprint`` of a plain ``name -> tensor`` mapping (e.g. the frozen part of a checkpoint)."""
     digest = hashlib.sha256()
-    state = module.state_dict()
     for name in sorted(state):
         tensor = state[name].detach()
         digest.update(name.encode())

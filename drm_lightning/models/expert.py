@@ -1,0 +1,451 @@
+"""The expert: a pretrained backbone plus one task head, fine-tuned fully or with LoRA.
+
+One ``LightningModule`` covers the four families (see ``models/backbone.py``). Every family's ``forward`` returns
+class logits ``[batch, num_labels]``; for T5 (``seq2seq``) they are the log-likelihoods of each label word as the
+target sequence, so accuracy means "the most likely label word", while the training loss is the usual seq2seq
+cross-entropy on the true label word.
+
+Logged keys: ``train/loss``; ``val/<task>/loss``, ``val/<task>/<metric>``; ``test/<task>/loss``,
+``test/<task>/<metric>`` with ``<metric>`` in ``accuracy | mcc | f1`` (F1 is macro-averaged).
+
+LoRA checkpoints hold only what is trained (adapter factors and head): the frozen base weights are dropped in
+``on_save_checkpoint`` and filled back from the freshly loaded backbone in ``on_load_checkpoint`` after checking
+their fingerprint, so ``--ckpt_path`` resume and ``load_from_checkpoint`` work with strict loading.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
+from typing_extensions import override
+
+from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone
+from drm_lightning.models.heads import POOLINGS, DecoderHead, EncoderHead, VisionHead, build_head
+from drm_lightning.models.lora import LoraSettings, add_lora
+from drm_lightning.models.resolve import resolve_pretrained
+
+METRICS = ("accuracy", "mcc", "f1")
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+_CKPT_KEY = "drm_lightning"
+
+# Lets ``from_task_vector`` hand an already-built backbone module to ``__init__`` without making a live module a
+# constructor argument (constructor arguments must stay plain values: they are saved as hyperparameters).
+_PRELOADED_BACKBONE: ContextVar[nn.Module | None] = ContextVar("drm_lightning_preloaded_backbone", default=None)
+
+
+@contextmanager
+def _preloaded(module: nn.Module) -> Iterator[None]:
+    token = _PRELOADED_BACKBONE.set(module)
+    try:
+        yield
+    finally:
+        _PRELOADED_BACKBONE.reset(token)
+
+
+def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
+    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None."""
+    if torch_dtype is None:
+        return None
+    if torch_dtype not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {TORCH_DTYPES} or None")
+    return getattr(torch, torch_dtype)
+
+
+def _metric(name: str, num_classes: int):
+    if name == "accuracy":
+        return Accuracy(task="multiclass", num_classes=num_classes)
+    if name == "mcc":
+        return MatthewsCorrCoef(task="multiclass", num_classes=num_classes)
+    return F1Score(task="multiclass", num_classes=num_classes, average="macro")
+
+
+class ExpertModule(LightningModule):
+    """A fine-tuned expert for one classification task.
+
+    Args:
+        backbone: hub id, local ``save_pretrained`` folder or ``package://<module>/<subpath>``.
+        family: ``encoder | decoder | seq2seq | vision``.
+        task: task name; metric keys are ``val/<task>/<metric>``.
+        label_names: class names in label-index order (T5: the target words). None takes them from the
+            datamodule's ``label_names`` at setup.
+        lora: LoRA settings; None fine-tunes every backbone weight.
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay for matrices (biases and norms get none).
+        warmup_ratio: fraction of the steps with linear warmup; then linear decay to zero.
+        metrics: subset of ``accuracy, mcc, f1``; None takes the datamodule's ``metrics`` (else accuracy).
+        pooling: encoder head pooling, ``cls`` or ``mean`` (sentence-embedding models such as MiniLM: mean).
+        head_dropout: dropout inside the encoder head.
+        torch_dtype: backbone weights dtype (``float32 | float16 | bfloat16 | float64``); None keeps the default.
+        trust_remote_code: passed to ``from_pretrained``; off unless asked, as it runs code from the model folder.
+        gguf_file: GGUF file inside ``backbone`` (SmolLM2-style folders).
+        tokenizer: where T5 (``seq2seq``) loads the tokenizer for its label words; None uses ``backbone``.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        family: str = "encoder",
+        task: str = "task",
+        label_names: list[str] | None = None,
+        lora: LoraSettings | None = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        metrics: list[str] | None = None,
+        pooling: str = "cls",
+        head_dropout: float = 0.1,
+        torch_dtype: str | None = None,
+        trust_remote_code: bool = False,
+        gguf_file: str | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_family(family)
+        if isinstance(lora, Mapping):  # how hyperparameters come back from a checkpoint
+            lora = LoraSettings(**lora)
+        if lora is not None and not isinstance(lora, LoraSettings):
+            raise ValueError(f"lora={lora!r}: expected LoraSettings, a dict of its fields, or None")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate={learning_rate!r}: expected a positive number")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay={weight_decay!r}: expected a number >= 0")
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio={warmup_ratio!r}: expected a number in [0, 1)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+        if not task or "/" in task:
+            raise ValueError(f"task={task!r}: expected a non-empty name without '/' (it is part of metric keys)")
+        if metrics is not None:
+            self._check_metrics(metrics)
+        dtype = parse_dtype(torch_dtype)
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = asdict(lora) if lora is not None else None  # plain dict: weights_only checkpoints
+
+        self.family = family
+        self.task = task
+        self.lora = lora
+        module = _PRELOADED_BACKBONE.get()
+        if module is None:
+            module = load_backbone(
+                backbone, family, torch_dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file
+            )
+        self.backbone_config = module.config
+        self.backbone: nn.Module = add_lora(module, lora, family) if lora is not None else module
+        self.head: nn.Module | None = None
+        self.label_names: list[str] | None = None
+        self.metric_names: list[str] | None = list(metrics) if metrics is not None else None
+        self._frozen_fingerprint: str | None = None
+        if label_names is not None:
+            self._build_task(list(label_names))
+
+    # ---- construction ------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_metrics(metrics: list[str]) -> None:
+        if isinstance(metrics, str) or not metrics or any(m not in METRICS for m in metrics):
+            raise ValueError(f"metrics={metrics!r}: expected a non-empty list drawn from {METRICS}")
+
+    @property
+    def num_labels(self) -> int:
+        if self.label_names is None:
+            raise ValueError(f"task {self.task!r}: label_names are not known yet (pass label_names or a datamodule)")
+        return len(self.label_names)
+
+    def _hidden_size(self) -> int:
+        size = getattr(self.backbone_config, "hidden_size", None) or getattr(self.backbone_config, "d_model", None)
+        if not isinstance(size, int):
+            raise ValueError(f"backbone {self.hparams.backbone!r}: its config has no hidden_size")
+        return size
+
+    def _build_task(self, label_names: list[str]) -> None:
+        """Build the head, the metrics and (T5) the label-word targets once the label names are known."""
+        if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+            raise ValueError(f"label_names={label_names!r}: expected at least two distinct names")
+        self.label_names = label_names
+        self.hparams["label_names"] = label_names
+        if self.family == "encoder":
+            self.head = EncoderHead(
+                self._hidden_size(), len(label_names), self.hparams.pooling, self.hparams.head_dropout
+            )
+        elif self.family == "decoder":
+            self.head = DecoderHead(self._hidden_size(), len(label_names))
+        elif self.family == "vision":
+            self.head = VisionHead(self._hidden_size(), len(label_names))
+        else:
+            self._build_label_targets(label_names)
+        ref = next(self.backbone.parameters())
+        if self.head is not None:
+            self.head.to(ref.device)
+        if self.metric_names is None:
+            self.metric_names = ["accuracy"]
+        self.val_metrics = self._metrics("val")
+        self.test_metrics = self._metrics("test")
+
+    def _metrics(self, stage: str) -> MetricCollection:
+        collection = {name: _metric(name, len(self.label_names)) for name in self.metric_names}
+        return MetricCollection(collection, prefix=f"{stage}/{self.task}/")
+
+    def _build_label_targets(self, label_names: list[str]) -> None:
+        from transformers import AutoTokenizer
+
+        source = self.hparams.tokenizer or self.hparams.backbone
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolve_pretrained(source), trust_remote_code=self.hparams.trust_remote_code
+        )
+        encoded = tokenizer(list(label_names), padding=True, return_tensors="pt")
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        if (mask.sum(dim=1) == 0).any():
+            raise ValueError(f"label_names={label_names!r}: a label tokenises to nothing with {source!r}")
+        # Identical token sequences would make two labels indistinguishable when scored.
+        if len({tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)}) != len(label_names):
+            raise ValueError(f"label_names={label_names!r}: two labels tokenise identically with {source!r}")
+        device = next(self.backbone.parameters()).device
+        self.register_buffer("label_target_ids", ids.to(device), persistent=False)
+        self.register_buffer("label_target_mask", mask.to(device), persistent=False)
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Take label names (and metrics) from the datamodule when they were not given."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.metric_names is None and datamodule is not None and getattr(datamodule, "metrics", None):
+            self._check_metrics(list(datamodule.metrics))
+            self.metric_names = list(datamodule.metrics)
+        dm_labels = getattr(datamodule, "label_names", None) if datamodule is not None else None
+        if self.label_names is None:
+            if dm_labels is None:
+                raise ValueError(
+                    f"task {self.task!r}: label_names not given and the datamodule has no label_names property"
+                )
+            self._build_task(list(dm_labels))
+        elif dm_labels is not None and list(dm_labels) != self.label_names:
+            raise ValueError(
+                f"task {self.task!r}: model label_names={self.label_names!r} differ from the datamodule's "
+                f"{list(dm_labels)!r}"
+            )
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits ``[batch, num_labels]`` (T5: per-label log-likelihood of the label word)."""
+        if self.family == "seq2seq":
+            return self._label_scores(batch)[0]
+        if self.head is None:
+            raise ValueError(f"task {self.task!r}: no head yet (label_names unknown)")
+        if self.family == "vision":
+            hidden = self.backbone(pixel_values=batch["pixel_values"]).last_hidden_state
+            return self.head(hidden)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.family == "encoder" and "token_type_ids" in batch:
+            kwargs["token_type_ids"] = batch["token_type_ids"]
+        if self.family == "decoder":
+            kwargs["use_cache"] = False
+        hidden = self.backbone(**kwargs).last_hidden_state
+        return self.head(hidden, batch["attention_mask"])
+
+    def _label_scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5: ``(scores [B, C], token log-probs [B, C, L])`` of every label word as the target of every input.
+
+        The encoder runs once per input; the decoder once per (input, label) pair.
+        """
+        if self.label_names is None:
+            raise ValueError(f"task {self.task!r}: label_names unknown")
+        ids, mask = self.label_target_ids, self.label_target_mask
+        num_labels, length = ids.shape
+        attention_mask = batch["attention_mask"]
+        size = attention_mask.shape[0]
+        encoder = self.backbone.get_encoder()
+        hidden = encoder(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
+        targets = ids.repeat(size, 1)
+        out = self.backbone(
+            encoder_outputs=(hidden.repeat_interleave(num_labels, dim=0),),
+            attention_mask=attention_mask.repeat_interleave(num_labels, dim=0),
+            labels=targets.masked_fill(mask.repeat(size, 1) == 0, -100),
+            use_cache=False,
+        )
+        logp = out.logits.float().log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logp = (logp * mask.repeat(size, 1)).view(size, num_labels, length)
+        return logp.sum(dim=-1), logp
+
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, logits)`` for evaluation."""
+        labels = batch["labels"]
+        if self.family == "seq2seq":
+            scores, logp = self._label_scores(batch)
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            true_tokens = self.label_target_mask[labels].sum()
+            return -logp[rows, labels].sum() / true_tokens, scores
+        logits = self(batch)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------------------
+
+    @override
+    def on_fit_start(self) -> None:
+        # ``from_pretrained`` returns the backbone in eval mode and Lightning 2.6 keeps submodule modes as found
+        # (validation restores the modes it captured): without this, dropout would stay off while training.
+        self.train()
+
+    @override
+    def on_train_epoch_start(self) -> None:
+        self.train()  # the same, for a fit that starts from modes changed between epochs (e.g. by a callback)
+
+    @override
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        labels = batch["labels"]
+        if self.family == "seq2seq":
+            targets = self.label_target_ids[labels]
+            out = self.backbone(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=targets.masked_fill(self.label_target_mask[labels] == 0, -100),
+                use_cache=False,
+            )
+            loss = out.loss
+        else:
+            loss = F.cross_entropy(self(batch).float(), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+        labels = batch["labels"]
+        loss, logits = self._step(batch)
+        metrics.update(logits, labels)
+        self.log(f"{stage}/{self.task}/loss", loss, batch_size=labels.shape[0], sync_dist=True)
+        self.log_dict(metrics, batch_size=labels.shape[0])
+
+    @override
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    @override
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    @override
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on biases and norms) with linear warmup, then linear decay to zero, stepped per batch."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.hparams.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, warmup, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def trainable_names(self) -> set[str]:
+        """State-dict keys of the trained parameters (LoRA: adapter factors and head)."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def _frozen_state(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        trainable = self.trainable_names()
+        return {k: v for k, v in state.items() if k not in trainable}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.lora is None or "state_dict" not in checkpoint:
+            return
+        state = checkpoint["state_dict"]
+        frozen = self._frozen_state(state)
+        if self._frozen_fingerprint is None:  # frozen weights never change: hash them once
+            self._frozen_fingerprint = fingerprint_state(frozen)
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen}
+        checkpoint[_CKPT_KEY] = {"trainable_only": True, "frozen_fingerprint": self._frozen_fingerprint}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get(_CKPT_KEY) or {}
+        if not info.get("trainable_only"):
+            return
+        frozen = self._frozen_state(self.state_dict())
+        expected = info.get("frozen_fingerprint")
+        if expected is not None and fingerprint_state(frozen) != expected:
+            raise ValueError(
+                f"checkpoint: its frozen base weights (fingerprint {expected[:12]}...) differ from those of backbone "
+                f"{self.hparams.backbone!r} loaded now (different model, revision or torch_dtype)"
+            )
+        checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+
+    # ---- task vectors ------------------------------------------------------------------------------------------
+
+    def head_config(self) -> dict[str, Any]:
+        """Constructor arguments of the head (``meta.json["head"]``); empty for T5, whose LM head is the backbone's."""
+        return self.head.config() if self.head is not None else {}
+
+    @classmethod
+    def from_task_vector(
+        cls,
+        folder: str | os.PathLike[str],
+        backbone: str | nn.Module | None = None,
+        with_task_vector: bool = False,
+        *,
+        torch_dtype: str | None = None,
+        gguf_file: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> ExpertModule:
+        """Rebuild an expert for evaluation from a task vector folder (its head, label names and family).
+
+        Args:
+            folder: a task vector folder written by ``TaskVectorCallback``.
+            backbone: None loads ``meta.base_model``; a string loads that (e.g. merged) model folder; a module is
+                used as is (shared, not copied).
+            with_task_vector: add the folder's own deltas (dense, or ``scale * B @ A``) onto the backbone weights,
+                which reproduces the fine-tuned expert. With a module passed in, that module is changed in place.
+            torch_dtype, gguf_file, trust_remote_code: how to load ``meta.base_model`` (``gguf_file`` only applies to
+                it, as merged models are saved as safetensors).
+        """
+        from drm_lightning.task_vectors.apply import apply_task_vector
+        from drm_lightning.task_vectors.format import read_head, read_meta
+
+        meta = read_meta(folder)
+        if meta.family not in FAMILIES:
+            raise ValueError(f"{folder}/meta.json: family={meta.family!r}, expected one of {FAMILIES}")
+        head_cfg = dict(meta.head)
+        kwargs: dict[str, Any] = {
+            "family": meta.family,
+            "task": meta.task,
+            "label_names": list(meta.label_names),
+            "pooling": head_cfg.get("pooling", "cls"),
+            "head_dropout": head_cfg.get("dropout", 0.1),
+            "torch_dtype": torch_dtype,
+            "trust_remote_code": trust_remote_code,
+            "tokenizer": meta.base_model,
+        }
+        if isinstance(backbone, nn.Module):
+            with _preloaded(backbone):
+                model = cls(backbone=meta.base_model, **kwargs)
+        elif backbone is None:
+            model = cls(backbone=meta.base_model, gguf_file=gguf_file, **kwargs)
+        else:
+            model = cls(backbone=str(backbone), **kwargs)
+        if model.head is not None:
+            if head_cfg and build_head(head_cfg).config() != model.head_config():
+                raise ValueError(f"{folder}/meta.json: head {head_cfg!r} does not match {model.head_config()!r}")
+            model.head.load_state_dict(read_head(folder))
+        if with_task_vector:
+            apply_task_vector(model.backbone, folder, check_fingerprint=backbone is None)
+        return model.eval()
+
+
+def linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: ``(step + 1) / (warmup + 1)`` while warming up, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))

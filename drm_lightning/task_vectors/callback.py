@@ -1,0 +1,176 @@
+"""``TaskVectorCallback``: write an expert's task vector when fitting ends.
+
+What it writes, into ``output_dir`` (default ``<trainer.default_root_dir>/task_vectors/<task>``), atomically via
+``format.write_task_vector``:
+
+- ``task_vector.safetensors``: full fine-tuning: ``W_ft - W_0`` for every trained backbone parameter that changed
+  (float32, or float64 for float64 weights); LoRA: each adapted weight's ``<name>.lora_A`` [r, in] and
+  ``<name>.lora_B`` [out, r] exactly as trained, plus dense deltas of any other trained backbone parameter.
+  Names are the plain backbone's ``state_dict()`` names (no ``peft`` prefixes, no ``.base_layer``). Tied weights
+  (T5's ``shared`` / ``lm_head``) appear once, under the name ``named_parameters()`` gives them.
+- ``head.safetensors``: the task head's state dict (empty for T5, whose LM head is part of the backbone).
+- ``meta.json``: task, kind (dense | lora), family, label names, base model (as configured, e.g.
+  ``package://...``) and the fingerprint of its pretrained weights, LoRA r/alpha/scale/targets/dropout, head
+  constructor arguments, the expert's validation metrics (``val/...`` from ``trainer.callback_metrics``) and
+  library versions.
+
+``W_0`` is reloaded with ``load_backbone`` at the end on global rank 0 (one extra model in memory for a moment)
+rather than copied at the start (an extra model for the whole run). Under FSDP / model parallelism every rank joins
+the full-state-dict gather (``torch.distributed.checkpoint.state_dict.get_model_state_dict``); only global rank 0
+reloads and writes, and all ranks meet at a barrier afterwards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
+
+from drm_lightning.models.backbone import fingerprint, load_backbone
+from drm_lightning.models.expert import ExpertModule, parse_dtype
+from drm_lightning.models.lora import backbone_name, split_lora_state
+from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, library_versions, write_task_vector
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(name: str) -> str:
+    """Drop the names that FSDP / activation checkpointing / torch.compile wrappers insert."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def gather_state_dict(trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of ``pl_module``; a collective under sharding strategies: call on every rank.
+
+    Under FSDP only rank 0 receives the tensors (on CPU); other ranks get an empty dict.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    if type(strategy).__name__ == "DeepSpeedStrategy" and getattr(strategy, "zero_stage_3", False):
+        raise ValueError("TaskVectorCallback: DeepSpeed ZeRO stage 3 is not supported; use FSDP or ZeRO stage <= 2")
+    if isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(strategy.model, options=options)
+        return {_clean(k): v for k, v in state.items()}
+    return {_clean(k): v for k, v in pl_module.state_dict().items()}
+
+
+def build_task_vector(
+    expert: ExpertModule,
+    state: dict[str, torch.Tensor],
+    metrics: dict[str, float] | None = None,
+    *,
+    skip_zero: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], TaskVectorMeta]:
+    """Compute ``(deltas, head, meta)`` of a fine-tuned expert from its full state dict.
+
+    Args:
+        expert: the fine-tuned expert (its settings say how to reload ``W_0``).
+        state: ``expert``'s full state dict (``gather_state_dict``).
+        metrics: recorded in ``meta.metrics``.
+        skip_zero: leave out dense deltas that are exactly zero (the format reads absent as zero).
+    """
+    hp = expert.hparams
+    base = load_backbone(
+        hp.backbone,
+        expert.family,
+        torch_dtype=parse_dtype(hp.torch_dtype),
+        trust_remote_code=hp.trust_remote_code,
+        gguf_file=hp.gguf_file,
+    )
+    base_state = base.state_dict()
+    trained = sorted(_clean(n) for n, p in expert.backbone.named_parameters() if p.requires_grad)
+    missing = [n for n in trained if f"backbone.{n}" not in state]
+    if missing:
+        raise ValueError(f"state dict of task {expert.task!r} lacks trained parameter(s) {missing[:3]}")
+    trained_state = {n: state[f"backbone.{n}"] for n in trained}
+    if expert.lora is not None:
+        deltas, rest = split_lora_state(trained_state)
+    else:
+        deltas, rest = {}, {backbone_name(n): t for n, t in trained_state.items()}
+    for name, tuned in rest.items():
+        if name not in base_state:
+            raise ValueError(f"trained parameter {name!r} of task {expert.task!r} is not in the reloaded {hp.backbone}")
+        dtype = torch.float64 if tuned.dtype == torch.float64 else torch.float32
+        delta = tuned.detach().to("cpu", dtype) - base_state[name].to(dtype)
+        if skip_zero and not delta.any():
+            continue
+        deltas[name] = delta
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    lora = None
+    if expert.lora is not None:
+        lora = LoraMeta(
+            r=expert.lora.r,
+            alpha=expert.lora.alpha,
+            scale=expert.lora.scale,
+            target_modules=expert.lora.resolved_targets(expert.family, base),
+            dropout=expert.lora.dropout,
+        )
+    meta = TaskVectorMeta(
+        task=expert.task,
+        kind="lora" if expert.lora is not None else "dense",
+        base_model=hp.backbone,
+        base_fingerprint=fingerprint(base),
+        family=expert.family,
+        label_names=list(expert.label_names or []),
+        lora=lora,
+        head=expert.head_config(),
+        metrics=dict(metrics or {}),
+        versions=library_versions(),
+    )
+    del base, base_state
+    return deltas, head, meta
+
+
+def validation_metrics(trainer: Trainer) -> dict[str, float]:
+    """Scalar ``val/...`` entries of ``trainer.callback_metrics`` as floats."""
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        if key.startswith("val/") and isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+    return out
+
+
+class TaskVectorCallback(Callback):
+    """Write the expert's task vector (deltas, head, meta.json) when fitting ends; see the module docstring.
+
+    Args:
+        output_dir: the task vector folder; None means ``<trainer.default_root_dir>/task_vectors/<task>``. An
+            existing folder is replaced atomically.
+        skip_zero: leave out dense deltas that are exactly zero.
+    """
+
+    def __init__(self, output_dir: str | None = None, skip_zero: bool = True) -> None:
+        super().__init__()
+        self.output_dir = output_dir
+        self.skip_zero = skip_zero
+        self.written: Path | None = None
+
+    def resolve_output_dir(self, trainer: Trainer, pl_module: ExpertModule) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.default_root_dir) / "task_vectors" / pl_module.task
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(pl_module, ExpertModule):
+            raise ValueError(f"TaskVectorCallback needs an ExpertModule, got {type(pl_module).__name__}")
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = gather_state_dict(trainer, pl_module)  # every rank: a collective under FSDP
+        if trainer.is_global_zero:
+            folder = self.resolve_output_dir(trainer, pl_module)
+            deltas, head, meta = build_task_vector(
+                pl_module, state, validation_metrics(trainer), skip_zero=self.skip_zero
+            )
+            self.written = write_task_vector(folder, deltas, head, meta)
+        del state
+        trainer.strategy.barrier("task_vector_written")
