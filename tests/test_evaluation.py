@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
 from drm_lightning.evaluation.lambda_search import (
     ELEMENTWISE_GRID,
@@ -13,6 +15,10 @@ from drm_lightning.evaluation.lambda_search import (
     make_grid,
     search_lambda,
 )
+from drm_lightning.evaluation.merged import MergedBackbone
+from drm_lightning.evaluation.multitask import evaluate_backbone
+from drm_lightning.evaluation.report import build_report
+from drm_lightning.evaluation.run import evaluate_merges
 
 EXPERT = {"a": {"accuracy": 0.8}, "b": {"accuracy": 0.5}}
 
@@ -141,3 +147,176 @@ def test_refine_can_be_fooled_by_a_narrow_bump_that_grid_finds() -> None:
 def test_search_rejects_bad_input(grid: list[float], strategy: str, expert: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         search_lambda(FakeEvaluate(0.5), expert, grid, strategy=strategy)
+
+
+# ---------------------------------------------------------------- integration: tiny BERT, two tiny tasks
+
+TASKS = {
+    # task: (label names, words that mark each label)
+    "mood": (["neg", "pos"], [["bad", "awful", "dull"], ["good", "great", "fun"]]),
+    "colour": (["warm", "cool"], [["red", "yellow"], ["blue", "green"]]),
+}
+FILLER = ["the", "movie", "was", "a", "very", "cat", "dog", "one", "two"]
+
+
+def write_task_csv(folder: Path, task: str, seed: int) -> dict[str, str]:
+    """Seeded tiny csv splits: a sentence of filler words plus one word that decides the label."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    names, words = TASKS[task]
+    files = {}
+    for split, rows in (("train", 48), ("validation", 16), ("test", 16)):
+        path = folder / task / f"{split}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            for i in range(rows):
+                label = i % 2
+                sentence = rng.sample(FILLER, 3) + [rng.choice(words[label])]
+                rng.shuffle(sentence)
+                writer.writerow([" ".join(sentence), names[label]])
+        files[split] = str(path)
+    return files
+
+
+def make_datamodules(base: str, files: dict[str, dict[str, str]]) -> dict:
+    from drm_lightning.data.text import TextClassificationDataModule
+
+    return {
+        task: TextClassificationDataModule(
+            task=task, tokenizer=base, label_names=TASKS[task][0], data_files=files[task], max_length=16, batch_size=8
+        )
+        for task in TASKS
+    }
+
+
+EVAL_TRAINER = dict(accelerator="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they make each step ~6x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two experts fine-tuned (3 short epochs) from one tiny BERT; their task vectors and own validation metrics."""
+    from lightning.pytorch import Trainer
+    from tiny_models import make_tiny_model
+
+    from drm_lightning.models.expert import ExpertModule
+    from drm_lightning.task_vectors.callback import TaskVectorCallback
+
+    root = tmp_path_factory.mktemp("evaluation")
+    base = make_tiny_model("encoder", root / "base")
+    files = {task: write_task_csv(root / "data", task, seed) for seed, task in enumerate(TASKS)}
+    datamodules = make_datamodules(base, files)
+    folders, own = [], {}
+    for task in TASKS:
+        expert = ExpertModule(base, "encoder", task, TASKS[task][0], learning_rate=3e-3, warmup_ratio=0.0)
+        trainer = Trainer(
+            max_epochs=3,
+            callbacks=[TaskVectorCallback(str(root / "tv" / task))],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(expert, datamodule=datamodules[task])
+        logged = trainer.validate(expert, datamodules[task], verbose=False)[0]
+        own[task] = {key.split("/")[-1]: value for key, value in logged.items()}
+        folders.append(root / "tv" / task)
+    return {"root": root, "base": base, "files": files, "datamodules": datamodules, "task_vectors": folders, "own": own}
+
+
+def assert_metrics_in_unit_interval(metrics: dict[str, dict[str, float]]) -> None:
+    assert set(metrics) == set(TASKS)
+    for task, values in metrics.items():
+        assert 0.0 <= values["accuracy"] <= 1.0, (task, values)
+
+
+def test_with_task_vector_reproduces_each_expert(experts: dict) -> None:
+    got = evaluate_backbone(
+        None, experts["task_vectors"], experts["datamodules"], "validation", EVAL_TRAINER, with_task_vector=True
+    )
+    for task in TASKS:
+        assert got[task]["accuracy"] == experts["own"][task]["accuracy"]
+        assert got[task]["loss"] == pytest.approx(experts["own"][task]["loss"], rel=1e-4)
+    assert max(v["accuracy"] for v in got.values()) > 0.5  # the experts learnt something
+
+
+def test_evaluate_merges_end_to_end(experts: dict) -> None:
+    """Merge, search λ on validation, report on test; the merged backbone is W_0 + λ·Δ exactly."""
+    from drm_lightning.merging.merger import apply_merged_delta, merge_task_vectors
+
+    root, tvs, dms = experts["root"], experts["task_vectors"], experts["datamodules"]
+    merge_task_vectors(tvs, "task_arithmetic", root / "merged_ta", progress=False)
+    merge_task_vectors(tvs, "ties", root / "merged_ties", progress=False)
+    results = evaluate_merges(
+        tvs,
+        [root / "merged_ta", root / "merged_ties"],
+        dms,
+        split="test",
+        lambdas={"ties": 0.7},
+        strategy="refine",
+        grids={"task_arithmetic": [0.3, 0.6, 1.0]},
+        trainer_kwargs=EVAL_TRAINER,
+    )
+    assert results.tasks == list(TASKS) and results.split == "test"
+    for metrics in (results.expert, results.pretrained, *(m.metrics for m in results.methods)):
+        assert_metrics_in_unit_interval(metrics)
+    ta, ties = results.method("task_arithmetic"), results.method("ties")
+    assert ta.method == "task_arithmetic" and ta.lam in (0.3, 0.6, 1.0) and ta.merge_seconds > 0
+    assert ties.lam == 0.7 and ties.curve == []
+    assert max(p.score for p in ta.curve) == next(p.score for p in ta.curve if p.lam == ta.lam)
+    for point in ta.curve:
+        assert_metrics_in_unit_interval(point.metrics)
+
+    # MergedBackbone.at(λ) gives exactly apply_merged_delta's weights, at every λ, in any order.
+    backbone = MergedBackbone(root / "merged_ta")
+    for lam in (0.6, 0.3, 0.6):
+        expected = apply_merged_delta(root / "merged_ta", lam).state_dict()
+        got = backbone.at(lam).state_dict()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+    # A shared module passed in comes back unchanged after expert evaluation (deltas are undone).
+    module = backbone.at(1.0)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    evaluate_backbone(module, tvs[:1], dms, "test", EVAL_TRAINER, with_task_vector=True)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+    md = build_report(results, root / "run", tvs, {"task_arithmetic": root / "merged_ta"})
+    assert "| task | pretrained | expert | task_arithmetic | task_arithmetic norm. | ties | ties norm. |" in md
+    assert {"report.json", "report.md", "accuracy_by_task.png", "lambda_curves.png", "singular_values.png"} <= {
+        p.name for p in (root / "run").iterdir()
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(split="train"), "split='train'"),
+        (dict(task_vectors=[]), "task_vectors: empty"),
+        (dict(datamodules={}), r"no datamodule for task\(s\) \['mood'\]"),
+        (dict(twice=True), r"task\(s\) \['mood'\] appear more than once"),
+    ],
+)
+def test_evaluate_backbone_rejects(experts: dict, kwargs: dict, match: str) -> None:
+    tvs = experts["task_vectors"][:1] * (2 if kwargs.pop("twice", False) else 1)
+    args = dict(backbone=None, task_vectors=tvs, datamodules=experts["datamodules"], split="validation") | kwargs
+    with pytest.raises(ValueError, match=match):
+        evaluate_backbone(**args)
+
+
+def test_evaluate_merges_rejects_unknown_labels(experts: dict) -> None:
+    with pytest.raises(ValueError, match=r"lambdas: label\(s\) \['nope'\] are not among the merged models \['x'\]"):
+        evaluate_merges(experts["task_vectors"], {"x": "unused"}, experts["datamodules"], lambdas={"nope": 1.0})

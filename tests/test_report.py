@@ -39,6 +39,7 @@ from drm_lightning.evaluation.results import (
     ResultsError,
     average_normalised,
 )
+from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
 from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, write_task_vector
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -282,13 +283,16 @@ def make_task_vectors(tmp_path: Path) -> tuple[list[Path], dict[str, dict[str, t
 
 
 def make_merged(tmp_path: Path, deltas: dict[str, torch.Tensor], name: str) -> Path:
+    """A merged folder in ``merge_task_vectors``' layout: sharded Δ_merged under ``merged_delta/`` with its index."""
     folder = tmp_path / name
-    (folder / "heads" / "a").mkdir(parents=True)
+    (folder / MERGED_DIR).mkdir(parents=True)
     items = sorted(deltas.items())
-    half = len(items) // 2  # two shards, as a sharded save would write
-    save_file(dict(items[:half]), str(folder / "delta-00001-of-00002.safetensors"))
-    save_file(dict(items[half:]), str(folder / "delta-00002-of-00002.safetensors"))
-    save_file({"weight": torch.zeros(2, 6)}, str(folder / "heads" / "a" / "head.safetensors"))
+    half = len(items) // 2
+    weight_map = {}
+    for shard, part in (("delta-00001.safetensors", items[:half]), ("delta-00002.safetensors", items[half:])):
+        save_file(dict(part), str(folder / MERGED_DIR / shard))
+        weight_map |= {n: shard for n, _ in part}
+    (folder / MERGED_DIR / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
 
 
@@ -310,6 +314,8 @@ def test_layer_spectra_values(tmp_path: Path) -> None:
     assert [s.name for s in explicit] == [LAYERS[1]]
     with pytest.raises(ValueError, match=r"names: \['embeddings"):
         layer_spectra(folders, merged, names=["embeddings.word_embeddings.weight"])
+    with pytest.raises(ValueError, match=r"delta.safetensors.index.json: not found"):
+        layer_spectra(folders, {"x": tmp_path})
 
 
 def test_build_report_writes_plots_and_embeds_them(tmp_path: Path) -> None:

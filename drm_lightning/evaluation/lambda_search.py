@@ -22,17 +22,19 @@ Two strategies:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from drm_lightning.evaluation.results import LambdaPoint, TaskMetrics, average_normalised
+
+if TYPE_CHECKING:
+    from drm_lightning.evaluation.merged import MergedBackbone
 
 Strategy = Literal["grid", "refine"]
 STRATEGIES: tuple[str, ...] = ("grid", "refine")
@@ -201,7 +203,7 @@ def _golden_section(lo: int, c: int, hi: int, score: Callable[[int], float]) -> 
 
 
 def search_merged_lambda(
-    merged: str | os.PathLike[str],
+    merged: str | os.PathLike[str] | MergedBackbone,
     task_vectors: Sequence[str | os.PathLike[str]],
     datamodules: Mapping[str, object],
     expert_metrics: Mapping[str, Mapping[str, float]] | None = None,
@@ -214,7 +216,7 @@ def search_merged_lambda(
     """λ search for one merged folder (written by ``merge_task_vectors``) on the tasks' validation splits.
 
     Args:
-        merged: the merged folder; Δ_merged is read from it and only rescaled per λ.
+        merged: the merged folder (or a ``MergedBackbone`` of it); Δ_merged is only rescaled per λ.
         task_vectors: the experts' task vector folders (their heads go on the merged backbone).
         datamodules: task name -> its datamodule.
         expert_metrics: the experts' validation metrics; evaluated here (base + own task vector) when ``None``.
@@ -224,32 +226,23 @@ def search_merged_lambda(
         method: the method name for the default grid; read from the folder's ``merge.json`` when ``None``.
         trainer_kwargs: extra ``Trainer`` arguments for every evaluation.
     """
+    from drm_lightning.evaluation.merged import MergedBackbone
     from drm_lightning.evaluation.multitask import evaluate_backbone
-    from drm_lightning.merging.merger import apply_merged_delta
+    from drm_lightning.merging.merger import read_merge_record
 
+    backbone = merged if isinstance(merged, MergedBackbone) else None
+    folder = backbone.merged if backbone is not None else Path(merged)
     if grid is None:
-        grid = default_grid(method or read_merge_info(merged)["method"])
+        grid = default_grid(method or read_merge_record(folder)["method"])
+    _check_grid(grid)
     if expert_metrics is None:
         expert_metrics = evaluate_backbone(
             None, task_vectors, datamodules, "validation", trainer_kwargs, with_task_vector=True
         )
+    if backbone is None:
+        backbone = MergedBackbone(folder)
 
     def evaluate(lam: float) -> TaskMetrics:
-        model = apply_merged_delta(merged, lam)
-        return evaluate_backbone(model, task_vectors, datamodules, "validation", trainer_kwargs)
+        return evaluate_backbone(backbone.at(lam), task_vectors, datamodules, "validation", trainer_kwargs)
 
     return search_lambda(evaluate, expert_metrics, grid, strategy=strategy, metric=metric)
-
-
-def read_merge_info(merged: str | os.PathLike[str]) -> dict:
-    """``merge.json`` of a merged folder, checked for the keys the evaluation uses."""
-    path = Path(merged) / "merge.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: not found (is {merged} a folder written by merge_task_vectors?)")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(info, dict) or "method" not in info:
-        raise ValueError(f"{path}: missing key 'method'")
-    return info

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from drm_lightning.evaluation.merged import merged_delta_index
 from drm_lightning.evaluation.results import EvaluationResults
+from drm_lightning.merging.plan import DEFAULT_EXCLUDE
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     LORA_A_SUFFIX,
@@ -37,11 +39,9 @@ ACCURACY_PNG = "accuracy_by_task.png"
 LAMBDA_PNG = "lambda_curves.png"
 SPECTRA_PNG = "singular_values.png"
 
-#: 2-D parameters that are not linear maps (token tables, heads): their spectra say nothing about merging.
-NON_MATRIX_PATTERN = re.compile(
-    r"(^|\.)(embeddings|embed_tokens|embed_positions|wte|wpe|shared|lm_head|classifier|score)\.|"
-    r"position_embeddings?\.|token_type_embeddings\.|relative_attention_bias\."
-)
+#: 2-D parameters that are not linear maps (token tables, heads): the merge plan's default exclusions. Their
+#: spectra say nothing about the matrix methods, which leave them to the elementwise rule.
+NON_MATRIX_PATTERNS = tuple(re.compile(p) for p in DEFAULT_EXCLUDE)
 
 
 def _pyplot() -> Any:
@@ -150,19 +150,6 @@ def _read_task_delta(folder: Path, keys: tuple[str, ...], scale: float) -> torch
     return scale * (lora_b @ lora_a)
 
 
-def _merged_index(folder: Path) -> dict[str, Path]:
-    """Parameter name -> the safetensors file of a merged folder that holds its merged delta (``heads/`` excluded)."""
-    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
-    if not files:
-        raise ValueError(f"merged folder {folder}: no *.safetensors file with the merged delta")
-    index: dict[str, Path] = {}
-    for path in files:
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                index[key] = path
-    return index
-
-
 def pick_layers(names: Sequence[str], count: int = 3) -> list[str]:
     """``count`` names spread over ``names`` in order: first, last and evenly in between (first/middle/last for 3)."""
     if count < 1:
@@ -185,7 +172,8 @@ def layer_spectra(
 
     Args:
         task_vectors: task vector folders (dense or LoRA).
-        merged: method label -> merged folder (its ``*.safetensors`` hold the merged delta Δ, before λ).
+        merged: method label -> merged folder written by ``merge_task_vectors`` (its ``merged_delta/`` shards hold
+            Δ_merged, before λ).
         names: the parameters to use; by default ``count`` of the linear-map matrices that every task vector and
             every merged folder has (``pick_layers`` over their sorted names; embeddings and heads left out).
         count: how many parameters to pick when ``names`` is ``None``.
@@ -193,12 +181,13 @@ def layer_spectra(
     if not task_vectors:
         raise ValueError("task_vectors: need at least one task vector folder for the spectra")
     tvs = [(Path(folder), *_task_vector_matrices(Path(folder))) for folder in task_vectors]
-    indices = {label: _merged_index(Path(folder)) for label, folder in merged.items()}
+    indices = {label: merged_delta_index(folder) for label, folder in merged.items()}
     common = set.intersection(*(set(entries) for _, _, entries, _ in tvs))
     for index in indices.values():
         common &= set(index)
     if names is None:
-        names = pick_layers(sorted(n for n in common if not NON_MATRIX_PATTERN.search(n)), count)
+        matrices = [n for n in sorted(common) if not any(p.search(n) for p in NON_MATRIX_PATTERNS)]
+        names = pick_layers(matrices, count)
         if not names:
             raise ValueError(
                 f"no 2-D parameter is shared by all task vectors {[str(p) for p, *_ in tvs]} and merged folders "

@@ -1,0 +1,73 @@
+"""Merged folders (``merge_task_vectors`` output) as the evaluation sees them.
+
+``merge.json`` gives the method, label and merge timings; ``merged_delta/`` holds Δ_merged, sharded, with a
+Hugging Face style index; ``MergedBackbone`` turns the folder into a backbone at any λ without reloading the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def merged_delta_index(merged: str | os.PathLike[str]) -> dict[str, Path]:
+    """Parameter name -> the shard of a merged folder (``merge_task_vectors`` output) that holds its merged delta."""
+    from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
+
+    folder = Path(merged)
+    index_path = folder / MERGED_DIR / INDEX_FILE
+    if not index_path.is_file():
+        raise ValueError(f"{index_path}: not found (is {folder} a folder written by merge_task_vectors?)")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_path}: not a shard index ({err!r})") from None
+    return {str(name): folder / MERGED_DIR / Path(str(shard)).name for name, shard in weight_map.items()}
+
+
+class MergedBackbone:
+    """The base backbone of a merged folder, rescaled in place to ``W_0 + λ·Δ_merged`` for any λ.
+
+    Why: the base is loaded (and its fingerprint checked) once by ``apply_merged_delta(merged, 0)``; the weights
+    Δ_merged touches are copied, and each ``at(lam)`` restores them and adds ``lam·Δ_merged``: the same arithmetic,
+    hence the same bytes, as ``apply_merged_delta(merged, lam)`` without reloading the base per λ. Costs one copy
+    of the touched weights.
+    """
+
+    def __init__(self, merged: str | os.PathLike[str]) -> None:
+        from drm_lightning.merging.merger import apply_merged_delta
+
+        self.merged = Path(merged)
+        self.model = apply_merged_delta(self.merged, 0.0)
+        state = self.model.state_dict()
+        self._base = {name: state[name].detach().clone() for name in sorted(merged_delta_index(self.merged))}
+        self.lam: float | None = 0.0
+
+    @torch.no_grad()
+    def at(self, lam: float):  # -> the backbone module (a transformers PreTrainedModel)
+        """The backbone with ``W_0 + lam·Δ_merged`` (the same module object every time, changed in place)."""
+        from drm_lightning.merging.merger import add_merged_delta
+
+        if lam != self.lam:
+            state = self.model.state_dict()
+            for name, value in self._base.items():
+                state[name].copy_(value.to(state[name].device))
+            self.lam = None  # a failure half-way leaves no claim about the weights
+            add_merged_delta(self.model, self.merged, lam)
+            self.lam = lam
+        return self.model
+
+
+def merge_seconds(info: dict[str, Any]) -> float | None:
+    """Wall time of the merge from ``merge.json``'s ``timings`` (its ``total``); ``None`` when not recorded."""
+    total = (info.get("timings") or {}).get("total")
+    return None if total is None else float(total)
+
+
+def merge_label(info: dict[str, Any]) -> str:
+    """The name a merged model goes by in the report: its ``label`` (e.g. ``drm_v``), else its method."""
+    return str(info.get("label") or info["method"])
