@@ -241,7 +241,7 @@ def test_signature_parses_with_jsonargparse(tmp_path: Path) -> None:
     cfg = parser.parse_object(
         {"data": {"task": "t", "tokenizer": MINILM, "label_names": LABELS, "data_files": files, "max_length": 32}}
     )
-    dm = parser.instantiate_classes(cfg).data
+    dm = parser.instantiate(cfg).data
     assert isinstance(dm, TextClassificationDataModule) and dm.hparams.max_length == 32
 
 
@@ -278,6 +278,11 @@ BAD_DATA = {
         lambda p: {s: write_split(p / "d", s, {"text": ["a", "b"], "label": [0, 5]}) for s in ("train", "validation")},
         {},
         ["'train'", "5"],
+    ),
+    "non-text column": (
+        lambda p: {s: write_split(p / "d", s, {"text": [1, 2], "label": [0, 1]}) for s in ("train", "validation")},
+        {},
+        ["'text'", "int64", "not text"],
     ),
     "empty split": (_empty_validation, {}, ["'validation'", "empty"]),
     "missing text": (_missing_text, {}, ["'validation'", "'text'", "missing"]),

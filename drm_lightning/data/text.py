@@ -169,6 +169,16 @@ class TextClassificationDataModule(ClassificationDataModule):
         return [self.hparams.text_column, *([pair] if pair else [])]
 
     @override
+    def _raw_split(self, name: str, role: str) -> Any:
+        """Also require the text columns to hold strings: the tokenizer would fail mid-epoch on anything else."""
+        dataset = super()._raw_split(name, role)
+        for column in self._input_columns():
+            dtype = getattr(dataset.features[column], "dtype", None)
+            if dtype not in ("string", "large_string"):
+                raise DataError(f"task {self.task!r}: split {name!r} column {column!r} holds {dtype}, not text")
+        return dataset
+
+    @override
     def _load_splits(self) -> Any:
         hp = self.hparams
         if hp.data_files is not None:
