@@ -1,0 +1,649 @@
+"""Merge methods as pure tensor functions: the executable form of ``ALGORITHMS.md``.
+
+Every method takes the task deltas of *one* parameter (``Δ_i = W_i − W_0``, same shape, ``[out, in]`` for a linear
+weight) and optional per-task coefficients ``c_i``, and returns the merged delta in the inputs' dtype and on their
+device (``out_dtype`` asks for another dtype, e.g. float32 for bfloat16 weights). The scaling ``λ`` is never applied
+here.
+
+Numerics: all arithmetic runs in float64 on the inputs' device, whatever dtype arrives; the decompositions use the
+float64 Gram eigendecompositions of ``linalg.py`` (one ``eigh`` per matrix where the method allows). The result
+therefore agrees with a float64 evaluation of the contract to far better than 1e-3 relative Frobenius error; the
+only error left for bfloat16 outputs is the final rounding to bfloat16.
+
+The SVD methods (``drm``, ``iso_c``, ``iso_cts``, ``tsv_m``) also accept ``LowRankDelta`` factors and then work in
+the joint ``Σ r_i``-dimensional space of the factors, materialising only the merged ``[out, in]`` result. A mix of
+dense and factored deltas is densified. The elementwise methods densify factors.
+
+Bad arguments raise ``ValueError`` naming the argument and the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from drm_lightning.merging.linalg import factored_svd, polar_factor, power_of_two_scale, thin_svd
+from drm_lightning.merging.lowrank import LowRankDelta
+
+Delta = Tensor | LowRankDelta
+Coefficients = Sequence[float] | Tensor | None
+
+SHARE_EPS = 1e-6
+"""DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""
+DRM_RANK_TOL = 1e-2
+"""DRM's rank tolerance ``τ`` (ALGORITHMS.md)."""
+RANK_TOL = 1e-6
+"""Default rank tolerance of Iso-C, Iso-CTS and TSV-M; see ``iso_c`` for why this value."""
+MERGES = ("task_arithmetic", "ties")
+DIRECTIONS = ("vertical", "horizontal")
+_F64 = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameter checks (shared with the registry, which validates parameters before any tensor is read)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _real_in(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    value = float(value)
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return value
+
+
+def check_density(value: Any) -> float:
+    """TIES density ``ρ``: the kept fraction, in ``(0, 1]``."""
+    return _real_in("density", value, 0.0, 1.0, low_open=True, high_open=False)
+
+
+def check_drop_rate(value: Any) -> float:
+    """DARE/DRM drop rate ``p`` in ``[0, 1)`` (``p = 1`` would drop everything and divide by zero)."""
+    return _real_in("drop_rate", value, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def check_rank_tol(value: Any) -> float:
+    """Relative rank tolerance in ``[0, 1)``."""
+    return _real_in("rank_tol", value, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def check_common_fraction(value: Any) -> float:
+    """Iso-CTS common-subspace fraction ``f`` in ``(0, 1]``."""
+    return _real_in("common_fraction", value, 0.0, 1.0, low_open=True, high_open=False)
+
+
+def check_seed(value: Any) -> int:
+    """A DARE seed: an integer in ``[0, 2**63)``."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= int(value) < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {value!r}")
+    return int(value)
+
+
+def check_merge(value: Any) -> str:
+    """What DARE merges with after dropping: ``task_arithmetic`` or ``ties``."""
+    if value not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {value!r}")
+    return value
+
+
+def check_direction(value: Any) -> str:
+    """DRM direction: ``vertical`` (stack rows) or ``horizontal`` (stack columns)."""
+    if value not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {value!r}")
+    return value
+
+
+PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "density": check_density,
+    "drop_rate": check_drop_rate,
+    "rank_tol": check_rank_tol,
+    "common_fraction": check_common_fraction,
+    "seed": check_seed,
+    "merge": check_merge,
+    "direction": check_direction,
+}
+"""Validator (returning the normalised value) for every keyword parameter of the methods below."""
+
+
+def _check_out_dtype(out_dtype: Any) -> torch.dtype | None:
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+    return out_dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    """Validated deltas of one parameter, in float64 on their device."""
+
+    dense: Tensor | None  # [T, *shape]; None when every delta is factored and the method keeps factors
+    factors: list[tuple[Tensor, Tensor]] | None  # (scale·B, A) per task
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    unit: Tensor  # 0-d power of two the float64 data were divided by (all methods are positively homogeneous)
+
+    @property
+    def count(self) -> int:
+        return self.dense.shape[0] if self.dense is not None else len(self.factors)
+
+    def finish(self, merged: Tensor, out_dtype: torch.dtype | None) -> Tensor:
+        return (merged * self.unit).to(out_dtype or self.dtype)
+
+
+def _prepare(
+    method: str, deltas: Any, *, matrix: bool = False, keep_factors: bool = False, normalise: bool = False
+) -> _Inputs:
+    """Validate ``deltas`` and bring them to float64 (the one place that reads the caller's tensors)."""
+    if isinstance(deltas, Tensor | LowRankDelta) or not isinstance(deltas, Sequence):
+        raise ValueError(
+            f"{method}: deltas must be a sequence (list or tuple) of tensors or LowRankDelta, got "
+            f"{type(deltas).__name__}; wrap a single delta in a list"
+        )
+    items = list(deltas)
+    if not items:
+        raise ValueError(f"{method}: deltas is empty; at least one task delta is needed")
+    for i, item in enumerate(items):
+        if not isinstance(item, Tensor | LowRankDelta):
+            raise ValueError(f"{method}: deltas[{i}] must be a torch.Tensor or LowRankDelta, got {type(item).__name__}")
+        if isinstance(item, Tensor) and not item.is_floating_point():
+            raise ValueError(f"{method}: deltas[{i}] must be floating point, got dtype {item.dtype}")
+    shape, device = items[0].shape, items[0].device
+    for i, item in enumerate(items):
+        if item.shape != shape:
+            raise ValueError(f"{method}: deltas[{i}] has shape {tuple(item.shape)} but deltas[0] has {tuple(shape)}")
+        if item.device != device:
+            raise ValueError(f"{method}: deltas[{i}] is on {item.device} but deltas[0] is on {device}")
+    if matrix and len(shape) != 2:
+        raise ValueError(f"{method} merges 2-D matrices only; deltas have shape {tuple(shape)}")
+    dtype = items[0].dtype
+    for item in items[1:]:
+        dtype = torch.promote_types(dtype, item.dtype)
+
+    unit = torch.ones((), dtype=_F64, device=device)
+    if keep_factors and all(isinstance(item, LowRankDelta) for item in items):
+        factors = [item.factors(_F64) for item in items]
+        for i, (left, right) in enumerate(factors):
+            if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+                raise ValueError(f"{method}: deltas[{i}] (LowRankDelta) contains NaN or Inf")
+        if normalise:
+            unit_l = power_of_two_scale(torch.stack([f[0].abs().amax() for f in factors]))
+            unit_r = power_of_two_scale(torch.stack([f[1].abs().amax() for f in factors]))
+            factors = [(left / unit_l, right / unit_r) for left, right in factors]
+            unit = unit_l * unit_r
+        return _Inputs(None, factors, shape, dtype, device, unit)
+
+    dense = torch.stack([item.dense(_F64) if isinstance(item, LowRankDelta) else item.to(_F64) for item in items])
+    finite = torch.isfinite(dense.reshape(len(items), -1)).all(dim=1)
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0])
+        raise ValueError(f"{method}: deltas[{bad}] contains NaN or Inf")
+    if normalise:
+        unit = power_of_two_scale(dense)
+        dense = dense / unit
+    return _Inputs(dense, None, shape, dtype, device, unit)
+
+
+def _coefficients(method: str, coefficients: Any, count: int, device: torch.device) -> Tensor:
+    """Per-task coefficients as a float64 ``[T]`` tensor (ones when ``None``)."""
+    if coefficients is None:
+        return torch.ones(count, dtype=_F64, device=device)
+    if isinstance(coefficients, Tensor):
+        if coefficients.dim() != 1:
+            raise ValueError(f"{method}: coefficients must be 1-D, got shape {tuple(coefficients.shape)}")
+        values = coefficients.detach().tolist()
+    elif isinstance(coefficients, Sequence) and not isinstance(coefficients, str):
+        values = list(coefficients)
+    else:
+        raise ValueError(f"{method}: coefficients must be a sequence of numbers or None, got {coefficients!r}")
+    if len(values) != count:
+        raise ValueError(f"{method}: coefficients has {len(values)} entries for {count} deltas: {values!r}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+            raise ValueError(f"{method}: coefficients[{i}] must be a finite real number, got {value!r}")
+    return torch.tensor([float(v) for v in values], dtype=_F64, device=device)
+
+
+def _per_task(c: Tensor, ndim: int) -> Tensor:
+    """``c [T]`` shaped to broadcast against a ``[T, ...]`` stack with ``ndim`` dimensions."""
+    return c.reshape(-1, *([1] * (ndim - 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
+    """Keep the ``round(q · numel)`` entries of largest magnitude (of ``x``, or of each ``x[i]``), zero the rest.
+
+    The threshold is the k-th largest magnitude, found with ``topk`` over the smaller side (k or numel−k+1 entries,
+    unsorted); every entry at or above it is kept, so ties at the threshold keep a few more and the result never
+    depends on how ``topk`` orders equal values.
+    """
+    flat = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
+    numel = flat.shape[1]
+    k = round(q * numel)
+    if k >= numel:
+        return x
+    if k <= 0:
+        return torch.zeros_like(x)
+    mag = flat.abs()
+    if k <= numel - k + 1:
+        threshold = torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    else:
+        threshold = torch.topk(mag, numel - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
+    return torch.where(mag >= threshold, flat, 0.0).reshape(x.shape)
+
+
+def _elect_merge(stack: Tensor, c: Tensor) -> Tensor:
+    """Elect and merge a float64 ``[T, ...]`` stack (see ``elect_and_merge``); loops over tasks to bound memory."""
+    elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0).to(stack.dtype)
+    merged = torch.zeros_like(stack[0])
+    survivors = torch.zeros_like(stack[0])
+    for i in range(stack.shape[0]):
+        survive = stack[i] * elected > 0
+        merged += torch.where(survive, stack[i] * c[i], 0.0)
+        survivors += survive
+    return merged / survivors.clamp_min(1.0)
+
+
+def keep_top_fraction(x: Tensor, q: float) -> Tensor:
+    """Keep the largest fraction ``q`` of ``x``: exactly ``round(q · numel)`` entries of largest magnitude.
+
+    Ties at the threshold may keep a few more. ``q = 1`` returns ``x`` unchanged; the result has ``x``'s dtype.
+    """
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    q = _real_in("q", q, 0.0, 1.0, low_open=False, high_open=False)
+    if x.numel() == 0:
+        return x.clone()
+    return _keep_top(x, q)
+
+
+def elect_and_merge(
+    blocks: Sequence[Tensor], coefficients: Coefficients = None, *, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Elect and merge same-shape blocks (ALGORITHMS.md; PEFT's ``ties`` and the DRM authors' code).
+
+    The elected sign of each entry is the sign of the sum of the *unweighted* blocks (a zero sum elects +); an entry
+    of block ``i`` survives if it is non-zero and has the elected sign; the result is ``Σ_i c_i · survivors_i``
+    divided by the number of survivors (at least 1).
+
+    Args:
+        blocks: The ``T`` blocks.
+        coefficients: ``c_i`` (default 1), applied to the surviving entries only: the election stays unweighted.
+        out_dtype: Result dtype (default: the blocks').
+    """
+    inputs = _prepare("elect_and_merge", blocks)
+    c = _coefficients("elect_and_merge", coefficients, inputs.count, inputs.device)
+    return inputs.finish(_elect_merge(inputs.dense, c), _check_out_dtype(out_dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Elementwise methods
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def task_arithmetic(
+    deltas: Sequence[Delta], coefficients: Coefficients = None, *, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """Task Arithmetic (arXiv 2212.04089): ``Σ_i c_i Δ_i``.
+
+    Args:
+        deltas: Per-task deltas of one parameter (``LowRankDelta`` are densified).
+        coefficients: ``c_i``, default 1.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("task_arithmetic", deltas)
+    c = _coefficients("task_arithmetic", coefficients, inputs.count, inputs.device)
+    return inputs.finish(torch.tensordot(c, inputs.dense, dims=1), out_dtype)
+
+
+def ties(
+    deltas: Sequence[Delta],
+    density: float = 0.2,
+    coefficients: Coefficients = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """TIES-Merging (arXiv 2306.01708): trim each ``Δ_i`` to its largest fraction ``density``, then elect and merge.
+
+    Args:
+        deltas: Per-task deltas of one parameter.
+        density: Kept fraction ``ρ`` of each delta, in ``(0, 1]``.
+        coefficients: ``c_i`` applied to surviving entries (the election is unweighted).
+        out_dtype: Result dtype (default: the deltas').
+    """
+    density = check_density(density)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("ties", deltas)
+    c = _coefficients("ties", coefficients, inputs.count, inputs.device)
+    return inputs.finish(_elect_merge(_keep_top(inputs.dense, density, per_row=True), c), out_dtype)
+
+
+def dare(
+    deltas: Sequence[Delta],
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    merge: str = "task_arithmetic",
+    coefficients: Coefficients = None,
+    density: float = 0.2,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """DARE (arXiv 2311.03099): drop entries at random, rescale the rest by ``1/(1−p)``, then TA or TIES.
+
+    The drop mask is one draw ``torch.rand([T, *shape], dtype=float32, generator=g)`` with ``g`` a
+    ``torch.Generator`` on the deltas' device seeded with ``seed``; an entry is kept where the draw is ``>= p``.
+    The same seed, shapes and device give the same bytes (CPU and CUDA generators differ).
+
+    Args:
+        deltas: Per-task deltas of one parameter.
+        drop_rate: Drop probability ``p`` in ``[0, 1)``.
+        seed: Seed of the drop mask.
+        merge: ``"task_arithmetic"`` or ``"ties"`` (TIES then trims to ``density`` and elects and merges).
+        coefficients: ``c_i``, default 1.
+        density: TIES density, used with ``merge="ties"`` only (ALGORITHMS.md: "then ... TIES", whose default ρ is
+            0.2; pass 1.0 for the sign election without a further trim, as PEFT's ``dare_ties`` does).
+        out_dtype: Result dtype (default: the deltas').
+    """
+    drop_rate, seed, merge = check_drop_rate(drop_rate), check_seed(seed), check_merge(merge)
+    density = check_density(density)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("dare", deltas)
+    c = _coefficients("dare", coefficients, inputs.count, inputs.device)
+    stack = inputs.dense
+    if drop_rate > 0:
+        generator = torch.Generator(device=inputs.device)
+        generator.manual_seed(seed)
+        draw = torch.rand(stack.shape, generator=generator, dtype=torch.float32, device=inputs.device)
+        stack = torch.where(draw >= drop_rate, stack / (1.0 - drop_rate), 0.0)
+    if merge == "ties":
+        merged = _elect_merge(_keep_top(stack, density, per_row=True), c)
+    else:
+        merged = torch.tensordot(c, stack, dims=1)
+    return inputs.finish(merged, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DRM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _drm_vertical(stack: Tensor, c: Tensor, drop_rate: float, rank_tol: float) -> Tensor:
+    """DRM-V on a float64 ``[T, n, m]`` stack, through the projection identity ``B_i = Δ_i V_r``.
+
+    ``V_r`` comes from the Gram eigendecomposition of the stacked ``[T·n, m]`` matrix (the smaller side), so the
+    ``T·n``-row ``U`` is never formed: ``U_i[:, j] = Δ_i v_j / σ_j``, hence ``Û_i`` = the unit columns of ``B_i`` and
+    ``S_i = σ ⊙ ν_i`` = their norms.
+    """
+    t, n, m = stack.shape
+    _, s, v = thin_svd(stack.reshape(t * n, m), rank_tol=rank_tol)
+    s_max = s.amax()
+    keep = s > rank_tol * s_max
+    if not bool(keep.any()):  # X = 0 (or a tolerance that keeps nothing)
+        return stack.new_zeros(n, m)
+    v_r = v[:, keep]
+    blocks = stack @ v_r  # [T, n, r]
+    norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
+    sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
+    share = norms > SHARE_EPS * sigma  # ν_ij > 1e-6
+    u_hat = torch.where(share.unsqueeze(1), blocks / torch.where(share, norms, 1.0).unsqueeze(1), 0.0)
+    u_hat = _keep_top(u_hat, 1.0 - drop_rate)
+    merged = _elect_merge(u_hat * norms.unsqueeze(1), c)  # B_i = Û_i diag(S_i)
+    return merged @ v_r.mT
+
+
+def _factored_basis(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Coordinates of factored deltas in their joint row space: ``Δ_i = C_i Qᵀ`` with ``Q`` orthonormal.
+
+    ``[A_1; …; A_T]ᵀ = Q R`` (QR, ``Q`` is ``[m, k]`` with ``k ≤ Σ r_i``), so ``A_i = R[:, cols_i]ᵀ Qᵀ`` and
+    ``C_i = (scale_i B_i) R[:, cols_i]ᵀ`` is ``[n, k]``. Returns ``(C [T, n, k], Q)``.
+    """
+    q, r = torch.linalg.qr(torch.cat([right for _, right in factors]).mT)
+    coords, start = [], 0
+    for left, right in factors:
+        coords.append(left @ r[:, start : start + right.shape[0]].mT)
+        start += right.shape[0]
+    return torch.stack(coords), q
+
+
+def drm(
+    deltas: Sequence[Delta],
+    direction: str = "vertical",
+    drop_rate: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """DRM — Decom-Renorm-Merge (arXiv 2505.23117), vertical or horizontal.
+
+    Joint SVD of the stacked deltas, keep the components with ``σ_j > rank_tol · σ_max``, renormalise each task's
+    block of the singular vectors (a share ``ν_ij <= 1e-6`` gives a zero column), prune the whole stack of
+    renormalised vectors to its largest fraction ``1 − drop_rate``, elect and merge the blocks ``Û_i diag(S_i)``,
+    and map back with the shared singular vectors. Horizontal is the same on the transposes.
+
+    The joint basis comes from one float64 ``eigh`` of the smaller Gram side of the stack (``Σ Δ_iᵀΔ_i`` for
+    vertical, ``Σ Δ_iΔ_iᵀ`` for horizontal, or the ``T·n`` row Gram when that is smaller). With ``LowRankDelta``
+    inputs it works in the ``Σ r_i``-dimensional joint row (vertical) or column (horizontal) space of the factors:
+    DRM-V is equivariant under ``Δ_i → Δ_i Q`` for orthonormal ``Q``, so this is exact.
+
+    Args:
+        deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
+        direction: ``"vertical"`` (stack rows, DRM-V) or ``"horizontal"`` (stack columns, DRM-H).
+        drop_rate: Pruned fraction ``p`` in ``[0, 1)``.
+        coefficients: ``c_i`` applied to surviving entries (the election is unweighted).
+        rank_tol: Relative rank tolerance ``τ``.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    direction, drop_rate, rank_tol = check_direction(direction), check_drop_rate(drop_rate), check_rank_tol(rank_tol)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("drm", deltas, matrix=True, keep_factors=True, normalise=True)
+    c = _coefficients("drm", coefficients, inputs.count, inputs.device)
+    horizontal = direction == "horizontal"
+    if inputs.factors is not None:
+        factors = [(right.mT, left.mT) for left, right in inputs.factors] if horizontal else inputs.factors
+        coords, basis = _factored_basis(factors)
+        merged = _drm_vertical(coords, c, drop_rate, rank_tol) @ basis.mT
+    else:
+        stack = inputs.dense.mT if horizontal else inputs.dense
+        merged = _drm_vertical(stack, c, drop_rate, rank_tol)
+    return inputs.finish(merged.mT if horizontal else merged, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Iso-C, Iso-CTS, TSV-M
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _svd(inputs: _Inputs, c: Tensor, rank_tol: float, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``M = Σ_i c_i Δ_i``: Gram ``eigh`` for dense deltas, QR of concatenated factors for factored ones."""
+    if inputs.factors is not None:
+        left = torch.cat([ci * left for ci, (left, _) in zip(c, inputs.factors, strict=True)], dim=1)
+        return factored_svd(left, torch.cat([right for _, right in inputs.factors]))
+    return thin_svd(torch.tensordot(c, inputs.dense, dims=1), rank_tol=rank_tol, top=top)
+
+
+def iso_c(
+    deltas: Sequence[Delta],
+    coefficients: Coefficients = None,
+    rank_tol: float = RANK_TOL,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Iso-C (arXiv 2502.04959): ``M = Σ_i c_i Δ_i = U S Vᵀ``, merged ``mean(S) · U Vᵀ``.
+
+    ``rank_tol`` drops the components with ``σ <= rank_tol · σ_max`` (mean(S) is over the kept ones). The default
+    1e-6 changes nothing on the full-rank deltas of full fine-tuning, whose smallest singular values sit orders of
+    magnitude above it, and removes the exactly-zero directions of rank-deficient (LoRA) deltas, which float64
+    arithmetic leaves below ~1e-12 · σ_max (factored ``LowRankDelta`` inputs have no such directions at all). Dense
+    LoRA deltas stored in float32 carry rounding noise near 1e-8 · σ_max, also removed; bfloat16 ones carry noise
+    near 1e-3 · σ_max, which no tolerance can tell from signal: keep LoRA deltas factored or in float32. Use 0 to
+    keep every nonzero direction.
+
+    Args:
+        deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
+        coefficients: ``c_i`` of the sum, default 1.
+        rank_tol: Relative rank tolerance in ``[0, 1)``.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    rank_tol = check_rank_tol(rank_tol)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("iso_c", deltas, matrix=True, keep_factors=True, normalise=True)
+    c = _coefficients("iso_c", coefficients, inputs.count, inputs.device)
+    u, s, v = _svd(inputs, c, rank_tol)
+    keep = s > rank_tol * s.amax()
+    if not bool(keep.any()):
+        return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
+    return inputs.finish(s[keep].mean() * (u[:, keep] @ v[:, keep].mT), out_dtype)
+
+
+def iso_cts_split(dim: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """Iso-CTS's ``(k_c, s)``: ``k_c = int(f·d)``, then ``k_c = d − round((d − k_c)/T)·T`` and ``s = (d − k_c)/T``.
+
+    ``round`` is Python's (half to even), as in the authors' code.
+    """
+    common = int(common_fraction * dim)
+    common = dim - round((dim - common) / tasks) * tasks
+    if common < 0:
+        raise ValueError(
+            f"iso_cts: common_fraction={common_fraction!r} leaves k_c={common} < 0 common components for "
+            f"min(n, m)={dim} and T={tasks} tasks; raise common_fraction"
+        )
+    return common, (dim - common) // tasks
+
+
+def _residual_svds(inputs: _Inputs, c: Tensor, u_c: Tensor, rank_tol: float, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SVDs of ``R_i = c_i Δ_i − U_c U_cᵀ c_i Δ_i`` for all tasks, batched as ``[T, ...]``."""
+    if inputs.factors is None:
+        scaled = _per_task(c, 3) * inputs.dense
+        residual = scaled - u_c @ (u_c.mT @ scaled)
+        return thin_svd(residual, rank_tol=rank_tol, top=top)
+    svds = []
+    for ci, (left, right) in zip(c, inputs.factors, strict=True):
+        left = ci * left
+        svds.append(factored_svd(left - u_c @ (u_c.mT @ left), right))
+    width = max(s.shape[0] for _, s, _ in svds)  # ranks may differ: pad with zero components
+    pad = [
+        (F.pad(u, (0, width - u.shape[1])), F.pad(s, (0, width - s.shape[0])), F.pad(v, (0, width - v.shape[1])))
+        for u, s, v in svds
+    ]
+    return tuple(torch.stack(parts) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
+
+
+def iso_cts(
+    deltas: Sequence[Delta],
+    common_fraction: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = RANK_TOL,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Iso-CTS (arXiv 2502.04959): a common subspace of ``Σ_i c_i Δ_i`` plus task-specific directions, isotropic.
+
+    The top ``k_c`` components of the sum, the top ``s`` components of each task's residual outside the common
+    subspace, concatenated; ``U`` and ``V`` replaced by their polar factors; merged ``mean(S) · U Vᵀ``
+    (``k_c`` and ``s`` from ``iso_cts_split``). Coefficients scale each delta before anything else.
+
+    Rank tolerance (see ``iso_c`` for the default): common components with ``σ <= rank_tol · σ_1(Σ c_i Δ_i)`` are
+    left out *before* the residuals are taken, so the projection never uses arbitrary null-space vectors; then every
+    kept component, common or task-specific, must have ``σ > rank_tol · σ_ref`` with ``σ_ref`` the largest singular
+    value of all these decompositions. ``mean(S)`` is over the kept ones.
+
+    Args:
+        deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
+        common_fraction: ``f`` in ``(0, 1]``.
+        coefficients: ``c_i``, default 1.
+        rank_tol: Relative rank tolerance in ``[0, 1)``.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    common_fraction, rank_tol = check_common_fraction(common_fraction), check_rank_tol(rank_tol)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("iso_cts", deltas, matrix=True, keep_factors=True, normalise=True)
+    c = _coefficients("iso_cts", coefficients, inputs.count, inputs.device)
+    n, m = inputs.shape
+    k_c, s_task = iso_cts_split(min(n, m), inputs.count, common_fraction)
+
+    u, s, v = _svd(inputs, c, rank_tol, top=k_c)
+    u, s, v = u[:, :k_c], s[:k_c], v[:, :k_c]
+    keep_c = s > rank_tol * s.amax() if s.numel() else s > 0
+    u, s, v = u[:, keep_c], s[keep_c], v[:, keep_c]
+    blocks_u, blocks_s, blocks_v = [u], [s], [v]
+    if s_task > 0:
+        u_r, s_r, v_r = _residual_svds(inputs, c, u, rank_tol, s_task)
+        u_r, s_r, v_r = u_r[..., :s_task], s_r[:, :s_task], v_r[..., :s_task]
+        blocks_u.append(u_r.permute(1, 0, 2).reshape(n, -1))
+        blocks_s.append(s_r.reshape(-1))
+        blocks_v.append(v_r.permute(1, 0, 2).reshape(m, -1))
+    u, s, v = torch.cat(blocks_u, dim=1), torch.cat(blocks_s), torch.cat(blocks_v, dim=1)
+    keep = s > rank_tol * s.amax() if s.numel() else s > 0
+    if not bool(keep.any()):
+        return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
+    u, s, v = u[:, keep], s[keep], v[:, keep]
+    return inputs.finish(s.mean() * (polar_factor(u) @ polar_factor(v).mT), out_dtype)
+
+
+def tsv_m(
+    deltas: Sequence[Delta],
+    coefficients: Coefficients = None,
+    rank_tol: float = RANK_TOL,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """TSV-M (arXiv 2412.00081): each task's top ``k = min(n, m) // T`` singular components, decorrelated.
+
+    The components of all tasks are concatenated, ``U`` and ``V`` replaced by their polar factors, and the merged
+    delta is ``U diag(S) Vᵀ``. Coefficients scale each delta first. Components with ``σ <= rank_tol · σ_ref``,
+    ``σ_ref`` the largest singular value of all tasks, are left out (see ``iso_c`` for the default).
+
+    Args:
+        deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``); needs ``T <= min(n, m)``.
+        coefficients: ``c_i``, default 1.
+        rank_tol: Relative rank tolerance in ``[0, 1)``.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    rank_tol = check_rank_tol(rank_tol)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("tsv_m", deltas, matrix=True, keep_factors=True, normalise=True)
+    c = _coefficients("tsv_m", coefficients, inputs.count, inputs.device)
+    n, m = inputs.shape
+    k = min(n, m) // inputs.count
+    if k == 0:
+        raise ValueError(
+            f"tsv_m keeps min(n, m) // T components per task: T={inputs.count} deltas of shape {(n, m)} leave none; "
+            "merge this parameter with the elementwise rule instead"
+        )
+    if inputs.factors is None:
+        u, s, v = thin_svd(_per_task(c, 3) * inputs.dense, rank_tol=rank_tol, top=k)
+        u, s, v = u[..., :k], s[:, :k], v[..., :k]
+    else:
+        svds = [factored_svd(ci * left, right) for ci, (left, right) in zip(c, inputs.factors, strict=True)]
+        u = [f[0][:, :k] for f in svds]
+        s = [f[1][:k] for f in svds]
+        v = [f[2][:, :k] for f in svds]
+        width = max(x.shape[0] for x in s)
+        u = torch.stack([F.pad(x, (0, width - x.shape[1])) for x in u])
+        v = torch.stack([F.pad(x, (0, width - x.shape[1])) for x in v])
+        s = torch.stack([F.pad(x, (0, width - x.shape[0])) for x in s])
+    u, s, v = u.permute(1, 0, 2).reshape(n, -1), s.reshape(-1), v.permute(1, 0, 2).reshape(m, -1)
+    keep = s > rank_tol * s.amax()
+    if not bool(keep.any()):
+        return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
+    u, s, v = u[:, keep], s[keep], v[:, keep]
+    return inputs.finish((polar_factor(u) * s) @ polar_factor(v).mT, out_dtype)

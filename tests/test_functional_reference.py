@@ -1,0 +1,275 @@
+"""Every merge method against the float64 references of ``tests/reference.py`` (ALGORITHMS.md, straight).
+
+The contract asks for 1e-3 relative Frobenius error whatever dtype arrives; float32 outputs are held to ``TOL_F32``
+(1e-5, i.e. nothing beyond float32 output rounding) so that a precision regression shows long before it breaks the
+contract. bfloat16 outputs are compared with the float64 reference *rounded to bfloat16* (the method may add nothing
+beyond the final cast), and with ``out_dtype=float32`` against the raw reference.
+
+Structured inputs are used only where the method is well defined on them (see ``reference.make_deltas``):
+repeated singular values for Task Arithmetic, TIES, DARE, Iso-C and Iso-CTS (no cut inside a cluster), per-task
+clusters for TSV-M (no cut inside a cluster), and for DRM the block-diagonal tasks without pruning, where every
+singular value of the stack repeats yet the result does not depend on the basis chosen inside the clusters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import reference as ref
+import torch
+from torch import Tensor
+
+from drm_lightning.merging import functional as F
+from drm_lightning.merging.lowrank import LowRankDelta
+
+TOL_F32 = 1e-5
+CONTRACT_TOL = 1e-3
+COEFFS = [1.0, 0.5, -0.3, 2.0]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method under test: the implementation and its reference, called as ``f(deltas, coefficients)``."""
+
+    name: str
+    impl: Callable[..., Tensor]
+    ref: Callable[..., Tensor]
+    cases: tuple[str, ...]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core box the OpenMP spin-waits of two
+    threads make LAPACK calls up to 50x slower; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+COMMON = ("random", "rank_deficient", "zero_task", "tiny_task", "all_zero", "clustered_tasks")
+CLUSTER_SAFE = (*COMMON, "clustered")
+
+METHODS = [
+    Method("task_arithmetic", lambda d, c, **k: F.task_arithmetic(d, c, **k), ref.task_arithmetic, CLUSTER_SAFE),
+    Method("ties", lambda d, c, **k: F.ties(d, 0.3, c, **k), lambda d, c: ref.ties(d, 0.3, c), CLUSTER_SAFE),
+    Method(
+        "dare_ta",
+        lambda d, c, **k: F.dare(d, 0.5, 7, "task_arithmetic", c, **k),
+        lambda d, c: ref.dare(d, 0.5, 7, "task_arithmetic", c),
+        CLUSTER_SAFE,
+    ),
+    Method(
+        "dare_ties",
+        lambda d, c, **k: F.dare(d, 0.3, 3, "ties", c, density=0.5, **k),
+        lambda d, c: ref.dare(d, 0.3, 3, "ties", c, density=0.5),
+        CLUSTER_SAFE,
+    ),
+    Method("drm_v", lambda d, c, **k: F.drm(d, "vertical", 0.8, c, **k), lambda d, c: ref.drm_vertical(d, c=c), COMMON),
+    Method(
+        "drm_h", lambda d, c, **k: F.drm(d, "horizontal", 0.8, c, **k), lambda d, c: ref.drm_horizontal(d, c=c), COMMON
+    ),
+    Method(
+        "drm_v_no_prune",
+        lambda d, c, **k: F.drm(d, "vertical", 0.0, c, **k),
+        lambda d, c: ref.drm_vertical(d, 0.0, c),
+        (*COMMON, "disjoint"),
+    ),
+    Method(
+        "drm_h_no_prune",
+        lambda d, c, **k: F.drm(d, "horizontal", 0.0, c, **k),
+        lambda d, c: ref.drm_horizontal(d, 0.0, c),
+        (*COMMON, "disjoint"),
+    ),
+    Method("iso_c", lambda d, c, **k: F.iso_c(d, c, **k), ref.iso_c, CLUSTER_SAFE),
+    Method("iso_cts", lambda d, c, **k: F.iso_cts(d, 0.8, c, **k), lambda d, c: ref.iso_cts(d, 0.8, c), CLUSTER_SAFE),
+    Method("tsv_m", lambda d, c, **k: F.tsv_m(d, c, **k), ref.tsv_m, COMMON),
+]
+CASES = [(m, case) for m in METHODS for case in m.cases]
+SHAPES = [(48, 32), (32, 80)]
+
+
+def _inputs(case: str, shape: tuple[int, int], dtype: torch.dtype, tasks: int = 4) -> tuple[list[Tensor], list[float]]:
+    deltas = [
+        d.to(dtype) for d in ref.make_deltas(case, shape, tasks, seed=zlib.crc32(f"{case}{shape}".encode()) % 1000)
+    ]
+    return deltas, COEFFS[:tasks]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize(("method", "case"), CASES, ids=[f"{m.name}-{c}" for m, c in CASES])
+def test_float32_matches_reference(method: Method, case: str, shape: tuple[int, int]) -> None:
+    deltas, coeffs = _inputs(case, shape, torch.float32)
+    out = method.impl(deltas, coeffs)
+    expected = method.ref(deltas, coeffs)
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert torch.isfinite(out).all()
+    assert ref.relative_error(out, expected) <= TOL_F32
+    if case == "all_zero":
+        assert not out.any()
+
+
+@pytest.mark.parametrize(("method", "case"), CASES, ids=[f"{m.name}-{c}" for m, c in CASES])
+def test_bfloat16_adds_only_the_final_rounding(method: Method, case: str) -> None:
+    deltas, coeffs = _inputs(case, (48, 32), torch.bfloat16)
+    expected = method.ref(deltas, coeffs)
+    out = method.impl(deltas, coeffs)
+    assert out.dtype == torch.bfloat16
+    assert ref.relative_error(out, expected.to(torch.bfloat16)) <= CONTRACT_TOL
+    wide = method.impl(deltas, coeffs, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32
+    assert ref.relative_error(wide, expected) <= TOL_F32
+
+
+@pytest.mark.parametrize("shape", [(12, 80), (80, 12)], ids=["12x80", "80x12"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_float64_inputs_are_exact(method: Method, shape: tuple[int, int]) -> None:
+    """Shapes where one Gram side is the ``T·n`` row side (DRM-V on 12x80, DRM-H on 80x12)."""
+    deltas, coeffs = _inputs("random", shape, torch.float64, tasks=3)
+    assert ref.relative_error(method.impl(deltas, coeffs), method.ref(deltas, coeffs)) <= 1e-9
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_one_task(method: Method) -> None:
+    deltas, _ = _inputs("random", (32, 24), torch.float32, tasks=1)
+    assert ref.relative_error(method.impl(deltas, [1.5]), method.ref(deltas, [1.5])) <= TOL_F32
+
+
+def test_drm_precision_beats_float32_svd_of_the_stack() -> None:
+    """Pairs of singular values 1e-4 apart: float32 SVD (the authors' code) mixes each pair, float64 does not.
+
+    The problem is well posed (a 1e-7 relative perturbation of the input moves the float64 result by ~1e-3), yet
+    the float32 evaluation of the very same equations lands several percent away.
+    """
+    gen = torch.Generator().manual_seed(0)
+    n, m, tasks = 256, 192, 4
+    base = torch.logspace(0, -1.5, m // 2, dtype=torch.float64)
+    spectrum = torch.stack([base, base * (1 + 1e-4)], dim=1).reshape(-1)
+    stacked = (ref.orthonormal(tasks * n, m, gen) * spectrum) @ ref.orthonormal(m, m, gen).T
+    deltas = [x.float() for x in stacked.split(n)]
+    expected = ref.drm_vertical(deltas)
+    authors = ref.drm_vertical(deltas, dtype=torch.float32)
+    ours = F.drm(deltas, out_dtype=torch.float64)
+    assert ref.relative_error(ours, expected) <= 1e-8
+    assert ref.relative_error(F.drm(deltas), expected) <= TOL_F32
+    assert ref.relative_error(authors, expected) > 1e-2
+
+
+def test_tsv_m_polar_factor_svd_fallback_when_ill_conditioned() -> None:
+    """Tasks whose top right singular vectors nearly coincide make ``V`` nearly singular (σ_min ~ 5e-8): the Gram
+    route alone would be far off there, so ``polar_factor`` must notice and use the SVD."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, tasks = 96, 64, 4
+    shared_v = ref.orthonormal(m, m, gen)
+    spectrum = torch.logspace(0, -4, m, dtype=torch.float64)
+    deltas = []
+    for _ in range(tasks):
+        skew = torch.randn(m, m, generator=gen, dtype=torch.float64)
+        rotation = torch.linalg.matrix_exp(1e-6 * (skew - skew.T))
+        deltas.append((ref.orthonormal(n, m, gen) * spectrum) @ (shared_v @ rotation).T)
+    assert ref.relative_error(F.tsv_m(deltas), ref.tsv_m(deltas)) <= 1e-6
+
+
+def test_iso_c_svd_fallback_for_tiny_kept_singular_values() -> None:
+    """Kept singular values down to 3e-8·σ_max, which the Gram route cannot resolve (their squares are at eps64):
+    ``thin_svd`` must notice and use the SVD."""
+    gen = torch.Generator().manual_seed(1)
+    n, m = 40, 30
+    spectrum = torch.logspace(0, -7.5, m, dtype=torch.float64)
+    total = (ref.orthonormal(n, m, gen) * spectrum) @ ref.orthonormal(m, m, gen).T
+    deltas = [0.25 * total, 0.75 * total]
+    expected = ref.iso_c(deltas, rank_tol=1e-8)
+    assert ref.relative_error(F.iso_c(deltas, rank_tol=1e-8), expected) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# rank_tol of Iso-C, Iso-CTS, TSV-M
+# --------------------------------------------------------------------------------------------------------------------
+
+SVD_METHODS = [
+    pytest.param(F.iso_c, ref.iso_c, id="iso_c"),
+    pytest.param(F.iso_cts, ref.iso_cts, id="iso_cts"),
+    pytest.param(F.tsv_m, ref.tsv_m, id="tsv_m"),
+]
+
+
+@pytest.mark.parametrize(("fn", "reference"), SVD_METHODS)
+def test_default_rank_tol_changes_nothing_on_full_rank_deltas(fn: Callable, reference: Callable) -> None:
+    deltas, coeffs = _inputs("random", (48, 32), torch.float32)
+    assert torch.equal(fn(deltas, coefficients=coeffs), fn(deltas, coefficients=coeffs, rank_tol=0.0))
+
+
+@pytest.mark.parametrize(("fn", "reference"), SVD_METHODS)
+def test_default_rank_tol_removes_the_noise_directions_of_lora_deltas(fn: Callable, reference: Callable) -> None:
+    """Dense float32 LoRA deltas: the default equals the exact (factored) result; ``rank_tol=0`` turns the rounding
+    noise of the zero singular values into full-rank garbage."""
+    factors = ref.low_rank_factors((48, 32), [2, 3, 2, 4])
+    exact = fn([LowRankDelta(b, a, s) for b, a, s in factors])
+    dense = [(s * b @ a).float() for b, a, s in factors]
+    assert ref.relative_error(fn(dense), exact) <= TOL_F32
+    assert ref.relative_error(fn(dense, rank_tol=0.0), exact) > 0.1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LowRankDelta inputs
+# --------------------------------------------------------------------------------------------------------------------
+
+FACTORED = [
+    pytest.param(lambda d: F.drm(d, "vertical"), id="drm_v"),
+    pytest.param(lambda d: F.drm(d, "horizontal"), id="drm_h"),
+    pytest.param(lambda d: F.drm(d, "vertical", drop_rate=0.0), id="drm_v_no_prune"),
+    pytest.param(F.iso_c, id="iso_c"),
+    pytest.param(F.iso_cts, id="iso_cts"),
+    pytest.param(F.tsv_m, id="tsv_m"),
+    pytest.param(F.task_arithmetic, id="task_arithmetic"),
+    pytest.param(lambda d: F.ties(d, 0.4), id="ties"),
+    pytest.param(lambda d: F.dare(d, 0.5, merge="ties"), id="dare"),
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "ranks"),
+    [((48, 32), [2, 3, 2, 4]), ((32, 80), [4, 4, 4]), ((40, 24), [8, 8, 8, 8])],
+    ids=["tall-mixed-ranks", "wide", "joint-rank-exceeds-width"],
+)
+@pytest.mark.parametrize("fn", FACTORED)
+def test_low_rank_factors_match_the_dense_path(fn: Callable, shape: tuple[int, int], ranks: list[int]) -> None:
+    factors = ref.low_rank_factors(shape, ranks)
+    low_rank = [LowRankDelta(b.float(), a.float(), s) for b, a, s in factors]
+    dense = [(s * b.float().double() @ a.float().double()) for b, a, s in factors]  # exact products, float64
+    out = fn(low_rank)
+    assert out.dtype == torch.float32 and out.shape == shape
+    assert ref.relative_error(out, fn(dense)) <= TOL_F32
+    mixed = fn([dense[0].float(), *low_rank[1:]])  # a mix is densified
+    assert ref.relative_error(mixed, fn(dense)) <= TOL_F32
+
+
+def test_low_rank_coefficients_and_scale() -> None:
+    factors = ref.low_rank_factors((30, 20), [3, 2, 3])
+    low_rank = [LowRankDelta(b, a, s) for b, a, s in factors]
+    dense = [lr.dense() for lr in low_rank]
+    coeffs = [0.7, -1.2, 0.4]
+    for fn in (F.iso_c, F.iso_cts, F.tsv_m, lambda d, coefficients: F.drm(d, "horizontal", 0.5, coefficients)):
+        assert ref.relative_error(fn(low_rank, coefficients=coeffs), fn(dense, coefficients=coeffs)) <= 1e-9
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_cuda_matches_reference(method: Method, dtype: torch.dtype) -> None:
+    deltas, coeffs = _inputs("random", (96, 64), dtype)
+    cuda = [d.cuda() for d in deltas]
+    out = method.impl(cuda, coeffs, out_dtype=torch.float32)
+    assert out.device.type == "cuda"
+    expected = method.ref(cuda, coeffs).cpu() if method.name.startswith("dare") else method.ref(deltas, coeffs)
+    assert ref.relative_error(out.cpu(), expected) <= TOL_F32
+    assert torch.equal(out, method.impl(cuda, coeffs, out_dtype=torch.float32))
