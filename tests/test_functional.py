@@ -1,0 +1,339 @@
+"""The contract every merge method keeps, run over the registry as one table; argument checking; building blocks.
+
+Which identities hold for which method (and why the others do not):
+
+* one task under Task Arithmetic returns its delta (bit for bit).
+* coefficient 0 removes a task: Task Arithmetic and Iso-C only (they see ``Σ c_i Δ_i``). TIES, DARE-TIES and DRM
+  elect on the *unweighted* sum, so a zero-coefficient task still votes; DRM, Iso-CTS and TSV-M also let it shape
+  the joint basis or the per-task budget ``min(n, m) // T``; DARE draws its masks by task position.
+* permuting the tasks (with their coefficients) changes nothing: every method but DARE, whose masks are drawn by
+  task position.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import reference as ref
+import torch
+from torch import Tensor
+
+from drm_lightning.merging import functional as F
+from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
+
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+SYMMETRIC = [name for name in METHODS if name != "dare"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices gain nothing from threads; on a shared 2-core box two OpenMP threads only spin. Restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def same_bytes(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
+
+
+def deltas(shape: tuple[int, int] = (24, 16), tasks: int = 4, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    return [d.to(dtype) for d in ref.make_deltas("random", shape, tasks, seed=5)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Contract over the registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(24, 16), (12, 40)], ids=["tall", "wide"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_shape_dtype_device_and_determinism(name: str, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    method = get_method(name)
+    params = method.check({})
+    inputs = deltas(shape, dtype=dtype)
+    first = method.merge_matrix(inputs, coefficients=[1.0, 0.5, 2.0, 0.7], **params)
+    again = method.merge_matrix(inputs, coefficients=[1.0, 0.5, 2.0, 0.7], **params)
+    assert first.shape == shape and first.dtype == dtype and first.device == inputs[0].device
+    assert same_bytes(first, again)
+    assert torch.isfinite(first).all() and first.any()
+    wide = method.merge_matrix(inputs, out_dtype=torch.float64, **params)
+    assert wide.dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_cuda_device_preserved_and_deterministic(name: str) -> None:
+    method = get_method(name)
+    inputs = [d.cuda() for d in deltas()]
+    first = method.merge_matrix(inputs, **method.check({}))
+    assert first.device == inputs[0].device
+    assert same_bytes(first, method.merge_matrix(inputs, **method.check({})))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_elementwise_rule_shape_and_values(name: str) -> None:
+    """Non-matrix parameters: the SVD methods elect and merge the raw deltas; TA/TIES/DARE run themselves."""
+    method = get_method(name)
+    params = method.check({})
+    bias = [torch.randn(7, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = method.merge_elementwise(bias, coefficients=[1.0, 2.0, 0.5], **params)
+    assert out.shape == (7,) and out.dtype == torch.float32
+    if method.matrix_only:
+        assert torch.equal(out, F.elect_and_merge(bias, [1.0, 2.0, 0.5]))
+        with pytest.raises(ValueError, match="2-D"):
+            method.merge_matrix(bias, **params)
+    else:
+        assert torch.equal(out, method.fn(bias, coefficients=[1.0, 2.0, 0.5], **params))
+    factored = [LowRankDelta(torch.randn(5, 2), torch.randn(2, 4), 0.5) for _ in range(2)]
+    assert torch.allclose(
+        method.merge_elementwise(factored, **params),
+        method.merge_elementwise([d.dense() for d in factored], **params),
+        atol=1e-6,
+    )
+
+
+def test_one_task_task_arithmetic_returns_its_delta() -> None:
+    for dtype in INT_VIEW:
+        delta = deltas(tasks=1, dtype=dtype)
+        assert same_bytes(F.task_arithmetic(delta), delta[0])
+
+
+@pytest.mark.parametrize("fn", [F.task_arithmetic, F.iso_c], ids=["task_arithmetic", "iso_c"])
+def test_zero_coefficient_removes_a_task(fn: Callable[..., Tensor]) -> None:
+    inputs = deltas(dtype=torch.float64)
+    with_zero = fn(inputs, coefficients=[1.0, 0.0, 0.5, 2.0])
+    without = fn([inputs[0], *inputs[2:]], coefficients=[1.0, 0.5, 2.0])
+    assert ref.relative_error(with_zero, without) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [lambda d, c: F.ties(d, 0.5, c), lambda d, c: F.drm(d, coefficients=c)],
+    ids=["ties", "drm"],
+)
+def test_zero_coefficient_task_still_votes(fn: Callable[..., Tensor]) -> None:
+    """The election is unweighted (ALGORITHMS.md): a task with c = 0 is not the same as no task."""
+    inputs = deltas(dtype=torch.float64)
+    assert ref.relative_error(fn(inputs, [1.0, 0.0, 0.5, 2.0]), fn([inputs[0], *inputs[2:]], [1.0, 0.5, 2.0])) > 1e-3
+
+
+@pytest.mark.parametrize("name", SYMMETRIC)
+def test_permuting_tasks_changes_nothing(name: str) -> None:
+    method = get_method(name)
+    inputs, coeffs, order = deltas(dtype=torch.float64), [1.0, 0.5, 2.0, 0.7], [2, 0, 3, 1]
+    merged = method.merge_matrix(inputs, coefficients=coeffs, **method.check({}))
+    permuted = method.merge_matrix([inputs[i] for i in order], coefficients=[coeffs[i] for i in order])
+    assert ref.relative_error(permuted, merged) <= 1e-10
+
+
+def test_dare_depends_on_task_order_and_seed() -> None:
+    inputs = deltas(dtype=torch.float64)
+    merged = F.dare(inputs, seed=1)
+    assert same_bytes(merged, F.dare(inputs, seed=1))
+    assert not torch.equal(merged, F.dare(inputs, seed=2))
+    assert not torch.equal(merged, F.dare(inputs[::-1], seed=1))
+
+
+def test_dare_drops_the_right_fraction_and_is_unbiased() -> None:
+    ones = [torch.ones(200, 100, dtype=torch.float64)]
+    merged = F.dare(ones, drop_rate=0.9, seed=3)
+    kept = merged != 0
+    assert abs(kept.double().mean().item() - 0.1) < 0.01
+    assert torch.allclose(merged[kept], torch.full_like(merged[kept], 10.0))
+    assert same_bytes(F.dare(ones, drop_rate=0.0), ones[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bad arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+GOOD = deltas((6, 5), tasks=3)
+NAN = [GOOD[0], GOOD[1].clone().index_fill_(0, torch.tensor([2]), math.nan), GOOD[2]]
+INF = [GOOD[0], GOOD[1], GOOD[2].clone().index_fill_(1, torch.tensor([0]), math.inf)]
+BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
+    ("direction", lambda: F.drm(GOOD, direction="diagonal"), "direction.*'diagonal'"),
+    ("merge", lambda: F.dare(GOOD, merge="mean"), "merge.*'mean'"),
+    ("drop_rate=1", lambda: F.drm(GOOD, drop_rate=1.0), r"drop_rate must lie in \[0, 1\), got 1.0"),
+    ("drop_rate<0", lambda: F.dare(GOOD, drop_rate=-0.1), "drop_rate.*-0.1"),
+    ("drop_rate str", lambda: F.dare(GOOD, drop_rate="0.5"), "drop_rate.*'0.5'"),
+    ("density=0", lambda: F.ties(GOOD, density=0.0), r"density must lie in \(0, 1\], got 0.0"),
+    ("density>1", lambda: F.dare(GOOD, merge="ties", density=1.5), "density.*1.5"),
+    ("density nan", lambda: F.ties(GOOD, density=math.nan), "density.*nan"),
+    ("rank_tol", lambda: F.iso_c(GOOD, rank_tol=1.0), "rank_tol.*1.0"),
+    ("common_fraction", lambda: F.iso_cts(GOOD, common_fraction=0.0), "common_fraction.*0.0"),
+    ("seed", lambda: F.dare(GOOD, seed=-1), "seed.*-1"),
+    ("seed float", lambda: F.dare(GOOD, seed=1.5), "seed.*1.5"),
+    ("out_dtype", lambda: F.task_arithmetic(GOOD, out_dtype=torch.int32), "out_dtype.*int32"),
+    ("shapes", lambda: F.ties([GOOD[0], GOOD[1][:, :4]]), r"deltas\[1\] has shape \(6, 4\)"),
+    ("nan", lambda: F.drm(NAN), r"deltas\[1\] contains NaN or Inf"),
+    ("inf", lambda: F.task_arithmetic(INF), r"deltas\[2\] contains NaN or Inf"),
+    (
+        "inf factor",
+        lambda: F.iso_c([LowRankDelta(torch.full((6, 1), math.inf), torch.ones(1, 5))]),
+        r"deltas\[0\].*NaN or Inf",
+    ),
+    ("empty", lambda: F.iso_c([]), "deltas is empty"),
+    ("tensor", lambda: F.task_arithmetic(GOOD[0]), "deltas must be a sequence.*Tensor"),
+    ("element", lambda: F.ties([GOOD[0], [1.0]]), r"deltas\[1\] must be a torch.Tensor"),
+    ("int dtype", lambda: F.task_arithmetic([torch.ones(2, dtype=torch.int64)]), r"deltas\[0\].*int64"),
+    ("coefficients length", lambda: F.task_arithmetic(GOOD, [1.0, 2.0]), "coefficients has 2 entries for 3"),
+    ("coefficients nan", lambda: F.drm(GOOD, coefficients=[1.0, math.nan, 1.0]), r"coefficients\[1\].*nan"),
+    ("coefficients 2-D", lambda: F.iso_c(GOOD, coefficients=torch.ones(3, 1)), r"coefficients must be 1-D"),
+    ("coefficients str", lambda: F.iso_c(GOOD, coefficients="abc"), "coefficients must be a sequence"),
+    ("1-D drm", lambda: F.drm([torch.ones(5)]), r"drm merges 2-D matrices only.*\(5,\)"),
+    ("3-D tsv_m", lambda: F.tsv_m([torch.ones(2, 3, 4)]), r"tsv_m merges 2-D.*\(2, 3, 4\)"),
+    ("tsv_m budget", lambda: F.tsv_m(deltas((3, 8), tasks=4)), "T=4 deltas of shape \\(3, 8\\)"),
+    ("iso_cts k_c", lambda: F.iso_cts(deltas((7, 9), tasks=2), common_fraction=0.1), "common_fraction=0.1.*k_c=-1"),
+    ("keep_top q", lambda: F.keep_top_fraction(torch.ones(3), 1.5), "q must lie in"),
+]
+
+
+@pytest.mark.parametrize(("call", "message"), [c[1:] for c in BAD_ARGS], ids=[c[0] for c in BAD_ARGS])
+def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_method_once() -> None:
+    assert sorted(METHODS) == sorted(["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"])
+    for name, method in METHODS.items():
+        assert method.name == name and method.label and method.reference.startswith("https://arxiv.org/abs/")
+        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_registry_defaults_are_the_function_defaults(name: str) -> None:
+    """One source of truth: every registered parameter is a keyword of the function with the same default."""
+    method = get_method(name)
+    signature = inspect.signature(method.fn).parameters
+    for key, value in method.defaults.items():
+        assert key in signature
+        if key not in method.fixed:
+            assert signature[key].default == value
+    assert method.check(method.check({})) == method.check({})
+
+
+def test_get_method_unknown_lists_known_names() -> None:
+    with pytest.raises(ValueError, match=r"unknown merge method 'drm'.*'drm_h'.*'tsv_m'"):
+        get_method("drm")
+
+
+CHECK_ERRORS = [
+    ("ties", {"densty": 0.5}, r"ties: unknown parameter\(s\) \['densty'\]; allowed: \['density'\]"),
+    ("task_arithmetic", {"density": 0.5}, "allowed: none"),
+    ("drm_v", {"direction": "horizontal"}, "drm_v: direction is fixed to 'vertical'"),
+    ("drm_h", {"drop_rate": 1.2}, r"drm_h: drop_rate must lie in \[0, 1\), got 1.2"),
+    ("iso_cts", {"common_fraction": -1}, "iso_cts: common_fraction"),
+    ("dare", {"merge": "avg"}, "dare: merge must be one of"),
+]
+
+
+@pytest.mark.parametrize(("name", "params", "message"), CHECK_ERRORS, ids=[c[0] for c in CHECK_ERRORS])
+def test_check_rejects_bad_parameters_up_front(name: str, params: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_method(name).check(params)
+
+
+def test_check_normalises_and_merge_matrix_uses_checked_params() -> None:
+    method: MergeMethod = get_method("drm_h")
+    assert method.check({"drop_rate": 1 / 2, "direction": "horizontal"}) == {
+        "direction": "horizontal",
+        "drop_rate": 0.5,
+        "rank_tol": 1e-2,
+    }
+    inputs = deltas()
+    assert torch.equal(method.merge_matrix(inputs, drop_rate=0.5), F.drm(inputs, "horizontal", 0.5))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        method.merge_matrix(inputs, density=0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.37, 0.5, 0.8, 0.99, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_keep_top_fraction_keeps_exactly_round_q_numel(q: float, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    signs = torch.randint(0, 2, (90,), generator=gen) * 2 - 1
+    x = ((torch.randperm(90, generator=gen) + 1) * signs).to(dtype).reshape(9, 10)  # distinct magnitudes
+    out = F.keep_top_fraction(x, q)
+    k = round(q * x.numel())
+    assert out.dtype == dtype and int((out != 0).sum()) == k
+    assert torch.equal(out[out != 0], x[out != 0])
+    if 0 < k < x.numel():
+        assert out.abs().amax() == x.abs().amax() and x.abs()[out == 0].amax() < out.abs()[out != 0].amin()
+
+
+def test_keep_top_fraction_keeps_ties_at_the_threshold() -> None:
+    x = torch.tensor([5.0, -3.0, 3.0, 3.0, 1.0])
+    assert torch.equal(F.keep_top_fraction(x, 0.4), torch.tensor([5.0, -3.0, 3.0, 3.0, 0.0]))
+
+
+def test_elect_and_merge_by_hand() -> None:
+    blocks = [
+        torch.tensor([2.0, -1.0, 3.0, 0.0, 1.0]),
+        torch.tensor([4.0, 3.0, -3.0, 0.0, -5.0]),
+        torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0]),
+    ]
+    # sums: 5 (+), 2 (+), 0 (zero elects +), 0, -4 (-); survivors: {0,1}, {1}, {0}, none, {1}
+    expected = torch.tensor([(2.0 * 1 + 4.0 * 10) / 2, 3.0 * 10, 3.0, 0.0, -5.0 * 10])
+    assert torch.equal(F.elect_and_merge(blocks, [1.0, 10.0, 100.0]), expected)
+    # the election is unweighted: a huge coefficient does not flip the sign of entry 0
+    assert F.elect_and_merge(blocks, [1.0, 1.0, 1000.0])[0] == 3.0
+
+
+def test_drm_share_rule_treats_a_tiny_share_as_none() -> None:
+    """Without the 1e-6 rule the 1e-9 task's renormalised vectors would be unit size, take pruning slots and count
+    as survivors; with it the tiny task is merged exactly like a zero one."""
+    inputs = deltas(dtype=torch.float64)
+    tiny = F.drm([*inputs[:3], 1e-9 * inputs[3]])
+    zero = F.drm([*inputs[:3], torch.zeros_like(inputs[3])])
+    assert ref.relative_error(tiny, zero) <= 1e-8
+
+
+@pytest.mark.parametrize(
+    ("dim", "tasks", "fraction", "expected"),
+    [
+        (32, 4, 0.8, (24, 2)),
+        (32, 3, 0.8, (26, 2)),
+        (10, 4, 0.8, (10, 0)),
+        (768, 8, 0.8, (616, 19)),
+        (5, 1, 1.0, (5, 0)),
+    ],
+)
+def test_iso_cts_split(dim: int, tasks: int, fraction: float, expected: tuple[int, int]) -> None:
+    assert F.iso_cts_split(dim, tasks, fraction) == expected
+
+
+def test_low_rank_delta() -> None:
+    b, a = torch.randn(6, 2, dtype=torch.bfloat16), torch.randn(2, 4)
+    delta = LowRankDelta(b, a, 3)
+    assert delta.shape == (6, 4) and delta.rank == 2 and delta.dtype == torch.float32 and delta.scale == 3.0
+    assert torch.allclose(delta.dense(), 3 * b.float() @ a)
+    assert torch.equal(delta.transpose().dense(), delta.dense().T)
+    assert delta.dense(torch.float64).dtype == torch.float64
+    for args, message in [
+        ((torch.randn(6, 2), torch.randn(3, 4)), "B.shape\\[1\\] must equal A.shape\\[0\\]"),
+        ((torch.randn(6), torch.randn(1, 4)), "LowRankDelta.B must be 2-D"),
+        ((torch.randn(6, 1), torch.ones(1, 4, dtype=torch.int32)), "LowRankDelta.A must be a floating"),
+        ((torch.randn(6, 1), torch.randn(1, 4), math.inf), "scale must be a finite real number, got inf"),
+        ((torch.randn(6, 1), torch.randn(1, 4), True), "scale.*True"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            LowRankDelta(*args)
