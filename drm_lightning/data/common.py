@@ -26,7 +26,6 @@ SUPPORTED_METRICS: tuple[str, ...] = ("accuracy", "f1", "mcc")
 
 FILE_FORMATS: dict[str, str] = {
     ".csv": "csv",
-    ".tsv": "csv",
     ".json": "json",
     ".jsonl": "json",
     ".parquet": "parquet",
@@ -55,9 +54,8 @@ def builder_for(data_files: Mapping[str, str]) -> str:
         raise DataError("data_files: empty mapping; give at least {'train': <path>}")
     formats: dict[str, str] = {}
     for split, path in data_files.items():
-        suffixes = [s.lower() for s in Path(path).suffixes]
-        suffix = next((s for s in reversed(suffixes) if s in FILE_FORMATS), None)
-        if suffix is None:
+        suffix = Path(path).suffix.lower()
+        if suffix not in FILE_FORMATS:
             raise DataError(
                 f"data_files[{split!r}] = {path!r}: unknown format; extensions understood: {sorted(FILE_FORMATS)}"
             )
