@@ -239,3 +239,19 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, False)
+
+
+def tiny_trainer(max_steps: int = 2, **kwargs) -> pl.Trainer:
+    """A quiet CPU ``Trainer`` for a few steps: no logger, checkpoints, progress bar or sanity check unless asked."""
+    settings = {
+        "max_steps": max_steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
