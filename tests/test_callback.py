@@ -1,0 +1,244 @@
+"""TaskVectorCallback and apply_task_vector: base weights + task vector (+ head) reproduce the fine-tuned expert."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
+
+from drm_lightning.models.backbone import FAMILIES, fingerprint, load_backbone
+from drm_lightning.models.expert import ExpertModule
+from drm_lightning.models.lora import LoraSettings
+from drm_lightning.task_vectors.apply import apply_task_vector
+from drm_lightning.task_vectors.callback import TaskVectorCallback, build_task_vector
+from drm_lightning.task_vectors.format import (
+    DELTAS_FILE,
+    HEAD_FILE,
+    META_FILE,
+    LoraMeta,
+    TaskVectorError,
+    TaskVectorMeta,
+    read_meta,
+    write_task_vector,
+)
+
+# Known third-party deprecations (peft 0.21 on transformers 5; Lightning 2.6 on torch 2.13's pytree).
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
+]
+LABELS = ("negative", "positive")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # 2 shared cores: intra-op threads only fight each other on models this small.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
+    paths["encoder_other"] = make_tiny_model("encoder", root / "encoder_other", seed=1)
+    return paths
+
+
+CASES = [
+    pytest.param("encoder", None, False, id="encoder-full"),
+    pytest.param("encoder", LoraSettings(r=2, alpha=4, dropout=0.1), False, id="encoder-lora"),
+    pytest.param("encoder", None, True, id="encoder-pairs-full"),
+    pytest.param(
+        "encoder", LoraSettings(r=2, use_rslora=True, target_modules=["query", "dense"]), True, id="encoder-pairs-lora"
+    ),
+    pytest.param("decoder", None, False, id="decoder-full"),
+    pytest.param("decoder", LoraSettings(r=4), False, id="decoder-lora"),
+    pytest.param("seq2seq", None, False, id="seq2seq-full"),
+    pytest.param("seq2seq", LoraSettings(r=2), False, id="seq2seq-lora"),
+    pytest.param("vision", None, False, id="vision-full"),
+    pytest.param("vision", LoraSettings(r=2), False, id="vision-lora"),
+]
+
+
+@pytest.mark.parametrize(("family", "lora", "pairs"), CASES)
+def test_task_vector_reproduces_the_expert(tiny, tmp_path, family, lora, pairs):
+    dm = SyntheticDataModule(family, tiny[family], n=16, batch_size=8, pairs=pairs, label_names=LABELS)
+    expert = ExpertModule(tiny[family], family, task="sent", lora=lora, learning_rate=5e-2, pooling="mean")
+    callback = TaskVectorCallback(str(tmp_path / "tv"))
+    tiny_trainer(max_steps=2, callbacks=[callback]).fit(expert, dm)
+    folder = callback.written
+    assert folder == tmp_path / "tv" and {p.name for p in folder.iterdir()} == {DELTAS_FILE, HEAD_FILE, META_FILE}
+
+    base = load_backbone(tiny[family], family)
+    base_shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
+    meta = read_meta(folder)
+    assert (meta.task, meta.family, meta.label_names) == ("sent", family, list(LABELS))
+    assert meta.base_model == tiny[family] and meta.base_fingerprint == fingerprint(base)
+    assert "val/sent/accuracy" in meta.metrics and {"torch", "transformers", "peft"} <= set(meta.versions)
+    assert meta.head == expert.head_config()
+
+    deltas = load_file(str(folder / DELTAS_FILE))
+    assert deltas
+    assert not [k for k in deltas if "base_model" in k or "base_layer" in k or ".default" in k]
+    if lora is None:
+        assert meta.kind == "dense" and meta.lora is None
+        assert all(base_shapes[k] == tuple(v.shape) for k, v in deltas.items())
+        assert all(v.dtype == torch.float32 and v.any() for v in deltas.values())
+    else:
+        assert meta.kind == "lora"
+        assert meta.lora.r == lora.r and meta.lora.scale == lora.scale and meta.lora.dropout == lora.dropout
+        assert meta.lora.target_modules == lora.resolved_targets(family, base)
+        weights = {k.rsplit(".lora_", 1)[0] for k in deltas}
+        assert len(deltas) == 2 * len(weights)
+        for name in weights:
+            assert name.rsplit(".", 2)[-2] in meta.lora.target_modules
+            out_features, in_features = base_shapes[name]
+            assert deltas[name + ".lora_A"].shape == (lora.r, in_features)
+            assert deltas[name + ".lora_B"].shape == (out_features, lora.r)
+    head = load_file(str(folder / HEAD_FILE))
+    assert set(head) == {k[len("head.") :] for k in expert.state_dict() if k.startswith("head.")}
+
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        reference = expert.eval()(batch)
+        rebuilt = ExpertModule.from_task_vector(folder, with_task_vector=True)(batch)
+        untouched = ExpertModule.from_task_vector(folder)(batch)
+    tolerance = 1e-6 if lora is None else 1e-5
+    torch.testing.assert_close(rebuilt, reference, rtol=tolerance, atol=tolerance)
+    assert not torch.allclose(untouched, reference, rtol=1e-3, atol=1e-3)  # the deltas matter
+
+
+def test_default_folder_and_merged_backbone_folder(tiny, tmp_path):
+    """No output_dir: <default_root_dir>/task_vectors/<task>. A saved fine-tuned backbone works as ``backbone``."""
+    dm = SyntheticDataModule("vision", tiny["vision"], n=16)
+    expert = ExpertModule(tiny["vision"], "vision", task="shapes", learning_rate=1e-2)
+    callback = TaskVectorCallback()
+    tiny_trainer(max_steps=2, callbacks=[callback], default_root_dir=tmp_path).fit(expert, dm)
+    assert callback.written == tmp_path / "task_vectors" / "shapes"
+    expert.backbone.save_pretrained(tmp_path / "finetuned")
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        from_folder = ExpertModule.from_task_vector(callback.written, backbone=str(tmp_path / "finetuned"))(batch)
+        module = load_backbone(tiny["vision"], "vision")
+        from_module = ExpertModule.from_task_vector(callback.written, backbone=module, with_task_vector=True)(batch)
+        reference = expert.eval()(batch)
+    torch.testing.assert_close(from_folder, reference, rtol=0, atol=0)
+    torch.testing.assert_close(from_module, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("skip_zero", "expected"), [(True, 1), (False, None)])
+def test_build_task_vector_keeps_only_changed_weights(tiny, skip_zero, expected):
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
+    state = {k: v.clone() for k, v in expert.state_dict().items()}
+    state["backbone.encoder.layer.1.output.dense.weight"] += 0.5
+    deltas, head, meta = build_task_vector(expert, state, {"val/t/accuracy": 0.5}, skip_zero=skip_zero)
+    trained = {n for n, p in expert.backbone.named_parameters()}
+    assert len(deltas) == (expected if expected is not None else len(trained))
+    torch.testing.assert_close(deltas["encoder.layer.1.output.dense.weight"], torch.full((32, 64), 0.5))
+    assert meta.metrics == {"val/t/accuracy": 0.5} and meta.kind == "dense"
+    assert set(head) == {"dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"}
+
+
+def test_only_global_rank_zero_writes_and_every_rank_meets_the_barrier(tiny, tmp_path):
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
+    barriers: list[str] = []
+    for rank_zero in (False, True):
+        trainer = SimpleNamespace(
+            is_global_zero=rank_zero,
+            strategy=SimpleNamespace(barrier=barriers.append),
+            callback_metrics={},
+            default_root_dir=str(tmp_path),
+        )
+        TaskVectorCallback().on_fit_end(trainer, expert)
+        assert (tmp_path / "task_vectors" / "t").exists() == rank_zero
+    assert len(barriers) == 2
+
+
+def test_callback_needs_an_expert(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    with pytest.raises(ValueError, match="needs an ExpertModule, got BoringModel"):
+        TaskVectorCallback().setup(SimpleNamespace(), BoringModel(), "fit")
+
+
+# ---- apply_task_vector -------------------------------------------------------------------------------------------
+
+
+def _folder(tmp_path, base, deltas, lora: LoraMeta | None = None, name: str = "tv"):
+    meta = TaskVectorMeta(
+        task="t",
+        kind="lora" if lora else "dense",
+        base_model="tiny",
+        base_fingerprint=fingerprint(base),
+        lora=lora,
+    )
+    return write_task_vector(tmp_path / name, deltas, {}, meta)
+
+
+def test_apply_task_vector_dense_and_lora_with_lambda(tiny, tmp_path):
+    base = load_backbone(tiny["encoder"])
+    w0 = {k: v.clone() for k, v in base.state_dict().items()}
+    q, v = "encoder.layer.0.attention.self.query.weight", "embeddings.LayerNorm.bias"
+    a, b = torch.randn(2, 32), torch.randn(32, 2)
+    lora = LoraMeta(r=2, alpha=3.0, scale=1.5, target_modules=["query"])
+    folder = _folder(tmp_path, base, {q + ".lora_A": a, q + ".lora_B": b, v: torch.ones(32)}, lora)
+    apply_task_vector(base, folder, lam=0.5)
+    state = base.state_dict()
+    torch.testing.assert_close(state[q], w0[q] + 0.5 * 1.5 * (b @ a))
+    torch.testing.assert_close(state[v], w0[v] + 0.5)
+    changed = [k for k in w0 if not torch.equal(w0[k], state[k])]
+    assert sorted(changed) == sorted([q, v])
+
+
+def test_apply_task_vector_refuses_another_base(tiny, tmp_path):
+    folder = _folder(tmp_path, load_backbone(tiny["encoder"]), {"embeddings.LayerNorm.bias": torch.ones(32)})
+    with pytest.raises(TaskVectorError, match="not the base model"):
+        apply_task_vector(load_backbone(tiny["encoder_other"]), folder)
+
+
+Q = "encoder.layer.0.attention.self.query.weight"
+LORA = LoraMeta(r=2, alpha=2.0, scale=1.0, target_modules=["query"])
+
+
+@pytest.mark.parametrize(
+    ("deltas", "lora", "match"),
+    [
+        ({"no.such.weight": torch.ones(3)}, None, "'no.such.weight'"),
+        ({Q: torch.ones(31, 32)}, None, r"shape \(31, 32\)"),
+        ({Q + ".lora_A": torch.ones(2, 32)}, LORA, "no matching"),
+        ({Q + ".lora_B": torch.ones(32, 2)}, LORA, "no matching"),
+        ({Q + ".lora_A": torch.ones(2, 32), Q + ".lora_B": torch.ones(32, 2)}, None, "no 'lora' section"),
+        ({Q + ".lora_A": torch.ones(2, 31), Q + ".lora_B": torch.ones(32, 2)}, LORA, "do not factor"),
+        ({Q + ".lora_A": torch.ones(3, 32), Q + ".lora_B": torch.ones(32, 2)}, LORA, "do not factor"),
+    ],
+)
+def test_apply_task_vector_bad_folder_changes_nothing(tiny, tmp_path, deltas, lora, match):
+    base = load_backbone(tiny["encoder"])
+    before = fingerprint(base)
+    # A valid entry that sorts first: it must not be applied when a later entry is bad.
+    deltas = {"embeddings.LayerNorm.bias": torch.ones(32), **deltas}
+    folder = _folder(tmp_path, base, deltas, lora)
+    with pytest.raises(TaskVectorError, match=match):
+        apply_task_vector(base, folder)
+    assert fingerprint(base) == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_gathers_full_weights(tiny, tmp_path):
+    """Under FSDP the callback gathers full (unsharded) weights under the backbone's own names."""
+    dm = SyntheticDataModule("encoder", tiny["encoder"], n=16)
+    expert = ExpertModule(tiny["encoder"], task="t", learning_rate=1e-2)
+    callback = TaskVectorCallback(str(tmp_path / "tv"))
+    trainer = tiny_trainer(max_steps=2, accelerator="cuda", devices=1, strategy="fsdp", callbacks=[callback])
+    trainer.fit(expert, dm)
+    deltas = load_file(str(callback.written / DELTAS_FILE))
+    base = load_backbone(tiny["encoder"]).state_dict()
+    assert set(deltas) <= set(base) and len(deltas) == len(base)
+    assert all(tuple(deltas[k].shape) == tuple(base[k].shape) for k in deltas)
