@@ -207,7 +207,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two experts fine-tuned (3 short epochs) from one tiny BERT; their task vectors and own validation metrics."""
+    """Two experts fine-tuned (4 short epochs) from one tiny BERT; their task vectors and own validation metrics."""
     from lightning.pytorch import Trainer
     from tiny_models import make_tiny_model
 
@@ -220,9 +220,19 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     datamodules = make_datamodules(base, files)
     folders, own = [], {}
     for task in TASKS:
-        expert = ExpertModule(base, "encoder", task, TASKS[task][0], learning_rate=3e-3, warmup_ratio=0.0)
+        torch.manual_seed(0)  # head init, dropout and shuffling: the same experts whatever ran before
+        expert = ExpertModule(
+            base,
+            "encoder",
+            task,
+            TASKS[task][0],
+            learning_rate=5e-3,
+            warmup_ratio=0.0,
+            pooling="mean",
+            head_dropout=0.0,
+        )
         trainer = Trainer(
-            max_epochs=3,
+            max_epochs=4,  # >= 0.8 validation accuracy for seeds 0-3 (checked), chance is 0.5
             callbacks=[TaskVectorCallback(str(root / "tv" / task))],
             logger=False,
             enable_checkpointing=False,
@@ -251,7 +261,7 @@ def test_with_task_vector_reproduces_each_expert(experts: dict) -> None:
     for task in TASKS:
         assert got[task]["accuracy"] == experts["own"][task]["accuracy"]
         assert got[task]["loss"] == pytest.approx(experts["own"][task]["loss"], rel=1e-4)
-    assert max(v["accuracy"] for v in got.values()) > 0.5  # the experts learnt something
+    assert min(v["accuracy"] for v in got.values()) >= 0.75  # the experts learnt their tasks (chance: 0.5)
 
 
 def test_evaluate_merges_end_to_end(experts: dict) -> None:
@@ -266,15 +276,15 @@ def test_evaluate_merges_end_to_end(experts: dict) -> None:
         [root / "merged_ta", root / "merged_ties"],
         dms,
         split="test",
-        lambdas={"ties": 0.7},
+        lambdas={"TIES": 0.7},  # labels come from each merge.json
         strategy="refine",
-        grids={"task_arithmetic": [0.3, 0.6, 1.0]},
+        grids={"Task Arithmetic": [0.3, 0.6, 1.0]},
         trainer_kwargs=EVAL_TRAINER,
     )
     assert results.tasks == list(TASKS) and results.split == "test"
     for metrics in (results.expert, results.pretrained, *(m.metrics for m in results.methods)):
         assert_metrics_in_unit_interval(metrics)
-    ta, ties = results.method("task_arithmetic"), results.method("ties")
+    ta, ties = results.method("Task Arithmetic"), results.method("TIES")
     assert ta.method == "task_arithmetic" and ta.lam in (0.3, 0.6, 1.0) and ta.merge_seconds > 0
     assert ties.lam == 0.7 and ties.curve == []
     assert max(p.score for p in ta.curve) == next(p.score for p in ta.curve if p.lam == ta.lam)
@@ -294,8 +304,8 @@ def test_evaluate_merges_end_to_end(experts: dict) -> None:
     evaluate_backbone(module, tvs[:1], dms, "test", EVAL_TRAINER, with_task_vector=True)
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
-    md = build_report(results, root / "run", tvs, {"task_arithmetic": root / "merged_ta"})
-    assert "| task | pretrained | expert | task_arithmetic | task_arithmetic norm. | ties | ties norm. |" in md
+    md = build_report(results, root / "run", tvs, {"Task Arithmetic": root / "merged_ta"})
+    assert "| task | pretrained | expert | Task Arithmetic | Task Arithmetic norm. | TIES | TIES norm. |" in md
     assert {"report.json", "report.md", "accuracy_by_task.png", "lambda_curves.png", "singular_values.png"} <= {
         p.name for p in (root / "run").iterdir()
     }
@@ -320,3 +330,15 @@ def test_evaluate_backbone_rejects(experts: dict, kwargs: dict, match: str) -> N
 def test_evaluate_merges_rejects_unknown_labels(experts: dict) -> None:
     with pytest.raises(ValueError, match=r"lambdas: label\(s\) \['nope'\] are not among the merged models \['x'\]"):
         evaluate_merges(experts["task_vectors"], {"x": "unused"}, experts["datamodules"], lambdas={"nope": 1.0})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_evaluation_matches_cpu(experts: dict) -> None:
+    """On a GPU the shared backbone goes to the device per task and comes back; the numbers do not change."""
+    tvs, dms = experts["task_vectors"], experts["datamodules"]
+    cpu = evaluate_backbone(None, tvs, dms, "validation", EVAL_TRAINER, with_task_vector=True)
+    gpu = evaluate_backbone(None, tvs, dms, "validation", {"accelerator": "gpu"}, with_task_vector=True)
+    for task in TASKS:
+        assert gpu[task]["accuracy"] == cpu[task]["accuracy"]
+        assert gpu[task]["loss"] == pytest.approx(cpu[task]["loss"], rel=1e-3)

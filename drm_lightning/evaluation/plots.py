@@ -68,7 +68,8 @@ def plot_task_accuracy(results: EvaluationResults, path: str | os.PathLike[str])
     sources = (["pretrained"] if results.pretrained else []) + ["expert"] + [m.label for m in results.methods]
     groups = [*results.tasks, "average"]
     width = 0.8 / len(sources)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(sources)) * 0.5), 4.0))
+    width_in = min(20.0, max(6.0, 0.25 * len(groups) * len(sources) + 1.0))  # room for every bar, within reason
+    fig, ax = plt.subplots(figsize=(width_in, 4.0))
     try:
         for k, source in enumerate(sources):
             values = [results.value(source, t) for t in results.tasks] + [results.average(source)]
@@ -78,8 +79,8 @@ def plot_task_accuracy(results: EvaluationResults, path: str | os.PathLike[str])
         ax.set_xticks(range(len(groups)), groups, rotation=20 if len(groups) > 5 else 0)
         ax.set_ylabel(f"{results.metric} (%)")
         ax.set_title(f"{results.metric} per task ({results.split})")
-        ax.set_ylim(0, 105)
-        ax.legend(fontsize="small", ncols=min(4, len(sources)))
+        ax.set_ylim(0, 115)  # headroom: the legend sits above the 100 % line, never on a bar
+        ax.legend(fontsize="small", ncols=min(4, len(sources)), loc="upper center")
         fig.tight_layout()
         return _save(fig, path)
     finally:
