@@ -10,9 +10,10 @@
     drm-lightning pipeline --config recipes/quickstart.yaml      # fit every expert, merge, search λ, report
 
 Why a small dispatcher in front: ``fit``/``validate``/``test`` are Lightning's own subcommands and belong to a
-``LightningCLI`` (model, datamodule and trainer from repeated ``--config``), while ``merge``/``evaluate``/``pipeline``
-are plain typed functions (``drm_lightning.commands``) whose docstrings become ``--help``. Both are parsed by
-jsonargparse, so every YAML key is checked against a real signature.
+``LightningCLI`` (``drm_lightning.commands.expert.ExpertCLI``: model, datamodule and trainer from repeated
+``--config``), while ``merge``/``evaluate``/``pipeline`` are plain typed functions (``drm_lightning.commands``) whose
+docstrings become ``--help``. Both are parsed by jsonargparse, so every YAML key is checked against a real
+signature. This module imports nothing heavy, so ``drm-lightning --help`` answers at once.
 
 Errors: bad input (a ``ValueError`` such as ``TaskVectorError``, a missing file, a malformed command line) prints
 one line ``drm-lightning: error: <message>`` on stderr and exits with status 1; ``--debug`` (anywhere on the line)
@@ -23,16 +24,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
-
-from jsonargparse import ArgumentError
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from typing_extensions import override
-
-from drm_lightning.commands.tasks import TOKENIZER_PARAMS
 
 PROG = "drm-lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -40,9 +33,9 @@ FUNCTION_COMMANDS = ("merge", "evaluate", "pipeline")
 DEBUG_ENV = "DRM_LIGHTNING_DEBUG"
 
 #: Exceptions that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
+#: (jsonargparse's ``ArgumentError``, a malformed command line or config, is added where it is imported.)
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
-    ArgumentError,
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
@@ -79,88 +72,6 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
-def _data_attribute(name: str) -> Callable[[LightningDataModule], Any]:
-    """A link function reading ``name`` from an instantiated datamodule (attribute first, then its hparams)."""
-
-    def read(datamodule: LightningDataModule) -> Any:
-        if hasattr(datamodule, name):
-            return getattr(datamodule, name)
-        hparams = getattr(datamodule, "hparams", {})
-        if name in hparams:
-            return hparams[name]
-        raise ValueError(f"data: {type(datamodule).__name__} has no attribute {name!r} to pass on to the model")
-
-    read.__name__ = f"data_{name}"
-    return read
-
-
-class ExpertCLI(LightningCLI):
-    """``fit`` / ``validate`` / ``test`` of one expert: ``ExpertModule`` + any ``LightningDataModule`` + ``Trainer``.
-
-    Wiring (``link_arguments``, so each value is given once): ``model.backbone`` is the datamodule's tokenizer (or
-    image processor); the datamodule's ``task``, ``label_names`` and ``metrics`` become the model's. ``fit`` adds a
-    ``TaskVectorCallback`` that writes ``--task_vector_dir`` (default ``<default_root_dir>/task_vectors/<task>``);
-    ``validate``/``test`` with ``--task_vector_dir`` evaluate the expert stored there instead of a fresh model.
-    """
-
-    def __init__(self, args: Sequence[str]) -> None:
-        from drm_lightning.models.expert import ExpertModule
-
-        super().__init__(
-            ExpertModule,
-            LightningDataModule,
-            subclass_mode_data=True,
-            args=list(args),
-            parser_kwargs={"prog": PROG, "exit_on_error": False},
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-            auto_configure_optimizers=False,  # ExpertModule builds its own AdamW + warmup from its arguments
-        )
-
-    @staticmethod
-    @override
-    def subcommands() -> dict[str, set[str]]:
-        keep = LightningCLI.subcommands()
-        return {name: keep[name] for name in LIGHTNING_COMMANDS}
-
-    @override
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--task_vector_dir",
-            type=str | None,
-            default=None,
-            help=(
-                "The expert's task vector folder. fit writes it when training ends (default: "
-                "<trainer.default_root_dir>/task_vectors/<task>); validate/test load the expert from it when given."
-            ),
-        )
-        # A link into a subclass's init_args applies only when the chosen datamodule has that parameter.
-        for key in TOKENIZER_PARAMS:
-            parser.link_arguments("model.backbone", f"data.init_args.{key}", apply_on="parse")
-        for name in ("task", "label_names", "metrics"):
-            parser.link_arguments("data", f"model.{name}", compute_fn=_data_attribute(name), apply_on="instantiate")
-
-    @override
-    def after_instantiate_classes(self) -> None:
-        folder = self._get(self.config, "task_vector_dir")
-        if self.subcommand == "fit":
-            from drm_lightning.task_vectors.callback import TaskVectorCallback
-
-            if folder is None:
-                folder = str(Path(self.trainer.default_root_dir) / "task_vectors" / self.model.hparams["task"])
-            self.trainer.callbacks.append(TaskVectorCallback(folder))
-            self._task_vector_dir = folder
-        elif folder is not None:
-            from drm_lightning.models.expert import ExpertModule
-
-            self.model = ExpertModule.from_task_vector(folder, with_task_vector=True)
-
-    def after_fit(self) -> None:
-        """Say where the task vector went: the next command (merge) needs that path."""
-        if self.trainer.is_global_zero:
-            print(f"task vector: {self._task_vector_dir}", file=sys.stderr)
-
-
 def _one_line(err: BaseException) -> str:
     """An exception as one line: nested jsonargparse messages are joined, whitespace collapsed."""
     text = " ".join(str(err).split())
@@ -170,10 +81,35 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _run_function_command(name: str, args: list[str]) -> None:
-    from drm_lightning.commands import COMMANDS
+def _run(command: str, args: list[str]) -> None:
+    if command in LIGHTNING_COMMANDS:
+        from drm_lightning.commands.expert import ExpertCLI
 
-    COMMANDS[name](args)
+        ExpertCLI([command, *args])
+    elif command in FUNCTION_COMMANDS:
+        from drm_lightning.commands import COMMANDS
+
+        COMMANDS[command](args)
+    else:
+        raise ValueError(f"unknown command {command!r}; expected one of {', '.join(_SUMMARY)}")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from jsonargparse import ArgumentError
+
+    return (*USER_ERRORS, ArgumentError)
+
+
+def _quiet_libraries() -> None:
+    """Hide transformers' per-load progress bars and load reports (e.g. the pooler we drop on purpose).
+
+    Why: they bury the one line that matters (our own messages and errors); ``--debug`` keeps them.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(args: Sequence[str] | None = None) -> int:
@@ -197,21 +133,28 @@ def main(args: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     try:
-        if command in LIGHTNING_COMMANDS:
-            ExpertCLI([command, *rest])
-        elif command in FUNCTION_COMMANDS:
-            _run_function_command(command, rest)
-        else:
-            raise ValueError(f"unknown command {command!r}; expected one of {', '.join(_SUMMARY)}")
+        if not debug and command in _SUMMARY:
+            _quiet_libraries()
+        _run(command, rest)
     except SystemExit as exc:  # --help / --print_config exit 0 from inside the parser
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    except USER_ERRORS as err:
-        if debug:
+    except Exception as err:
+        if debug or not isinstance(err, _user_errors()):
             raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    """``ExpertCLI`` and ``parse_expert_args`` live in ``commands.expert``; importing them here lazily keeps
+    ``drm-lightning --help`` free of the Lightning import."""
+    if name in ("ExpertCLI", "parse_expert_args"):
+        from drm_lightning.commands import expert
+
+        return getattr(expert, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":  # python -m drm_lightning.cli (what torchrun launches)

@@ -64,7 +64,7 @@ _COSMETIC_TRAINER_KEYS = frozenset(
         "model_registry",
     }
 )
-#: Trainer settings passed on to the evaluation runs (validation / test of merged models).
+#: Trainer settings passed on to the evaluation runs (validation / test of every model).
 _EVAL_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "precision")
 
 
@@ -376,12 +376,11 @@ class Pipeline:
         newest = max((self.task_vector_dir(t) / META_FILE).stat().st_mtime for t in self.tasks)
         return record_path.stat().st_mtime >= newest
 
-    def merge_all(self) -> dict[str, float | None]:
-        """Merge with every method; return label -> merge seconds (from merge.json, also for reused merges)."""
-        from drm_lightning.merging.merger import merge_task_vectors, read_merge_record
+    def merge_all(self) -> None:
+        """Merge with every method (rank 0), reusing merges that are current."""
+        from drm_lightning.merging.merger import merge_task_vectors
 
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
-        seconds: dict[str, float | None] = {}
         for spec in self.recipe.methods:
             out = self.merged_dir(spec)
             if self.merge_is_current(spec):
@@ -393,64 +392,27 @@ class Pipeline:
                         folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
                     )
                 )
-            seconds[spec.name] = read_merge_record(out).get("timings", {}).get("total")
-        return seconds
 
     # -- stages 3-5: λ, evaluation, report ----------------------------------------------------------------------
     def eval_trainer_kwargs(self) -> dict[str, Any]:
         kwargs = {k: self.recipe.trainer[k] for k in _EVAL_TRAINER_KEYS if self.recipe.trainer.get(k) is not None}
         return {**kwargs, **self.recipe.eval_trainer}
 
-    def evaluate(self, merge_seconds: Mapping[str, float | None]) -> Any:
-        from drm_lightning.evaluation.lambda_search import search_merged_lambda
-        from drm_lightning.evaluation.multitask import evaluate_backbone
-        from drm_lightning.evaluation.results import EvaluationResults, MethodResult
-        from drm_lightning.merging.merger import apply_merged_delta
+    def evaluate(self) -> Any:
+        """λ per method on validation, then every number on the final split (``evaluate_merges``)."""
+        from drm_lightning.evaluation.run import evaluate_merges
 
         r = self.recipe
-        folders = [str(self.task_vector_dir(t)) for t in self.tasks]
-        kwargs = self.eval_trainer_kwargs()
-        _log("experts on validation (the λ search's reference)")
-        expert_val = evaluate_backbone(None, folders, self.datamodules, "validation", kwargs, with_task_vector=True)
-        _log(f"experts and pretrained backbone on {r.split}")
-        expert = evaluate_backbone(None, folders, self.datamodules, r.split, kwargs, with_task_vector=True)
-        pretrained = evaluate_backbone(None, folders, self.datamodules, r.split, kwargs, with_task_vector=False)
-        methods = []
-        for spec in r.methods:
-            merged = self.merged_dir(spec)
-            curve = []
-            lam = spec.lam
-            if lam is None:
-                _log(f"{spec.name}: λ search on validation")
-                found = search_merged_lambda(
-                    merged,
-                    folders,
-                    self.datamodules,
-                    expert_metrics=expert_val,
-                    grid=spec.lambdas,
-                    strategy=r.strategy,
-                    metric=r.metric,
-                    method=spec.method,
-                    trainer_kwargs=kwargs,
-                )
-                lam, curve = found.best_lambda, found.curve
-            _log(f"{spec.name}: λ={lam:g} on {r.split}")
-            model = apply_merged_delta(merged, lam)
-            metrics = evaluate_backbone(model, folders, self.datamodules, r.split, kwargs)
-            del model
-            methods.append(
-                MethodResult(
-                    label=spec.name,
-                    metrics=metrics,
-                    lam=lam,
-                    merge_seconds=merge_seconds.get(spec.name),
-                    method=spec.method,
-                    params=spec.params,
-                    curve=curve,
-                )
-            )
-        return EvaluationResults(
-            tasks=self.tasks, expert=expert, methods=methods, pretrained=pretrained, metric=r.metric, split=r.split
+        return evaluate_merges(
+            [str(self.task_vector_dir(t)) for t in self.tasks],
+            {spec.name: str(self.merged_dir(spec)) for spec in r.methods},
+            self.datamodules,
+            split=r.split,
+            lambdas={spec.name: spec.lam for spec in r.methods if spec.lam is not None},
+            strategy=r.strategy,
+            grids={spec.name: spec.lambdas for spec in r.methods if spec.lambdas},
+            metric=r.metric,
+            trainer_kwargs=self.eval_trainer_kwargs(),
         )
 
     def report(self, results: Any) -> str:
@@ -463,8 +425,8 @@ class Pipeline:
     def run(self) -> str:
         t0 = time.perf_counter()
         self.fit_experts()
-        seconds = self.merge_all()
-        results = self.evaluate(seconds)
+        self.merge_all()
+        results = self.evaluate()
         markdown = self.report(results)
         if rank_zero_only.rank == 0:
             print(markdown)

@@ -1,0 +1,286 @@
+"""``drm-lightning`` end to end on a tiny BERT and tiny csv tasks: fit, validate, merge, evaluate, and errors.
+
+Everything runs in-process through ``main(args)`` (the console script's own function) except one subprocess check
+of ``python -m drm_lightning.cli --help``. Two experts are fitted once per module (a few seconds each).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from drm_lightning.cli import main
+from tests.tiny_models import make_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+POSITIVE = ["good", "great"]
+NEGATIVE = ["bad", "awful"]
+NOUNS = "movie film plot actor story scene music ending cast script".split()
+TINY_TASKS: dict[str, list[str]] = {"sentiment": ["neg", "pos"], "animal": ["cat", "dog"]}
+
+QUIET_TRAINER = [
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def _sentence(task: str, label: int, rng: random.Random) -> str:
+    if task == "sentiment":
+        return f"the {rng.choice(NOUNS)} is {rng.choice(POSITIVE if label else NEGATIVE)}"
+    return f"the {'dog' if label else 'cat'} and the {rng.choice(NOUNS)} is {rng.choice(POSITIVE + NEGATIVE)}"
+
+
+def write_tiny_tasks(folder: Path, sizes: tuple[int, int, int] = (96, 32, 32)) -> dict[str, Path]:
+    """Two learnable tiny csv tasks (words every tiny tokenizer knows) and a task YAML for each; task -> YAML."""
+    rng = random.Random(0)
+    out = {}
+    for task, labels in TINY_TASKS.items():
+        files = {}
+        for split, n in zip(("train", "validation", "test"), sizes, strict=True):
+            path = folder / task / f"{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["text", "label"])
+                for i in range(n):
+                    writer.writerow([_sentence(task, i % 2, rng), labels[i % 2]])
+            files[split] = str(path)
+        spec = {
+            "data": {
+                "class_path": "drm_lightning.data.text.TextClassificationDataModule",
+                "init_args": {
+                    "task": task,
+                    "label_names": labels,
+                    "data_files": files,
+                    "max_length": 16,
+                    "batch_size": 16,
+                },
+            }
+        }
+        out[task] = folder / f"{task}.yaml"
+        out[task].write_text(json.dumps(spec))  # JSON is YAML
+    return out
+
+
+def write_model_yaml(folder: Path, backbone: str) -> Path:
+    path = folder / "model.yaml"
+    model = {"backbone": backbone, "pooling": "mean", "learning_rate": 0.003, "warmup_ratio": 0.0}
+    path.write_text(json.dumps({"model": model}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny BERT, two tiny tasks, and one expert fitted per task through ``drm-lightning fit``."""
+    tmp = tmp_path_factory.mktemp("cli")
+    backbone = make_tiny_model("encoder", tmp / "tiny_bert")
+    tasks = write_tiny_tasks(tmp / "data")
+    model_yaml = write_model_yaml(tmp, backbone)
+    folders = {}
+    for task, task_yaml in tasks.items():
+        folders[task] = tmp / "tv" / task
+        args = ["fit", "--config", str(model_yaml), "--config", str(task_yaml), *QUIET_TRAINER]
+        args += ["--trainer.max_epochs=4", f"--trainer.default_root_dir={tmp}", f"--task_vector_dir={folders[task]}"]
+        assert main(args) == 0
+    return {"tmp": tmp, "backbone": backbone, "tasks": tasks, "model_yaml": model_yaml, "tv": folders}
+
+
+def _list(paths) -> str:
+    return "[" + ",".join(str(p) for p in paths) + "]"
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def test_console_script_points_at_main() -> None:
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["drm-lightning"] == "drm_lightning.cli:main"
+
+
+def test_top_level_help_in_a_subprocess() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "drm_lightning.cli", "--help"], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    for command in ("fit", "validate", "test", "merge", "evaluate", "pipeline"):
+        assert f"  {command} " in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("fit", ["--task_vector_dir", "--model.backbone", "--data", "--trainer.max_epochs", "--print_config"]),
+        ("merge", ["--task_vectors", "--method", "--lam", "--lambdas", "--coefficients", "scaling coefficient"]),
+        ("evaluate", ["--model", "--task_vectors", "--tasks", "--experts", "--split"]),
+        ("pipeline", ["--config", "--tasks", "--methods", "--model.backbone", "--trainer.max_epochs", "--run_dir"]),
+    ],
+)
+def test_subcommand_help(command: str, expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out, f"{command} --help lacks {text!r}"
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 1
+    assert "commands:" in capsys.readouterr().err
+
+
+def test_fit_writes_one_task_vector_per_task(experts: dict) -> None:
+    from drm_lightning.task_vectors.format import read_meta
+
+    for task, folder in experts["tv"].items():
+        meta = read_meta(folder)
+        assert (meta.task, meta.label_names, meta.base_model) == (task, TINY_TASKS[task], experts["backbone"])
+        assert (folder / "task_vector.safetensors").is_file() and (folder / "head.safetensors").is_file()
+
+
+def test_print_config_shows_linked_and_given_values(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["fit", "--config", str(experts["model_yaml"]), "--config", str(experts["tasks"]["animal"])]
+    assert main([*args, "--print_config"]) == 0
+    out = capsys.readouterr().out
+    assert f"backbone: {experts['backbone']}" in out and "task: animal" in out and "task_vector_dir:" in out
+
+
+def test_validate_loads_the_expert_from_its_task_vector(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    task_yaml = experts["tasks"]["sentiment"]
+    args = ["validate", "--config", str(experts["model_yaml"]), "--config", str(task_yaml), *QUIET_TRAINER]
+    assert main([*args, f"--task_vector_dir={experts['tv']['sentiment']}"]) == 0
+    assert "val/sentiment/accuracy" in capsys.readouterr().out
+
+
+def test_merge_writes_model_heads_and_record(experts: dict) -> None:
+    out = experts["tmp"] / "merged" / "ties"
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out)]
+    assert main([*args, "--method", "ties", "--params", "{density: 0.5}", "--lam", "0.7"]) == 0
+    record = json.loads((out / "merge.json").read_text())
+    assert (record["method"], record["lam"], record["params"]["density"]) == ("ties", 0.7, 0.5)
+    assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+    assert sorted(p.name for p in (out / "heads").iterdir()) == sorted(TINY_TASKS)
+    assert (Path(f"{out}_delta") / "merge.json").is_file()
+
+
+def test_merge_searches_lambda_on_validation(experts: dict) -> None:
+    out = experts["tmp"] / "merged" / "ta_search"
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
+    args += ["--lambdas", "[0.5, 1.0]", "--tasks", _list(experts["tasks"].values())]
+    assert main(args) == 0
+    search = json.loads((out / "lambda_search.json").read_text())
+    assert [p["lambda"] for p in search["curve"]] == [0.5, 1.0]
+    assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
+
+
+@pytest.mark.parametrize("mode", ["merged_model", "merged_delta", "experts", "pretrained"])
+def test_evaluate_reports_every_task(experts: dict, mode: str) -> None:
+    merged = experts["tmp"] / "merged" / "eval_ta"
+    if not merged.exists():
+        args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(merged), "--lam", "0.5"]
+        assert main(args) == 0
+    extra = {
+        "merged_model": ["--model", str(merged)],
+        "merged_delta": ["--model", f"{merged}_delta", "--lam", "0.5"],
+        "experts": ["--experts", "true"],
+        "pretrained": [],
+    }[mode]
+    output = experts["tmp"] / f"metrics_{mode}.json"
+    args = ["evaluate", "--task_vectors", _list(experts["tv"].values()), "--tasks", _list(experts["tasks"].values())]
+    assert main([*args, *extra, "--split", "test", "--output", str(output)]) == 0
+    metrics = json.loads(output.read_text())
+    assert sorted(metrics) == sorted(TINY_TASKS)
+    assert all(0.0 <= metrics[t]["accuracy"] <= 1.0 for t in metrics)
+    if mode == "experts":  # the tiny tasks are learnable: each expert beats chance on its own task
+        assert all(metrics[t]["accuracy"] > 0.6 for t in metrics), metrics
+
+
+def test_merged_model_and_delta_at_the_same_lambda_agree(experts: dict) -> None:
+    merged = experts["tmp"] / "merged" / "eval_ta"
+    a, b = experts["tmp"] / "metrics_merged_model.json", experts["tmp"] / "metrics_merged_delta.json"
+    if not (a.is_file() and b.is_file()):
+        pytest.skip("needs test_evaluate_reports_every_task to have run first")
+    assert merged.exists()
+    from_model, from_delta = json.loads(a.read_text()), json.loads(b.read_text())
+    assert sorted(from_model) == sorted(from_delta)
+    for task, values in from_model.items():
+        assert values == pytest.approx(from_delta[task], abs=1e-5), task
+
+
+def _bad_merge_cases() -> list:
+    return [
+        ("unknown_method", ["--method", "nope"], ["nope", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties"]),
+        ("bad_param", ["--method", "ties", "--params", "{density: 2.0}"], ["density"]),
+        ("other_base", ["--base", "{other}"], ["fingerprint", "{other}"]),
+        ("missing_folder", ["--task_vectors", "[{tmp}/nowhere]"], ["nowhere"]),
+        ("search_without_tasks", ["--lam", "search"], ["tasks"]),
+        ("bad_option", ["--no_such_option", "1"], ["no_such_option"]),
+        ("bad_lam", ["--lam", "big"], ["lam"]),
+    ]
+
+
+@pytest.mark.parametrize(("case", "extra", "words"), _bad_merge_cases(), ids=[c[0] for c in _bad_merge_cases()])
+def test_merge_errors_are_one_line_exit_1_and_write_nothing(
+    experts: dict, case: str, extra: list[str], words: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp = experts["tmp"]
+    other = tmp / "other_bert"
+    if case == "other_base" and not other.exists():
+        make_tiny_model("encoder", other, seed=1)
+    fill = {"{other}": str(other), "{tmp}": str(tmp)}
+
+    def sub(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(key, value)
+        return text
+
+    out = tmp / "bad" / case
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out)]
+    capsys.readouterr()
+    assert main([*args, *[sub(e) for e in extra]]) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("drm-lightning: error: "), lines
+    for word in words:
+        assert sub(word) in lines[0]
+    assert not out.exists() and not Path(f"{out}_delta").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["frobnicate"], ["frobnicate", "merge"]),
+        (["evaluate", "--task_vectors", "[]", "--tasks", "[]"], ["task_vectors"]),
+        (["pipeline", "--config", "/nonexistent/recipe.yaml"], ["recipe.yaml"]),
+        (["fit", "--model.backbone", "x"], ["data"]),
+    ],
+)
+def test_other_user_errors(args: list[str], words: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 1
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith("drm-lightning: error: "), lines
+    assert all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(experts: dict, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(experts["tmp"] / "dbg")]
+    args += ["--method", "nope"]
+    if how == "flag":
+        args = ["--debug", *args]
+    else:
+        monkeypatch.setenv("DRM_LIGHTNING_DEBUG", "1")
+    with pytest.raises(ValueError, match="nope"):
+        main(args)
