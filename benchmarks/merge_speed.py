@@ -1,0 +1,632 @@
+"""Merge speed, memory and accuracy per decoder layer of Llama-3.1-8B, against the straightforward implementation.
+
+For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, TIES, Task Arithmetic) this times
+``drm_lightning.merging.functional`` and ``naive.py`` (the authors' way: float32 ``torch.linalg.svd`` of the
+matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one decoder layer, with T random task
+deltas (fixed seed). Both are scored against a float64 run of ``naive.py``: an evaluation of the contract that
+shares no code with the library, so a mistake common to the library's float32 and float64 paths cannot hide.
+
+It also times two floors. Any exact method must at least eigendecompose, in float64, each matrix's joint Gram
+matrix on its smaller side (``sum_i Delta_i^T Delta_i``, d x d with d = min(n, m)); each method's time is printed
+as a multiple of that. And the global top-k selection that DRM's pruning needs: ``kthvalue`` against ``topk``.
+
+Usage::
+
+    python benchmarks/merge_speed.py                          # GPU if there is one, full Llama-3.1-8B shapes
+    python benchmarks/merge_speed.py --device cpu             # CPU: every dimension / 16 by default
+    python benchmarks/merge_speed.py --methods drm-v iso-c --layers q gate --dtype bfloat16 --json out.json
+
+Timings exclude one warm-up call per matrix (which is where peak memory and the outputs are taken); CUDA is
+synchronised around every timed call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # `naive` beside this file, whether run as a script or imported by the tests
+if importlib.util.find_spec("drm_lightning") is None:  # a source checkout that was not pip-installed
+    sys.path.insert(1, str(HERE.parent))
+import naive  # noqa: E402
+
+LLAMA31_8B_LAYER: dict[str, tuple[int, int]] = {
+    "q": (4096, 4096),
+    "k": (1024, 4096),
+    "v": (1024, 4096),
+    "o": (4096, 4096),
+    "gate": (14336, 4096),
+    "up": (14336, 4096),
+    "down": (4096, 14336),
+}
+"""``[out, in]`` of each linear weight of one Llama-3.1-8B decoder layer (q/k/v/o_proj, gate/up/down_proj)."""
+
+DELTA_SCALE = 1e-3
+"""Task deltas are ``DELTA_SCALE * N(0, 1)``, the size of fine-tuning updates; relative errors do not depend on it."""
+
+DRM_DROP_RATE = 0.8
+TIES_DENSITY = 0.2
+ISO_CTS_COMMON_FRACTION = 0.8
+"""The methods' documented defaults (ALGORITHMS.md); the same values go to both implementations."""
+
+CPU_DEFAULT_SCALE = 16
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: how to call the library and the straightforward version with the same parameters."""
+
+    key: str
+    name: str
+    library_name: str
+    params: dict[str, object] = field(default_factory=dict)
+
+
+METHODS: dict[str, Method] = {
+    m.key: m
+    for m in (
+        Method("drm-v", "DRM-V", "drm", {"direction": "vertical", "drop_rate": DRM_DROP_RATE}),
+        Method("drm-h", "DRM-H", "drm", {"direction": "horizontal", "drop_rate": DRM_DROP_RATE}),
+        Method("iso-c", "Iso-C", "iso_c"),
+        Method("iso-cts", "Iso-CTS", "iso_cts", {"common_fraction": ISO_CTS_COMMON_FRACTION}),
+        Method("tsv-m", "TSV-M", "tsv_m"),
+        Method("ties", "TIES", "ties", {"density": TIES_DENSITY}),
+        Method("task-arithmetic", "Task Arithmetic", "task_arithmetic"),
+    )
+}
+
+IMPLS = ("drm_lightning", "naive")
+
+
+def library_function(method: Method) -> Callable[..., Tensor]:
+    """The library's function, imported only when first needed so this harness runs with or without it."""
+    try:
+        from drm_lightning.merging import functional
+    except ImportError as err:  # pragma: no cover - only before functional.py exists
+        raise ValueError(
+            f"--impls drm_lightning: cannot import drm_lightning.merging.functional ({err}); "
+            "run with --impls naive to time the straightforward implementation alone"
+        ) from err
+    return getattr(functional, method.library_name)
+
+
+def method_params(method: Method) -> dict[str, object]:
+    """Parameters for both implementations: the method's own, plus the library's default ``rank_tol``.
+
+    The library chooses its rank tolerances (ALGORITHMS.md leaves that to it); reading the default off its
+    signature makes the baseline and the reference evaluate the very same contract the library ships.
+    """
+    params = dict(method.params)
+    signature = inspect.signature(library_function(method))
+    if "rank_tol" in signature.parameters:
+        default = signature.parameters["rank_tol"].default
+        if default is not inspect.Parameter.empty:
+            params["rank_tol"] = default
+    return params
+
+
+def run_library(method: Method, params: dict[str, object], deltas: Sequence[Tensor]) -> Tensor:
+    """The library's merge, output in float32 so that bf16 inputs are not scored on their output rounding."""
+    return library_function(method)(list(deltas), **params, out_dtype=torch.float32)
+
+
+def run_naive(method: Method, params: dict[str, object], deltas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """The straightforward merge in ``dtype`` (float32 for the baseline, float64 for the reference)."""
+    return getattr(naive, method.library_name)(list(deltas), **params, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+MEASURE_MMAP_THRESHOLD = 64 * 1024
+TIMING_MMAP_THRESHOLD = 32 * 1024 * 1024
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Set glibc's ``M_MMAP_THRESHOLD`` (allocations at least this big get their own mapping); False without glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
+
+
+def _procfs_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field_name}")
+
+
+def procfs_peak_available() -> bool:
+    """Whether Linux lets this process reset and read its peak RSS (``clear_refs`` 5, then ``VmHWM``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        _procfs_kib("VmHWM")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """Peak memory growth, in bytes, over the ``with`` block.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated on entry (exact). CPU: peak resident set
+    size above the RSS on entry, via ``/proc/self/clear_refs`` + ``VmHWM`` on Linux, else a psutil sampling thread
+    (every millisecond, so it can miss short spikes). On glibc, blocks of 64 KiB and more are given their own
+    mappings inside the block (``mallopt(M_MMAP_THRESHOLD)``), so that heap memory freed by earlier work is not
+    silently reused and the RSS growth is the block's working set; on leaving, the threshold is pinned at 32 MiB,
+    the ceiling glibc's own adaptive threshold climbs to, so timings run under the allocator's usual behaviour.
+    Elsewhere CPU numbers are lower bounds.
+    """
+
+    def __init__(self, device: torch.device, backend: str = "auto") -> None:
+        if backend not in ("auto", "procfs", "psutil"):
+            raise ValueError(f"backend: must be 'auto', 'procfs' or 'psutil', got {backend!r}")
+        self.device = device
+        if device.type == "cuda":
+            self.backend = "cuda"
+        elif backend == "auto":
+            self.backend = "procfs" if procfs_peak_available() else "psutil"
+        else:
+            self.backend = backend
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        synchronize(self.device)
+        if self.backend != "cuda":
+            set_mmap_threshold(MEASURE_MMAP_THRESHOLD)
+        if self.backend == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.backend == "procfs":
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self._base = _procfs_kib("VmRSS") * 1024
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self._base = process.memory_info().rss
+            self._sampled = self._base
+
+            def sample() -> None:
+                while not self._stop.wait(0.001):
+                    self._sampled = max(self._sampled, process.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        if self.backend == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.backend == "procfs":
+            peak = _procfs_kib("VmHWM") * 1024
+        else:
+            import psutil
+
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()
+            peak = max(self._sampled, psutil.Process().memory_info().rss)
+        if self.backend != "cuda":
+            set_mmap_threshold(TIMING_MMAP_THRESHOLD)
+        self.peak_bytes = max(0, peak - self._base)
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Times one call, the device synchronised before and after.
+
+    ``clock="wall"`` is elapsed time, what matters on a GPU or a machine of one's own. ``clock="process"`` is the
+    CPU time of this process (all its threads): on a CPU shared with other jobs, wall time mostly measures the
+    queue, while process time with ``--threads 1`` stays the work done.
+    """
+
+    device: torch.device
+    clock: str = "wall"
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        now = CLOCKS[self.clock]
+        synchronize(self.device)
+        start = now()
+        fn()
+        synchronize(self.device)
+        return now() - start
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImplResult:
+    """One implementation of one method over the chosen matrices of a layer."""
+
+    seconds_per_layer: float
+    """Median over repeats of the summed time of all chosen matrices."""
+    seconds_per_matrix: dict[str, float]
+    """Median over repeats, per matrix."""
+    repeats_seconds: list[float]
+    peak_bytes: int
+    """Largest per-matrix peak memory growth during the warm-up call."""
+    rel_error: float | None
+    """``||out - ref||_F / ||ref||_F`` over the whole layer, ref = float64 naive; None without a reference."""
+    rel_error_per_matrix: dict[str, float]
+    floor_multiple: float | None = None
+
+
+@dataclass
+class MethodResult:
+    key: str
+    name: str
+    params: dict[str, object]
+    impls: dict[str, ImplResult]
+    speedup: float | None = None
+    """naive seconds / drm_lightning seconds (when both ran)."""
+
+
+@dataclass
+class TopKResult:
+    entries: int
+    keep: int
+    kthvalue_s: float
+    topk_s: float
+
+
+@dataclass
+class Report:
+    config: dict[str, object]
+    machine: dict[str, object]
+    shapes: dict[str, list[int]]
+    floor_seconds_per_layer: float
+    floor_seconds_per_matrix: dict[str, float]
+    methods: dict[str, MethodResult]
+    topk: TopKResult | None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------------------
+
+
+def scaled_shapes(layers: Sequence[str], scale: int) -> dict[str, tuple[int, int]]:
+    """The chosen matrices' shapes with every dimension divided by ``scale`` (at least 1)."""
+    return {name: tuple(max(1, d // scale) for d in LLAMA31_8B_LAYER[name]) for name in layers}  # type: ignore[misc]
+
+
+def make_deltas(
+    shapes: dict[str, tuple[int, int]], tasks: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> dict[str, list[Tensor]]:
+    """Random task deltas per matrix; each matrix has its own seed, so a ``--layers`` subset sees the same values."""
+    deltas = {}
+    for name, shape in shapes.items():
+        generator = torch.Generator(device=device).manual_seed(seed * 1000 + list(LLAMA31_8B_LAYER).index(name))
+        deltas[name] = [
+            (DELTA_SCALE * torch.randn(shape, generator=generator, device=device)).to(dtype) for _ in range(tasks)
+        ]
+    return deltas
+
+
+def joint_gram(deltas: Sequence[Tensor]) -> Tensor:
+    """``sum_i Delta_i^T Delta_i`` or ``sum_i Delta_i Delta_i^T``, whichever is smaller, in float64."""
+    stacked = torch.stack([d.to(torch.float64) for d in deltas])
+    tasks, rows, cols = stacked.shape
+    if rows >= cols:
+        flat = stacked.reshape(tasks * rows, cols)
+        return flat.T @ flat
+    flat = stacked.transpose(0, 1).reshape(rows, tasks * cols)
+    return flat @ flat.T
+
+
+def time_floor(deltas: dict[str, list[Tensor]], timer: Timer, repeats: int) -> dict[str, float]:
+    """Median seconds of float64 ``eigh`` of each matrix's joint Gram matrix (the Gram itself is not timed)."""
+    floor = {}
+    for name, matrix_deltas in deltas.items():
+        gram = joint_gram(matrix_deltas)
+        torch.linalg.eigh(gram)  # warm-up
+        floor[name] = statistics.median(timer(lambda g=gram: torch.linalg.eigh(g)) for _ in range(repeats))
+        del gram
+    return floor
+
+
+def time_topk(entries: int, keep: int, timer: Timer, repeats: int, seed: int) -> TopKResult:
+    """Global top-k threshold over ``entries`` magnitudes: ``kthvalue`` (the authors') against ``topk``."""
+    generator = torch.Generator(device=timer.device).manual_seed(seed)
+    values = torch.rand(entries, generator=generator, device=timer.device)
+    kth = entries - keep + 1
+
+    def by_kthvalue() -> Tensor:
+        return values.kthvalue(kth).values
+
+    def by_topk() -> Tensor:
+        return values.topk(keep, sorted=False).values.min()
+
+    if not torch.equal(by_kthvalue(), by_topk()):  # warm-up, and both must find the same threshold
+        raise RuntimeError("kthvalue and topk disagree on the top-k threshold")
+    kthvalue_s = statistics.median(timer(by_kthvalue) for _ in range(repeats))
+    topk_s = statistics.median(timer(by_topk) for _ in range(repeats))
+    return TopKResult(entries=entries, keep=keep, kthvalue_s=kthvalue_s, topk_s=topk_s)
+
+
+def relative_error(outputs: dict[str, Tensor], references: dict[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """Relative Frobenius error over all matrices together, and per matrix (absolute where the reference is 0)."""
+    per_matrix = {}
+    err_sq = ref_sq = 0.0
+    for name, out in outputs.items():
+        ref = references[name]
+        diff_sq = float(torch.linalg.vector_norm(out.to(torch.float64) - ref) ** 2)
+        norm_sq = float(torch.linalg.vector_norm(ref) ** 2)
+        per_matrix[name] = math.sqrt(diff_sq / norm_sq if norm_sq > 0 else diff_sq)
+        err_sq, ref_sq = err_sq + diff_sq, ref_sq + norm_sq
+    return math.sqrt(err_sq / ref_sq if ref_sq > 0 else err_sq), per_matrix
+
+
+def measure(
+    call: Callable[[Sequence[Tensor]], Tensor],
+    deltas: dict[str, list[Tensor]],
+    references: dict[str, Tensor] | None,
+    timer: Timer,
+    repeats: int,
+    memory_backend: str,
+) -> ImplResult:
+    """One implementation: a warm-up call per matrix (peak memory, error), then ``repeats`` timed passes."""
+    peak = 0
+    outputs = {}
+    for name, matrix_deltas in deltas.items():
+        with PeakMemory(timer.device, memory_backend) as memory:
+            out = call(matrix_deltas)
+        peak = max(peak, memory.peak_bytes)
+        if references is not None:  # kept in float32 at most: one merged delta per matrix of a layer
+            outputs[name] = out.to(torch.float32) if out.dtype == torch.float64 else out
+        del out
+    rel_error, rel_error_per_matrix = relative_error(outputs, references) if references is not None else (None, {})
+    del outputs
+    per_matrix: dict[str, list[float]] = {name: [] for name in deltas}
+    for _ in range(repeats):
+        for name, matrix_deltas in deltas.items():
+            per_matrix[name].append(timer(lambda d=matrix_deltas: call(d)))
+    totals = [sum(times[i] for times in per_matrix.values()) for i in range(repeats)]
+    return ImplResult(
+        seconds_per_layer=statistics.median(totals),
+        seconds_per_matrix={name: statistics.median(times) for name, times in per_matrix.items()},
+        repeats_seconds=totals,
+        peak_bytes=peak,
+        rel_error=rel_error,
+        rel_error_per_matrix=rel_error_per_matrix,
+    )
+
+
+def run_method(
+    method: Method,
+    impls: Sequence[str],
+    deltas: dict[str, list[Tensor]],
+    timer: Timer,
+    repeats: int,
+    reference: bool,
+    memory_backend: str,
+) -> MethodResult:
+    """The float64 reference once per matrix, then each implementation through ``measure``."""
+    params = method_params(method) if "drm_lightning" in impls else dict(method.params)
+    calls: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {
+        "drm_lightning": lambda d: run_library(method, params, d),
+        "naive": lambda d: run_naive(method, params, d, torch.float32),
+    }
+    references = None
+    if reference:
+        references = {name: run_naive(method, params, d, torch.float64) for name, d in deltas.items()}
+    results = {impl: measure(calls[impl], deltas, references, timer, repeats, memory_backend) for impl in impls}
+    speedup = None
+    if "drm_lightning" in results and "naive" in results:
+        speedup = results["naive"].seconds_per_layer / results["drm_lightning"].seconds_per_layer
+    return MethodResult(key=method.key, name=method.name, params=params, impls=results, speedup=speedup)
+
+
+def machine_info(device: torch.device) -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument(
+        "--scale",
+        type=int,
+        default=None,
+        help=f"divide every dimension by this (default: 1 on cuda, {CPU_DEFAULT_SCALE} on cpu)",
+    )
+    parser.add_argument("--tasks", type=int, default=5, help="number of task deltas T (default 5)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {' '.join(METHODS)}")
+    parser.add_argument("--layers", nargs="+", default=list(LLAMA31_8B_LAYER), help="matrices of the layer to run")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), help="drm_lightning and/or naive")
+    parser.add_argument("--dtype", default="float32", help="dtype of the task deltas: float32 or bfloat16")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per matrix after the warm-up")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-reference", action="store_true", help="skip the float64 reference (no errors)")
+    parser.add_argument("--no-topk", action="store_true", help="skip the kthvalue vs topk timing")
+    parser.add_argument("--memory", default="auto", help="CPU peak memory: auto, procfs or psutil")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--clock", default="wall", help="wall, or process (CPU time; --device cpu only)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def validate(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Check the arguments; every error names the option and the value at fault."""
+    device_name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name not in ("cuda", "cpu"):
+        raise ValueError(f"--device: must be cuda or cpu, got {device_name!r}")
+    if device_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for, but torch sees no CUDA device")
+    device = torch.device(device_name)
+    if args.scale is None:
+        args.scale = 1 if device.type == "cuda" else CPU_DEFAULT_SCALE
+    for option in ("scale", "tasks", "repeats"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option}: must be at least 1, got {getattr(args, option)}")
+    for option, known in (("methods", METHODS), ("layers", LLAMA31_8B_LAYER), ("impls", IMPLS)):
+        unknown = [value for value in getattr(args, option) if value not in known]
+        if unknown:
+            raise ValueError(f"--{option}: unknown {unknown}; choose from {list(known)}")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if args.dtype not in dtypes:
+        raise ValueError(f"--dtype: must be float32 or bfloat16, got {args.dtype!r}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: must be at least 1, got {args.threads}")
+    if args.clock not in CLOCKS:
+        raise ValueError(f"--clock: must be wall or process, got {args.clock!r}")
+    if args.clock == "process" and device.type == "cuda":
+        raise ValueError("--clock: process time does not count GPU work; use wall with --device cuda")
+    if args.memory not in ("auto", "procfs", "psutil"):
+        raise ValueError(f"--memory: must be auto, procfs or psutil, got {args.memory!r}")
+    return device, dtypes[args.dtype]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_report(report: Report) -> str:
+    """The human-readable table."""
+    cfg = report.config
+    shapes = ", ".join(f"{name} {rows}x{cols}" for name, (rows, cols) in report.shapes.items())
+    machine = report.machine.get("gpu") or f"{report.machine['cpu']} ({report.machine['torch_threads']} threads)"
+    lines = [
+        f"Merge speed on {cfg['device']} [{machine}]: Llama-3.1-8B decoder layer / {cfg['scale']}, "
+        f"T={cfg['tasks']}, {cfg['dtype']} deltas, median of {cfg['repeats']} after a warm-up, {cfg['clock']} clock",
+        f"matrices: {shapes}",
+        f"floor (float64 eigh of each matrix's d x d joint Gram, summed): {report.floor_seconds_per_layer:.4g} s",
+        "",
+        f"{'method':<16}{'implementation':<16}{'s/layer':>10}{'x floor':>9}{'peak MiB':>10}"
+        f"{'naive/ours':>12}{'rel err vs fp64':>17}",
+    ]
+    for result in report.methods.values():
+        for index, (impl, r) in enumerate(result.impls.items()):
+            label = "drm_lightning" if impl == "drm_lightning" else "naive float32"
+            speedup = _fmt(result.speedup, ".2f") + "x" if result.speedup is not None and index == 0 else ""
+            lines.append(
+                f"{result.name if index == 0 else '':<16}{label:<16}{r.seconds_per_layer:>10.4g}"
+                f"{_fmt(r.floor_multiple, '.2f'):>9}{r.peak_bytes / 2**20:>10.1f}{speedup:>12}"
+                f"{_fmt(r.rel_error, '.2e'):>17}"
+            )
+    if report.topk is not None:
+        t = report.topk
+        lines += [
+            "",
+            f"global top-k threshold over {t.entries:,} entries (keep {t.keep:,}): "
+            f"kthvalue {t.kthvalue_s:.4g} s, topk {t.topk_s:.4g} s ({t.kthvalue_s / t.topk_s:.1f}x)",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    """Run the benchmark, print the table, optionally write JSON; returns the results."""
+    args = parse_args(argv)
+    device, dtype = validate(args)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        report = run(args, device, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    print(format_report(report), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Report:
+    """Everything that is measured, in order: the floor, each method, the top-k selection."""
+    timer = Timer(device, args.clock)
+    shapes = scaled_shapes(args.layers, args.scale)
+    deltas = make_deltas(shapes, args.tasks, dtype, device, args.seed)
+
+    floor = time_floor(deltas, timer, args.repeats)
+    floor_total = sum(floor.values())
+    methods = {}
+    for key in args.methods:
+        result = run_method(METHODS[key], args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory)
+        for impl in result.impls.values():
+            impl.floor_multiple = impl.seconds_per_layer / floor_total if floor_total > 0 else None
+        methods[key] = result
+
+    topk = None
+    if not args.no_topk:
+        # DRM-V's pruning set at full rank is the largest: T * n * m entries of the biggest matrix.
+        entries = args.tasks * max(rows * cols for rows, cols in shapes.values())
+        topk = time_topk(entries, round((1.0 - DRM_DROP_RATE) * entries), timer, args.repeats, args.seed)
+
+    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    config["device"] = device.type
+    return Report(
+        config=config,
+        machine=machine_info(device),
+        shapes={name: list(shape) for name, shape in shapes.items()},
+        floor_seconds_per_layer=floor_total,
+        floor_seconds_per_matrix=floor,
+        methods=methods,
+        topk=topk,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The merge speed benchmark: its harness on tiny shapes, and the straightforward reference it scores against."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import merge_speed  # noqa: E402
+import naive  # noqa: E402
+
+from drm_lightning.merging import functional  # noqa: E402
+
+TINY = ["--device", "cpu", "--scale", "128", "--tasks", "3", "--repeats", "1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: a second intra-op thread only waits for the first (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """One full benchmark run on every method and matrix at 1/128 of Llama-3.1-8B, read back from its JSON."""
+    out = tmp_path_factory.mktemp("bench") / "out.json"
+    report = merge_speed.main([*TINY, "--json", str(out)])
+    return json.loads(out.read_text()), merge_speed.format_report(report)
+
+
+def test_json_has_every_method_with_finite_numbers(tiny_run: tuple[dict, str]) -> None:
+    data, _ = tiny_run
+    assert list(data["methods"]) == list(merge_speed.METHODS)
+    assert data["shapes"] == {name: [max(1, d // 128) for d in s] for name, s in merge_speed.LLAMA31_8B_LAYER.items()}
+    assert data["floor_seconds_per_layer"] > 0
+    for result in data["methods"].values():
+        assert set(result["impls"]) == {"drm_lightning", "naive"}
+        assert math.isfinite(result["speedup"]) and result["speedup"] > 0
+        for impl in result["impls"].values():
+            assert math.isfinite(impl["seconds_per_layer"]) and impl["seconds_per_layer"] > 0
+            assert set(impl["seconds_per_matrix"]) == set(merge_speed.LLAMA31_8B_LAYER)
+            assert math.isfinite(impl["rel_error"]) and math.isfinite(impl["floor_multiple"])
+            assert impl["peak_bytes"] >= 0
+    topk = data["topk"]
+    assert topk["entries"] == 3 * 112 * 32 and topk["keep"] == round(0.2 * topk["entries"])
+    assert topk["kthvalue_s"] > 0 and topk["topk_s"] > 0
+
+
+@pytest.mark.parametrize("method", list(merge_speed.METHODS))
+def test_library_matches_float64_reference(tiny_run: tuple[dict, str], method: str) -> None:
+    """The acceptance bar of ALGORITHMS.md: within 1e-3 of a float64 evaluation of the contract."""
+    impl = tiny_run[0]["methods"][method]["impls"]["drm_lightning"]
+    assert impl["rel_error"] <= 1e-3
+    assert max(impl["rel_error_per_matrix"].values()) <= 1e-3
+
+
+def test_table_lists_every_method(tiny_run: tuple[dict, str]) -> None:
+    _, table = tiny_run
+    for method in merge_speed.METHODS.values():
+        assert any(line.startswith(method.name) for line in table.splitlines()), method.name
+    assert "kthvalue" in table and "floor" in table
+
+
+def test_bfloat16_subset_scores_against_rounded_inputs(tmp_path: Path) -> None:
+    """bf16 deltas: the reference sees the same rounded values, so the library stays within 1e-3."""
+    out = tmp_path / "bf16.json"
+    args = [*TINY, "--dtype", "bfloat16", "--methods", "drm-h", "iso-cts", "--layers", "k", "down"]
+    merge_speed.main([*args, "--no-topk", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert list(data["methods"]) == ["drm-h", "iso-cts"] and list(data["shapes"]) == ["k", "down"]
+    assert data["topk"] is None
+    for result in data["methods"].values():
+        assert result["impls"]["drm_lightning"]["rel_error"] <= 1e-3
+
+
+def test_naive_only_without_reference_on_the_process_clock(tmp_path: Path) -> None:
+    out = tmp_path / "naive.json"
+    args = ["--impls", "naive", "--no-reference", "--no-topk", "--methods", "ties", "--clock", "process"]
+    merge_speed.main([*TINY, *args, "--threads", "2", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["config"]["clock"] == "process" and data["machine"]["torch_threads"] == 2
+    assert torch.get_num_threads() == 1  # main restores the caller's thread count
+    result = data["methods"]["ties"]
+    assert list(result["impls"]) == ["naive"] and result["speedup"] is None
+    assert result["impls"]["naive"]["rel_error"] is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "tpu"], "--device"),
+        (["--scale", "0"], "--scale"),
+        (["--tasks", "0"], "--tasks"),
+        (["--repeats", "0"], "--repeats"),
+        (["--methods", "drm-x"], "drm-x"),
+        (["--layers", "lm_head"], "lm_head"),
+        (["--impls", "mergekit"], "mergekit"),
+        (["--dtype", "float16"], "--dtype"),
+        (["--memory", "valgrind"], "--memory"),
+        (["--threads", "0"], "--threads"),
+        (["--clock", "sundial"], "--clock"),
+    ],
+)
+def test_bad_arguments_name_the_option(argv: list[str], message: str) -> None:
+    args = ["--device", "cpu", *argv] if argv[0] != "--device" else argv
+    with pytest.raises(ValueError, match=message):
+        merge_speed.main(args)
+
+
+# -- the straightforward implementations are the reference, so they are checked on their own ---------------------
+
+
+def _deltas(tasks: int, shape: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(tasks)]
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("task_arithmetic", {}),
+        ("ties", {"density": 0.3}),
+        ("drm", {"direction": "vertical", "drop_rate": 0.7}),
+        ("drm", {"direction": "horizontal", "drop_rate": 0.7}),
+        ("iso_c", {}),
+        ("iso_cts", {"common_fraction": 0.6}),
+        ("tsv_m", {}),
+    ],
+)
+@pytest.mark.parametrize("shape", [(14, 9), (9, 14)])
+def test_naive_float64_agrees_with_library(method: str, params: dict, shape: tuple[int, int]) -> None:
+    """Two independent float64 evaluations of the contract (SVD vs Gram eigh, kthvalue vs topk) must coincide."""
+    deltas = _deltas(3, shape)
+    coefficients = [0.5, 1.0, 1.5]
+    expected = getattr(naive, method)(deltas, coefficients=coefficients, **params, dtype=torch.float64)
+    actual = getattr(functional, method)(deltas, coefficients=coefficients, **params)
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(("numel", "fraction"), [(100, 0.2), (101, 0.5), (7, 0.0), (7, 1.0), (10, 0.05)])
+def test_keep_top_fraction_keeps_exactly_round_q_n(numel: int, fraction: float) -> None:
+    order = torch.randperm(numel, generator=torch.Generator().manual_seed(1)).double()
+    x = (order + 1) * (-1) ** order  # distinct non-zero magnitudes, both signs
+    kept = naive.keep_top_fraction(x, fraction)
+    count = round(fraction * numel)
+    assert int((kept != 0).sum()) == count
+    if count:
+        assert float(kept.abs()[kept != 0].min()) >= float(x.abs().sort(descending=True).values[count - 1])
+
+
+def test_elect_and_merge_by_hand() -> None:
+    blocks = torch.tensor([[2.0, -1.0, 0.0, 1.0], [-3.0, -1.0, 0.0, -1.0], [4.0, 5.0, 0.0, 0.0]])
+    coefficients = torch.tensor([1.0, 2.0, 0.5]).view(3, 1)
+    # sums 3 (+), 3 (+), 0 (+, nothing survives), 0 (+): survivors {0,2}, {2}, {}, {0}
+    expected = torch.tensor([(2.0 + 0.5 * 4.0) / 2, 0.5 * 5.0, 0.0, 1.0])
+    torch.testing.assert_close(naive.elect_and_merge(blocks, coefficients), expected)
+
+
+@pytest.mark.parametrize("method", ["drm", "iso_c", "iso_cts", "tsv_m"])
+def test_naive_zero_deltas_give_zero(method: str) -> None:
+    merged = getattr(naive, method)([torch.zeros(6, 4)] * 2, dtype=torch.float64)
+    assert merged.shape == (6, 4) and not merged.any()
+
+
+def test_naive_tsv_m_of_one_task_is_the_task() -> None:
+    (delta,) = _deltas(1, (8, 5))
+    torch.testing.assert_close(naive.tsv_m([delta], dtype=torch.float64), delta)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: naive.task_arithmetic([]), "empty"),
+        (lambda: naive.ties([torch.ones(2), torch.ones(3)]), "one shape"),
+        (lambda: naive.drm([torch.ones(2, 2)], direction="diagonal"), "direction"),
+        (lambda: naive.iso_c([torch.ones(2)]), "2-D"),
+        (lambda: naive.task_arithmetic([torch.ones(2)], coefficients=[1.0, 2.0]), "coefficients"),
+        (lambda: naive.tsv_m([torch.ones(2, 2)] * 3), "TSV-M"),
+    ],
+)
+def test_naive_bad_input_raises(call, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# -- measuring ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["procfs", "psutil"])
+def test_peak_memory_sees_a_temporary_allocation(backend: str) -> None:
+    if backend == "procfs" and not merge_speed.procfs_peak_available():
+        pytest.skip("no resettable peak RSS on this system")
+    with merge_speed.PeakMemory(torch.device("cpu"), backend) as memory:
+        block = torch.ones(16 * 2**20 // 8, dtype=torch.float64)  # 16 MiB, touched
+        time.sleep(0.05)  # long enough for the psutil sampler
+        del block
+    assert memory.peak_bytes >= 15 * 2**20
+
+
+def test_gram_is_the_smaller_side() -> None:
+    tall, wide = _deltas(2, (7, 3)), _deltas(2, (3, 7))
+    assert merge_speed.joint_gram(tall).shape == (3, 3) and merge_speed.joint_gram(wide).shape == (3, 3)
+    torch.testing.assert_close(merge_speed.joint_gram(tall), sum(d.T @ d for d in tall))
