@@ -1,9 +1,11 @@
 """Lazy, validated reading of one task vector's deltas, one parameter at a time.
 
 Why lazy: a merge of T experts of an 8B model must never hold T models in memory. The reader keeps only the
-safetensors header (names, shapes, dtypes) and opens the file for each ``get``: ``safe_open`` memory-maps it, and
-pages touched through a mapping that stays open count as resident memory until it is closed, so a handle kept open
-across the whole walk would grow to the file's size per task vector.
+safetensors header (names, shapes, dtypes, byte offsets; validated by ``safe_open`` when the reader is made) and
+reads each tensor's bytes with one positioned read into a fresh tensor. Not ``safe_open(...).get_tensor``: that
+memory-maps the file, and pages touched through a mapping count as resident memory for as long as it is open, so
+T open handles grow to T whole task vectors; re-opening per tensor instead costs a header parse each time
+(milliseconds × T × every parameter). A plain read makes exactly the tensor's bytes resident, freed with it.
 
 Why validate here: a task vector taken against another model (or with a typo'd key) would otherwise merge silently
 into garbage or fail deep inside a decomposition. Everything that the header alone can tell (unknown keys, shapes,
@@ -13,9 +15,12 @@ when each tensor is read.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -50,12 +55,11 @@ class TaskVectorReader:
         self.folder = Path(folder)
         self.meta: TaskVectorMeta = read_meta(self.folder)
         self.path = self.folder / DELTAS_FILE
-        header: dict[str, tuple[tuple[int, ...], str]] = {}
-        with open_safetensors(self.path) as f:
-            for key in f.keys():
-                tensor_slice = f.get_slice(key)
-                header[key] = (tuple(int(s) for s in tensor_slice.get_shape()), str(tensor_slice.get_dtype()))
-        self._header = header
+        with open_safetensors(self.path) as f:  # validates the header and the file length; names the file if not
+            keys = set(f.keys())
+        self._header, self._offsets = _read_header(self.path)
+        if set(self._header) != keys:
+            raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
         self._dense: dict[str, str] = {}
         self._lora: dict[str, tuple[str, str]] = {}
         self._group_keys()
@@ -170,7 +174,7 @@ class TaskVectorReader:
             return None
         self._check_header(name, base_shape)
         keys = (self._dense[name],) if name in self._dense else self._lora[name]
-        with open_safetensors(self.path) as f:
+        with open(self.path, "rb") as f:
             tensors = [self._read(f, key) for key in keys]
         if name in self._dense:
             return tensors[0]
@@ -178,18 +182,61 @@ class TaskVectorReader:
         assert self.meta.lora is not None  # _check_header verified the rank against it
         return LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
 
-    def _read(self, handle, key: str) -> torch.Tensor:  # noqa: ANN001 - safetensors' handle has no public type
-        try:
-            tensor = handle.get_tensor(key)
-        except Exception as err:  # a header that lies about the data length surfaces only here
-            raise TaskVectorError(f"{self.path}: key {key!r} cannot be read ({err})") from None
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise TaskVectorError(f"{self.path}: key {key!r} has {bad} non-finite value(s) (NaN or Inf)")
+    def _read(self, handle: BinaryIO, key: str) -> torch.Tensor:
+        shape, dtype = self._header[key]
+        start, end = self._offsets[key]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        handle.seek(start)
+        got = handle.readinto(memoryview(raw.numpy()))
+        if got != end - start:
+            raise TaskVectorError(
+                f"{self.path}: key {key!r}: file ends after {got} of {end - start} bytes (truncated?)"
+            )
+        tensor = raw.view(_TORCH_DTYPES[dtype]).reshape(shape)
+        check_finite(tensor, f"{self.path}: key {key!r}")
         return tensor
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """Raise ``TaskVectorError`` if ``tensor`` holds NaN or Inf.
+
+    Why the sum first: any NaN/Inf makes the sum non-finite, and one reduction is several times cheaper than an
+    elementwise mask over every delta of every task; only a non-finite sum (or a finite tensor whose sum overflows)
+    pays for the exact count.
+    """
+    if tensor.numel() == 0 or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise TaskVectorError(f"{what} has {bad} non-finite value(s) (NaN or Inf)")
+
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
 
 
 def _itemsize(dtype: str) -> int:
     return {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
         dtype, 4
     )
+
+
+def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple[int, int]]]:
+    """Shapes/dtypes and absolute byte ranges of every tensor of a safetensors file (already validated by
+    ``safe_open``: an 8-byte little-endian header length, the JSON header, then the data)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(length))
+    base = 8 + length
+    header, offsets = {}, {}
+    for key, info in meta.items():
+        if key == "__metadata__":
+            continue
+        header[key] = (tuple(int(s) for s in info["shape"]), str(info["dtype"]))
+        begin, end = info["data_offsets"]
+        offsets[key] = (base + int(begin), base + int(end))
+    return header, offsets
