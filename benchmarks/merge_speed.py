@@ -6,9 +6,11 @@ matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one de
 deltas (fixed seed). Both are scored against a float64 run of ``naive.py``: an evaluation of the contract that
 shares no code with the library, so a mistake common to the library's float32 and float64 paths cannot hide.
 
-It also times two floors. Any exact method must at least eigendecompose, in float64, each matrix's joint Gram
-matrix on its smaller side (``sum_i Delta_i^T Delta_i``, d x d with d = min(n, m)); each method's time is printed
-as a multiple of that. And the global top-k selection that DRM's pruning needs: ``kthvalue`` against ``topk``.
+It also times two floors. An exact SVD-based method cannot go under the float64 eigendecomposition (``eigh``) of
+the joint Gram matrix it decomposes, on that matrix's smaller side (see ``FLOOR_GRAMS``): ``sum_i Delta_i^T Delta_i``
+for DRM-V, ``sum_i Delta_i Delta_i^T`` for DRM-H, the Gram of ``sum_i Delta_i`` for Iso-C and Iso-CTS, each task's
+Gram for TSV-M. Each method's time is printed as a multiple of its floor. And the global top-k selection that DRM's
+pruning needs: ``kthvalue`` (the authors') against ``topk``.
 
 Usage::
 
@@ -78,16 +80,18 @@ class Method:
     name: str
     library_name: str
     params: dict[str, object] = field(default_factory=dict)
+    floor: str | None = None
+    """Which joint Gram the method must decompose (a key of ``FLOOR_GRAMS``); None for elementwise methods."""
 
 
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
-        Method("drm-v", "DRM-V", "drm", {"direction": "vertical", "drop_rate": DRM_DROP_RATE}),
-        Method("drm-h", "DRM-H", "drm", {"direction": "horizontal", "drop_rate": DRM_DROP_RATE}),
-        Method("iso-c", "Iso-C", "iso_c"),
-        Method("iso-cts", "Iso-CTS", "iso_cts", {"common_fraction": ISO_CTS_COMMON_FRACTION}),
-        Method("tsv-m", "TSV-M", "tsv_m"),
+        Method("drm-v", "DRM-V", "drm", {"direction": "vertical", "drop_rate": DRM_DROP_RATE}, "rows"),
+        Method("drm-h", "DRM-H", "drm", {"direction": "horizontal", "drop_rate": DRM_DROP_RATE}, "columns"),
+        Method("iso-c", "Iso-C", "iso_c", floor="sum"),
+        Method("iso-cts", "Iso-CTS", "iso_cts", {"common_fraction": ISO_CTS_COMMON_FRACTION}, "sum"),
+        Method("tsv-m", "TSV-M", "tsv_m", floor="each"),
         Method("ties", "TIES", "ties", {"density": TIES_DENSITY}),
         Method("task-arithmetic", "Task Arithmetic", "task_arithmetic"),
     )
@@ -143,18 +147,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-MEASURE_MMAP_THRESHOLD = 64 * 1024
-TIMING_MMAP_THRESHOLD = 32 * 1024 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+def release_free_heap() -> bool:
+    """Hand the pages of freed heap memory back to the OS (glibc ``malloc_trim``); False without glibc.
 
-
-def set_mmap_threshold(nbytes: int) -> bool:
-    """Set glibc's ``M_MMAP_THRESHOLD`` (allocations at least this big get their own mapping); False without glibc."""
+    Without it, a method that reuses memory freed by earlier work (the float64 reference, another method) grows the
+    RSS by nothing; after it, every reused page faults back in and counts.
+    """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
+        libc.malloc_trim(0)
     except (OSError, AttributeError):
         return False
+    return True
 
 
 def _procfs_kib(field_name: str) -> int:
@@ -181,11 +185,8 @@ class PeakMemory:
 
     CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated on entry (exact). CPU: peak resident set
     size above the RSS on entry, via ``/proc/self/clear_refs`` + ``VmHWM`` on Linux, else a psutil sampling thread
-    (every millisecond, so it can miss short spikes). On glibc, blocks of 64 KiB and more are given their own
-    mappings inside the block (``mallopt(M_MMAP_THRESHOLD)``), so that heap memory freed by earlier work is not
-    silently reused and the RSS growth is the block's working set; on leaving, the threshold is pinned at 32 MiB,
-    the ceiling glibc's own adaptive threshold climbs to, so timings run under the allocator's usual behaviour.
-    Elsewhere CPU numbers are lower bounds.
+    (every millisecond, so it can miss short spikes). Free heap pages are released first (``release_free_heap``) so
+    the growth is the block's working set; without glibc, CPU numbers are lower bounds.
     """
 
     def __init__(self, device: torch.device, backend: str = "auto") -> None:
@@ -205,7 +206,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         synchronize(self.device)
         if self.backend != "cuda":
-            set_mmap_threshold(MEASURE_MMAP_THRESHOLD)
+            release_free_heap()
         if self.backend == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
@@ -241,8 +242,6 @@ class PeakMemory:
             assert self._thread is not None
             self._thread.join()
             peak = max(self._sampled, psutil.Process().memory_info().rss)
-        if self.backend != "cuda":
-            set_mmap_threshold(TIMING_MMAP_THRESHOLD)
         self.peak_bytes = max(0, peak - self._base)
 
 
@@ -300,6 +299,17 @@ class MethodResult:
     impls: dict[str, ImplResult]
     speedup: float | None = None
     """naive seconds / drm_lightning seconds (when both ran)."""
+    floor: str | None = None
+
+
+@dataclass
+class FloorResult:
+    """Median seconds of float64 ``eigh`` of one kind of joint Gram, per matrix and summed over the layer."""
+
+    seconds_per_layer: float
+    seconds_per_matrix: dict[str, float]
+    gram_size: dict[str, int]
+    """Side of the (square) Gram of each matrix."""
 
 
 @dataclass
@@ -315,8 +325,7 @@ class Report:
     config: dict[str, object]
     machine: dict[str, object]
     shapes: dict[str, list[int]]
-    floor_seconds_per_layer: float
-    floor_seconds_per_matrix: dict[str, float]
+    floors: dict[str, FloorResult]
     methods: dict[str, MethodResult]
     topk: TopKResult | None
 
@@ -344,26 +353,39 @@ def make_deltas(
     return deltas
 
 
-def joint_gram(deltas: Sequence[Tensor]) -> Tensor:
-    """``sum_i Delta_i^T Delta_i`` or ``sum_i Delta_i Delta_i^T``, whichever is smaller, in float64."""
-    stacked = torch.stack([d.to(torch.float64) for d in deltas])
-    tasks, rows, cols = stacked.shape
-    if rows >= cols:
-        flat = stacked.reshape(tasks * rows, cols)
-        return flat.T @ flat
-    flat = stacked.transpose(0, 1).reshape(rows, tasks * cols)
-    return flat @ flat.T
+def smaller_gram(x: Tensor) -> Tensor:
+    """``x^T x`` or ``x x^T`` (batched over leading dimensions), whichever is smaller."""
+    return x.mT @ x if x.shape[-2] >= x.shape[-1] else x @ x.mT
 
 
-def time_floor(deltas: dict[str, list[Tensor]], timer: Timer, repeats: int) -> dict[str, float]:
-    """Median seconds of float64 ``eigh`` of each matrix's joint Gram matrix (the Gram itself is not timed)."""
-    floor = {}
-    for name, matrix_deltas in deltas.items():
-        gram = joint_gram(matrix_deltas)
-        torch.linalg.eigh(gram)  # warm-up
-        floor[name] = statistics.median(timer(lambda g=gram: torch.linalg.eigh(g)) for _ in range(repeats))
-        del gram
-    return floor
+FLOOR_GRAMS: dict[str, Callable[[Tensor], Tensor]] = {
+    "rows": lambda s: smaller_gram(s.reshape(-1, s.shape[2])),  # [D_1; ...; D_T]: sum_i D_i^T D_i (DRM-V)
+    "columns": lambda s: smaller_gram(s.transpose(0, 1).reshape(s.shape[1], -1)),  # [D_1, ..., D_T] (DRM-H)
+    "sum": lambda s: smaller_gram(s.sum(dim=0)),  # sum_i D_i (Iso-C; Iso-CTS's common subspace)
+    "each": smaller_gram,  # every D_i on its own, batched (TSV-M)
+}
+"""The joint Gram of the float64 stack ``[T, n, m]`` each kind of method must decompose.
+
+Iso-CTS counts only its common subspace: the residuals' top components live in the complement of it, whose side is
+``min(n, m) - k_c``, so an exact method can find them far cheaper than another full ``eigh``.
+"""
+
+
+def time_floors(
+    kinds: Sequence[str], deltas: dict[str, list[Tensor]], timer: Timer, repeats: int
+) -> dict[str, FloorResult]:
+    """Median seconds of float64 ``eigh`` of each kind of joint Gram, per matrix (forming the Gram is not timed)."""
+    floors = {}
+    for kind in dict.fromkeys(kinds):
+        seconds, sizes = {}, {}
+        for name, matrix_deltas in deltas.items():
+            gram = FLOOR_GRAMS[kind](torch.stack([d.to(torch.float64) for d in matrix_deltas]))
+            torch.linalg.eigh(gram)  # warm-up
+            seconds[name] = statistics.median(timer(lambda g=gram: torch.linalg.eigh(g)) for _ in range(repeats))
+            sizes[name] = gram.shape[-1]
+            del gram
+        floors[kind] = FloorResult(sum(seconds.values()), seconds, sizes)
+    return floors
 
 
 def time_topk(entries: int, keep: int, timer: Timer, repeats: int, seed: int) -> TopKResult:
@@ -455,7 +477,7 @@ def run_method(
     speedup = None
     if "drm_lightning" in results and "naive" in results:
         speedup = results["naive"].seconds_per_layer / results["drm_lightning"].seconds_per_layer
-    return MethodResult(key=method.key, name=method.name, params=params, impls=results, speedup=speedup)
+    return MethodResult(method.key, method.name, params, results, speedup, method.floor)
 
 
 def machine_info(device: torch.device) -> dict[str, object]:
@@ -552,17 +574,20 @@ def format_report(report: Report) -> str:
         f"Merge speed on {cfg['device']} [{machine}]: Llama-3.1-8B decoder layer / {cfg['scale']}, "
         f"T={cfg['tasks']}, {cfg['dtype']} deltas, median of {cfg['repeats']} after a warm-up, {cfg['clock']} clock",
         f"matrices: {shapes}",
-        f"floor (float64 eigh of each matrix's d x d joint Gram, summed): {report.floor_seconds_per_layer:.4g} s",
+        "floors, float64 eigh of the joint Gram a method decomposes, summed over the matrices: "
+        + ", ".join(f"{kind} {floor.seconds_per_layer:.4g} s" for kind, floor in report.floors.items()),
         "",
-        f"{'method':<16}{'implementation':<16}{'s/layer':>10}{'x floor':>9}{'peak MiB':>10}"
+        f"{'method':<16}{'implementation':<16}{'s/layer':>10}{'floor s':>9}{'x floor':>9}{'peak MiB':>10}"
         f"{'naive/ours':>12}{'rel err vs fp64':>17}",
     ]
     for result in report.methods.values():
         for index, (impl, r) in enumerate(result.impls.items()):
             label = "drm_lightning" if impl == "drm_lightning" else "naive float32"
             speedup = _fmt(result.speedup, ".2f") + "x" if result.speedup is not None and index == 0 else ""
+            floor = report.floors[result.floor].seconds_per_layer if result.floor and index == 0 else None
             lines.append(
                 f"{result.name if index == 0 else '':<16}{label:<16}{r.seconds_per_layer:>10.4g}"
+                f"{_fmt(floor, '.4g') if index == 0 else '':>9}"
                 f"{_fmt(r.floor_multiple, '.2f'):>9}{r.peak_bytes / 2**20:>10.1f}{speedup:>12}"
                 f"{_fmt(r.rel_error, '.2e'):>17}"
             )
@@ -600,13 +625,13 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
     shapes = scaled_shapes(args.layers, args.scale)
     deltas = make_deltas(shapes, args.tasks, dtype, device, args.seed)
 
-    floor = time_floor(deltas, timer, args.repeats)
-    floor_total = sum(floor.values())
+    floors = time_floors([METHODS[k].floor for k in args.methods if METHODS[k].floor], deltas, timer, args.repeats)
     methods = {}
     for key in args.methods:
         result = run_method(METHODS[key], args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory)
+        floor = floors[result.floor].seconds_per_layer if result.floor else 0.0
         for impl in result.impls.values():
-            impl.floor_multiple = impl.seconds_per_layer / floor_total if floor_total > 0 else None
+            impl.floor_multiple = impl.seconds_per_layer / floor if floor > 0 else None
         methods[key] = result
 
     topk = None
@@ -621,8 +646,7 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
         config=config,
         machine=machine_info(device),
         shapes={name: list(shape) for name, shape in shapes.items()},
-        floor_seconds_per_layer=floor_total,
-        floor_seconds_per_matrix=floor,
+        floors=floors,
         methods=methods,
         topk=topk,
     )

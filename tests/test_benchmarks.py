@@ -44,14 +44,20 @@ def test_json_has_every_method_with_finite_numbers(tiny_run: tuple[dict, str]) -
     data, _ = tiny_run
     assert list(data["methods"]) == list(merge_speed.METHODS)
     assert data["shapes"] == {name: [max(1, d // 128) for d in s] for name, s in merge_speed.LLAMA31_8B_LAYER.items()}
-    assert data["floor_seconds_per_layer"] > 0
+    assert set(data["floors"]) == {"rows", "columns", "sum", "each"}
+    for floor in data["floors"].values():
+        assert floor["seconds_per_layer"] > 0 and set(floor["seconds_per_matrix"]) == set(data["shapes"])
+    assert data["floors"]["rows"]["gram_size"] == {"q": 32, "k": 24, "v": 24, "o": 32, "gate": 32, "up": 32, "down": 96}
     for result in data["methods"].values():
+        assert (result["floor"] is None) == (result["key"] in ("ties", "task-arithmetic"))
         assert set(result["impls"]) == {"drm_lightning", "naive"}
         assert math.isfinite(result["speedup"]) and result["speedup"] > 0
         for impl in result["impls"].values():
             assert math.isfinite(impl["seconds_per_layer"]) and impl["seconds_per_layer"] > 0
             assert set(impl["seconds_per_matrix"]) == set(merge_speed.LLAMA31_8B_LAYER)
-            assert math.isfinite(impl["rel_error"]) and math.isfinite(impl["floor_multiple"])
+            assert math.isfinite(impl["rel_error"])
+            assert (impl["floor_multiple"] is None) == (result["floor"] is None)
+            assert impl["floor_multiple"] is None or math.isfinite(impl["floor_multiple"])
             assert impl["peak_bytes"] >= 0
     topk = data["topk"]
     assert topk["entries"] == 3 * 112 * 32 and topk["keep"] == round(0.2 * topk["entries"])
@@ -209,7 +215,17 @@ def test_peak_memory_sees_a_temporary_allocation(backend: str) -> None:
     assert memory.peak_bytes >= 15 * 2**20
 
 
-def test_gram_is_the_smaller_side() -> None:
-    tall, wide = _deltas(2, (7, 3)), _deltas(2, (3, 7))
-    assert merge_speed.joint_gram(tall).shape == (3, 3) and merge_speed.joint_gram(wide).shape == (3, 3)
-    torch.testing.assert_close(merge_speed.joint_gram(tall), sum(d.T @ d for d in tall))
+@pytest.mark.parametrize(
+    ("kind", "shape", "expected"),
+    [
+        ("rows", (7, 3), lambda ds: sum(d.T @ d for d in ds)),  # sum_i D_i^T D_i, 3 x 3
+        ("rows", (2, 9), lambda ds: torch.cat(ds) @ torch.cat(ds).T),  # the stack is 4 x 9: its 4 x 4 side
+        ("columns", (3, 7), lambda ds: sum(d @ d.T for d in ds)),  # sum_i D_i D_i^T, 3 x 3
+        ("columns", (9, 2), lambda ds: torch.cat(ds, 1).T @ torch.cat(ds, 1)),  # the stack is 9 x 4
+        ("sum", (7, 3), lambda ds: sum(ds).T @ sum(ds)),
+        ("each", (3, 7), lambda ds: torch.stack([d @ d.T for d in ds])),
+    ],
+)
+def test_floor_grams_take_the_smaller_side(kind: str, shape: tuple[int, int], expected) -> None:
+    deltas = _deltas(2, shape)
+    torch.testing.assert_close(merge_speed.FLOOR_GRAMS[kind](torch.stack(deltas)), expected(deltas))
