@@ -33,6 +33,7 @@ leaving the others waiting for a timeout.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -258,9 +259,17 @@ def _exchange(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> tuple[bool, Any]:
-    """Join (or create) the process group; return (created here, group for CPU collectives)."""
-    created = False
+#: The gloo group for CPU collectives when the default group cannot carry CPU tensors (NCCL only), made once.
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> Any:
+    """Join (or create) the process group; return the group for CPU collectives (``None``: the default one).
+
+    A group created here stays up for the rest of the process (destroyed at exit): a second merge in the same
+    process (a pipeline merging several methods) joins it again, whereas re-initialising under torchrun's shared
+    rendezvous store after a ``destroy_process_group`` is not reliable (it can hang).
+    """
     if not dist.is_initialized():
         if world.source == "torchrun":
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -273,11 +282,20 @@ def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> t
         dist.init_process_group(
             backend, init_method=init_method, world_size=world.world_size, rank=world.rank, timeout=timeout
         )
-        created = True
+        atexit.register(_destroy_group)
     if dist.get_world_size() != world.world_size:
         raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
-    cpu_group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo", timeout=timeout)
-    return created, cpu_group
+    if "gloo" in str(dist.get_backend()):
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _CPU_GROUPS[key]
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -430,8 +448,8 @@ def distributed_merge(
     """``merge_task_vectors`` with the parameters shared out between the ranks of ``torch.distributed``.
 
     Every rank calls it with the same arguments (as a launcher running one command on every rank does). It joins
-    the existing process group or creates one from the environment (``detect_world``) and, if it created it,
-    destroys it before returning, so a command can go on as one process on rank 0 afterwards.
+    the existing process group or creates one from the environment (``detect_world``), which then stays up until
+    the process exits; nothing after the merge needs it (rank 0 writes the merged model alone).
 
     Args:
         task_vectors, method, output, params, coefficients, base, family, plan, max_shard_bytes: as for
@@ -454,7 +472,7 @@ def distributed_merge(
     world = world if world is not None else detect_world()
     dev = rank_device(device, world.local_rank)
     t_start = time.perf_counter()
-    created, group = _init_group(world, dev, timedelta(seconds=float(timeout_s)))
+    group = _init_group(world, dev, timedelta(seconds=float(timeout_s)))
     rank, size = world.rank, world.world_size
     output = Path(output)
     staging: Path | None = None
@@ -541,8 +559,6 @@ def distributed_merge(
     finally:
         if rank == 0 and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _record(
