@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -108,6 +109,29 @@ class MethodSpec:
         return self.label or self.method
 
 
+def method_spec(entry: Mapping[str, Any] | MethodSpec, index: int = 0) -> MethodSpec:
+    """A recipe's ``methods[index]`` entry as a checked ``MethodSpec`` (unknown keys and bad types named)."""
+    if isinstance(entry, MethodSpec):
+        return entry
+    known = set(MethodSpec.__dataclass_fields__)
+    unknown = sorted(set(entry) - known)
+    if unknown or "method" not in entry:
+        raise ValueError(f"methods[{index}]={dict(entry)!r}: needs 'method'; known keys {sorted(known)}")
+    spec = MethodSpec(**entry)
+    if not isinstance(spec.method, str) or not isinstance(spec.params or {}, Mapping):
+        raise ValueError(f"methods[{index}]: method must be a name and params a mapping, got {dict(entry)!r}")
+    if spec.label is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", str(spec.label)):
+        raise ValueError(f"methods[{index}].label={spec.label!r}: use letters, digits and _ . + - (it names a folder)")
+    if spec.lam is not None and (isinstance(spec.lam, bool) or not isinstance(spec.lam, int | float)):
+        raise ValueError(f"methods[{index}].lam={spec.lam!r}: expected a number or null (search)")
+    if spec.lambdas is not None:
+        if not spec.lambdas or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in spec.lambdas):
+            raise ValueError(f"methods[{index}].lambdas={spec.lambdas!r}: expected a non-empty list of numbers")
+        spec.lambdas = [float(x) for x in spec.lambdas]
+    spec.params = dict(spec.params or {})
+    return spec
+
+
 def build_pipeline_parser() -> LightningArgumentParser:
     """The recipe parser: every key of a recipe is checked against ExpertModule, Trainer and the dataclasses here."""
     import inspect
@@ -140,7 +164,14 @@ def build_pipeline_parser() -> LightningArgumentParser:
     parser.add_class_arguments(
         Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True, help="Trainer of every fit."
     )
-    parser.add_argument("--methods", type=list[MethodSpec], required=True, help="Merge methods, each a merged model.")
+    # A list of plain mappings, not list[MethodSpec]: jsonargparse would merge a command-line --methods item by item
+    # into the recipe's (a new first method inheriting the old first one's params); a list must replace a list.
+    parser.add_argument(
+        "--methods",
+        type=list[dict[str, Any]],
+        required=True,
+        help="Merge methods, each a merged model: {method, params, label, lam, lambdas} (see MethodSpec).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
     parser.add_argument(
         "--strategy",
@@ -206,7 +237,9 @@ def load_recipe(config: Namespace) -> Recipe:
     specs = [with_defaults(spec, defaults, tokenizer=backbone) for spec in raw]
     for i, spec in enumerate(specs):
         check_task_spec(spec, where=f"tasks[{i}]")
-    methods = [m if isinstance(m, MethodSpec) else MethodSpec(**m) for m in config.methods]
+    model = _plain(config.model)
+    check_model_settings(model)
+    methods = [method_spec(m, i) for i, m in enumerate(config.methods)]
     if not methods:
         raise ValueError("methods=[]: a recipe needs at least one merge method")
     labels = [m.name for m in methods]
@@ -217,7 +250,7 @@ def load_recipe(config: Namespace) -> Recipe:
     return Recipe(
         run_dir=Path(config.run_dir),
         specs=specs,
-        model=_plain(config.model),
+        model=model,
         trainer=_plain(config.trainer),
         methods=methods,
         seed=config.seed,
@@ -228,6 +261,29 @@ def load_recipe(config: Namespace) -> Recipe:
         plots=config.plots,
         eval_trainer=dict(config.eval_trainer or {}),
     )
+
+
+def check_model_settings(model: Mapping[str, Any]) -> None:
+    """The cheap checks ``ExpertModule`` makes, up front: a typo must not surface only after the first expert trained.
+
+    Loading the backbone is what makes ``ExpertModule(...)`` expensive, so its checks are repeated here with the same
+    public validators (family, LoRA settings, dtype, pooling, positive numbers).
+    """
+    from drm_lightning.models.backbone import check_family
+    from drm_lightning.models.expert import parse_dtype
+    from drm_lightning.models.heads import POOLINGS
+    from drm_lightning.models.lora import LoraSettings
+
+    check_family(model.get("family", "encoder"))
+    lora = model.get("lora")
+    if isinstance(lora, Mapping):
+        LoraSettings(**lora)  # validates in __post_init__
+    parse_dtype(model.get("torch_dtype"))
+    if model.get("pooling", "cls") not in POOLINGS:
+        raise ValueError(f"model.pooling={model.get('pooling')!r}: expected one of {POOLINGS}")
+    for key in ("learning_rate",):
+        if key in model and not model[key] > 0:
+            raise ValueError(f"model.{key}={model[key]!r}: expected a positive number")
 
 
 def _plain(value: Any) -> Any:
