@@ -321,6 +321,16 @@ def test_iso_cts_split(dim: int, tasks: int, fraction: float, expected: tuple[in
     assert F.iso_cts_split(dim, tasks, fraction) == expected
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_zero_and_rank_zero_factors_merge_to_zero(name: str) -> None:
+    """LoRA's initial ``B = 0`` and an empty rank give an exactly zero merge, never NaN or an error."""
+    method = get_method(name)
+    for rank, b in [(2, torch.zeros(6, 2)), (0, torch.zeros(6, 0))]:
+        factored = [LowRankDelta(b, torch.randn(rank, 5), 1.0) for _ in range(3)]
+        out = method.merge_matrix(factored, **method.check({}))
+        assert out.shape == (6, 5) and not out.any()
+
+
 def test_low_rank_delta() -> None:
     b, a = torch.randn(6, 2, dtype=torch.bfloat16), torch.randn(2, 4)
     delta = LowRankDelta(b, a, 3)

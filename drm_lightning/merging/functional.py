@@ -174,7 +174,8 @@ def _prepare(
         dtype = torch.promote_types(dtype, item.dtype)
 
     unit = torch.ones((), dtype=_F64, device=device)
-    if keep_factors and all(isinstance(item, LowRankDelta) for item in items):
+    factored = all(isinstance(item, LowRankDelta) for item in items)
+    if keep_factors and factored and sum(item.rank for item in items) > 0:  # rank 0: nothing to factor, go dense
         factors = [item.factors(_F64) for item in items]
         for i, (left, right) in enumerate(factors):
             if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
@@ -491,11 +492,11 @@ def iso_c(
 
     ``rank_tol`` drops the components with ``σ <= rank_tol · σ_max`` (mean(S) is over the kept ones). The default
     1e-6 changes nothing on the full-rank deltas of full fine-tuning, whose smallest singular values sit orders of
-    magnitude above it, and removes the exactly-zero directions of rank-deficient (LoRA) deltas, which float64
-    arithmetic leaves below ~1e-12 · σ_max (factored ``LowRankDelta`` inputs have no such directions at all). Dense
-    LoRA deltas stored in float32 carry rounding noise near 1e-8 · σ_max, also removed; bfloat16 ones carry noise
-    near 1e-3 · σ_max, which no tolerance can tell from signal: keep LoRA deltas factored or in float32. Use 0 to
-    keep every nonzero direction.
+    magnitude above it, and removes the exactly-zero directions of rank-deficient (LoRA) deltas, which the float64
+    Gram route leaves near ``eps64 · σ_max² / σ_r`` (about 1e-13 · σ_max for ``σ_r = 1e-3 · σ_max``; factored
+    ``LowRankDelta`` inputs have no such directions at all). Dense LoRA deltas stored in float32 carry rounding
+    noise near 1e-8 · σ_max, also removed; bfloat16 ones carry noise near 1e-3 · σ_max, which no tolerance can tell
+    from signal: keep LoRA deltas factored or in float32. Use 0 to keep every nonzero direction.
 
     Args:
         deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
