@@ -242,3 +242,21 @@ def test_fsdp_gathers_full_weights(tiny, tmp_path):
     base = load_backbone(tiny["encoder"]).state_dict()
     assert set(deltas) <= set(base) and len(deltas) == len(base)
     assert all(tuple(deltas[k].shape) == tuple(base[k].shape) for k in deltas)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_every_rank_joins_and_one_task_vector_is_written(tiny, tmp_path):
+    """Two CPU processes (gloo): both reach the barrier, rank 0 writes, and the result reproduces the expert."""
+    dm = SyntheticDataModule("encoder", tiny["encoder"], n=16, batch_size=4)
+    expert = ExpertModule(tiny["encoder"], task="t", learning_rate=1e-2, label_names=list(LABELS))
+    callback = TaskVectorCallback(str(tmp_path / "tv"))
+    trainer = tiny_trainer(max_steps=2, devices=2, strategy="ddp_spawn", callbacks=[callback])
+    trainer.fit(expert, dm)  # ddp_spawn copies rank 0's trained weights back into ``expert``
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tv"]
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        rebuilt = ExpertModule.from_task_vector(tmp_path / "tv", with_task_vector=True)(batch)
+        reference = expert.eval()(batch)
+    torch.testing.assert_close(rebuilt, reference, rtol=1e-6, atol=1e-6)

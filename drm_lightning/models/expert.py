@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,17 +94,17 @@ class ExpertModule(LightningModule):
     def __init__(
         self,
         backbone: str,
-        family: str = "encoder",
+        family: Literal["encoder", "decoder", "seq2seq", "vision"] = "encoder",
         task: str = "task",
         label_names: list[str] | None = None,
         lora: LoraSettings | None = None,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
-        metrics: list[str] | None = None,
-        pooling: str = "cls",
+        metrics: list[Literal["accuracy", "mcc", "f1"]] | None = None,
+        pooling: Literal["cls", "mean"] = "cls",
         head_dropout: float = 0.1,
-        torch_dtype: str | None = None,
+        torch_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,
         trust_remote_code: bool = False,
         gguf_file: str | None = None,
         tokenizer: str | None = None,
