@@ -27,6 +27,7 @@ import torch
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
+    HEAD_FILE,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     TaskVectorError,
@@ -46,9 +47,9 @@ class TaskVectorReader:
         folder: a folder written by ``drm_lightning.task_vectors.format.write_task_vector``.
 
     Raises:
-        TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (the message names the file), or
-            keys that do not fit the task vector's kind (an unpaired LoRA factor, a ``.lora_A`` key in a dense
-            task vector, a parameter given both densely and as LoRA factors).
+        TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (deltas or head; the message names
+            the file), or keys that do not fit the task vector's kind (an unpaired LoRA factor, a ``.lora_A`` key in
+            a dense task vector, a parameter given both densely and as LoRA factors).
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -57,6 +58,10 @@ class TaskVectorReader:
         self.path = self.folder / DELTAS_FILE
         with open_safetensors(self.path) as f:  # validates the header and the file length; names the file if not
             keys = set(f.keys())
+        # The head is only copied on by the merger, never parsed; checking its header here refuses a pickle (or any
+        # non-safetensors file) under that name instead of passing it on into the merged folder.
+        with open_safetensors(self.folder / HEAD_FILE):
+            pass
         self._header, self._offsets = _read_header(self.path)
         if set(self._header) != keys:
             raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
