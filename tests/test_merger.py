@@ -265,11 +265,14 @@ def test_task_arithmetic_full_path(
         assert read_meta(out / "heads" / task).task == task
 
 
-def test_mixed_absent_deltas_count_as_zero(root: Path, bert: Path, dense_tvs: list[Path]) -> None:
+def test_mixed_absent_deltas_count_as_zero(
+    root: Path, bert: Path, dense_tvs: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """One task that never touched the query weights: its zero delta keeps the coefficients aligned."""
     partial = write_task_vectors(bert, root / "partial", 1, seed=50, drop=r"query", tasks=["partial"])[0]
     out = root / "partial_out"
-    merge_task_vectors([dense_tvs[0], partial], "task_arithmetic", out, coefficients=[1.0, 3.0], progress=False)
+    merge_task_vectors([dense_tvs[0], partial], "task_arithmetic", out, coefficients=[1.0, 3.0], progress=True)
+    assert "merge Task Arithmetic" in capsys.readouterr().err  # the progress bar of parameters merged
     merged = _merged(out)
     torch.testing.assert_close(merged[QUERY], dense_deltas(dense_tvs[0])[QUERY])
     key = "encoder.layer.0.attention.self.key.weight"
@@ -517,6 +520,49 @@ def test_outputs_that_would_clobber_something_are_refused(root: Path, dense_tvs:
     assert len(json.loads((out / "merge.json").read_text())["inputs"]) == 3
     with pytest.raises(ValueError, match="lam=nan"):
         apply_merged_delta(out, math.nan)
+
+
+def _break_index(folder: Path) -> None:
+    index = folder / MERGED_DIR / INDEX_FILE
+    data = json.loads(index.read_text())
+    data["weight_map"][QUERY] = "delta-99999.safetensors"
+    index.write_text(json.dumps(data))
+
+
+DAMAGES = {
+    "no merge.json": (lambda f: (f / "merge.json").unlink(), r"merge\.json: not found"),
+    "bad merge.json": (lambda f: (f / "merge.json").write_text("{"), r"merge\.json: invalid JSON"),
+    "no index": (lambda f: (f / MERGED_DIR / INDEX_FILE).unlink(), r"delta\.safetensors\.index\.json: not found"),
+    "missing shard": (_break_index, r"delta-99999\.safetensors: not found"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(DAMAGES))
+def test_damaged_merged_folder_is_refused(root: Path, dense_tvs: list[Path], row: str) -> None:
+    damage, match = DAMAGES[row]
+    folder = root / f"damaged_{row.replace(' ', '_')}"
+    merge_task_vectors(dense_tvs, "task_arithmetic", folder, progress=False)
+    damage(folder)
+    with pytest.raises(ValueError, match=match):
+        apply_merged_delta(folder, 1.0)
+
+
+def test_public_api() -> None:
+    import drm_lightning.merging as merging
+
+    for name in merging.__all__:
+        assert getattr(merging, name) is not None, name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        merging.no_such_name  # noqa: B018
+
+
+def test_shard_writer_refuses_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_shard_bytes=0"):
+        ShardWriter(tmp_path / "w", max_shard_bytes=0)
+    writer = ShardWriter(tmp_path / "w")
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="tensor 'a' added twice"):
+        writer.add("a", torch.zeros(2))
 
 
 @pytest.mark.gpu

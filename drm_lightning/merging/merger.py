@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -55,6 +55,9 @@ from drm_lightning.task_vectors.format import (
     library_versions,
     open_safetensors,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 MERGED_DIR = "merged_delta"
 INDEX_FILE = "delta.safetensors.index.json"
@@ -658,7 +661,7 @@ def apply_merged_delta(
     base: str | None = None,
     family: str | None = None,
     max_shard_size: str | int = "2GB",
-):  # -> transformers.PreTrainedModel (not imported at module level)
+) -> PreTrainedModel:
     """Load the base backbone, add ``lam · Δ_merged`` and return it; optionally save it as an HF folder.
 
     Why return the model: a λ search evaluates each λ in memory; Δ_merged was computed once and each λ only
