@@ -219,16 +219,20 @@ def test_reader_reads_dense_lora_and_absent(bert: Path, dense_tvs: list[Path], l
 # --------------------------------------------------------------------------------------------------- full path
 
 
-@pytest.mark.parametrize(("arch", "coefficients"), [("bert", None), ("llama", [0.5, -1.0, 2.0])])
+@pytest.mark.parametrize(
+    ("arch", "coefficients", "dtype"),
+    [("bert", None, torch.float32), ("llama", [0.5, -1.0, 2.0], torch.bfloat16)],
+)
 def test_task_arithmetic_full_path(
-    root: Path, bert: Path, llama: Path, arch: str, coefficients: list[float] | None
+    root: Path, bert: Path, llama: Path, arch: str, coefficients: list[float] | None, dtype: torch.dtype
 ) -> None:
+    """W_0 + λ·Σ c_i Δ_i, parameter by parameter, through the real files; bf16 deltas are merged in float32."""
     base_folder = {"bert": bert, "llama": llama}[arch]
     family = family_of(arch)
     tvs = write_task_vectors(
-        base_folder, root / f"ta_{arch}_{coefficients is None}", T, family=family, seed=3, drop=r"layer(s)?\.1\."
+        base_folder, root / f"ta_{arch}", T, family=family, seed=3, drop=r"layer(s)?\.1\.", dtype=dtype
     )
-    out = root / f"ta_{arch}_{coefficients is None}_out"
+    out = root / f"ta_{arch}_out"
     result = merge_task_vectors(tvs, "task_arithmetic", out, coefficients=coefficients, progress=False)
 
     base = _base_state(base_folder, family)
