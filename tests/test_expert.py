@@ -94,6 +94,10 @@ def test_labels_and_metrics_come_from_the_datamodule(tiny):
     assert model.label_names == ["no", "yes", "maybe"] and model.head.num_labels == 3
     assert model.hparams.label_names == ["no", "yes", "maybe"]  # saved with checkpoints
     assert set(out) == {"val/t/loss", "val/t/mcc"}
+    assert model.hparams.metrics == ["mcc"]
+    # Given label names but no metrics: the datamodule's metrics still apply.
+    model = ExpertModule(tiny["encoder"], task="t", label_names=["no", "yes", "maybe"])
+    assert set(tiny_trainer().validate(model, dm, verbose=False)[0]) == {"val/t/loss", "val/t/mcc"}
 
 
 def test_label_names_disagreeing_with_the_datamodule(tiny):

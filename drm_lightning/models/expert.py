@@ -186,14 +186,13 @@ class ExpertModule(LightningModule):
         ref = next(self.backbone.parameters())
         if self.head is not None:
             self.head.to(ref.device)
-        if self.metric_names is None:
-            self.metric_names = ["accuracy"]
-        self.val_metrics = self._metrics("val")
-        self.test_metrics = self._metrics("test")
+        self._build_metrics()
 
-    def _metrics(self, stage: str) -> MetricCollection:
-        collection = {name: _metric(name, len(self.label_names)) for name in self.metric_names}
-        return MetricCollection(collection, prefix=f"{stage}/{self.task}/")
+    def _build_metrics(self) -> None:
+        names = self.metric_names or ["accuracy"]
+        for stage in ("val", "test"):
+            collection = {name: _metric(name, len(self.label_names)) for name in names}
+            setattr(self, f"{stage}_metrics", MetricCollection(collection, prefix=f"{stage}/{self.task}/"))
 
     def _build_label_targets(self, label_names: list[str]) -> None:
         from transformers import AutoTokenizer
@@ -217,9 +216,13 @@ class ExpertModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Take label names (and metrics) from the datamodule when they were not given."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if self.metric_names is None and datamodule is not None and getattr(datamodule, "metrics", None):
-            self._check_metrics(list(datamodule.metrics))
-            self.metric_names = list(datamodule.metrics)
+        dm_metrics = getattr(datamodule, "metrics", None) if datamodule is not None else None
+        if self.metric_names is None and dm_metrics:
+            self._check_metrics(list(dm_metrics))
+            self.metric_names = list(dm_metrics)
+            self.hparams["metrics"] = list(dm_metrics)
+            if self.label_names is not None:
+                self._build_metrics()
         dm_labels = getattr(datamodule, "label_names", None) if datamodule is not None else None
         if self.label_names is None:
             if dm_labels is None:
