@@ -259,12 +259,11 @@ def _exchange(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-#: The gloo group for CPU collectives when the default group cannot carry CPU tensors (NCCL only), made once.
-_CPU_GROUPS: dict[int, Any] = {}
-
-
 def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> Any:
-    """Join (or create) the process group; return the group for CPU collectives (``None``: the default one).
+    """Join (or create) the process group; return a new gloo group of all ranks for this merge's CPU collectives.
+
+    Why a group of its own: the default group may be NCCL-only (one a Lightning fit on GPUs created), and its
+    timeout (Lightning's 30 minutes) need not cover a rank waiting for the slowest rank's whole share.
 
     A group created here stays up for the rest of the process (destroyed at exit): a second merge in the same
     process (a pipeline merging several methods) joins it again, whereas re-initialising under torchrun's shared
@@ -285,12 +284,7 @@ def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> A
         atexit.register(_destroy_group)
     if dist.get_world_size() != world.world_size:
         raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
-    if "gloo" in str(dist.get_backend()):
-        return None
-    key = id(dist.group.WORLD)
-    if key not in _CPU_GROUPS:
-        _CPU_GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
-    return _CPU_GROUPS[key]
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def _destroy_group() -> None:
@@ -559,6 +553,7 @@ def distributed_merge(
     finally:
         if rank == 0 and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        dist.destroy_process_group(group)
 
 
 def _record(
@@ -569,7 +564,7 @@ def _record(
     return {
         "world_size": world.world_size,
         "launcher": world.source,
-        "backend": str(dist.get_backend()),
+        "backend": str(dist.get_backend()),  # the default group's; this merge's own collectives use gloo
         "layout": layout,
         "ranks": [
             {
