@@ -15,6 +15,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import merge_scaling  # noqa: E402
 import merge_speed  # noqa: E402
 import naive  # noqa: E402
 
@@ -229,3 +230,66 @@ def test_peak_memory_sees_a_temporary_allocation(backend: str) -> None:
 def test_floor_grams_take_the_smaller_side(kind: str, shape: tuple[int, int], expected) -> None:
     deltas = _deltas(2, shape)
     torch.testing.assert_close(merge_speed.FLOOR_GRAMS[kind](torch.stack(deltas)), expected(deltas))
+
+
+# -- merge_scaling.py ---------------------------------------------------------------------------------------------
+
+TINY_MODEL = ["--hidden", "32", "--intermediate", "64", "--layers", "1", "--vocab", "32", "--head-dim", "16"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--processes", "1", "0"], "--processes"),
+        (["--threads", "0"], "--threads"),
+        (["--hidden", "40"], "--hidden"),
+        (["--layers", "0"], "--layers"),
+        (["--device", "tpu"], "--device"),
+        (["--params", "{drop"], "--params"),
+        (["--params", "[0.9]"], "--params"),
+        (["--method", "drm_z"], "drm_z"),
+        (["--params", '{"drop_rate": 2}'], "drop_rate"),
+    ],
+)
+def test_scaling_bad_arguments_name_the_option(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        merge_scaling.main(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_scaling_one_process_in_process_two_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole harness: inputs, the worker, a real 2-process torchrun (gloo, CPU), speed-ups, the bit-for-bit check.
+
+    The 1-process merge runs in this process (one interpreter start-up fewer); it must still equal the 2-process one.
+    """
+    real_launch = merge_scaling.launch
+
+    def launch(processes: int, spec: dict, folder: Path, timeout_s: float) -> tuple[float, list[dict]]:
+        if processes > 1:
+            return real_launch(processes, spec, folder, timeout_s)
+        Path(spec["results"]).mkdir(parents=True)
+        (folder / "spec.json").write_text(json.dumps(spec))
+        merge_scaling.worker(folder / "spec.json")
+        return 0.5, [json.loads((Path(spec["results"]) / "rank0.json").read_text())]
+
+    for var in merge_scaling.LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(merge_scaling, "launch", launch)
+    out = tmp_path / "scaling.json"
+    args = [*TINY_MODEL, "--tasks", "2", "--processes", "1", "2", "--method", "iso_c", "--timeout", "300"]
+    report = merge_scaling.main([*args, "--workdir", str(tmp_path / "work"), "--json", str(out)])
+    data = json.loads(out.read_text())
+    runs = data["runs"]
+    assert [run["processes"] for run in runs] == [1, 2]
+    assert [len(run["rank_seconds"][0]) for run in runs] == [1, 2]
+    assert [run["identical"] for run in runs] == [None, True]
+    assert runs[0]["speedup"] == 1.0 and math.isfinite(runs[1]["speedup"])
+    for run in runs:
+        assert len(run["repeats_merge_seconds"]) == 1 and run["launch_seconds"] > 0
+        assert run["merge_seconds"] > 0 and 0 < run["math_seconds"] <= run["merge_seconds"]
+        assert run["cpu_seconds"] > 0
+    # 1 layer: q, o 32x32; k, v 16x32 (one k/v head of 16); gate, up, down 64x32; 2 norms; embeddings 32x32; norm
+    assert data["parameters"] == 2 * 1024 + 2 * 512 + 3 * 2048 + 2 * 32 + 32 * 32 + 32
+    assert data["task_vector_bytes"] > 2 * 4 * data["parameters"]
+    assert "identical to 1" in merge_scaling.format_report(report)
