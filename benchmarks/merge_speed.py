@@ -205,12 +205,12 @@ class PeakMemory:
 
     def __enter__(self) -> PeakMemory:
         synchronize(self.device)
-        if self.backend != "cuda":
-            release_free_heap()
         if self.backend == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        elif self.backend == "procfs":
+            return self
+        release_free_heap()
+        if self.backend == "procfs":
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")
             self._base = _procfs_kib("VmRSS") * 1024
