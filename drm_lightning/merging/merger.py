@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
@@ -293,12 +294,17 @@ def release_freed_memory() -> None:
     32 MB) freed blocks stay in the heap, so after a merge the process can keep most of a model's worth of memory
     it no longer uses, which a following ``apply_merged_delta`` or evaluation in the same process then stacks on.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl without it, Windows)
-        return
-    trim(0)
+        return None
 
 
 def _sync(device: torch.device) -> None:
