@@ -505,6 +505,20 @@ def test_bad_arguments_fail_before_any_work(root: Path, dense_tvs: list[Path], k
     assert _leftovers(root / "badarg_out") == []
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.update(family="decoder"), r"disagree on family \['decoder', 'encoder'\]"),
+        (lambda m: m.update(task="../escape"), r"task='\.\./escape' is not a usable folder name"),
+    ],
+)
+def test_inconsistent_metas_are_refused(tmp_path: Path, dense_tvs: list[Path], edit, match: str) -> None:  # noqa: ANN001
+    bad = _rewrite(dense_tvs[1], tmp_path / "task1", meta_edit=edit)
+    with pytest.raises(ValueError, match=match):
+        merge_task_vectors([dense_tvs[0], bad], "task_arithmetic", tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path / "out") == []
+
+
 def test_outputs_that_would_clobber_something_are_refused(root: Path, dense_tvs: list[Path]) -> None:
     with pytest.raises(ValueError, match="overlaps the input"):
         merge_task_vectors(dense_tvs, "task_arithmetic", dense_tvs[0].parent, progress=False)
