@@ -187,7 +187,11 @@ def _prepare(
             unit = unit_l * unit_r
         return _Inputs(None, factors, shape, dtype, device, unit)
 
-    dense = torch.stack([item.dense(_F64) if isinstance(item, LowRankDelta) else item.to(_F64) for item in items])
+    # One preallocated float64 stack, filled in place: no second set of per-task float64 copies (on an 8B layer
+    # with T = 8 that copy alone would be several GB).
+    dense = torch.empty((len(items), *shape), dtype=_F64, device=device)
+    for i, item in enumerate(items):
+        dense[i].copy_(item.dense(_F64) if isinstance(item, LowRankDelta) else item)
     finite = torch.isfinite(dense.reshape(len(items), -1)).all(dim=1)
     if not finite.all():
         bad = int(torch.nonzero(~finite)[0])
