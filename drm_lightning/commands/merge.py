@@ -64,7 +64,7 @@ def merge(
     Returns:
         The merged model folder.
     """
-    from drm_lightning.merging.merger import apply_merged_delta, merge_task_vectors
+    from drm_lightning.merging.merger import _check_output, apply_merged_delta, merge_task_vectors
     from drm_lightning.merging.plan import MergePlan
 
     if not task_vectors:
@@ -72,6 +72,10 @@ def merge(
     search = lam == "search"
     if search and not tasks:
         raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
+    delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
+    # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
+    # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
+    _check_output(Path(output), [delta, *map(Path, task_vectors)])
     datamodules = _datamodules(tasks, task_vectors) if search else {}
     plan_kwargs: dict[str, Any] = {}
     if include is not None:
@@ -79,7 +83,6 @@ def merge(
     if exclude is not None:
         plan_kwargs["exclude"] = list(exclude)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
-    delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
 
     result = merge_task_vectors(
         task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
