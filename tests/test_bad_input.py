@@ -267,7 +267,7 @@ def _params() -> list:
         if row.subprocess:
             marks.append(pytest.mark.slow)
         if row.xfail is not None:
-            marks.append(pytest.mark.xfail(strict=True, reason=row.xfail))
+            marks.append(pytest.mark.xfail(strict=True, raises=AssertionError, reason=row.xfail))
         out.append(pytest.param(name, marks=marks, id=name.replace(" ", "_")))
     return out
 
@@ -315,4 +315,3 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     code, err = run_cli(argv, row.subprocess, capsys)
     assert_refused(code, err, words)
     assert leftovers(tmp_path) == []
-
