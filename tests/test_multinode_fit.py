@@ -1,10 +1,10 @@
 """Multi-node training through the real CLI: two processes on localhost acting as two nodes (gloo, CPU).
 
 ``drm-lightning fit --trainer.num_nodes 2 --trainer.devices 1 --trainer.strategy ddp`` is started twice with
-``NODE_RANK=0/1`` and a shared ``MASTER_ADDR``/``MASTER_PORT``, exactly as a user would start it on two machines
-(Lightning's own cluster detection takes it from there). Its task vector must match a single-process run with the
-same global batch (one process, batch 2B, against two processes, batch B each) to float tolerance, and only global
-rank 0 may write it.
+``NODE_RANK=0/1`` and a shared ``MASTER_ADDR``/``MASTER_PORT`` (as ``python -m drm_lightning.cli fit``), exactly as
+a user would start it on two machines; Lightning's own cluster detection takes it from there. Its task vector must
+match a single-process run with the same global batch (one process, batch 2B, against two processes, batch B each)
+to float tolerance, and only global rank 0 may write it.
 
 Why the single-process reference also runs under ``strategy=ddp``: Lightning gives every DDP run a
 ``DistributedSampler`` (seeded by ``seed_everything``), whose rank ``r`` of ``W`` takes positions ``r, r+W, ...`` of
@@ -35,7 +35,6 @@ BATCH = 2  # per process; the single-process reference uses 2 * BATCH
 TRAIN_ROWS = 16  # a multiple of 2 * BATCH: no padding by the DistributedSampler, no ragged last batch
 POSITIVE = ("good", "great", "fun", "nice", "best", "love", "superb", "fresh")
 NEGATIVE = ("bad", "awful", "poor", "dull", "boring", "worst", "hate", "rotten")
-CLI = "import sys; from drm_lightning.cli import main; sys.exit(main())"
 
 
 def _free_port() -> int:
@@ -84,7 +83,7 @@ def _env(**extra: str) -> dict[str, str]:
 def _fit(root: Path, name: str, *, num_nodes: int, batch_size: int) -> list[str]:
     """``drm-lightning fit`` of a tiny BERT expert; every process gets its own datasets cache and output folders."""
     return [
-        sys.executable, "-c", CLI, "fit",
+        sys.executable, "-m", "drm_lightning.cli", "fit",  # what torchrun / srun start on every node
         "--model.backbone", str(root / "bert"), "--model.family", "encoder",
         "--model.head_dropout", "0", "--model.learning_rate", "1e-3", "--model.warmup_ratio", "0",
         "--data.class_path", "drm_lightning.data.text.TextClassificationDataModule",
