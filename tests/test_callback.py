@@ -51,31 +51,38 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 
 CASES = [
-    pytest.param("encoder", None, False, id="encoder-full"),
-    pytest.param("encoder", LoraSettings(r=2, alpha=4, dropout=0.1), False, id="encoder-lora"),
-    pytest.param("encoder", None, True, id="encoder-pairs-full"),
+    pytest.param("encoder", None, False, None, id="encoder-full"),
+    pytest.param("encoder", LoraSettings(r=2, alpha=4, dropout=0.1), False, None, id="encoder-lora"),
+    pytest.param("encoder", None, True, None, id="encoder-pairs-full"),
     pytest.param(
-        "encoder", LoraSettings(r=2, use_rslora=True, target_modules=["query", "dense"]), True, id="encoder-pairs-lora"
+        "encoder",
+        LoraSettings(r=2, use_rslora=True, target_modules=["query", "dense"]),
+        True,
+        None,
+        id="encoder-pairs-lora",
     ),
-    pytest.param("decoder", None, False, id="decoder-full"),
-    pytest.param("decoder", LoraSettings(r=4), False, id="decoder-lora"),
-    pytest.param("seq2seq", None, False, id="seq2seq-full"),
-    pytest.param("seq2seq", LoraSettings(r=2), False, id="seq2seq-lora"),
-    pytest.param("vision", None, False, id="vision-full"),
-    pytest.param("vision", LoraSettings(r=2), False, id="vision-lora"),
+    pytest.param("decoder", None, False, None, id="decoder-full"),
+    pytest.param("decoder", None, False, "bfloat16", id="decoder-full-bf16"),
+    pytest.param("decoder", LoraSettings(r=4), False, None, id="decoder-lora"),
+    pytest.param("seq2seq", None, False, None, id="seq2seq-full"),
+    pytest.param("seq2seq", LoraSettings(r=2), False, None, id="seq2seq-lora"),
+    pytest.param("vision", None, False, None, id="vision-full"),
+    pytest.param("vision", LoraSettings(r=2), False, None, id="vision-lora"),
 ]
 
 
-@pytest.mark.parametrize(("family", "lora", "pairs"), CASES)
-def test_task_vector_reproduces_the_expert(tiny, tmp_path, family, lora, pairs):
+@pytest.mark.parametrize(("family", "lora", "pairs", "dtype"), CASES)
+def test_task_vector_reproduces_the_expert(tiny, tmp_path, family, lora, pairs, dtype):
     dm = SyntheticDataModule(family, tiny[family], n=16, batch_size=8, pairs=pairs, label_names=LABELS)
-    expert = ExpertModule(tiny[family], family, task="sent", lora=lora, learning_rate=5e-2, pooling="mean")
+    expert = ExpertModule(
+        tiny[family], family, task="sent", lora=lora, learning_rate=5e-2, pooling="mean", torch_dtype=dtype
+    )
     callback = TaskVectorCallback(str(tmp_path / "tv"))
     tiny_trainer(max_steps=2, callbacks=[callback]).fit(expert, dm)
     folder = callback.written
     assert folder == tmp_path / "tv" and {p.name for p in folder.iterdir()} == {DELTAS_FILE, HEAD_FILE, META_FILE}
 
-    base = load_backbone(tiny[family], family)
+    base = load_backbone(tiny[family], family, torch_dtype=getattr(torch, dtype) if dtype else None)
     base_shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
     meta = read_meta(folder)
     assert (meta.task, meta.family, meta.label_names) == ("sent", family, list(LABELS))
@@ -107,8 +114,9 @@ def test_task_vector_reproduces_the_expert(tiny, tmp_path, family, lora, pairs):
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         reference = expert.eval()(batch)
-        rebuilt = ExpertModule.from_task_vector(folder, with_task_vector=True)(batch)
-        untouched = ExpertModule.from_task_vector(folder)(batch)
+        rebuilt = ExpertModule.from_task_vector(folder, with_task_vector=True, torch_dtype=dtype)(batch)
+        untouched = ExpertModule.from_task_vector(folder, torch_dtype=dtype)(batch)
+    # Dense deltas are exact differences (float32, also of bfloat16 weights): W_0 + delta rounds back to W_ft.
     tolerance = 1e-6 if lora is None else 1e-5
     torch.testing.assert_close(rebuilt, reference, rtol=tolerance, atol=tolerance)
     assert not torch.allclose(untouched, reference, rtol=1e-3, atol=1e-3)  # the deltas matter
@@ -158,6 +166,24 @@ def test_only_global_rank_zero_writes_and_every_rank_meets_the_barrier(tiny, tmp
         TaskVectorCallback().on_fit_end(trainer, expert)
         assert (tmp_path / "task_vectors" / "t").exists() == rank_zero
     assert len(barriers) == 2
+
+
+def test_deepspeed_stage_3_is_refused(tiny):
+    from drm_lightning.task_vectors.callback import gather_state_dict
+
+    strategy = type("DeepSpeedStrategy", (), {"zero_stage_3": True})()
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        gather_state_dict(SimpleNamespace(strategy=strategy), ExpertModule(tiny["encoder"]))
+
+
+def test_from_task_vector_in_another_dtype_is_refused(tiny, tmp_path):
+    """The fingerprint covers the dtype: the base loaded in bfloat16 is not the float32 base it was taken against."""
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
+    state = {k: v.clone() for k, v in expert.state_dict().items()}
+    deltas, head, meta = build_task_vector(expert, state)
+    folder = write_task_vector(tmp_path / "tv", deltas, head, meta)
+    with pytest.raises(TaskVectorError, match="not the base model"):
+        ExpertModule.from_task_vector(folder, with_task_vector=True, torch_dtype="bfloat16")
 
 
 def test_callback_needs_an_expert(tmp_path):
