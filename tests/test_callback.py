@@ -255,6 +255,41 @@ def test_apply_task_vector_bad_folder_changes_nothing(tiny, tmp_path, deltas, lo
     assert fingerprint(base) == before
 
 
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=2)], ids=["full", "lora"])
+def test_sharded_model_is_gathered_in_full(tiny, tmp_path, lora):
+    """FSDP2 (``fully_shard``, what ModelParallelStrategy uses) on CPU: the gather returns every weight, unsharded,
+    under the unwrapped module's names, and the task vector is built from it."""
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from drm_lightning.task_vectors.callback import gather_state_dict
+
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS), lora=lora)
+    reference = {k: v.clone() for k, v in expert.state_dict().items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", world_size=1, rank=0)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in [m for m in expert.modules() if isinstance(m, BertLayer)]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(expert, mesh=mesh)
+        strategy = ModelParallelStrategy()
+        strategy.model = expert
+        state = gather_state_dict(SimpleNamespace(strategy=strategy), expert)
+        deltas, head, meta = build_task_vector(expert, state, skip_zero=False)
+    finally:
+        dist.destroy_process_group()
+    assert state.keys() == reference.keys()
+    assert all(type(state[k]) is torch.Tensor and torch.equal(state[k], reference[k]) for k in reference)
+    # Nothing was trained: dense deltas are zero; LoRA's B factors are still their zero initialisation.
+    zero = [v for k, v in deltas.items() if lora is None or k.endswith(".lora_B")]
+    assert deltas and zero and all(not v.any() for v in zero)
+    assert meta.kind == ("dense" if lora is None else "lora")
+    assert set(head) == {k[len("head.") :] for k in reference if k.startswith("head.")}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fsdp_gathers_full_weights(tiny, tmp_path):
