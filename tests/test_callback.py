@@ -153,19 +153,45 @@ def test_build_task_vector_keeps_only_changed_weights(tiny, skip_zero, expected)
     assert set(head) == {"dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias"}
 
 
-def test_only_global_rank_zero_writes_and_every_rank_meets_the_barrier(tiny, tmp_path):
+def _fake_trainer(rank_zero: bool, root, collectives: list[str], rank0_failed: bool = False) -> SimpleNamespace:
+    """A trainer whose strategy records collectives; ``broadcast`` answers what rank 0 would send."""
+
+    def broadcast(obj, src=0):
+        collectives.append("broadcast")
+        return obj if rank_zero else rank0_failed
+
+    return SimpleNamespace(
+        is_global_zero=rank_zero,
+        strategy=SimpleNamespace(broadcast=broadcast),
+        callback_metrics={},
+        default_root_dir=str(root),
+    )
+
+
+def test_only_global_rank_zero_writes_and_every_rank_joins_the_collective(tiny, tmp_path):
     expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
-    barriers: list[str] = []
+    collectives: list[str] = []
     for rank_zero in (False, True):
-        trainer = SimpleNamespace(
-            is_global_zero=rank_zero,
-            strategy=SimpleNamespace(barrier=barriers.append),
-            callback_metrics={},
-            default_root_dir=str(tmp_path),
-        )
-        TaskVectorCallback().on_fit_end(trainer, expert)
+        TaskVectorCallback().on_fit_end(_fake_trainer(rank_zero, tmp_path, collectives), expert)
         assert (tmp_path / "task_vectors" / "t").exists() == rank_zero
-    assert len(barriers) == 2
+    assert collectives == ["broadcast", "broadcast"]
+
+
+def test_a_failure_on_rank_zero_reaches_every_rank_instead_of_hanging(tiny, tmp_path):
+    """Rank 0 cannot write (its output parent is a file): it raises its error, the other ranks raise too."""
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    collectives: list[str] = []
+    with pytest.raises(OSError):
+        TaskVectorCallback(output_dir=str(blocker / "tv")).on_fit_end(
+            _fake_trainer(True, tmp_path, collectives), expert
+        )
+    with pytest.raises(RuntimeError, match="rank 0 failed"):
+        TaskVectorCallback(output_dir=str(blocker / "tv")).on_fit_end(
+            _fake_trainer(False, tmp_path, collectives, rank0_failed=True), expert
+        )
+    assert collectives == ["broadcast", "broadcast"]
 
 
 def test_deepspeed_stage_3_is_refused(tiny):

@@ -166,11 +166,21 @@ class TaskVectorCallback(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         state = gather_state_dict(trainer, pl_module)  # every rank: a collective under FSDP
+        error: BaseException | None = None
         if trainer.is_global_zero:
-            folder = self.resolve_output_dir(trainer, pl_module)
-            deltas, head, meta = build_task_vector(
-                pl_module, state, validation_metrics(trainer), skip_zero=self.skip_zero
-            )
-            self.written = write_task_vector(folder, deltas, head, meta)
+            try:
+                folder = self.resolve_output_dir(trainer, pl_module)
+                deltas, head, meta = build_task_vector(
+                    pl_module, state, validation_metrics(trainer), skip_zero=self.skip_zero
+                )
+                self.written = write_task_vector(folder, deltas, head, meta)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks are released
+                error = err
         del state
-        trainer.strategy.barrier("task_vector_written")
+        # Every rank learns whether rank 0 wrote: a failure there must not leave the others waiting in a barrier
+        # until the collective timeout (30 minutes by default).
+        failed = trainer.strategy.broadcast(error is not None, src=0)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("global rank 0 failed to write the task vector; see its error")
