@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, Value
+from lightning.fabric.utilities.data import _set_sampler_epoch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from drm_lightning.data.common import label_mapping
+from drm_lightning.data.common import EpochShuffleSampler, label_mapping
 from drm_lightning.data.image import ImageClassificationDataModule
 from drm_lightning.data.text import TextClassificationDataModule, load_tokenizer
 
@@ -177,6 +179,80 @@ def test_max_samples_take_a_seeded_subset(tmp_path: Path, key: str, limit: int, 
         assert subset(3) != first
 
 
+def _order(seed: int, epoch: int, n: int = 20) -> list[int]:
+    sampler = EpochShuffleSampler(n, seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ((0, 0), (0, 0), True),
+        ((7, 3), (7, 3), True),
+        ((0, 0), (0, 1), False),
+        ((0, 1), (0, 2), False),
+        ((0, 1), (1, 1), False),
+        ((0, 1), (1, 0), False),  # (seed, epoch) is mixed as a pair, not summed
+    ],
+)
+def test_epoch_shuffle_depends_only_on_seed_and_epoch(
+    first: tuple[int, int], second: tuple[int, int], same: bool
+) -> None:
+    torch.manual_seed(first[0] + 100)  # the global RNG must not matter
+    a = _order(*first)
+    torch.manual_seed(second[1] + 200)
+    b = _order(*second)
+    assert sorted(a) == list(range(20)) and len(EpochShuffleSampler(20, 0)) == 20
+    assert (a == b) is same
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: EpochShuffleSampler(0, 0), "num_samples"),
+        (lambda: EpochShuffleSampler(5, -1), "seed"),
+        (lambda: EpochShuffleSampler(5, 0).set_epoch(-1), "epoch"),
+    ],
+)
+def test_epoch_shuffle_bad_arguments(make: Any, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        make()
+
+
+def test_train_loader_order_is_resume_stable(tmp_path: Path) -> None:
+    """Epoch 1 of a fresh loader (a resumed run) equals epoch 1 after epoch 0 (an uninterrupted run)."""
+    files = write_task(tmp_path / "d", splits=("train", "validation"))
+
+    def loader() -> Any:
+        dm = make_dm(tmp_path, files, seed=3)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    uninterrupted, resumed = loader(), loader()
+    epochs = []
+    for epoch in (0, 1):
+        _set_sampler_epoch(uninterrupted, epoch)  # what Lightning's fit loop calls before each epoch
+        epochs.append(all_batches(uninterrupted)["texts"])
+    torch.manual_seed(12345)  # a resumed process starts from another global RNG state
+    _set_sampler_epoch(resumed, 1)
+    assert all_batches(resumed)["texts"] == epochs[1]
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])
+    assert sorted(epochs[0]) == sorted(t for t, _ in TRAIN_ROWS)
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 5])
+def test_epoch_shuffle_shards_consistently_under_ddp(epoch: int) -> None:
+    """Lightning wraps a custom sampler for DDP and forwards set_epoch: ranks get disjoint shards of one order."""
+    shards = []
+    for rank in (0, 1):
+        wrapper = DistributedSamplerWrapper(EpochShuffleSampler(20, 3), num_replicas=2, rank=rank, shuffle=True)
+        wrapper.set_epoch(epoch)
+        assert wrapper.dataset._sampler.epoch == epoch
+        shards.append(list(wrapper))
+    assert not set(shards[0]) & set(shards[1]) and sorted(shards[0] + shards[1]) == list(range(20))
+
+
 def test_hub_style_dataset_argument_loads_a_dataset_folder(tmp_path: Path) -> None:
     folder = tmp_path / "my_dataset"
     write_task(folder, "csv", splits=("train", "test"))
@@ -319,6 +395,7 @@ BAD_ARGS = {
     "duplicate label names": ({"label_names": ["a", "a"]}, "distinct"),
     "bad val_fraction": ({"val_fraction": 1.5}, "val_fraction"),
     "bad batch_size": ({"batch_size": 0}, "batch_size"),
+    "negative seed": ({"seed": -1}, "seed"),
 }
 
 

@@ -2,7 +2,8 @@
 
 Why one base class: text and image tasks differ only in how a batch is built (tokenizer vs image processor);
 everything that makes a run reproducible and its errors readable (split roles, seeded validation carve, seeded
-sub-sampling, label checks) must behave identically for both, and for every task the merger later evaluates.
+sub-sampling, a per-epoch seeded shuffle that survives resuming, label checks) must behave identically for both,
+and for every task the merger later evaluates.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import glob
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from typing_extensions import override
 
 SUPPORTED_METRICS: tuple[str, ...] = ("accuracy", "f1", "mcc")
@@ -153,6 +154,39 @@ def carve_validation(dataset: Any, fraction: float, seed: int, task: str, split:
     return dataset.select(np.sort(order[n_val:]).tolist()), dataset.select(np.sort(order[:n_val]).tolist())
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
+
+    Why not ``shuffle=True``: a ``RandomSampler`` draws its order from the global torch RNG, whose state a Lightning
+    checkpoint does not keep, so a run resumed with ``--ckpt_path`` would replay its first epoch's order instead of
+    the one an uninterrupted run sees. Lightning calls ``set_epoch`` with the restored epoch before each training
+    epoch (and, under DDP, forwards it through the ``DistributedSamplerWrapper`` that shards this order), so the
+    order is a pure function of the configuration. Without ``set_epoch`` every pass repeats epoch 0's order.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch`` (called by Lightning at the start of every training epoch)."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        # SeedSequence mixes the pair, so (seed, epoch) and (seed + 1, epoch - 1) give unrelated orders.
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.num_samples).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class ClassificationDataModule(LightningDataModule):
     """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
 
@@ -198,6 +232,8 @@ class ClassificationDataModule(LightningDataModule):
                 raise DataError(f"task {task!r}: {name} must be >= 1 or None, got {value}")
         if num_workers < 0:
             raise DataError(f"task {task!r}: num_workers must be >= 0, got {num_workers}")
+        if seed < 0:
+            raise DataError(f"task {task!r}: seed must be >= 0, got {seed}")
         self.task = task
         self._label_names = list(label_names)
         self._metrics = metrics
@@ -312,12 +348,13 @@ class ClassificationDataModule(LightningDataModule):
         return name
 
     def _loader(self, role: str, shuffle: bool) -> DataLoader:
+        """A loader for ``role``; a shuffled one orders each epoch by ``(seed, epoch)`` so resumed runs match."""
         dataset = self.split(role)
         _, mapping = self._ready[role]
         return DataLoader(
             dataset,
             batch_size=self._batch_size if role == "train" else self._eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self._seed) if shuffle else None,
             collate_fn=self._collator(mapping),
             num_workers=self._num_workers,
             persistent_workers=self._num_workers > 0,
