@@ -91,9 +91,14 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model_yaml = write_model_yaml(tmp, backbone)
     folders = {}
     for task, task_yaml in tasks.items():
-        folders[task] = tmp / "tv" / task
         args = ["fit", "--config", str(model_yaml), "--config", str(task_yaml), *QUIET_TRAINER]
-        args += ["--trainer.max_epochs=4", f"--trainer.default_root_dir={tmp}", f"--task_vector_dir={folders[task]}"]
+        args.append("--trainer.max_epochs=4")
+        if task == "sentiment":  # an explicit folder
+            folders[task] = tmp / "tv" / task
+            args += [f"--trainer.default_root_dir={tmp}", f"--task_vector_dir={folders[task]}"]
+        else:  # the default: <default_root_dir>/task_vectors/<task>
+            folders[task] = tmp / "root" / "task_vectors" / task
+            args += [f"--trainer.default_root_dir={tmp / 'root'}"]
         assert main(args) == 0
     return {"tmp": tmp, "backbone": backbone, "tasks": tasks, "model_yaml": model_yaml, "tv": folders}
 

@@ -267,7 +267,7 @@ def check_model_settings(model: Mapping[str, Any]) -> None:
     """The cheap checks ``ExpertModule`` makes, up front: a typo must not surface only after the first expert trained.
 
     Loading the backbone is what makes ``ExpertModule(...)`` expensive, so its checks are repeated here with the same
-    public validators (family, LoRA settings, dtype, pooling, positive numbers).
+    public validators (family, LoRA settings, dtype, pooling, learning rate).
     """
     from drm_lightning.models.backbone import check_family
     from drm_lightning.models.expert import parse_dtype
@@ -281,9 +281,8 @@ def check_model_settings(model: Mapping[str, Any]) -> None:
     parse_dtype(model.get("torch_dtype"))
     if model.get("pooling", "cls") not in POOLINGS:
         raise ValueError(f"model.pooling={model.get('pooling')!r}: expected one of {POOLINGS}")
-    for key in ("learning_rate",):
-        if key in model and not model[key] > 0:
-            raise ValueError(f"model.{key}={model[key]!r}: expected a positive number")
+    if not model.get("learning_rate", 1.0) > 0:
+        raise ValueError(f"model.learning_rate={model['learning_rate']!r}: expected a positive number")
 
 
 def _plain(value: Any) -> Any:
