@@ -71,38 +71,44 @@ _EVAL_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "precision")
 
 @dataclass
 class DataDefaults:
-    """Datamodule arguments applied to every task of the recipe; unset ones keep each task's own value."""
+    """Datamodule arguments applied to every task of the recipe; unset ones keep each task's own value.
+
+    Args:
+        max_train_samples: Cap on training examples per task (a smaller, faster run).
+        max_eval_samples: Cap on validation and test examples per task.
+        max_length: Token length cap of text tasks.
+        batch_size: Training batch size.
+        eval_batch_size: Validation / test batch size.
+        num_workers: DataLoader worker processes.
+        seed: Seed of subsampling and of validation splits carved out of train.
+    """
 
     max_train_samples: int | None = None
-    """Cap on training examples per task (a smaller, faster demo)."""
     max_eval_samples: int | None = None
-    """Cap on validation and test examples per task."""
     max_length: int | None = None
-    """Token length cap of text tasks."""
     batch_size: int | None = None
-    """Training batch size."""
     eval_batch_size: int | None = None
-    """Validation / test batch size."""
     num_workers: int | None = None
-    """DataLoader worker processes."""
     seed: int | None = None
-    """Seed of subsampling and of validation splits carved out of train."""
 
 
 @dataclass
 class MethodSpec:
-    """One merged model of the recipe."""
+    """One merged model of the recipe (an item of ``methods``).
+
+    Args:
+        method: Registry name: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
+        params: The method's parameters; unset ones take its defaults.
+        label: Name in the report and of merged/<label> (default: the method name); lets one method run twice.
+        lam: A fixed λ; None searches ``lambdas`` on the validation splits.
+        lambdas: The λ grid to search (default: the method's default grid).
+    """
 
     method: str
-    """Registry name: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m."""
     params: dict[str, Any] = field(default_factory=dict)
-    """The method's parameters; unset ones take its defaults."""
     label: str | None = None
-    """Name in the report and of merged/<label> (default: the method name); lets one method run twice."""
     lam: float | None = None
-    """A fixed λ; None searches ``lambdas`` on the validation splits."""
     lambdas: list[float] | None = None
-    """The λ grid to search (default: the method's default grid)."""
 
     @property
     def name(self) -> str:
