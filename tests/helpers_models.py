@@ -127,6 +127,8 @@ def write_task_vectors(
         out_dir: task vectors go to ``out_dir/<task>``.
         kind: ``"dense"`` (a delta for every floating-point parameter) or ``"lora"`` (factors for weights matching
             ``lora_targets``, plus dense deltas of 1-D parameters if ``lora_dense_1d``).
+        lora_targets: regex searched in parameter names to pick the adapted weights; meta.json records the adapted
+            modules' last name parts as ``lora.target_modules`` (``peft``'s list form, as real LoRA runs write it).
         family: the ``load_backbone`` family, recorded in meta.json.
         seed: task ``i`` uses ``seed + i``.
         scale: standard deviation of the random deltas (and of the LoRA factors' product scale).
@@ -147,10 +149,12 @@ def write_task_vectors(
     for i, task in enumerate(tasks):
         gen = torch.Generator().manual_seed(seed + i)
         deltas: dict[str, torch.Tensor] = {}
+        adapted: set[str] = set()
         for name, weight in state.items():
             if not weight.is_floating_point() or (drop is not None and re.search(drop, name)):
                 continue
             if kind == "lora" and weight.ndim == 2 and re.search(lora_targets, name):
+                adapted.add(name.rsplit(".", 2)[-2])  # "<...>.query.weight" -> "query", as peft's target_modules
                 out_f, in_f = weight.shape
                 deltas[name + LORA_A_SUFFIX] = (torch.randn(rank, in_f, generator=gen) * scale**0.5).to(dtype)
                 deltas[name + LORA_B_SUFFIX] = (torch.randn(out_f, rank, generator=gen) * scale**0.5).to(dtype)
@@ -167,7 +171,7 @@ def write_task_vectors(
             base_fingerprint=base_fp,
             family=family,
             label_names=[f"label{j}" for j in range(num_labels)],
-            lora=LoraMeta(r=rank, alpha=alpha, scale=alpha / rank, target_modules=[lora_targets])
+            lora=LoraMeta(r=rank, alpha=alpha, scale=alpha / rank, target_modules=sorted(adapted))
             if kind == "lora"
             else None,
             metrics={"val_acc": 0.5 + 0.01 * i},

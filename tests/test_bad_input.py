@@ -242,13 +242,7 @@ ROWS: dict[str, Row] = {
     "Inf in a delta": Row(inf_delta),
     "task vectors of two base models": Row(two_base_models),
     "LoRA rank differs from meta.json": Row(lora_rank_differs_from_meta),
-    "LoRA targets differ from meta.json": Row(
-        lora_targets_differ_from_meta,
-        xfail=(
-            "merging/reader.py checks LoRA factors against meta.json's lora.r but not lora.target_modules: factors "
-            "for modules outside the recorded targets merge silently"
-        ),
-    ),
+    "LoRA targets differ from meta.json": Row(lora_targets_differ_from_meta),
     "meta.json is not JSON": Row(invalid_meta_json),
     "empty task list": Row(empty_task_list),
     "unknown method lists the known ones": Row(unknown_method),

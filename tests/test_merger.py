@@ -28,6 +28,7 @@ from drm_lightning.merging import (
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
 from drm_lightning.merging.plan import estimate_cost, summarize
+from drm_lightning.merging.reader import matches_lora_targets
 from drm_lightning.merging.registry import METHODS, get_method
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors.format import (
@@ -214,6 +215,57 @@ def test_reader_reads_dense_lora_and_absent(bert: Path, dense_tvs: list[Path], l
     torch.testing.assert_close(delta.dense(), dense_deltas(lora_tvs[0])[QUERY])
     # LoRA runs only train the adapted weights (and here 1-D params): embeddings have a zero delta.
     assert lora.get("embeddings.word_embeddings.weight", base["embeddings.word_embeddings.weight"].shape) is None
+
+
+@pytest.mark.parametrize(
+    ("module", "targets", "expected"),
+    [
+        ("encoder.layer.0.attention.self.query", ["query"], True),  # '.'-suffix
+        ("encoder.layer.0.attention.self.query", ["self.query"], True),  # a longer suffix
+        ("query", ["query"], True),  # the whole name
+        ("encoder.layer.0.attention.self.query", ["value", "key"], False),
+        ("encoder.layer.0.attention.self.myquery", ["query"], False),  # a suffix, but not at a '.'
+        ("encoder.layer.0.attention.self.query", ["self"], False),  # an inner part is no match
+        ("encoder.layer.0.attention.self.query", [], False),
+        ("encoder.layer.0.attention.self.query", r".*\.(query|value)", True),  # a string: regex, full match
+        ("encoder.layer.0.attention.self.query", "query", False),  # ... so a bare name does not match
+        ("encoder.layer.0.attention.self.query", r"encoder\.layer\.1\..*", False),
+        ("encoder.layer.1.attention.self.query", r"encoder\.layer\.1\..*", True),
+    ],
+)
+def test_matches_lora_targets_follows_peft(module: str, targets: list[str] | str, expected: bool) -> None:
+    assert matches_lora_targets(module, targets) is expected
+
+
+def _all_lora_modules(meta: dict, folder: Path) -> None:
+    """Set ``lora.target_modules`` to the full names of the modules ``folder``'s LoRA factors adapt."""
+    keys = load_file(str(folder / DELTAS_FILE))
+    meta["lora"]["target_modules"] = sorted({k.rsplit(".", 2)[0] for k in keys if k.endswith(".lora_A")})
+
+
+@pytest.mark.parametrize(
+    ("form", "targets"),
+    [
+        ("as written", None),  # write_task_vectors' last name parts: ["dense", "key", "query", "value"]
+        ("full names", None),
+        ("regex of last parts", r".*\.(query|key|value|dense)"),
+        ("regex of a prefix", r"encoder\.layer\.\d+\..*"),
+    ],
+)
+def test_reader_accepts_lora_targets_in_peft_forms(
+    root: Path, lora_tvs: list[Path], form: str, targets: str | None
+) -> None:
+    folder = lora_tvs[1]
+    if form == "as written":
+        assert read_meta(folder).lora.target_modules == ["dense", "key", "query", "value"]
+    else:
+        edit = (
+            (lambda m: _all_lora_modules(m, lora_tvs[1]))
+            if targets is None
+            else (lambda m: m["lora"].update(target_modules=targets))
+        )
+        folder = _rewrite(folder, root / f"targets_{form.replace(' ', '_')}" / folder.name, meta_edit=edit)
+    assert TaskVectorReader(folder).is_lowrank(QUERY)
 
 
 # --------------------------------------------------------------------------------------------------- full path
@@ -436,6 +488,37 @@ BAD_ROWS = {
         QUERY + ".lora_B",
     ),
     "unpaired LoRA factor": ("lora", {"deltas": lambda d: _without(d, QUERY + ".lora_B")}, None, LQ),
+    "LoRA factors outside meta target_modules": (
+        "lora",
+        {"meta_edit": lambda m: m["lora"].update(target_modules=["query"])},
+        None,
+        "'encoder.layer.0.attention.output.dense.weight.lora_A' adapts module "
+        "'encoder.layer.0.attention.output.dense', which meta.json's lora.target_modules=['query'] does not select",
+    ),
+    "LoRA factors outside a meta target regex": (
+        "lora",
+        {"meta_edit": lambda m: m["lora"].update(target_modules=r".*\.(query|key|value)")},
+        None,
+        "outside it (modules named ['dense'])",
+    ),
+    "LoRA target regex not matching whole names": (
+        "lora",
+        {"meta_edit": lambda m: m["lora"].update(target_modules="query|key|value|dense")},
+        None,
+        "lora.target_modules='query|key|value|dense'",
+    ),
+    "LoRA target_modules not a regex": (
+        "lora",
+        {"meta_edit": lambda m: m["lora"].update(target_modules="(query")},
+        None,
+        "lora.target_modules='(query' is not a valid regular expression",
+    ),
+    "LoRA target_modules neither list nor string": (
+        "lora",
+        {"meta_edit": lambda m: m["lora"].update(target_modules=3)},
+        None,
+        "lora.target_modules=3: expected a list",
+    ),
     "truncated safetensors": ("dense", {}, _truncate, DELTAS_FILE),
     "missing meta.json": ("dense", {}, lambda f: (f / META_FILE).unlink(), META_FILE),
     "bad meta kind": ("dense", {"meta_edit": lambda m: m.update(kind="full")}, None, "kind='full'"),

@@ -10,13 +10,15 @@ T open handles grow to T whole task vectors; re-opening per tensor instead costs
 Why validate here: a task vector taken against another model (or with a typo'd key) would otherwise merge silently
 into garbage or fail deep inside a decomposition. Everything that the header alone can tell (unknown keys, shapes,
 LoRA rank and pairing, dtypes) is checked by ``validate`` before any tensor is read; values (NaN/Inf) are checked
-when each tensor is read.
+when each tensor is read. LoRA factors must also belong to modules that ``meta.json``'s ``lora.target_modules``
+names: factors for other modules mean the metadata describes another adapter.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from drm_lightning.task_vectors.format import (
     HEAD_FILE,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
+    META_FILE,
     TaskVectorError,
     TaskVectorMeta,
     open_safetensors,
@@ -38,6 +41,21 @@ from drm_lightning.task_vectors.format import (
 
 #: safetensors dtype codes a delta may be stored in.
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def matches_lora_targets(module: str, targets: Sequence[str] | str) -> bool:
+    """Whether ``peft`` would adapt ``module`` given ``target_modules=targets``.
+
+    The rules of ``peft.tuners.tuners_utils.check_target_module_exists``: a string is a regular expression the
+    whole module name must match; a list matches a module whose name equals one of its entries or ends with
+    ``"." + entry``. ``module`` is a backbone module name, e.g. ``encoder.layer.0.attention.self.query``.
+
+    Raises:
+        re.error: ``targets`` is a string that is not a valid regular expression.
+    """
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == target or module.endswith("." + target) for target in targets)
 
 
 class TaskVectorReader:
@@ -49,7 +67,9 @@ class TaskVectorReader:
     Raises:
         TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (deltas or head; the message names
             the file), or keys that do not fit the task vector's kind (an unpaired LoRA factor, a ``.lora_A`` key in
-            a dense task vector, a parameter given both densely and as LoRA factors).
+            a dense task vector, a parameter given both densely and as LoRA factors, LoRA factors of a module
+            outside meta.json's ``lora.target_modules``, or a ``target_modules`` that is neither a list of names
+            nor a valid regular expression).
     """
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
@@ -96,6 +116,32 @@ class TaskVectorReader:
                     f"{self.path}: parameter {name!r} is given both as a dense delta and as LoRA factors"
                 )
             self._lora[name] = (lora_a[name], lora_b[name])
+        self._check_targets()
+
+    def _check_targets(self) -> None:
+        """Every LoRA pair must adapt a module that meta.json's ``lora.target_modules`` selects (``peft`` rules)."""
+        if not self._lora or self.meta.lora is None:
+            return
+        targets = self.meta.lora.target_modules
+        where = f"{self.folder / META_FILE}: lora.target_modules={targets!r}"
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise TaskVectorError(f"{where} is not a valid regular expression: {err}") from None
+        elif not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+            raise TaskVectorError(f"{where}: expected a list of module names or a regular expression string")
+        modules = {name: name.rpartition(".")[0] for name in sorted(self._lora)}  # "<module>.weight" -> "<module>"
+        outside = [name for name, module in modules.items() if not matches_lora_targets(module, targets)]
+        if outside:
+            first = outside[0]
+            last_parts = sorted({modules[name].rpartition(".")[2] for name in outside})
+            raise TaskVectorError(
+                f"{self.path}: key {self._lora[first][0]!r} adapts module {modules[first]!r}, which meta.json's "
+                f"lora.target_modules={targets!r} does not select; {len(outside)} of {len(modules)} LoRA pairs are "
+                f"outside it (modules named {last_parts}). A list entry matches a module name or its '.'-suffix; "
+                "a string is a regular expression the whole module name must match"
+            )
 
     def names(self) -> list[str]:
         """Base parameter names this task vector changes (LoRA pairs under their weight's name), sorted."""
