@@ -7,7 +7,8 @@ What is promised, and shown here:
   gives the same bytes as an uninterrupted run, and removes the temporary folder the killed run left behind
   (``format.remove_stale_temporaries``).
 - A fit killed part-way leaves no task vector; ``--ckpt_path`` resumes it from its last checkpoint to the end, and
-  two resumes from one checkpoint give the same task vector.
+  gives the same task vector as an uninterrupted run, bit for bit, dropout included (the checkpoint keeps the
+  generators' states, ``ExpertModule.on_save_checkpoint``; the train order depends only on (seed, epoch)).
 - An output that cannot be written is refused before any model is loaded; a disk that fills up mid-merge leaves
   nothing at the output path.
 - Merges are byte-deterministic; DARE's random drop follows its seed.
@@ -39,6 +40,7 @@ from safetensors.torch import load_file
 from drm_lightning.cli import main
 from drm_lightning.merging import merger
 from drm_lightning.merging.merger import MERGE_FILE, MERGED_DIR, merge_task_vectors
+from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, atomic_dir, remove_stale_temporaries
 from tests.helpers_models import write_task_vectors
 from tests.tiny_models import make_tiny_model
@@ -221,9 +223,10 @@ class SigkillAt(Callback):
 
 @pytest.fixture(scope="module")
 def fit_setup(world: dict[str, Any]) -> dict[str, Any]:
-    """A dropout-free tiny BERT and a small csv task; argv for a deterministic two-epoch fit of it."""
+    """A tiny BERT with dropout 0.1 (backbone and head) and a small csv task; argv for a deterministic two-epoch
+    fit of it. Dropout draws from the global generators, so resuming exactly needs their states restored."""
     root = world["root"] / "fit"
-    bert = make_tiny_model("encoder", root / "bert", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    bert = make_tiny_model("encoder", root / "bert", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     files = {}
     for split, n in (("train", 48), ("validation", 16)):
         words = ["good", "bad"] * (n // 2)
@@ -241,7 +244,7 @@ def fit_setup(world: dict[str, Any]) -> dict[str, Any]:
             "max_length": 16,
         },
     }
-    model = {"backbone": bert, "pooling": "mean", "learning_rate": 0.003, "warmup_ratio": 0.0, "head_dropout": 0.0}
+    model = {"backbone": bert, "pooling": "mean", "learning_rate": 0.003, "warmup_ratio": 0.0, "head_dropout": 0.1}
     (root / "fit.yaml").write_text(json.dumps({"data": task, "model": model}))
     argv = ["fit", "--config", str(root / "fit.yaml"), "--seed_everything=0", "--trainer.deterministic=true"]
     argv += ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false"]
@@ -298,20 +301,40 @@ def test_killed_fit_resumes_from_its_last_checkpoint_deterministically(
 ) -> None:
     checkpoint = torch.load(killed_fit, map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 0, "the last checkpoint should be the first epoch's"
+    assert {"torch", "python", "numpy"} <= checkpoint[ExpertModule.RNG_KEY].keys()
     first, second = resumed_fits
     assert first.keys() == second.keys() and len(first) > 2
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_fit(fit_setup: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return _fit(fit_setup, "uninterrupted")
+
+
 @pytest.mark.slow
 def test_resumed_fit_equals_an_uninterrupted_one(
-    fit_setup: dict[str, Any], resumed_fits: list[dict[str, torch.Tensor]]
+    uninterrupted_fit: dict[str, torch.Tensor], resumed_fits: list[dict[str, torch.Tensor]]
 ) -> None:
-    """Bit-equal: the train order depends only on (seed, epoch). The model is dropout-free on purpose: dropout
-    draws from the global RNG, whose state a Lightning checkpoint does not keep."""
-    whole = _fit(fit_setup, "uninterrupted")
-    assert resumed_fits[0].keys() == whole.keys()
-    assert all(torch.equal(resumed_fits[0][k], whole[k]) for k in whole)
+    """Bit-equal with dropout on: the train order depends only on (seed, epoch), and the checkpoint brings back the
+    generators' states as they were when it was saved."""
+    assert resumed_fits[0].keys() == uninterrupted_fit.keys()
+    assert all(torch.equal(resumed_fits[0][k], uninterrupted_fit[k]) for k in uninterrupted_fit)
+
+
+@pytest.mark.slow
+def test_resume_without_the_saved_generator_states_differs(
+    fit_setup: dict[str, Any],
+    killed_fit: Path,
+    uninterrupted_fit: dict[str, torch.Tensor],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control: with the restore switched off (Lightning's own behaviour) the dropout masks, and so the task
+    vector, differ; the equality above is the restore's doing, not dropout drawing nothing."""
+    monkeypatch.setattr(ExpertModule, "set_rng_states", staticmethod(lambda states: None))
+    resumed = _fit(fit_setup, "resumed_without_rng", f"--ckpt_path={killed_fit}")
+    assert resumed.keys() == uninterrupted_fit.keys()
+    assert not all(torch.equal(resumed[k], uninterrupted_fit[k]) for k in uninterrupted_fit)
 
 
 # ------------------------------------------------------------------------------------------ unwritable outputs

@@ -16,6 +16,7 @@ their fingerprint, so ``--ckpt_path`` resume and ``load_from_checkpoint`` work w
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
@@ -361,8 +363,52 @@ class ExpertModule(LightningModule):
         trainable = self.trainable_names()
         return {k: v for k, v in state.items() if k not in trainable}
 
+    #: Checkpoint key of the random-number-generator states (see ``on_save_checkpoint``).
+    RNG_KEY = "drm_lightning_rng"
+
+    @staticmethod
+    def rng_states() -> dict[str, Any]:
+        """The global generators' states, as tensors, ints, floats and lists only (``weights_only`` loading):
+        torch CPU; every CUDA device's when CUDA is initialised; python ``random``; numpy's legacy global one."""
+        version, internal, gauss = random.getstate()
+        states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            states["torch.cuda"] = torch.cuda.get_rng_state_all()
+        try:
+            import numpy as np
+        except ImportError:  # numpy is optional for torch; nothing drew from it then
+            return states
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        states["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+        return states
+
+    @staticmethod
+    def set_rng_states(states: Mapping[str, Any]) -> None:
+        """Restore what ``rng_states`` returned (CUDA: the devices present, in order)."""
+        torch.set_rng_state(states["torch"])
+        version, internal, gauss = states["python"]
+        random.setstate((version, tuple(internal), gauss))
+        cuda = states.get("torch.cuda")
+        if cuda and torch.cuda.is_available():
+            for device, state in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, device)
+        if "numpy" in states:
+            import numpy as np
+
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the generators' states, and for LoRA drop the frozen base weights.
+
+        Lightning 2.6 saves no RNG state, so without it a resumed fit draws other dropout masks than an
+        uninterrupted one. ``ModelCheckpoint`` saves at the end of validation; the next draw in both runs is the
+        next epoch's ``DataLoader`` iterator seed, then its dropout. Under DDP the file holds global rank 0's states
+        (only rank 0 writes), and every rank gets them back on resume: exact for ranks whose generators stayed
+        equal to rank 0's (``seed_everything`` seeds all ranks alike and equal batch shapes draw alike).
+        """
+        checkpoint[self.RNG_KEY] = self.rng_states()
         if self.lora is None or "state_dict" not in checkpoint:
             return
         state = checkpoint["state_dict"]
@@ -374,6 +420,16 @@ class ExpertModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the generators' states when a fit resumes (not for ``load_from_checkpoint`` or evaluation, where
+        reseeding the caller's generators would surprise), and for LoRA fill back the frozen base weights.
+
+        Lightning calls this before ``on_fit_start`` and the sanity check (which it runs under ``isolate_rng`` and
+        skips on resume); the first draw after it is the train ``DataLoader`` iterator seed, as in the
+        uninterrupted run after its save.
+        """
+        states = checkpoint.get(self.RNG_KEY)
+        if states is not None and self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            self.set_rng_states(states)
         info = checkpoint.get(_CKPT_KEY) or {}
         if not info.get("trainable_only"):
             return
