@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
 from torch import nn
 
@@ -244,3 +248,47 @@ def test_full_checkpoint_keeps_every_weight(tiny, tmp_path):
     trainer.save_checkpoint(tmp_path / "full.ckpt")
     ckpt = torch.load(tmp_path / "full.ckpt", weights_only=True)
     assert set(ckpt["state_dict"]) == set(model.state_dict())
+
+
+def _draws(cuda: bool = False) -> list:
+    """One draw from each generator the checkpoint keeps."""
+    out = [torch.rand(4), random.random(), np.random.rand(2).tolist()]
+    return [*out, torch.rand(4, device="cuda").cpu()] if cuda else out
+
+
+def _same(a: list, b: list) -> bool:
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("fn", "restores"),
+    [(TrainerFn.FITTING, True), (TrainerFn.VALIDATING, False), (None, False)],
+    ids=["resumed_fit_restores", "evaluation_leaves_them", "load_from_checkpoint_leaves_them"],
+)
+def test_checkpoint_keeps_the_generator_states(tiny, tmp_path, fn, restores):
+    """Saved through ``torch.save`` and read back with ``weights_only=True``: after ``on_load_checkpoint`` of a
+    resumed fit the next draws are those that followed the save; otherwise the caller's generators are untouched."""
+    model = ExpertModule(tiny["encoder"], label_names=LABELS)
+    if fn is not None:
+        model.trainer = tiny_trainer()
+        model.trainer.state.fn = fn
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    after_save = _draws()
+    torch.save(checkpoint, tmp_path / "rng.ckpt")
+    loaded = torch.load(tmp_path / "rng.ckpt", weights_only=True)
+    assert {"torch", "python", "numpy"} <= loaded[ExpertModule.RNG_KEY].keys()
+
+    model.on_load_checkpoint(loaded)
+    assert _same(_draws(), after_save) == restores
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_keeps_the_cuda_generator_states():
+    torch.rand(1, device="cuda")  # initialises CUDA: only then are its generators saved
+    states = ExpertModule.rng_states()
+    assert len(states["torch.cuda"]) == torch.cuda.device_count()
+    after_save = _draws(cuda=True)
+    ExpertModule.set_rng_states(states)
+    assert _same(_draws(cuda=True), after_save)
