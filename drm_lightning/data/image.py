@@ -107,7 +107,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
                 split is carved off with ``seed``.
             test_split: Split used by ``test``; None if there is none.
             val_fraction: Fraction of the train split carved off when there is no validation split.
-            seed: Seed of the carve and of ``max_*_samples`` sub-sampling.
+            seed: Seed of the carve, of ``max_*_samples`` sub-sampling and of the train shuffle, whose order
+                depends only on (seed, epoch) so that a resumed fit sees the order an uninterrupted one does.
             batch_size: Training batch size.
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
             num_workers: DataLoader worker processes (image decoding is the costly part).

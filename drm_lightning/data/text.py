@@ -124,7 +124,8 @@ class TextClassificationDataModule(ClassificationDataModule):
                 ``val_fraction`` of the train split is carved off with ``seed``.
             test_split: Split used by ``test``; None if the task has no labelled test split.
             val_fraction: Fraction of the train split carved off when there is no validation split.
-            seed: Seed of the carve and of ``max_*_samples`` sub-sampling.
+            seed: Seed of the carve, of ``max_*_samples`` sub-sampling and of the train shuffle, whose order
+                depends only on (seed, epoch) so that a resumed fit sees the order an uninterrupted one does.
             max_length: Tokens per example (longer inputs are truncated).
             batch_size: Training batch size.
             eval_batch_size: Validation/test batch size (default: ``batch_size``).
