@@ -277,10 +277,65 @@ def test_checkpoint_keeps_the_generator_states(tiny, tmp_path, fn, restores):
     after_save = _draws()
     torch.save(checkpoint, tmp_path / "rng.ckpt")
     loaded = torch.load(tmp_path / "rng.ckpt", weights_only=True)
-    assert {"torch", "python", "numpy"} <= loaded[ExpertModule.RNG_KEY].keys()
+    [states] = loaded[ExpertModule.RNG_KEY]  # one rank
+    assert {"torch", "python", "numpy"} <= states.keys()
 
     model.on_load_checkpoint(loaded)
     assert _same(_draws(), after_save) == restores
+
+
+def _as_rank(monkeypatch, model: ExpertModule, rank: int, world: int) -> None:
+    monkeypatch.setattr(type(model.trainer), "global_rank", property(lambda self: rank))
+    monkeypatch.setattr(type(model.trainer), "world_size", property(lambda self: world))
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.mark.parametrize(
+    ("world_at_load", "rank_at_load", "restores_rank"),
+    [(2, 0, 0), (2, 1, 1), (3, 2, 0)],
+    ids=["rank0_gets_its_own", "rank1_gets_its_own", "other_world_size_gets_rank0s_with_a_warning"],
+)
+def test_checkpoint_keeps_every_ranks_generator_states(tiny, monkeypatch, world_at_load, rank_at_load, restores_rank):
+    """Two DDP ranks played in one process: ``all_gather`` is faked with what rank 0 sent when it saved (under
+    another seed, so the ranks' generators differ), as the collective would return it to rank 1."""
+    model = ExpertModule(tiny["encoder"], label_names=LABELS)
+    model.trainer = tiny_trainer()
+    model.trainer.state.fn = TrainerFn.FITTING
+    sent: list[torch.Tensor] = []
+
+    def rank0_gather(tensor: torch.Tensor) -> torch.Tensor:
+        sent.append(tensor)
+        return torch.stack([tensor, tensor])
+
+    def rank1_gather(tensor: torch.Tensor) -> torch.Tensor:
+        sizes, data = sent  # rank 0 sent its size first, then its bytes; ours are padded to the longer of the two
+        if tensor.numel() == 1:
+            return torch.stack([sizes, tensor])
+        return torch.stack([torch.cat([data, tensor.new_zeros(tensor.numel() - data.numel())]), tensor])
+
+    draws = {}
+    for rank, seed, gather in ((0, 7, rank0_gather), (1, 8, rank1_gather)):
+        _as_rank(monkeypatch, model, rank, 2)
+        monkeypatch.setattr(model, "all_gather", gather)
+        _seed_all(seed)
+        checkpoint: dict = {}
+        model.on_save_checkpoint(checkpoint)
+        draws[rank] = _draws()
+    assert len(checkpoint[ExpertModule.RNG_KEY]) == 2
+
+    _as_rank(monkeypatch, model, rank_at_load, world_at_load)
+    if world_at_load == 2:
+        model.on_load_checkpoint(checkpoint)
+    else:
+        with pytest.warns(UserWarning, match="generator states are of 2 rank"):
+            model.on_load_checkpoint(checkpoint)
+    assert _same(_draws(), draws[restores_rank])
+    assert not _same(draws[0], draws[1])
 
 
 @pytest.mark.gpu

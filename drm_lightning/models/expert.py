@@ -15,6 +15,7 @@ their fingerprint, so ``--ckpt_path`` resume and ``load_from_checkpoint`` work w
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
@@ -398,17 +400,47 @@ class ExpertModule(LightningModule):
             kind, keys, pos, has_gauss, cached = states["numpy"]
             np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
+    def _rng_states_of_every_rank(self) -> list[dict[str, Any]]:
+        """``rng_states`` of every global rank, in rank order: a collective under DDP (every rank saves together).
+
+        The states travel as ``torch.save`` bytes padded to the longest, since ``all_gather`` needs one shape."""
+        states = self.rng_states()
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return [states]
+        buffer = io.BytesIO()
+        torch.save(states, buffer)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8).to(self.device)
+        sizes = [int(n) for n in self.all_gather(torch.tensor([data.numel()], device=self.device)).flatten()]
+        padding = torch.zeros(max(sizes) - data.numel(), dtype=torch.uint8, device=self.device)
+        gathered = self.all_gather(torch.cat([data, padding]))
+        return [
+            torch.load(io.BytesIO(row[:size].cpu().numpy().tobytes()), weights_only=True)
+            for row, size in zip(gathered, sizes, strict=True)
+        ]
+
+    def _restore_rng_states(self, saved: list[dict[str, Any]]) -> None:
+        """This rank's saved states; rank 0's (with a warning) when the world size changed since the save."""
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if len(saved) != world:
+            rank_zero_warn(
+                f"checkpoint: its generator states are of {len(saved)} rank(s) but this fit runs on {world}: every "
+                "rank restores rank 0's, so dropout masks will differ from an uninterrupted run"
+            )
+            rank = 0
+        self.set_rng_states(saved[rank])
+
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep the generators' states, and for LoRA drop the frozen base weights.
 
         Lightning 2.6 saves no RNG state, so without it a resumed fit draws other dropout masks than an
         uninterrupted one. ``ModelCheckpoint`` saves at the end of validation; the next draw in both runs is the
-        next epoch's ``DataLoader`` iterator seed, then its dropout. Under DDP the file holds global rank 0's states
-        (only rank 0 writes), and every rank gets them back on resume: exact for ranks whose generators stayed
-        equal to rank 0's (``seed_everything`` seeds all ranks alike and equal batch shapes draw alike).
+        next epoch's ``DataLoader`` iterator seed, then its dropout. Under DDP each rank's generators differ (their
+        batches do), so the states of every global rank are gathered (Lightning calls this hook on every rank) and
+        stored as a list in rank order.
         """
-        checkpoint[self.RNG_KEY] = self.rng_states()
+        checkpoint[self.RNG_KEY] = self._rng_states_of_every_rank()
         if self.lora is None or "state_dict" not in checkpoint:
             return
         state = checkpoint["state_dict"]
@@ -427,9 +459,9 @@ class ExpertModule(LightningModule):
         skips on resume); the first draw after it is the train ``DataLoader`` iterator seed, as in the
         uninterrupted run after its save.
         """
-        states = checkpoint.get(self.RNG_KEY)
-        if states is not None and self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
-            self.set_rng_states(states)
+        saved = checkpoint.get(self.RNG_KEY)
+        if saved and self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
+            self._restore_rng_states(saved)
         info = checkpoint.get(_CKPT_KEY) or {}
         if not info.get("trainable_only"):
             return
