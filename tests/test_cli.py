@@ -154,6 +154,7 @@ def test_fit_writes_one_task_vector_per_task(experts: dict) -> None:
         meta = read_meta(folder)
         assert (meta.task, meta.label_names, meta.base_model) == (task, TINY_TASKS[task], experts["backbone"])
         assert (folder / "task_vector.safetensors").is_file() and (folder / "head.safetensors").is_file()
+    assert (experts["tmp"] / "root" / "config.yaml").is_file(), "fit records its config in default_root_dir"
 
 
 def test_print_config_shows_linked_and_given_values(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,11 +164,15 @@ def test_print_config_shows_linked_and_given_values(experts: dict, capsys: pytes
     assert f"backbone: {experts['backbone']}" in out and "task: animal" in out and "task_vector_dir:" in out
 
 
-def test_validate_loads_the_expert_from_its_task_vector(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_loads_the_expert_from_its_task_vector(
+    experts: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     task_yaml = experts["tasks"]["sentiment"]
     args = ["validate", "--config", str(experts["model_yaml"]), "--config", str(task_yaml), *QUIET_TRAINER]
+    monkeypatch.chdir(tmp_path)
     assert main([*args, f"--task_vector_dir={experts['tv']['sentiment']}"]) == 0
     assert "val/sentiment/accuracy" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir()), "validate writes nothing into the working folder"
 
 
 def test_merge_writes_model_heads_and_record(experts: dict) -> None:

@@ -97,6 +97,9 @@ class ExpertCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self._parse_only:
             raise _ParsedOnly(self.config)
+        if self.subcommand != "fit":
+            # Only a fit has a run worth recording; validate/test would drop config.yaml into the working folder.
+            self.save_config_callback = None
 
     @override
     def after_instantiate_classes(self) -> None:
