@@ -9,6 +9,7 @@ and for every task the merger later evaluates.
 from __future__ import annotations
 
 import glob
+import inspect
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -190,9 +191,9 @@ class EpochShuffleSampler(Sampler[int]):
 class ClassificationDataModule(LightningDataModule):
     """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
 
-    Subclasses pass their arguments up, call ``save_hyperparameters()``, and implement ``_input_columns``,
-    ``_load_splits`` and ``_collator``. Data is loaded in ``setup`` (per process), never in ``__init__``, so a
-    config can be parsed and checked without touching any file.
+    Subclasses pass their arguments up (``base_arguments(locals())``), call ``save_hyperparameters()``, and
+    implement ``_input_columns``, ``_load_splits`` and ``_collator``. Data is loaded in ``setup`` (per process),
+    never in ``__init__``, so a config can be parsed and checked without touching any file.
     """
 
     def __init__(
@@ -248,6 +249,21 @@ class ClassificationDataModule(LightningDataModule):
         self._raw: Any = None  # datasets.DatasetDict once loaded
         self._carved: tuple[Any, Any] | None = None
         self._ready: dict[str, tuple[Any, dict[Any, int]]] = {}
+
+    @classmethod
+    def base_arguments(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Pick this base's keyword arguments out of a subclass ``__init__``'s ``locals()``.
+
+        Why: every subclass spells out the shared parameters in its own signature (the CLI and ``hparams`` read
+        them there) and would otherwise repeat the whole hand-over list.
+        """
+        own = inspect.signature(ClassificationDataModule.__init__).parameters
+        return {name: values[name] for name, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def _load_hub_dataset(self, dataset: str, dataset_config: str | None, cache_dir: str | None) -> Any:
+        """Load a hub (or local dataset-folder) ``dataset``; errors name the task and the dataset."""
+        source = f"dataset {dataset!r}" + (f" ({dataset_config})" if dataset_config else "")
+        return load_dataset_checked(self.task, source, dataset, dataset_config, cache_dir=cache_dir)
 
     # -- what the model reads -----------------------------------------------------------------------------------
 

@@ -117,22 +117,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
             metrics: Metrics the model reports for this task: ``accuracy``, ``f1``, ``mcc``.
             cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own, ~/.cache/huggingface).
         """
-        super().__init__(
-            task=task,
-            label_names=label_names,
-            label_column=label_column,
-            train_split=train_split,
-            validation_split=validation_split,
-            test_split=test_split,
-            val_fraction=val_fraction,
-            seed=seed,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            max_train_samples=max_train_samples,
-            max_eval_samples=max_eval_samples,
-            metrics=metrics,
-        )
+        super().__init__(**self.base_arguments(locals()))
         if (dataset is None) == (data_dir is None):
             raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_dir (imagefolder)")
         self.save_hyperparameters()
@@ -157,8 +142,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
                 raise DataError(f"task {self.task!r}: data_dir not found: {hp.data_dir!r}")
             source = f"imagefolder {hp.data_dir!r}"
             return load_dataset_checked(self.task, source, "imagefolder", data_dir=hp.data_dir, cache_dir=hp.cache_dir)
-        source = f"dataset {hp.dataset!r}" + (f" ({hp.dataset_config})" if hp.dataset_config else "")
-        return load_dataset_checked(self.task, source, hp.dataset, hp.dataset_config, cache_dir=hp.cache_dir)
+        return self._load_hub_dataset(hp.dataset, hp.dataset_config, hp.cache_dir)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> ImageCollator:
