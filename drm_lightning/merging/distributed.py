@@ -55,6 +55,7 @@ from drm_lightning.merging.merger import (
     MergeResult,
     MergeSetup,
     ShardWriter,
+    check_max_shard_bytes,
     copy_heads,
     merge_parameters,
     merge_task_vectors,
@@ -63,7 +64,7 @@ from drm_lightning.merging.merger import (
     write_index,
     write_merge_record,
 )
-from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
+from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.registry import get_method
 from drm_lightning.task_vectors.format import atomic_dir, open_safetensors
@@ -304,8 +305,7 @@ def _check_options(layout: str, timeout_s: float, max_shard_bytes: int) -> None:
         raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive integer")
+    check_max_shard_bytes(max_shard_bytes)
 
 
 def _entries_to_json(entries: Sequence[PlanEntry]) -> list[list[Any]]:
@@ -539,17 +539,7 @@ def distributed_merge(
                 own = err
         final = _exchange(own, {"timings": timings} if rank == 0 else {}, size, group)
         timings = {k: float(v) for k, v in final[0]["timings"].items()}
-        return MergeResult(
-            output=output,
-            method=setup.method.name,
-            label=setup.method.label,
-            params=setup.params,
-            coefficients=setup.coefficients,
-            timings=timings,
-            rule_counts=summarize(setup.entries),
-            merged_parameters=merged_count,
-            device=str(dev),
-        )
+        return MergeResult.from_setup(setup, output, timings, merged_count, str(dev))
     finally:
         if rank == 0 and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

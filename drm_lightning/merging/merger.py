@@ -97,6 +97,23 @@ class MergeResult:
     merged_parameters: int
     device: str
 
+    @classmethod
+    def from_setup(
+        cls, setup: MergeSetup, output: Path, timings: dict[str, float], merged_parameters: int, device: str
+    ) -> MergeResult:
+        """The result of a merge planned by ``setup``; one constructor for the single-process and distributed paths."""
+        return cls(
+            output=output,
+            method=setup.method.name,
+            label=setup.method.label,
+            params=setup.params,
+            coefficients=setup.coefficients,
+            timings=timings,
+            rule_counts=summarize(setup.entries),
+            merged_parameters=merged_parameters,
+            device=device,
+        )
+
 
 @dataclass
 class MergeSetup:
@@ -521,6 +538,12 @@ def write_merge_record(
     return record
 
 
+def check_max_shard_bytes(max_shard_bytes: int) -> None:
+    """Reject a shard size that is not a positive integer (bools too) before any file is read or written."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive number of bytes")
+
+
 def merge_task_vectors(
     task_vectors: Sequence[str | os.PathLike[str]],
     method: str,
@@ -557,8 +580,7 @@ def merge_task_vectors(
         A ``MergeResult``.
     """
     t_start = time.perf_counter()
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes={max_shard_bytes!r}: expected a positive number of bytes")
+    check_max_shard_bytes(max_shard_bytes)
     setup = prepare_merge(
         task_vectors, method, params, coefficients, base=base, family=family, plan=plan, device=device, output=output
     )
@@ -590,17 +612,7 @@ def merge_task_vectors(
         timings["write"] += time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         write_merge_record(tmp, setup, timings, merged_count, lam=None)
-    return MergeResult(
-        output=Path(output),
-        method=setup.method.name,
-        label=setup.method.label,
-        params=setup.params,
-        coefficients=setup.coefficients,
-        timings=timings,
-        rule_counts=summarize(setup.entries),
-        merged_parameters=merged_count,
-        device=str(setup.device),
-    )
+    return MergeResult.from_setup(setup, Path(output), timings, merged_count, str(setup.device))
 
 
 @torch.no_grad()
