@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -12,3 +14,17 @@ import torch  # noqa: E402  (after the environment above, which transformers rea
 # Tiny models and small SVDs gain nothing from intra-op threads, and on a loaded 2-core machine two threads made
 # LAPACK calls up to 50x slower. Tests that train a real model may raise this for themselves.
 torch.set_num_threads(int(os.environ.get("DRM_TEST_THREADS", "1")))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One tiny saved model per backbone family, plus ``encoder_other`` (an encoder of another seed, so of another
+    fingerprint). Module-scoped: each test module builds its own folders, so none sees another's files."""
+    from tiny_models import make_tiny_model  # lazy: collecting a module that needs no model stays light
+
+    from drm_lightning.models.backbone import FAMILIES
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
+    paths["encoder_other"] = make_tiny_model("encoder", root / "encoder_other", seed=1)
+    return paths

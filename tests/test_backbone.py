@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
-from tiny_models import make_tiny_model
 
 from drm_lightning.models.backbone import FAMILIES, fingerprint, fingerprint_state, load_backbone
 from drm_lightning.models.heads import DecoderHead, EncoderHead, VisionHead, build_head, last_token_index
@@ -20,21 +19,6 @@ EXPECTED_CLASS = {
     "seq2seq": "T5ForConditionalGeneration",
     "vision": "ViTModel",
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads only fight each other on models this small.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {family: make_tiny_model(family, root / family) for family in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
+from tiny_models import SyntheticDataModule, tiny_trainer
 
-from drm_lightning.models.backbone import FAMILIES, fingerprint, load_backbone
+from drm_lightning.models.backbone import fingerprint, load_backbone
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import LoraSettings
 from drm_lightning.task_vectors.apply import apply_task_vector
@@ -31,23 +31,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
 ]
 LABELS = ("negative", "positive")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads only fight each other on models this small.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
-    paths["encoder_other"] = make_tiny_model("encoder", root / "encoder_other", seed=1)
-    return paths
 
 
 CASES = [

