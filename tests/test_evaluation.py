@@ -196,15 +196,6 @@ def make_datamodules(base: str, files: dict[str, dict[str, str]]) -> dict:
 EVAL_TRAINER = dict(accelerator="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they make each step ~6x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two experts fine-tuned (4 short epochs) from one tiny BERT; their task vectors and own validation metrics."""

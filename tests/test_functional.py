@@ -30,15 +30,6 @@ INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat
 SYMMETRIC = [name for name in METHODS if name != "dare"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads; on a shared 2-core box two OpenMP threads only spin. Restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def same_bytes(a: Tensor, b: Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.view(INT_VIEW[a.dtype]), b.view(INT_VIEW[b.dtype]))
 

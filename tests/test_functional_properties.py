@@ -31,15 +31,6 @@ from drm_lightning.merging.registry import METHODS, get_method
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from threads; on a shared 2-core box two OpenMP threads only spin. Restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @st.composite
 def random_deltas(draw: st.DrawFn, full_rank: bool = False) -> tuple[list[Tensor], list[float]]:
     """Generic float64 deltas: a shared part plus noise, or low rank (``2 <= rank < min(n, m)``), sides >= 3.

@@ -40,16 +40,6 @@ class Method:
     cases: tuple[str, ...]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a shared 2-core box the OpenMP spin-waits of two
-    threads make LAPACK calls up to 50x slower; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 COMMON = ("random", "rank_deficient", "zero_task", "tiny_task", "all_zero", "clustered_tasks")
 CLUSTER_SAFE = (*COMMON, "clustered")
 

@@ -45,16 +45,6 @@ QUERY = "encoder.layer.0.attention.self.query.weight"
 LAST_DENSE = "encoder.layer.1.output.dense.weight"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP workers make
-    the SVD methods 100× slower; restored afterwards for other modules."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("merger")
