@@ -69,6 +69,23 @@ def dare(
     return task_arithmetic(kept, c)
 
 
+def _task_blocks(basis: Tensor, t: int, s: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Split the stacked singular basis into its T row blocks; per block, unit columns (a column of norm <= 1e-6
+    stays zero) and the task's singular values s·ν. The same step for DRM-V (U blocks) and DRM-H (V blocks)."""
+    size = basis.shape[0] // t
+    hats, s_task = [], []
+    for i in range(t):
+        block = basis[i * size : (i + 1) * size]
+        nu = block.norm(dim=0)
+        cols = torch.zeros_like(block)
+        for j in range(block.shape[1]):
+            if nu[j] > 1e-6:
+                cols[:, j] = block[:, j] / nu[j]
+        hats.append(cols)
+        s_task.append(s * nu)
+    return hats, s_task
+
+
 def drm_vertical(
     deltas: list[Tensor], drop_rate: float = 0.8, c: list[float] | None = None, rank_tol: float = 1e-2, dtype=F64
 ) -> Tensor:
@@ -80,16 +97,7 @@ def drm_vertical(
         return torch.zeros(n, m, dtype=dtype)
     r = int((s > rank_tol * s[0]).sum())
     u, s, v = u[:, :r], s[:r], vh[:r].T
-    u_hat, s_task = [], []
-    for i in range(t):
-        u_i = u[i * n : (i + 1) * n]
-        nu = u_i.norm(dim=0)
-        cols = torch.zeros_like(u_i)
-        for j in range(r):
-            if nu[j] > 1e-6:
-                cols[:, j] = u_i[:, j] / nu[j]
-        u_hat.append(cols)
-        s_task.append(s * nu)
+    u_hat, s_task = _task_blocks(u, t, s)
     pruned = keep_top(torch.stack(u_hat), 1 - drop_rate)
     blocks = [pruned[i] @ torch.diag(s_task[i]) for i in range(t)]
     return elect_merge(blocks, _c(deltas, c)) @ v.T
@@ -106,16 +114,7 @@ def drm_horizontal(
         return torch.zeros(n, m, dtype=dtype)
     r = int((s > rank_tol * s[0]).sum())
     u, s, v = u[:, :r], s[:r], vh[:r].T  # v: [T m, r]
-    v_hat, s_task = [], []
-    for i in range(t):
-        v_i = v[i * m : (i + 1) * m]
-        nu = v_i.norm(dim=0)
-        cols = torch.zeros_like(v_i)
-        for j in range(r):
-            if nu[j] > 1e-6:
-                cols[:, j] = v_i[:, j] / nu[j]
-        v_hat.append(cols)
-        s_task.append(s * nu)
+    v_hat, s_task = _task_blocks(v, t, s)
     pruned = keep_top(torch.stack(v_hat), 1 - drop_rate)
     blocks = [torch.diag(s_task[i]) @ pruned[i].T for i in range(t)]  # [r, m]
     return u @ elect_merge(blocks, _c(deltas, c))
