@@ -1,10 +1,9 @@
 """The quickstart recipe with the real all-MiniLM-L6-v2 on a slice of the demo data, end to end, offline.
 
-Everything in ``recipes/quickstart.yaml`` runs as shipped (the four demo tasks, the model and trainer settings, all
-seven merge methods with their parameters) except what the command line shrinks: training and evaluation samples
-(with a learning rate to match), and λ, which is searched for the first method only and fixed for the others (the
-search itself is covered by ``test_pipeline_e2e.py``). Budget: about 150 s on 2 dedicated CPU cores (measured:
-~240 s of CPU time, 4-5 minutes wall on the shared development machine).
+Everything in ``recipes/quickstart.yaml`` runs as shipped (the four demo tasks, the model and trainer settings, the
+merge methods' parameters) except what the command line shrinks: training and evaluation samples (with a learning
+rate to match), four of the seven methods, and λ, which is searched for the first method only and fixed for the
+others (the search itself is covered by ``test_pipeline_e2e.py``). Budget: about 150 s on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -21,9 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 
+#: The recipe's methods this test merges with: one of each family (DRM, the isotropic SVD merges, TSV, the sum), so
+#: the test stays within its time budget; every method's merge is exercised by the merging tests.
+TESTED_METHODS = ("drm_v", "iso_c", "tsv_m", "task_arithmetic")
+
+
 def _methods_with_short_search() -> list[dict]:
-    """The recipe's methods: the first keeps a 2-point λ search, the others take the middle of their grid."""
-    methods = yaml.safe_load(RECIPE.read_text())["methods"]
+    """The recipe's methods (``TESTED_METHODS``, with their shipped parameters): the first keeps a 2-point λ search,
+    the others take λ from the middle of their grid."""
+    methods = [m for m in yaml.safe_load(RECIPE.read_text())["methods"] if m["method"] in TESTED_METHODS]
+    assert [m["method"] for m in methods] == list(TESTED_METHODS)
     out = []
     for i, method in enumerate(methods):
         grid = method.pop("lambdas")
