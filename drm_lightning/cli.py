@@ -15,14 +15,17 @@ Why a small dispatcher in front: ``fit``/``validate``/``test`` are Lightning's o
 docstrings become ``--help``. Both are parsed by jsonargparse, so every YAML key is checked against a real
 signature. This module imports nothing heavy, so ``drm-lightning --help`` answers at once.
 
-Errors: bad input (a ``ValueError`` such as ``TaskVectorError``, a missing file, a malformed command line) prints
-one line ``drm-lightning: error: <message>`` on stderr and exits with status 1; ``--debug`` (anywhere on the line)
-or ``DRM_LIGHTNING_DEBUG=1`` shows the traceback instead.
+Errors: bad input (a ``ValueError`` such as ``TaskVectorError``, a malformed command line, an ``OSError`` such as a
+missing file or a full disk, a pickle that ``torch.load(weights_only=True)`` refuses) prints one line
+``drm-lightning: error: <message>`` on stderr, naming the file where known, and exits with status 1; ``--debug``
+(anywhere on the line) or ``DRM_LIGHTNING_DEBUG=1`` shows the traceback instead. Programming errors (``TypeError``,
+``AttributeError``, ...) always keep their traceback.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,13 +37,13 @@ DEBUG_ENV = "DRM_LIGHTNING_DEBUG"
 
 #: Exceptions that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
 #: (jsonargparse's ``ArgumentError``, a malformed command line or config, is added where it is imported.)
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,
-    FileNotFoundError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
+#: ``OSError`` covers missing files, permissions and a full disk (ENOSPC): the environment, not the code, is at fault.
+#: ``pickle.UnpicklingError`` is what ``torch.load(weights_only=True)`` raises for an unsafe checkpoint.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError)
+
+#: Local names under which the frames between us and ``torch.load`` hold the path being loaded (torch's ``f``,
+#: Lightning's ``path_or_url`` / ``checkpoint_path``), innermost first: the file a refused pickle came from.
+_LOAD_PATH_NAMES = ("f", "path_or_url", "checkpoint_path", "ckpt_path")
 
 _SUMMARY = {
     "fit": "fine-tune one expert (LightningCLI); its task vector is written when fitting ends",
@@ -72,12 +75,41 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+def _loaded_path(err: BaseException) -> str | None:
+    """The path a failed ``torch.load`` was reading, found in the traceback's frames (innermost first).
+
+    Why: torch's "Weights only load failed" message does not name the file, and the loader (Lightning's checkpoint
+    connector) is not ours to wrap; the frames still hold the path.
+    """
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for name in _LOAD_PATH_NAMES:
+            value = frame.f_locals.get(name)
+            if isinstance(value, str | os.PathLike):
+                return os.fspath(value)
+    return None
+
+
 def _one_line(err: BaseException) -> str:
-    """An exception as one line: nested jsonargparse messages are joined, whitespace collapsed."""
+    """An exception as one line: nested jsonargparse messages are joined, whitespace collapsed.
+
+    An ``OSError`` keeps its errno text and file name (``str`` drops them when built from a message alone); a refused
+    pickle names the file it came from.
+    """
     text = " ".join(str(err).split())
-    if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError | PermissionError):
+    if isinstance(err, OSError):
+        if err.strerror and err.strerror not in text:
+            text = f"{err.strerror}: {text}" if text else err.strerror
         if err.filename is not None and str(err.filename) not in text:
             text = f"{text}: {err.filename}"
+    elif isinstance(err, pickle.UnpicklingError):
+        path = _loaded_path(err)
+        head = f"refused to load {path} (not a weights-only checkpoint)" if path else "refused to unpickle"
+        text = f"{head}: {text}"
     return text or type(err).__name__
 
 

@@ -294,3 +294,57 @@ def test_debug_shows_the_traceback(experts: dict, how: str, monkeypatch: pytest.
         monkeypatch.setenv("DRM_LIGHTNING_DEBUG", "1")
     with pytest.raises(ValueError, match="nope"):
         main(args)
+
+
+def _load_refused(path: str) -> None:
+    """What ``torch.load(path, weights_only=True)`` does with an unsafe pickle, without writing one."""
+    import pickle
+
+    def load(f: str) -> None:
+        raise pickle.UnpicklingError("Weights only load failed.\n  Unsupported global: GLOBAL builtins.exec")
+
+    path_or_url = path  # the name Lightning's loader keeps the path under
+    load(path_or_url)
+
+
+def _raise(err: BaseException):
+    def run(command: str, args: list[str]) -> None:
+        raise err
+
+    return run
+
+
+def _refuse_pickle(command: str, args: list[str]) -> None:
+    _load_refused("/ckpts/evil.ckpt")
+
+
+#: (what ``_run`` does, words the one error line must hold); every row exits 1 with one line and no traceback.
+ENVIRONMENT_ERRORS = [
+    (_raise(OSError(28, "No space left on device", "/out/model.safetensors")), ["No space left", "model.safetensors"]),
+    (_raise(OSError(28, "No space left on device")), ["No space left on device"]),
+    (_raise(FileNotFoundError(2, "No such file or directory", "/x/meta.json")), ["No such file", "/x/meta.json"]),
+    (_raise(PermissionError(13, "Permission denied", "/ro/out")), ["Permission denied", "/ro/out"]),
+    (_raise(IsADirectoryError(21, "Is a directory", "/tmp")), ["Is a directory", "/tmp"]),
+    (_refuse_pickle, ["/ckpts/evil.ckpt", "Weights only load failed", "Unsupported global"]),
+]
+
+
+@pytest.mark.parametrize(("run", "words"), ENVIRONMENT_ERRORS)
+def test_environment_errors_are_one_line(
+    run, words: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("drm_lightning.cli._run", run)
+    monkeypatch.delenv("DRM_LIGHTNING_DEBUG", raising=False)
+    assert main(["merge"]) == 1
+    err = capsys.readouterr().err
+    lines = _error_lines(err)
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("drm-lightning: error: "), err
+    assert all(w in lines[0] for w in words), lines
+
+
+@pytest.mark.parametrize("error", [TypeError("bad type"), AttributeError("no attr"), KeyError("k"), RuntimeError("x")])
+def test_programming_errors_keep_their_traceback(error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("drm_lightning.cli._run", _raise(error))
+    monkeypatch.delenv("DRM_LIGHTNING_DEBUG", raising=False)
+    with pytest.raises(type(error)):
+        main(["merge"])

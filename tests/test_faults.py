@@ -425,12 +425,6 @@ def test_disk_full_mid_merge_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="cli.py: OSError other than FileNotFoundError/PermissionError (here ENOSPC) is not a user error, so a "
-    "full disk prints a traceback instead of one 'drm-lightning: error:' line",
-)
 def test_disk_full_through_the_cli_is_one_error_line(
     world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
