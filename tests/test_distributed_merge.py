@@ -397,3 +397,71 @@ def test_two_processes_equal_one_bit_for_bit(
         assert [s["parameters"] > 0 for s in shares] == [True, True]  # both ranks really merged something
         assert sum(s["parameters"] for s in shares) == record["merged_parameters"] == got[0]["merged"]
         assert not list(work.glob(f".{name}.parts-*"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The CLI: `drm-lightning merge` under torchrun
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _model_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.multiprocess
+def test_cli_merge_under_torchrun_equals_one_process(root: Path, dense_tvs: list[Path]) -> None:
+    """Two ranks share Δ_merged; rank 0 alone writes the model folder, whose tensors equal a one-process run's."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("DRM_LIGHTNING_DEBUG", None)
+    work = root / "cli"
+    tvs = "[" + ",".join(map(str, dense_tvs)) + "]"
+    args = ["merge", "--task_vectors", tvs, "--method", "drm_v", "--lam", "1.0", "--device", "cpu"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    two = subprocess.Popen(
+        [*launch, "-m", "drm_lightning.cli", *args, "--output", str(work / "two")],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        one = subprocess.run(
+            [sys.executable, "-m", "drm_lightning.cli", *args, "--output", str(work / "one")],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        two_out, _ = two.communicate(timeout=120)
+    except BaseException:
+        two.kill()
+        two.communicate()
+        raise
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert two.returncode == 0, two_out[-4000:]
+    assert two_out.count("merged model:") == 1, two_out[-4000:]  # one rank wrote the folder
+    assert read_merge_record(work / "two_delta")["distributed"]["world_size"] == 2
+    got, ref = _model_tensors(work / "two"), _model_tensors(work / "one")
+    assert got and sorted(got) == sorted(ref)
+    assert [k for k in ref if not torch.equal(got[k], ref[k])] == []
+    assert sorted(p.name for p in (work / "two").rglob("*")) == sorted(p.name for p in (work / "one").rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("environ", "source"),
+    [({"WORLD_SIZE": "2", "RANK": "0"}, "torchrun"), ({"WORLD_SIZE": "2", "RANK": "1"}, "torchrun")],
+)
+def test_cli_merge_refuses_lambda_search_on_several_processes(
+    root: Path, dense_tvs: list[Path], no_launcher: None, monkeypatch: pytest.MonkeyPatch, environ, source: str
+) -> None:
+    from drm_lightning.commands.merge import merge
+
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    out = root / f"search_{environ['RANK']}"
+    with pytest.raises(ValueError, match=rf"lam='search' under {source} \(2 processes\).*--lam"):
+        merge([str(p) for p in dense_tvs], str(out), method="drm_v", lam="search", tasks=["unused.yaml"])
+    assert not out.exists() and not Path(f"{out}_delta").exists()

@@ -11,6 +11,10 @@ Two steps, as the merger is built: Δ_merged is computed once (``merge_task_vect
 then ``W_0 + λ·Δ_merged`` is written as a ``save_pretrained`` folder with the task heads and ``merge.json``
 (``apply_merged_delta``). With ``--lam search`` λ is chosen on the tasks' validation splits first; keeping the
 delta folder lets a later ``evaluate --model <output>_delta --lam <λ>`` try another λ without merging again.
+
+Under torchrun or srun the first step is shared by the ranks (``merge_task_vectors_distributed``, which is exactly
+``merge_task_vectors`` on one process); the second writes one folder, so only global rank 0 runs it and the other
+ranks return as soon as Δ_merged is complete. ``--lam search`` runs a one-device Trainer and is refused there.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ def merge(
     Returns:
         The merged model folder.
     """
-    from drm_lightning.merging.merger import _check_output, apply_merged_delta, merge_task_vectors
+    from drm_lightning.merging.distributed import detect_world, is_global_zero, merge_task_vectors_distributed
+    from drm_lightning.merging.merger import _check_output, apply_merged_delta
     from drm_lightning.merging.plan import MergePlan
 
     if not task_vectors:
@@ -72,6 +77,12 @@ def merge(
     search = lam == "search"
     if search and not tasks:
         raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
+    world = detect_world()
+    if search and world.world_size > 1:
+        raise ValueError(
+            f"lam='search' under {world.source} ({world.world_size} processes): the λ search validates on one "
+            "device; merge with a fixed --lam here, or run --lam search as one process"
+        )
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
     # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
@@ -84,10 +95,12 @@ def merge(
         plan_kwargs["exclude"] = list(exclude)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
 
-    result = merge_task_vectors(
+    result = merge_task_vectors_distributed(
         task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
     )
     seconds = result.timings["total"]
+    if not is_global_zero():  # rank 0 alone applies λ and writes the model folder, heads and merge.json
+        return Path(output)
     print(f"merged {len(task_vectors)} task vectors with {result.label} in {seconds:.1f}s", file=sys.stderr)
     search_record = None
     if search:
