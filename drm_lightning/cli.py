@@ -25,9 +25,9 @@ missing file or a full disk, a pickle that ``torch.load(weights_only=True)`` ref
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from collections.abc import Sequence
+from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
 
 PROG = "drm-lightning"
@@ -38,8 +38,8 @@ DEBUG_ENV = "DRM_LIGHTNING_DEBUG"
 #: Exceptions that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
 #: (jsonargparse's ``ArgumentError``, a malformed command line or config, is added where it is imported.)
 #: ``OSError`` covers missing files, permissions and a full disk (ENOSPC): the environment, not the code, is at fault.
-#: ``pickle.UnpicklingError`` is what ``torch.load(weights_only=True)`` raises for an unsafe checkpoint.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError)
+#: ``UnpicklingError`` is what ``torch.load(weights_only=True)`` raises for an unsafe checkpoint.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, UnpicklingError)
 
 #: Local names under which the frames between us and ``torch.load`` hold the path being loaded (torch's ``f``,
 #: Lightning's ``path_or_url`` / ``checkpoint_path``), innermost first: the file a refused pickle came from.
@@ -106,7 +106,7 @@ def _one_line(err: BaseException) -> str:
             text = f"{err.strerror}: {text}" if text else err.strerror
         if err.filename is not None and str(err.filename) not in text:
             text = f"{text}: {err.filename}"
-    elif isinstance(err, pickle.UnpicklingError):
+    elif isinstance(err, UnpicklingError):
         path = _loaded_path(err)
         head = f"refused to load {path} (not a weights-only checkpoint)" if path else "refused to unpickle"
         text = f"{head}: {text}"
