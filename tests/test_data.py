@@ -118,7 +118,7 @@ def test_label_mapping_rules(feature: Any, expected: dict) -> None:
 def test_sentence_pairs_are_encoded_as_pairs(tmp_path: Path) -> None:
     columns = {
         "premise": ["the cat sat", "a dog ran"],
-        "hypothesis": ["a cat sat down", "nothing moved"],
+        "hypothesis": ["a cat sat down", "nothing moved at all"],  # rows already in length order
         "label": [1, 0],
     }
     files = {split: write_split(tmp_path / "d", split, columns) for split in ("train", "validation")}
@@ -142,6 +142,21 @@ def test_max_length_truncates(tmp_path: Path) -> None:
     dm = make_dm(tmp_path, files, max_length=16)
     dm.setup("validate")
     assert next(iter(dm.val_dataloader()))["input_ids"].shape == (2, 16)
+
+
+def test_eval_loaders_batch_rows_by_length_and_predict_keeps_the_stored_order(tmp_path: Path) -> None:
+    texts = ["a much longer text than the others here", "tiny", "medium sized text", "mid text", "x y"]
+    columns = {"text": texts, "label": ["neg", "pos", "neg", "pos", "neg"]}
+    files = {split: write_split(tmp_path / "d", split, columns) for split in ("train", "validation", "test")}
+    dm = make_dm(tmp_path, files, eval_batch_size=2)
+    dm.setup("test")
+    by_length = sorted(texts, key=len)
+    assert all_batches(dm.val_dataloader())["texts"] == by_length
+    assert all_batches(dm.test_dataloader())["texts"] == by_length
+    assert all_batches(dm.predict_dataloader())["texts"] == texts
+    # fewer padded tokens than the stored order: each batch pads to alike lengths
+    padded = sum(b["input_ids"].numel() for b in dm.test_dataloader())
+    assert padded < sum(b["input_ids"].numel() for b in dm.predict_dataloader())
 
 
 @pytest.mark.parametrize("validation_split", [None, "validation_matched"])

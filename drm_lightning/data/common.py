@@ -363,19 +363,28 @@ class ClassificationDataModule(LightningDataModule):
             raise DataError(f"task {self.task!r}: {role}_split {name!r} not found; available splits: {available}")
         return name
 
-    def _loader(self, role: str, shuffle: bool) -> DataLoader:
+    def _loader(self, role: str, shuffle: bool, by_length: bool = True) -> DataLoader:
         """A loader for ``role``; a shuffled one orders each epoch by ``(seed, epoch)`` so resumed runs match."""
         dataset = self.split(role)
         _, mapping = self._ready[role]
+        sampler: Any = None
+        if shuffle:
+            sampler = EpochShuffleSampler(len(dataset), self._seed)
+        elif by_length:
+            sampler = self._eval_order(dataset)
         return DataLoader(
             dataset,
             batch_size=self._batch_size if role == "train" else self._eval_batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self._seed) if shuffle else None,
+            sampler=sampler,
             collate_fn=self._collator(mapping),
             num_workers=self._num_workers,
             persistent_workers=self._num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _eval_order(self, dataset: Any) -> list[int] | None:
+        """Order of validation/test rows (None: as stored). Metrics are order-free; subclasses may batch alike rows."""
+        return None
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -391,4 +400,4 @@ class ClassificationDataModule(LightningDataModule):
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test", shuffle=False, by_length=False)  # predictions come back in the stored order
