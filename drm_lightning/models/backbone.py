@@ -23,12 +23,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from drm_lightning.models.resolve import resolve_pretrained
+from drm_lightning.task_vectors.format import TORCH_DTYPES
+
+if TYPE_CHECKING:
+    from drm_lightning.task_vectors.format import TaskVectorMeta
 
 FAMILIES = ("encoder", "decoder", "seq2seq", "vision")
 
@@ -40,6 +45,21 @@ def check_family(family: str) -> str:
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}: expected one of {FAMILIES}")
     return family
+
+
+def parse_dtype(torch_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` (or ``torch.bfloat16``) -> ``torch.bfloat16``; None stays None; anything else is refused."""
+    if torch_dtype is None:
+        return None
+    name = dtype_name(torch_dtype) if isinstance(torch_dtype, torch.dtype) else torch_dtype
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {TORCH_DTYPES} or None")
+    return getattr(torch, name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: how a dtype is written to meta.json and merge.json."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _accepts_pooling_flag(config: transformers.PretrainedConfig) -> bool:
@@ -55,7 +75,7 @@ def load_backbone(
     name: str,
     family: str = "encoder",
     *,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
 ) -> transformers.PreTrainedModel:
@@ -64,7 +84,7 @@ def load_backbone(
     Args:
         name: hub id, ``save_pretrained`` folder, or ``package://<module>/<subpath>``.
         family: one of ``FAMILIES``.
-        torch_dtype: weights dtype (``None`` keeps the checkpoint's default, float32 for most).
+        torch_dtype: weights dtype, a ``torch.dtype`` or its name (``None`` keeps the checkpoint's own dtype).
         trust_remote_code: off by default: nothing executable is loaded unless asked.
         gguf_file: a GGUF file name inside ``name`` (SmolLM2-style folders); dequantised on load.
 
@@ -72,6 +92,7 @@ def load_backbone(
         The model in eval mode, as ``from_pretrained`` leaves it.
     """
     check_family(family)
+    torch_dtype = parse_dtype(torch_dtype)
     path = resolve_pretrained(name)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if gguf_file is not None:
@@ -86,6 +107,34 @@ def load_backbone(
         if _accepts_pooling_flag(config):
             kwargs["add_pooling_layer"] = False
     return AutoModel.from_pretrained(path, **kwargs)
+
+
+def load_recorded_base(
+    meta: TaskVectorMeta,
+    *,
+    name: str | None = None,
+    family: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+) -> transformers.PreTrainedModel:
+    """Load the base model a task vector was taken against, the way its expert loaded it.
+
+    Why: the fingerprint in ``meta.json`` is of the weights *as loaded* (dtype included), so a base fitted with
+    ``torch_dtype=bfloat16`` or from a GGUF file must be reloaded the same way. Every argument left ``None`` takes
+    the recorded value (``meta.base_model``, ``meta.family``, ``meta.torch_dtype``, ``meta.gguf_file``); an explicit
+    one wins. ``trust_remote_code`` is never taken from the file: running a model folder's code stays opt-in.
+    """
+    options = meta.load_options(
+        dtype_name(torch_dtype) if isinstance(torch_dtype, torch.dtype) else torch_dtype, gguf_file
+    )
+    return load_backbone(
+        name if name is not None else meta.base_model,
+        family if family is not None else meta.family,
+        torch_dtype=options["torch_dtype"],
+        gguf_file=options["gguf_file"],
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def fingerprint(module: torch.nn.Module) -> str:

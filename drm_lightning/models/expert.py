@@ -33,13 +33,12 @@ from torch import nn
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
 
-from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone
+from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone, parse_dtype
 from drm_lightning.models.heads import POOLINGS, DecoderHead, EncoderHead, VisionHead, build_head
 from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.resolve import resolve_pretrained
 
 METRICS = ("accuracy", "mcc", "f1")
-TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _CKPT_KEY = "drm_lightning"
 
 # Lets ``from_task_vector`` hand an already-built backbone module to ``__init__`` without making a live module a
@@ -54,15 +53,6 @@ def _preloaded(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         _PRELOADED_BACKBONE.reset(token)
-
-
-def parse_dtype(torch_dtype: str | None) -> torch.dtype | None:
-    """``"bfloat16"`` -> ``torch.bfloat16``; None stays None."""
-    if torch_dtype is None:
-        return None
-    if torch_dtype not in TORCH_DTYPES:
-        raise ValueError(f"torch_dtype={torch_dtype!r}: expected one of {TORCH_DTYPES} or None")
-    return getattr(torch, torch_dtype)
 
 
 def _metric(name: str, num_classes: int):
@@ -499,8 +489,10 @@ class ExpertModule(LightningModule):
                 used as is (shared, not copied).
             with_task_vector: add the folder's own deltas (dense, or ``scale * B @ A``) onto the backbone weights,
                 which reproduces the fine-tuned expert. With a module passed in, that module is changed in place.
-            torch_dtype, gguf_file, trust_remote_code: how to load ``meta.base_model`` (``gguf_file`` only applies to
-                it, as merged models are saved as safetensors).
+            torch_dtype, gguf_file, trust_remote_code: how to load ``meta.base_model``; ``torch_dtype`` and
+                ``gguf_file`` default to the values meta.json records (how the expert loaded it, which its
+                fingerprint depends on). A model named by ``backbone`` takes ``torch_dtype`` only when given (else
+                its checkpoint's dtype), and never ``gguf_file``, as merged models are saved as safetensors.
         """
         from drm_lightning.task_vectors.apply import apply_task_vector
         from drm_lightning.task_vectors.format import read_head, read_meta
@@ -515,17 +507,16 @@ class ExpertModule(LightningModule):
             "label_names": list(meta.label_names),
             "pooling": head_cfg.get("pooling", "cls"),
             "head_dropout": head_cfg.get("dropout", 0.1),
-            "torch_dtype": torch_dtype,
             "trust_remote_code": trust_remote_code,
             "tokenizer": meta.base_model,
         }
         if isinstance(backbone, nn.Module):
             with _preloaded(backbone):
-                model = cls(backbone=meta.base_model, **kwargs)
+                model = cls(backbone=meta.base_model, torch_dtype=torch_dtype, **kwargs)
         elif backbone is None:
-            model = cls(backbone=meta.base_model, gguf_file=gguf_file, **kwargs)
+            model = cls(backbone=meta.base_model, **meta.load_options(torch_dtype, gguf_file), **kwargs)
         else:
-            model = cls(backbone=str(backbone), **kwargs)
+            model = cls(backbone=str(backbone), torch_dtype=torch_dtype, **kwargs)
         if model.head is not None:
             if head_cfg and build_head(head_cfg).config() != model.head_config():
                 raise ValueError(f"{folder}/meta.json: head {head_cfg!r} does not match {model.head_config()!r}")

@@ -10,14 +10,18 @@ What it writes, into ``output_dir`` (default ``<trainer.default_root_dir>/task_v
   (T5's ``shared`` / ``lm_head``) appear once, under the name ``named_parameters()`` gives them.
 - ``head.safetensors``: the task head's state dict (empty for T5, whose LM head is part of the backbone).
 - ``meta.json``: task, kind (dense | lora), family, label names, base model (as configured, e.g.
-  ``package://...``) and the fingerprint of its pretrained weights, LoRA r/alpha/scale/targets/dropout, head
-  constructor arguments, the expert's validation metrics (``val/...`` from ``trainer.callback_metrics``) and
-  library versions.
+  ``package://...``), how it was loaded (``torch_dtype``, ``gguf_file``) and the fingerprint of its weights as
+  loaded, LoRA r/alpha/scale/targets/dropout, head constructor arguments, the expert's validation metrics
+  (``val/...`` from ``trainer.callback_metrics``) and library versions.
 
 ``W_0`` is reloaded with ``load_backbone`` at the end on global rank 0 (one extra model in memory for a moment)
 rather than copied at the start (an extra model for the whole run). Under FSDP / model parallelism every rank joins
 the full-state-dict gather (``torch.distributed.checkpoint.state_dict.get_model_state_dict``); only global rank 0
 reloads and writes, and all ranks meet at a barrier afterwards.
+
+Before the reload, rank 0 checks that the output's filesystem can hold the task vector (an upper-bound estimate
+from the trained tensors' sizes, ``estimate_task_vector_bytes``); a full disk is refused in a second, naming the
+folder and the sizes, and the error reaches every rank like any other failure there.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ from typing_extensions import override
 from drm_lightning.models.backbone import fingerprint, load_backbone
 from drm_lightning.models.expert import ExpertModule, parse_dtype
 from drm_lightning.models.lora import backbone_name, split_lora_state
-from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, library_versions, write_task_vector
+from drm_lightning.task_vectors.format import (
+    LoraMeta,
+    TaskVectorMeta,
+    check_free_space,
+    library_versions,
+    write_task_vector,
+)
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -62,6 +72,47 @@ def gather_state_dict(trainer: Trainer, pl_module: LightningModule) -> dict[str,
     return {_clean(k): v for k, v in pl_module.state_dict().items()}
 
 
+def _trained_parts(
+    expert: ExpertModule, state: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(lora_factors, rest)`` of the trained backbone tensors in ``state``, under plain backbone names.
+
+    LoRA factors are stored as trained; ``rest`` are fine-tuned weights whose deltas against ``W_0`` get stored.
+    """
+    trained = sorted(_clean(n) for n, p in expert.backbone.named_parameters() if p.requires_grad)
+    missing = [n for n in trained if f"backbone.{n}" not in state]
+    if missing:
+        raise ValueError(f"state dict of task {expert.task!r} lacks trained parameter(s) {missing[:3]}")
+    trained_state = {n: state[f"backbone.{n}"] for n in trained}
+    if expert.lora is not None:
+        return split_lora_state(trained_state)
+    return {}, {backbone_name(n): t for n, t in trained_state.items()}
+
+
+def _delta_dtype(tuned: torch.Tensor) -> torch.dtype:
+    """Deltas are stored in float32, or float64 for float64 weights (bf16/fp16 weights would lose the delta)."""
+    return torch.float64 if tuned.dtype == torch.float64 else torch.float32
+
+
+#: Allowance for ``meta.json`` in the size estimate (labels, metrics, versions: a few KiB in practice).
+_META_ALLOWANCE = 64 * 1024
+
+
+def estimate_task_vector_bytes(expert: ExpertModule, state: dict[str, torch.Tensor]) -> int:
+    """Bytes ``build_task_vector`` + ``write_task_vector`` will put on disk at most, without loading ``W_0``.
+
+    Why before the reload: refusing a full disk must not first cost a model load (and, for a big model, minutes).
+    An upper bound: with ``skip_zero`` the deltas that stayed exactly zero are left out.
+    """
+    factors, rest = _trained_parts(expert, state)
+    nbytes = sum(t.numel() * t.element_size() for t in factors.values())
+    nbytes += sum(t.numel() * _delta_dtype(t).itemsize for t in rest.values())
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    nbytes += sum(t.numel() * t.element_size() for t in head.values())
+    header = sum(len(name) + 96 for name in (*factors, *rest, *head)) + 128
+    return nbytes + header + _META_ALLOWANCE
+
+
 def build_task_vector(
     expert: ExpertModule,
     state: dict[str, torch.Tensor],
@@ -78,6 +129,7 @@ def build_task_vector(
         skip_zero: leave out dense deltas that are exactly zero (the format reads absent as zero).
     """
     hp = expert.hparams
+    deltas, rest = _trained_parts(expert, state)
     base = load_backbone(
         hp.backbone,
         expert.family,
@@ -86,19 +138,10 @@ def build_task_vector(
         gguf_file=hp.gguf_file,
     )
     base_state = base.state_dict()
-    trained = sorted(_clean(n) for n, p in expert.backbone.named_parameters() if p.requires_grad)
-    missing = [n for n in trained if f"backbone.{n}" not in state]
-    if missing:
-        raise ValueError(f"state dict of task {expert.task!r} lacks trained parameter(s) {missing[:3]}")
-    trained_state = {n: state[f"backbone.{n}"] for n in trained}
-    if expert.lora is not None:
-        deltas, rest = split_lora_state(trained_state)
-    else:
-        deltas, rest = {}, {backbone_name(n): t for n, t in trained_state.items()}
     for name, tuned in rest.items():
         if name not in base_state:
             raise ValueError(f"trained parameter {name!r} of task {expert.task!r} is not in the reloaded {hp.backbone}")
-        dtype = torch.float64 if tuned.dtype == torch.float64 else torch.float32
+        dtype = _delta_dtype(tuned)
         delta = tuned.detach().to("cpu", dtype) - base_state[name].to(dtype)
         if skip_zero and not delta.any():
             continue
@@ -119,6 +162,8 @@ def build_task_vector(
         base_model=hp.backbone,
         base_fingerprint=fingerprint(base),
         family=expert.family,
+        torch_dtype=hp.torch_dtype,
+        gguf_file=hp.gguf_file,
         label_names=list(expert.label_names or []),
         lora=lora,
         head=expert.head_config(),
@@ -170,6 +215,8 @@ class TaskVectorCallback(Callback):
         if trainer.is_global_zero:
             try:
                 folder = self.resolve_output_dir(trainer, pl_module)
+                # Before W_0 is reloaded: a disk that cannot hold the task vector is refused at once.
+                check_free_space({folder: estimate_task_vector_bytes(pl_module, state)}, "task vector")
                 deltas, head, meta = build_task_vector(
                     pl_module, state, validation_metrics(trainer), skip_zero=self.skip_zero
                 )

@@ -19,13 +19,21 @@ two entries, ``name + ".lora_A"`` of shape ``[r, in]`` and ``name + ".lora_B"`` 
 Other backbone parameters that the LoRA run also trained may appear as plain dense deltas under their own names.
 
 Everything is safetensors and JSON: nothing executable is ever loaded.
+
+Free space: ``write_task_vector`` (and the merger, through ``check_free_space``) refuses up front, before a byte is
+written, when the target's filesystem has clearly too little room (``InsufficientSpaceError``). The probe is the
+module-level ``disk_free_bytes``, so tests simulate a small disk by replacing it; ``DRM_LIGHTNING_SKIP_SPACE_CHECK=1``
+turns the check off where a filesystem reports free space wrongly. A disk that fills anyway mid-write still fails
+with ``ENOSPC`` and leaves nothing behind (``atomic_dir``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -44,10 +52,27 @@ HEAD_FILE = "head.safetensors"
 META_FILE = "meta.json"
 LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
+#: Weight dtypes a base model may be loaded in (``ExpertModule(torch_dtype=...)``, ``meta.json["torch_dtype"]``).
+TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: Environment variable that turns the up-front free-space check off (``1``/``true``/``yes``).
+SKIP_SPACE_CHECK_ENV = "DRM_LIGHTNING_SKIP_SPACE_CHECK"
+#: Room kept free beyond an estimate: filesystem blocks, safetensors headers, JSON files, estimates' slack.
+SPACE_MARGIN_BYTES = 1024**2
+SPACE_MARGIN_FRACTION = 0.01
 
 
 class TaskVectorError(ValueError):
     """A task vector folder that cannot be used; the message names the file and the key or value at fault."""
+
+
+class InsufficientSpaceError(OSError):
+    """A write refused up front: the target's filesystem has too little free space; the message names the folder,
+    the bytes needed and the bytes free. An ``OSError`` with ``errno == ENOSPC``, like a disk that fills mid-write,
+    so callers that handle a full disk handle this too (the CLI prints it as one error line)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
 
 
 @dataclass
@@ -63,13 +88,21 @@ class LoraMeta:
 
 @dataclass
 class TaskVectorMeta:
-    """What ``meta.json`` holds."""
+    """What ``meta.json`` holds.
+
+    ``torch_dtype`` and ``gguf_file`` record how ``base_model`` was loaded for training (``None``: the checkpoint's
+    own dtype, no GGUF file). The fingerprint is of the weights *as loaded*, so a consumer that reloads the base
+    (merge, evaluation, ``ExpertModule.from_task_vector``) must load it the same way; they default to these values.
+    Both are optional: a meta.json written before they existed reads as ``None``.
+    """
 
     task: str
     kind: Literal["dense", "lora"]
     base_model: str
     base_fingerprint: str
     family: str = "encoder"
+    torch_dtype: str | None = None
+    gguf_file: str | None = None
     label_names: list[str] = field(default_factory=list)
     lora: LoraMeta | None = None
     head: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +135,23 @@ class TaskVectorMeta:
                 raise TaskVectorError(f"{source}: bad 'lora' section {dict(lora)}: {err}") from None
         elif lora is not None:
             data["lora"] = LoraMeta(**lora)
+        dtype = data.get("torch_dtype")
+        if dtype is not None and dtype not in TORCH_DTYPES:
+            raise TaskVectorError(f"{source}: torch_dtype={dtype!r}, expected one of {TORCH_DTYPES} or null")
+        gguf = data.get("gguf_file")
+        if gguf is not None and (not isinstance(gguf, str) or not gguf):
+            raise TaskVectorError(f"{source}: gguf_file={gguf!r}, expected a file name or null")
         return cls(**data)
+
+    def load_options(self, torch_dtype: str | None = None, gguf_file: str | None = None) -> dict[str, str | None]:
+        """How to reload ``base_model``: the given values where not ``None``, else the recorded ones.
+
+        Returns ``{"torch_dtype": ..., "gguf_file": ...}`` (dtype as its name), ready for ``load_backbone``.
+        """
+        return {
+            "torch_dtype": torch_dtype if torch_dtype is not None else self.torch_dtype,
+            "gguf_file": gguf_file if gguf_file is not None else self.gguf_file,
+        }
 
 
 def library_versions() -> dict[str, str]:
@@ -189,9 +238,80 @@ def _alive(pid: int) -> bool:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
+
+
+def existing_ancestor(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent: where a folder about to be made will live."""
+    current = Path(path).absolute()
+    while not current.exists() and current != current.parent:
+        current = current.parent
+    return current
+
+
+def disk_free_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes free to this user on the filesystem that holds ``path`` (or would hold it, if it does not exist yet).
+
+    Why a module-level function: it is the one probe every up-front space check calls, so tests replace it to
+    simulate a small disk without filling one.
+    """
+    return int(shutil.disk_usage(existing_ancestor(path)).free)
+
+
+def human_bytes(nbytes: int | float) -> str:
+    """``1288490189`` -> ``"1.2 GiB"``; ``314572800`` -> ``"300 MiB"``: sizes in error messages."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{int(nbytes)} B"
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    text = f"{value:.{digits}f}"
+    return f"{text.rstrip('0').rstrip('.') if '.' in text else text} {unit}"
+
+
+def with_margin(nbytes: int) -> int:
+    """``nbytes`` plus the safety margin every space check keeps: 1 MiB and 1 %."""
+    return int(nbytes) + SPACE_MARGIN_BYTES + int(SPACE_MARGIN_FRACTION * int(nbytes))
+
+
+def check_free_space(needs: Mapping[str | os.PathLike[str], int], what: str) -> None:
+    """Refuse (``InsufficientSpaceError``) when the folders in ``needs`` clearly will not fit on their filesystems.
+
+    Args:
+        needs: target folder -> bytes about to be written there (an estimate; the margin is added here). Targets on
+            one filesystem are summed, since they fill the same free space.
+        what: what is being written, for the message (e.g. ``"merged delta"``).
+
+    Why up front: a many-gigabyte merge or a long fit should fail in a second with the sizes involved, not after
+    the work with a half-written temporary folder (which ``atomic_dir`` would remove, but the time is lost).
+    """
+    if os.environ.get(SKIP_SPACE_CHECK_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return
+    groups: dict[int, list[tuple[Path, int]]] = {}
+    for target, nbytes in needs.items():
+        if int(nbytes) <= 0:
+            continue
+        probe = existing_ancestor(target)
+        groups.setdefault(probe.stat().st_dev, []).append((Path(target), int(nbytes)))
+    for items in groups.values():
+        needed = with_margin(sum(n for _, n in items))
+        free = disk_free_bytes(items[0][0])
+        if free < needed:
+            folders = " and ".join(str(t) for t, _ in items)
+            raise InsufficientSpaceError(
+                f"not enough disk space for the {what} at {folders}: needs {human_bytes(needed)}, "
+                f"{human_bytes(free)} free on the filesystem of {existing_ancestor(items[0][0])}"
+            )
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Size of the safetensors file ``save_file(tensors)`` writes: the data plus a generous header estimate."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    header = sum(len(name) + 96 for name in tensors) + 64
+    return data + header
 
 
 def write_task_vector(
@@ -200,7 +320,15 @@ def write_task_vector(
     head: Mapping[str, torch.Tensor],
     meta: TaskVectorMeta,
 ) -> Path:
-    """Write a task vector folder atomically (all three files appear together or not at all)."""
+    """Write a task vector folder atomically (all three files appear together or not at all).
+
+    Raises:
+        InsufficientSpaceError: before anything is written, when ``folder``'s filesystem lacks the room for the
+            three files (the replaced folder, if any, is removed only after the new one is complete, so it does not
+            count as free).
+    """
+    needed = safetensors_bytes(deltas) + safetensors_bytes(head) + len(meta.to_json().encode())
+    check_free_space({folder: needed}, f"task vector of task {meta.task!r}")
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in deltas.items()}, str(tmp / DELTAS_FILE))
         save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(tmp / HEAD_FILE))
