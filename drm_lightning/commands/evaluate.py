@@ -7,8 +7,10 @@
     drm-lightning evaluate --task_vectors [...] --tasks [...]            # the pretrained backbone
     drm-lightning evaluate --experts true --task_vectors [...] --tasks [...]   # each expert on its own task
 
-Why the task vectors are always needed: they carry each task's head (and label names) and the base model's name and
-fingerprint; the backbone alone has no classifier.
+Why the task vectors are always needed: they carry each task's head (and label names) and the base model's name,
+fingerprint and how it was loaded (``torch_dtype``, ``gguf_file``); the backbone alone has no classifier. The base
+(for the pretrained row, the experts and a merged delta) is loaded as recorded unless ``--torch_dtype`` /
+``--gguf_file`` say otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from drm_lightning.commands.tasks import TaskEntry
 
@@ -30,6 +32,8 @@ def evaluate(
     split: str = "test",
     trainer: dict[str, Any] | None = None,
     output: str | None = None,
+    torch_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,
+    gguf_file: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a backbone under each task's head: metrics per task on one split.
 
@@ -43,6 +47,9 @@ def evaluate(
         split: the split to evaluate: train, validation or test.
         trainer: Trainer arguments for the runs (e.g. {accelerator: gpu, devices: 1, precision: bf16-mixed}).
         output: a JSON file to write the metrics to.
+        torch_dtype: the dtype to load the base (or --model) in; default: for the base, the one the task vectors
+            record; for --model, its checkpoint's own.
+        gguf_file: a GGUF file inside the base folder to load it from (default: the one the task vectors record).
 
     Returns:
         ``{task: {metric: value}}``.
@@ -57,7 +64,10 @@ def evaluate(
     if lam is not None and model is None:
         raise ValueError(f"lam={lam!r}: only meaningful with --model <merged delta folder>")
     datamodules = _datamodules(tasks, task_vectors)
-    backbone = None if model is None else load_model(model, lam, task_vectors)
+    if model is None:
+        backbone = load_base(task_vectors, torch_dtype, gguf_file, check_fingerprint=experts)
+    else:
+        backbone = load_model(model, lam, task_vectors, torch_dtype=torch_dtype, gguf_file=gguf_file)
     metrics = evaluate_backbone(backbone, task_vectors, datamodules, split, trainer, with_task_vector=experts)
     what = "experts" if experts else (model or "pretrained")
     print(format_metrics(metrics, f"{what} on {split}"))
@@ -68,8 +78,60 @@ def evaluate(
     return metrics
 
 
-def load_model(model: str, lam: float | None, task_vectors: list[str]) -> Any:
-    """Load the backbone to evaluate: a merged delta at ``lam``, a merged model folder, or any model name."""
+def load_base(
+    task_vectors: list[str],
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+    *,
+    check_fingerprint: bool = False,
+) -> Any:
+    """The pretrained base the task vectors share, loaded as they record it (or as asked); ``None`` when they were
+    taken against several bases (each expert then loads its own, as recorded).
+
+    Why here: the experts' fingerprints are of the base *as loaded* (a bfloat16 or GGUF load differs from the
+    checkpoint's float32), so the shared base must be loaded the same way. With ``check_fingerprint`` (the experts
+    are about to be added onto it) a base whose weights differ is refused, naming the task vector.
+    """
+    from drm_lightning.merging.merger import base_load_options
+    from drm_lightning.models.backbone import fingerprint, load_backbone
+    from drm_lightning.task_vectors.format import TaskVectorError, read_meta
+
+    metas = [read_meta(folder) for folder in task_vectors]
+    if len({(m.base_model, m.base_fingerprint, m.family) for m in metas}) != 1:
+        given = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
+        if given:
+            raise ValueError(
+                f"{', '.join(f'{k}={v!r}' for k, v in given.items())}: the task vectors were taken against several "
+                "base models; each is loaded as its meta.json records"
+            )
+        return None
+    load = base_load_options(metas, task_vectors, torch_dtype, gguf_file)
+    module = load_backbone(metas[0].base_model, metas[0].family, **load)
+    if check_fingerprint:
+        actual = fingerprint(module)
+        if actual != metas[0].base_fingerprint:
+            how = ", ".join(f"{k}={v!r}" for k, v in load.items() if v is not None) or "its checkpoint's dtype"
+            raise TaskVectorError(
+                f"{Path(task_vectors[0]) / 'meta.json'}: base model {metas[0].base_model!r} loaded with {how} has "
+                f"fingerprint {actual[:12]}..., the task vector was taken against {metas[0].base_fingerprint[:12]}..."
+            )
+    return module
+
+
+def load_model(
+    model: str,
+    lam: float | None,
+    task_vectors: list[str],
+    *,
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+) -> Any:
+    """Load the backbone to evaluate: a merged delta at ``lam``, a merged model folder, or any model name.
+
+    A merged delta's base is loaded as ``merge.json`` records it unless ``torch_dtype`` / ``gguf_file`` are given;
+    any other model loads in its checkpoint's dtype unless ``torch_dtype`` is given (``gguf_file`` names a file of
+    the base, so it only applies to a merged delta).
+    """
     from drm_lightning.merging.merger import MERGED_DIR, apply_merged_delta, read_merge_record
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.format import read_meta
@@ -78,14 +140,16 @@ def load_model(model: str, lam: float | None, task_vectors: list[str]) -> Any:
     if (folder / MERGED_DIR).is_dir():
         if lam is None:
             raise ValueError(f"model={model!r} is a merged delta folder: give --lam (the λ of W_0 + λ·Δ_merged)")
-        return apply_merged_delta(folder, lam)
+        return apply_merged_delta(folder, lam, torch_dtype=torch_dtype, gguf_file=gguf_file)
     if lam is not None:
         raise ValueError(f"lam={lam!r}: model={model!r} is not a merged delta folder (no {MERGED_DIR}/ inside)")
+    if gguf_file is not None:
+        raise ValueError(f"gguf_file={gguf_file!r}: only for the base model or a merged delta, not model={model!r}")
     if (folder / "merge.json").is_file():
         family = read_merge_record(folder)["family"]
     else:
         family = read_meta(task_vectors[0]).family
-    return load_backbone(model, family)
+    return load_backbone(model, family, torch_dtype=torch_dtype)
 
 
 def format_metrics(metrics: dict[str, dict[str, float]], title: str) -> str:

@@ -15,6 +15,11 @@ delta folder lets a later ``evaluate --model <output>_delta --lam <λ>`` try ano
 Under torchrun or srun the first step is shared by the ranks (``merge_task_vectors_distributed``, which is exactly
 ``merge_task_vectors`` on one process); the second writes one folder, so only global rank 0 runs it and the other
 ranks return as soon as Δ_merged is complete. ``--lam search`` runs a one-device Trainer and is refused there.
+
+Before any model is loaded, the room both folders need (Δ_merged in float32, the model in the base's dtype, the
+heads) is compared with the free space of their filesystems; a disk that clearly cannot hold them is refused with
+one line naming the folders and the sizes. The base is loaded as the task vectors record it (``torch_dtype``,
+``gguf_file`` in their meta.json) unless ``--torch_dtype`` / ``--gguf_file`` say otherwise.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def merge(
     exclude: list[str] | None = None,
     delta_dir: str | None = None,
     trainer: dict[str, Any] | None = None,
+    torch_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,
+    gguf_file: str | None = None,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
@@ -64,12 +71,15 @@ def merge(
         exclude: regexes: matching parameters get the elementwise rule (default: embeddings and heads).
         delta_dir: where Δ_merged is kept (default: <output>_delta).
         trainer: Trainer arguments for the λ search's validation runs (e.g. {accelerator: gpu, devices: 1}).
+        torch_dtype: the dtype to load the base in (default: the one the task vectors record, else its own); the
+            merged model is saved in it.
+        gguf_file: a GGUF file inside the base folder to load it from (default: the one the task vectors record).
 
     Returns:
         The merged model folder.
     """
     from drm_lightning.merging.distributed import detect_world, is_global_zero, merge_task_vectors_distributed
-    from drm_lightning.merging.merger import _check_output, apply_merged_delta
+    from drm_lightning.merging.merger import _check_output, apply_merged_delta, merge_task_vectors
     from drm_lightning.merging.plan import MergePlan
 
     if not task_vectors:
@@ -83,21 +93,35 @@ def merge(
             f"lam='search' under {world.source} ({world.world_size} processes): the λ search validates on one "
             "device; merge with a fixed --lam here, or run --lam search as one process"
         )
+    overrides = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
+    if overrides and (world.world_size > 1 or world.source == "initialized"):
+        raise ValueError(
+            f"{', '.join(f'{k}={v!r}' for k, v in overrides.items())} under {world.source} ({world.world_size} "
+            "processes): the distributed merge loads the base as the task vectors' meta.json records it; merge as "
+            "one process to load it another way"
+        )
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
     # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
     _check_output(Path(output), [delta, *map(Path, task_vectors)])
-    datamodules = _datamodules(tasks, task_vectors) if search else {}
     plan_kwargs: dict[str, Any] = {}
     if include is not None:
         plan_kwargs["include"] = list(include)
     if exclude is not None:
         plan_kwargs["exclude"] = list(exclude)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
+    check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
+    datamodules = _datamodules(tasks, task_vectors) if search else {}
 
-    result = merge_task_vectors_distributed(
-        task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
-    )
+    if overrides:  # one process (refused above otherwise): the same merge, told how to load the base
+        result = merge_task_vectors(
+            task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
+            **overrides,
+        )  # fmt: skip
+    else:
+        result = merge_task_vectors_distributed(
+            task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
+        )
     seconds = result.timings["total"]
     if not is_global_zero():  # rank 0 alone applies λ and writes the model folder, heads and merge.json
         return Path(output)
@@ -116,11 +140,42 @@ def merge(
             "curve": [point.to_dict() for point in found.sorted_curve()],
         }
         print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f})", file=sys.stderr)
-    apply_merged_delta(delta, float(lam), output, base=base, family=family)
+    apply_merged_delta(delta, float(lam), output, base=base, family=family, **overrides)
     if search_record is not None:
         (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
     print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
     return Path(output)
+
+
+def check_space(
+    task_vectors: list[str],
+    delta: Path,
+    output: Path,
+    plan: Any = None,
+    *,
+    base: str | None = None,
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+) -> None:
+    """Refuse up front when ``delta`` and ``output`` together clearly will not fit on their filesystems.
+
+    Δ_merged (float32) and the heads go to ``delta``; the model in the base's loading dtype, its tokenizer and the
+    heads again to ``output``. Folders on one filesystem are summed. The model part comes from the base
+    checkpoint's headers and is left out when they cannot tell (a hub id, a GGUF file): ``apply_merged_delta``
+    checks again once the base is loaded, before writing.
+    """
+    from drm_lightning.merging.merger import base_load_options, estimate_merge_bytes, estimate_model_bytes, heads_bytes
+    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.task_vectors.format import check_free_space
+
+    readers = [TaskVectorReader(folder) for folder in task_vectors]
+    metas = [r.meta for r in readers]
+    load = base_load_options(metas, task_vectors, torch_dtype, gguf_file)
+    model = estimate_model_bytes(base if base is not None else metas[0].base_model, **load)
+    needs = {delta: estimate_merge_bytes(readers, plan)}
+    if model is not None:
+        needs[output] = model + heads_bytes(readers)
+    check_free_space(needs, "merged delta and model")
 
 
 def _datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:

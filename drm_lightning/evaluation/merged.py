@@ -38,11 +38,24 @@ class MergedBackbone:
     of the touched weights.
     """
 
-    def __init__(self, merged: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        merged: str | os.PathLike[str],
+        *,
+        torch_dtype: str | torch.dtype | None = None,
+        gguf_file: str | None = None,
+    ) -> None:
+        """Load the base of ``merged`` (checking its fingerprint) at λ = 0.
+
+        Args:
+            merged: a folder written by ``merge_task_vectors``.
+            torch_dtype, gguf_file: how to load the base; default: what ``merge.json`` records (the task vectors'
+                own, so a base fitted in bfloat16 or from a GGUF file is reloaded the same way).
+        """
         from drm_lightning.merging.merger import apply_merged_delta
 
         self.merged = Path(merged)
-        self.model = apply_merged_delta(self.merged, 0.0)
+        self.model = apply_merged_delta(self.merged, 0.0, torch_dtype=torch_dtype, gguf_file=gguf_file)
         state = self.model.state_dict()
         self._base = {name: state[name].detach().clone() for name in sorted(merged_delta_index(self.merged))}
         self.lam: float | None = 0.0

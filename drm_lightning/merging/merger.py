@@ -17,6 +17,17 @@ Output folder of ``merge_task_vectors``::
       merge.json                                 method, params, inputs, base model and fingerprint, timings, ...
       heads/<task>/{head.safetensors,meta.json}  each expert's head, so the merged backbone can be evaluated
 
+Free space: before the base model is loaded, ``prepare_merge`` checks that the output's filesystem can hold the
+merged delta and the heads (``check_merge_space``; the estimate, ``estimate_merge_bytes``, is exact up to the
+safetensors headers: float32 for every merged parameter, whatever the task vectors' dtype), and ``apply_merged_delta``
+that the model folder fits (``estimate_model_bytes`` from the base checkpoint's headers in the loading dtype, then
+the loaded model itself). ``atomic_dir`` writes into a temporary sibling and a replaced output is removed only after
+the new one is complete, so a previous output's space never counts as free. The probe is
+``drm_lightning.task_vectors.format.disk_free_bytes`` (tests replace it to simulate a small disk).
+
+How the base is loaded (``torch_dtype``, ``gguf_file``) defaults to what the task vectors' meta.json record, as their
+fingerprint is of the weights as loaded; ``merge.json`` records it in turn for ``apply_merged_delta``.
+
 Multi-process merging builds on the pieces: ``prepare_merge`` on every rank (cheap validation, the plan with
 costs), ``merge_parameters`` on each rank's share of the plan entries, ``ShardWriter`` per rank (distinct
 ``prefix``), and ``write_merge_record`` on rank 0.
@@ -46,13 +57,17 @@ from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.registry import MergeMethod, get_method
-from drm_lightning.models.backbone import check_family, fingerprint, load_backbone
+from drm_lightning.models.backbone import check_family, dtype_name, fingerprint, load_backbone, parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.format import (
     HEAD_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
     META_FILE,
     TaskVectorError,
+    TaskVectorMeta,
     atomic_dir,
+    check_free_space,
     library_versions,
     open_safetensors,
 )
@@ -131,6 +146,8 @@ class MergeSetup:
     entries: list[PlanEntry]
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
+    torch_dtype: str | None = None
+    gguf_file: str | None = None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -191,6 +208,117 @@ def _check_fingerprints(readers: Sequence[TaskVectorReader]) -> str:
     return first.meta.base_fingerprint
 
 
+def base_load_options(
+    metas: Sequence[TaskVectorMeta],
+    folders: Sequence[str | os.PathLike[str]],
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> dict[str, str | None]:
+    """How to load the task vectors' base: each explicit argument wins, else the value their meta.json records.
+
+    Task vectors written before these fields existed record nothing and defer to the others (the fingerprint still
+    catches a base loaded the wrong way); two different recorded values are refused, naming both folders.
+    """
+    explicit = {"torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else None}
+    explicit["gguf_file"] = gguf_file
+    out: dict[str, str | None] = {}
+    for key, given in explicit.items():
+        if given is not None:
+            out[key] = given
+            continue
+        seen: dict[str, str] = {}
+        for meta, folder in zip(metas, folders, strict=True):
+            value = getattr(meta, key)
+            if value is not None:
+                seen.setdefault(value, str(folder))
+        if len(seen) > 1:
+            (a, fa), (b, fb) = list(seen.items())[:2]
+            raise ValueError(
+                f"task vectors disagree on how the base was loaded: {fa} has {key}={a!r}, {fb} has {key}={b!r}; "
+                f"pass {key}= to choose"
+            )
+        out[key] = next(iter(seen), None)
+    return out
+
+
+def _delta_shapes(reader: TaskVectorReader) -> dict[str, tuple[int, ...]]:
+    """Base parameter name -> the full shape of its delta, from the safetensors header (LoRA: ``[out, in]``)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    with open_safetensors(reader.path) as f:
+        header = {key: tuple(int(n) for n in f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, shape in header.items():
+        if key.endswith(LORA_A_SUFFIX):
+            partner = header.get(key[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX)
+            if partner is not None and len(shape) == 2 and len(partner) == 2:
+                shapes[key[: -len(LORA_A_SUFFIX)]] = (partner[0], shape[1])
+        elif not key.endswith(LORA_B_SUFFIX):
+            shapes[key] = shape
+    return shapes
+
+
+def _readers(task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]]) -> list[TaskVectorReader]:
+    return [tv if isinstance(tv, TaskVectorReader) else TaskVectorReader(tv) for tv in task_vectors]
+
+
+def heads_bytes(task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]]) -> int:
+    """Bytes of the ``heads/<task>/`` copies a merged folder (and a merged model folder) holds."""
+    return sum(
+        (r.folder / name).stat().st_size for r in _readers(task_vectors) for name in (HEAD_FILE, META_FILE)
+    )
+
+
+def estimate_merge_bytes(
+    task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]], plan: MergePlan | None = None
+) -> int:
+    """Bytes ``merge_task_vectors`` writes for these task vectors: Δ_merged, its index, the heads, merge.json.
+
+    From the safetensors headers alone (no tensor, no base model is read): every parameter some task changes and
+    the plan does not skip gets one float32 tensor of its full shape (LoRA pairs too: Δ_merged is dense), whatever
+    dtype the task vectors store. Headers, the index and merge.json are bounded generously.
+    """
+    readers = _readers(task_vectors)
+    plan = plan if plan is not None else MergePlan()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for reader in readers:
+        for name, shape in _delta_shapes(reader).items():
+            shapes.setdefault(name, shape)
+    total = 0
+    for name, shape in shapes.items():
+        if plan.rule(name, shape, False) == "skip":
+            continue
+        total += math.prod(shape) * torch.float32.itemsize
+        total += 2 * len(name) + 160  # its shard-header entry and its index line
+    record = 16 * 1024 + sum(len(str(r.folder.resolve())) + 1024 for r in readers)
+    return total + heads_bytes(readers) + record
+
+
+def check_merge_space(
+    task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    plan: MergePlan | None = None,
+    *,
+    copies: int = 1,
+) -> int:
+    """Refuse (``InsufficientSpaceError``) a merge whose output clearly will not fit; return the bytes estimated.
+
+    Args:
+        task_vectors: the inputs (folders or readers).
+        output: the merged folder to be written.
+        plan: the merge plan (skipped parameters take no space).
+        copies: copies of Δ_merged on ``output``'s filesystem at the peak: 1 for ``merge_task_vectors`` (it writes
+            once, into a temporary sibling renamed into place); 2 for a distributed merge that stages per-rank
+            shards beside the output and rewrites them into it (``layout="canonical"``).
+    """
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies={copies!r}: expected a positive integer")
+    readers = _readers(task_vectors)
+    heads = heads_bytes(readers)
+    delta = estimate_merge_bytes(readers, plan) - heads
+    needed = copies * delta + heads
+    check_free_space({output: needed}, "merged delta")
+    return needed
+
+
 def prepare_merge(
     task_vectors: Sequence[str | os.PathLike[str]],
     method: str,
@@ -202,15 +330,20 @@ def prepare_merge(
     plan: MergePlan | None = None,
     device: str | torch.device | None = None,
     output: str | os.PathLike[str] | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
 ) -> MergeSetup:
     """Validate every input and plan the merge; reads headers and the base model, never a delta.
 
     The order is cheapest first, so a typo in a method parameter fails in milliseconds, not after loading a model:
     method and parameters, coefficients, device, output, every meta.json and safetensors header, fingerprint
-    agreement between task vectors, then the base model's own fingerprint, and every key/shape against it.
+    agreement between task vectors, free space for ``output`` (``check_merge_space``), then the base model's own
+    fingerprint, and every key/shape against it. The base is loaded with ``torch_dtype`` / ``gguf_file``, by
+    default the ones the task vectors record (``base_load_options``).
 
     Raises:
         ValueError: (or ``TaskVectorError``) naming the argument, file or key at fault.
+        InsufficientSpaceError: ``output``'s filesystem clearly lacks room (an ``OSError``, ENOSPC).
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -242,15 +375,18 @@ def prepare_merge(
             raise ValueError(f"task vectors disagree on family {sorted(families)}; pass family=")
         family = families.pop()
     check_family(family)
+    load = base_load_options([r.meta for r in readers], folders, torch_dtype, gguf_file)
+    if output is not None:
+        check_merge_space(readers, output, plan)
 
-    model = load_backbone(base_name, family)
+    model = load_backbone(base_name, family, **load)
     base_fp = fingerprint(model)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     del model  # before any delta is read: the walk below must not hold the base model too
     if base_fp != expected_fp:
         raise ValueError(
-            f"base model {base_name!r} has fingerprint {base_fp}, but the task vectors were taken against "
-            f"{expected_fp} ({readers[0].meta.base_model}): different weights, refusing to merge"
+            f"base model {base_name!r} {_loaded_as(load)} has fingerprint {base_fp}, but the task vectors were taken "
+            f"against {expected_fp} ({readers[0].meta.base_model}): different weights, refusing to merge"
         )
     for reader in readers:
         reader.validate(shapes)
@@ -270,7 +406,15 @@ def prepare_merge(
         entries=entries,
         device=dev,
         timings=timings,
+        torch_dtype=load["torch_dtype"],
+        gguf_file=load["gguf_file"],
     )
+
+
+def _loaded_as(load: Mapping[str, str | None]) -> str:
+    """``"(loaded with torch_dtype='bfloat16')"``: how a base was loaded, for fingerprint-mismatch messages."""
+    given = [f"{k}={v!r}" for k, v in load.items() if v is not None]
+    return f"(loaded with {', '.join(given)})" if given else "(loaded in its checkpoint's dtype)"
 
 
 def _to_device(delta: torch.Tensor | LowRankDelta, device: torch.device) -> torch.Tensor | LowRankDelta:
@@ -515,6 +659,8 @@ def write_merge_record(
         "base_model": setup.base,
         "base_fingerprint": setup.base_fingerprint,
         "family": setup.family,
+        "torch_dtype": setup.torch_dtype,
+        "gguf_file": setup.gguf_file,
         "inputs": [
             {
                 "path": str(r.folder.resolve()),
@@ -557,6 +703,8 @@ def merge_task_vectors(
     device: str | torch.device | None = None,
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
 ) -> MergeResult:
     """Merge T task vectors with ``method`` into ``output`` (see the module docstring for its layout).
 
@@ -575,15 +723,20 @@ def merge_task_vectors(
         device: where the math runs (default CUDA if available, else CPU).
         progress: a tqdm bar of parameters merged.
         max_shard_bytes: size at which an output shard is flushed.
+        torch_dtype, gguf_file: how to load the base; default: what the task vectors' meta.json record.
 
     Returns:
         A ``MergeResult``.
+
+    Raises:
+        InsufficientSpaceError: before the base is loaded, when ``output``'s filesystem clearly lacks room.
     """
     t_start = time.perf_counter()
     check_max_shard_bytes(max_shard_bytes)
     setup = prepare_merge(
-        task_vectors, method, params, coefficients, base=base, family=family, plan=plan, device=device, output=output
-    )
+        task_vectors, method, params, coefficients, base=base, family=family, plan=plan, device=device, output=output,
+        torch_dtype=torch_dtype, gguf_file=gguf_file,
+    )  # fmt: skip
     timings = dict(setup.timings)
     merged_count = 0
     with atomic_dir(output) as tmp:
@@ -650,10 +803,81 @@ def add_merged_delta(model: torch.nn.Module, merged: str | os.PathLike[str], lam
     return model
 
 
+def _tree_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder`` (0 if it does not exist)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+
+
 def _check_lam(lam: float) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
         raise ValueError(f"lam={lam!r}: expected a finite number")
     return float(lam)
+
+
+#: Bytes per element of safetensors dtype codes (a checkpoint's header names them so).
+_ST_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def estimate_model_bytes(
+    base: str, torch_dtype: str | torch.dtype | None = None, gguf_file: str | None = None
+) -> int | None:
+    """Bytes ``save_pretrained`` writes for ``base`` loaded in ``torch_dtype`` (plus its tokenizer files), from the
+    checkpoint's safetensors headers alone; ``None`` when that cannot be told without loading it (a hub id, a GGUF
+    file, ``.bin`` weights).
+
+    Why from headers: the merge command checks for room for the model folder before it merges, and loading an 8B
+    base only to count its bytes would cost what the check is meant to save. Floating tensors take ``torch_dtype``'s
+    size (the checkpoint's own when ``None``, as ``from_pretrained`` keeps it); tensors the backbone drops (a
+    pooler) are counted too, so the estimate errs high by little.
+    """
+    dtype = parse_dtype(torch_dtype)
+    path = Path(resolve_pretrained(base))
+    if gguf_file is not None or not path.is_dir():
+        return None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index}: not a shard index ({err!r})") from None
+        files = [path / Path(str(n)).name for n in names]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        return None
+    total = 0
+    for file in files:
+        with open_safetensors(file) as f:
+            for key in f.keys():
+                piece = f.get_slice(key)
+                code = piece.get_dtype()
+                size = dtype.itemsize if dtype is not None and code in _ST_FLOATS else _ST_ITEMSIZE.get(code, 8)
+                total += math.prod(int(n) for n in piece.get_shape()) * size + len(key) + 96
+    return total + _tokenizer_bytes(base) + 64 * 1024  # config.json, generation_config.json, special tokens, index
+
+
+def _tokenizer_bytes(base: str) -> int:
+    """Room for the tokenizer ``_save_tokenizer`` writes, from the files of a local base folder (0 for a hub id)."""
+    path = Path(resolve_pretrained(base))
+    size = sum((path / name).stat().st_size for name in _TOKENIZER_FILES if (path / name).is_file())
+    return 3 * size  # save_pretrained may add a tokenizer.json converted from a vocab.txt, and configs
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a module's ``state_dict()`` as ``save_pretrained`` writes it (a tied tensor once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size() + len(name) + 96
+    return total
 
 
 def _save_tokenizer(base: str, folder: Path) -> bool:
@@ -679,6 +903,8 @@ def apply_merged_delta(
     base: str | None = None,
     family: str | None = None,
     max_shard_size: str | int = "2GB",
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """Load the base backbone, add ``lam · Δ_merged`` and return it; optionally save it as an HF folder.
 
@@ -693,32 +919,47 @@ def apply_merged_delta(
         base: the base model; default: the one recorded in ``merge.json``.
         family: the ``load_backbone`` family; default: the recorded one.
         max_shard_size: ``save_pretrained``'s shard size.
+        torch_dtype, gguf_file: how to load the base; default: the ones ``merge.json`` records (the task vectors'),
+            so a base fitted in bfloat16 is merged and saved in bfloat16.
 
     Raises:
         ValueError: bad ``lam``, a merged folder that is not one, or a base whose fingerprint differs from the
             recorded one.
+        InsufficientSpaceError: ``output``'s filesystem clearly lacks room for the model folder; checked from the
+            base checkpoint's headers before the base is loaded where they tell, and always before writing.
     """
     lam = _check_lam(lam)
     merged = Path(merged)
     record = read_merge_record(merged)
     base_name = base if base is not None else record["base_model"]
     family = check_family(family if family is not None else record["family"])
+    load = {
+        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
+        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
+    }
+    heads = _tree_bytes(merged / HEADS_DIR)
     if output is not None:
         _check_output(Path(output), [merged])
-    model = load_backbone(base_name, family)
+        estimate = estimate_model_bytes(base_name, **load)
+        if estimate is not None:
+            check_free_space({output: estimate + heads}, "merged model")
+    model = load_backbone(base_name, family, **load)
     base_fp = fingerprint(model)
     if base_fp != record["base_fingerprint"]:
         raise ValueError(
-            f"base model {base_name!r} has fingerprint {base_fp}, but {merged / MERGE_FILE} was merged against "
-            f"{record['base_fingerprint']} ({record['base_model']}): different weights, refusing to apply"
+            f"base model {base_name!r} {_loaded_as(load)} has fingerprint {base_fp}, but {merged / MERGE_FILE} was "
+            f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
+            "apply"
         )
     add_merged_delta(model, merged, lam)
     if output is not None:
+        needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + 64 * 1024
+        check_free_space({output: needed}, "merged model")
         with atomic_dir(output) as tmp:
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
             _save_tokenizer(base_name, tmp)
             if (merged / HEADS_DIR).is_dir():
                 shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
-            record = {**record, "lam": lam, "merged_delta": str(merged.resolve())}
+            record = {**record, **load, "lam": lam, "merged_delta": str(merged.resolve())}
             (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return model

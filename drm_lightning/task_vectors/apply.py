@@ -50,9 +50,13 @@ def apply_task_vector(
     meta = read_meta(folder)
     path = Path(folder) / DELTAS_FILE
     if check_fingerprint and fingerprint(backbone) != meta.base_fingerprint:
+        recorded = [f"{k}={v!r}" for k, v in meta.load_options().items() if v is not None]
+        how = f", loaded with {', '.join(recorded)}" if recorded else ""
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in backbone.state_dict().values()})
         raise TaskVectorError(
             f"{path}: the backbone's weights are not the base model the task vector was taken against "
-            f"({meta.base_model!r}, fingerprint {meta.base_fingerprint[:12]}...; different model, revision or dtype)"
+            f"({meta.base_model!r}{how}, fingerprint {meta.base_fingerprint[:12]}...; this backbone holds {dtypes} "
+            "weights; different model, revision or dtype: load_recorded_base(meta) loads it as recorded)"
         )
     state = backbone.state_dict()  # detached views sharing storage with the parameters
     with open_safetensors(path) as f, torch.no_grad():
