@@ -115,6 +115,7 @@ def test_changed_model_settings_make_experts_stale(first_run: dict) -> None:
         (["--data.max_length", "1"], ["max_length"]),
         (["--tasks", "[no/such/task.yaml]"], ["no/such/task.yaml"]),
         (["--model.family", "fancy"], ["family"]),
+        (["--procs_per_expert", "0"], ["procs_per_expert=0"]),
     ],
 )
 def test_bad_recipes_fail_before_any_work(

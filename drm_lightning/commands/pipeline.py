@@ -13,9 +13,12 @@ reuses them: resume friendly); (2) merge with each method; (3) choose λ per met
 (4) evaluate the pretrained backbone, the experts and each merged model on the final split (test) of every task;
 (5) write and print the report.
 
-Multi-GPU / multi-node: launch the pipeline on every rank (torchrun, srun). Fitting uses the recipe's Trainer
-(DDP/FSDP); merges run on global rank 0 while the others wait; evaluation runs on every rank with the recipe's
-accelerator and devices; files are written by global rank 0 only.
+Multi-GPU / multi-node: launch the pipeline on every rank (torchrun, srun). By default every expert is fitted by
+all ranks together with the recipe's Trainer (DDP/FSDP), one task after another; with ``procs_per_expert=K`` the
+ranks split into groups of K (``drm_lightning.commands.expert_groups``) that fit different tasks' experts at the
+same time, each group data-parallel. Merges are shared out between all ranks (``merge_task_vectors_distributed``);
+evaluation runs on every rank with the recipe's accelerator and devices; files are written by rank 0 (of the group,
+for an expert; of the world otherwise).
 """
 
 from __future__ import annotations
@@ -180,6 +183,13 @@ def build_pipeline_parser() -> LightningArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
     parser.add_argument(
+        "--procs_per_expert",
+        type=int | None,
+        default=None,
+        help="Processes that fit one expert together (a divisor of the processes per node); the launched processes "
+        "then fit W/K tasks' experts at the same time. Default: all processes fit each expert, one task at a time.",
+    )
+    parser.add_argument(
         "--strategy",
         type=Literal["grid", "refine"],
         default="grid",
@@ -210,6 +220,7 @@ class Recipe:
     trainer: dict[str, Any]
     methods: list[MethodSpec]
     seed: int = 0
+    procs_per_expert: int | None = None
     strategy: str = "grid"
     metric: str = "accuracy"
     split: str = "test"
@@ -245,6 +256,8 @@ def load_recipe(config: Namespace) -> Recipe:
         check_task_spec(spec, where=f"tasks[{i}]")
     model = _plain(config.model)
     check_model_settings(model)
+    if config.procs_per_expert is not None and config.procs_per_expert < 1:
+        raise ValueError(f"procs_per_expert={config.procs_per_expert!r}: expected a positive integer or null")
     methods = [method_spec(m, i) for i, m in enumerate(config.methods)]
     if not methods:
         raise ValueError("methods=[]: a recipe needs at least one merge method")
@@ -260,6 +273,7 @@ def load_recipe(config: Namespace) -> Recipe:
         trainer=_plain(config.trainer),
         methods=methods,
         seed=config.seed,
+        procs_per_expert=config.procs_per_expert,
         strategy=config.strategy,
         metric=config.metric,
         split=config.split,
@@ -371,15 +385,52 @@ class Pipeline:
         return saved.get("digest") == _digest(self.fit_settings(task))
 
     def fit_experts(self) -> None:
+        """Fit every expert that is not current: all ranks together, task by task, or in expert groups."""
+        from drm_lightning.merging.distributed import detect_world
+
+        todo = []
         for task in self.tasks:
             if self.expert_is_current(task):
                 _log(f"{task}: reusing the task vector in {self.task_vector_dir(task)}")
                 self.reused.append(task)
-                continue
-            self.fit_expert(task)
-            self.fitted.append(task)
+            else:
+                todo.append(task)
+        world = detect_world()
+        k = self.recipe.procs_per_expert
+        if todo and k is not None and world.world_size > 1 and world.source != "initialized" and k < world.world_size:
+            self.fit_in_groups(todo, world, k)
+        else:
+            for task in todo:
+                self.fit_expert(task)
+        self.fitted.extend(todo)
 
-    def fit_expert(self, task: str) -> None:
+    def fit_in_groups(self, tasks: Sequence[str], world: Any, procs_per_expert: int) -> None:
+        """Each group of ``procs_per_expert`` ranks fits its share of ``tasks``; then all ranks meet, and a failure in
+        any group is raised on every rank (nothing waits for a group that died)."""
+        import os
+
+        from drm_lightning.commands.expert_groups import assign_tasks, expert_group, local_world_size, plan_group
+        from drm_lightning.merging.distributed import all_ranks_ok, join_world
+
+        port = world.main_port if world.main_port is not None else os.environ.get("MASTER_PORT")
+        if port is None:
+            raise ValueError("procs_per_expert: MASTER_PORT is not set (launch with torchrun or srun)")
+        group = plan_group(world, procs_per_expert, local_world_size(), int(port))
+        mine = assign_tasks(tasks, group.count)[group.index]
+        _log(f"{group.count} expert groups of {group.size} process(es) fit {len(tasks)} expert(s)")
+        error: BaseException | None = None
+        try:
+            with expert_group(group, self.recipe.trainer.get("accelerator")) as overrides:
+                for task in mine:  # inside the group, _log speaks on the group's rank 0
+                    _log(f"{task}: expert group {group.index} (global ranks {world.rank - group.rank}.."
+                         f"{world.rank - group.rank + group.size - 1}) fits it")  # fmt: skip
+                    self.fit_expert(task, overrides)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it; re-raised below
+            error = err
+        join_world(self.recipe.merge_device, world=world)
+        all_ranks_ok(error)
+
+    def fit_expert(self, task: str, overrides: Mapping[str, Any] | None = None) -> None:
         from lightning.pytorch import seed_everything
 
         from drm_lightning.models.expert import ExpertModule
@@ -399,6 +450,9 @@ class Pipeline:
         callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))
         callbacks.append(TaskVectorCallback(str(self.task_vector_dir(task))))
         trainer_kwargs = _instantiate_trainer_objects(trainer_kwargs)
+        if overrides:
+            plugins = list(trainer_kwargs.get("plugins") or [])
+            trainer_kwargs.update({**overrides, "plugins": plugins + list(overrides.get("plugins", []))})
         trainer_kwargs["default_root_dir"] = str(self.expert_dir(task))
         trainer = Trainer(**trainer_kwargs, callbacks=callbacks)
         trainer.fit(model, datamodule=dm)
@@ -438,20 +492,24 @@ class Pipeline:
         return record_path.stat().st_mtime >= newest
 
     def merge_all(self) -> None:
-        """Merge with every method (rank 0), reusing merges that are current."""
-        from drm_lightning.merging.merger import merge_task_vectors
+        """Merge with every method, reusing merges that are current (rank 0 decides which, for every rank).
 
+        Launched on several processes, each merge is shared out between all of them
+        (``merge_task_vectors_distributed``: parameters balanced by merge cost, each rank on its own device).
+        """
+        from drm_lightning.merging.distributed import broadcast_json, join_world, merge_task_vectors_distributed
+
+        join_world(self.recipe.merge_device)
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
-        for spec in self.recipe.methods:
+        current = broadcast_json([self.merge_is_current(spec) for spec in self.recipe.methods])
+        for spec, is_current in zip(self.recipe.methods, current, strict=True):
             out = self.merged_dir(spec)
-            if self.merge_is_current(spec):
+            if is_current:
                 _log(f"{spec.name}: reusing the merge in {out}")
             else:
                 _log(f"{spec.name}: merging {len(folders)} task vectors")
-                _rank_zero_then_wait(
-                    lambda spec=spec, out=out: merge_task_vectors(
-                        folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
-                    )
+                merge_task_vectors_distributed(
+                    folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
                 )
 
     # -- stages 3-5: λ, evaluation, report ----------------------------------------------------------------------

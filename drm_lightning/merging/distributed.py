@@ -265,6 +265,13 @@ def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> A
 
     Why a group of its own: the default group may be NCCL-only (one a Lightning fit on GPUs created), and its
     timeout (Lightning's 30 minutes) need not cover a rank waiting for the slowest rank's whole share.
+    """
+    _init_default_group(world, device, timeout)
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
+    """Create the default process group of every launched process from the environment, unless one exists.
 
     A group created here stays up for the rest of the process (destroyed at exit): a second merge in the same
     process (a pipeline merging several methods) joins it again, whereas re-initialising under torchrun's shared
@@ -285,7 +292,54 @@ def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> A
         atexit.register(_destroy_group)
     if dist.get_world_size() != world.world_size:
         raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
-    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def join_world(
+    device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, world: WorldInfo | None = None
+) -> WorldInfo:
+    """Join the default process group of all launched processes (created from the launcher's environment if none
+    exists yet); one process: nothing to join. Returns this process's place.
+
+    Why public: a pipeline whose ranks worked apart (each trained its own experts) meets again here before the
+    merges; the rendezvous waits up to ``timeout_s`` for the slowest rank.
+    """
+    world = world if world is not None else detect_world()
+    if world.world_size > 1 or world.source == "initialized":
+        _init_default_group(world, rank_device(device, world.local_rank), timedelta(seconds=float(timeout_s)))
+    return world
+
+
+def all_ranks_ok(error: BaseException | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """A barrier that carries failures: every rank says whether its own work failed; if any did, every rank raises.
+
+    The failing rank re-raises its own exception; the others raise ``ValueError`` (bad input) or ``RuntimeError``
+    naming the rank and its message. Needs the default process group (``join_world``); without one, only
+    ``error`` itself is raised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if error is not None:
+            raise error
+        return
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))
+    try:
+        _exchange(error, {}, dist.get_world_size(), group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """Global rank 0's ``obj`` (plain JSON data, never pickle) on every rank; ``obj`` itself without a group.
+
+    Why: ranks that decide from the file system (is this merge current?) must all take rank 0's decision, or one
+    would enter a collective that the others skip.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))
+    try:
+        return _broadcast_json(obj, dist.get_rank(), group)
+    finally:
+        dist.destroy_process_group(group)
 
 
 def _destroy_group() -> None:
@@ -608,10 +662,13 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "LAYOUTS",
     "WorldInfo",
+    "all_ranks_ok",
     "assign_entries",
+    "broadcast_json",
     "detect_world",
     "distributed_merge",
     "is_global_zero",
+    "join_world",
     "merge_task_vectors_distributed",
     "rank_device",
 ]
