@@ -820,6 +820,8 @@ _ST_ITEMSIZE = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 _ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
+#: Room for config.json, generation_config.json, special-token files and a shard index beside the weights.
+_CONFIG_ALLOWANCE = 16 * 1024
 
 
 def estimate_model_bytes(
@@ -857,14 +859,15 @@ def estimate_model_bytes(
                 code = piece.get_dtype()
                 size = dtype.itemsize if dtype is not None and code in _ST_FLOATS else _ST_ITEMSIZE.get(code, 8)
                 total += math.prod(int(n) for n in piece.get_shape()) * size + len(key) + 96
-    return total + _tokenizer_bytes(base) + 64 * 1024  # config.json, generation_config.json, special tokens, index
+    return total + _tokenizer_bytes(base) + _CONFIG_ALLOWANCE
 
 
 def _tokenizer_bytes(base: str) -> int:
     """Room for the tokenizer ``_save_tokenizer`` writes, from the files of a local base folder (0 for a hub id)."""
     path = Path(resolve_pretrained(base))
     size = sum((path / name).stat().st_size for name in _TOKENIZER_FILES if (path / name).is_file())
-    return 3 * size  # save_pretrained may add a tokenizer.json converted from a vocab.txt, and configs
+    # Without a tokenizer.json, save_pretrained converts one (from vocab.txt or a sentencepiece model): room for it.
+    return size if (path / "tokenizer.json").is_file() else 3 * size
 
 
 def model_bytes(model: torch.nn.Module) -> int:
@@ -953,7 +956,7 @@ def apply_merged_delta(
         )
     add_merged_delta(model, merged, lam)
     if output is not None:
-        needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + 64 * 1024
+        needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + _CONFIG_ALLOWANCE
         check_free_space({output: needed}, "merged model")
         with atomic_dir(output) as tmp:
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
