@@ -20,6 +20,10 @@ missing file or a full disk, a pickle that ``torch.load(weights_only=True)`` ref
 ``drm-lightning: error: <message>`` on stderr, naming the file where known, and exits with status 1; ``--debug``
 (anywhere on the line) or ``DRM_LIGHTNING_DEBUG=1`` shows the traceback instead. Programming errors (``TypeError``,
 ``AttributeError``, ...) always keep their traceback.
+
+Output: our own progress lines, warnings, errors and results only; the libraries' banners, tips, progress bars and
+known deprecation warnings are quieted (``drm_lightning.verbosity``). ``--debug`` or ``DRM_LIGHTNING_VERBOSE=1``
+shows all of it again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import sys
 from collections.abc import Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
+
+from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -68,7 +74,9 @@ def _top_help() -> str:
         "options:",
         "  -h, --help  show this message",
         "  --version   print the version",
-        f"  --debug     show tracebacks for errors (or set {DEBUG_ENV}=1)",
+        f"  --debug     show tracebacks for errors and the libraries' own output (or set {DEBUG_ENV}=1)",
+        "",
+        f"{VERBOSE_ENV}=1 shows the libraries' own output (Lightning, transformers, datasets) without --debug.",
         "",
         f"Run '{PROG} <command> --help' for a command's options.",
     ]
@@ -132,16 +140,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (*USER_ERRORS, ArgumentError)
 
 
-def _quiet_libraries() -> None:
-    """Hide transformers' per-load progress bars and load reports (e.g. the pooler we drop on purpose).
-
-    Why: they bury the one line that matters (our own messages and errors); ``--debug`` keeps them.
-    """
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
 
 def main(args: Sequence[str] | None = None) -> int:
@@ -151,7 +151,7 @@ def main(args: Sequence[str] | None = None) -> int:
     wrapper passes the return value to ``sys.exit``.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    debug = os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
+    debug = _env_flag(DEBUG_ENV)
     if "--debug" in argv:
         debug = True
         argv = [a for a in argv if a != "--debug"]
@@ -165,8 +165,8 @@ def main(args: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     try:
-        if not debug and command in _SUMMARY:
-            _quiet_libraries()
+        if command in _SUMMARY:
+            quiet_third_party(verbose=debug or _env_flag(VERBOSE_ENV))
         _run(command, rest)
     except SystemExit as exc:  # --help / --print_config exit 0 from inside the parser
         code = exc.code
