@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm_lightning.merging.linalg import factored_svd, polar_factor, power_of_two_scale, thin_svd
+from drm_lightning.merging.linalg import (
+    factored_svd,
+    left_basis_svd,
+    polar_factor,
+    polar_factor_extend,
+    power_of_two_scale,
+    thin_svd,
+)
 from drm_lightning.merging.lowrank import LowRankDelta
 
 Delta = Tensor | LowRankDelta
@@ -534,22 +541,59 @@ def iso_cts_split(dim: int, tasks: int, common_fraction: float) -> tuple[int, in
     return common, (dim - common) // tasks
 
 
-def _residual_svds(inputs: _Inputs, c: Tensor, u_c: Tensor, rank_tol: float, top: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SVDs of ``R_i = c_i Δ_i − U_c U_cᵀ c_i Δ_i`` for all tasks, batched as ``[T, ...]``."""
-    if inputs.factors is None:
-        scaled = _per_task(c, 3) * inputs.dense
-        residual = scaled - u_c @ (u_c.mT @ scaled)
-        return thin_svd(residual, rank_tol=rank_tol, top=top)
+def _residual_svds(
+    inputs: _Inputs, c: Tensor, u_c: Tensor, complement: Tensor | None, rank_tol: float, top: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``top`` components of ``R_i = c_i Δ_i − U_c U_cᵀ c_i Δ_i`` for all tasks, as ``[T, ...]`` batches.
+
+    ``complement`` (dense inputs only) is an orthonormal ``[n, q]`` basis of the orthogonal complement of the kept
+    ``U_c``: then ``R_i = Q Qᵀ c_i Δ_i`` and ``R_i``'s SVD is ``Q`` times that of the small ``[q, m]`` matrix
+    ``Qᵀ c_i Δ_i``, whose Gram is ``q``-sized instead of ``min(n, m)``-sized. Without it (``n > m``) each residual
+    is formed and decomposed on its ``m`` side, one task at a time to bound memory.
+    """
+    if inputs.factors is not None:
+        svds = []
+        for ci, (left, right) in zip(c, inputs.factors, strict=True):
+            left = ci * left
+            svds.append(factored_svd(left - u_c @ (u_c.mT @ left), right))
+        width = max(s.shape[0] for _, s, _ in svds)  # ranks may differ: pad with zero components
+        pad = [
+            (F.pad(u, (0, width - u.shape[1])), F.pad(s, (0, width - s.shape[0])), F.pad(v, (0, width - v.shape[1])))
+            for u, s, v in svds
+        ]
+        return tuple(torch.stack(parts) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
+    if complement is not None:
+        projected = _per_task(c, 3) * (complement.mT @ inputs.dense)  # [T, q, m]
+        u, s, v = thin_svd(projected, rank_tol=rank_tol, top=top)
+        return complement @ u, s, v
     svds = []
-    for ci, (left, right) in zip(c, inputs.factors, strict=True):
-        left = ci * left
-        svds.append(factored_svd(left - u_c @ (u_c.mT @ left), right))
-    width = max(s.shape[0] for _, s, _ in svds)  # ranks may differ: pad with zero components
-    pad = [
-        (F.pad(u, (0, width - u.shape[1])), F.pad(s, (0, width - s.shape[0])), F.pad(v, (0, width - v.shape[1])))
-        for u, s, v in svds
-    ]
-    return tuple(torch.stack(parts) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
+    for ci, delta in zip(c, inputs.dense, strict=True):
+        residual = ci * (delta - u_c @ (u_c.mT @ delta)) if u_c.shape[1] else ci * delta
+        svds.append(thin_svd(residual, rank_tol=rank_tol, top=top))
+    return tuple(torch.stack(parts) for parts in zip(*svds, strict=True))  # type: ignore[return-value]
+
+
+def _common_svd(inputs: _Inputs, c: Tensor, k_c: int, rank_tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Iso-CTS's kept common components ``(U_c, S_c, V_c)`` and, where it comes for free, their complement basis.
+
+    Dense ``n <= m``: the Gram side of ``Σ c_i Δ_i`` is the ``n`` side, whose full eigenbasis (or the full SVD when
+    the precision rule asks for it) holds both ``U_c`` and an orthonormal basis of everything else, including the
+    common directions dropped by ``rank_tol``. Dense ``n > m``, factored inputs and ``k_c = 0`` (nothing to project
+    out): no complement (``None``).
+    """
+    n, m = inputs.shape
+    empty = torch.zeros(0, dtype=_F64, device=inputs.device)
+    if k_c == 0:
+        return empty.reshape(n, 0), empty, empty.reshape(m, 0), None  # the residuals are the deltas themselves
+    if inputs.factors is not None or n > m:
+        u, s, v = _svd(inputs, c, rank_tol, top=k_c)
+        u, s, v = u[:, :k_c], s[:k_c], v[:, :k_c]
+        keep = s > rank_tol * s.amax()
+        return u[:, keep], s[keep], v[:, keep], None
+    basis, s, v = left_basis_svd(torch.tensordot(c, inputs.dense, dims=1), rank_tol=rank_tol, top=k_c)
+    keep = s > rank_tol * s.amax()
+    complement = torch.cat([basis[:, :k_c][:, ~keep], basis[:, k_c:]], dim=1)
+    return basis[:, :k_c][:, keep], s[keep], v[:, keep], complement
 
 
 def iso_cts(
@@ -571,6 +615,11 @@ def iso_cts(
     kept component, common or task-specific, must have ``σ > rank_tol · σ_ref`` with ``σ_ref`` the largest singular
     value of all these decompositions. ``mean(S)`` is over the kept ones.
 
+    Cost: for ``n <= m`` the residuals live in the ``(n − k_c)``-dimensional complement of the common subspace,
+    whose basis comes with the ``eigh`` of the sum, so each task costs a ``(n − k_c)``-sized ``eigh``; for
+    ``n > m`` that complement is larger than ``m`` and each task costs an ``m``-sized one. The polar factors use
+    that ``U_c`` and ``V_c`` are orthonormal already (``polar_factor_extend``).
+
     Args:
         deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
         common_fraction: ``f`` in ``(0, 1]``.
@@ -585,23 +634,20 @@ def iso_cts(
     n, m = inputs.shape
     k_c, s_task = iso_cts_split(min(n, m), inputs.count, common_fraction)
 
-    u, s, v = _svd(inputs, c, rank_tol, top=k_c)
-    u, s, v = u[:, :k_c], s[:k_c], v[:, :k_c]
-    keep_c = s > rank_tol * s.amax() if s.numel() else s > 0
-    u, s, v = u[:, keep_c], s[keep_c], v[:, keep_c]
-    blocks_u, blocks_s, blocks_v = [u], [s], [v]
+    u_c, s_c, v_c, complement = _common_svd(inputs, c, k_c, rank_tol)
+    u_r, s_r, v_r = u_c[:, :0], s_c[:0], v_c[:, :0]
     if s_task > 0:
-        u_r, s_r, v_r = _residual_svds(inputs, c, u, rank_tol, s_task)
+        u_r, s_r, v_r = _residual_svds(inputs, c, u_c, complement, rank_tol, s_task)
         u_r, s_r, v_r = u_r[..., :s_task], s_r[:, :s_task], v_r[..., :s_task]
-        blocks_u.append(u_r.permute(1, 0, 2).reshape(n, -1))
-        blocks_s.append(s_r.reshape(-1))
-        blocks_v.append(v_r.permute(1, 0, 2).reshape(m, -1))
-    u, s, v = torch.cat(blocks_u, dim=1), torch.cat(blocks_s), torch.cat(blocks_v, dim=1)
-    keep = s > rank_tol * s.amax() if s.numel() else s > 0
-    if not bool(keep.any()):
+        u_r, s_r, v_r = u_r.permute(1, 0, 2).reshape(n, -1), s_r.reshape(-1), v_r.permute(1, 0, 2).reshape(m, -1)
+    s_ref = torch.cat([s_c, s_r]).amax() if s_c.numel() + s_r.numel() else s_c.new_zeros(())
+    keep_c, keep_r = s_c > rank_tol * s_ref, s_r > rank_tol * s_ref
+    if not bool(keep_c.any() or keep_r.any()):
         return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
-    u, s, v = u[:, keep], s[keep], v[:, keep]
-    return inputs.finish(s.mean() * (polar_factor(u) @ polar_factor(v).mT), out_dtype)
+    s = torch.cat([s_c[keep_c], s_r[keep_r]])
+    u = polar_factor_extend(u_c[:, keep_c], u_r[:, keep_r])
+    v = polar_factor_extend(v_c[:, keep_c], v_r[:, keep_r])
+    return inputs.finish(s.mean() * (u @ v.mT), out_dtype)
 
 
 def tsv_m(
