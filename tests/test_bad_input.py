@@ -309,3 +309,18 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     code, err = run_cli(argv, row.subprocess, capsys)
     assert_refused(code, err, words)
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["dense", "lora"])
+def test_a_disk_too_small_for_the_merge_is_one_error_line_and_exit_1(
+    world: World, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The free-space probe says 100 KiB: refused before any model loads, one line naming both folders and sizes."""
+    from drm_lightning.task_vectors import format as tv_format
+
+    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: 100 * 1024)
+    folders = world.dense if kind == "dense" else world.lora
+    code, err = run_cli(_merge(world, tmp_path, folders), False, capsys)
+    assert code == 1
+    assert_refused(code, err, [str(tmp_path / "out_delta"), str(tmp_path / "out"), "MiB, 100 KiB free"])
+    assert leftovers(tmp_path) == []

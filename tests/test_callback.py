@@ -330,3 +330,33 @@ def test_ddp_every_rank_joins_and_one_task_vector_is_written(tiny, tmp_path):
         rebuilt = ExpertModule.from_task_vector(tmp_path / "tv", with_task_vector=True)(batch)
         reference = expert.eval()(batch)
     torch.testing.assert_close(rebuilt, reference, rtol=1e-6, atol=1e-6)
+
+
+def _folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=2)], ids=["full", "lora"])
+def test_a_small_disk_is_refused_before_the_base_is_reloaded(tiny, tmp_path, monkeypatch, lora):
+    """The estimate bounds what is written (all deltas kept); one byte short of it plus the margin, rank 0 refuses
+    before reloading W_0, names the folder and writes nothing."""
+    from drm_lightning.task_vectors import callback as callback_module
+    from drm_lightning.task_vectors import format as tv_format
+    from drm_lightning.task_vectors.callback import estimate_task_vector_bytes
+    from drm_lightning.task_vectors.format import InsufficientSpaceError, human_bytes, with_margin
+
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS), lora=lora)
+    estimate = estimate_task_vector_bytes(expert, expert.state_dict())
+    TaskVectorCallback(str(tmp_path / "tv"), skip_zero=False).on_fit_end(_fake_trainer(True, tmp_path, []), expert)
+    written = _folder_bytes(tmp_path / "tv")
+    assert written <= estimate <= written + 80 * 1024
+
+    free = with_margin(estimate) - 1
+    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: free)
+    reloads: list[str] = []
+    monkeypatch.setattr(callback_module, "load_backbone", lambda name, *a, **k: reloads.append(name))
+    with pytest.raises(InsufficientSpaceError) as err:
+        TaskVectorCallback(str(tmp_path / "small")).on_fit_end(_fake_trainer(True, tmp_path, []), expert)
+    assert str(tmp_path / "small") in str(err.value)
+    assert f"needs {human_bytes(with_margin(estimate))}, {human_bytes(free)} free" in str(err.value)
+    assert reloads == [] and sorted(p.name for p in tmp_path.iterdir()) == ["tv"]
