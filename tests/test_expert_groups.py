@@ -2,7 +2,8 @@
 
 Unit tables for the group layout (``plan_group``), the dealing of tasks and the environment a group trains in; then
 two real launches under ``torch.distributed.run`` on localhost (gloo): two groups of one process fit two tiny experts
-at once and every file (task vectors, heads, merged deltas, report numbers) equals a one-process run bit for bit; and
+at once and every file (task vectors, heads, merged deltas, report numbers) equals a one-process run bit for bit
+(evaluation on both ranks included, on splits of odd size); and
 a task that fails in one group is raised on every rank, nothing hangs, and the other group's expert is kept.
 """
 
@@ -186,7 +187,7 @@ def _recipe(tmp: Path, break_second: bool = False) -> Path:
     from tests.tiny_models import make_tiny_model
 
     backbone = make_tiny_model("encoder", tmp / "tiny_bert")
-    tasks = write_tiny_tasks(tmp / "data", sizes=(48, 16, 16))
+    tasks = write_tiny_tasks(tmp / "data", sizes=(48, 15, 15))  # odd splits: 2 ranks must not pad them
     if break_second:  # a dataset without its label column: found only when the expert's data is set up
         train = tmp / "data" / "animal" / "train.csv"
         train.write_text("\n".join(line.split(",")[0] for line in train.read_text().splitlines()) + "\n")
@@ -241,7 +242,11 @@ def _numbers(run: Path) -> dict:
 @pytest.mark.multiprocess
 def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
-    two = _torchrun(["--config", str(recipe), "--procs_per_expert", "1", "--run_dir", str(tmp_path / "two")])
+    # evaluation data-parallel over both ranks too: each rank scores the whole split, so nothing is counted twice
+    ddp_eval = ["--eval_trainer", "{devices: 2, strategy: ddp}"]
+    two = _torchrun(
+        ["--config", str(recipe), "--procs_per_expert", "1", "--run_dir", str(tmp_path / "two"), *ddp_eval]
+    )
     try:
         one = subprocess.run(
             [sys.executable, "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe),

@@ -39,7 +39,13 @@ SPLIT_PREFIX: dict[str, str] = {"validation": "val", "test": "test"}
 
 
 def default_trainer_kwargs() -> dict[str, Any]:
-    """An evaluation-only ``Trainer``: one device, nothing written, no progress bars."""
+    """An evaluation-only ``Trainer``: one device, nothing written, no progress bars.
+
+    ``use_distributed_sampler=False``: launched on several processes, every rank evaluates the whole split.
+    Lightning's ``DistributedSampler`` would pad a split whose size the world size does not divide with repeated
+    examples, and the metrics would count them (15 test examples on 2 ranks scored 50.00 % instead of 53.33 %).
+    Every rank then holds the same metric states, so the metrics' cross-rank sum leaves each ratio unchanged.
+    """
     return {
         "logger": False,
         "enable_checkpointing": False,
@@ -47,6 +53,7 @@ def default_trainer_kwargs() -> dict[str, Any]:
         "enable_model_summary": False,
         "accelerator": "auto",
         "devices": 1,
+        "use_distributed_sampler": False,
     }
 
 
