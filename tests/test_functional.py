@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
+from drm_lightning.merging import linalg
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
 
@@ -150,6 +151,7 @@ def test_dare_drops_the_right_fraction_and_is_unbiased() -> None:
 GOOD = deltas((6, 5), tasks=3)
 NAN = [GOOD[0], GOOD[1].clone().index_fill_(0, torch.tensor([2]), math.nan), GOOD[2]]
 INF = [GOOD[0], GOOD[1], GOOD[2].clone().index_fill_(1, torch.tensor([0]), math.inf)]
+NEG_INF = [GOOD[0].clone().index_fill_(0, torch.tensor([5]), -math.inf), GOOD[1]]
 BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
     ("direction", lambda: F.drm(GOOD, direction="diagonal"), "direction.*'diagonal'"),
     ("merge", lambda: F.dare(GOOD, merge="mean"), "merge.*'mean'"),
@@ -167,6 +169,8 @@ BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
     ("shapes", lambda: F.ties([GOOD[0], GOOD[1][:, :4]]), r"deltas\[1\] has shape \(6, 4\)"),
     ("nan", lambda: F.drm(NAN), r"deltas\[1\] contains NaN or Inf"),
     ("inf", lambda: F.task_arithmetic(INF), r"deltas\[2\] contains NaN or Inf"),
+    ("-inf", lambda: F.iso_cts(NEG_INF), r"deltas\[0\] contains NaN or Inf"),
+    ("nan bfloat16", lambda: F.ties([x.bfloat16() for x in NAN]), r"deltas\[1\] contains NaN or Inf"),
     (
         "inf factor",
         lambda: F.iso_c([LowRankDelta(torch.full((6, 1), math.inf), torch.ones(1, 5))]),
@@ -338,3 +342,76 @@ def test_low_rank_delta() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             LowRankDelta(*args)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_empty_parameter_merges_to_empty(name: str) -> None:
+    """A parameter with no entries passes the input checks (nothing to be non-finite) and keeps its shape."""
+    method = get_method(name)
+    out = method.merge_elementwise([torch.zeros(0, 3), torch.zeros(0, 3)], **method.check({}))
+    assert out.shape == (0, 3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# linalg building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "top"), [((9, 6), 4), ((6, 9), 6), ((6, 9), 0), ((7, 7), None)])
+def test_thin_svd_top_returns_the_leading_components(shape: tuple[int, int], top: int | None) -> None:
+    a = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, s, v = linalg.thin_svd(a, top=top)
+    k = min(shape) if top is None else top
+    assert u.shape == (3, shape[0], k) and s.shape == (3, k) and v.shape == (3, shape[1], k)
+    assert torch.allclose(s, torch.linalg.svdvals(a)[:, :k], rtol=1e-12, atol=0)
+    assert torch.allclose(a @ v, u * s.unsqueeze(1), atol=1e-12)
+
+
+@pytest.mark.parametrize("spread", [1.0, 1e-7], ids=["gram", "svd-fallback"])
+@pytest.mark.parametrize(("shape", "top"), [((6, 9), 4), ((6, 9), 0), ((8, 8), 8), ((6, 9), 6)])
+def test_left_basis_svd(shape: tuple[int, int], top: int, spread: float) -> None:
+    """``W`` is orthogonal, its first ``top`` columns are the leading left singular vectors; the fallback (values down
+    to 1e-7·σ_max, below the Gram route's reach) is as exact."""
+    gen = torch.Generator().manual_seed(1)
+    n, m = shape
+    d = min(n, m)
+    spectrum = torch.logspace(0, math.log10(spread), d, dtype=torch.float64)
+    a = (ref.orthonormal(n, d, gen) * spectrum) @ ref.orthonormal(m, d, gen).T
+    w, s, v = linalg.left_basis_svd(a, rank_tol=1e-9, top=top)
+    assert w.shape == (n, n) and s.shape == (top,) and v.shape == (m, top)
+    assert torch.allclose(w.T @ w, torch.eye(n, dtype=torch.float64), atol=1e-13)
+    assert torch.allclose(s, spectrum[:top], rtol=1e-9, atol=0)
+    assert torch.allclose(a @ v, w[:, :top] * s, atol=1e-13)
+
+
+def _polar_case(case: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(basis, extra)`` with orthonormal ``basis``, for ``polar_factor_extend``."""
+    sizes = {"k>r": (20, 8, 5), "k<r": (20, 3, 8), "k=0": (20, 0, 6), "r=0": (20, 6, 0), "square": (12, 7, 5)}
+    n, k, r = sizes.get(case, (20, 6, 4))
+    basis = ref.orthonormal(n, k, gen)
+    extra = torch.randn(n, r, generator=gen, dtype=torch.float64)
+    if case == "ill-conditioned":  # an extra column 1e-7 away from a basis column: sigma_min ~ 1e-7
+        extra[:, 0] = basis[:, 0] + 1e-7 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return basis, extra
+
+
+@pytest.mark.parametrize("case", ["k>r", "k<r", "k=0", "r=0", "square", "ill-conditioned"])
+def test_polar_factor_extend_matches_the_polar_factor(case: str) -> None:
+    basis, extra = _polar_case(case, torch.Generator().manual_seed(3))
+    out = linalg.polar_factor_extend(basis, extra)
+    expected = ref.polar(torch.cat([basis, extra], dim=1))
+    assert out.shape == expected.shape
+    assert ref.relative_error(out, expected) <= (1e-7 if case == "ill-conditioned" else 1e-13)
+
+
+def test_polar_factor_extend_rank_deficient_and_too_wide_fall_back_to_polar_factor() -> None:
+    """Dependent columns (no unique polar factor) and more columns than rows: the same finite answer as
+    ``polar_factor``, which leaves the null directions out."""
+    gen = torch.Generator().manual_seed(4)
+    basis = ref.orthonormal(10, 4, gen)
+    dependent = torch.cat([basis[:, :2] @ torch.randn(2, 3, generator=gen, dtype=torch.float64)], dim=1)
+    wide = torch.randn(10, 8, generator=gen, dtype=torch.float64)
+    for extra in (dependent, wide):
+        expected = linalg.polar_factor(torch.cat([basis, extra], dim=1))
+        out = linalg.polar_factor_extend(basis, extra)
+        assert torch.isfinite(out).all() and ref.relative_error(out, expected) <= 1e-12

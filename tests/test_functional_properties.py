@@ -10,6 +10,9 @@ What holds, and for which methods:
   with it and the renormalised blocks ``Δ_i V_r`` stay the same, so the result does not depend on the basis (or the
   signs) the decomposition picks. DRM-H likewise under ``Δ_i → Q Δ_i``. (Not the other side: pruning is elementwise
   on the renormalised vectors.)
+* Iso-CTS is equivariant under ``Δ_i → Q Δ_i R`` for orthogonal ``Q``, ``R``: it uses singular vectors only through
+  polar factors and projections, so its result does not depend on the basis picked inside repeated singular
+  values (away from its cuts ``k_c`` and ``s``) nor on signs and order.
 * finite, deterministic output for any finite input, including zeros and repeated values, where some methods are
   not well defined.
 """
@@ -114,6 +117,28 @@ def test_drm_does_not_depend_on_the_basis_of_the_decomposition(
         turned = F.drm([rotation @ d for d in deltas], direction, coefficients=coefficients)
         expected = rotation @ F.drm(deltas, direction, coefficients=coefficients)
     assert ref.relative_error(turned, expected) <= 1e-8
+
+
+@pytest.mark.parametrize("signed_permutation", [False, True], ids=["rotation", "signed-permutation"])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48), (32, 32)], ids=["tall", "wide", "square"])
+def test_iso_cts_does_not_depend_on_the_basis_of_the_decomposition(
+    shape: tuple[int, int], signed_permutation: bool
+) -> None:
+    """``iso_cts(Q Δ_i R) = Q iso_cts(Δ_i) R`` on deltas whose common part has pairs of equal singular values (none
+    at a cut): ``eigh`` picks a different basis inside every pair for the turned inputs."""
+    gen = torch.Generator().manual_seed(sum(shape) + signed_permutation)
+    deltas = ref.make_deltas("clustered", shape, 4, seed=7)
+    turns = []
+    for size in shape:
+        if signed_permutation:
+            signs = torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1
+            turns.append(torch.eye(size, dtype=torch.float64)[torch.randperm(size, generator=gen)] * signs)
+        else:
+            turns.append(ref.orthonormal(size, size, gen))
+    q, r = turns
+    coefficients = [1.0, 0.5, -0.3, 2.0]
+    turned = F.iso_cts([q @ d @ r for d in deltas], coefficients=coefficients)
+    assert ref.relative_error(turned, q @ F.iso_cts(deltas, coefficients=coefficients) @ r) <= 1e-9
 
 
 finite_values = st.sampled_from([0.0, 0.0, 1.0, -1.0, 0.5, 3.0, -2.0, 1e-30, 1e4]) | st.floats(

@@ -263,3 +263,91 @@ def test_cuda_matches_reference(method: Method, dtype: torch.dtype) -> None:
     expected = method.ref(cuda, coeffs).cpu() if method.name.startswith("dare") else method.ref(deltas, coeffs)
     assert ref.relative_error(out.cpu(), expected) <= TOL_F32
     assert torch.equal(out, method.impl(cuda, coeffs, out_dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Iso-CTS: every route of the implementation against the reference
+# --------------------------------------------------------------------------------------------------------------------
+# n > m: residuals formed and decomposed on their m side; n <= m: decomposed inside the complement of the common
+# subspace, taken from the eigenbasis of the sum (or its full SVD); LowRankDelta: factored residuals. min(n, m) = 30
+# is divisible by every T below, so common_fraction 0.01 gives k_c = 0 and 1.0 gives k_c = d (no residuals at all).
+
+ISO_CTS_SHAPES = [(50, 30), (30, 50), (30, 30)]
+ISO_CTS_FRACTIONS = [0.01, 0.5, 0.8, 1.0]
+ISO_CTS_COEFFS = [0.7, -1.5, 2.0, 0.0, 0.4]  # a negative and a zero coefficient at T = 5
+
+
+def _cancelling(shape: tuple[int, int], seed: int) -> list[Tensor]:
+    """Three full-rank deltas whose sum has rank 3: ``rank_tol`` drops most of the top ``k_c`` common components, so
+    the residuals must be taken in the complement of the *kept* ones (the dropped directions included)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, m = shape
+    a, b = (torch.randn(n, m, generator=gen, dtype=torch.float64) for _ in range(2))
+    low = torch.randn(n, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, m, generator=gen, dtype=torch.float64)
+    return [a, b, low - a - b]
+
+
+def _iso_cts_rows() -> list:
+    """Every shape x T x common fraction on generic deltas; the special inputs on a few of those combinations."""
+    special = [
+        ("zero_task", 5, ISO_CTS_FRACTIONS),  # plus the zero coefficient: two tasks that contribute nothing
+        # well defined only where k_c covers the joint rank 1 + 2T (zero residuals); otherwise more task vectors
+        # than dimensions left, linearly dependent (see reference.make_deltas)
+        ("rank_deficient", 5, [0.5, 0.8, 1.0]),
+        ("all_zero", 2, [0.01, 1.0]),
+        ("cancelling", 3, [0.5, 0.8]),
+    ]
+    rows = []
+    for shape in ISO_CTS_SHAPES:
+        name = f"{shape[0]}x{shape[1]}"
+        for tasks in (2, 3, 5):
+            rows += [
+                pytest.param(shape, tasks, f, "random", id=f"{name}-T{tasks}-f{f}-random") for f in ISO_CTS_FRACTIONS
+            ]
+        for case, tasks, fractions in special:
+            rows += [pytest.param(shape, tasks, f, case, id=f"{name}-T{tasks}-f{f}-{case}") for f in fractions]
+    return rows
+
+
+@pytest.mark.parametrize(("shape", "tasks", "fraction", "case"), _iso_cts_rows())
+def test_iso_cts_routes_match_reference(shape: tuple[int, int], tasks: int, fraction: float, case: str) -> None:
+    seed = zlib.crc32(f"{case}{shape}{tasks}".encode()) % 1000
+    deltas = _cancelling(shape, seed) if case == "cancelling" else ref.make_deltas(case, shape, tasks, seed=seed)
+    for coeffs in (None, ISO_CTS_COEFFS[:tasks]):
+        out = F.iso_cts(deltas, fraction, coeffs)
+        assert out.dtype == torch.float64 and torch.isfinite(out).all()
+        if case == "all_zero":
+            assert not out.any()
+        else:
+            assert ref.relative_error(out, ref.iso_cts(deltas, fraction, coeffs)) <= 1e-9
+
+
+@pytest.mark.parametrize("fraction", ISO_CTS_FRACTIONS)
+@pytest.mark.parametrize("ranks", [[2, 3], [2, 3, 1], [2, 1, 3, 2, 1]], ids=["T2", "T3", "T5"])
+@pytest.mark.parametrize("shape", ISO_CTS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_iso_cts_low_rank_factors_match_reference(shape: tuple[int, int], ranks: list[int], fraction: float) -> None:
+    """Independent factors: with k_c = 0 every task keeps all its components, otherwise the common subspace holds the
+    joint rank and the residuals vanish; either way the method is well defined. At T = 5 one task's ``B`` is zero
+    (LoRA's initialisation): it contributes nothing."""
+    factors = ref.low_rank_factors(shape, ranks, seed=len(ranks))
+    low_rank = [LowRankDelta(b * (i != 4), a, s) for i, (b, a, s) in enumerate(factors)]
+    dense = [lr.dense(torch.float64) for lr in low_rank]
+    for coeffs in (None, ISO_CTS_COEFFS[: len(ranks)]):
+        out = F.iso_cts(low_rank, fraction, coeffs)
+        assert ref.relative_error(out, ref.iso_cts(dense, fraction, coeffs)) <= 1e-9
+
+
+@pytest.mark.parametrize("shape", ISO_CTS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_iso_cts_svd_fallback_for_tiny_kept_common_values(shape: tuple[int, int]) -> None:
+    """The sum's kept singular values reach 3e-8·σ_max, below what the Gram route resolves: the common subspace (and,
+    for n <= m, its complement) must come from the float64 SVD. The per-task parts ``X_i`` cancel in the sum."""
+    gen = torch.Generator().manual_seed(2)
+    n, m = shape
+    d = min(n, m)
+    total = (ref.orthonormal(n, d, gen) * torch.logspace(0, -7.5, d, dtype=torch.float64)) @ ref.orthonormal(
+        m, d, gen
+    ).T
+    x_1, x_2 = (0.1 * torch.randn(n, m, generator=gen, dtype=torch.float64) for _ in range(2))
+    deltas = [total / 3 + x_1, total / 3 + x_2, total / 3 - x_1 - x_2]
+    expected = ref.iso_cts(deltas, rank_tol=1e-8)
+    assert ref.relative_error(F.iso_cts(deltas, rank_tol=1e-8), expected) <= 1e-6

@@ -199,13 +199,19 @@ def _prepare(
     dense = torch.empty((len(items), *shape), dtype=_F64, device=device)
     for i, item in enumerate(items):
         dense[i].copy_(item.dense(_F64) if isinstance(item, LowRankDelta) else item)
-    finite = torch.isfinite(dense.reshape(len(items), -1)).all(dim=1)
+    if dense[0].numel() == 0:
+        return _Inputs(dense, None, shape, dtype, device, unit)
+    # Per-task max |x| from two allocation-free reductions (NaN and ±Inf propagate through amax/amin): it is both
+    # the finiteness check and the normalising scale, without full-size temporaries (isfinite, abs, a divided copy).
+    flat = dense.reshape(len(items), -1)
+    peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
+    finite = torch.isfinite(peak)
     if not finite.all():
         bad = int(torch.nonzero(~finite)[0])
         raise ValueError(f"{method}: deltas[{bad}] contains NaN or Inf")
     if normalise:
-        unit = power_of_two_scale(dense)
-        dense = dense / unit
+        unit = power_of_two_scale(peak)
+        dense.div_(unit)  # exact: a power of two
     return _Inputs(dense, None, shape, dtype, device, unit)
 
 
