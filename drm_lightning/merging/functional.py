@@ -574,7 +574,7 @@ def _residual_svds(
         return complement @ u, s, v
     svds = []
     for ci, delta in zip(c, inputs.dense, strict=True):
-        residual = ci * (delta - u_c @ (u_c.mT @ delta)) if u_c.shape[1] else ci * delta
+        residual = torch.addmm(delta, u_c, u_c.mT @ delta, beta=ci, alpha=-ci) if u_c.shape[1] else ci * delta
         svds.append(thin_svd(residual, rank_tol=rank_tol, top=top))
     return tuple(torch.stack(parts) for parts in zip(*svds, strict=True))  # type: ignore[return-value]
 
