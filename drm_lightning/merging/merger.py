@@ -262,9 +262,7 @@ def _readers(task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]]) 
 
 def heads_bytes(task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]]) -> int:
     """Bytes of the ``heads/<task>/`` copies a merged folder (and a merged model folder) holds."""
-    return sum(
-        (r.folder / name).stat().st_size for r in _readers(task_vectors) for name in (HEAD_FILE, META_FILE)
-    )
+    return sum((r.folder / name).stat().st_size for r in _readers(task_vectors) for name in (HEAD_FILE, META_FILE))
 
 
 def estimate_merge_bytes(
