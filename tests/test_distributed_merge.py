@@ -275,7 +275,7 @@ def test_world_of_one_runs_the_protocol(
     assert record["distributed"]["world_size"] == 1
     assert record["distributed"]["layout"] == layout
     assert record["distributed"]["ranks"][0]["parameters"] == result.merged_parameters == record["merged_parameters"]
-    assert not list(root.glob(f".{out.name}.parts-*"))  # the staging folder is gone
+    assert not list(root.glob(f".{out.name}.tmp-*"))  # the staging folder is gone
 
 
 def test_world_of_one_error_leaves_nothing(root: Path, nan_tvs: list[Path], world_of_one: None) -> None:
@@ -396,7 +396,7 @@ def test_two_processes_equal_one_bit_for_bit(
         assert record["distributed"]["world_size"] == 2 and record["distributed"]["backend"] == "gloo"
         assert [s["parameters"] > 0 for s in shares] == [True, True]  # both ranks really merged something
         assert sum(s["parameters"] for s in shares) == record["merged_parameters"] == got[0]["merged"]
-        assert not list(work.glob(f".{name}.parts-*"))
+        assert not list(work.glob(f".{name}.tmp-*"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,3 +465,53 @@ def test_cli_merge_refuses_lambda_search_on_several_processes(
     with pytest.raises(ValueError, match=rf"lam='search' under {source} \(2 processes\).*--lam"):
         merge([str(p) for p in dense_tvs], str(out), method="drm_v", lam="search", tasks=["unused.yaml"])
     assert not out.exists() and not Path(f"{out}_delta").exists()
+
+
+def test_a_killed_merges_staging_is_removed_by_the_next(
+    root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0's staging folder carries its host and pid, so a SIGKILLed merge's leftovers go with the next merge."""
+    from drm_lightning.merging import distributed as dist_module
+    from drm_lightning.task_vectors.format import temporary_prefix
+
+    staged: list[Path] = []
+    real_share = dist_module._merge_share
+
+    def spy(setup, share, part, *args, **kwargs):
+        staged.append(part.parent)
+        return real_share(setup, share, part, *args, **kwargs)
+
+    monkeypatch.setattr(dist_module, "_merge_share", spy)
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid that is dead now
+    out = root / "after_kill"
+    stale = root / temporary_prefix(out).replace(f"-{os.getpid()}-", f"-{child.pid}-")
+    stale = stale.with_name(stale.name + "parts-x1")
+    (stale / "rank00000").mkdir(parents=True)
+    distributed_merge(dense_tvs, "ties", out, progress=False)
+    assert (out / MERGE_FILE).is_file() and not stale.exists()
+    assert [p.name.startswith(temporary_prefix(out)) for p in staged] == [True]  # named for the stale cleanup
+    assert not list(root.glob(f".{out.name}.tmp-*"))
+
+
+@pytest.mark.parametrize(("layout", "copies_fit", "refused"), [("canonical", 1, True), ("canonical", 2, False),
+                                                             ("per_rank", 1, False)])  # fmt: skip
+def test_canonical_layout_needs_room_for_two_copies(
+    root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch,
+    layout: str, copies_fit: int, refused: bool,
+) -> None:  # fmt: skip
+    from drm_lightning.merging.merger import check_merge_space
+    from drm_lightning.task_vectors import format as tv_format
+    from drm_lightning.task_vectors.format import InsufficientSpaceError, with_margin
+
+    needed = check_merge_space(dense_tvs, root / "probe", copies=copies_fit)  # bytes for this many copies of Δ
+    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: with_margin(needed))
+    out = root / f"space_{layout}_{copies_fit}"
+    if refused:
+        with pytest.raises(InsufficientSpaceError, match=out.name):
+            distributed_merge(dense_tvs, "ties", out, progress=False, layout=layout)
+        assert not out.exists() and not list(root.glob(f".{out.name}*"))
+    else:
+        distributed_merge(dense_tvs, "ties", out, progress=False, layout=layout)
+        assert (out / MERGE_FILE).is_file()

@@ -56,6 +56,7 @@ from drm_lightning.merging.merger import (
     MergeSetup,
     ShardWriter,
     check_max_shard_bytes,
+    check_merge_space,
     copy_heads,
     merge_parameters,
     merge_task_vectors,
@@ -67,7 +68,12 @@ from drm_lightning.merging.merger import (
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.registry import get_method
-from drm_lightning.task_vectors.format import atomic_dir, open_safetensors
+from drm_lightning.task_vectors.format import (
+    atomic_dir,
+    open_safetensors,
+    remove_stale_temporaries,
+    temporary_prefix,
+)
 
 Layout = Literal["canonical", "per_rank"]
 LAYOUTS: tuple[str, ...] = ("canonical", "per_rank")
@@ -531,12 +537,16 @@ def distributed_merge(
         setup: MergeSetup | None = None
         if rank == 0:
             try:
+                if layout == "canonical":  # rank shards staged beside the output, then rewritten into it: 2 copies
+                    check_merge_space(task_vectors, output, plan, copies=2)
                 setup = prepare_merge(
                     task_vectors, method, params, coefficients,
                     base=base, family=family, plan=plan, device=dev, output=output,
                 )  # fmt: skip
                 output.parent.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
+                # named as an atomic_dir temporary of rank 0: a killed merge's staging is removed by the next one
+                remove_stale_temporaries(output)
+                staging = Path(tempfile.mkdtemp(prefix=temporary_prefix(output) + "parts-", dir=output.parent))
                 shared = {
                     "ok": True,
                     "entries": _entries_to_json(setup.entries),

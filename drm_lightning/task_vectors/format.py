@@ -180,7 +180,7 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target)
     tag = f"{_host_tag()}-{os.getpid()}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{tag}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(target), dir=target.parent))
     try:
         yield tmp
         if target.exists():
@@ -193,6 +193,15 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         _rmtree(tmp)
         raise
+
+
+def temporary_prefix(target: str | os.PathLike[str]) -> str:
+    """Name prefix of a temporary sibling of ``target`` owned by this process (``.<name>.tmp-<host>-<pid>-``).
+
+    Any folder so named (an ``atomic_dir`` temporary, a distributed merge's staging folder) is removed by
+    ``remove_stale_temporaries`` once its process is dead.
+    """
+    return f".{Path(target).name}.tmp-{_host_tag()}-{os.getpid()}-"
 
 
 def remove_stale_temporaries(target: str | os.PathLike[str]) -> list[Path]:
