@@ -198,3 +198,19 @@ def test_a_recorded_gguf_file_reaches_the_loader(bf16, tmp_path, monkeypatch):
         (torch.float32, "other.gguf"),
         (None, None),
     ]
+
+
+def test_the_merge_command_takes_an_explicit_dtype_for_old_task_vectors(bf16, tmp_path, monkeypatch):
+    """One process: --torch_dtype reaches both the merge and the saved model; under torchrun it is refused up front
+    (the distributed merge loads the base as recorded)."""
+    from drm_lightning.commands.merge import merge
+
+    old = _strip(bf16["tv"], tmp_path / "old", "torch_dtype", "gguf_file")
+    out = merge([str(old)], str(tmp_path / "out"), torch_dtype="bfloat16")
+    assert read_merge_record(out)["torch_dtype"] == "bfloat16"
+    assert _dtype(load_model(str(out), None, [str(old)])) == torch.bfloat16  # saved in bfloat16: loads so
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="torch_dtype='bfloat16' under torchrun"):
+        merge([str(old)], str(tmp_path / "again"), torch_dtype="bfloat16")
+    assert not [p for p in tmp_path.iterdir() if "again" in p.name]
