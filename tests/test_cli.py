@@ -124,6 +124,7 @@ def test_top_level_help_in_a_subprocess() -> None:
     assert done.returncode == 0, done.stderr
     for command in ("fit", "validate", "test", "merge", "evaluate", "pipeline"):
         assert f"  {command} " in done.stdout
+    assert "--debug" in done.stdout and "DRM_LIGHTNING_VERBOSE=1" in done.stdout  # how to see the libraries' output
 
 
 @pytest.mark.parametrize(
