@@ -573,7 +573,7 @@ def _residual_svds(
         u, s, v = thin_svd(projected, rank_tol=rank_tol, top=top)
         return complement @ u, s, v
     svds = []
-    for ci, delta in zip(c, inputs.dense, strict=True):
+    for ci, delta in zip(c.tolist(), inputs.dense, strict=True):  # plain floats: addmm takes numbers
         residual = torch.addmm(delta, u_c, u_c.mT @ delta, beta=ci, alpha=-ci) if u_c.shape[1] else ci * delta
         svds.append(thin_svd(residual, rank_tol=rank_tol, top=top))
     return tuple(torch.stack(parts) for parts in zip(*svds, strict=True))  # type: ignore[return-value]
