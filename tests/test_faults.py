@@ -416,7 +416,7 @@ def _disk_full_after(monkeypatch: pytest.MonkeyPatch, target: Any, attr: str, wr
 def test_disk_full_mid_merge_leaves_nothing(
     world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The merger does not check free space up front; a full disk mid-write fails and leaves no trace."""
+    """A disk that fills anyway after the up-front check passed (another writer) fails mid-write, leaves no trace."""
     _disk_full_after(monkeypatch, merger, "save_file", writes=3)
     out = tmp_path / "out"
     with pytest.raises(OSError) as info:

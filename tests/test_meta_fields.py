@@ -27,7 +27,7 @@ from drm_lightning.merging.merger import (
     read_merge_record,
 )
 from drm_lightning.models import expert as expert_module
-from drm_lightning.models.backbone import load_recorded_base
+from drm_lightning.models.backbone import fingerprint, load_recorded_base
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.callback import TaskVectorCallback
 from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, TaskVectorMeta, read_meta, write_task_vector
@@ -177,6 +177,15 @@ def test_from_task_vector_and_evaluate_load_the_base_as_recorded(bf16):
         load_base([str(bf16["tv"])], "float32", check_fingerprint=True)
 
 
+def test_the_pipelines_shared_backbone_loads_the_base_as_recorded(bf16):
+    """evaluate_backbone (the pipeline's evaluation) shares one base between the experts: as they loaded it, so the
+    experts' fingerprint check passes for a bf16-fitted base."""
+    from drm_lightning.evaluation.multitask import _shared_backbone
+
+    module = _shared_backbone(None, [read_meta(bf16["tv"])])
+    assert _dtype(module) == torch.bfloat16 and fingerprint(module) == read_meta(bf16["tv"]).base_fingerprint
+
+
 def test_a_recorded_gguf_file_reaches_the_loader(bf16, tmp_path, monkeypatch):
     """No GGUF model installs offline here: the loader is watched instead, and loads the tiny model."""
     calls: list[dict] = []
@@ -201,16 +210,25 @@ def test_a_recorded_gguf_file_reaches_the_loader(bf16, tmp_path, monkeypatch):
 
 
 def test_the_merge_command_takes_an_explicit_dtype_for_old_task_vectors(bf16, tmp_path, monkeypatch):
-    """One process: --torch_dtype reaches both the merge and the saved model; under torchrun it is refused up front
-    (the distributed merge loads the base as recorded)."""
+    """--torch_dtype reaches the merge and the saved model, on one process and through the distributed merge."""
     from drm_lightning.commands.merge import merge
 
     old = _strip(bf16["tv"], tmp_path / "old", "torch_dtype", "gguf_file")
     out = merge([str(old)], str(tmp_path / "out"), torch_dtype="bfloat16")
     assert read_merge_record(out)["torch_dtype"] == "bfloat16"
     assert _dtype(load_model(str(out), None, [str(old)])) == torch.bfloat16  # saved in bfloat16: loads so
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="torch_dtype='bfloat16' under torchrun"):
-        merge([str(old)], str(tmp_path / "again"), torch_dtype="bfloat16")
-    assert not [p for p in tmp_path.iterdir() if "again" in p.name]
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    try:  # a process group exists: merge takes the distributed path, which must pass the dtype on to rank 0's load
+        again = merge([str(old)], str(tmp_path / "again"), torch_dtype="bfloat16")
+    finally:
+        dist.destroy_process_group()
+    record = read_merge_record(tmp_path / "again_delta")
+    assert record["distributed"]["world_size"] == 1 and record["torch_dtype"] == "bfloat16"
+    assert _dtype(load_model(str(again), None, [str(old)])) == torch.bfloat16

@@ -79,7 +79,7 @@ def merge(
         The merged model folder.
     """
     from drm_lightning.merging.distributed import detect_world, is_global_zero, merge_task_vectors_distributed
-    from drm_lightning.merging.merger import _check_output, apply_merged_delta, merge_task_vectors
+    from drm_lightning.merging.merger import _check_output, apply_merged_delta
     from drm_lightning.merging.plan import MergePlan
 
     if not task_vectors:
@@ -94,12 +94,6 @@ def merge(
             "device; merge with a fixed --lam here, or run --lam search as one process"
         )
     overrides = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
-    if overrides and (world.world_size > 1 or world.source == "initialized"):
-        raise ValueError(
-            f"{', '.join(f'{k}={v!r}' for k, v in overrides.items())} under {world.source} ({world.world_size} "
-            "processes): the distributed merge loads the base as the task vectors' meta.json records it; merge as "
-            "one process to load it another way"
-        )
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
     # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
@@ -113,15 +107,10 @@ def merge(
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
     datamodules = _datamodules(tasks, task_vectors) if search else {}
 
-    if overrides:  # one process (refused above otherwise): the same merge, told how to load the base
-        result = merge_task_vectors(
-            task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
-            **overrides,
-        )  # fmt: skip
-    else:
-        result = merge_task_vectors_distributed(
-            task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device
-        )
+    result = merge_task_vectors_distributed(
+        task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
+        torch_dtype=torch_dtype, gguf_file=gguf_file,
+    )  # fmt: skip
     seconds = result.timings["total"]
     if not is_global_zero():  # rank 0 alone applies λ and writes the model folder, heads and merge.json
         return Path(output)

@@ -98,7 +98,7 @@ def _touched_names(folder: Path) -> set[str]:
 
 def _shared_backbone(backbone: nn.Module | str | os.PathLike[str] | None, metas: Sequence[TaskVectorMeta]) -> Any:
     """The one module every task's expert wraps, or ``None`` when the task vectors disagree on the base model."""
-    from drm_lightning.models.backbone import load_backbone
+    from drm_lightning.models.backbone import load_backbone, load_recorded_base
 
     if isinstance(backbone, nn.Module):
         return backbone
@@ -113,7 +113,7 @@ def _shared_backbone(backbone: nn.Module | str | os.PathLike[str] | None, metas:
     bases = {(m.base_model, m.base_fingerprint) for m in metas}
     if len(bases) != 1:
         return None  # experts of different bases: each loads its own
-    return load_backbone(metas[0].base_model, family)
+    return load_recorded_base(metas[0])  # as the experts loaded it: bf16 / GGUF bases keep their fingerprint
 
 
 def evaluate_backbone(

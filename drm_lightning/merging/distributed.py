@@ -498,6 +498,8 @@ def distributed_merge(
     layout: Layout = "canonical",
     timeout_s: float = DEFAULT_TIMEOUT_S,
     world: WorldInfo | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
 ) -> MergeResult:
     """``merge_task_vectors`` with the parameters shared out between the ranks of ``torch.distributed``.
 
@@ -514,6 +516,7 @@ def distributed_merge(
             ``"per_rank"`` (rank shards moved in as they are; same tensors and names, no second copy).
         timeout_s: how long a collective waits for the other ranks (the slowest rank's whole share).
         world: this process's place (default: ``detect_world()``).
+        torch_dtype, gguf_file: how rank 0 loads the base (default: as the task vectors' meta.json records it).
 
     Returns:
         A ``MergeResult`` on every rank (``device``: this rank's; timings: rank 0's load and write, the slowest
@@ -542,6 +545,7 @@ def distributed_merge(
                 setup = prepare_merge(
                     task_vectors, method, params, coefficients,
                     base=base, family=family, plan=plan, device=dev, output=output,
+                    torch_dtype=torch_dtype, gguf_file=gguf_file,
                 )  # fmt: skip
                 output.parent.mkdir(parents=True, exist_ok=True)
                 # named as an atomic_dir temporary of rank 0: a killed merge's staging is removed by the next one
@@ -648,6 +652,8 @@ def merge_task_vectors_distributed(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     layout: Layout = "canonical",
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
 ) -> MergeResult:
     """A drop-in for ``merge_task_vectors``: distributed when launched on several ranks, else exactly it.
 
@@ -660,11 +666,12 @@ def merge_task_vectors_distributed(
         return merge_task_vectors(
             task_vectors, method, output, params, coefficients,
             base=base, family=family, plan=plan, device=device, progress=progress, max_shard_bytes=max_shard_bytes,
+            torch_dtype=torch_dtype, gguf_file=gguf_file,
         )  # fmt: skip
     return distributed_merge(
         task_vectors, method, output, params, coefficients,
         base=base, family=family, plan=plan, device=device, progress=progress, max_shard_bytes=max_shard_bytes,
-        layout=layout, timeout_s=timeout_s, world=world,
+        layout=layout, timeout_s=timeout_s, world=world, torch_dtype=torch_dtype, gguf_file=gguf_file,
     )  # fmt: skip
 
 
