@@ -191,7 +191,7 @@ def polar_factor_extend(basis: Tensor, extra: Tensor) -> Tensor:
     core[p:, p:] = extra.mT @ extra
     core[:p, :p].diagonal().fill_(1.0)  # I + K
     w, y = torch.linalg.eigh(core)
-    # The other k − p eigenvalues of aᵀa are exactly 1.
+    # The other k − p eigenvalues of aᵀa are exactly 1 (and w_min <= 1 <= w_max anyway: aᵀa has the block I_k).
     if not _gram_is_conditioned(w.amin().clamp_max(1.0), w.amax().clamp_min(1.0)):
         return _polar_svd(torch.cat([basis, extra], dim=1))
     a_z = torch.cat([basis @ q_c, extra], dim=1)  # a Z, [n, p + r]
