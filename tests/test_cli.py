@@ -158,6 +158,25 @@ def test_fit_writes_one_task_vector_per_task(experts: dict) -> None:
     assert (experts["tmp"] / "root" / "config.yaml").is_file(), "fit records its config in default_root_dir"
 
 
+@pytest.mark.parametrize("config", ["configs/trainer/cpu.yaml", "configs/trainer/gpu.yaml"])
+def test_fit_with_a_logger_logs_model_and_data_hyperparameters(experts: dict, tmp_path: Path, config: str) -> None:
+    """The GPU/DDP/FSDP trainer configs log with CSVLogger: the model's and the datamodule's hyperparameters share
+    ``tokenizer`` and ``metrics`` with other values, which Lightning refuses to merge; data settings go under data/."""
+    import yaml
+
+    args = ["fit", "--config", str(experts["model_yaml"]), "--config", str(experts["tasks"]["animal"])]
+    args += ["--config", str(ROOT / config), "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    args += ["--trainer.precision=32"]
+    args += ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"]
+    args += ["--trainer.max_epochs=1", "--trainer.enable_checkpointing=false", f"--trainer.default_root_dir={tmp_path}"]
+    assert main(args) == 0
+    (hparams,) = tmp_path.rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["task"] == "animal" and logged["metrics"] == ["accuracy"] and logged["tokenizer"] is None
+    assert logged["data/max_length"] == 16 and logged["data/tokenizer"] == experts["backbone"]
+    assert (tmp_path / "task_vectors" / "animal" / "meta.json").is_file()
+
+
 def test_print_config_shows_linked_and_given_values(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["fit", "--config", str(experts["model_yaml"]), "--config", str(experts["tasks"]["animal"])]
     assert main([*args, "--print_config"]) == 0

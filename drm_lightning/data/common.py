@@ -191,7 +191,7 @@ class EpochShuffleSampler(Sampler[int]):
 class ClassificationDataModule(LightningDataModule):
     """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
 
-    Subclasses pass their arguments up (``base_arguments(locals())``), call ``save_hyperparameters()``, and
+    Subclasses pass their arguments up (``base_arguments(locals())``), call ``save_hyperparameters(logger=False)``, and
     implement ``_input_columns``, ``_load_splits`` and ``_collator``. Data is loaded in ``setup`` (per process),
     never in ``__init__``, so a config can be parsed and checked without touching any file.
     """

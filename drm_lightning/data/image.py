@@ -120,7 +120,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         super().__init__(**self.base_arguments(locals()))
         if (dataset is None) == (data_dir is None):
             raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_dir (imagefolder)")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by ExpertModule as data/<name> (keys clash)
 
     @cached_property
     def processor(self) -> Any:

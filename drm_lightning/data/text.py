@@ -142,7 +142,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_files (local files)")
         if max_length < 2:
             raise DataError(f"task {task!r}: max_length must be >= 2, got {max_length}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # logged by ExpertModule as data/<name> (keys clash)
 
     @cached_property
     def tokenizer(self) -> Any:

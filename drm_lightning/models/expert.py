@@ -291,6 +291,21 @@ class ExpertModule(LightningModule):
         # ``from_pretrained`` returns the backbone in eval mode and Lightning 2.6 keeps submodule modes as found
         # (validation restores the modes it captured): without this, dropout would stay off while training.
         self.train()
+        self._log_data_hyperparameters()
+
+    def _log_data_hyperparameters(self) -> None:
+        """Log the datamodule's settings as ``data/<name>`` beside the model's own hyperparameters.
+
+        Why not Lightning's own merge of the two: the datamodule and the model both have ``tokenizer`` and ``metrics``
+        (the model's come resolved from the datamodule's, e.g. ``None`` -> ``["accuracy"]``), and Lightning refuses
+        to log keys that differ. So the datamodules save theirs with ``logger=False`` and they are logged here.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        hparams = getattr(datamodule, "hparams", None)
+        if self.logger is None or not hparams:
+            return
+        for logger in self.loggers:
+            logger.log_hyperparams({f"data/{key}": value for key, value in hparams.items()})
 
     @override
     def on_train_epoch_start(self) -> None:
