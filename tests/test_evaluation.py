@@ -333,3 +333,108 @@ def test_gpu_evaluation_matches_cpu(experts: dict) -> None:
     for task in TASKS:
         assert gpu[task]["accuracy"] == cpu[task]["accuracy"]
         assert gpu[task]["loss"] == pytest.approx(cpu[task]["loss"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ shared-out evaluation
+
+
+@pytest.mark.parametrize(
+    ("rank", "world", "mine"),
+    [(0, 1, ["u0", "u1", "u2", "u3", "u4"]), (0, 2, ["u0", "u2", "u4"]), (1, 2, ["u1", "u3"]), (2, 3, ["u2"])],
+)
+def test_shared_units_are_dealt_out_and_every_rank_gets_all(
+    monkeypatch: pytest.MonkeyPatch, rank: int, world: int, mine: list[str]
+) -> None:
+    """Unit i is done by rank i mod W; the gathered shares come back in unit order on every rank."""
+    from drm_lightning.evaluation import run as run_module
+    from drm_lightning.merging import distributed
+
+    units = [f"u{i}" for i in range(5)]
+    done: list[str] = []
+
+    def work(unit: str) -> dict:
+        done.append(unit)
+        return {"by": rank, "unit": unit}
+
+    def gather(error, payload):  # the other ranks' shares, as they would arrive
+        assert error is None
+        shares = [{u: {"by": r, "unit": u} for u in units[r::world]} for r in range(world)]
+        shares[rank] = payload
+        return shares
+
+    monkeypatch.setattr(distributed, "gather_results", gather)
+    got = run_module._shared(units, work, rank, world)
+    assert done == mine
+    assert list(got) == units and all(got[u] == {"by": i % world, "unit": u} for i, u in enumerate(units))
+
+
+def test_a_failing_unit_still_joins_the_gather(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank whose own unit fails hands its error to the gather (which raises on every rank), never skips it."""
+    from drm_lightning.evaluation import run as run_module
+    from drm_lightning.merging import distributed
+
+    seen: list[BaseException | None] = []
+
+    def gather(error, payload):
+        seen.append(error)
+        raise RuntimeError("raised on every rank")
+
+    def work(unit: str) -> dict:
+        raise ValueError(f"{unit}: broken")
+
+    monkeypatch.setattr(distributed, "gather_results", gather)
+    with pytest.raises(RuntimeError, match="every rank"):
+        run_module._shared(["a", "b"], work, 1, 2)
+    assert [str(e) for e in seen] == ["b: broken"]
+
+
+def test_gather_results_without_a_group_is_local() -> None:
+    from drm_lightning.merging.distributed import gather_results
+
+    assert gather_results(None, {"x": 1}) == [{"x": 1}]
+    with pytest.raises(KeyError):
+        gather_results(KeyError("own"), {"x": 1})
+
+
+def test_evaluation_metrics_never_sync_across_ranks(experts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks that evaluate different models must not meet in a metric sync: LocalMetrics turns every sync off."""
+    import torchmetrics
+
+    synced: list[str] = []
+    real_sync = torchmetrics.Metric.sync
+
+    def sync(self, *args, should_sync: bool = True, **kwargs):
+        if should_sync:
+            synced.append(type(self).__name__)
+        return real_sync(self, *args, should_sync=should_sync, **kwargs)
+
+    monkeypatch.setattr(torchmetrics.Metric, "sync", sync)
+    evaluate_backbone(
+        None, experts["task_vectors"][:1], experts["datamodules"], "validation", EVAL_TRAINER, with_task_vector=True
+    )
+    assert synced == []
+
+
+def test_evaluation_skips_lightnings_prepare_data_barrier(experts: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning wraps prepare_data in a barrier of all ranks; shared-out evaluations must never enter it (setup
+    loads the data), and the datamodule keeps its own prepare_data afterwards."""
+    from lightning.pytorch.trainer.connectors import data_connector
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    entered: list[int] = []
+
+    class Barrier:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(data_connector, "_InfiniteBarrier", Barrier)
+    dms = list(experts["datamodules"].values())
+    assert all(is_overridden("prepare_data", dm) for dm in dms)
+    evaluate_backbone(
+        None, experts["task_vectors"], experts["datamodules"], "validation", EVAL_TRAINER, with_task_vector=True
+    )
+    assert entered == []
+    assert all(is_overridden("prepare_data", dm) and "prepare_data" not in vars(dm) for dm in dms)

@@ -75,6 +75,7 @@ def _env(**extra: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
         MASTER_ADDR="127.0.0.1",
+        DRM_LIGHTNING_VERBOSE="1",  # Lightning's own banner ("Starting with 2 processes") is the evidence below
         **extra,
     )
     return env

@@ -16,9 +16,9 @@ reuses them: resume friendly); (2) merge with each method; (3) choose λ per met
 Multi-GPU / multi-node: launch the pipeline on every rank (torchrun, srun). By default every expert is fitted by
 all ranks together with the recipe's Trainer (DDP/FSDP), one task after another; with ``procs_per_expert=K`` the
 ranks split into groups of K (``drm_lightning.commands.expert_groups``) that fit different tasks' experts at the
-same time, each group data-parallel. Merges are shared out between all ranks (``merge_task_vectors_distributed``);
-evaluation runs on every rank with the recipe's accelerator and devices; files are written by rank 0 (of the group,
-for an expert; of the world otherwise).
+same time, each group data-parallel. Merges are shared out between all ranks (``merge_task_vectors_distributed``),
+and so are the evaluations (``evaluate_merges(share_out=True)``: each rank evaluates its share of the models on its
+own device); files are written by rank 0 (of the group, for an expert; of the world otherwise).
 """
 
 from __future__ import annotations
@@ -513,15 +513,32 @@ class Pipeline:
                 )
 
     # -- stages 3-5: λ, evaluation, report ----------------------------------------------------------------------
-    def eval_trainer_kwargs(self) -> dict[str, Any]:
+    def eval_trainer_kwargs(self, local_rank: int | None = None) -> dict[str, Any]:
+        """The evaluation Trainer's arguments; ``local_rank`` given: one device of this rank (evaluations shared out).
+
+        Shared out, each rank evaluates its own models alone on ``cuda:LOCAL_RANK`` (or CPU), so devices, nodes and
+        strategy of the recipe or ``eval_trainer`` are replaced.
+        """
         kwargs = {k: self.recipe.trainer[k] for k in _EVAL_TRAINER_KEYS if self.recipe.trainer.get(k) is not None}
-        return {**kwargs, **self.recipe.eval_trainer}
+        kwargs = {**kwargs, **self.recipe.eval_trainer}
+        if local_rank is not None:
+            import torch
+
+            accelerator = kwargs.get("accelerator")
+            cuda = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+            devices: int | list[int] = [local_rank % max(torch.cuda.device_count(), 1)] if cuda else 1
+            kwargs.update(devices=devices, num_nodes=1, strategy="auto")
+        return kwargs
 
     def evaluate(self) -> Any:
-        """λ per method on validation, then every number on the final split (``evaluate_merges``)."""
+        """λ per method on validation, then every number on the final split (``evaluate_merges``); launched on
+        several processes, the evaluations are shared out between them."""
         from drm_lightning.evaluation.run import evaluate_merges
+        from drm_lightning.merging.distributed import detect_world
 
         r = self.recipe
+        world = detect_world()
+        share_out = world.world_size > 1
         return evaluate_merges(
             [str(self.task_vector_dir(t)) for t in self.tasks],
             {spec.name: str(self.merged_dir(spec)) for spec in r.methods},
@@ -531,7 +548,8 @@ class Pipeline:
             strategy=r.strategy,
             grids={spec.name: spec.lambdas for spec in r.methods if spec.lambdas},
             metric=r.metric,
-            trainer_kwargs=self.eval_trainer_kwargs(),
+            trainer_kwargs=self.eval_trainer_kwargs(world.local_rank if share_out else None),
+            share_out=share_out,
         )
 
     def report(self, results: Any) -> str:

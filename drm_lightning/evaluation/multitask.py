@@ -14,13 +14,16 @@ vectors, only the adapted matrices for LoRA ones).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch import nn
+from torchmetrics import Metric
+from typing_extensions import override
 
 from drm_lightning.evaluation.results import TaskMetrics
 from drm_lightning.task_vectors.format import (
@@ -57,6 +60,47 @@ def default_trainer_kwargs() -> dict[str, Any]:
     }
 
 
+class LocalMetrics(Callback):
+    """Compute the model's torchmetrics on this process's own data, without syncing them across ranks.
+
+    Why: every rank evaluates whole splits (``use_distributed_sampler=False``), so a cross-rank sync adds nothing;
+    and when ranks share out the evaluations (``evaluate_merges(share_out=True)``) they evaluate different models at
+    different times, where a sync would pair up unrelated collectives and hang.
+    """
+
+    def _unsync(self, pl_module: LightningModule) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, Metric):
+                module.sync_on_compute = False
+                module._to_sync = False
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unsync(pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._unsync(pl_module)
+
+
+@contextmanager
+def _without_prepare_data(datamodule: LightningDataModule) -> Iterator[None]:
+    """Run a Trainer without the datamodule's ``prepare_data`` (its ``setup`` loads the data anyway).
+
+    Why: while a process group exists, Lightning wraps ``prepare_data`` in a barrier of *all* ranks. Ranks that
+    share out evaluations run different numbers of Trainers, so those barriers would pair up wrongly and hang.
+    """
+    own = vars(datamodule).get("prepare_data")
+    datamodule.prepare_data = LightningDataModule.prepare_data.__get__(datamodule)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del datamodule.prepare_data
+        else:
+            datamodule.prepare_data = own  # type: ignore[method-assign]
+
+
 def run_trainer(
     model: Any,
     datamodule: LightningDataModule,
@@ -67,9 +111,12 @@ def run_trainer(
     """``Trainer.validate`` or ``Trainer.test`` of one task; returns ``{metric: value}`` from ``<split>/<task>/*``."""
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")
-    trainer = Trainer(**{**default_trainer_kwargs(), **dict(trainer_kwargs or {})})
+    kwargs = {**default_trainer_kwargs(), **dict(trainer_kwargs or {})}
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), LocalMetrics()]
+    trainer = Trainer(**kwargs)
     run = trainer.validate if split == "validation" else trainer.test
-    outputs = run(model, datamodule=datamodule, verbose=False)
+    with _without_prepare_data(datamodule):
+        outputs = run(model, datamodule=datamodule, verbose=False)
     prefix = f"{SPLIT_PREFIX[split]}/{task}/"
     metrics: dict[str, float] = {}
     for logged in outputs:  # one dict per dataloader

@@ -322,15 +322,26 @@ def all_ranks_ok(error: BaseException | None, timeout_s: float = DEFAULT_TIMEOUT
     naming the rank and its message. Needs the default process group (``join_world``); without one, only
     ``error`` itself is raised.
     """
+    gather_results(error, None, timeout_s)
+
+
+def gather_results(error: BaseException | None, payload: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Every rank's ``payload`` (plain JSON data), in rank order, on every rank; raised everywhere if any rank failed.
+
+    Why: ranks that shared out work (each evaluated its own merged models) must all learn every result, and one
+    rank's failure must stop the others instead of leaving them waiting in a collective. Without a process group
+    this is ``[payload]`` (or ``error`` raised).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         if error is not None:
             raise error
-        return
+        return [payload]
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))
     try:
-        _exchange(error, {}, dist.get_world_size(), group)
+        statuses = _exchange(error, {"payload": payload}, dist.get_world_size(), group)
     finally:
         dist.destroy_process_group(group)
+    return [status["payload"] for status in statuses]
 
 
 def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
@@ -684,6 +695,7 @@ __all__ = [
     "broadcast_json",
     "detect_world",
     "distributed_merge",
+    "gather_results",
     "is_global_zero",
     "join_world",
     "merge_task_vectors_distributed",
