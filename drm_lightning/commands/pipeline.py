@@ -425,6 +425,9 @@ class Pipeline:
                     _log(f"{task}: expert group {group.index} (global ranks {world.rank - group.rank}.."
                          f"{world.rank - group.rank + group.size - 1}) fits it")  # fmt: skip
                     self.fit_expert(task, overrides)
+            missing = [t for t in mine if not self.expert_is_current(t)]
+            if missing:  # said here, by the group that fitted them, not later as a missing file in a merge
+                raise RuntimeError(f"expert group {group.index}: no current task vector after fitting {missing}")
         except Exception as err:  # noqa: BLE001 - every rank must hear of it; re-raised below
             error = err
         join_world(self.recipe.merge_device, world=world)
