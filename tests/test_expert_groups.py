@@ -4,7 +4,9 @@ Unit tables for the group layout (``plan_group``), the dealing of tasks and the 
 two real launches under ``torch.distributed.run`` on localhost (gloo): two groups of one process fit two tiny experts
 at once and every file (task vectors, heads, merged deltas, report numbers) equals a one-process run bit for bit
 (the evaluations shared out between the ranks included, on splits of odd size); and
-a task that fails in one group is raised on every rank, nothing hangs, and the other group's expert is kept.
+a task that fails in one group is raised on every rank, nothing hangs, and the other group's expert is kept; and,
+without groups, both ranks fit each expert with DDP and then share the merges and evaluations out, with the bytes
+and numbers of a one-process run over the same task vectors.
 """
 
 from __future__ import annotations
@@ -290,3 +292,39 @@ def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: 
     run = tmp_path / "run"
     assert (run / "task_vectors" / "sentiment" / "meta.json").is_file()  # the healthy group's expert is kept
     assert not (run / "task_vectors" / "animal").exists() and not (run / "merged").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluations(tmp_path: Path) -> None:
+    """The default under torchrun: each expert fitted by both ranks (DDP), then merges and evaluations shared out
+    after Lightning made the process group; a one-process run over the same task vectors gives the same bytes and
+    numbers."""
+    import shutil
+
+    recipe = _recipe(tmp_path)
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    two = _torchrun(["--config", str(recipe), "--run_dir", str(tmp_path / "two"), *ddp])
+    try:
+        out, _ = two.communicate(timeout=240)
+    except BaseException:
+        two.kill()
+        two.communicate()
+        raise
+    assert two.returncode == 0, out[-4000:]
+    assert "expert groups" not in out and out.count("# drm_lightning merge report") == 1
+    assert json.loads((tmp_path / "two" / "merged" / "drm_v" / "merge.json").read_text())["distributed"][
+        "world_size"
+    ] == 2
+    for folder in ("task_vectors", "experts"):  # the same experts, reused by a one-process run
+        shutil.copytree(tmp_path / "two" / folder, tmp_path / "one" / folder)
+    one = subprocess.run(
+        [sys.executable, "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe), "--run_dir",
+         str(tmp_path / "one"), *ddp, "--eval_trainer", "{devices: 1}"],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "sentiment: reusing the task vector" in one.stderr
+    got, ref = _files(tmp_path / "two"), _files(tmp_path / "one")
+    assert sorted(got) == sorted(ref) and [name for name in ref if got[name] != ref[name]] == []
+    assert _numbers(tmp_path / "two") == _numbers(tmp_path / "one")
