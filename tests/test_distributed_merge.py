@@ -11,7 +11,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from drm_lightning.merging.distributed import (
 from drm_lightning.merging.merger import MERGE_FILE, MERGED_DIR, read_merge_record
 from drm_lightning.merging.plan import PlanEntry
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
+from tests.launch import free_port, reaped
 
 REPO = Path(__file__).resolve().parents[1]
 T = 3
@@ -201,10 +201,7 @@ def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def world_of_one(no_launcher: None):
     """An initialised gloo group of one process, destroyed afterwards so no other test sees it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", world_size=1, rank=0)
     yield
     dist.destroy_process_group()
 
@@ -358,7 +355,7 @@ def test_two_processes_equal_one_bit_for_bit(
     (work / "worker.py").write_text(WORKER)
     (work / "spec.json").write_text(json.dumps({"jobs": jobs, "shard": SHARD, "results": str(work / "results")}))
     proc = _launch(work / "worker.py", work / "spec.json")
-    try:
+    with reaped(proc):
         # The single-process references, computed while the two ranks start up.
         for job, (_, _, _, _, _, error) in zip(jobs, TWO_PROCESS_JOBS, strict=True):
             if error is None:
@@ -367,10 +364,6 @@ def test_two_processes_equal_one_bit_for_bit(
                     progress=False, max_shard_bytes=SHARD, device="cpu",
                 )  # fmt: skip
         stdout, _ = proc.communicate(timeout=240)
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
     assert proc.returncode == 0, stdout[-4000:]
     ranks = [json.loads((work / "results" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -422,24 +415,17 @@ def test_cli_merge_under_torchrun_equals_one_process(root: Path, dense_tvs: list
     work = root / "cli"
     tvs = "[" + ",".join(map(str, dense_tvs)) + "]"
     args = ["merge", "--task_vectors", tvs, "--method", "drm_v", "--lam", "1.0", "--device", "cpu"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     two = subprocess.Popen(
         [*launch, "-m", "drm_lightning.cli", *args, "--output", str(work / "two")],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    try:
+    with reaped(two):
         one = subprocess.run(
             [sys.executable, "-m", "drm_lightning.cli", *args, "--output", str(work / "one")],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         two_out, _ = two.communicate(timeout=120)
-    except BaseException:
-        two.kill()
-        two.communicate()
-        raise
     assert one.returncode == 0, one.stderr[-4000:]
     assert two.returncode == 0, two_out[-4000:]
     assert two_out.count("merged model:") == 1, two_out[-4000:]  # one rank wrote the folder

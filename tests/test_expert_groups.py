@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from drm_lightning.commands.expert_groups import (
     plan_group,
 )
 from drm_lightning.merging.distributed import WorldInfo
+from tests.launch import free_port, reaped
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,10 +218,7 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(args: list[str]) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "drm_lightning.cli", "pipeline", *args]  # fmt: skip
     return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -245,17 +242,13 @@ def _numbers(run: Path) -> dict:
 def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     two = _torchrun(["--config", str(recipe), "--procs_per_expert", "1", "--run_dir", str(tmp_path / "two")])
-    try:
+    with reaped(two):
         one = subprocess.run(
             [sys.executable, "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe),
              "--run_dir", str(tmp_path / "one")],
             env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
         )  # fmt: skip
         out, _ = two.communicate(timeout=240)
-    except BaseException:
-        two.kill()
-        two.communicate()
-        raise
     assert one.returncode == 0, one.stderr[-4000:]
     assert two.returncode == 0, out[-4000:]
     # each group (one process) fitted one task, both at once
@@ -280,12 +273,8 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
 def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, break_second=True)
     two = _torchrun(["--config", str(recipe), "--procs_per_expert", "1"])
-    try:
+    with reaped(two):
         out, _ = two.communicate(timeout=240)
-    except BaseException:
-        two.kill()
-        two.communicate()
-        raise
     assert two.returncode != 0
     assert out.count("drm-lightning: error:") == 2, out[-4000:]  # both ranks stop with one line, none hangs
     assert "rank 1 failed" in out and "label" in out, out[-4000:]
@@ -305,12 +294,8 @@ def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluati
     recipe = _recipe(tmp_path)
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     two = _torchrun(["--config", str(recipe), "--run_dir", str(tmp_path / "two"), *ddp])
-    try:
+    with reaped(two):
         out, _ = two.communicate(timeout=240)
-    except BaseException:
-        two.kill()
-        two.communicate()
-        raise
     assert two.returncode == 0, out[-4000:]
     assert "expert groups" not in out and out.count("# drm_lightning merge report") == 1
     assert json.loads((tmp_path / "two" / "merged" / "drm_v" / "merge.json").read_text())["distributed"][
