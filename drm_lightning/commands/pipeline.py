@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -47,6 +47,9 @@ from drm_lightning.commands.tasks import (
     unused_defaults,
     with_defaults,
 )
+
+if TYPE_CHECKING:
+    from drm_lightning.merging.distributed import WorldInfo
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
@@ -404,7 +407,7 @@ class Pipeline:
                 self.fit_expert(task)
         self.fitted.extend(todo)
 
-    def fit_in_groups(self, tasks: Sequence[str], world: Any, procs_per_expert: int) -> None:
+    def fit_in_groups(self, tasks: Sequence[str], world: WorldInfo, procs_per_expert: int) -> None:
         """Each group of ``procs_per_expert`` ranks fits its share of ``tasks``; then all ranks meet, and a failure in
         any group is raised on every rank (nothing waits for a group that died)."""
         import os
