@@ -313,3 +313,29 @@ def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluati
     got, ref = _files(tmp_path / "two"), _files(tmp_path / "one")
     assert sorted(got) == sorted(ref) and [name for name in ref if got[name] != ref[name]] == []
     assert _numbers(tmp_path / "two") == _numbers(tmp_path / "one")
+
+
+@pytest.mark.parametrize(
+    ("trainer", "eval_trainer", "gpus", "local_rank", "expected"),
+    [
+        ({"accelerator": "cpu", "devices": 2}, {}, 0, 1, {"accelerator": "cpu", "devices": 1}),
+        ({"accelerator": "gpu", "devices": 8, "num_nodes": 2}, {}, 8, 3, {"accelerator": "gpu", "devices": [3]}),
+        ({"accelerator": "auto"}, {"devices": 4, "strategy": "ddp"}, 2, 3, {"accelerator": "auto", "devices": [1]}),
+        ({"accelerator": "cpu", "precision": "bf16-mixed"}, {}, 0, 0,
+         {"accelerator": "cpu", "devices": 1, "precision": "bf16-mixed"}),
+    ],
+)  # fmt: skip
+def test_shared_out_evaluation_uses_one_device_per_rank(
+    monkeypatch: pytest.MonkeyPatch, trainer: dict, eval_trainer: dict, gpus: int, local_rank: int, expected: dict
+) -> None:
+    """Shared out, each rank evaluates alone on its own device: the recipe's devices, nodes and strategy (and
+    eval_trainer's) are replaced, other settings kept."""
+    from types import SimpleNamespace
+
+    from drm_lightning.commands.pipeline import Pipeline
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    pipeline = Pipeline.__new__(Pipeline)
+    pipeline.recipe = SimpleNamespace(trainer=trainer, eval_trainer=eval_trainer)
+    assert pipeline.eval_trainer_kwargs(local_rank) == {**expected, "num_nodes": 1, "strategy": "auto"}

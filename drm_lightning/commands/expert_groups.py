@@ -169,6 +169,13 @@ class GroupEnvironment(ClusterEnvironment):
         return 0
 
 
+def uses_cuda(accelerator: str | None) -> bool:
+    """Whether a Trainer with this ``accelerator`` runs on CUDA (``auto``/unset: when a GPU is visible)."""
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+
+
 def group_devices(group: ExpertGroup, accelerator: str | None) -> int | list[int]:
     """The Trainer's ``devices`` for the group: its members' GPUs (by LOCAL_RANK, modulo the visible GPUs), or K CPU
     processes.
@@ -178,8 +185,7 @@ def group_devices(group: ExpertGroup, accelerator: str | None) -> int | list[int
     """
     import torch
 
-    use_cuda = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
-    if not use_cuda:
+    if not uses_cuda(accelerator):
         return group.size
     count = torch.cuda.device_count()
     if count == 0:
@@ -242,4 +248,5 @@ __all__ = [
     "group_devices",
     "local_world_size",
     "plan_group",
+    "uses_cuda",
 ]

@@ -530,8 +530,9 @@ class Pipeline:
         if local_rank is not None:
             import torch
 
-            accelerator = kwargs.get("accelerator")
-            cuda = accelerator in ("gpu", "cuda") or (accelerator in (None, "auto") and torch.cuda.is_available())
+            from drm_lightning.commands.expert_groups import uses_cuda
+
+            cuda = uses_cuda(kwargs.get("accelerator"))
             devices: int | list[int] = [local_rank % max(torch.cuda.device_count(), 1)] if cuda else 1
             kwargs.update(devices=devices, num_nodes=1, strategy="auto")
         return kwargs
