@@ -188,8 +188,10 @@ SVD_METHODS = [
 
 @pytest.mark.parametrize(("fn", "reference"), SVD_METHODS)
 def test_default_rank_tol_changes_nothing_on_full_rank_deltas(fn: Callable, reference: Callable) -> None:
+    """No component of a full-rank delta falls under the default cut. A tolerance, not bit-identity: ``rank_tol``
+    also picks the SVD route (Gram or direct, ``linalg.thin_svd``), so the two calls need not be one computation."""
     deltas, coeffs = _inputs("random", (48, 32), torch.float32)
-    assert torch.equal(fn(deltas, coefficients=coeffs), fn(deltas, coefficients=coeffs, rank_tol=0.0))
+    assert ref.relative_error(fn(deltas, coefficients=coeffs), fn(deltas, coefficients=coeffs, rank_tol=0.0)) <= 1e-6
 
 
 @pytest.mark.parametrize(("fn", "reference"), SVD_METHODS)
