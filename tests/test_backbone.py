@@ -16,6 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is d
 EXPECTED_CLASS = {
     "encoder": "BertModel",
     "decoder": "LlamaModel",
+    "decoder_lm": "LlamaForCausalLM",
     "seq2seq": "T5ForConditionalGeneration",
     "vision": "ViTModel",
 }

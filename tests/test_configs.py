@@ -103,3 +103,18 @@ def test_quickstart_is_offline() -> None:
         assert spec["init_args"].get("dataset") is None and all((ROOT / f).is_file() for f in files.values())
     assert {m.method for m in recipe.methods} == QUICKSTART_METHODS
     assert recipe.trainer["accelerator"] == "cpu"
+
+
+def test_llama_recipe_scores_label_words_after_prompts_over_its_columns() -> None:
+    """The Llama recipe keeps the model a causal LM: label words after a prompt that reads the task's own columns."""
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.data.text import prompt_fields
+
+    recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "llama31_8b_lora_glue.yaml")]))
+    assert recipe.model["family"] == "decoder_lm" and recipe.model["lora"]
+    for spec in recipe.specs:
+        args = spec["init_args"]
+        columns = {args["text_column"], args.get("text_pair_column")} - {None}
+        assert set(prompt_fields(args["prompt"], args["task"])) == columns, args["task"]
+        assert args["prompt"].endswith("Answer:") and all(" " not in word for word in args["label_names"])

@@ -80,8 +80,9 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
     """Build a random tiny model of ``family`` (``encoder|decoder|seq2seq|vision``) and save it to ``folder``.
 
     Args:
-        family: ``"encoder"`` (BERT, with pooler, like real checkpoints), ``"decoder"`` (``LlamaForCausalLM``, as
-            hub checkpoints are), ``"seq2seq"`` (T5) or ``"vision"`` (ViT, 16x16 RGB, patch 8).
+        family: ``"encoder"`` (BERT, with pooler, like real checkpoints), ``"decoder"`` or ``"decoder_lm"``
+            (``LlamaForCausalLM``, as hub checkpoints are), ``"seq2seq"`` (T5) or
+            ``"vision"`` (ViT, 16x16 RGB, patch 8).
         folder: where to ``save_pretrained``; created if missing.
         seed: the weights are a function of the seed alone.
         **config_overrides: passed to the config (e.g. ``num_hidden_layers=1``).
@@ -107,7 +108,7 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
             **config_overrides,
         )
         model = tf.BertModel(config)
-    elif family == "decoder":
+    elif family in ("decoder", "decoder_lm"):
         tok = _llama_tokenizer()
         config = tf.LlamaConfig(
             vocab_size=len(tok),
@@ -120,8 +121,7 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
-            tie_word_embeddings=False,
-            **config_overrides,
+            **{"tie_word_embeddings": False, **config_overrides},
         )
         model = tf.LlamaForCausalLM(config)
     elif family == "seq2seq":
@@ -154,7 +154,7 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
         )
         model = tf.ViTModel(config)
     else:
-        raise ValueError(f"family={family!r}: expected encoder, decoder, seq2seq or vision")
+        raise ValueError(f"family={family!r}: expected encoder, decoder, decoder_lm, seq2seq or vision")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)

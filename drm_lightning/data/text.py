@@ -16,6 +16,7 @@ A config (LightningCLI ``data:`` section)::
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,10 +41,14 @@ class TextCollator:
     text_pair_column: str | None = None
     max_length: int = 128
     pad_to_multiple_of: int | None = None
+    prompt: str | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        texts = [row[self.text_column] for row in rows]
-        pairs = [row[self.text_pair_column] for row in rows] if self.text_pair_column else None
+        if self.prompt is not None:
+            texts, pairs = [self.prompt.format_map(row) for row in rows], None
+        else:
+            texts = [row[self.text_column] for row in rows]
+            pairs = [row[self.text_pair_column] for row in rows] if self.text_pair_column else None
         encoded = self.tokenizer(
             texts,
             pairs,
@@ -56,6 +61,18 @@ class TextCollator:
         batch = {key: value for key, value in encoded.items()}
         batch["labels"] = torch.tensor([self.label_map[row[self.label_column]] for row in rows], dtype=torch.long)
         return batch
+
+
+def prompt_fields(prompt: str, where: str) -> list[str]:
+    """The column names a prompt template reads (``{sentence}``...), checked: plain names only, at least one."""
+    try:
+        fields = [name for _, name, _spec, _conv in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as err:
+        raise DataError(f"{where}: prompt {prompt!r} is not a valid template ({err})") from None
+    bad = [f for f in fields if not f.isidentifier()]
+    if bad or not fields:
+        raise DataError(f"{where}: prompt {prompt!r} must name columns as {{column}} (got fields {fields})")
+    return list(dict.fromkeys(fields))
 
 
 def load_tokenizer(name: str, padding_side: Literal["left", "right"] | None = None) -> Any:
@@ -106,6 +123,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         padding_side: Literal["left", "right"] | None = None,
         pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
+        prompt: str | None = None,
     ) -> None:
         """Describe one task; nothing is loaded until ``setup``.
 
@@ -136,8 +154,14 @@ class TextClassificationDataModule(ClassificationDataModule):
             padding_side: Override the tokenizer's padding side (decoders may want ``left``).
             pad_to_multiple_of: Pad each batch's length to a multiple of this (tensor-core friendly on GPUs).
             cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own, ~/.cache/huggingface).
+            prompt: A template that turns each row into one input text, naming columns in braces, e.g.
+                ``"{sentence}\nQuestion: is this positive or negative?\nAnswer:"`` (``{{``/``}}`` for literal
+                braces); replaces ``text_column``/``text_pair_column``. What label-word models (``decoder_lm``,
+                ``seq2seq``) read: the label names are then scored as the words that follow it.
         """
         super().__init__(**self.base_arguments(locals()))
+        if prompt is not None:
+            prompt_fields(prompt, f"task {task!r}")
         if (dataset is None) == (data_files is None):
             raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_files (local files)")
         if max_length < 2:
@@ -151,6 +175,8 @@ class TextClassificationDataModule(ClassificationDataModule):
 
     @override
     def _input_columns(self) -> list[str]:
+        if self.hparams.prompt is not None:
+            return prompt_fields(self.hparams.prompt, f"task {self.task!r}")
         pair = self.hparams.text_pair_column
         return [self.hparams.text_column, *([pair] if pair else [])]
 
@@ -198,4 +224,5 @@ class TextClassificationDataModule(ClassificationDataModule):
             text_pair_column=hp.text_pair_column,
             max_length=hp.max_length,
             pad_to_multiple_of=hp.pad_to_multiple_of,
+            prompt=hp.prompt,
         )

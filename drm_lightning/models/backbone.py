@@ -8,6 +8,8 @@ Families:
 
 - ``"encoder"``: ``AutoModel`` (BERT, MiniLM, RoBERTa, DeBERTa-v2), with a classification head on top.
 - ``"decoder"``: ``AutoModel`` (``LlamaModel``), head on the last non-pad token.
+- ``"decoder_lm"``: ``AutoModelForCausalLM`` (``LlamaForCausalLM``); labels are words scored by the model's own
+  ``lm_head``, so the whole causal LM is the backbone and a merged folder is a complete, generating causal LM.
 - ``"seq2seq"``: ``AutoModelForSeq2SeqLM`` (``T5ForConditionalGeneration``); labels are words, so the LM head is
   the task head and the whole model is the backbone.
 - ``"vision"``: ``AutoModel`` (``ViTModel``), head on the CLS token.
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.format import TORCH_DTYPES
@@ -35,7 +37,7 @@ from drm_lightning.task_vectors.format import TORCH_DTYPES
 if TYPE_CHECKING:
     from drm_lightning.task_vectors.format import TaskVectorMeta
 
-FAMILIES = ("encoder", "decoder", "seq2seq", "vision")
+FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision")
 
 _POOLED_FAMILIES = ("encoder", "vision")
 
@@ -101,6 +103,8 @@ def load_backbone(
         kwargs["dtype"] = torch_dtype
     if family == "seq2seq":
         return AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+    if family == "decoder_lm":
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if family in _POOLED_FAMILIES:
         config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file")}
         config = AutoConfig.from_pretrained(path, **config_kwargs)

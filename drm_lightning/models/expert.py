@@ -1,9 +1,11 @@
 """The expert: a pretrained backbone plus one task head, fine-tuned fully or with LoRA.
 
-One ``LightningModule`` covers the four families (see ``models/backbone.py``). Every family's ``forward`` returns
-class logits ``[batch, num_labels]``; for T5 (``seq2seq``) they are the log-likelihoods of each label word as the
-target sequence, so accuracy means "the most likely label word", while the training loss is the usual seq2seq
-cross-entropy on the true label word.
+One ``LightningModule`` covers every family (see ``models/backbone.py``). Every family's ``forward`` returns
+class logits ``[batch, num_labels]``; for the label-word families (T5 ``seq2seq``, causal ``decoder_lm``) they are
+the log-likelihoods of each label word under the model's own LM head (``models/label_words.py``), so accuracy means
+"the most likely label word", while the training loss is the usual LM cross-entropy on the true label word. A
+``decoder_lm`` expert keeps its ``lm_head`` frozen (with tied embeddings, the input embeddings too: one tensor), so
+no task vector holds it and every merged model keeps the base's head and stays a working causal LM.
 
 Logged keys: ``train/loss``; ``val/<task>/loss``, ``val/<task>/<metric>``; ``test/<task>/loss``,
 ``test/<task>/<metric>`` with ``<metric>`` in ``accuracy | mcc | f1`` (F1 is macro-averaged).
@@ -35,10 +37,13 @@ from typing_extensions import override
 
 from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone, parse_dtype
 from drm_lightning.models.heads import POOLINGS, DecoderHead, EncoderHead, VisionHead, build_head
+from drm_lightning.models.label_words import candidate_logprobs, label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.resolve import resolve_pretrained
 
 METRICS = ("accuracy", "mcc", "f1")
+#: Families whose LM head scores the labels as words (no task head of their own).
+LABEL_WORD_FAMILIES = ("seq2seq", "decoder_lm")
 _CKPT_KEY = "drm_lightning"
 
 # Lets ``from_task_vector`` hand an already-built backbone module to ``__init__`` without making a live module a
@@ -68,10 +73,11 @@ class ExpertModule(LightningModule):
 
     Args:
         backbone: hub id, local ``save_pretrained`` folder or ``package://<module>/<subpath>``.
-        family: ``encoder | decoder | seq2seq | vision``.
+        family: ``encoder | decoder | decoder_lm | seq2seq | vision`` (``decoder_lm``: a causal LM that scores label
+            words through its own ``lm_head``; ``decoder``: a new classification head on the last token).
         task: task name; metric keys are ``val/<task>/<metric>``.
-        label_names: class names in label-index order (T5: the target words). None takes them from the
-            datamodule's ``label_names`` at setup.
+        label_names: class names in label-index order (T5, ``decoder_lm``: the answer words). None takes them from
+            the datamodule's ``label_names`` at setup.
         lora: LoRA settings; None fine-tunes every backbone weight.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay for matrices (biases and norms get none).
@@ -82,13 +88,13 @@ class ExpertModule(LightningModule):
         torch_dtype: backbone weights dtype (``float32 | float16 | bfloat16 | float64``); None keeps the default.
         trust_remote_code: passed to ``from_pretrained``; off unless asked, as it runs code from the model folder.
         gguf_file: GGUF file inside ``backbone`` (SmolLM2-style folders).
-        tokenizer: where T5 (``seq2seq``) loads the tokenizer for its label words; None uses ``backbone``.
+        tokenizer: where the label-word families load the tokenizer for their label words; None: ``backbone``.
     """
 
     def __init__(
         self,
         backbone: str,
-        family: Literal["encoder", "decoder", "seq2seq", "vision"] = "encoder",
+        family: Literal["encoder", "decoder", "decoder_lm", "seq2seq", "vision"] = "encoder",
         task: str = "task",
         label_names: list[str] | None = None,
         lora: LoraSettings | None = None,
@@ -134,6 +140,8 @@ class ExpertModule(LightningModule):
                 backbone, family, torch_dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=gguf_file
             )
         self.backbone_config = module.config
+        if family == "decoder_lm":
+            module.get_output_embeddings().weight.requires_grad_(False)  # the base's LM head is every task's head
         self.backbone: nn.Module = add_lora(module, lora, family) if lora is not None else module
         self.head: nn.Module | None = None
         self.label_names: list[str] | None = None
@@ -175,7 +183,7 @@ class ExpertModule(LightningModule):
             self.head = DecoderHead(self._hidden_size(), len(label_names))
         elif self.family == "vision":
             self.head = VisionHead(self._hidden_size(), len(label_names))
-        else:
+        elif self.family in LABEL_WORD_FAMILIES:
             self._build_label_targets(label_names)
         ref = next(self.backbone.parameters())
         if self.head is not None:
@@ -195,13 +203,7 @@ class ExpertModule(LightningModule):
         tokenizer = AutoTokenizer.from_pretrained(
             resolve_pretrained(source), trust_remote_code=self.hparams.trust_remote_code
         )
-        encoded = tokenizer(list(label_names), padding=True, return_tensors="pt")
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        if (mask.sum(dim=1) == 0).any():
-            raise ValueError(f"label_names={label_names!r}: a label tokenises to nothing with {source!r}")
-        # Identical token sequences would make two labels indistinguishable when scored.
-        if len({tuple(row[m.bool()].tolist()) for row, m in zip(ids, mask, strict=True)}) != len(label_names):
-            raise ValueError(f"label_names={label_names!r}: two labels tokenise identically with {source!r}")
+        ids, mask = label_targets(tokenizer, label_names, self.family, source)
         device = next(self.backbone.parameters()).device
         self.register_buffer("label_target_ids", ids.to(device), persistent=False)
         self.register_buffer("label_target_mask", mask.to(device), persistent=False)
@@ -233,8 +235,8 @@ class ExpertModule(LightningModule):
     # ---- forward -----------------------------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Class logits ``[batch, num_labels]`` (T5: per-label log-likelihood of the label word)."""
-        if self.family == "seq2seq":
+        """Class logits ``[batch, num_labels]`` (label-word families: per-label log-likelihood of the label word)."""
+        if self.family in LABEL_WORD_FAMILIES:
             return self._label_scores(batch)[0]
         if self.head is None:
             raise ValueError(f"task {self.task!r}: no head yet (label_names unknown)")
@@ -249,37 +251,27 @@ class ExpertModule(LightningModule):
         hidden = self.backbone(**kwargs).last_hidden_state
         return self.head(hidden, batch["attention_mask"])
 
-    def _label_scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5: ``(scores [B, C], token log-probs [B, C, L])`` of every label word as the target of every input.
-
-        The encoder runs once per input; the decoder once per (input, label) pair.
-        """
+    def _candidates(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target tokens ``(ids [B, C, L], mask [B, C, L])``: the label words, the same for every input."""
         if self.label_names is None:
             raise ValueError(f"task {self.task!r}: label_names unknown")
+        size = batch["attention_mask"].shape[0]
         ids, mask = self.label_target_ids, self.label_target_mask
-        num_labels, length = ids.shape
-        attention_mask = batch["attention_mask"]
-        size = attention_mask.shape[0]
-        encoder = self.backbone.get_encoder()
-        hidden = encoder(input_ids=batch["input_ids"], attention_mask=attention_mask).last_hidden_state
-        targets = ids.repeat(size, 1)
-        out = self.backbone(
-            encoder_outputs=(hidden.repeat_interleave(num_labels, dim=0),),
-            attention_mask=attention_mask.repeat_interleave(num_labels, dim=0),
-            labels=targets.masked_fill(mask.repeat(size, 1) == 0, -100),
-            use_cache=False,
-        )
-        logp = out.logits.float().log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        logp = (logp * mask.repeat(size, 1)).view(size, num_labels, length)
+        return ids.expand(size, *ids.shape), mask.expand(size, *mask.shape)
+
+    def _label_scores(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores [B, C], token log-probs [B, C, L])`` of every candidate as the answer to every input."""
+        ids, mask = self._candidates(batch)
+        logp = candidate_logprobs(self.backbone, self.family, batch["input_ids"], batch["attention_mask"], ids, mask)
         return logp.sum(dim=-1), logp
 
     def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, logits)`` for evaluation."""
+        """``(loss, logits)`` for evaluation (label words: the LM loss on the true label word)."""
         labels = batch["labels"]
-        if self.family == "seq2seq":
+        if self.family in LABEL_WORD_FAMILIES:
             scores, logp = self._label_scores(batch)
             rows = torch.arange(labels.shape[0], device=labels.device)
-            true_tokens = self.label_target_mask[labels].sum()
+            true_tokens = self._candidates(batch)[1][rows, labels].sum()
             return -logp[rows, labels].sum() / true_tokens, scores
         logits = self(batch)
         return F.cross_entropy(logits.float(), labels), logits
@@ -314,15 +306,11 @@ class ExpertModule(LightningModule):
     @override
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch["labels"]
-        if self.family == "seq2seq":
-            targets = self.label_target_ids[labels]
-            out = self.backbone(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                labels=targets.masked_fill(self.label_target_mask[labels] == 0, -100),
-                use_cache=False,
-            )
-            loss = out.loss
+        if self.family in LABEL_WORD_FAMILIES:
+            ids, mask = self._candidates(batch)
+            rows = torch.arange(labels.shape[0], device=labels.device)
+            ids, mask = ids[rows, labels], mask[rows, labels]
+            loss = target_loss(self.backbone, self.family, batch["input_ids"], batch["attention_mask"], ids, mask)
         else:
             loss = F.cross_entropy(self(batch).float(), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=labels.shape[0])
@@ -482,7 +470,8 @@ class ExpertModule(LightningModule):
     # ---- task vectors ------------------------------------------------------------------------------------------
 
     def head_config(self) -> dict[str, Any]:
-        """Constructor arguments of the head (``meta.json["head"]``); empty for T5, whose LM head is the backbone's."""
+        """Constructor arguments of the head (``meta.json["head"]``); empty for the label-word families, whose LM
+        head is the backbone's."""
         return self.head.config() if self.head is not None else {}
 
     @classmethod

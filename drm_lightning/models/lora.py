@@ -21,6 +21,7 @@ from drm_lightning.models.backbone import check_family
 DEFAULT_TARGET_MODULES: dict[str, list[list[str]]] = {
     "encoder": [["query", "value"], ["query_proj", "value_proj"], ["q_proj", "v_proj"], ["q_lin", "v_lin"]],
     "decoder": [["q_proj", "v_proj"], ["query", "value"]],
+    "decoder_lm": [["q_proj", "v_proj"], ["query", "value"]],
     "seq2seq": [["q", "v"], ["q_proj", "v_proj"]],
     "vision": [["query", "value"], ["q_proj", "v_proj"]],
 }
