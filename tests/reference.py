@@ -38,12 +38,44 @@ def elect_merge(blocks: list[Tensor], c: list[float]) -> Tensor:
     return numerator / torch.clamp(count, min=1)
 
 
+def combine(blocks: list[Tensor], c: list[float], elect_sign: bool = True, disjoint_mean: bool = True) -> Tensor:
+    """DRM's merge step with its switches: elect and merge when both are on; without the election every non-zero
+    entry survives; without the disjoint mean the sum of survivors is divided by T."""
+    if elect_sign and disjoint_mean:
+        return elect_merge(blocks, c)
+    total = sum(blocks)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    numerator = torch.zeros_like(total)
+    count = torch.zeros_like(total)
+    for block, ci in zip(blocks, c, strict=True):
+        survive = (block != 0) & ((torch.sign(block) == sign) if elect_sign else True)
+        numerator = numerator + ci * block * survive
+        count = count + survive
+    return numerator / (torch.clamp(count, min=1) if disjoint_mean else len(blocks))
+
+
 def _c(deltas: list[Tensor], c: list[float] | None) -> list[float]:
     return [1.0] * len(deltas) if c is None else [float(x) for x in c]
 
 
 def task_arithmetic(deltas: list[Tensor], c: list[float] | None = None, dtype: torch.dtype = F64) -> Tensor:
     return sum(ci * d.to(dtype) for ci, d in zip(_c(deltas, c), deltas, strict=True))
+
+
+def task_mean(deltas: list[Tensor], c: list[float] | None = None) -> Tensor:
+    """(1/T) Σ c_i Δ_i: Iso-C's, Iso-CTS's and TSV-M's rule for non-matrix parameters."""
+    return task_arithmetic(deltas, c) / len(deltas)
+
+
+def drm_nonmatrix(
+    deltas: list[Tensor],
+    drop_rate: float = 0.0,
+    c: list[float] | None = None,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
+) -> Tensor:
+    """DRM's rule for non-matrix parameters: trim each delta to its largest fraction 1 − p_nl, elect and merge."""
+    return combine([keep_top(d.to(F64), 1 - drop_rate) for d in deltas], _c(deltas, c), elect_sign, disjoint_mean)
 
 
 def ties(deltas: list[Tensor], density: float = 0.2, c: list[float] | None = None, dtype: torch.dtype = F64) -> Tensor:
@@ -69,13 +101,18 @@ def dare(
     return task_arithmetic(kept, c)
 
 
-def _task_blocks(basis: Tensor, t: int, s: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def _task_blocks(basis: Tensor, t: int, s: Tensor, renormalise: bool = True) -> tuple[list[Tensor], list[Tensor]]:
     """Split the stacked singular basis into its T row blocks; per block, unit columns (a column of norm <= 1e-6
-    stays zero) and the task's singular values s·ν. The same step for DRM-V (U blocks) and DRM-H (V blocks)."""
+    stays zero) and the task's singular values s·ν. The same step for DRM-V (U blocks) and DRM-H (V blocks).
+    Without renormalisation, the raw blocks and the joint singular values."""
     size = basis.shape[0] // t
     hats, s_task = [], []
     for i in range(t):
         block = basis[i * size : (i + 1) * size]
+        if not renormalise:
+            hats.append(block.clone())
+            s_task.append(s.clone())
+            continue
         nu = block.norm(dim=0)
         cols = torch.zeros_like(block)
         for j in range(block.shape[1]):
@@ -87,7 +124,14 @@ def _task_blocks(basis: Tensor, t: int, s: Tensor) -> tuple[list[Tensor], list[T
 
 
 def drm_vertical(
-    deltas: list[Tensor], drop_rate: float = 0.8, c: list[float] | None = None, rank_tol: float = 1e-2, dtype=F64
+    deltas: list[Tensor],
+    drop_rate: float = 0.8,
+    c: list[float] | None = None,
+    rank_tol: float = 1e-2,
+    dtype=F64,
+    renormalise: bool = True,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
 ) -> Tensor:
     t = len(deltas)
     n, m = deltas[0].shape
@@ -97,14 +141,21 @@ def drm_vertical(
         return torch.zeros(n, m, dtype=dtype)
     r = int((s > rank_tol * s[0]).sum())
     u, s, v = u[:, :r], s[:r], vh[:r].T
-    u_hat, s_task = _task_blocks(u, t, s)
+    u_hat, s_task = _task_blocks(u, t, s, renormalise)
     pruned = keep_top(torch.stack(u_hat), 1 - drop_rate)
     blocks = [pruned[i] @ torch.diag(s_task[i]) for i in range(t)]
-    return elect_merge(blocks, _c(deltas, c)) @ v.T
+    return combine(blocks, _c(deltas, c), elect_sign, disjoint_mean) @ v.T
 
 
 def drm_horizontal(
-    deltas: list[Tensor], drop_rate: float = 0.8, c: list[float] | None = None, rank_tol: float = 1e-2, dtype=F64
+    deltas: list[Tensor],
+    drop_rate: float = 0.8,
+    c: list[float] | None = None,
+    rank_tol: float = 1e-2,
+    dtype=F64,
+    renormalise: bool = True,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
 ) -> Tensor:
     t = len(deltas)
     n, m = deltas[0].shape
@@ -114,10 +165,10 @@ def drm_horizontal(
         return torch.zeros(n, m, dtype=dtype)
     r = int((s > rank_tol * s[0]).sum())
     u, s, v = u[:, :r], s[:r], vh[:r].T  # v: [T m, r]
-    v_hat, s_task = _task_blocks(v, t, s)
+    v_hat, s_task = _task_blocks(v, t, s, renormalise)
     pruned = keep_top(torch.stack(v_hat), 1 - drop_rate)
     blocks = [torch.diag(s_task[i]) @ pruned[i].T for i in range(t)]  # [r, m]
-    return u @ elect_merge(blocks, _c(deltas, c))
+    return u @ combine(blocks, _c(deltas, c), elect_sign, disjoint_mean)
 
 
 def polar(a: Tensor) -> Tensor:

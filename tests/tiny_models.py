@@ -76,7 +76,20 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 0, **config_overrides) -> str:
+#: Every architecture ``make_tiny_model`` builds, as ``(family, architecture)``: what a table over shipped families
+#: runs over (``tests/test_plan_families.py``). ``None`` is the family's default architecture.
+ARCHITECTURES: tuple[tuple[str, str | None], ...] = (
+    ("encoder", None),  # BERT
+    ("encoder", "deberta_v2"),
+    ("decoder", None),  # Llama
+    ("seq2seq", None),  # T5
+    ("vision", None),  # ViT
+)
+
+
+def make_tiny_model(
+    family: str, folder: str | os.PathLike[str], *, seed: int = 0, architecture: str | None = None, **config_overrides
+) -> str:
     """Build a random tiny model of ``family`` (``encoder|decoder|seq2seq|vision``) and save it to ``folder``.
 
     Args:
@@ -85,6 +98,8 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
             ``"vision"`` (ViT, 16x16 RGB, patch 8).
         folder: where to ``save_pretrained``; created if missing.
         seed: the weights are a function of the seed alone.
+        architecture: another architecture of the family: ``"deberta_v2"`` (encoder; DeBERTa-v3's layout:
+            relative attention, no absolute positions; with the BERT tokenizer).
         **config_overrides: passed to the config (e.g. ``num_hidden_layers=1``).
 
     Returns:
@@ -95,7 +110,28 @@ def make_tiny_model(family: str, folder: str | os.PathLike[str], *, seed: int = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if family == "encoder":
+    if architecture not in (None, "deberta_v2") or (architecture is not None and family != "encoder"):
+        raise ValueError(f"architecture={architecture!r}: expected None, or 'deberta_v2' for the encoder family")
+    if architecture == "deberta_v2":
+        tok = _bert_tokenizer()
+        config = tf.DebertaV2Config(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN_SIZE,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            relative_attention=True,
+            position_buckets=16,
+            pos_att_type=["p2c", "c2p"],
+            position_biased_input=False,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            pad_token_id=tok.pad_token_id,
+            **config_overrides,
+        )
+        model = tf.DebertaV2Model(config)
+    elif family == "encoder":
         tok = _bert_tokenizer()
         config = tf.BertConfig(
             vocab_size=len(tok),

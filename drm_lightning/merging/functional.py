@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 from typing import Any
 
@@ -73,9 +73,21 @@ def check_density(value: Any) -> float:
     return _real_in("density", value, 0.0, 1.0, low_open=True, high_open=False)
 
 
-def check_drop_rate(value: Any) -> float:
+def check_drop_rate(value: Any, name: str = "drop_rate") -> float:
     """DARE/DRM drop rate ``p`` in ``[0, 1)`` (``p = 1`` would drop everything and divide by zero)."""
-    return _real_in("drop_rate", value, 0.0, 1.0, low_open=False, high_open=True)
+    return _real_in(name, value, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def check_nonmatrix_drop_rate(value: Any) -> float:
+    """DRM's trim rate ``p_nl`` of non-matrix parameters, in ``[0, 1)``."""
+    return check_drop_rate(value, "nonmatrix_drop_rate")
+
+
+def check_switch(name: str, value: Any) -> bool:
+    """A step switched on or off (DRM's ablations): a real ``bool``, so that ``"false"`` is not taken for on."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def check_rank_tol(value: Any) -> float:
@@ -117,6 +129,10 @@ PARAM_CHECKS: dict[str, Callable[[Any], Any]] = {
     "seed": check_seed,
     "merge": check_merge,
     "direction": check_direction,
+    "nonmatrix_drop_rate": check_nonmatrix_drop_rate,
+    "renormalise": lambda value: check_switch("renormalise", value),
+    "elect_sign": lambda value: check_switch("elect_sign", value),
+    "disjoint_mean": lambda value: check_switch("disjoint_mean", value),
 }
 """Validator (returning the normalised value) for every keyword parameter of the methods below."""
 
@@ -332,6 +348,23 @@ def task_arithmetic(
     return inputs.finish(torch.tensordot(c, inputs.dense, dims=1), out_dtype)
 
 
+def task_mean(
+    deltas: Sequence[Delta], coefficients: Coefficients = None, *, out_dtype: torch.dtype | None = None
+) -> Tensor:
+    """The plain mean ``(1/T) Σ_i c_i Δ_i``: Iso-C's, Iso-CTS's and TSV-M's rule for non-matrix parameters and
+    excluded matrices (ALGORITHMS.md; the Iso authors' ``iso_c``/``iso_cts`` and the TSV code average them).
+
+    Args:
+        deltas: Per-task deltas of one parameter (``LowRankDelta`` are densified).
+        coefficients: ``c_i``, default 1.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("task_mean", deltas)
+    c = _coefficients("task_mean", coefficients, inputs.count, inputs.device)
+    return inputs.finish(torch.tensordot(c, inputs.dense, dims=1) / inputs.count, out_dtype)
+
+
 def ties(
     deltas: Sequence[Delta],
     density: float = 0.2,
@@ -403,28 +436,24 @@ def dare(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _drm_vertical(stack: Tensor, c: Tensor, drop_rate: float, rank_tol: float) -> Tensor:
-    """DRM-V on a float64 ``[T, n, m]`` stack, through the projection identity ``B_i = Δ_i V_r``.
+def _combine(stack: Tensor, c: Tensor, elect_sign: bool, disjoint_mean: bool) -> Tensor:
+    """The merge step of DRM with its two switches (the DRM authors' ``enable_sign_resolution`` and
+    ``enable_disjoint_mean``): both on is elect and merge (``_elect_merge``).
 
-    ``V_r`` comes from the Gram eigendecomposition of the stacked ``[T·n, m]`` matrix (the smaller side), so the
-    ``T·n``-row ``U`` is never formed: ``U_i[:, j] = Δ_i v_j / σ_j``, hence ``Û_i`` = the unit columns of ``B_i`` and
-    ``S_i = σ ⊙ ν_i`` = their norms.
+    ``elect_sign`` off: every non-zero entry survives. ``disjoint_mean`` off: divide ``Σ_i c_i · survivors_i`` by
+    ``T`` (the plain mean) instead of by the number of survivors.
     """
-    t, n, m = stack.shape
-    _, s, v = thin_svd(stack.reshape(t * n, m), rank_tol=rank_tol)
-    s_max = s.amax()
-    keep = s > rank_tol * s_max
-    if not bool(keep.any()):  # X = 0 (or a tolerance that keeps nothing)
-        return stack.new_zeros(n, m)
-    v_r = v[:, keep]
-    blocks = stack @ v_r  # [T, n, r]
-    norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
-    sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
-    share = norms > SHARE_EPS * sigma  # ν_ij > 1e-6
-    u_hat = torch.where(share.unsqueeze(1), blocks / torch.where(share, norms, 1.0).unsqueeze(1), 0.0)
-    u_hat = _keep_top(u_hat, 1.0 - drop_rate)
-    merged = _elect_merge(u_hat * norms.unsqueeze(1), c)  # B_i = Û_i diag(S_i)
-    return merged @ v_r.mT
+    if elect_sign and disjoint_mean:
+        return _elect_merge(stack, c)
+    elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0).to(stack.dtype) if elect_sign else None
+    merged = torch.zeros_like(stack[0])
+    survivors = torch.zeros_like(stack[0]) if disjoint_mean else None
+    for i in range(stack.shape[0]):
+        survive = stack[i] * elected > 0 if elected is not None else stack[i] != 0
+        merged += torch.where(survive, stack[i] * c[i], 0.0)
+        if survivors is not None:
+            survivors += survive
+    return merged / (survivors.clamp_min(1.0) if survivors is not None else float(stack.shape[0]))
 
 
 def _factored_basis(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -441,6 +470,114 @@ def _factored_basis(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
     return torch.stack(coords), q
 
 
+@dataclass(frozen=True, eq=False)
+class DrmBasis:
+    """DRM's joint decomposition of one parameter, computed once and merged at any drop rate and switch setting.
+
+    Why: the decomposition (a Gram matrix, its ``eigh`` and the projections) is nearly all of DRM's cost, and
+    nothing in it depends on the drop rate, renormalisation, election or mean; a search over those redoes only
+    the elementwise pruning, the election and the final product (``merge``). Built by ``drm_basis``.
+
+    Held in the vertical orientation (horizontal is the same on the transposes), in float64, normalised:
+
+    Attributes:
+        blocks: ``[T, n, r]``, ``B_i = Δ_i V_r``: each delta projected onto the ``r`` kept joint components.
+        norms: ``[T, r]``, ``‖B_i[:, j]‖ = σ_j ν_ij``: the per-task singular values ``S_i``.
+        sigma: ``[r]``, the joint singular values ``σ_j`` (``Σ_i ν_ij² = 1``).
+        basis: ``[m, r]``, ``V_r`` in the deltas' own column space (for factored inputs, ``Q`` times it).
+        coefficients: ``[T]`` float64 ``c_i``.
+        horizontal: whether the deltas were transposed (DRM-H).
+    """
+
+    blocks: Tensor
+    norms: Tensor
+    sigma: Tensor
+    basis: Tensor
+    coefficients: Tensor
+    horizontal: bool
+    _inputs: _Inputs
+
+    @property
+    def rank(self) -> int:
+        """``r``, the number of kept joint components (0 when every delta is zero)."""
+        return self.sigma.shape[0]
+
+    def merge(
+        self,
+        drop_rate: float = 0.8,
+        *,
+        renormalise: bool = True,
+        elect_sign: bool = True,
+        disjoint_mean: bool = True,
+        out_dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Steps 4–7 of DRM (ALGORITHMS.md) on the cached decomposition; see ``drm`` for the arguments.
+
+        ``renormalise`` off (the paper's ablation): prune the raw blocks ``U_i`` of the joint singular vectors and
+        weight them by the joint ``σ`` (``B_i = prune(U_i) diag(σ)``) instead of the unit columns ``Û_i`` weighted
+        by ``S_i``; without pruning both give ``B_i = Δ_i V_r``.
+        """
+        drop_rate = check_drop_rate(drop_rate)
+        renormalise, elect_sign = check_switch("renormalise", renormalise), check_switch("elect_sign", elect_sign)
+        disjoint_mean = check_switch("disjoint_mean", disjoint_mean)
+        out_dtype = _check_out_dtype(out_dtype)
+        t, n, r = self.blocks.shape
+        if r == 0:  # X = 0 (or a tolerance that keeps nothing)
+            merged = self.blocks.new_zeros(n, self.basis.shape[0])
+        else:
+            if renormalise:
+                share = self.norms > SHARE_EPS * self.sigma  # ν_ij > 1e-6; else that column of Û_i is zero
+                scale = torch.where(share, self.norms, 1.0).unsqueeze(1)  # [T, 1, r]
+                hat = torch.where(share.unsqueeze(1), self.blocks / scale, 0.0)
+            else:
+                scale = self.sigma.expand(t, 1, r)
+                hat = self.blocks / scale  # U_i, the raw blocks of the joint left singular vectors
+            hat = _keep_top(hat, 1.0 - drop_rate)
+            merged = _combine(hat.mul_(scale), self.coefficients, elect_sign, disjoint_mean) @ self.basis.mT
+        return self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
+
+
+def drm_basis(
+    deltas: Sequence[Delta],
+    direction: str = "vertical",
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+) -> DrmBasis:
+    """Steps 1–3 of DRM: the joint basis of the stacked deltas and each delta's projection onto it.
+
+    ``drm(deltas, direction, p, c, τ)`` is ``drm_basis(deltas, direction, c, τ).merge(p)``; a search over drop
+    rates or DRM's switches calls ``merge`` once per value on one ``drm_basis``.
+
+    The joint basis comes from one float64 ``eigh`` of the smaller Gram side of the stack (``Σ Δ_iᵀΔ_i`` for
+    vertical, ``Σ Δ_iΔ_iᵀ`` for horizontal, or the ``T·n`` row Gram when that is smaller); the projections
+    ``B_i = Δ_i V_r`` are the ones that decomposition forms anyway (``U·S`` of the stack, one product, not two).
+    With ``LowRankDelta`` inputs it works in the ``Σ r_i``-dimensional joint row (vertical) or column (horizontal)
+    space of the factors: DRM-V is equivariant under ``Δ_i → Δ_i Q`` for orthonormal ``Q``, so this is exact.
+    """
+    direction, rank_tol = check_direction(direction), check_rank_tol(rank_tol)
+    inputs = _prepare("drm", deltas, matrix=True, keep_factors=True, normalise=True)
+    c = _coefficients("drm", coefficients, inputs.count, inputs.device)
+    horizontal = direction == "horizontal"
+    if inputs.factors is not None:
+        factors = [(right.mT, left.mT) for left, right in inputs.factors] if horizontal else inputs.factors
+        stack, q = _factored_basis(factors)
+    else:
+        stack, q = (inputs.dense.mT if horizontal else inputs.dense), None
+    finisher = replace(inputs, dense=None, factors=None)  # the basis keeps the projections, not the deltas
+    del inputs
+    t, n, k = stack.shape
+    u, s, v = thin_svd(stack.reshape(t * n, k), rank_tol=rank_tol)
+    del stack
+    keep = s > rank_tol * s.amax() if s.numel() else s > 0  # X = 0 keeps nothing: r = 0
+    u, s, v = u[:, keep], s[keep], v[:, keep]
+    blocks = (u * s).reshape(t, n, -1)  # U·S = X V_r: the projections Δ_i V_r, already formed by the decomposition
+    del u
+    norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
+    sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
+    basis = v if q is None else q @ v
+    return DrmBasis(blocks, norms, sigma, basis, c, horizontal, finisher)
+
+
 def drm(
     deltas: Sequence[Delta],
     direction: str = "vertical",
@@ -448,6 +585,9 @@ def drm(
     coefficients: Coefficients = None,
     rank_tol: float = DRM_RANK_TOL,
     *,
+    renormalise: bool = True,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """DRM — Decom-Renorm-Merge (arXiv 2505.23117), vertical or horizontal.
@@ -455,12 +595,12 @@ def drm(
     Joint SVD of the stacked deltas, keep the components with ``σ_j > rank_tol · σ_max``, renormalise each task's
     block of the singular vectors (a share ``ν_ij <= 1e-6`` gives a zero column), prune the whole stack of
     renormalised vectors to its largest fraction ``1 − drop_rate``, elect and merge the blocks ``Û_i diag(S_i)``,
-    and map back with the shared singular vectors. Horizontal is the same on the transposes.
+    and map back with the shared singular vectors. Horizontal is the same on the transposes. ``drm_basis`` holds
+    the cost (see there for how the basis is computed and for factored inputs); ``DrmBasis.merge`` the rest.
 
-    The joint basis comes from one float64 ``eigh`` of the smaller Gram side of the stack (``Σ Δ_iᵀΔ_i`` for
-    vertical, ``Σ Δ_iΔ_iᵀ`` for horizontal, or the ``T·n`` row Gram when that is smaller). With ``LowRankDelta``
-    inputs it works in the ``Σ r_i``-dimensional joint row (vertical) or column (horizontal) space of the factors:
-    DRM-V is equivariant under ``Δ_i → Δ_i Q`` for orthonormal ``Q``, so this is exact.
+    The three switches are the paper's ablations (all on is DRM): ``renormalise`` (step 4; off prunes and weights
+    the raw blocks of the joint singular vectors), ``elect_sign`` (off: every non-zero entry survives) and
+    ``disjoint_mean`` (off: divide by ``T`` instead of by the number of survivors).
 
     Args:
         deltas: Per-task ``[n, m]`` deltas (tensors or ``LowRankDelta``).
@@ -468,21 +608,51 @@ def drm(
         drop_rate: Pruned fraction ``p`` in ``[0, 1)``.
         coefficients: ``c_i`` applied to surviving entries (the election is unweighted).
         rank_tol: Relative rank tolerance ``τ``.
+        renormalise, elect_sign, disjoint_mean: DRM's steps, each on by default.
         out_dtype: Result dtype (default: the deltas').
     """
-    direction, drop_rate, rank_tol = check_direction(direction), check_drop_rate(drop_rate), check_rank_tol(rank_tol)
+    drop_rate = check_drop_rate(drop_rate)
+    switches = {
+        "renormalise": check_switch("renormalise", renormalise),
+        "elect_sign": check_switch("elect_sign", elect_sign),
+        "disjoint_mean": check_switch("disjoint_mean", disjoint_mean),
+    }
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("drm", deltas, matrix=True, keep_factors=True, normalise=True)
+    return drm_basis(deltas, direction, coefficients, rank_tol).merge(drop_rate, **switches, out_dtype=out_dtype)
+
+
+def drm_nonmatrix(
+    deltas: Sequence[Delta],
+    nonmatrix_drop_rate: float = 0.0,
+    coefficients: Coefficients = None,
+    *,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """DRM's rule for non-matrix parameters and excluded matrices (ALGORITHMS.md): trim each ``Δ_i`` to its largest
+    fraction ``1 − nonmatrix_drop_rate`` (the authors' ``non_linear_module_entries_drop_rate``, default 0: no trim),
+    then elect and merge, with the same election and mean switches as ``drm``.
+
+    The authors trim all non-matrix entries of a model as one vector; here each parameter is trimmed on its own
+    (the merge streams one parameter at a time), which is the same rule at the default rate 0.
+
+    Args:
+        deltas: Per-task deltas of one parameter (``LowRankDelta`` are densified).
+        nonmatrix_drop_rate: Trimmed fraction ``p_nl`` of each delta, in ``[0, 1)``.
+        coefficients: ``c_i`` applied to surviving entries (the election is unweighted).
+        elect_sign, disjoint_mean: as ``drm``.
+        out_dtype: Result dtype (default: the deltas').
+    """
+    nonmatrix_drop_rate = check_drop_rate(nonmatrix_drop_rate, "nonmatrix_drop_rate")
+    elect_sign, disjoint_mean = check_switch("elect_sign", elect_sign), check_switch("disjoint_mean", disjoint_mean)
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare("drm", deltas)
     c = _coefficients("drm", coefficients, inputs.count, inputs.device)
-    horizontal = direction == "horizontal"
-    if inputs.factors is not None:
-        factors = [(right.mT, left.mT) for left, right in inputs.factors] if horizontal else inputs.factors
-        coords, basis = _factored_basis(factors)
-        merged = _drm_vertical(coords, c, drop_rate, rank_tol) @ basis.mT
-    else:
-        stack = inputs.dense.mT if horizontal else inputs.dense
-        merged = _drm_vertical(stack, c, drop_rate, rank_tol)
-    return inputs.finish(merged.mT if horizontal else merged, out_dtype)
+    stack = inputs.dense
+    if nonmatrix_drop_rate > 0:
+        stack = _keep_top(stack, 1.0 - nonmatrix_drop_rate, per_row=True)
+    return inputs.finish(_combine(stack, c, elect_sign, disjoint_mean), out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

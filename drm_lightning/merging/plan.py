@@ -27,6 +27,7 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"position_embeddings?\.",
     r"token_type_embeddings\.",
     r"relative_attention_bias\.",  # T5 relative position buckets: an embedding table
+    r"(^|\.)rel_embeddings\.",  # DeBERTa-v2/v3 relative position table (encoder.rel_embeddings)
     r"(^|\.)lm_head\.",
     r"(^|\.)classifier\.",
     r"(^|\.)score\.",

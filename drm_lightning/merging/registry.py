@@ -2,7 +2,8 @@
 
 The merger knows nothing of the math beyond this: ``get_method(name)``, ``check(params)`` once up front (no tensors
 needed, so a typo fails before any model is loaded), then per parameter ``merge_matrix`` (2-D weights the merge plan
-selects, for ``matrix_only`` methods) or ``merge_elementwise`` (everything else).
+selects, for ``matrix_only`` methods) or ``merge_elementwise`` (everything else: each method's own rule), or
+``merge_many`` for several parameter sets at once (a search), which shares what the sets have in common.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
@@ -32,6 +34,14 @@ class MergeMethod:
         defaults: Every keyword parameter with its default; these names are the only ones ``check`` accepts.
         fixed: Parameters fixed by the method's identity (``direction`` of ``drm_v``/``drm_h``); passing another
             value is an error.
+        elementwise: ``matrix_only`` methods: their own rule for non-matrix parameters and excluded matrices
+            (ALGORITHMS.md, "per method"), called with the parameters in ``elementwise_keys``.
+        elementwise_keys: The parameters ``elementwise`` takes.
+        elementwise_only: Parameters only ``elementwise`` takes (not passed to ``fn``).
+        prepare: Where part of the matrix rule can be shared between parameter values (a search): a function of
+            the deltas, ``coefficients`` and the ``prepare_keys`` parameters returning an object whose
+            ``merge(**other matrix parameters, out_dtype=...)`` gives what ``fn`` would.
+        prepare_keys: The parameters ``prepare`` takes.
     """
 
     name: str
@@ -41,9 +51,19 @@ class MergeMethod:
     matrix_only: bool
     defaults: Mapping[str, Any]
     fixed: frozenset[str] = field(default_factory=frozenset)
+    elementwise: Callable[..., Tensor] | None = None
+    elementwise_keys: frozenset[str] = field(default_factory=frozenset)
+    elementwise_only: frozenset[str] = field(default_factory=frozenset)
+    prepare: Callable[..., Any] | None = None
+    prepare_keys: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        if self.matrix_only and self.elementwise is None:
+            raise ValueError(f"{self.name}: a matrix_only method needs its elementwise rule")
+        stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
+        if stray:
+            raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")
 
     def check(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults merged with ``params``, every value validated; idempotent (``check(check(p)) == check(p)``).
@@ -67,29 +87,88 @@ class MergeMethod:
         except ValueError as err:
             raise ValueError(f"{self.name}: {err}") from None
 
+    def matrix_params(self, checked: Mapping[str, Any]) -> dict[str, Any]:
+        """The checked parameters the matrix rule takes."""
+        return {k: v for k, v in checked.items() if k not in self.elementwise_only}
+
+    def elementwise_params(self, checked: Mapping[str, Any]) -> dict[str, Any]:
+        """The checked parameters the elementwise rule takes (all of them for the elementwise methods)."""
+        if not self.matrix_only:
+            return dict(checked)
+        return {k: v for k, v in checked.items() if k in self.elementwise_keys}
+
     def merge_matrix(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
         """The method itself on one parameter's deltas.
 
         ``params`` are the method's parameters (checked here) plus the runtime keyword ``out_dtype``.
         """
         out_dtype = params.pop("out_dtype", None)
-        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **self.check(params))
+        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **self.matrix_params(self.check(params)))
 
     def merge_elementwise(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
-        """The rule for non-matrix parameters and excluded matrices.
+        """The method's rule for non-matrix parameters and excluded matrices (ALGORITHMS.md, "per method").
 
-        The SVD methods elect and merge the raw deltas (ALGORITHMS.md, "Non-matrix parameters"), densifying
-        factors; their matrix parameters (``drop_rate``, ``rank_tol``, ...) are checked and otherwise unused. Task
-        Arithmetic, TIES and DARE are elementwise already and run themselves.
+        Iso-C, Iso-CTS and TSV-M take the plain mean, DRM trims (``nonmatrix_drop_rate``), elects and merges;
+        Task Arithmetic, TIES and DARE are elementwise already and run themselves. Factors are densified.
         """
         out_dtype = params.pop("out_dtype", None)
-        checked = self.check(params)
-        if self.matrix_only:
-            return F.elect_and_merge(deltas, coefficients, out_dtype=out_dtype)
-        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
+        checked = self.elementwise_params(self.check(params))
+        fn = self.elementwise if self.matrix_only else self.fn
+        return fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
+
+    def merge_many(
+        self,
+        rule: str,
+        deltas: Sequence[Delta],
+        param_sets: Sequence[Mapping[str, Any]],
+        coefficients: Coefficients = None,
+        *,
+        out_dtype: torch.dtype | None = None,
+    ) -> list[Tensor]:
+        """``rule`` (``"matrix"`` or ``"elementwise"``) at every parameter set, sharing the work they have in common.
+
+        Why: a search over a method's parameters merges every parameter of a model at every value. Sets that agree
+        on the parameters a rule takes get one result (the same tensor object): a DRM drop-rate search computes
+        each non-matrix parameter once. Matrix rules with ``prepare`` compute it once per distinct ``prepare_keys``
+        values and finish each set from it (DRM's joint basis serves every drop rate).
+
+        Returns:
+            One merged delta per parameter set, in order.
+        """
+        if rule not in ("matrix", "elementwise"):
+            raise ValueError(f"rule={rule!r}: expected 'matrix' or 'elementwise'")
+        checked = [self.check(p) for p in param_sets]
+        used = [self.matrix_params(p) if rule == "matrix" else self.elementwise_params(p) for p in checked]
+        done: dict[tuple[tuple[str, Any], ...], Tensor] = {}
+        prepared: dict[tuple[tuple[str, Any], ...], Any] = {}
+        out = []
+        for params in used:
+            key = tuple(sorted(params.items()))
+            if key not in done:
+                if rule == "elementwise":
+                    done[key] = self.merge_elementwise(deltas, coefficients, out_dtype=out_dtype, **params)
+                elif self.prepare is None:
+                    done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **params)
+                else:
+                    shared = {k: v for k, v in params.items() if k in self.prepare_keys}
+                    pkey = tuple(sorted(shared.items()))
+                    if pkey not in prepared:
+                        prepared[pkey] = self.prepare(deltas, coefficients=coefficients, **shared)
+                    rest = {k: v for k, v in params.items() if k not in self.prepare_keys}
+                    done[key] = prepared[pkey].merge(**rest, out_dtype=out_dtype)
+            out.append(done[key])
+        return out
 
 
 _ARXIV = "https://arxiv.org/abs/"
+_DRM_DEFAULTS: dict[str, Any] = {
+    "drop_rate": 0.8,
+    "rank_tol": F.DRM_RANK_TOL,
+    "nonmatrix_drop_rate": 0.0,
+    "renormalise": True,
+    "elect_sign": True,
+    "disjoint_mean": True,
+}
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
@@ -103,25 +182,26 @@ METHODS: dict[str, MergeMethod] = {
             False,
             {"drop_rate": 0.9, "seed": 0, "merge": "task_arithmetic", "density": 0.2},
         ),
-        MergeMethod(
-            "drm_v",
-            "DRM-V",
-            _ARXIV + "2505.23117",
-            F.drm,
-            True,
-            {"direction": "vertical", "drop_rate": 0.8, "rank_tol": F.DRM_RANK_TOL},
-            frozenset({"direction"}),
+        *(
+            MergeMethod(
+                f"drm_{direction[0]}",
+                f"DRM-{direction[0].upper()}",
+                _ARXIV + "2505.23117",
+                F.drm,
+                True,
+                {"direction": direction, **_DRM_DEFAULTS},
+                frozenset({"direction"}),
+                elementwise=F.drm_nonmatrix,
+                elementwise_keys=frozenset({"nonmatrix_drop_rate", "elect_sign", "disjoint_mean"}),
+                elementwise_only=frozenset({"nonmatrix_drop_rate"}),
+                prepare=F.drm_basis,
+                prepare_keys=frozenset({"direction", "rank_tol"}),
+            )
+            for direction in F.DIRECTIONS
         ),
         MergeMethod(
-            "drm_h",
-            "DRM-H",
-            _ARXIV + "2505.23117",
-            F.drm,
-            True,
-            {"direction": "horizontal", "drop_rate": 0.8, "rank_tol": F.DRM_RANK_TOL},
-            frozenset({"direction"}),
+            "iso_c", "Iso-C", _ARXIV + "2502.04959", F.iso_c, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
         ),
-        MergeMethod("iso_c", "Iso-C", _ARXIV + "2502.04959", F.iso_c, True, {"rank_tol": F.RANK_TOL}),
         MergeMethod(
             "iso_cts",
             "Iso-CTS",
@@ -129,8 +209,11 @@ METHODS: dict[str, MergeMethod] = {
             F.iso_cts,
             True,
             {"common_fraction": 0.8, "rank_tol": F.RANK_TOL},
+            elementwise=F.task_mean,
         ),
-        MergeMethod("tsv_m", "TSV-M", _ARXIV + "2412.00081", F.tsv_m, True, {"rank_tol": F.RANK_TOL}),
+        MergeMethod(
+            "tsv_m", "TSV-M", _ARXIV + "2412.00081", F.tsv_m, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
+        ),
     )
 }
 """Every method, by registry name."""
