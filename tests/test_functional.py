@@ -73,14 +73,16 @@ def test_cuda_device_preserved_and_deterministic(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_elementwise_rule_shape_and_values(name: str) -> None:
-    """Non-matrix parameters: the SVD methods elect and merge the raw deltas; TA/TIES/DARE run themselves."""
+    """Non-matrix parameters: each SVD method's own rule (values: tests/test_method_rules.py); TA/TIES/DARE run
+    themselves."""
     method = get_method(name)
     params = method.check({})
     bias = [torch.randn(7, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     out = method.merge_elementwise(bias, coefficients=[1.0, 2.0, 0.5], **params)
     assert out.shape == (7,) and out.dtype == torch.float32
     if method.matrix_only:
-        assert torch.equal(out, F.elect_and_merge(bias, [1.0, 2.0, 0.5]))
+        rule = method.elementwise(bias, coefficients=[1.0, 2.0, 0.5], **method.elementwise_params(params))
+        assert torch.equal(out, rule)
         with pytest.raises(ValueError, match="2-D"):
             method.merge_matrix(bias, **params)
     else:
@@ -215,7 +217,10 @@ def test_registry_defaults_are_the_function_defaults(name: str) -> None:
     """One source of truth: every registered parameter is a keyword of the function with the same default."""
     method = get_method(name)
     signature = inspect.signature(method.fn).parameters
-    for key, value in method.defaults.items():
+    for key in method.elementwise_keys:
+        rule = inspect.signature(method.elementwise).parameters
+        assert rule[key].default == method.defaults[key]
+    for key, value in method.matrix_params(method.defaults).items():
         assert key in signature
         if key not in method.fixed:
             assert signature[key].default == value
@@ -249,6 +254,10 @@ def test_check_normalises_and_merge_matrix_uses_checked_params() -> None:
         "direction": "horizontal",
         "drop_rate": 0.5,
         "rank_tol": 1e-2,
+        "nonmatrix_drop_rate": 0.0,
+        "renormalise": True,
+        "elect_sign": True,
+        "disjoint_mean": True,
     }
     inputs = deltas()
     assert torch.equal(method.merge_matrix(inputs, drop_rate=0.5), F.drm(inputs, "horizontal", 0.5))
