@@ -15,7 +15,7 @@ import pytest
 from tiny_models import ARCHITECTURES, make_tiny_model
 
 from drm_lightning.merging.plan import MergePlan
-from drm_lightning.models.backbone import load_backbone
+from drm_lightning.models.backbone import FAMILIES, load_backbone
 
 M, E = "matrix", "elementwise"
 _BERT_LAYER = {
@@ -40,6 +40,15 @@ _T5_STACK = {
     "final_layer_norm.weight": E,
 }
 
+_LLAMA = {
+    "embed_tokens.weight": E,
+    **{f"layers.N.self_attn.{p}_proj.weight": M for p in "qkvo"},
+    **{f"layers.N.mlp.{p}_proj.weight": M for p in ("gate", "up", "down")},
+    "layers.N.input_layernorm.weight": E,
+    "layers.N.post_attention_layernorm.weight": E,
+    "norm.weight": E,
+}
+
 EXPECTED: dict[tuple[str, str | None], dict[str, str]] = {
     ("encoder", None): {  # BERT
         "embeddings.word_embeddings.weight": E,
@@ -58,14 +67,8 @@ EXPECTED: dict[tuple[str, str | None], dict[str, str]] = {
         "encoder.LayerNorm.weight": E,
         "encoder.LayerNorm.bias": E,
     },
-    ("decoder", None): {  # Llama (AutoModel: no lm_head)
-        "embed_tokens.weight": E,
-        **{f"layers.N.self_attn.{p}_proj.weight": M for p in "qkvo"},
-        **{f"layers.N.mlp.{p}_proj.weight": M for p in ("gate", "up", "down")},
-        "layers.N.input_layernorm.weight": E,
-        "layers.N.post_attention_layernorm.weight": E,
-        "norm.weight": E,
-    },
+    ("decoder", None): _LLAMA,  # AutoModel: no lm_head
+    ("decoder_lm", None): {**{f"model.{k}": v for k, v in _LLAMA.items()}, "lm_head.weight": E},
     ("seq2seq", None): {  # T5 (the whole model: the LM head is the task head)
         "shared.weight": E,
         **{f"encoder.{k}": v for k, v in _T5_STACK.items()},
@@ -102,8 +105,9 @@ def _plan(family: str, architecture: str | None, tmp_path) -> dict[str, str]:
     return table
 
 
-def test_every_architecture_has_a_table() -> None:
+def test_every_family_and_architecture_has_a_table() -> None:
     assert set(EXPECTED) == set(ARCHITECTURES)
+    assert {family for family, _ in ARCHITECTURES} == set(FAMILIES), "a new family needs a tiny model and a table"
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,7 @@ ARCHITECTURES: tuple[tuple[str, str | None], ...] = (
     ("encoder", None),  # BERT
     ("encoder", "deberta_v2"),
     ("decoder", None),  # Llama
+    ("decoder_lm", None),  # Llama with its LM head
     ("seq2seq", None),  # T5
     ("vision", None),  # ViT
 )
