@@ -118,3 +118,29 @@ def test_llama_recipe_scores_label_words_after_prompts_over_its_columns() -> Non
         columns = {args["text_column"], args.get("text_pair_column")} - {None}
         assert set(prompt_fields(args["prompt"], args["task"])) == columns, args["task"]
         assert args["prompt"].endswith("Answer:") and all(" " not in word for word in args["label_names"])
+
+
+SUITE_CHOICE = {"winogrande", "story_cloze", "qasc", "quartz"}
+SUITE_CLASSIFICATION = {"wiki_qa", "paws"}
+
+
+@pytest.mark.parametrize(("recipe", "family"), [("deberta_v3_drm_suite", "encoder"), ("t5_drm_suite", "seq2seq")])
+def test_drm_suites_hold_the_six_tasks_with_the_right_task_types(recipe: str, family: str) -> None:
+    """The DRM paper's six tasks: four multiple-choice ones encoded as the family reads them, two pair classifiers."""
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.models.expert import CHOICE_FORMAT_OF
+
+    loaded = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / f"{recipe}.yaml")]))
+    assert loaded.model["family"] == family
+    kinds = {spec["init_args"]["task"]: spec["class_path"].rsplit(".", 1)[-1] for spec in loaded.specs}
+    assert kinds == {
+        **dict.fromkeys(SUITE_CHOICE, "MultipleChoiceDataModule"),
+        **dict.fromkeys(SUITE_CLASSIFICATION, "TextClassificationDataModule"),
+    }
+    for spec in loaded.specs:
+        args = spec["init_args"]
+        if args["task"] in SUITE_CHOICE:
+            assert args["choice_format"] == CHOICE_FORMAT_OF[family]
+        elif family == "seq2seq":  # T5 reads one prompted text and answers with the label word
+            assert args.get("prompt") and args["label_names"] == ["no", "yes"]

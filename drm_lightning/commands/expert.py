@@ -40,13 +40,19 @@ def _data_attribute(name: str) -> Callable[[LightningDataModule], Any]:
     return read
 
 
+def _task_type(datamodule: LightningDataModule) -> str:
+    """The datamodule's ``task_type`` (``multiple_choice`` for ``MultipleChoiceDataModule``); others classify."""
+    return getattr(datamodule, "task_type", "classification")
+
+
 class ExpertCLI(LightningCLI):
     """``fit`` / ``validate`` / ``test`` of one expert: ``ExpertModule`` + any ``LightningDataModule`` + ``Trainer``.
 
     Wiring (``link_arguments``, so each value is given once): ``model.backbone`` is the datamodule's tokenizer (or
-    image processor); the datamodule's ``task``, ``label_names`` and ``metrics`` become the model's. ``fit`` adds a
-    ``TaskVectorCallback`` that writes ``--task_vector_dir`` (default ``<default_root_dir>/task_vectors/<task>``);
-    ``validate``/``test`` with ``--task_vector_dir`` evaluate the expert stored there instead of a fresh model.
+    image processor); the datamodule's ``task``, ``label_names``, ``metrics`` and ``task_type`` become the model's.
+    ``fit`` adds a ``TaskVectorCallback`` that writes ``--task_vector_dir`` (default
+    ``<default_root_dir>/task_vectors/<task>``); ``validate``/``test`` with ``--task_vector_dir`` evaluate the
+    expert stored there instead of a fresh model.
     """
 
     def __init__(self, args: Sequence[str], *, parse_only: bool = False) -> None:
@@ -92,6 +98,7 @@ class ExpertCLI(LightningCLI):
             parser.link_arguments("model.backbone", f"data.init_args.{key}", apply_on="parse")
         for name in ("task", "label_names", "metrics"):
             parser.link_arguments("data", f"model.{name}", compute_fn=_data_attribute(name), apply_on="instantiate")
+        parser.link_arguments("data", "model.task_type", compute_fn=_task_type, apply_on="instantiate")
 
     @override
     def before_instantiate_classes(self) -> None:

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
-TASK_MODEL_ARGS = ("task", "label_names", "metrics")
+TASK_MODEL_ARGS = ("task", "label_names", "metrics", "task_type")
 #: Trainer settings that do not change what an expert learns: changing them does not force a refit.
 _COSMETIC_TRAINER_KEYS = frozenset(
     {
@@ -87,6 +87,8 @@ class DataDefaults:
         eval_batch_size: Validation / test batch size.
         num_workers: DataLoader worker processes.
         seed: Seed of subsampling and of validation splits carved out of train.
+        choice_format: How multiple-choice tasks encode their options for the model family: ``pairs``
+            (encoder), ``targets`` (seq2seq) or ``continuations`` (decoder_lm); classification tasks ignore it.
     """
 
     max_train_samples: int | None = None
@@ -96,6 +98,7 @@ class DataDefaults:
     eval_batch_size: int | None = None
     num_workers: int | None = None
     seed: int | None = None
+    choice_format: Literal["pairs", "targets", "continuations"] | None = None
 
 
 @dataclass
@@ -451,6 +454,7 @@ class Pipeline:
             task=task,
             label_names=_attribute(dm, "label_names"),
             metrics=_attribute(dm, "metrics"),
+            task_type=_attribute(dm, "task_type") or "classification",
         )
         trainer_kwargs = dict(self.recipe.trainer)
         callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))

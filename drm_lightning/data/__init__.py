@@ -1,4 +1,5 @@
-"""Task datamodules on ``datasets``: text (``text.py``), image (``image.py``), the offline demo tasks (``demo.py``).
+"""Task datamodules on ``datasets``: text (``text.py``), multiple choice (``choice.py``), image (``image.py``), the
+offline demo tasks (``demo.py``).
 
 Exports resolve lazily so that ``import drm_lightning.data`` stays cheap for code that only needs one of them.
 """
@@ -11,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "TextClassificationDataModule": "drm_lightning.data.text",
     "ImageClassificationDataModule": "drm_lightning.data.image",
+    "MultipleChoiceDataModule": "drm_lightning.data.choice",
     "ClassificationDataModule": "drm_lightning.data.common",
     "DataError": "drm_lightning.data.common",
     "SUPPORTED_METRICS": "drm_lightning.data.common",

@@ -260,10 +260,12 @@ class ClassificationDataModule(LightningDataModule):
         own = inspect.signature(ClassificationDataModule.__init__).parameters
         return {name: values[name] for name, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
-    def _load_hub_dataset(self, dataset: str, dataset_config: str | None, cache_dir: str | None) -> Any:
-        """Load a hub (or local dataset-folder) ``dataset``; errors name the task and the dataset."""
+    def _load_hub_dataset(self, dataset: str, dataset_config: str | None, cache_dir: str | None, **kwargs: Any) -> Any:
+        """Load a hub (or local dataset-folder) ``dataset``; errors name the task and the dataset.
+
+        ``kwargs`` go to ``load_dataset`` (e.g. ``data_dir`` for datasets whose files are downloaded by hand)."""
         source = f"dataset {dataset!r}" + (f" ({dataset_config})" if dataset_config else "")
-        return load_dataset_checked(self.task, source, dataset, dataset_config, cache_dir=cache_dir)
+        return load_dataset_checked(self.task, source, dataset, dataset_config, cache_dir=cache_dir, **kwargs)
 
     # -- what the model reads -----------------------------------------------------------------------------------
 
@@ -281,7 +283,16 @@ class ClassificationDataModule(LightningDataModule):
         """Metric names this task reports (a subset of ``SUPPORTED_METRICS``)."""
         return list(self._metrics)
 
+    @property
+    def task_type(self) -> str:
+        """``classification`` (one label per input) or ``multiple_choice`` (one of several options per input)."""
+        return "classification"
+
     # -- subclass hooks -----------------------------------------------------------------------------------------
+
+    def _label_mapping(self, feature: Any) -> dict[Any, int]:
+        """How a split's raw label values map to indices (``label_mapping``; subclasses may map otherwise)."""
+        return label_mapping(self._label_names, feature)
 
     def _input_columns(self) -> list[str]:
         """Columns the collator reads besides the label column."""
@@ -319,7 +330,7 @@ class ClassificationDataModule(LightningDataModule):
             if self._raw is None:
                 self._raw = self._load_splits()
             dataset = self._select(role)
-            mapping = label_mapping(self._label_names, dataset.features[self._label_column])
+            mapping = self._label_mapping(dataset.features[self._label_column])
             self._ready[role] = (seeded_subset(dataset, self._max_samples[role], self._seed), mapping)
         return self._ready[role][0]
 
@@ -334,7 +345,7 @@ class ClassificationDataModule(LightningDataModule):
             raise DataError(f"task {self.task!r}: split {name!r} ({role}) is empty")
         columns = [*self._input_columns(), self._label_column]
         check_columns(self.task, name, dataset, columns)
-        mapping = label_mapping(self._label_names, dataset.features[self._label_column])
+        mapping = self._label_mapping(dataset.features[self._label_column])
         check_labels(self.task, name, dataset, self._label_column, mapping)
         return dataset.select_columns(columns)
 

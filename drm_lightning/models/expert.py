@@ -36,7 +36,7 @@ from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
 
 from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone, parse_dtype
-from drm_lightning.models.heads import POOLINGS, DecoderHead, EncoderHead, VisionHead, build_head
+from drm_lightning.models.heads import POOLINGS, ChoiceHead, DecoderHead, EncoderHead, VisionHead, build_head
 from drm_lightning.models.label_words import candidate_logprobs, label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.resolve import resolve_pretrained
@@ -44,6 +44,11 @@ from drm_lightning.models.resolve import resolve_pretrained
 METRICS = ("accuracy", "mcc", "f1")
 #: Families whose LM head scores the labels as words (no task head of their own).
 LABEL_WORD_FAMILIES = ("seq2seq", "decoder_lm")
+#: Families that can answer multiple-choice tasks: a one-output head per (context, option) pair, or option likelihood.
+CHOICE_FAMILIES = ("encoder", *LABEL_WORD_FAMILIES)
+TASK_TYPES = ("classification", "multiple_choice")
+#: The ``MultipleChoiceDataModule(choice_format=...)`` each family reads.
+CHOICE_FORMAT_OF = {"encoder": "pairs", "seq2seq": "targets", "decoder_lm": "continuations"}
 _CKPT_KEY = "drm_lightning"
 
 # Lets ``from_task_vector`` hand an already-built backbone module to ``__init__`` without making a live module a
@@ -89,6 +94,9 @@ class ExpertModule(LightningModule):
         trust_remote_code: passed to ``from_pretrained``; off unless asked, as it runs code from the model folder.
         gguf_file: GGUF file inside ``backbone`` (SmolLM2-style folders).
         tokenizer: where the label-word families load the tokenizer for their label words; None: ``backbone``.
+        task_type: ``classification``, or ``multiple_choice`` (``label_names`` name the option positions; encoders
+            score each (context, option) pair with a one-output head, label-word families each option's
+            likelihood; see ``data/choice.py``). Taken from the datamodule's ``task_type`` by the CLI and pipeline.
     """
 
     def __init__(
@@ -108,9 +116,16 @@ class ExpertModule(LightningModule):
         trust_remote_code: bool = False,
         gguf_file: str | None = None,
         tokenizer: str | None = None,
+        task_type: Literal["classification", "multiple_choice"] = "classification",
     ) -> None:
         super().__init__()
         check_family(family)
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={task_type!r}: expected one of {TASK_TYPES}")
+        if task_type == "multiple_choice" and family not in CHOICE_FAMILIES:
+            raise ValueError(
+                f"task_type='multiple_choice': family {family!r} cannot score options; use one of {CHOICE_FAMILIES}"
+            )
         if isinstance(lora, Mapping):  # how hyperparameters come back from a checkpoint
             lora = LoraSettings(**lora)
         if lora is not None and not isinstance(lora, LoraSettings):
@@ -133,6 +148,7 @@ class ExpertModule(LightningModule):
 
         self.family = family
         self.task = task
+        self.task_type = task_type
         self.lora = lora
         module = _PRELOADED_BACKBONE.get()
         if module is None:
@@ -175,7 +191,10 @@ class ExpertModule(LightningModule):
             raise ValueError(f"label_names={label_names!r}: expected at least two distinct names")
         self.label_names = label_names
         self.hparams["label_names"] = label_names
-        if self.family == "encoder":
+        if self.task_type == "multiple_choice":
+            if self.family == "encoder":
+                self.head = ChoiceHead(self._hidden_size(), self.hparams.pooling, self.hparams.head_dropout)
+        elif self.family == "encoder":
             self.head = EncoderHead(
                 self._hidden_size(), len(label_names), self.hparams.pooling, self.hparams.head_dropout
             )
@@ -219,6 +238,18 @@ class ExpertModule(LightningModule):
             self.hparams["metrics"] = list(dm_metrics)
             if self.label_names is not None:
                 self._build_metrics()
+        dm_type = getattr(datamodule, "task_type", "classification") if datamodule is not None else self.task_type
+        if dm_type != self.task_type:
+            raise ValueError(
+                f"task {self.task!r}: the model's task_type={self.task_type!r} differs from the datamodule's "
+                f"{dm_type!r}"
+            )
+        dm_format = getattr(datamodule, "choice_format", None) if datamodule is not None else None
+        if self.task_type == "multiple_choice" and dm_format not in (None, CHOICE_FORMAT_OF[self.family]):
+            raise ValueError(
+                f"task {self.task!r}: the datamodule's choice_format={dm_format!r} is not what a {self.family} model "
+                f"reads; set choice_format: {CHOICE_FORMAT_OF[self.family]}"
+            )
         dm_labels = getattr(datamodule, "label_names", None) if datamodule is not None else None
         if self.label_names is None:
             if dm_labels is None:
@@ -243,6 +274,8 @@ class ExpertModule(LightningModule):
         if self.family == "vision":
             hidden = self.backbone(pixel_values=batch["pixel_values"]).last_hidden_state
             return self.head(hidden)
+        if self.task_type == "multiple_choice":
+            return self._choice_logits(batch)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self.family == "encoder" and "token_type_ids" in batch:
             kwargs["token_type_ids"] = batch["token_type_ids"]
@@ -251,8 +284,30 @@ class ExpertModule(LightningModule):
         hidden = self.backbone(**kwargs).last_hidden_state
         return self.head(hidden, batch["attention_mask"])
 
+    def _choice_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Encoder multiple choice: each (context, option) pair ``[B, C, T]`` through backbone and head: ``[B, C]``."""
+        ids = batch["input_ids"]
+        if ids.dim() != 3:
+            raise ValueError(
+                f"task {self.task!r}: a multiple-choice batch for an encoder needs input_ids [batch, options, tokens] "
+                f"(choice_format: pairs), got shape {tuple(ids.shape)}"
+            )
+        size, num = ids.shape[:2]
+        flat = {k: batch[k].flatten(0, 1) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        hidden = self.backbone(**flat).last_hidden_state
+        return self.head(hidden, flat["attention_mask"]).view(size, num)
+
     def _candidates(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target tokens ``(ids [B, C, L], mask [B, C, L])``: the label words, the same for every input."""
+        """Target tokens ``(ids [B, C, L], mask [B, C, L])``: the label words, the same for every input, or (multiple
+        choice) each input's own options."""
+        if self.task_type == "multiple_choice":
+            if "choice_ids" not in batch:
+                kind = "targets" if self.family == "seq2seq" else "continuations"
+                raise ValueError(
+                    f"task {self.task!r}: a multiple-choice batch for {self.family} needs choice_ids and choice_mask "
+                    f"(choice_format: {kind})"
+                )
+            return batch["choice_ids"], batch["choice_mask"]
         if self.label_names is None:
             raise ValueError(f"task {self.task!r}: label_names unknown")
         size = batch["attention_mask"].shape[0]
@@ -513,6 +568,7 @@ class ExpertModule(LightningModule):
             "head_dropout": head_cfg.get("dropout", 0.1),
             "trust_remote_code": trust_remote_code,
             "tokenizer": meta.base_model,
+            "task_type": meta.task_type,
         }
         if isinstance(backbone, nn.Module):
             with _preloaded(backbone):

@@ -73,6 +73,27 @@ class EncoderHead(nn.Module):
         }
 
 
+class ChoiceHead(EncoderHead):
+    """The encoder head with one output: the score of one (context, option) pair (as ``*ForMultipleChoice``).
+
+    A multiple-choice expert runs every option of an example through the backbone and this head; the options'
+    scores are the logits over the options, so the head does not depend on how many options a task has.
+    """
+
+    kind = "choice"
+
+    def __init__(self, hidden_size: int, pooling: str = "cls", dropout: float = 0.1) -> None:
+        super().__init__(hidden_size, 2, pooling, dropout)
+        self.num_labels = 1
+        self.out_proj = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(hidden, attention_mask).squeeze(-1)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": self.kind, "hidden_size": self.hidden_size, "pooling": self.pooling, "dropout": self.dropout_p}
+
+
 class DecoderHead(nn.Module):
     """Linear layer on the hidden state of the last non-pad token (as ``LlamaForSequenceClassification`` does)."""
 
@@ -114,7 +135,7 @@ class VisionHead(nn.Module):
         return {"type": self.kind, "hidden_size": self.hidden_size, "num_labels": self.num_labels}
 
 
-HEADS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (EncoderHead, DecoderHead, VisionHead)}
+HEADS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (EncoderHead, ChoiceHead, DecoderHead, VisionHead)}
 
 
 def build_head(config: dict[str, Any]) -> nn.Module:

@@ -165,6 +165,7 @@ def build_task_vector(
         torch_dtype=hp.torch_dtype,
         gguf_file=hp.gguf_file,
         label_names=list(expert.label_names or []),
+        task_type=expert.task_type,
         lora=lora,
         head=expert.head_config(),
         metrics=dict(metrics or {}),

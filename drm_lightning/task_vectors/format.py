@@ -54,6 +54,8 @@ LORA_A_SUFFIX = ".lora_A"
 LORA_B_SUFFIX = ".lora_B"
 #: Weight dtypes a base model may be loaded in (``ExpertModule(torch_dtype=...)``, ``meta.json["torch_dtype"]``).
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: What a task asks: one label per input, or one of several options per input (``meta.json["task_type"]``).
+TASK_TYPES = ("classification", "multiple_choice")
 #: Environment variable that turns the up-front free-space check off (``1``/``true``/``yes``).
 SKIP_SPACE_CHECK_ENV = "DRM_LIGHTNING_SKIP_SPACE_CHECK"
 #: Room kept free beyond an estimate: filesystem blocks, safetensors headers, JSON files, estimates' slack.
@@ -93,7 +95,8 @@ class TaskVectorMeta:
     ``torch_dtype`` and ``gguf_file`` record how ``base_model`` was loaded for training (``None``: the checkpoint's
     own dtype, no GGUF file). The fingerprint is of the weights *as loaded*, so a consumer that reloads the base
     (merge, evaluation, ``ExpertModule.from_task_vector``) must load it the same way; they default to these values.
-    Both are optional: a meta.json written before they existed reads as ``None``.
+    Both are optional: a meta.json written before they existed reads as ``None``. ``task_type`` is
+    ``classification`` or ``multiple_choice`` (a meta.json written before it existed reads as the former).
     """
 
     task: str
@@ -104,6 +107,7 @@ class TaskVectorMeta:
     torch_dtype: str | None = None
     gguf_file: str | None = None
     label_names: list[str] = field(default_factory=list)
+    task_type: str = "classification"
     lora: LoraMeta | None = None
     head: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
@@ -138,6 +142,9 @@ class TaskVectorMeta:
         dtype = data.get("torch_dtype")
         if dtype is not None and dtype not in TORCH_DTYPES:
             raise TaskVectorError(f"{source}: torch_dtype={dtype!r}, expected one of {TORCH_DTYPES} or null")
+        task_type = data.get("task_type", "classification")
+        if task_type not in TASK_TYPES:
+            raise TaskVectorError(f"{source}: task_type={task_type!r}, expected one of {TASK_TYPES}")
         gguf = data.get("gguf_file")
         if gguf is not None and (not isinstance(gguf, str) or not gguf):
             raise TaskVectorError(f"{source}: gguf_file={gguf!r}, expected a file name or null")
