@@ -378,8 +378,9 @@ def test_apply_writes_a_loadable_hf_folder(root: Path, bert: Path, dense_tvs: li
     out = root / "apply_out"
     model = apply_merged_delta(merged, 0.3, out, max_shard_size="50KB")
     assert len(list(out.glob("model-*.safetensors"))) > 1, "max_shard_size should shard the weights"
-    reloaded = AutoModel.from_pretrained(out, add_pooling_layer=False)
+    reloaded = AutoModel.from_pretrained(out)  # the base's own architecture: BertModel with its pooler
     expected = model.state_dict()
+    assert "pooler.dense.weight" in expected
     assert reloaded.state_dict().keys() == expected.keys()
     assert all(torch.equal(reloaded.state_dict()[k], expected[k]) for k in expected)
     base = _base_state(bert)

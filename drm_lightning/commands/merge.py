@@ -20,6 +20,12 @@ Before any model is loaded, the room both folders need (Δ_merged in float32, th
 heads) is compared with the free space of their filesystems; a disk that clearly cannot hold them is refused with
 one line naming the folders and the sizes. The base is loaded as the task vectors record it (``torch_dtype``,
 ``gguf_file`` in their meta.json) unless ``--torch_dtype`` / ``--gguf_file`` say otherwise.
+
+``--save_as model`` (the default) writes a complete folder of the base's own architecture (pooler, ``lm_head``, tied
+weights, config, tokenizer: ``drm_lightning.export.model``). ``--save_as adapter`` (every input LoRA) writes a PEFT
+LoRA adapter of the merged delta's exact rank instead (``drm_lightning.export.adapter``); with a fixed λ on one
+process it is merged straight into the adapter and no dense Δ_merged is written. TIES and DARE are refused there
+unless ``--max_rank K`` asks for an SVD truncation, whose relative error is printed per module. See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def merge(
     trainer: dict[str, Any] | None = None,
     torch_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,
     gguf_file: str | None = None,
+    save_as: Literal["model", "adapter"] = "model",
+    max_rank: int | None = None,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
@@ -74,6 +82,11 @@ def merge(
         torch_dtype: the dtype to load the base in (default: the one the task vectors record, else its own); the
             merged model is saved in it.
         gguf_file: a GGUF file inside the base folder to load it from (default: the one the task vectors record).
+        save_as: model (a complete save_pretrained folder of the base's own architecture: pooler, lm_head, config,
+            tokenizer) or adapter (every input LoRA: a PEFT LoRA adapter of the merged delta's exact rank, no dense
+            delta written for a fixed λ; task_arithmetic, drm_v, drm_h, iso_c, iso_cts, tsv_m).
+        max_rank: save_as=adapter: cut every module's rank to at most K by SVD and print the relative error per
+            module (needed for ties and dare, whose merged delta is full rank).
 
     Returns:
         The merged model folder.
@@ -84,6 +97,14 @@ def merge(
 
     if not task_vectors:
         raise ValueError("task_vectors=[]: give at least one task vector folder")
+    if save_as not in ("model", "adapter"):
+        raise ValueError(f"save_as={save_as!r}: expected 'model' or 'adapter'")
+    if max_rank is not None and save_as != "adapter":
+        raise ValueError(f"max_rank={max_rank!r}: only for save_as=adapter")
+    if save_as == "adapter":
+        from drm_lightning.export.adapter import check_adapter_request
+
+        check_adapter_request(method, task_vectors, max_rank)
     search = lam == "search"
     if search and not tasks:
         raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
@@ -104,6 +125,9 @@ def merge(
     if exclude is not None:
         plan_kwargs["exclude"] = list(exclude)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
+    if save_as == "adapter" and not search and world.world_size == 1:
+        return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
+                                 device, torch_dtype, gguf_file)  # fmt: skip
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
     datamodules = _datamodules(tasks, task_vectors) if search else {}
 
@@ -129,10 +153,45 @@ def merge(
             "curve": [point.to_dict() for point in found.sorted_curve()],
         }
         print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f})", file=sys.stderr)
-    apply_merged_delta(delta, float(lam), output, base=base, family=family, **overrides)
+    if save_as == "adapter":
+        from drm_lightning.export.adapter import adapter_from_merged, print_report
+
+        print_report(adapter_from_merged(delta, float(lam), output, max_rank=max_rank, device=device), sys.stderr)
+    else:
+        apply_merged_delta(delta, float(lam), output, base=base, family=family, **overrides)
     if search_record is not None:
         (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
     print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
+    return Path(output)
+
+
+def _merge_to_adapter(
+    task_vectors: list[str],
+    output: str,
+    method: str,
+    params: dict[str, Any] | None,
+    lam: float,
+    coefficients: list[float] | None,
+    max_rank: int | None,
+    plan: Any,
+    base: str | None,
+    family: str | None,
+    device: str | None,
+    torch_dtype: str | None,
+    gguf_file: str | None,
+) -> Path:
+    """A fixed λ on one process: LoRA task vectors straight into a PEFT adapter, no dense Δ_merged on disk."""
+    from drm_lightning.export.adapter import merge_to_adapter, print_report
+
+    summary = merge_to_adapter(
+        task_vectors, method, output, params, coefficients, lam=float(lam), max_rank=max_rank, base=base,
+        family=family, plan=plan, device=device, torch_dtype=torch_dtype, gguf_file=gguf_file,
+    )  # fmt: skip
+    print_report(summary, sys.stderr)
+    from drm_lightning.task_vectors.format import human_bytes
+
+    size = human_bytes(summary["bytes"])
+    print(f"adapter: {output} (λ={float(lam):g}, total rank {summary['total_rank']}, {size})", file=sys.stderr)
     return Path(output)
 
 

@@ -907,11 +907,12 @@ def apply_merged_delta(
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
 ) -> PreTrainedModel:
-    """Load the base backbone, add ``lam · Δ_merged`` and return it; optionally save it as an HF folder.
+    """Load the base backbone, add ``lam · Δ_merged`` and return it; with ``output``, save the merged model there.
 
     Why return the model: a λ search evaluates each λ in memory; Δ_merged was computed once and each λ only
-    rescales it. With ``output``, the folder gets ``save_pretrained`` shards, the base tokenizer (if any), the
-    task heads and a ``merge.json`` recording ``lam``, written atomically.
+    rescales it. With ``output``, ``drm_lightning.export.model.save_merged_model`` writes a complete folder of the
+    base's own architecture (pooler, ``lm_head``, tied weights, config), the base tokenizer, the task heads and a
+    ``merge.json`` recording ``lam``, atomically, and the backbone part of that model is returned.
 
     Args:
         merged: a folder written by ``merge_task_vectors``.
@@ -930,6 +931,13 @@ def apply_merged_delta(
             base checkpoint's headers before the base is loaded where they tell, and always before writing.
     """
     lam = _check_lam(lam)
+    if output is not None:
+        from drm_lightning.export.model import save_merged_model
+
+        return save_merged_model(
+            merged, lam, output, base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype,
+            gguf_file=gguf_file,
+        )  # fmt: skip
     merged = Path(merged)
     record = read_merge_record(merged)
     base_name = base if base is not None else record["base_model"]
@@ -938,12 +946,6 @@ def apply_merged_delta(
         "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
         "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
     }
-    heads = _tree_bytes(merged / HEADS_DIR)
-    if output is not None:
-        _check_output(Path(output), [merged])
-        estimate = estimate_model_bytes(base_name, **load)
-        if estimate is not None:
-            check_free_space({output: estimate + heads}, "merged model")
     model = load_backbone(base_name, family, **load)
     base_fp = fingerprint(model)
     if base_fp != record["base_fingerprint"]:
@@ -953,14 +955,4 @@ def apply_merged_delta(
             "apply"
         )
     add_merged_delta(model, merged, lam)
-    if output is not None:
-        needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + _CONFIG_ALLOWANCE
-        check_free_space({output: needed}, "merged model")
-        with atomic_dir(output) as tmp:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            _save_tokenizer(base_name, tmp)
-            if (merged / HEADS_DIR).is_dir():
-                shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
-            record = {**record, **load, "lam": lam, "merged_delta": str(merged.resolve())}
-            (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return model

@@ -1,0 +1,285 @@
+"""``--save_as model``: the merged weights inside the base's own architecture, as a complete ``save_pretrained`` folder.
+
+Why not the backbone alone: ``load_backbone`` drops what the toolkit's heads do not use (BERT's pooler) and never
+has a decoder's ``lm_head``, so a folder saved from it makes ``AutoModelForCausalLM.from_pretrained(out)`` initialise
+the LM head at random on any model with untied embeddings. Here the base is loaded once as the class its
+``config.architectures`` names (``LlamaForCausalLM``, ``BertModel`` with its pooler, ...), ``λ·Δ_merged`` is added
+to its backbone part in place (tied weights share one tensor and so stay tied), and it is saved whole: everything the
+base checkpoint had, its config and generation config, plus the base tokenizer, the task heads (``heads/<task>/``,
+see ``docs/interop.md``) and ``merge.json``.
+
+Memory: one base model (in the dtype the experts were fitted in) plus one output shard, streamed from Δ_merged shard
+by shard; never two models. The folder is written atomically.
+
+Which class: the first of ``config.architectures`` that ``transformers`` defines (nothing is imported from a model
+folder), then ``AutoModelForCausalLM`` for decoders, then ``AutoModel``, then the toolkit's own backbone class;
+the first whose weights the checkpoint holds completely (no missing keys) and which contains every merged parameter
+is used, so a config that names a class the checkpoint only partly holds never yields random weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from drm_lightning.models.backbone import (
+    _accepts_pooling_flag,
+    check_family,
+    dtype_name,
+    fingerprint_state,
+    parse_dtype,
+)
+from drm_lightning.models.resolve import resolve_pretrained
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+#: What ``merge.json`` of a written folder says it holds (``save_as``).
+SAVE_AS = ("model", "adapter")
+
+
+def _config(path: str, gguf_file: str | None) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": False}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    return AutoConfig.from_pretrained(path, **kwargs)
+
+
+def backbone_keys(config: PretrainedConfig, family: str) -> set[str]:
+    """The ``state_dict()`` names of ``load_backbone``'s module for ``config``, from a weightless (meta) instance.
+
+    Why: the fingerprint a task vector records is of the backbone alone (no pooler), so checking it on a model of
+    the full architecture needs the backbone's names without loading a second model.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    check_family(family)
+    with torch.device("meta"):
+        if family == "seq2seq":
+            skeleton = AutoModelForSeq2SeqLM.from_config(config)
+        elif family == "decoder_lm":
+            skeleton = AutoModelForCausalLM.from_config(config)
+        else:
+            pooled = family in ("encoder", "vision") and _accepts_pooling_flag(config)
+            skeleton = AutoModel.from_config(config, **({"add_pooling_layer": False} if pooled else {}))
+    return set(skeleton.state_dict())
+
+
+def _candidates(config: PretrainedConfig, family: str) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """``(name, loader, extra kwargs)`` of the classes to try, in order (see the module docstring)."""
+    import transformers
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seen: set[str] = set()
+    for arch in list(getattr(config, "architectures", None) or []):
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) and arch not in seen:
+            seen.add(arch)
+            yield str(arch), cls, {}
+    if family in ("decoder", "decoder_lm"):
+        yield "AutoModelForCausalLM", AutoModelForCausalLM, {}
+    if family == "seq2seq":
+        yield "AutoModelForSeq2SeqLM", AutoModelForSeq2SeqLM, {}
+    yield "AutoModel", AutoModel, {}
+    if family in ("encoder", "vision") and _accepts_pooling_flag(config):
+        yield "AutoModel (no pooler)", AutoModel, {"add_pooling_layer": False}
+
+
+def backbone_prefix(model: nn.Module, names: Iterable[str]) -> str | None:
+    """``""`` if ``model``'s own ``state_dict()`` holds every name, ``"<base_model_prefix>."`` if its ``base_model``
+    does (``LlamaForCausalLM`` -> ``"model."``), else ``None``."""
+    names = set(names)
+    own = set(model.state_dict())
+    if names <= own:
+        return ""
+    prefix = str(getattr(model, "base_model_prefix", "") or "")
+    if prefix and getattr(model, "base_model", model) is not model and {f"{prefix}.{n}" for n in names} <= own:
+        return prefix + "."
+    return None
+
+
+def meta_architecture(
+    base: str, family: str, names: Iterable[str], *, gguf_file: str | None = None
+) -> tuple[str, str, PretrainedConfig]:
+    """The class ``save_merged_model`` would write and the backbone prefix in it, from weightless instances.
+
+    Why: an adapter's keys name modules of the model it will be loaded into (``base_model.model.<prefix>...``), so
+    they depend on the class the user loads, without any need to load weights here. Checkpoint completeness is not
+    checked (that needs the weights); the order of candidates is ``load_full_base``'s.
+
+    Returns:
+        ``(class name, prefix, config)``, e.g. ``("LlamaForCausalLM", "model.", config)``.
+    """
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    config = _config(resolve_pretrained(base), gguf_file)
+    names = set(names)
+    for _label, loader, extra in _candidates(config, family):
+        with torch.device("meta"):
+            if isinstance(loader, type) and issubclass(loader, _BaseAutoModelClass):
+                model = loader.from_config(config, **extra)
+            else:
+                model = loader._from_config(config)
+        prefix = backbone_prefix(model, names)
+        if prefix is not None:
+            return type(model).__name__, prefix, config
+    raise ValueError(f"base model {base!r}: no architecture of its config holds the merged parameters")
+
+
+def load_full_base(
+    base: str,
+    family: str,
+    names: Iterable[str],
+    *,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> tuple[PreTrainedModel, str]:
+    """Load ``base`` in its own architecture; return the model and the prefix of the backbone inside it.
+
+    Args:
+        base: hub id, folder or ``package://`` name.
+        family: the ``load_backbone`` family (decides the fallbacks).
+        names: backbone parameter names that must be found in the model (those Δ_merged changes).
+        torch_dtype, gguf_file: how to load it (as the experts did).
+
+    Raises:
+        ValueError: no class holds the checkpoint completely together with every name.
+    """
+    path = resolve_pretrained(base)
+    config = _config(path, gguf_file)
+    names = set(names)
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "output_loading_info": True}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    dtype = parse_dtype(torch_dtype)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    tried = []
+    for label, loader, extra in _candidates(config, family):
+        try:
+            model, info = loader.from_pretrained(path, **kwargs, **extra)
+        except (ValueError, OSError, TypeError, KeyError) as err:  # a class this checkpoint cannot build
+            tried.append(f"{label}: {type(err).__name__}")
+            continue
+        missing = sorted(info.get("missing_keys") or [])
+        prefix = backbone_prefix(model, names)
+        if not missing and prefix is not None:
+            return model.eval(), prefix
+        tried.append(f"{label}: " + (f"missing {missing[:3]}" if missing else "lacks the merged parameters"))
+        del model
+    raise ValueError(f"base model {base!r}: no architecture holds its checkpoint and the merged parameters ({tried})")
+
+
+def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: str) -> str:
+    """``fingerprint`` of the ``load_backbone`` module inside ``backbone`` (which may hold more: a pooler).
+
+    Raises:
+        ValueError: ``backbone`` lacks some of the backbone's parameters.
+    """
+    state = backbone.state_dict()
+    keys = backbone_keys(config, family)
+    missing = sorted(k for k in keys if k not in state)
+    if missing:
+        raise ValueError(f"{type(backbone).__name__}: lacks backbone parameters {missing[:3]}")
+    return fingerprint_state({k: state[k] for k in keys})
+
+
+def save_merged_model(
+    merged: str | os.PathLike[str],
+    lam: float,
+    output: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    max_shard_size: str | int = "2GB",
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> nn.Module:
+    """Write ``W_0 + λ·Δ_merged`` of a merged folder as a complete folder of the base's own architecture.
+
+    Args:
+        merged: a folder written by ``merge_task_vectors`` (``merged_delta/``, ``merge.json``, ``heads/``).
+        lam: the scaling coefficient λ.
+        output: the folder to write (replaced if it is a previous merge output).
+        base, family, torch_dtype, gguf_file: default to what ``merge.json`` records.
+        max_shard_size: ``save_pretrained``'s shard size.
+
+    Returns:
+        The backbone part of the written model (the module whose ``state_dict()`` names are Δ_merged's), in memory.
+
+    Raises:
+        ValueError: bad ``lam``, a folder that is not a merge output, a base of other weights.
+        InsufficientSpaceError: ``output``'s filesystem clearly lacks room (checked before and after loading).
+    """
+    from drm_lightning.evaluation.merged import merged_delta_index
+    from drm_lightning.merging.merger import (
+        _CONFIG_ALLOWANCE,
+        HEADS_DIR,
+        MERGE_FILE,
+        _check_lam,
+        _check_output,
+        _loaded_as,
+        _save_tokenizer,
+        _tokenizer_bytes,
+        _tree_bytes,
+        add_merged_delta,
+        estimate_model_bytes,
+        model_bytes,
+        read_merge_record,
+    )
+    from drm_lightning.task_vectors.format import atomic_dir, check_free_space
+
+    lam = _check_lam(lam)
+    merged = Path(merged)
+    record = read_merge_record(merged)
+    base_name = base if base is not None else record["base_model"]
+    family = check_family(family if family is not None else record["family"])
+    load = {
+        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
+        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
+    }
+    output = Path(output)
+    heads = _tree_bytes(merged / HEADS_DIR)
+    _check_output(output, [merged])
+    estimate = estimate_model_bytes(base_name, **load)
+    if estimate is not None:
+        check_free_space({output: estimate + heads}, "merged model")
+    names = set(merged_delta_index(merged))
+    model, prefix = load_full_base(base_name, family, names, **load)
+    config = _config(resolve_pretrained(base_name), load["gguf_file"])
+    backbone = model.get_submodule(prefix[:-1]) if prefix else model
+    actual = backbone_fingerprint(backbone, config, family)
+    if actual != record["base_fingerprint"]:
+        raise ValueError(
+            f"base model {base_name!r} {_loaded_as(load)} has fingerprint {actual}, but {merged / MERGE_FILE} was "
+            f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
+            "apply"
+        )
+    add_merged_delta(backbone, merged, lam)  # the evaluation's arithmetic, so the same bytes as MergedBackbone.at
+    needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + _CONFIG_ALLOWANCE
+    check_free_space({output: needed}, "merged model")
+    with atomic_dir(output) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        _save_tokenizer(base_name, tmp)
+        if (merged / HEADS_DIR).is_dir():
+            shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
+        out_record = {
+            **record,
+            **load,
+            "lam": lam,
+            "merged_delta": str(merged.resolve()),
+            "save_as": "model",
+            "architecture": type(model).__name__,
+            "backbone_prefix": prefix,
+        }
+        (tmp / MERGE_FILE).write_text(json.dumps(out_record, indent=2, sort_keys=True, default=str) + "\n")
+    return backbone
