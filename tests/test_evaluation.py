@@ -438,3 +438,29 @@ def test_evaluation_skips_lightnings_prepare_data_barrier(experts: dict, monkeyp
     )
     assert entered == []
     assert all(is_overridden("prepare_data", dm) and "prepare_data" not in vars(dm) for dm in dms)
+
+
+def test_extend_grid_steps_at_the_edge_spacing_and_stays_positive() -> None:
+    from drm_lightning.evaluation.lambda_search import extend_grid
+
+    assert extend_grid([0.5, 1.0, 1.5], upward=True) == [2.0, 2.5]
+    assert extend_grid([0.2, 0.4, 0.6], upward=False) == [0.05, 0.1]  # 0.2 - 0.2 = 0: halve instead
+    assert extend_grid([1.0, 2.0, 3.0], upward=False) == [0.25, 0.5]
+    assert extend_grid([1.0], upward=True) == [1.5, 2.0]
+
+
+@pytest.mark.parametrize("strategy", ["grid", "refine"])
+def test_best_lambda_at_an_edge_extends_the_grid(strategy: str) -> None:
+    """A peak at 2.2 beyond a grid ending at 1.5: two rounds reach it, each said in the notes; no λ twice."""
+    evaluate = FakeEvaluate(2.2)
+    result = search_lambda(evaluate, EXPERT, [0.5, 1.0, 1.5], strategy=strategy, extend=2)
+    assert result.best_lambda == 2.0
+    assert len(result.notes) >= 1 and "top of the grid" in result.notes[0]
+    lams = [p.lam for p in result.curve]
+    assert len(lams) == len(set(lams)) == result.evaluations
+    bounded = search_lambda(FakeEvaluate(9.0), EXPERT, [0.5, 1.0, 1.5], strategy=strategy, extend=1)
+    assert bounded.best_lambda == 2.5 and len(bounded.notes) == 1  # one round only
+    inside = search_lambda(FakeEvaluate(1.0), EXPERT, [0.5, 1.0, 1.5], strategy=strategy, extend=3)
+    assert inside.best_lambda == 1.0 and inside.notes == [] and inside.evaluations <= 3
+    with pytest.raises(ValueError, match="extend=-1"):
+        search_lambda(evaluate, EXPERT, [0.5], extend=-1)

@@ -40,6 +40,7 @@ def _recipe(tmp: Path) -> Path:
         },
         "methods": METHODS,
         "plots": True,
+        "extend_edges": 0,  # the grids below are the whole search (edge extension: tests/test_pipeline_search.py)
     }
     path = tmp / "recipe.yaml"
     path.write_text("# drm-lightning pipeline --config recipe.yaml\n" + json.dumps(recipe, indent=1))

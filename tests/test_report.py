@@ -196,6 +196,7 @@ def test_write_report_files_and_roundtrip(tmp_path: Path) -> None:
     assert summary["ta"]["normalised"] == pytest.approx({"sst2": 0.75, "cola": 0.9})
     assert summary["drm_v"] | {"normalised": None} == pytest.approx(
         {"lambda": 1.2, "merge_seconds": 10.0, "average": 0.56, "average_normalised": 0.85, "normalised": None}
+        | {"evaluations": 0}
     )
     assert data["summary"]["pretrained"]["average"] == pytest.approx(0.325)
     back = read_report(tmp_path / "run")
@@ -335,3 +336,26 @@ def test_missing_matplotlib_skips_plots_with_a_warning(tmp_path: Path, monkeypat
     with pytest.warns(UserWarning, match="matplotlib"):
         md = build_report(make_results(), tmp_path)
     assert "## Plots" not in md and not list(tmp_path.glob("*.png"))
+
+
+def test_parameter_search_landscape_table_notes_and_roundtrip(tmp_path: Path) -> None:
+    """A searched method: one row per parameter set, one column per λ, the chosen pair bold, the evaluations of
+    every set counted, the notes listed; report.json reads back to the same results."""
+    from drm_lightning.evaluation.results import VariantResult
+
+    r = make_results()
+    low = VariantResult("drop_rate-0.5", {"drop_rate": 0.5}, 1.0, 0.8, [LambdaPoint(0.5, 0.7), LambdaPoint(1.0, 0.8)])
+    high = VariantResult(
+        "drop_rate-0.9", {"drop_rate": 0.9}, 2.0, 0.85, [LambdaPoint(1.0, 0.75), LambdaPoint(2.0, 0.85)], ["grew"]
+    )
+    drm = r.method("drm_v")
+    drm.params, drm.lam, drm.curve = {"direction": "vertical", "drop_rate": 0.9}, 2.0, high.curve
+    drm.variants, drm.notes = [low, high], ["best parameters at the edge of their grid: added drop_rate-0.9"]
+    assert drm.chosen() is high and drm.evaluations == 4
+    md = write_report(r, tmp_path / "run")
+    assert "## Parameter search: drm_v (4 evaluations)" in md
+    assert "| drop_rate-0.5 | 70.00 | 80.00 |  | 1 | 80.00 | 2 |" in md
+    assert "| drop_rate-0.9 |  | 75.00 | **85.00** | 2 | 85.00 | 2 |" in md
+    assert "- drm_v: best parameters at the edge of their grid: added drop_rate-0.9" in md
+    again = read_report(tmp_path / "run")
+    assert again.to_dict() == r.to_dict() and again.method("drm_v").chosen().name == "drop_rate-0.9"

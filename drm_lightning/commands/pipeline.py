@@ -8,6 +8,10 @@ task-specific ones), the ``Trainer`` settings, and the merge methods. The run fo
     <run_dir>/merged/<label>/             Δ_merged of each method (merge_task_vectors) + merge.json
     <run_dir>/report.{md,json} *.png      the report (drm_lightning.evaluation.report)
 
+``experts_dir`` moves the first two elsewhere: a recipe that only merges differently (a parameter search, an
+ablation) names the run folder of the recipe that fitted the experts and reuses them (fitting them there when they
+are missing or were fitted with other settings).
+
 Stages: (1) fit every expert whose task vector is missing or was fitted with other settings (so a second run
 reuses them: resume friendly); (2) merge with each method; (3) choose λ per method on the validation splits;
 (4) evaluate the pretrained backbone, the experts and each merged model on the final split (test) of every task;
@@ -107,7 +111,10 @@ class MethodSpec:
 
     Args:
         method: Registry name: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
-        params: The method's parameters; unset ones take its defaults.
+        params: The method's parameters; unset ones take its defaults. A list searches that parameter
+            (``{drop_rate: [0.5, 0.7, 0.9]}``): every combination of the lists is merged (in one pass) under
+            merged/<label>/<values>/, each gets its λ search, and the best (parameters, λ) on validation is the
+            method's.
         label: Name in the report and of merged/<label> (default: the method name); lets one method run twice.
         lam: A fixed λ; None searches ``lambdas`` on the validation splits.
         lambdas: The λ grid to search (default: the method's default grid).
@@ -161,6 +168,13 @@ def build_pipeline_parser() -> LightningArgumentParser:
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="The recipe YAML (recipes/*.yaml).")
     parser.add_argument("--run_dir", type=str, default="runs/pipeline", help="Folder of every output of the run.")
     parser.add_argument(
+        "--experts_dir",
+        type=str | None,
+        default=None,
+        help="Folder whose task_vectors/ and experts/ hold this recipe's experts (default: run_dir): another "
+        "recipe's run folder reuses its experts when they were fitted with the same settings.",
+    )
+    parser.add_argument(
         "--tasks",
         type=list[TaskEntry],
         required=True,
@@ -201,6 +215,13 @@ def build_pipeline_parser() -> LightningArgumentParser:
         default="grid",
         help="λ search: grid (every λ) or refine (coarse grid, then golden-section).",
     )
+    parser.add_argument(
+        "--extend_edges",
+        type=int,
+        default=1,
+        help="Rounds of grid extension when a search's best value is the first or last of its grid, for λ and for "
+        "searched method parameters (bounded, said in the report); 0: off.",
+    )
     parser.add_argument("--metric", type=str, default="accuracy", help="The metric of the λ search and the report.")
     parser.add_argument("--split", type=str, default="test", help="The split of the final numbers.")
     parser.add_argument(
@@ -233,6 +254,8 @@ class Recipe:
     merge_device: str | None = None
     plots: bool = True
     eval_trainer: dict[str, Any] = field(default_factory=dict)
+    extend_edges: int = 1
+    experts_dir: Path | None = None
 
 
 def _config_dirs(config: Namespace) -> list[Path]:
@@ -247,6 +270,7 @@ def _config_dirs(config: Namespace) -> list[Path]:
 def load_recipe(config: Namespace) -> Recipe:
     """Resolve and check everything in a parsed recipe that can be checked without loading models or data."""
     from drm_lightning.merging.registry import get_method
+    from drm_lightning.merging.sweep import ParamGrid
 
     defaults = {k: v for k, v in config.data.as_dict().items() if v is not None}
     backbone = config.model.backbone
@@ -270,8 +294,11 @@ def load_recipe(config: Namespace) -> Recipe:
     labels = [m.name for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods: labels {labels} repeat; give each run of a method its own label")
-    for m in methods:
-        m.params = dict(get_method(m.method).check(dict(m.params or {})))
+    if isinstance(config.extend_edges, bool) or config.extend_edges < 0:
+        raise ValueError(f"extend_edges={config.extend_edges!r}: expected a number of rounds >= 0")
+    for i, m in enumerate(methods):
+        grid = ParamGrid.parse(m.method, m.params, where=f"methods[{i}].params")
+        m.params = dict(m.params) if grid.searched else dict(get_method(m.method).check(dict(m.params or {})))
     return Recipe(
         run_dir=Path(config.run_dir),
         specs=specs,
@@ -286,6 +313,8 @@ def load_recipe(config: Namespace) -> Recipe:
         merge_device=config.merge_device,
         plots=config.plots,
         eval_trainer=dict(config.eval_trainer or {}),
+        extend_edges=config.extend_edges,
+        experts_dir=Path(config.experts_dir) if config.experts_dir else None,
     )
 
 
@@ -364,13 +393,14 @@ class Pipeline:
         self.tasks = list(self.datamodules)
         self.fitted: list[str] = []
         self.reused: list[str] = []
+        self._grids: dict[str, Any] = {}
 
     # -- stage 1: experts ---------------------------------------------------------------------------------------
     def task_vector_dir(self, task: str) -> Path:
-        return self.run_dir / "task_vectors" / task
+        return (self.recipe.experts_dir or self.run_dir) / "task_vectors" / task
 
     def expert_dir(self, task: str) -> Path:
-        return self.run_dir / "experts" / task
+        return (self.recipe.experts_dir or self.run_dir) / "experts" / task
 
     def fit_settings(self, task: str) -> dict[str, Any]:
         """What determines an expert: model settings, its datamodule, the trainer's learning settings, the seed."""
@@ -481,12 +511,30 @@ class Pipeline:
     def merged_dir(self, spec: MethodSpec) -> Path:
         return self.run_dir / "merged" / spec.name
 
-    def merge_is_current(self, spec: MethodSpec) -> bool:
+    def param_grid(self, spec: MethodSpec) -> Any:
+        """The method's ``ParamGrid`` (with the values edge extension added since)."""
+        from drm_lightning.merging.sweep import ParamGrid
+
+        if spec.name not in self._grids:
+            self._grids[spec.name] = ParamGrid.parse(spec.method, spec.params)
+        return self._grids[spec.name]
+
+    def variants(self, spec: MethodSpec) -> list[Any]:
+        """A searched method's parameter sets as ``Variant`` (folder merged/<label>/<values>); ``[]`` otherwise."""
+        from drm_lightning.evaluation.run import Variant
+        from drm_lightning.merging.sweep import variant_name
+
+        grid = self.param_grid(spec)
+        if not grid.searched:
+            return []
+        return [Variant(variant_name(v), v, self.merged_dir(spec) / variant_name(v)) for v in grid.combinations()]
+
+    def merge_is_current(self, spec: MethodSpec, folder: Path | None = None, params: Mapping | None = None) -> bool:
         """A previous merge of the same method, parameters and inputs, newer than every task vector."""
         from drm_lightning.merging.merger import MERGE_FILE
         from drm_lightning.task_vectors.format import META_FILE
 
-        record_path = self.merged_dir(spec) / MERGE_FILE
+        record_path = (folder if folder is not None else self.merged_dir(spec)) / MERGE_FILE
         if not record_path.is_file():
             return False
         try:
@@ -494,7 +542,8 @@ class Pipeline:
         except json.JSONDecodeError:
             return False
         inputs = [str(self.task_vector_dir(t).resolve()) for t in self.tasks]
-        if record.get("method") != spec.method or record.get("params") != spec.params:
+        wanted = json.loads(json.dumps(params if params is not None else spec.params))
+        if record.get("method") != spec.method or record.get("params") != wanted:
             return False
         if [i.get("path") for i in record.get("inputs", [])] != inputs:
             return False
@@ -505,22 +554,78 @@ class Pipeline:
         """Merge with every method, reusing merges that are current (rank 0 decides which, for every rank).
 
         Launched on several processes, each merge is shared out between all of them
-        (``merge_task_vectors_distributed``: parameters balanced by merge cost, each rank on its own device).
+        (``merge_task_vectors_distributed``: parameters balanced by merge cost, each rank on its own device). A
+        searched method merges all its parameter sets in one pass (``merge_task_vectors_many``) on one process,
+        or one set after another, each shared out, on several.
         """
         from drm_lightning.merging.distributed import broadcast_json, join_world, merge_task_vectors_distributed
 
         join_world(self.recipe.merge_device)
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
-        current = broadcast_json([self.merge_is_current(spec) for spec in self.recipe.methods])
-        for spec, is_current in zip(self.recipe.methods, current, strict=True):
+        for spec in self.recipe.methods:
+            variants = self.variants(spec)
+            if variants:
+                grid = self.param_grid(spec)
+                current = broadcast_json(
+                    [self.merge_is_current(spec, v.folder, grid.params(v.values)) for v in variants]
+                )
+                todo = [v for v, ok in zip(variants, current, strict=True) if not ok]
+                reused = len(variants) - len(todo)
+                _log(f"{spec.name}: {len(variants)} parameter sets ({reused} reused)")
+                self.merge_variants(spec, todo)
+                continue
             out = self.merged_dir(spec)
-            if is_current:
+            if broadcast_json(self.merge_is_current(spec)):
                 _log(f"{spec.name}: reusing the merge in {out}")
             else:
                 _log(f"{spec.name}: merging {len(folders)} task vectors")
                 merge_task_vectors_distributed(
                     folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
                 )
+
+    def merge_variants(self, spec: MethodSpec, variants: Sequence[Any], *, alone: bool = False) -> None:
+        """Merge these parameter sets of ``spec``: one pass on one process (or with ``alone``), else shared out."""
+        from drm_lightning.merging.distributed import detect_world, merge_task_vectors_distributed
+        from drm_lightning.merging.sweep import merge_task_vectors_many
+
+        if not variants:
+            return
+        folders = [str(self.task_vector_dir(t)) for t in self.tasks]
+        grid = self.param_grid(spec)
+        sets = [grid.params(v.values) for v in variants]
+        names = ", ".join(v.name for v in variants)
+        _log(f"{spec.name}: merging {len(folders)} task vectors at {len(variants)} parameter set(s): {names}")
+        if alone or detect_world().world_size == 1:
+            merge_task_vectors_many(
+                folders, spec.method, [v.folder for v in variants], sets, device=self.recipe.merge_device,
+                progress=False,
+            )  # fmt: skip
+            return
+        for variant, params in zip(variants, sets, strict=True):
+            merge_task_vectors_distributed(
+                folders, spec.method, variant.folder, params, device=self.recipe.merge_device, progress=False
+            )
+
+    def more_variants(self, label: str, tried: Sequence[Any]) -> list[Any]:
+        """Edge extension of a searched method's parameters: for every numeric axis whose best value (over
+        ``tried``) is its first or last, the next value beyond it (``sweep.edge_extension``), merged here."""
+        from drm_lightning.evaluation.run import Variant, _best_variant
+        from drm_lightning.merging.sweep import edge_extension, variant_name
+
+        spec = next(s for s in self.recipe.methods if s.name == label)
+        best = _best_variant(tried)
+        new = []
+        for key in list(self.param_grid(spec).axes):
+            grid = self.param_grid(spec)
+            value = edge_extension(spec.method, key, grid.axes[key], best.values[key])
+            if value is None:
+                continue
+            self._grids[label] = grid.extended(key, value)
+            values = {**best.values, key: value}
+            new.append(Variant(variant_name(values), values, self.merged_dir(spec) / variant_name(values)))
+        todo = [v for v in new if not self.merge_is_current(spec, v.folder, self.param_grid(spec).params(v.values))]
+        self.merge_variants(spec, todo, alone=True)  # inside an evaluation unit: this rank alone
+        return new
 
     # -- stages 3-5: λ, evaluation, report ----------------------------------------------------------------------
     def eval_trainer_kwargs(self, local_rank: int | None = None) -> dict[str, Any]:
@@ -552,7 +657,7 @@ class Pipeline:
         share_out = world.world_size > 1
         return evaluate_merges(
             [str(self.task_vector_dir(t)) for t in self.tasks],
-            {spec.name: str(self.merged_dir(spec)) for spec in r.methods},
+            {spec.name: self.variants(spec) or str(self.merged_dir(spec)) for spec in r.methods},
             self.datamodules,
             split=r.split,
             lambdas={spec.name: spec.lam for spec in r.methods if spec.lam is not None},
@@ -561,12 +666,17 @@ class Pipeline:
             metric=r.metric,
             trainer_kwargs=self.eval_trainer_kwargs(world.local_rank if share_out else None),
             share_out=share_out,
+            extend=r.extend_edges,
+            more_variants=self.more_variants,
         )
 
     def report(self, results: Any) -> str:
         from drm_lightning.evaluation.report import build_report
 
-        merged = {spec.name: str(self.merged_dir(spec)) for spec in self.recipe.methods}
+        merged = {}
+        for spec in self.recipe.methods:
+            chosen = results.method(spec.name).chosen()
+            merged[spec.name] = str(self.merged_dir(spec) / chosen.name if chosen else self.merged_dir(spec))
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
         return build_report(results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots)
 

@@ -19,6 +19,10 @@ Two strategies:
     Task Arithmetic grid (measured on smooth curves in ``tests/test_evaluation.py``). It returns the grid's best λ
     whenever the curve is unimodal within that bracket; validation curves usually are, but noise can trap it on a
     local bump, so ``grid`` stays the exhaustive choice. Ties go to the smaller λ in both strategies.
+
+An edge never decides silently: with ``extend=k`` a best λ at the first or last point of the grid adds
+``EXTEND_POINTS`` λ beyond it (at the edge's spacing; downward never to 0) and searches again, at most ``k``
+rounds, each said in the result's ``notes`` (and so in the report).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class LambdaSearchResult:
     best_score: float
     best_metrics: TaskMetrics
     curve: list[LambdaPoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def evaluations(self) -> int:
@@ -110,6 +115,28 @@ def _check_grid(grid: Sequence[float]) -> list[float]:
     return values
 
 
+EXTEND_POINTS = 2
+"""λ values one extension round adds beyond the edge of the grid."""
+
+
+def extend_grid(values: Sequence[float], upward: bool, points: int = EXTEND_POINTS) -> list[float]:
+    """``points`` new λ beyond the top (``upward``) or bottom of a sorted grid, at the grid's spacing at that edge.
+
+    Downward, λ stays positive: a step that would reach 0 halves the smallest λ instead. A one-point grid steps by
+    half its value.
+    """
+    values = sorted(values)
+    if upward:
+        step = values[-1] - values[-2] if len(values) > 1 else values[-1] / 2
+        return [round(values[-1] + (i + 1) * step, 10) for i in range(points)]
+    step = values[1] - values[0] if len(values) > 1 else values[0] / 2
+    out, low = [], values[0]
+    for _ in range(points):
+        low = round(low - step, 10) if low - step > 1e-9 * max(1.0, abs(low)) else round(low / 2, 10)
+        out.append(low)
+    return sorted(out)
+
+
 def search_lambda(
     evaluate: Callable[[float], Mapping[str, Mapping[str, float]]],
     expert_metrics: Mapping[str, Mapping[str, float]],
@@ -117,6 +144,7 @@ def search_lambda(
     strategy: Strategy = "grid",
     metric: str = "accuracy",
     coarse_stride: int | None = None,
+    extend: int = 0,
 ) -> LambdaSearchResult:
     """Find the λ of ``grid`` with the best average normalised ``metric``.
 
@@ -128,10 +156,51 @@ def search_lambda(
         strategy: ``grid`` (every λ) or ``refine`` (coarse grid, then golden-section inside the best bracket).
         metric: the metric to normalise and average.
         coarse_stride: ``refine`` only: evaluate every k-th grid point first (default ⌈√n⌉, at least 2).
+        extend: rounds of edge extension: while the best λ is the first or last of the (extended) grid of a grid
+            with several values, add ``EXTEND_POINTS`` λ beyond that edge (``extend_grid``) and search again; each
+            round is said in ``notes``. Evaluations are never repeated.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
+    if isinstance(extend, bool) or not isinstance(extend, int) or extend < 0:
+        raise ValueError(f"extend={extend!r}: expected a number of rounds >= 0")
     values = _check_grid(grid)
+    memo: dict[float, Mapping[str, Mapping[str, float]]] = {}
+
+    def cached(lam: float) -> Mapping[str, Mapping[str, float]]:
+        if lam not in memo:
+            memo[lam] = evaluate(lam)
+        return memo[lam]
+
+    curve: list[LambdaPoint] = []
+    notes: list[str] = []
+    for round_ in range(extend + 1):
+        result = _search_once(cached, expert_metrics, values, strategy, metric, coarse_stride)
+        seen = {p.lam for p in curve}
+        curve += [p for p in result.curve if p.lam not in seen]
+        at_top, at_bottom = result.best_lambda == values[-1], result.best_lambda == values[0]
+        if round_ == extend or len(values) < 2 or not (at_top or at_bottom):
+            break
+        added = extend_grid(values, upward=at_top)
+        notes.append(
+            f"best λ {result.best_lambda:g} at the {'top' if at_top else 'bottom'} of the grid: extended it with "
+            f"{', '.join(f'{x:g}' for x in added)}"
+        )
+        values = sorted({*values, *added})
+    return LambdaSearchResult(result.best_lambda, result.best_score, result.best_metrics, curve, notes)
+
+
+def _search_once(
+    evaluate: Callable[[float], Mapping[str, Mapping[str, float]]],
+    expert_metrics: Mapping[str, Mapping[str, float]],
+    values: list[float],
+    strategy: Strategy,
+    metric: str,
+    coarse_stride: int | None,
+) -> LambdaSearchResult:
+    """One search over a checked, sorted grid (see ``search_lambda``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r}: expected one of {STRATEGIES}")
     tasks = list(expert_metrics)
     curve: list[LambdaPoint] = []
     scores: dict[int, float] = {}
@@ -214,6 +283,7 @@ def search_merged_lambda(
     metric: str = "accuracy",
     method: str | None = None,
     trainer_kwargs: dict | None = None,
+    extend: int = 0,
 ) -> LambdaSearchResult:
     """λ search for one merged folder (written by ``merge_task_vectors``) on the tasks' validation splits.
 
@@ -227,6 +297,7 @@ def search_merged_lambda(
         metric: the metric to normalise and average.
         method: the method name for the default grid; read from the folder's ``merge.json`` when ``None``.
         trainer_kwargs: extra ``Trainer`` arguments for every evaluation.
+        extend: rounds of λ grid extension at an edge (``search_lambda``).
     """
     from drm_lightning.evaluation.merged import MergedBackbone
     from drm_lightning.evaluation.multitask import evaluate_backbone
@@ -247,4 +318,4 @@ def search_merged_lambda(
     def evaluate(lam: float) -> TaskMetrics:
         return evaluate_backbone(backbone.at(lam), task_vectors, datamodules, "validation", trainer_kwargs)
 
-    return search_lambda(evaluate, expert_metrics, grid, strategy=strategy, metric=metric)
+    return search_lambda(evaluate, expert_metrics, grid, strategy=strategy, metric=metric, extend=extend)

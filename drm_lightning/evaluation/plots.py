@@ -37,6 +37,7 @@ from drm_lightning.task_vectors.format import (
 
 ACCURACY_PNG = "accuracy_by_task.png"
 LAMBDA_PNG = "lambda_curves.png"
+LANDSCAPE_PNG = "param_search.png"
 SPECTRA_PNG = "singular_values.png"
 
 #: 2-D parameters that are not linear maps (token tables, heads): the merge plan's default exclusions. Their
@@ -109,6 +110,46 @@ def plot_lambda_curves(results: EvaluationResults, path: str | os.PathLike[str])
         ax.set_title("λ search on validation data (★ = chosen)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_param_landscapes(results: EvaluationResults, path: str | os.PathLike[str]) -> Path | None:
+    """A heatmap per method whose own parameters were searched: parameter set x λ, validation score (%), the chosen
+    cell framed. ``None`` when no method searched its parameters."""
+    swept = [m for m in results.methods if m.variants]
+    if not swept:
+        return None
+    plt = _pyplot()
+    if plt is None:
+        return None
+    lams = [sorted({p.lam for v in m.variants for p in v.curve}) for m in swept]
+    fig, axes = plt.subplots(
+        len(swept), 1, figsize=(min(16.0, 3.0 + 0.7 * max(map(len, lams))), 1.2 + sum(0.45 * len(m.variants) + 0.8
+                                                                              for m in swept)), squeeze=False,
+    )  # fmt: skip
+    try:
+        for ax, m, grid in zip(axes[:, 0], swept, lams, strict=True):
+            cells = [[math.nan] * len(grid) for _ in m.variants]
+            for i, v in enumerate(m.variants):
+                for p in v.curve:
+                    cells[i][grid.index(p.lam)] = 100.0 * p.score
+            image = ax.imshow(cells, aspect="auto", cmap="viridis")
+            ax.set_xticks(range(len(grid)), [f"{x:g}" for x in grid], fontsize="small")
+            ax.set_yticks(range(len(m.variants)), [v.name for v in m.variants], fontsize="small")
+            chosen = [i for i, v in enumerate(m.variants) if v is m.chosen()]
+            if chosen and m.lam in grid:
+                i, j = chosen[0], grid.index(m.lam)
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            for i, row in enumerate(cells):
+                for j, value in enumerate(row):
+                    if not math.isnan(value):
+                        ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize="x-small", color="white")
+            ax.set_title(f"{m.label}: average normalised {results.metric} (%) on validation", fontsize="small")
+            ax.set_xlabel("λ", fontsize="small")
+            fig.colorbar(image, ax=ax)
         fig.tight_layout()
         return _save(fig, path)
     finally:
@@ -272,7 +313,11 @@ def write_plots(
     if rank_zero_only.rank != 0 or _pyplot() is None:
         return []
     folder = Path(folder)
-    written = [plot_task_accuracy(results, folder / ACCURACY_PNG), plot_lambda_curves(results, folder / LAMBDA_PNG)]
+    written = [
+        plot_task_accuracy(results, folder / ACCURACY_PNG),
+        plot_lambda_curves(results, folder / LAMBDA_PNG),
+        plot_param_landscapes(results, folder / LANDSCAPE_PNG),
+    ]
     if task_vectors and merged:
         written.append(plot_spectra(layer_spectra(task_vectors, merged, count=spectra_layers), folder / SPECTRA_PNG))
     return [p for p in written if p is not None]

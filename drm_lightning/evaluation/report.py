@@ -101,7 +101,7 @@ def render_markdown(results: EvaluationResults, images: Sequence[str] = ()) -> s
                     _escape(m.method or m.label),
                     _escape(params),
                     fmt_lambda(m.lam),
-                    str(len(m.curve)),
+                    str(m.evaluations),
                     fmt_seconds(m.merge_seconds),
                     fmt_percent(r.average(m.label)),
                     fmt_percent(r.average(m.label, normalised=True)),
@@ -132,12 +132,44 @@ def render_markdown(results: EvaluationResults, images: Sequence[str] = ()) -> s
             rows.append(row)
         lines += _table(["λ"] + [_escape(m.label) for m in searched], ["---:"] * (len(searched) + 1), rows)
 
+    swept = [m for m in r.methods if m.variants]
+    for m in swept:
+        lines += _landscape(m, r.metric)
+    noted = [m for m in r.methods if m.notes]
+    if noted:
+        lines += ["", "## Grid extensions", "", "A best value at the edge of its grid extended the grid (bounded):", ""]
+        lines += [f"- {_escape(m.label)}: {_escape(note)}" for m in noted for note in m.notes]
+
     if images:
         lines += ["", "## Plots", ""]
         for image in images:
             name = Path(image).name
             lines.append(f"![{Path(name).stem}]({name})")
     return "\n".join(lines) + "\n"
+
+
+def _landscape(m: Any, metric: str) -> list[str]:
+    """The table of a search over a method's own parameters: one row per parameter set, one column per λ."""
+    grid = sorted({p.lam for v in m.variants for p in v.curve})
+    lines = [
+        "",
+        f"## Parameter search: {_escape(m.label)} ({m.evaluations} evaluations)",
+        "",
+        f"Average normalised {metric} (%) on the validation split per parameter set and λ; **bold**: the chosen pair.",
+        "",
+    ]
+    rows = []
+    for v in m.variants:
+        row = [_escape(v.name)]
+        chosen = v is m.chosen()
+        for lam in grid:
+            scores = [p.score for p in v.curve if p.lam == lam]
+            cell = fmt_percent(scores[0]) if scores else ""
+            row.append(f"**{cell}**" if chosen and scores and lam == v.lam else cell)
+        row += [fmt_lambda(v.lam), fmt_percent(v.score), str(len(v.curve))]
+        rows.append(row)
+    header = ["params"] + [f"λ={fmt_lambda(x)}" for x in grid] + ["best λ", "best (%)", "evaluations"]
+    return lines + _table(header, [":---"] + ["---:"] * (len(header) - 1), rows)
 
 
 def _jsonable(value: Any) -> Any:
@@ -162,6 +194,7 @@ def report_dict(results: EvaluationResults) -> dict[str, Any]:
     for m in r.methods:
         summary["methods"][m.label] = {
             "lambda": m.lam,
+            "evaluations": m.evaluations,
             "merge_seconds": m.merge_seconds,
             "average": r.average(m.label),
             "average_normalised": r.average(m.label, normalised=True),

@@ -65,10 +65,56 @@ class LambdaPoint:
 
 
 @dataclass
+class VariantResult:
+    """One parameter set of a search over a method's own parameters, with its λ chosen on validation.
+
+    ``values`` are the searched parameters' values (``{"drop_rate": 0.5}``); ``score`` is the validation average
+    normalised metric at ``lam``; ``curve`` its λ search (one point when λ was given); ``notes`` say how its λ grid
+    was extended at an edge.
+    """
+
+    name: str
+    values: dict[str, Any]
+    lam: float | None
+    score: float | None
+    curve: list[LambdaPoint] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    merge_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "values": self.values,
+            "lambda": self.lam,
+            "score": self.score,
+            "curve": [point.to_dict() for point in self.curve],
+            "notes": list(self.notes),
+            "merge_seconds": self.merge_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "variants") -> VariantResult:
+        if "name" not in data or "values" not in data:
+            raise ResultsError(f"{where}: needs 'name' and 'values', got keys {sorted(data)}")
+        lam, score, seconds = data.get("lambda"), data.get("score"), data.get("merge_seconds")
+        return cls(
+            name=str(data["name"]),
+            values=dict(data["values"]),
+            lam=None if lam is None else float(lam),
+            score=None if score is None else float(score),
+            curve=[LambdaPoint.from_dict(p, f"{where}.curve") for p in data.get("curve", [])],
+            notes=[str(n) for n in data.get("notes", [])],
+            merge_seconds=None if seconds is None else float(seconds),
+        )
+
+
+@dataclass
 class MethodResult:
     """One merged model: its label (e.g. ``drm_v``), the λ used, the merge time and the per-task metrics.
 
-    ``curve`` holds the λ search, in the order λ was evaluated; empty when λ was given.
+    ``curve`` holds the λ search, in the order λ was evaluated; empty when λ was given. With a search over the
+    method's own parameters, ``variants`` holds every parameter set tried (the chosen one's ``params``, ``lam`` and
+    ``curve`` are the method's) and ``notes`` what the search extended at an edge.
     """
 
     label: str
@@ -78,6 +124,21 @@ class MethodResult:
     method: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     curve: list[LambdaPoint] = field(default_factory=list)
+    variants: list[VariantResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def chosen(self) -> VariantResult | None:
+        """The variant the search chose: its values are in ``params`` and its λ is ``lam`` (``None`` without a
+        parameter search)."""
+        for v in self.variants:
+            if v.lam == self.lam and all(self.params.get(k) == value for k, value in v.values.items()):
+                return v
+        return None
+
+    @property
+    def evaluations(self) -> int:
+        """Validation runs of the whole search (every λ of every parameter set)."""
+        return sum(len(v.curve) for v in self.variants) if self.variants else len(self.curve)
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -93,6 +154,9 @@ class MethodResult:
             "merge_seconds": self.merge_seconds,
             "metrics": self.metrics,
             "curve": [point.to_dict() for point in self.curve],
+            "variants": [v.to_dict() for v in self.variants],
+            "notes": list(self.notes),
+            "evaluations": self.evaluations,
         }
 
     @classmethod
@@ -110,6 +174,8 @@ class MethodResult:
             method=data.get("method"),
             params=dict(data.get("params") or {}),
             curve=[LambdaPoint.from_dict(p, f"methods[{label!r}].curve") for p in data.get("curve", [])],
+            variants=[VariantResult.from_dict(v, f"methods[{label!r}].variants") for v in data.get("variants", [])],
+            notes=[str(n) for n in data.get("notes", [])],
         )
 
 

@@ -18,8 +18,10 @@ result (``gather_results``), so the numbers are those of one process.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,41 @@ from lightning.pytorch.utilities import rank_zero_info
 from drm_lightning.evaluation.lambda_search import Strategy, default_grid, search_merged_lambda
 from drm_lightning.evaluation.merged import MergedBackbone, merge_label, merge_seconds
 from drm_lightning.evaluation.multitask import SPLIT_PREFIX, Split, evaluate_backbone
-from drm_lightning.evaluation.results import EvaluationResults, MethodResult
+from drm_lightning.evaluation.results import (
+    EvaluationResults,
+    LambdaPoint,
+    MethodResult,
+    VariantResult,
+    average_normalised,
+)
 from drm_lightning.task_vectors.format import read_meta
 
 
-def merged_labels(merged: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]]) -> dict[str, Path]:
-    """Label -> merged folder; a plain list of folders is labelled from each ``merge.json`` (``label`` or method)."""
+@dataclass(frozen=True)
+class Variant:
+    """One parameter set of a search over a method's own parameters: its searched values and merged folder."""
+
+    name: str
+    values: dict[str, Any]
+    folder: Path
+
+
+MoreVariants = Callable[[str, Sequence[VariantResult]], Sequence[Variant]]
+"""``(label, variants evaluated so far) -> new variants to evaluate`` (merged by the caller); empty: none."""
+
+
+def merged_labels(
+    merged: Mapping[str, str | os.PathLike[str] | Sequence[Variant]] | Sequence[str | os.PathLike[str]],
+) -> dict[str, Path | list[Variant]]:
+    """Label -> merged folder (or parameter sets); a plain list of folders is labelled from each ``merge.json``."""
     if isinstance(merged, Mapping):
-        return {str(label): Path(folder) for label, folder in merged.items()}
+        return {
+            str(label): list(value) if isinstance(value, list | tuple) else Path(value)
+            for label, value in merged.items()
+        }
     from drm_lightning.merging.merger import read_merge_record
 
-    out: dict[str, Path] = {}
+    out: dict[str, Path | list[Variant]] = {}
     for folder in merged:
         label = merge_label(read_merge_record(folder))
         if label in out:
@@ -50,7 +76,7 @@ def merged_labels(merged: Mapping[str, str | os.PathLike[str]] | Sequence[str | 
 
 def evaluate_merges(
     task_vectors: Sequence[str | os.PathLike[str]],
-    merged: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]],
+    merged: Mapping[str, str | os.PathLike[str] | Sequence[Variant]] | Sequence[str | os.PathLike[str]],
     datamodules: Mapping[str, LightningDataModule],
     split: Split = "test",
     lambdas: Mapping[str, float] | None = None,
@@ -60,13 +86,17 @@ def evaluate_merges(
     pretrained: bool = True,
     trainer_kwargs: Mapping[str, Any] | None = None,
     share_out: bool = False,
+    extend: int = 0,
+    more_variants: MoreVariants | None = None,
 ) -> EvaluationResults:
     """Evaluate experts, pretrained backbone and merged models on every task; the input of ``build_report``.
 
     Args:
         task_vectors: the experts' task vector folders (one per task).
         merged: merged folders (``merge_task_vectors`` output), as label -> folder or a list (labels from
-            ``merge.json``).
+            ``merge.json``). A label may map to a list of ``Variant``: the parameter sets of a search over that
+            method's own parameters, each merged in its own folder; each gets its own λ search and the best
+            (parameter set, λ) on validation is the method's.
         datamodules: task name -> its datamodule.
         split: the split of the reported numbers (λ is always chosen on ``validation``).
         lambdas: label -> a fixed λ; those models skip the search.
@@ -77,10 +107,21 @@ def evaluate_merges(
         trainer_kwargs: ``Trainer`` arguments for every run (with ``share_out``: one device per rank).
         share_out: divide the evaluations between the ranks of the existing process group (see the module
             docstring); without a group of several ranks, everything runs here.
+        extend: rounds of edge extension, for λ (``search_lambda``) and, through ``more_variants``, for the
+            method's parameters.
+        more_variants: called after a label's variants are evaluated, up to ``extend`` times; the variants it
+            returns (already merged) are evaluated too.
     """
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")
-    folders = _check_labels(merged_labels(merged), lambdas, grids)
+    labelled = merged_labels(merged)
+    empty = sorted(label for label, value in labelled.items() if isinstance(value, list) and not value)
+    if empty:
+        raise ValueError(f"merged: label(s) {empty} have an empty list of parameter sets")
+    swept = {label for label, value in labelled.items() if isinstance(value, list)}
+    folders = _check_labels(
+        {k: v if isinstance(v, list) else [Variant("", {}, v)] for k, v in labelled.items()}, lambdas, grids
+    )
     lambdas, grids = dict(lambdas or {}), dict(grids or {})
     tasks = [read_meta(f).task for f in task_vectors]
     kwargs = dict(trainer_kwargs or {})
@@ -103,7 +144,7 @@ def evaluate_merges(
     def one_method(label: str) -> dict[str, Any]:
         return _evaluate_method(
             label, folders[label], task_vectors, datamodules, expert_val, split, lambdas, strategy, grids, metric,
-            kwargs,
+            kwargs, extend=extend, more_variants=more_variants if label in swept else None,
         ).to_dict()  # fmt: skip
 
     results = _shared(list(folders), one_method, rank, world)
@@ -113,7 +154,7 @@ def evaluate_merges(
 
 def _evaluate_method(
     label: str,
-    folder: Path,
+    variants: Sequence[Variant],
     task_vectors: Sequence[str | os.PathLike[str]],
     datamodules: Mapping[str, LightningDataModule],
     expert_val: Mapping[str, Mapping[str, float]],
@@ -123,33 +164,96 @@ def _evaluate_method(
     grids: Mapping[str, Sequence[float]],
     metric: str,
     kwargs: dict[str, Any],
+    *,
+    extend: int = 0,
+    more_variants: MoreVariants | None = None,
 ) -> MethodResult:
-    """One merged model: its λ (given, or searched on validation) and its numbers on ``split``."""
+    """One merged model: its λ (given, or searched on validation) and its numbers on ``split``.
+
+    With several parameter sets (``variants`` named, i.e. a search over the method's own parameters) each gets its
+    λ on validation, the best (set, λ) wins (ties to the earlier set), and only the winner is run on ``split``.
+    Each set's base is loaded in turn and dropped after its search, so at most one model is held.
+    """
     from drm_lightning.merging.merger import read_merge_record
 
-    info = read_merge_record(folder)
-    backbone = MergedBackbone(folder)
-    curve = []
-    if label in lambdas:
-        lam, metrics = float(lambdas[label]), None
-    else:
-        grid = grids.get(label) or default_grid(info["method"])
-        rank_zero_info(f"{label}: λ search ({strategy}) over {len(grid)} value(s)")
-        found = search_merged_lambda(
-            backbone, task_vectors, datamodules, expert_val, grid, strategy, metric, trainer_kwargs=kwargs
-        )
-        lam, metrics, curve = found.best_lambda, found.best_metrics, found.curve
+    searched = bool(variants[0].name)
+    results: list[VariantResult] = []
+    records: dict[str, dict[str, Any]] = {}
+    folders: dict[str, Path] = {}
+    metrics_at: dict[str, Any] = {}
+    backbone: MergedBackbone | None = None
+    notes: list[str] = []
+
+    def evaluate(variant: Variant) -> None:
+        nonlocal backbone
+        info = read_merge_record(variant.folder)
+        records[variant.name], folders[variant.name] = info, variant.folder
+        backbone = MergedBackbone(variant.folder)
+        where = f"{label} [{variant.name}]" if searched else label
+        if label in lambdas:
+            lam = float(lambdas[label])
+            if searched or split == "validation":
+                found = evaluate_backbone(backbone.at(lam), task_vectors, datamodules, "validation", kwargs)
+                score = average_normalised(found, expert_val, metric, list(expert_val))
+                curve, run_notes, metrics = [LambdaPoint(lam, score, found)], [], found
+            else:
+                score, curve, run_notes, metrics = None, [], [], None
+        else:
+            grid = grids.get(label) or default_grid(info["method"])
+            rank_zero_info(f"{where}: λ search ({strategy}) over {len(grid)} value(s)")
+            found = search_merged_lambda(
+                backbone, task_vectors, datamodules, expert_val, grid, strategy, metric, trainer_kwargs=kwargs,
+                extend=extend,
+            )  # fmt: skip
+            lam, score, curve, run_notes, metrics = (
+                found.best_lambda, found.best_score, found.curve, found.notes, found.best_metrics,
+            )  # fmt: skip
+        metrics_at[variant.name] = metrics
+        results.append(VariantResult(variant.name, dict(variant.values), lam, score, curve, run_notes,
+                                     merge_seconds(info)))  # fmt: skip
+        if searched:
+            backbone = None  # the winner is reloaded for the final split: never two bases at once
+
+    for variant in variants:
+        evaluate(variant)
+    for _ in range(extend if more_variants is not None else 0):
+        new = [v for v in more_variants(label, list(results)) if v.name not in folders]
+        if not new:
+            break
+        notes.append("best parameters at the edge of their grid: added " + ", ".join(f"{v.name}" for v in new))
+        for variant in new:
+            evaluate(variant)
+    best = _best_variant(results)
+    info = records[best.name]
+    if backbone is None:
+        backbone = MergedBackbone(folders[best.name])
+    metrics = metrics_at[best.name]
     if metrics is None or split != "validation":
-        metrics = evaluate_backbone(backbone.at(lam), task_vectors, datamodules, split, kwargs)
+        metrics = evaluate_backbone(backbone.at(best.lam), task_vectors, datamodules, split, kwargs)
     return MethodResult(
         label=label,
         method=str(info["method"]),
         params=dict(info.get("params") or {}),
         metrics=metrics,
-        lam=lam,
+        lam=best.lam,
         merge_seconds=merge_seconds(info),
-        curve=curve,
+        curve=best.curve if (searched or label not in lambdas) else [],
+        variants=results if searched else [],
+        notes=notes + [f"[{v.name}] {n}" if searched else n for v in results for n in v.notes],
     )
+
+
+def _best_variant(results: Sequence[VariantResult]) -> VariantResult:
+    """The variant with the best validation score; ties (and NaN or missing scores, which never win) go to the
+    earlier one."""
+    best = results[0]
+    for item in results[1:]:
+        s, b = item.score, best.score
+        s = -math.inf if s is None or math.isnan(s) else s
+        b = -math.inf if b is None or math.isnan(b) else b
+        if s > b:
+            best = item
+    return best
 
 
 def _place(share_out: bool) -> tuple[int, int]:
@@ -184,10 +288,10 @@ def _shared(units: Sequence[str], work: Callable[[str], Any], rank: int, world: 
 
 
 def _check_labels(
-    folders: dict[str, Path],
+    folders: dict[str, Any],
     lambdas: Mapping[str, float] | None,
     grids: Mapping[str, Sequence[float]] | None,
-) -> dict[str, Path]:
+) -> dict[str, Any]:
     for name, given in (("lambdas", lambdas), ("grids", grids)):
         unknown = sorted(set(given or {}) - set(folders))
         if unknown:

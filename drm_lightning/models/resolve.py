@@ -21,8 +21,7 @@ def resolve_pretrained(name: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ValueError(
-            f"model {name!r}: Python package {module!r} is not installed "
-            f"(for the quickstart: pip install -e '.[demo]')"
+            f"model {name!r}: Python package {module!r} is not installed (for the quickstart: pip install -e '.[demo]')"
         )
     folder = Path(spec.origin).parent / sub
     if not folder.exists():
