@@ -144,3 +144,47 @@ def test_drm_suites_hold_the_six_tasks_with_the_right_task_types(recipe: str, fa
             assert args["choice_format"] == CHOICE_FORMAT_OF[family]
         elif family == "seq2seq":  # T5 reads one prompted text and answers with the label word
             assert args.get("prompt") and args["label_names"] == ["no", "yes"]
+
+
+def _pipeline_recipe(path: Path):
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import Pipeline, load_recipe
+
+    return Pipeline(load_recipe(parse("pipeline", header_command(path)[1:])))
+
+
+@pytest.mark.parametrize("name", ["quickstart_search", "drm_ablation"])
+def test_recipes_that_reuse_the_quickstart_experts(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loaded after quickstart.yaml, they fit nothing new: the same fit settings, the quickstart's experts folder."""
+    monkeypatch.chdir(ROOT)
+    quickstart = _pipeline_recipe(Path("recipes/quickstart.yaml"))
+    other = _pipeline_recipe(Path(f"recipes/{name}.yaml"))
+    assert other.recipe.experts_dir == Path("runs/quickstart") and other.run_dir != quickstart.run_dir
+    assert all(other.task_vector_dir(t) == quickstart.task_vector_dir(t) for t in quickstart.tasks)
+    assert all(other.fit_settings(t) == quickstart.fit_settings(t) for t in quickstart.tasks)
+
+
+def test_search_recipes_search_each_methods_main_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    searched = {"drm_v": "drop_rate", "drm_h": "drop_rate", "ties": "density", "dare": "drop_rate"}
+    searched["iso_cts"] = "common_fraction"
+    for name in ("quickstart_search", "quickstart_lora"):
+        pipeline = _pipeline_recipe(Path(f"recipes/{name}.yaml"))
+        methods = {m.method: m for m in pipeline.recipe.methods}
+        assert set(methods) == QUICKSTART_METHODS | {"dare"}, name
+        for method, key in searched.items():
+            assert len(pipeline.param_grid(methods[method]).axes[key]) >= 3, (name, method)
+        assert len(methods["iso_c"].lambdas) == 30  # the Iso authors' α grid, 0.1-3.0
+    lora = _pipeline_recipe(Path("recipes/quickstart_lora.yaml"))
+    assert lora.recipe.model["lora"]["r"] == 8 and lora.recipe.experts_dir is None
+
+
+def test_ablation_recipe_holds_every_switch_combination(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    pipeline = _pipeline_recipe(Path("recipes/drm_ablation.yaml"))
+    combos = {
+        (m.method, m.params["renormalise"], m.params["elect_sign"], m.params["disjoint_mean"])
+        for m in pipeline.recipe.methods
+    }
+    assert len(combos) == 16 and {c[0] for c in combos} == {"drm_v", "drm_h"}
+    assert pipeline.recipe.trainer["accelerator"] == "cpu"
