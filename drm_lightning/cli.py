@@ -38,7 +38,7 @@ from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-FUNCTION_COMMANDS = ("merge", "evaluate", "pipeline")
+FUNCTION_COMMANDS = ("merge", "evaluate", "extract", "pipeline")
 DEBUG_ENV = "DRM_LIGHTNING_DEBUG"
 
 #: Exceptions that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
@@ -57,6 +57,7 @@ _SUMMARY = {
     "test": "test one expert (--task_vector_dir loads a fitted one)",
     "merge": "merge task vectors into one model (drm_v, drm_h, iso_c, iso_cts, tsv_m, ties, dare, ...)",
     "evaluate": "metrics of a model (merged or pretrained) under every task's head",
+    "extract": "a fine-tuned transformers model or a PEFT LoRA adapter -> a task vector folder",
     "pipeline": "run a recipe: fit missing experts, merge with each method, choose λ, test, report",
 }
 

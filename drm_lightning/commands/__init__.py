@@ -1,4 +1,5 @@
-"""The ``merge``, ``evaluate`` and ``pipeline`` subcommands of ``drm-lightning``: typed functions + their parsers.
+"""The ``merge``, ``evaluate``, ``extract`` and ``pipeline`` subcommands of ``drm-lightning``: typed functions and
+their parsers.
 
 Why typed functions: jsonargparse turns each signature into options and each Google-style docstring into
 ``--help`` (litgpt's pattern), and the same function is callable from Python. ``build_parser(name)`` gives the
@@ -17,9 +18,10 @@ PROG = "drm-lightning"
 
 def _functions() -> dict[str, Callable[..., Any]]:
     from drm_lightning.commands.evaluate import evaluate
+    from drm_lightning.commands.extract import extract
     from drm_lightning.commands.merge import merge
 
-    return {"merge": merge, "evaluate": evaluate}
+    return {"merge": merge, "evaluate": evaluate, "extract": extract}
 
 
 def build_parser(name: str) -> ArgumentParser:
@@ -58,5 +60,5 @@ def run(name: str, args: Sequence[str]) -> Any:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
-    name: (lambda args, _name=name: run(_name, args)) for name in ("merge", "evaluate", "pipeline")
+    name: (lambda args, _name=name: run(_name, args)) for name in ("merge", "evaluate", "extract", "pipeline")
 }

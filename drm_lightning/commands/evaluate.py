@@ -93,7 +93,8 @@ def load_base(
     are about to be added onto it) a base whose weights differ is refused, naming the task vector.
     """
     from drm_lightning.merging.merger import base_load_options
-    from drm_lightning.models.backbone import fingerprint, load_backbone
+    from drm_lightning.models.backbone import load_backbone
+    from drm_lightning.models.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
     from drm_lightning.task_vectors.format import TaskVectorError, read_meta
 
     metas = [read_meta(folder) for folder in task_vectors]
@@ -108,12 +109,13 @@ def load_base(
     load = base_load_options(metas, task_vectors, torch_dtype, gguf_file)
     module = load_backbone(metas[0].base_model, metas[0].family, **load)
     if check_fingerprint:
-        actual = fingerprint(module)
-        if actual != metas[0].base_fingerprint:
+        if not fingerprint_matches(module, metas[0].base_fingerprint):
+            actual = fingerprint(module)
             how = ", ".join(f"{k}={v!r}" for k, v in load.items() if v is not None) or "its checkpoint's dtype"
             raise TaskVectorError(
                 f"{Path(task_vectors[0]) / 'meta.json'}: base model {metas[0].base_model!r} loaded with {how} has "
-                f"fingerprint {actual[:12]}..., the task vector was taken against {metas[0].base_fingerprint[:12]}..."
+                f"fingerprint {short_fingerprint(actual)}, the task vector was taken against "
+                f"{short_fingerprint(metas[0].base_fingerprint)}"
             )
     return module
 

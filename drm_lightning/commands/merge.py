@@ -59,11 +59,15 @@ def merge(
     gguf_file: str | None = None,
     save_as: Literal["model", "adapter"] = "model",
     max_rank: int | None = None,
+    skip: list[str] | None = None,
+    task_models: bool = True,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
     Args:
-        task_vectors: task vector folders (written by ``fit``), all taken against the same base model.
+        task_vectors: the experts, all of the same base model: task vector folders (written by fit or extract),
+            fully fine-tuned save_pretrained folders and PEFT LoRA adapter folders, in any mix (the latter two are
+            converted first, as extract would; give --base for fine-tuned models).
         output: the merged model folder (save_pretrained shards, tokenizer, heads/<task>/, merge.json).
         method: merge method: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
         params: the method's parameters (e.g. {drop_rate: 0.8}); unset ones take the method's defaults.
@@ -87,13 +91,18 @@ def merge(
             delta written for a fixed λ; task_arithmetic, drm_v, drm_h, iso_c, iso_cts, tsv_m).
         max_rank: save_as=adapter: cut every module's rank to at most K by SVD and print the relative error per
             module (needed for ties and dare, whose merged delta is full rank).
+        skip: regexes: parameters kept at the base's weights whatever the experts say (also left out when a model
+            or adapter is converted, e.g. the embeddings of a model with added tokens).
+        task_models: for experts imported from *ForSequenceClassification checkpoints, also write
+            <output>/tasks/<task>/, the expert's own architecture with the merged backbone (loads with
+            AutoModelForSequenceClassification).
 
     Returns:
         The merged model folder.
     """
-    from drm_lightning.merging.distributed import detect_world, is_global_zero, merge_task_vectors_distributed
-    from drm_lightning.merging.merger import _check_output, apply_merged_delta
-    from drm_lightning.merging.plan import MergePlan
+    from drm_lightning.interop.inputs import import_inputs, input_kind
+    from drm_lightning.merging.distributed import detect_world, is_global_zero
+    from drm_lightning.merging.merger import _check_output
 
     if not task_vectors:
         raise ValueError("task_vectors=[]: give at least one task vector folder")
@@ -104,7 +113,13 @@ def merge(
     if save_as == "adapter":
         from drm_lightning.export.adapter import check_adapter_request
 
-        check_adapter_request(method, task_vectors, max_rank)
+        kinds = {str(tv): input_kind(tv) for tv in task_vectors}
+        full = [tv for tv, kind in kinds.items() if kind == "model"]
+        if full:
+            raise ValueError(
+                f"save_as=adapter: {full[0]} is a fully fine-tuned model, not a LoRA adapter; use save_as=model"
+            )
+        check_adapter_request(method, [tv for tv, kind in kinds.items() if kind == "task_vector"], max_rank)
     search = lam == "search"
     if search and not tasks:
         raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
@@ -114,6 +129,61 @@ def merge(
             f"lam='search' under {world.source} ({world.world_size} processes): the λ search validates on one "
             "device; merge with a fixed --lam here, or run --lam search as one process"
         )
+    delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
+    _check_output(Path(output), [delta, *map(Path, task_vectors)])  # before any conversion: cheap things first
+    if world.world_size > 1:
+        foreign = [str(tv) for tv in task_vectors if input_kind(tv) != "task_vector"]
+        if foreign:
+            raise ValueError(
+                f"task_vectors: {foreign[0]} is not a task vector folder; under {world.source} convert it first "
+                "(drm-lightning extract), then merge the task vectors"
+            )
+    imports = import_inputs(
+        task_vectors, output, base=base, family=family, skip=list(skip or []), torch_dtype=torch_dtype,
+        gguf_file=gguf_file,
+    )  # fmt: skip
+    with imports as folders:
+        out = _merge(
+            folders, output, method, params, lam, lambdas, strategy, tasks, base, family, coefficients, device,
+            include, exclude, delta_dir, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
+        )  # fmt: skip
+    if task_models and save_as == "model" and is_global_zero():
+        from drm_lightning.interop.export import export_task_models
+
+        export_task_models(out)
+    return out
+
+
+def _merge(
+    task_vectors: list[str],
+    output: str,
+    method: str,
+    params: dict[str, Any] | None,
+    lam: float | Literal["search"],
+    lambdas: list[float] | None,
+    strategy: Literal["grid", "refine"],
+    tasks: list[TaskEntry] | None,
+    base: str | None,
+    family: str | None,
+    coefficients: list[float] | None,
+    device: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    delta_dir: str | None,
+    trainer: dict[str, Any] | None,
+    torch_dtype: str | None,
+    gguf_file: str | None,
+    skip: list[str] | None,
+    world: Any,
+    save_as: str,
+    max_rank: int | None,
+) -> Path:
+    """``merge`` over task-vector folders only."""
+    from drm_lightning.merging.distributed import is_global_zero, merge_task_vectors_distributed
+    from drm_lightning.merging.merger import _check_output, apply_merged_delta
+    from drm_lightning.merging.plan import MergePlan
+
+    search = lam == "search"
     overrides = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
@@ -124,6 +194,8 @@ def merge(
         plan_kwargs["include"] = list(include)
     if exclude is not None:
         plan_kwargs["exclude"] = list(exclude)
+    if skip:
+        plan_kwargs["skip"] = list(skip)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
     if save_as == "adapter" and not search and world.world_size == 1:
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
@@ -229,8 +301,10 @@ def check_space(
 def _datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:
     """Build the tasks' datamodules, keyed by task name, and check they match the task vectors' tasks."""
     from drm_lightning.commands.tasks import instantiate_datamodule, load_task_spec, task_name, with_defaults
+    from drm_lightning.evaluation.multitask import check_heads
     from drm_lightning.task_vectors.format import read_meta
 
+    check_heads(task_vectors, [read_meta(folder) for folder in task_vectors])  # before the merge, not after it
     metas = {read_meta(folder).task: read_meta(folder) for folder in task_vectors}
     datamodules: dict[str, Any] = {}
     for i, entry in enumerate(tasks or []):

@@ -30,6 +30,7 @@ from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
+    META_FILE,
     TaskVectorError,
     TaskVectorMeta,
     open_safetensors,
@@ -143,6 +144,25 @@ def _touched_names(folder: Path) -> set[str]:
     return names
 
 
+def check_heads(folders: Sequence[str | os.PathLike[str]], metas: Sequence[TaskVectorMeta]) -> None:
+    """Refuse, before any model is loaded, to evaluate a task whose expert has no head.
+
+    Why: an expert imported from a checkpoint without a usable classification head (a ``*ForCausalLM``, an
+    adapter without ``modules_to_save``) merges fine, backbone only, but cannot be scored; saying so now, with the
+    reason the import recorded, beats an error from deep inside building its module.
+    """
+    for folder, meta in zip(folders, metas, strict=True):
+        if meta.family == "seq2seq" or meta.head:
+            continue
+        reason = (meta.source or {}).get("no_head_reason") or "meta.json records no head"
+        origin = (meta.source or {}).get("path")
+        where = f" (imported from {origin})" if origin else ""
+        raise TaskVectorError(
+            f"{Path(folder) / META_FILE}: task {meta.task!r} has no head{where}: {reason}; it can be merged, but not "
+            "evaluated: leave it out of the tasks to evaluate"
+        )
+
+
 def _shared_backbone(backbone: nn.Module | str | os.PathLike[str] | None, metas: Sequence[TaskVectorMeta]) -> Any:
     """The one module every task's expert wraps, or ``None`` when the task vectors disagree on the base model."""
     from drm_lightning.models.backbone import load_backbone, load_recorded_base
@@ -187,8 +207,8 @@ def evaluate_backbone(
         ValueError: an unknown split, no task vectors, a task named twice, a task without a datamodule, a base
             model whose weights are not the ones the task vectors were taken against (``with_task_vector``).
     """
-    from drm_lightning.models.backbone import fingerprint
     from drm_lightning.models.expert import ExpertModule
+    from drm_lightning.models.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
 
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")
@@ -196,6 +216,7 @@ def evaluate_backbone(
     if not folders:
         raise ValueError("task_vectors: empty; give at least one task vector folder")
     metas = [read_meta(f) for f in folders]
+    check_heads(folders, metas)
     tasks = [m.task for m in metas]
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:
@@ -208,12 +229,13 @@ def evaluate_backbone(
     snapshot: dict[str, torch.Tensor] = {}
     if with_task_vector and module is not None:
         if backbone is None:  # the experts must sit on the very weights they were trained from
-            actual = fingerprint(module)
             for folder, meta in zip(folders, metas, strict=True):
-                if actual != meta.base_fingerprint:
+                if not fingerprint_matches(module, meta.base_fingerprint):
+                    actual = fingerprint(module)
                     raise TaskVectorError(
                         f"{folder / 'meta.json'}: base model {meta.base_model!r} loads with fingerprint "
-                        f"{actual[:12]}..., the task vector was taken against {meta.base_fingerprint[:12]}..."
+                        f"{short_fingerprint(actual)}, the task vector was taken against "
+                        f"{short_fingerprint(meta.base_fingerprint)}"
                     )
         state = module.state_dict()
         touched = set().union(*(_touched_names(f) for f in folders))

@@ -57,7 +57,8 @@ from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.registry import MergeMethod, get_method
-from drm_lightning.models.backbone import check_family, dtype_name, fingerprint, load_backbone, parse_dtype
+from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
+from drm_lightning.models.fingerprint import fingerprint, fingerprint_matches
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.format import (
     HEAD_FILE,
@@ -196,16 +197,29 @@ def _check_coefficients(coefficients: Sequence[float] | None, num_tasks: int) ->
     return [float(v) for v in values]
 
 
-def _check_fingerprints(readers: Sequence[TaskVectorReader]) -> str:
-    first = readers[0]
-    for reader in readers[1:]:
-        if reader.meta.base_fingerprint != first.meta.base_fingerprint:
+def _check_fingerprints(readers: Sequence[TaskVectorReader]) -> list[str]:
+    """The distinct base fingerprints the task vectors record: one per fingerprint scheme, or a ValueError.
+
+    Why per scheme: a task vector written before the cheap ``sampled1`` scheme records a full hash of the same
+    base, so the two strings differ although the base is one; each is checked against the loaded base instead.
+    """
+    from drm_lightning.models.fingerprint import scheme_of
+
+    first: dict[str, TaskVectorReader] = {}
+    for reader in readers:
+        recorded = reader.meta.base_fingerprint
+        try:
+            scheme = scheme_of(recorded)
+        except ValueError as err:
+            raise TaskVectorError(f"{reader.folder / META_FILE}: {err}") from None
+        seen = first.setdefault(scheme, reader)
+        if seen.meta.base_fingerprint != recorded:
             raise ValueError(
-                f"task vectors disagree on their base model: {first.folder} has base_fingerprint "
-                f"{first.meta.base_fingerprint} ({first.meta.base_model}), {reader.folder} has "
-                f"{reader.meta.base_fingerprint} ({reader.meta.base_model})"
+                f"task vectors disagree on their base model: {seen.folder} has base_fingerprint "
+                f"{seen.meta.base_fingerprint} ({seen.meta.base_model}), {reader.folder} has "
+                f"{recorded} ({reader.meta.base_model})"
             )
-    return first.meta.base_fingerprint
+    return [r.meta.base_fingerprint for r in first.values()]
 
 
 def base_load_options(
@@ -365,7 +379,7 @@ def prepare_merge(
         seen[reader.task] = reader.folder
         if not (reader.folder / HEAD_FILE).is_file():
             raise TaskVectorError(f"{reader.folder / HEAD_FILE}: not found")
-    expected_fp = _check_fingerprints(readers)
+    expected_fps = _check_fingerprints(readers)
     base_name = base if base is not None else readers[0].meta.base_model
     families = {r.meta.family for r in readers}
     if family is None:
@@ -379,12 +393,13 @@ def prepare_merge(
 
     model = load_backbone(base_name, family, **load)
     base_fp = fingerprint(model)
+    mismatched = [fp for fp in expected_fps if not fingerprint_matches(model, fp)]
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     del model  # before any delta is read: the walk below must not hold the base model too
-    if base_fp != expected_fp:
+    if mismatched:
         raise ValueError(
             f"base model {base_name!r} {_loaded_as(load)} has fingerprint {base_fp}, but the task vectors were taken "
-            f"against {expected_fp} ({readers[0].meta.base_model}): different weights, refusing to merge"
+            f"against {mismatched[0]} ({readers[0].meta.base_model}): different weights, refusing to merge"
         )
     for reader in readers:
         reader.validate(shapes)
@@ -947,8 +962,8 @@ def apply_merged_delta(
         "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
     }
     model = load_backbone(base_name, family, **load)
-    base_fp = fingerprint(model)
-    if base_fp != record["base_fingerprint"]:
+    if not fingerprint_matches(model, record["base_fingerprint"]):
+        base_fp = fingerprint(model)
         raise ValueError(
             f"base model {base_name!r} {_loaded_as(load)} has fingerprint {base_fp}, but {merged / MERGE_FILE} was "
             f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "

@@ -1,4 +1,4 @@
-"""Load a pretrained ``transformers`` backbone per model family, and fingerprint its weights.
+"""Load a pretrained ``transformers`` backbone per model family (fingerprints: ``models/fingerprint.py``).
 
 Why one loader: the expert, the task-vector callback (which reloads ``W_0`` at the end of fitting), the merger and
 the evaluator must all see the *same* module with the *same* ``state_dict()`` names, or deltas would not line up
@@ -22,15 +22,17 @@ are then reported by ``transformers`` as unused, which is expected.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+# Re-exported: callers have always imported the fingerprint from here.
+from drm_lightning.models.fingerprint import fingerprint as fingerprint
+from drm_lightning.models.fingerprint import fingerprint_matches as fingerprint_matches
+from drm_lightning.models.fingerprint import fingerprint_state as fingerprint_state
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.format import TORCH_DTYPES
 
@@ -139,29 +141,3 @@ def load_recorded_base(
         gguf_file=options["gguf_file"],
         trust_remote_code=trust_remote_code,
     )
-
-
-def fingerprint(module: torch.nn.Module) -> str:
-    """SHA-256 hex digest of a module's ``state_dict()``: sorted names, dtype, shape and raw bytes.
-
-    Why: a task vector records the fingerprint of the weights it was taken against, so the merger can refuse to
-    add deltas onto a different base model. Tensors are hashed one at a time (contiguous, on CPU) so memory stays
-    bounded by the largest tensor even for 8B models.
-    """
-    return fingerprint_state(module.state_dict())
-
-
-def fingerprint_state(state: Mapping[str, torch.Tensor]) -> str:
-    """``fingerprint`` of a plain ``name -> tensor`` mapping (e.g. the frozen part of a checkpoint)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        digest.update(name.encode())
-        digest.update(b"\0")
-        digest.update(str(tensor.dtype).encode())
-        digest.update(b"\0")
-        digest.update(repr(tuple(tensor.shape)).encode())
-        digest.update(b"\0")
-        raw = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        digest.update(raw.numpy().data)
-    return digest.hexdigest()

@@ -35,7 +35,8 @@ from torch import nn
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
 
-from drm_lightning.models.backbone import FAMILIES, check_family, fingerprint_state, load_backbone, parse_dtype
+from drm_lightning.models.backbone import FAMILIES, check_family, load_backbone, parse_dtype
+from drm_lightning.models.fingerprint import fingerprint_matches, fingerprint_state, short_fingerprint
 from drm_lightning.models.heads import POOLINGS, ChoiceHead, DecoderHead, EncoderHead, VisionHead, build_head
 from drm_lightning.models.label_words import candidate_logprobs, label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
@@ -515,9 +516,10 @@ class ExpertModule(LightningModule):
             return
         frozen = self._frozen_state(self.state_dict())
         expected = info.get("frozen_fingerprint")
-        if expected is not None and fingerprint_state(frozen) != expected:
+        if expected is not None and not fingerprint_matches(frozen, expected):
             raise ValueError(
-                f"checkpoint: its frozen base weights (fingerprint {expected[:12]}...) differ from those of backbone "
+                f"checkpoint: its frozen base weights (fingerprint {short_fingerprint(expected)}) differ from those "
+                "of backbone "
                 f"{self.hparams.backbone!r} loaded now (different model, revision or torch_dtype)"
             )
         checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}

@@ -45,17 +45,18 @@ def apply_task_vector(
         TaskVectorError: a parameter name or shape in the folder does not fit the backbone, a LoRA factor lacks
             its partner, or (with ``check_fingerprint``) the base weights differ.
     """
-    from drm_lightning.models.backbone import fingerprint
+    from drm_lightning.models.fingerprint import fingerprint_matches, short_fingerprint
 
     meta = read_meta(folder)
     path = Path(folder) / DELTAS_FILE
-    if check_fingerprint and fingerprint(backbone) != meta.base_fingerprint:
+    if check_fingerprint and not fingerprint_matches(backbone, meta.base_fingerprint):
         recorded = [f"{k}={v!r}" for k, v in meta.load_options().items() if v is not None]
         how = f", loaded with {', '.join(recorded)}" if recorded else ""
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in backbone.state_dict().values()})
         raise TaskVectorError(
             f"{path}: the backbone's weights are not the base model the task vector was taken against "
-            f"({meta.base_model!r}{how}, fingerprint {meta.base_fingerprint[:12]}...; this backbone holds {dtypes} "
+            f"({meta.base_model!r}{how}, fingerprint {short_fingerprint(meta.base_fingerprint)}; this backbone holds "
+            f"{dtypes} "
             "weights; different model, revision or dtype: load_recorded_base(meta) loads it as recorded)"
         )
     state = backbone.state_dict()  # detached views sharing storage with the parameters

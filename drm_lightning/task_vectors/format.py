@@ -97,6 +97,11 @@ class TaskVectorMeta:
     (merge, evaluation, ``ExpertModule.from_task_vector``) must load it the same way; they default to these values.
     Both are optional: a meta.json written before they existed reads as ``None``. ``task_type`` is
     ``classification`` or ``multiple_choice`` (a meta.json written before it existed reads as the former).
+
+    ``source`` is set for experts imported from elsewhere (``drm_lightning.interop``): ``type`` (``transformers`` or
+    ``peft``), ``path``, ``architectures``, ``config`` (the task model's config.json), ``head`` (the head layout and
+    the mapping from the project head's parameters to the checkpoint's tensor names, or ``None`` with
+    ``no_head_reason``) and what was left out. ``None`` for experts fitted here and for older task vectors.
     """
 
     task: str
@@ -113,6 +118,7 @@ class TaskVectorMeta:
     metrics: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    source: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -148,6 +154,9 @@ class TaskVectorMeta:
         gguf = data.get("gguf_file")
         if gguf is not None and (not isinstance(gguf, str) or not gguf):
             raise TaskVectorError(f"{source}: gguf_file={gguf!r}, expected a file name or null")
+        origin = data.get("source")
+        if origin is not None and not isinstance(origin, Mapping):
+            raise TaskVectorError(f"{source}: source={origin!r}, expected an object or null")
         return cls(**data)
 
     def load_options(self, torch_dtype: str | None = None, gguf_file: str | None = None) -> dict[str, str | None]:

@@ -1,0 +1,17 @@
+"""Experts from elsewhere in, classifier models out: ``transformers`` and PEFT folders <-> task vectors.
+
+- ``inputs``: what a folder is (task vector, PEFT adapter, ``save_pretrained`` model) and converting it;
+- ``full_model`` / ``peft_adapter``: the two importers (checks and plan from configs and headers);
+- ``write``: the shared writer (base loaded once, deltas streamed); ``stream_writer``: safetensors one tensor at
+  a time; ``checkpoint``: lazy safetensors shards; ``base``: the base's skeleton and compatibility rules;
+  ``names``: checkpoint names <-> backbone names and heads;
+- ``export``: per-task ``AutoModelForSequenceClassification`` folders of a merged model.
+
+Details and what is refused: ``docs/interop.md``.
+"""
+
+from drm_lightning.interop.checkpoint import CheckpointError
+from drm_lightning.interop.export import export_task_models
+from drm_lightning.interop.inputs import convert, import_inputs, input_kind
+
+__all__ = ["CheckpointError", "convert", "export_task_models", "import_inputs", "input_kind"]

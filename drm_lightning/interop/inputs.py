@@ -1,0 +1,122 @@
+"""Any expert folder -> a task-vector folder: what ``merge`` and ``extract`` call for each input.
+
+Kinds, told apart by the files a folder holds:
+
+- ``task_vector``: ``meta.json`` (written by ``fit`` or by ``extract``), used as is;
+- ``adapter``: ``adapter_config.json`` (``PeftModel.save_pretrained``), converted by ``interop/peft_adapter.py``;
+- ``model``: ``config.json`` with safetensors weights (``save_pretrained``), converted by ``interop/full_model.py``.
+
+``import_inputs`` plans every conversion first (configs and headers only), so a bad third input is refused before
+the first is converted, then writes each into a temporary folder beside the output that is removed afterwards
+(and, should the process be killed, by the next write to that output: ``remove_stale_temporaries``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+from drm_lightning.interop.checkpoint import CheckpointError, local_folder
+from drm_lightning.interop.full_model import plan_model
+from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG, plan_adapter
+from drm_lightning.interop.write import task_name_for, write_import
+from drm_lightning.task_vectors.format import META_FILE, temporary_prefix
+
+Kind = Literal["task_vector", "adapter", "model"]
+
+
+def input_kind(name: str | os.PathLike[str]) -> Kind:
+    """What ``name`` is (see the module docstring); a hub id is looked up in the local cache only.
+
+    Raises:
+        CheckpointError: none of the three (names the folder and what it lacks).
+    """
+    path = Path(name)
+    if path.is_dir() and (path / META_FILE).is_file():
+        return "task_vector"
+    folder = local_folder(name)
+    if (folder / META_FILE).is_file():
+        return "task_vector"
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    if (folder / "config.json").is_file():
+        return "model"
+    raise CheckpointError(
+        f"{name}: neither a task vector ({META_FILE}), a PEFT adapter ({ADAPTER_CONFIG}) nor a save_pretrained "
+        "model (config.json)"
+    )
+
+
+def convert(
+    source: str,
+    output: str | os.PathLike[str],
+    *,
+    kind: Kind | None = None,
+    base: str | None = None,
+    family: str | None = None,
+    task: str | None = None,
+    skip: Sequence[str] = (),
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+) -> Path:
+    """Convert one fine-tuned model or adapter into the task-vector folder ``output``."""
+    kind = kind or input_kind(source)
+    if kind == "task_vector":
+        raise CheckpointError(f"{source}: is already a task vector folder; nothing to convert")
+    planner = plan_adapter if kind == "adapter" else plan_model
+    plan, info = planner(source, base, family=family, skip=skip)
+    name = task_name_for(Path(source), task)
+    return write_import(plan, info, output, name, torch_dtype=torch_dtype, gguf_file=gguf_file)
+
+
+@contextmanager
+def import_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    beside: str | os.PathLike[str],
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    skip: Sequence[str] = (),
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+) -> Iterator[list[str]]:
+    """Yield task-vector folders for ``inputs``: task vectors as they are, the others converted for the duration.
+
+    Args:
+        inputs: task-vector, PEFT adapter and ``save_pretrained`` folders (or cached hub ids), mixed.
+        beside: the output the converted folders live next to (same filesystem), in a temporary folder.
+        base: the base of the models (and of adapters, over their adapter_config.json).
+        family, skip, torch_dtype, gguf_file: as for ``convert``.
+    """
+    kinds = [input_kind(p) for p in inputs]
+    plans = []
+    for source, kind in zip(inputs, kinds, strict=True):
+        if kind == "task_vector":
+            plans.append(None)
+            continue
+        planner = plan_adapter if kind == "adapter" else plan_model
+        plans.append(planner(os.fspath(source), base, family=family, skip=skip))
+    if all(plan is None for plan in plans):
+        yield [os.fspath(p) for p in inputs]
+        return
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=temporary_prefix(beside) + "inputs-", dir=beside.parent))
+    try:
+        folders = []
+        for i, (source, plan) in enumerate(zip(inputs, plans, strict=True)):
+            if plan is None:
+                folders.append(os.fspath(source))
+                continue
+            name = task_name_for(Path(source), None)
+            folders.append(
+                str(write_import(*plan, work / f"{i}-{name}", name, torch_dtype=torch_dtype, gguf_file=gguf_file))
+            )
+        yield folders
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""The writing half shared by both importers: the base loaded once, deltas streamed into a task-vector folder.
+
+Why shared: a full fine-tune and a PEFT adapter differ in what they store, not in how a task vector is written.
+Both hand over a plan (``ImportPlan``: which backbone parameters get a dense delta from which checkpoint tensor,
+which LoRA factors, which head), checked before the base is loaded; ``write_import`` then checks the free space,
+loads the base once (the only model in memory), fingerprints it, and streams one tensor at a time into
+``task_vector.safetensors`` inside ``atomic_dir`` (the folder appears whole or not at all). Peak host memory: the
+base model plus a few tensors of one parameter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from drm_lightning.interop.base import BaseInfo
+from drm_lightning.interop.checkpoint import CheckpointError
+from drm_lightning.interop.names import HeadMatch
+from drm_lightning.interop.stream_writer import StreamingSafetensorsWriter
+from drm_lightning.models.backbone import load_backbone
+from drm_lightning.models.fingerprint import fingerprint
+from drm_lightning.task_vectors.format import (
+    DELTAS_FILE,
+    HEAD_FILE,
+    LORA_A_SUFFIX,
+    LORA_B_SUFFIX,
+    META_FILE,
+    LoraMeta,
+    TaskVectorMeta,
+    atomic_dir,
+    check_free_space,
+    library_versions,
+)
+
+_SAFE_TASK = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def task_name_for(folder: Path, task: str | None) -> str:
+    """``task`` if given, else the folder's name made safe for a folder name (``heads/<task>/``)."""
+    if task is not None:
+        if not task or _SAFE_TASK.search(task) or task in (".", ".."):
+            raise ValueError(f"task={task!r}: use letters, digits and _.+- only")
+        return task
+    last = folder.name if folder.name not in ("", ".", "..") else folder.resolve().name
+    return _SAFE_TASK.sub("_", last).strip("._") or "task"
+
+
+@dataclass
+class ImportPlan:
+    """What one import writes, decided from headers and configs alone.
+
+    Attributes:
+        dense: backbone name -> a function giving the fine-tuned weight (the delta is it minus ``W_0``).
+        lora: backbone weight name -> a function giving ``(A [r, in], B [out, r])`` in float32, scale folded in.
+        lora_meta: the task vector's LoRA settings (``None`` for a dense task vector).
+        head: the mapped head (or the reason there is none) and ``read``, checkpoint name -> tensor.
+        label_names: the task's labels.
+        source: ``meta.json["source"]``.
+    """
+
+    dense: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    lora: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    lora_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    lora_meta: LoraMeta | None = None
+    head: HeadMatch = field(default_factory=HeadMatch)
+    head_read: Callable[[str], torch.Tensor] | None = None
+    label_names: list[str] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def _estimate(plan: ImportPlan, info: BaseInfo) -> int:
+    total = sum(math.prod(info.shapes[name]) * 4 for name in plan.dense)
+    total += sum(math.prod(a) * 4 + math.prod(b) * 4 for a, b in plan.lora_shapes.values())
+    return total + 4 * 1024**2
+
+
+def write_import(
+    plan: ImportPlan,
+    info: BaseInfo,
+    output: str | os.PathLike[str],
+    task: str,
+    *,
+    torch_dtype: str | None = None,
+    gguf_file: str | None = None,
+) -> Path:
+    """Load the base, stream the deltas and write the task-vector folder ``output`` atomically."""
+    output = Path(output)
+    check_free_space({output: _estimate(plan, info)}, f"task vector of task {task!r}")
+    base = load_backbone(info.name, info.family, torch_dtype=torch_dtype, gguf_file=gguf_file)
+    state = base.state_dict()
+    for name in plan.dense:
+        if name not in state or tuple(state[name].shape) != info.shapes[name]:
+            raise CheckpointError(f"{info.name}: loads without the parameter {name!r} its config.json describes")
+    base_fp = fingerprint(base)
+    candidates = [(name, info.shapes[name], _delta_dtype(state[name])) for name in plan.dense]
+    for name, (shape_a, shape_b) in plan.lora_shapes.items():
+        candidates += [(name + LORA_A_SUFFIX, shape_a, torch.float32), (name + LORA_B_SUFFIX, shape_b, torch.float32)]
+    zero = 0
+    with atomic_dir(output) as tmp:
+        with StreamingSafetensorsWriter(tmp / DELTAS_FILE, candidates) as writer:
+            for name, read in plan.dense.items():
+                tuned = read()
+                dtype = _delta_dtype(state[name])
+                delta = tuned.to(dtype) - state[name].detach().to(dtype)
+                del tuned
+                if not bool(torch.isfinite(delta).all()):
+                    raise CheckpointError(f"{plan.source.get('path')}: tensor for {name!r} holds NaN or Inf")
+                if delta.any():
+                    writer.add(name, delta)
+                else:
+                    zero += 1
+                del delta
+            for name, read in plan.lora.items():
+                factor_a, factor_b = read()
+                writer.add(name + LORA_A_SUFFIX, factor_a)
+                writer.add(name + LORA_B_SUFFIX, factor_b)
+        head = plan.head.tensors(plan.head_read) if plan.head.config and plan.head_read is not None else {}
+        save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / HEAD_FILE))
+        meta = TaskVectorMeta(
+            task=task,
+            kind="lora" if plan.lora_meta is not None else "dense",
+            base_model=info.name,
+            base_fingerprint=base_fp,
+            family=info.family,
+            torch_dtype=torch_dtype,
+            gguf_file=gguf_file,
+            label_names=list(plan.label_names),
+            lora=plan.lora_meta,
+            head=dict(plan.head.config),
+            versions=library_versions(),
+            source={**plan.source, "unchanged": zero},
+        )
+        (tmp / META_FILE).write_text(meta.to_json())
+    del base, state
+    if not plan.head.config:
+        reason = plan.head.reason
+        print(f"{output}: task {task!r} has no head ({reason}); it merges, but is not evaluated", file=sys.stderr)
+    return output
+
+
+def _delta_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float32 deltas (float64 for a float64 base): the difference of two bf16 weights is exact in float32."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def head_source(head: HeadMatch) -> dict[str, Any] | None:
+    """``meta.json["source"]["head"]``: the layout and mapping, or ``None`` when there is no usable head."""
+    if not head.config:
+        return None
+    return {"layout": head.layout, "mapping": dict(head.mapping), "zeros": list(head.zeros)}
