@@ -361,7 +361,7 @@ def adapter_from_merged(
         resolve_device,
     )
     from drm_lightning.merging.reader import TaskVectorReader
-    from drm_lightning.models.backbone import fingerprint, load_backbone
+    from drm_lightning.models.backbone import fingerprint_matches, load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
@@ -387,7 +387,7 @@ def adapter_from_merged(
     if builder.dense:
         load = {"torch_dtype": record.get("torch_dtype"), "gguf_file": record.get("gguf_file")}
         model = load_backbone(record["base_model"], record["family"], **load)
-        if fingerprint(model) != record["base_fingerprint"]:
+        if not fingerprint_matches(model, record["base_fingerprint"]):
             raise ValueError(f"{merged / MERGE_FILE}: base model {record['base_model']!r} has other weights now")
         base_state = model.state_dict()
     with atomic_dir(output) as tmp:

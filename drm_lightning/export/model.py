@@ -36,6 +36,7 @@ from drm_lightning.models.backbone import (
     fingerprint_state,
     parse_dtype,
 )
+from drm_lightning.models.fingerprint import scheme_of
 from drm_lightning.models.resolve import resolve_pretrained
 
 if TYPE_CHECKING:
@@ -179,8 +180,9 @@ def load_full_base(
     raise ValueError(f"base model {base!r}: no architecture holds its checkpoint and the merged parameters ({tried})")
 
 
-def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: str) -> str:
-    """``fingerprint`` of the ``load_backbone`` module inside ``backbone`` (which may hold more: a pooler).
+def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: str, scheme: str = "sampled1") -> str:
+    """``fingerprint`` of the ``load_backbone`` module inside ``backbone`` (which may hold more: a pooler), under
+    ``scheme`` (``models/fingerprint.py``: a merge.json recorded before ``sampled1`` holds a full hash).
 
     Raises:
         ValueError: ``backbone`` lacks some of the backbone's parameters.
@@ -190,7 +192,7 @@ def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: 
     missing = sorted(k for k in keys if k not in state)
     if missing:
         raise ValueError(f"{type(backbone).__name__}: lacks backbone parameters {missing[:3]}")
-    return fingerprint_state({k: state[k] for k in keys})
+    return fingerprint_state({k: state[k] for k in keys}, scheme)
 
 
 def save_merged_model(
@@ -257,7 +259,7 @@ def save_merged_model(
     model, prefix = load_full_base(base_name, family, names, **load)
     config = _config(resolve_pretrained(base_name), load["gguf_file"])
     backbone = model.get_submodule(prefix[:-1]) if prefix else model
-    actual = backbone_fingerprint(backbone, config, family)
+    actual = backbone_fingerprint(backbone, config, family, scheme_of(record["base_fingerprint"]))
     if actual != record["base_fingerprint"]:
         raise ValueError(
             f"base model {base_name!r} {_loaded_as(load)} has fingerprint {actual}, but {merged / MERGE_FILE} was "
