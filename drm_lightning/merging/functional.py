@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from drm_lightning.merging.elementwise import dare_keep_mask, keep_top_, merge_chunks, trim_threshold
 from drm_lightning.merging.linalg import (
     factored_svd,
     left_basis_svd,
@@ -158,19 +159,39 @@ class _Inputs:
     dtype: torch.dtype
     device: torch.device
     unit: Tensor  # 0-d power of two the float64 data were divided by (all methods are positively homogeneous)
+    lazy: list[Delta] | None = None  # the caller's deltas, read one at a time (``_prepare(..., stack=False)``)
 
     @property
     def count(self) -> int:
+        if self.lazy is not None:
+            return len(self.lazy)
         return self.dense.shape[0] if self.dense is not None else len(self.factors)
 
+    def task(self, i: int) -> Tensor:
+        """Task ``i``'s delta in float64, divided by ``unit``: a fresh tensor (the caller's is never changed)."""
+        if self.lazy is None:
+            return self.dense[i]
+        item = self.lazy[i]
+        x = item.dense(_F64) if isinstance(item, LowRankDelta) else item.to(_F64, copy=True)
+        return x.div_(self.unit)
+
+    def weighted_sum(self, c: Tensor) -> Tensor:
+        """``Σ_i c_i Δ_i / unit`` in float64, accumulated one task at a time (no ``[T, ...]`` stack)."""
+        if self.lazy is None:
+            return torch.tensordot(c, self.dense, dims=1)
+        total = torch.zeros(self.shape, dtype=_F64, device=self.device)
+        for item, ci in zip(self.lazy, c.tolist(), strict=True):  # add_ casts per element: no float64 copy
+            total.add_(item.dense(_F64) if isinstance(item, LowRankDelta) else item, alpha=ci)
+        return total.div_(self.unit)  # exact: a power of two
+
     def finish(self, merged: Tensor, out_dtype: torch.dtype | None) -> Tensor:
-        return (merged * self.unit).to(out_dtype or self.dtype)
+        """``merged · unit`` in the result dtype; ``merged`` must be the method's own fresh float64 tensor (scaled
+        in place: no second float64 copy of the result)."""
+        return merged.mul_(self.unit).to(out_dtype or self.dtype)
 
 
-def _prepare(
-    method: str, deltas: Any, *, matrix: bool = False, keep_factors: bool = False, normalise: bool = False
-) -> _Inputs:
-    """Validate ``deltas`` and bring them to float64 (the one place that reads the caller's tensors)."""
+def _validate(method: str, deltas: Any, matrix: bool) -> tuple[list[Delta], torch.Size, torch.dtype, torch.device]:
+    """Check ``deltas`` (a non-empty sequence of same-shape, same-device float tensors or factors); no copies."""
     if isinstance(deltas, Tensor | LowRankDelta) or not isinstance(deltas, Sequence):
         raise ValueError(
             f"{method}: deltas must be a sequence (list or tuple) of tensors or LowRankDelta, got "
@@ -195,6 +216,48 @@ def _prepare(
     dtype = items[0].dtype
     for item in items[1:]:
         dtype = torch.promote_types(dtype, item.dtype)
+    return items, shape, dtype, device
+
+
+@dataclass
+class _Flat:
+    """Validated deltas of one parameter for the elementwise methods: 1-D views of the caller's tensors, not copies
+    (``LowRankDelta`` densified in float64), which ``elementwise.merge_chunks`` reads chunk by chunk."""
+
+    flats: list[Tensor]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def output(self, out_dtype: torch.dtype | None) -> Tensor:
+        return torch.empty(self.shape.numel(), dtype=out_dtype or self.dtype, device=self.device)
+
+
+def _prepare_flat(method: str, deltas: Any) -> _Flat:
+    """Validate ``deltas`` for an elementwise method, with the finiteness check and without a float64 stack."""
+    items, shape, dtype, device = _validate(method, deltas, False)
+    flats = [(item.dense(_F64) if isinstance(item, LowRankDelta) else item).reshape(-1) for item in items]
+    for i, flat in enumerate(flats):
+        if flat.numel() and not bool(torch.isfinite(torch.maximum(flat.amax(), -flat.amin()))):
+            raise ValueError(f"{method}: deltas[{i}] contains NaN or Inf")
+    return _Flat(flats, shape, dtype, device)
+
+
+def _prepare(
+    method: str,
+    deltas: Any,
+    *,
+    matrix: bool = False,
+    keep_factors: bool = False,
+    normalise: bool = False,
+    stack: bool = True,
+) -> _Inputs:
+    """Validate ``deltas`` and bring them to float64 (the one place that reads the caller's tensors).
+
+    ``stack=False`` (dense deltas): no float64 ``[T, ...]`` stack, which alone is twice the float32 inputs; the
+    methods read ``task(i)`` or ``weighted_sum(c)`` instead, one float64 task at a time.
+    """
+    items, shape, dtype, device = _validate(method, deltas, matrix)
 
     unit = torch.ones((), dtype=_F64, device=device)
     factored = all(isinstance(item, LowRankDelta) for item in items)
@@ -210,6 +273,8 @@ def _prepare(
             unit = unit_l * unit_r
         return _Inputs(None, factors, shape, dtype, device, unit)
 
+    if not stack:
+        return _lazy_inputs(method, items, shape, dtype, device, normalise)
     # One preallocated float64 stack, filled in place: no second set of per-task float64 copies (on an 8B layer
     # with T = 8 that copy alone would be several GB).
     dense = torch.empty((len(items), *shape), dtype=_F64, device=device)
@@ -229,6 +294,27 @@ def _prepare(
         unit = power_of_two_scale(peak)
         dense.div_(unit)  # exact: a power of two
     return _Inputs(dense, None, shape, dtype, device, unit)
+
+
+def _lazy_inputs(
+    method: str, items: list[Delta], shape: torch.Size, dtype: torch.dtype, device: torch.device, normalise: bool
+) -> _Inputs:
+    """``_Inputs`` over the caller's deltas without copying them; the same checks and unit as the stacked path."""
+    unit = torch.ones((), dtype=_F64, device=device)
+    if math.prod(shape) == 0:
+        return _Inputs(None, None, shape, dtype, device, unit, lazy=items)
+    peaks = []
+    for item in items:  # amax/amin: allocation-free, and NaN / ±Inf propagate (the finiteness check)
+        x = item.dense(_F64) if isinstance(item, LowRankDelta) else item
+        peaks.append(torch.maximum(x.amax(), -x.amin()).to(_F64))
+    peak = torch.stack(peaks)
+    finite = torch.isfinite(peak)
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0])
+        raise ValueError(f"{method}: deltas[{bad}] contains NaN or Inf")
+    if normalise:
+        unit = power_of_two_scale(peak)
+    return _Inputs(None, None, shape, dtype, device, unit, lazy=items)
 
 
 def _coefficients(method: str, coefficients: Any, count: int, device: torch.device) -> Tensor:
@@ -251,11 +337,6 @@ def _coefficients(method: str, coefficients: Any, count: int, device: torch.devi
     return torch.tensor([float(v) for v in values], dtype=_F64, device=device)
 
 
-def _per_task(c: Tensor, ndim: int) -> Tensor:
-    """``c [T]`` shaped to broadcast against a ``[T, ...]`` stack with ``ndim`` dimensions."""
-    return c.reshape(-1, *([1] * (ndim - 1)))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Shared building blocks
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,35 +345,19 @@ def _per_task(c: Tensor, ndim: int) -> Tensor:
 def _keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
     """Keep the ``round(q · numel)`` entries of largest magnitude (of ``x``, or of each ``x[i]``), zero the rest.
 
-    The threshold is the k-th largest magnitude, found with ``topk`` over the smaller side (k or numel−k+1 entries,
-    unsorted); every entry at or above it is kept, so ties at the threshold keep a few more and the result never
-    depends on how ``topk`` orders equal values.
+    A new tensor (``x`` is left alone); ``elementwise.keep_top_`` does the same in place without the copy. The
+    threshold is the exact k-th largest magnitude; every entry at or above it is kept, so ties at the threshold keep
+    a few more and the result never depends on how equal values are ordered.
     """
-    flat = x.reshape(x.shape[0], -1) if per_row else x.reshape(1, -1)
-    numel = flat.shape[1]
-    k = round(q * numel)
-    if k >= numel:
-        return x
-    if k <= 0:
-        return torch.zeros_like(x)
-    mag = flat.abs()
-    if k <= numel - k + 1:
-        threshold = torch.topk(mag, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    else:
-        threshold = torch.topk(mag, numel - k + 1, dim=1, largest=False, sorted=False).values.amax(dim=1, keepdim=True)
-    return torch.where(mag >= threshold, flat, 0.0).reshape(x.shape)
+    return keep_top_(x.clone(memory_format=torch.contiguous_format), q, per_row=per_row)
 
 
 def _elect_merge(stack: Tensor, c: Tensor) -> Tensor:
-    """Elect and merge a float64 ``[T, ...]`` stack (see ``elect_and_merge``); loops over tasks to bound memory."""
-    elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0).to(stack.dtype)
-    merged = torch.zeros_like(stack[0])
-    survivors = torch.zeros_like(stack[0])
-    for i in range(stack.shape[0]):
-        survive = stack[i] * elected > 0
-        merged += torch.where(survive, stack[i] * c[i], 0.0)
-        survivors += survive
-    return merged / survivors.clamp_min(1.0)
+    """Elect and merge a float64 ``[T, ...]`` stack (see ``elect_and_merge``), chunk by chunk: the working memory
+    is the float64 result plus chunk-sized buffers (``elementwise.merge_chunks``)."""
+    out = torch.empty(stack.shape[1:].numel(), dtype=stack.dtype, device=stack.device)
+    merge_chunks([block.reshape(-1) for block in stack], c, out, elect=True)
+    return out.reshape(stack.shape[1:])
 
 
 def keep_top_fraction(x: Tensor, q: float) -> Tensor:
@@ -322,9 +387,10 @@ def elect_and_merge(
         coefficients: ``c_i`` (default 1), applied to the surviving entries only: the election stays unweighted.
         out_dtype: Result dtype (default: the blocks').
     """
-    inputs = _prepare("elect_and_merge", blocks)
-    c = _coefficients("elect_and_merge", coefficients, inputs.count, inputs.device)
-    return inputs.finish(_elect_merge(inputs.dense, c), _check_out_dtype(out_dtype))
+    out_dtype = _check_out_dtype(out_dtype)
+    inputs = _prepare_flat("elect_and_merge", blocks)
+    c = _coefficients("elect_and_merge", coefficients, len(inputs.flats), inputs.device)
+    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=True).reshape(inputs.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,9 +409,9 @@ def task_arithmetic(
         out_dtype: Result dtype (default: the deltas').
     """
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("task_arithmetic", deltas)
-    c = _coefficients("task_arithmetic", coefficients, inputs.count, inputs.device)
-    return inputs.finish(torch.tensordot(c, inputs.dense, dims=1), out_dtype)
+    inputs = _prepare_flat("task_arithmetic", deltas)
+    c = _coefficients("task_arithmetic", coefficients, len(inputs.flats), inputs.device)
+    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=False).reshape(inputs.shape)
 
 
 def task_mean(
@@ -382,9 +448,11 @@ def ties(
     """
     density = check_density(density)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("ties", deltas)
-    c = _coefficients("ties", coefficients, inputs.count, inputs.device)
-    return inputs.finish(_elect_merge(_keep_top(inputs.dense, density, per_row=True), c), out_dtype)
+    inputs = _prepare_flat("ties", deltas)
+    c = _coefficients("ties", coefficients, len(inputs.flats), inputs.device)
+    thresholds = [trim_threshold(flat, density) for flat in inputs.flats]
+    out = merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=True, thresholds=thresholds)
+    return out.reshape(inputs.shape)
 
 
 def dare(
@@ -399,9 +467,11 @@ def dare(
 ) -> Tensor:
     """DARE (arXiv 2311.03099): drop entries at random, rescale the rest by ``1/(1−p)``, then TA or TIES.
 
-    The drop mask is one draw ``torch.rand([T, *shape], dtype=float32, generator=g)`` with ``g`` a
-    ``torch.Generator`` on the deltas' device seeded with ``seed``; an entry is kept where the draw is ``>= p``.
-    The same seed, shapes and device give the same bytes (CPU and CUDA generators differ).
+    The drop mask is a float32 uniform draw over ``[T, *shape]`` from a ``torch.Generator`` on the deltas' device
+    seeded with ``seed``; an entry is kept where the draw is ``>= p``. On CPU it equals one
+    ``torch.rand([T, *shape], dtype=float32, generator=g)`` draw (``elementwise.dare_keep_mask`` draws it in chunks
+    to bound memory); on CUDA the values depend on that chunking. The same seed, shapes and device give the same
+    bytes (CPU and CUDA generators differ).
 
     Args:
         deltas: Per-task deltas of one parameter.
@@ -416,19 +486,19 @@ def dare(
     drop_rate, seed, merge = check_drop_rate(drop_rate), check_seed(seed), check_merge(merge)
     density = check_density(density)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("dare", deltas)
-    c = _coefficients("dare", coefficients, inputs.count, inputs.device)
-    stack = inputs.dense
-    if drop_rate > 0:
-        generator = torch.Generator(device=inputs.device)
-        generator.manual_seed(seed)
-        draw = torch.rand(stack.shape, generator=generator, dtype=torch.float32, device=inputs.device)
-        stack = torch.where(draw >= drop_rate, stack / (1.0 - drop_rate), 0.0)
+    inputs = _prepare_flat("dare", deltas)
+    tasks = len(inputs.flats)
+    c = _coefficients("dare", coefficients, tasks, inputs.device)
+    keep = dare_keep_mask(inputs.shape, tasks, drop_rate, seed, inputs.device) if drop_rate > 0 else None
+    thresholds = None
     if merge == "ties":
-        merged = _elect_merge(_keep_top(stack, density, per_row=True), c)
-    else:
-        merged = torch.tensordot(c, stack, dims=1)
-    return inputs.finish(merged, out_dtype)
+        masks = [None] * tasks if keep is None else list(keep)
+        thresholds = [trim_threshold(flat, density, mask) for flat, mask in zip(inputs.flats, masks, strict=True)]
+    out = merge_chunks(
+        inputs.flats, c, inputs.output(out_dtype), elect=merge == "ties", thresholds=thresholds, keep=keep,
+        divisor=1.0 - drop_rate,
+    )  # fmt: skip
+    return out.reshape(inputs.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,7 +735,7 @@ def _svd(inputs: _Inputs, c: Tensor, rank_tol: float, top: int | None = None) ->
     if inputs.factors is not None:
         left = torch.cat([ci * left for ci, (left, _) in zip(c, inputs.factors, strict=True)], dim=1)
         return factored_svd(left, torch.cat([right for _, right in inputs.factors]))
-    return thin_svd(torch.tensordot(c, inputs.dense, dims=1), rank_tol=rank_tol, top=top)
+    return thin_svd(inputs.weighted_sum(c), rank_tol=rank_tol, top=top)
 
 
 def iso_c(
@@ -693,13 +763,17 @@ def iso_c(
     """
     rank_tol = check_rank_tol(rank_tol)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("iso_c", deltas, matrix=True, keep_factors=True, normalise=True)
+    inputs = _prepare("iso_c", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
     c = _coefficients("iso_c", coefficients, inputs.count, inputs.device)
     u, s, v = _svd(inputs, c, rank_tol)
     keep = s > rank_tol * s.amax()
     if not bool(keep.any()):
         return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
-    return inputs.finish(s[keep].mean() * (u[:, keep] @ v[:, keep].mT), out_dtype)
+    if not bool(keep.all()):
+        u, s, v = u[:, keep], s[keep], v[:, keep]
+    merged = u @ v.mT
+    del u, v
+    return inputs.finish(merged.mul_(s.mean()), out_dtype)
 
 
 def iso_cts_split(dim: int, tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -739,11 +813,14 @@ def _residual_svds(
         ]
         return tuple(torch.stack(parts) for parts in zip(*pad, strict=True))  # type: ignore[return-value]
     if complement is not None:
-        projected = _per_task(c, 3) * (complement.mT @ inputs.dense)  # [T, q, m]
+        projected = torch.empty((inputs.count, complement.shape[1], inputs.shape[1]), dtype=_F64, device=c.device)
+        for i, ci in enumerate(c.tolist()):  # [T, q, m], filled one task at a time
+            torch.matmul(complement.mT, inputs.task(i), out=projected[i]).mul_(ci)
         u, s, v = thin_svd(projected, rank_tol=rank_tol, top=top)
         return complement @ u, s, v
     svds = []
-    for ci, delta in zip(c.tolist(), inputs.dense, strict=True):  # plain floats: addmm takes numbers
+    for i, ci in enumerate(c.tolist()):  # plain floats: addmm takes numbers
+        delta = inputs.task(i)
         residual = torch.addmm(delta, u_c, u_c.mT @ delta, beta=ci, alpha=-ci) if u_c.shape[1] else ci * delta
         svds.append(thin_svd(residual, rank_tol=rank_tol, top=top))
     return tuple(torch.stack(parts) for parts in zip(*svds, strict=True))  # type: ignore[return-value]
@@ -766,8 +843,10 @@ def _common_svd(inputs: _Inputs, c: Tensor, k_c: int, rank_tol: float) -> tuple[
         u, s, v = u[:, :k_c], s[:k_c], v[:, :k_c]
         keep = s > rank_tol * s.amax()
         return u[:, keep], s[keep], v[:, keep], None
-    basis, s, v = left_basis_svd(torch.tensordot(c, inputs.dense, dims=1), rank_tol=rank_tol, top=k_c)
+    basis, s, v = left_basis_svd(inputs.weighted_sum(c), rank_tol=rank_tol, top=k_c)
     keep = s > rank_tol * s.amax()
+    if bool(keep.all()):  # the usual case: views, no copies
+        return basis[:, :k_c], s, v, basis[:, k_c:]
     complement = torch.cat([basis[:, :k_c][:, ~keep], basis[:, k_c:]], dim=1)
     return basis[:, :k_c][:, keep], s[keep], v[:, keep], complement
 
@@ -805,7 +884,7 @@ def iso_cts(
     """
     common_fraction, rank_tol = check_common_fraction(common_fraction), check_rank_tol(rank_tol)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("iso_cts", deltas, matrix=True, keep_factors=True, normalise=True)
+    inputs = _prepare("iso_cts", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
     c = _coefficients("iso_cts", coefficients, inputs.count, inputs.device)
     n, m = inputs.shape
     k_c, s_task = iso_cts_split(min(n, m), inputs.count, common_fraction)
@@ -821,9 +900,15 @@ def iso_cts(
     if not bool(keep_c.any() or keep_r.any()):
         return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
     s = torch.cat([s_c[keep_c], s_r[keep_r]])
-    u = polar_factor_extend(u_c[:, keep_c], u_r[:, keep_r])
-    v = polar_factor_extend(v_c[:, keep_c], v_r[:, keep_r])
-    return inputs.finish(s.mean() * (u @ v.mT), out_dtype)
+    if not bool(keep_c.all()):
+        u_c, v_c = u_c[:, keep_c], v_c[:, keep_c]
+    if not bool(keep_r.all()):
+        u_r, v_r = u_r[:, keep_r], v_r[:, keep_r]
+    u = polar_factor_extend(u_c, u_r)
+    del u_c, u_r
+    v = polar_factor_extend(v_c, v_r)
+    del v_c, v_r
+    return inputs.finish((u @ v.mT).mul_(s.mean()), out_dtype)
 
 
 def tsv_m(
@@ -847,7 +932,7 @@ def tsv_m(
     """
     rank_tol = check_rank_tol(rank_tol)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("tsv_m", deltas, matrix=True, keep_factors=True, normalise=True)
+    inputs = _prepare("tsv_m", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
     c = _coefficients("tsv_m", coefficients, inputs.count, inputs.device)
     n, m = inputs.shape
     k = min(n, m) // inputs.count
@@ -856,9 +941,14 @@ def tsv_m(
             f"tsv_m keeps min(n, m) // T components per task: T={inputs.count} deltas of shape {(n, m)} leave none; "
             "merge this parameter with the elementwise rule instead"
         )
-    if inputs.factors is None:
-        u, s, v = thin_svd(_per_task(c, 3) * inputs.dense, rank_tol=rank_tol, top=k)
-        u, s, v = u[..., :k], s[:, :k], v[..., :k]
+    if inputs.factors is None:  # one task at a time, straight into [n, T·k]: no float64 [T, n, m] stack
+        u = torch.empty((n, inputs.count * k), dtype=_F64, device=inputs.device)
+        v = torch.empty((m, inputs.count * k), dtype=_F64, device=inputs.device)
+        s = torch.empty(inputs.count * k, dtype=_F64, device=inputs.device)
+        for i, ci in enumerate(c.tolist()):
+            u_i, s_i, v_i = thin_svd(inputs.task(i).mul_(ci), rank_tol=rank_tol, top=k)
+            u[:, i * k : (i + 1) * k], s[i * k : (i + 1) * k], v[:, i * k : (i + 1) * k] = u_i, s_i, v_i
+            del u_i, v_i
     else:
         svds = [factored_svd(ci * left, right) for ci, (left, right) in zip(c, inputs.factors, strict=True)]
         u = [f[0][:, :k] for f in svds]
@@ -868,9 +958,12 @@ def tsv_m(
         u = torch.stack([F.pad(x, (0, width - x.shape[1])) for x in u])
         v = torch.stack([F.pad(x, (0, width - x.shape[1])) for x in v])
         s = torch.stack([F.pad(x, (0, width - x.shape[0])) for x in s])
-    u, s, v = u.permute(1, 0, 2).reshape(n, -1), s.reshape(-1), v.permute(1, 0, 2).reshape(m, -1)
+        u, s, v = u.permute(1, 0, 2).reshape(n, -1), s.reshape(-1), v.permute(1, 0, 2).reshape(m, -1)
     keep = s > rank_tol * s.amax()
     if not bool(keep.any()):
         return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
-    u, s, v = u[:, keep], s[keep], v[:, keep]
-    return inputs.finish((polar_factor(u) * s) @ polar_factor(v).mT, out_dtype)
+    if not bool(keep.all()):
+        u, s, v = u[:, keep], s[keep], v[:, keep]
+    u = polar_factor(u).mul_(s)
+    v = polar_factor(v)
+    return inputs.finish(u @ v.mT, out_dtype)

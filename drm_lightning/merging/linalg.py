@@ -21,10 +21,13 @@ GRAM_MIN_RATIO = 1e-5
 
 
 def _normalise_columns(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Split ``y = u · diag(s)`` into unit columns and their norms; a zero column gives a zero ``u`` column, not NaN."""
+    """Split ``y = u · diag(s)`` into unit columns and their norms; a zero column gives a zero ``u`` column, not NaN.
+
+    In place: ``y`` (always a fresh product here) becomes ``u``, so no second full-size temporary is made.
+    """
     s = torch.linalg.vector_norm(y, dim=-2)
-    u = torch.where(s.unsqueeze(-2) > 0, y / torch.where(s > 0, s, 1.0).unsqueeze(-2), 0.0)
-    return u, s
+    y.div_(torch.where(s > 0, s, 1.0).unsqueeze(-2)).masked_fill_((s <= 0).unsqueeze(-2), 0.0)
+    return y, s
 
 
 def gram_svd(a: Tensor, *, top: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -45,11 +48,11 @@ def gram_svd(a: Tensor, *, top: int | None = None) -> tuple[Tensor, Tensor, Tens
     k = min(n, m) if top is None else min(n, m, top)
     if m <= n:
         _, v = torch.linalg.eigh(a.mT @ a)
-        v = v.flip(-1)[..., :k]
+        v = v[..., m - k :].flip(-1)  # a k-column copy: nothing keeps the full eigenbasis alive
         u, s = _normalise_columns(a @ v)
     else:
         _, u = torch.linalg.eigh(a @ a.mT)
-        u = u.flip(-1)[..., :k]
+        u = u[..., n - k :].flip(-1)
         v, s = _normalise_columns(a.mT @ u)
     return u, s, v
 
@@ -101,7 +104,9 @@ def thin_svd(a: Tensor, *, rank_tol: float = 0.0, top: int | None = None) -> tup
     u, s, v = gram_svd(a, top=top)
     if not _gram_is_precise(s, rank_tol):
         u, s, vh = torch.linalg.svd(a, full_matrices=False)
-        u, s, v = u[..., :top], s[..., :top], vh.mT[..., :top]
+        if top is not None:  # copies of the kept columns, so the full factors can be freed
+            u, s, vh = u[..., :top].contiguous(), s[..., :top].contiguous(), vh[..., :top, :].contiguous()
+        v = vh.mT
     return u, s, v
 
 
@@ -196,7 +201,7 @@ def polar_factor_extend(basis: Tensor, extra: Tensor) -> Tensor:
         return _polar_svd(torch.cat([basis, extra], dim=1))
     a_z = torch.cat([basis @ q_c, extra], dim=1)  # a Z, [n, p + r]
     yt_zt = torch.cat([y[:p].mT @ q_c.mT, y[p:].mT], dim=1)  # Yᵀ Zᵀ, [p + r, k + r]
-    return torch.cat([basis, extra], dim=1) + ((a_z @ y) * (w.rsqrt() - 1.0)) @ yt_zt
+    return torch.cat([basis, extra], dim=1).addmm_((a_z @ y).mul_(w.rsqrt() - 1.0), yt_zt)
 
 
 def power_of_two_scale(x: Tensor) -> Tensor:
