@@ -261,3 +261,25 @@ def test_every_head_layout_of_the_table_reproduces_its_logits(tmp_path: Path, ki
         want = original(**inputs).logits
         torch.testing.assert_close(expert(inputs), want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rebuilt(**inputs).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_two_peft_adapters_in_one_peft_adapter_out(experts: dict[str, Path], tmp_path: Path) -> None:
+    """The LoRA user's path: adapters from elsewhere, merged into an adapter that PEFT loads, equal to the dense
+    merge (rsLoRA, rank_pattern and alpha_pattern survive the padding and scale folding)."""
+    from peft import PeftModel
+
+    from drm_lightning.models.backbone import load_backbone
+
+    second = bert_lora(experts["bert_base"], tmp_path / "qa_lora", seed=5, r=2, lora_alpha=4)
+    inputs = f"[{experts['bert_lora']},{second}]"
+    common = ["merge", "--task_vectors", inputs, "--method", "task_arithmetic", "--lam", "0.8"]
+    assert main([*common, "--save_as", "adapter", "--output", str(tmp_path / "adapter")]) == 0
+    assert main([*common, "--output", str(tmp_path / "dense")]) == 0
+    ids, mask = token_batch()
+    base = load_backbone(str(experts["bert_base"]), "encoder")
+    adapted = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    dense = load_backbone(str(tmp_path / "dense"), "encoder")
+    with torch.no_grad():
+        want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = adapted(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -175,6 +175,13 @@ def build_pipeline_parser() -> LightningArgumentParser:
         "recipe's run folder reuses its experts when they were fitted with the same settings.",
     )
     parser.add_argument(
+        "--experts",
+        type=dict[str, str],
+        default={},
+        help="task -> an expert made elsewhere, imported instead of fitted: a fine-tuned save_pretrained folder of "
+        "model.backbone, a PEFT LoRA adapter or a task vector folder (drm_lightning.interop.recipe_experts).",
+    )
+    parser.add_argument(
         "--tasks",
         type=list[TaskEntry],
         required=True,
@@ -256,6 +263,7 @@ class Recipe:
     eval_trainer: dict[str, Any] = field(default_factory=dict)
     extend_edges: int = 1
     experts_dir: Path | None = None
+    experts: dict[str, str] = field(default_factory=dict)
 
 
 def _config_dirs(config: Namespace) -> list[Path]:
@@ -315,6 +323,7 @@ def load_recipe(config: Namespace) -> Recipe:
         eval_trainer=dict(config.eval_trainer or {}),
         extend_edges=config.extend_edges,
         experts_dir=Path(config.experts_dir) if config.experts_dir else None,
+        experts=dict(config.experts or {}),
     )
 
 
@@ -393,6 +402,11 @@ class Pipeline:
         self.tasks = list(self.datamodules)
         self.fitted: list[str] = []
         self.reused: list[str] = []
+        self.imported = None
+        if recipe.experts:  # checked now, before anything is fitted: a bad folder fails in a second
+            from drm_lightning.interop.recipe_experts import RecipeExperts
+
+            self.imported = RecipeExperts(recipe.experts, self.tasks, recipe.model)
         self._grids: dict[str, Any] = {}
 
     # -- stage 1: experts ---------------------------------------------------------------------------------------
@@ -425,8 +439,12 @@ class Pipeline:
         from drm_lightning.merging.distributed import detect_world
 
         todo = []
+        if self.imported is not None:
+            self.import_experts()
         for task in self.tasks:
-            if self.expert_is_current(task):
+            if self.imported is not None and task in self.imported.experts:
+                self.reused.append(task)
+            elif self.expert_is_current(task):
                 _log(f"{task}: reusing the task vector in {self.task_vector_dir(task)}")
                 self.reused.append(task)
             else:
@@ -439,6 +457,24 @@ class Pipeline:
             for task in todo:
                 self.fit_expert(task)
         self.fitted.extend(todo)
+
+    def import_experts(self) -> None:
+        """Convert the recipe's ``experts`` into task vectors (one process: under a multi-process launch they must
+        be current already, since the ranks do not share a process group yet)."""
+        from drm_lightning.merging.distributed import detect_world
+
+        assert self.imported is not None
+        world = detect_world()
+        if world.world_size > 1:
+            stale = [t for t in self.imported.experts if not self.imported.is_current(
+                t, self.task_vector_dir(t), self.expert_dir(t))]  # fmt: skip
+            if stale:
+                raise ValueError(
+                    f"experts: {stale} are not imported yet; run the recipe once as one process (or stop it after "
+                    f"the import), then under {world.source}"
+                )
+            return
+        self.imported.run(self.task_vector_dir, self.expert_dir, _log)
 
     def fit_in_groups(self, tasks: Sequence[str], world: WorldInfo, procs_per_expert: int) -> None:
         """Each group of ``procs_per_expert`` ranks fits its share of ``tasks``; then all ranks meet, and a failure in
