@@ -283,3 +283,27 @@ def test_two_peft_adapters_in_one_peft_adapter_out(experts: dict[str, Path], tmp
         want = dense(input_ids=ids, attention_mask=mask).last_hidden_state
         got = adapted(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    record = json.loads((tmp_path / "dense" / "merge.json").read_text())
+    assert [(i["path"], i["converted_from"]) for i in record["inputs"]] == [
+        (str(experts["bert_lora"].resolve()), "adapter"),
+        (str(second.resolve()), "adapter"),
+    ]  # the folders given, not the temporary conversions (gone by now)
+
+
+def test_hub_id_is_read_from_the_local_cache_only(
+    experts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id resolves through the Hugging Face cache layout (refs/main -> snapshots/<commit>), never the hub."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someone--sst-bert" / "snapshots" / ("0" * 40)
+    shutil.copytree(experts["bert_full"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    tv = convert("someone/sst-bert", tmp_path / "tv", base=str(experts["bert_base"]))
+    assert read_meta(tv).task == "sst-bert" and read_meta(tv).source["path"] == str(snapshot.resolve())
+    with pytest.raises(ValueError, match="someone/absent: not a local folder and not in the local Hugging Face cache"):
+        convert("someone/absent", tmp_path / "tv2", base=str(experts["bert_base"]))

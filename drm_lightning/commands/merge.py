@@ -100,7 +100,7 @@ def merge(
     Returns:
         The merged model folder.
     """
-    from drm_lightning.interop.inputs import import_inputs, input_kind
+    from drm_lightning.interop.inputs import import_inputs, input_kind, record_sources
     from drm_lightning.merging.distributed import detect_world, is_global_zero
     from drm_lightning.merging.merger import _check_output
 
@@ -147,6 +147,8 @@ def merge(
             folders, output, method, params, lam, lambdas, strategy, tasks, base, family, coefficients, device,
             include, exclude, delta_dir, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
         )  # fmt: skip
+        if is_global_zero():
+            record_sources([out, delta], task_vectors, folders)
     if task_models and save_as == "model" and is_global_zero():
         from drm_lightning.interop.export import export_task_models
 

@@ -13,6 +13,7 @@ the first is converted, then writes each into a temporary folder beside the outp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -120,3 +121,30 @@ def import_inputs(
         yield folders
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def record_sources(
+    records: Sequence[str | os.PathLike[str]], inputs: Sequence[str | os.PathLike[str]], folders: Sequence[str]
+) -> None:
+    """Point the ``inputs`` of each ``merge.json`` in ``records`` at the folders the experts were converted from.
+
+    Why: a converted input was merged from a temporary folder that is gone once ``merge`` returns; the record
+    should name what the user gave (and say it was converted), not a path that no longer exists.
+    """
+    sources = {}
+    for given, folder in zip(inputs, folders, strict=True):
+        if os.fspath(given) != folder:
+            sources[str(Path(folder).resolve())] = (str(local_folder(given).resolve()), input_kind(given))
+    if not sources:
+        return
+    for record_dir in records:
+        path = Path(record_dir) / "merge.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        for entry in record.get("inputs") or []:
+            if entry.get("path") in sources:
+                entry["path"], entry["converted_from"] = sources[entry["path"]]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
