@@ -102,7 +102,7 @@ def _sample(tensor: torch.Tensor) -> memoryview:
     else:
         strided = torch.arange(STRIDED, dtype=torch.int64, device=flat.device) * (n - 1) // (STRIDED - 1)
         ends = torch.cat([torch.arange(EDGE, device=flat.device), torch.arange(n - EDGE, n, device=flat.device)])
-        picked = flat[torch.cat([ends, strided])]
+        picked = flat.index_select(0, torch.cat([ends, strided]))  # not flat[idx]: 100x slower on CPU
     return picked.to("cpu").contiguous().view(torch.uint8).numpy().data
 
 
