@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
-from drm_lightning.models.backbone import fingerprint, load_backbone
+from drm_lightning.models.backbone import load_backbone
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,

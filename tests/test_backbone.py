@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from drm_lightning.models.backbone import FAMILIES, fingerprint, fingerprint_state, load_backbone
+from drm_lightning.models.backbone import FAMILIES, load_backbone
 from drm_lightning.models.heads import DecoderHead, EncoderHead, VisionHead, build_head, last_token_index
 from drm_lightning.models.lora import LoraSettings, add_lora, backbone_name, split_lora_state
+from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_state
 
 # peft 0.21 calls a transformers 5 method that is deprecated; nothing we can change.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

@@ -9,11 +9,12 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import SyntheticDataModule, tiny_trainer
 
-from drm_lightning.models.backbone import fingerprint, load_backbone
+from drm_lightning.callbacks.task_vector import TaskVectorCallback, build_task_vector
+from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import LoraSettings
 from drm_lightning.task_vectors.apply import apply_task_vector
-from drm_lightning.task_vectors.callback import TaskVectorCallback, build_task_vector
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     HEAD_FILE,
@@ -178,7 +179,7 @@ def test_a_failure_on_rank_zero_reaches_every_rank_instead_of_hanging(tiny, tmp_
 
 
 def test_deepspeed_stage_3_is_refused(tiny):
-    from drm_lightning.task_vectors.callback import gather_state_dict
+    from drm_lightning.callbacks.task_vector import gather_state_dict
 
     strategy = type("DeepSpeedStrategy", (), {"zero_stage_3": True})()
     with pytest.raises(ValueError, match="ZeRO stage 3"):
@@ -274,7 +275,7 @@ def test_sharded_model_is_gathered_in_full(tiny, tmp_path, lora):
     from torch.distributed.fsdp import fully_shard
     from transformers.models.bert.modeling_bert import BertLayer
 
-    from drm_lightning.task_vectors.callback import gather_state_dict
+    from drm_lightning.callbacks.task_vector import gather_state_dict
 
     expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS), lora=lora)
     reference = {k: v.clone() for k, v in expert.state_dict().items()}
@@ -340,9 +341,9 @@ def _folder_bytes(folder) -> int:
 def test_a_small_disk_is_refused_before_the_base_is_reloaded(tiny, tmp_path, monkeypatch, lora):
     """The estimate bounds what is written (all deltas kept); one byte short of it plus the margin, rank 0 refuses
     before reloading W_0, names the folder and writes nothing."""
-    from drm_lightning.task_vectors import callback as callback_module
+    from drm_lightning.callbacks import task_vector as callback_module
+    from drm_lightning.callbacks.task_vector import estimate_task_vector_bytes
     from drm_lightning.task_vectors import format as tv_format
-    from drm_lightning.task_vectors.callback import estimate_task_vector_bytes
     from drm_lightning.task_vectors.format import InsufficientSpaceError, human_bytes, with_margin
 
     expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS), lora=lora)

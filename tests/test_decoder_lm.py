@@ -12,12 +12,13 @@ import torch
 from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drm_lightning.merging.merger import apply_merged_delta, merge_task_vectors
+from drm_lightning.callbacks.task_vector import TaskVectorCallback
+from drm_lightning.merging.apply import apply_merged_delta
+from drm_lightning.merging.merger import merge_task_vectors
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import causal_logprobs, continuation_ids, label_targets, pack
 from drm_lightning.models.lora import LoraSettings
-from drm_lightning.task_vectors.callback import TaskVectorCallback
 from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors
 
 pytestmark = [

@@ -17,14 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.merging import merger
-from drm_lightning.merging.merger import (
-    apply_merged_delta,
-    check_merge_space,
-    estimate_merge_bytes,
-    estimate_model_bytes,
-    merge_task_vectors,
-)
+from drm_lightning.merging import apply, record, setup, space
+from drm_lightning.merging.apply import apply_merged_delta
+from drm_lightning.merging.merger import merge_task_vectors
+from drm_lightning.merging.plan import MergePlan
+from drm_lightning.merging.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors import format as tv_format
 from drm_lightning.task_vectors.format import (
@@ -71,7 +68,8 @@ def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         loads.append(name)
         raise AssertionError(f"loaded {name} before the space check")
 
-    monkeypatch.setattr(merger, "load_backbone", refuse)
+    for module in (setup, apply):  # the merge and the model folder load the base there
+        monkeypatch.setattr(module, "load_backbone", refuse)
     return loads
 
 
@@ -115,7 +113,7 @@ def test_merge_on_a_small_disk(world, kind, spare, refused, tmp_path, monkeypatc
     out = tmp_path / "deep" / "out"
     if not refused:
         merge_task_vectors(world["tvs"][kind], "task_arithmetic", out, progress=False)
-        assert (out / merger.MERGE_FILE).is_file()
+        assert (out / record.MERGE_FILE).is_file()
         return
     loads = _no_model_loads(monkeypatch)
     with pytest.raises(InsufficientSpaceError) as err:
@@ -152,7 +150,7 @@ def test_distributed_staging_needs_a_second_copy(world, copies, refused, tmp_pat
 
 def test_plan_skipped_parameters_take_no_space(world):
     tvs = world["tvs"]["dense-f32"]
-    skipped = merger.MergePlan(skip=[r"embeddings\.word_embeddings"])
+    skipped = MergePlan(skip=[r"embeddings\.word_embeddings"])
     assert estimate_merge_bytes(tvs) - estimate_merge_bytes(tvs, skipped) >= 64 * 32 * 4  # vocab 64 × hidden 32
 
 
@@ -163,11 +161,11 @@ def test_plan_skipped_parameters_take_no_space(world):
 def test_model_estimate_covers_save_pretrained_in_each_dtype(world, dtype, tmp_path):
     model = load_backbone(world["bert"], "encoder", torch_dtype=dtype)
     model.save_pretrained(tmp_path / "model")
-    merger._save_tokenizer(world["bert"], tmp_path / "model")
+    apply.save_tokenizer(world["bert"], tmp_path / "model")
     written = _size(tmp_path / "model")
     estimate = estimate_model_bytes(world["bert"], dtype)
     assert estimate is not None and written <= estimate <= written + SLACK
-    assert merger.model_bytes(model) <= written
+    assert space.model_bytes(model) <= written
 
 
 def test_model_estimate_is_unknown_without_local_safetensors(world):
@@ -180,7 +178,7 @@ def test_apply_on_a_small_disk_is_refused_before_the_base_loads(
     world, spare, refused, tmp_path, tmp_path_factory, monkeypatch
 ):
     merged = _merged(world, "dense-f32", tmp_path_factory)
-    estimate = estimate_model_bytes(world["bert"]) + merger._tree_bytes(merged / merger.HEADS_DIR)
+    estimate = estimate_model_bytes(world["bert"]) + space.tree_bytes(merged / record.HEADS_DIR)
     free = with_margin(estimate) + spare
     _small_disk(monkeypatch, free)
     out = tmp_path / "model"
@@ -201,7 +199,7 @@ def test_merge_command_sums_delta_and_model_on_one_filesystem(world, tmp_path, m
 
     tvs = [str(p) for p in world["tvs"]["dense-f32"]]
     delta = estimate_merge_bytes(tvs)
-    model = estimate_model_bytes(world["bert"]) + merger.heads_bytes(tvs)
+    model = estimate_model_bytes(world["bert"]) + space.heads_bytes(tvs)
     _small_disk(monkeypatch, with_margin(max(delta, model)))
     loads = _no_model_loads(monkeypatch)
     with pytest.raises(InsufficientSpaceError) as err:

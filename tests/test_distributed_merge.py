@@ -21,17 +21,12 @@ import torch.distributed as dist
 from helpers_models import build_tiny_model, dense_deltas, write_task_vectors
 
 from drm_lightning.merging import iter_merged_delta, merge_task_vectors
-from drm_lightning.merging.distributed import (
-    WorldInfo,
-    assign_entries,
-    detect_world,
-    distributed_merge,
-    merge_task_vectors_distributed,
-    rank_device,
-)
-from drm_lightning.merging.merger import MERGE_FILE, MERGED_DIR, read_merge_record
+from drm_lightning.merging.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
 from drm_lightning.merging.plan import PlanEntry
+from drm_lightning.merging.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.shards import MERGED_DIR
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
+from drm_lightning.world import WorldInfo, detect_world, rank_device
 from tests.launch import free_port, reaped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -487,7 +482,7 @@ def test_canonical_layout_needs_room_for_two_copies(
     root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch,
     layout: str, copies_fit: int, refused: bool,
 ) -> None:  # fmt: skip
-    from drm_lightning.merging.merger import check_merge_space
+    from drm_lightning.merging.space import check_merge_space
     from drm_lightning.task_vectors import format as tv_format
     from drm_lightning.task_vectors.format import InsufficientSpaceError, with_margin
 

@@ -202,8 +202,8 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lightning.pytorch import Trainer
     from tiny_models import make_tiny_model
 
+    from drm_lightning.callbacks.task_vector import TaskVectorCallback
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.task_vectors.callback import TaskVectorCallback
 
     root = tmp_path_factory.mktemp("evaluation")
     base = make_tiny_model("encoder", root / "base")
@@ -257,7 +257,8 @@ def test_with_task_vector_reproduces_each_expert(experts: dict) -> None:
 
 def test_evaluate_merges_end_to_end(experts: dict) -> None:
     """Merge, search λ on validation, report on test; the merged backbone is W_0 + λ·Δ exactly."""
-    from drm_lightning.merging.merger import apply_merged_delta, merge_task_vectors
+    from drm_lightning.merging.apply import apply_merged_delta
+    from drm_lightning.merging.merger import merge_task_vectors
 
     root, tvs, dms = experts["root"], experts["task_vectors"], experts["datamodules"]
     merge_task_vectors(tvs, "task_arithmetic", root / "merged_ta", progress=False)
@@ -346,8 +347,8 @@ def test_shared_units_are_dealt_out_and_every_rank_gets_all(
     monkeypatch: pytest.MonkeyPatch, rank: int, world: int, mine: list[str]
 ) -> None:
     """Unit i is done by rank i mod W; the gathered shares come back in unit order on every rank."""
+    from drm_lightning import world as world_module
     from drm_lightning.evaluation import run as run_module
-    from drm_lightning.merging import distributed
 
     units = [f"u{i}" for i in range(5)]
     done: list[str] = []
@@ -362,7 +363,7 @@ def test_shared_units_are_dealt_out_and_every_rank_gets_all(
         shares[rank] = payload
         return shares
 
-    monkeypatch.setattr(distributed, "gather_results", gather)
+    monkeypatch.setattr(world_module, "gather_results", gather)
     got = run_module._shared(units, work, rank, world)
     assert done == mine
     assert list(got) == units and all(got[u] == {"by": i % world, "unit": u} for i, u in enumerate(units))
@@ -370,8 +371,8 @@ def test_shared_units_are_dealt_out_and_every_rank_gets_all(
 
 def test_a_failing_unit_still_joins_the_gather(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank whose own unit fails hands its error to the gather (which raises on every rank), never skips it."""
+    from drm_lightning import world as world_module
     from drm_lightning.evaluation import run as run_module
-    from drm_lightning.merging import distributed
 
     seen: list[BaseException | None] = []
 
@@ -382,14 +383,14 @@ def test_a_failing_unit_still_joins_the_gather(monkeypatch: pytest.MonkeyPatch) 
     def work(unit: str) -> dict:
         raise ValueError(f"{unit}: broken")
 
-    monkeypatch.setattr(distributed, "gather_results", gather)
+    monkeypatch.setattr(world_module, "gather_results", gather)
     with pytest.raises(RuntimeError, match="every rank"):
         run_module._shared(["a", "b"], work, 1, 2)
     assert [str(e) for e in seen] == ["b: broken"]
 
 
 def test_gather_results_without_a_group_is_local() -> None:
-    from drm_lightning.merging.distributed import gather_results
+    from drm_lightning.world import gather_results
 
     assert gather_results(None, {"x": 1}) == [{"x": 1}]
     with pytest.raises(KeyError):

@@ -29,7 +29,7 @@ from drm_lightning.commands.expert_groups import (
     local_world_size,
     plan_group,
 )
-from drm_lightning.merging.distributed import WorldInfo
+from drm_lightning.world import WorldInfo
 from tests.launch import free_port, reaped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,9 +298,9 @@ def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluati
         out, _ = two.communicate(timeout=240)
     assert two.returncode == 0, out[-4000:]
     assert "expert groups" not in out and out.count("# drm_lightning merge report") == 1
-    assert json.loads((tmp_path / "two" / "merged" / "drm_v" / "merge.json").read_text())["distributed"][
-        "world_size"
-    ] == 2
+    assert (
+        json.loads((tmp_path / "two" / "merged" / "drm_v" / "merge.json").read_text())["distributed"]["world_size"] == 2
+    )
     for folder in ("task_vectors", "experts"):  # the same experts, reused by a one-process run
         shutil.copytree(tmp_path / "two" / folder, tmp_path / "one" / folder)
     one = subprocess.run(

@@ -26,7 +26,7 @@ from drm_lightning.export import load_task_model
 from drm_lightning.export.factor import factor_delta
 from drm_lightning.merging import functional as F
 from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.merger import iter_merged_delta
+from drm_lightning.merging.shards import iter_merged_delta
 from drm_lightning.models.heads import EncoderHead
 from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, read_meta
 

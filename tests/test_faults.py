@@ -38,8 +38,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
 
 from drm_lightning.cli import main
-from drm_lightning.merging import merger
-from drm_lightning.merging.merger import MERGE_FILE, MERGED_DIR, merge_task_vectors
+from drm_lightning.merging import apply, setup, shards
+from drm_lightning.merging.merger import merge_task_vectors
+from drm_lightning.merging.record import MERGE_FILE
+from drm_lightning.merging.shards import MERGED_DIR
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, atomic_dir, remove_stale_temporaries
 from tests.helpers_models import write_task_vectors
@@ -97,12 +99,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 #: ``apply``: after the merged model's weights and tokenizer are written, just before the final rename.
 KILLER = """
 import os, signal, sys
-from drm_lightning.merging import merger
+from drm_lightning.merging import apply, shards
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if phase == "delta":
-    init, add, count = merger.ShardWriter.__init__, merger.ShardWriter.add, [0]
+    init, add, count = shards.ShardWriter.__init__, shards.ShardWriter.add, [0]
     def small_shards(self, folder, max_shard_bytes=0, prefix="delta"):
         init(self, folder, 16_000, prefix)
     def add_then_die(self, name, tensor):
@@ -110,13 +112,13 @@ if phase == "delta":
         count[0] += 1
         if count[0] == k:
             die()
-    merger.ShardWriter.__init__, merger.ShardWriter.add = small_shards, add_then_die
+    shards.ShardWriter.__init__, shards.ShardWriter.add = small_shards, add_then_die
 else:
-    save = merger._save_tokenizer
+    save = apply.save_tokenizer
     def save_then_die(base, folder):
         save(base, folder)
         die()
-    merger._save_tokenizer = save_then_die
+    apply.save_tokenizer = save_then_die
 from drm_lightning.cli import main
 sys.exit(main(argv))
 """
@@ -345,13 +347,14 @@ def test_resume_without_the_saved_generator_states_differs(
 def no_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records any base-model load by the merger: a refusal "before heavy work" must leave it empty."""
     loads: list[str] = []
-    real = merger.load_backbone
+    real = setup.load_backbone
 
     def recording(name: str, *args: Any, **kwargs: Any) -> Any:
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(merger, "load_backbone", recording)
+    for module in (setup, apply):  # the merge and the model folder load the base there
+        monkeypatch.setattr(module, "load_backbone", recording)
     return loads
 
 
@@ -417,7 +420,7 @@ def test_disk_full_mid_merge_leaves_nothing(
     world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A disk that fills anyway after the up-front check passed (another writer) fails mid-write, leaves no trace."""
-    _disk_full_after(monkeypatch, merger, "save_file", writes=3)
+    _disk_full_after(monkeypatch, shards, "save_file", writes=3)
     out = tmp_path / "out"
     with pytest.raises(OSError) as info:
         merge_task_vectors(world["tvs"], "ties", out, progress=False, max_shard_bytes=16_000)
@@ -428,7 +431,7 @@ def test_disk_full_mid_merge_leaves_nothing(
 def test_disk_full_through_the_cli_is_one_error_line(
     world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _disk_full_after(monkeypatch, merger, "save_file", writes=1)
+    _disk_full_after(monkeypatch, shards, "save_file", writes=1)
     out = tmp_path / "out"
     assert main(_merge_argv(world, out)) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(ERROR_PREFIX)]

@@ -16,7 +16,7 @@ from helpers_models import build_tiny_model, write_task_vectors
 
 from drm_lightning.merging import merge_task_vectors
 from drm_lightning.models.backbone import load_backbone
-from drm_lightning.models.fingerprint import (
+from drm_lightning.task_vectors.fingerprint import (
     EDGE,
     STRIDED,
     _sample,

@@ -26,10 +26,10 @@ from drm_lightning.merging import (
     merge_task_vectors,
 )
 from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
 from drm_lightning.merging.plan import estimate_cost, summarize
 from drm_lightning.merging.reader import matches_lora_targets
 from drm_lightning.merging.registry import METHODS, get_method
+from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,

@@ -17,19 +17,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.commands.evaluate import load_base, load_model
 from drm_lightning.evaluation.merged import MergedBackbone
-from drm_lightning.merging.merger import (
-    MERGE_FILE,
-    apply_merged_delta,
-    base_load_options,
-    merge_task_vectors,
-    read_merge_record,
-)
+from drm_lightning.merging.apply import apply_merged_delta
+from drm_lightning.merging.merger import merge_task_vectors
+from drm_lightning.merging.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.setup import base_load_options
 from drm_lightning.models import expert as expert_module
-from drm_lightning.models.backbone import fingerprint, load_recorded_base
+from drm_lightning.models.backbone import load_recorded_base
 from drm_lightning.models.expert import ExpertModule
-from drm_lightning.task_vectors.callback import TaskVectorCallback
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, TaskVectorMeta, read_meta, write_task_vector
 from tests.tiny_models import make_tiny_model
 

@@ -27,10 +27,10 @@ def test_minilm_fine_tunes_above_majority_and_task_vector_reproduces_it(tmp_path
     from lightning.pytorch import seed_everything
     from tiny_models import tiny_trainer
 
+    from drm_lightning.callbacks.task_vector import TaskVectorCallback
     from drm_lightning.data.demo import demo_task
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.models.lora import LoraSettings
-    from drm_lightning.task_vectors.callback import TaskVectorCallback
     from drm_lightning.task_vectors.format import read_meta
 
     seed_everything(0)  # shuffling and head init: the same run every time

@@ -12,11 +12,11 @@ import torch
 from tiny_models import make_tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.data.choice import MultipleChoiceDataModule
 from drm_lightning.data.common import DataError
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import continuation_ids
-from drm_lightning.task_vectors.callback import TaskVectorCallback
 from drm_lightning.task_vectors.format import read_meta
 
 pytestmark = [
@@ -282,7 +282,7 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
     assert read_meta(run / "task_vectors" / "liked").task_type == "classification"
     report = json.loads((run / "report.json").read_text())
     assert "colors" in json.dumps(report) and "ties" in json.dumps(report)
-    from drm_lightning.merging.merger import apply_merged_delta
+    from drm_lightning.merging.apply import apply_merged_delta
 
     apply_merged_delta(run / "merged" / "ties", 1.0, tmp_path / "ties_model")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ties_model")  # still a whole causal LM

@@ -39,7 +39,7 @@ from drm_lightning.evaluation.results import (
     ResultsError,
     average_normalised,
 )
-from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
+from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
 from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, write_task_vector
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ import torch
 from helpers_models import build_tiny_model, write_task_vectors
 
 from drm_lightning.merging import iter_merged_delta, merge_task_vectors
-from drm_lightning.merging.merger import MERGE_FILE
+from drm_lightning.merging.record import MERGE_FILE
 from drm_lightning.merging.sweep import ParamGrid, edge_extension, merge_task_vectors_many, variant_name
 
 

@@ -54,7 +54,7 @@ def evaluate(
     Returns:
         ``{task: {metric: value}}``.
     """
-    from drm_lightning.commands.merge import _datamodules
+    from drm_lightning.commands.tasks import task_datamodules
     from drm_lightning.evaluation.multitask import evaluate_backbone
 
     if not task_vectors:
@@ -63,7 +63,7 @@ def evaluate(
         raise ValueError(f"experts=True evaluates each expert; model={model!r} cannot be given with it")
     if lam is not None and model is None:
         raise ValueError(f"lam={lam!r}: only meaningful with --model <merged delta folder>")
-    datamodules = _datamodules(tasks, task_vectors)
+    datamodules = task_datamodules(tasks, task_vectors)
     if model is None:
         backbone = load_base(task_vectors, torch_dtype, gguf_file, check_fingerprint=experts)
     else:
@@ -92,9 +92,9 @@ def load_base(
     checkpoint's float32), so the shared base must be loaded the same way. With ``check_fingerprint`` (the experts
     are about to be added onto it) a base whose weights differ is refused, naming the task vector.
     """
-    from drm_lightning.merging.merger import base_load_options
+    from drm_lightning.merging.setup import base_load_options
     from drm_lightning.models.backbone import load_backbone
-    from drm_lightning.models.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
+    from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
     from drm_lightning.task_vectors.format import TaskVectorError, read_meta
 
     metas = [read_meta(folder) for folder in task_vectors]
@@ -134,7 +134,9 @@ def load_model(
     any other model loads in its checkpoint's dtype unless ``torch_dtype`` is given (``gguf_file`` names a file of
     the base, so it only applies to a merged delta).
     """
-    from drm_lightning.merging.merger import MERGED_DIR, apply_merged_delta, read_merge_record
+    from drm_lightning.merging.apply import apply_merged_delta
+    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.shards import MERGED_DIR
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.format import read_meta
 

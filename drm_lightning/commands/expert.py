@@ -112,7 +112,7 @@ class ExpertCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         folder = self._get(self.config, "task_vector_dir")
         if self.subcommand == "fit":
-            from drm_lightning.task_vectors.callback import TaskVectorCallback
+            from drm_lightning.callbacks.task_vector import TaskVectorCallback
 
             if folder is None:
                 folder = str(Path(self.trainer.default_root_dir) / "task_vectors" / self.model.hparams["task"])

@@ -26,7 +26,7 @@ from typing import Any
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from typing_extensions import override
 
-from drm_lightning.merging.distributed import WorldInfo
+from drm_lightning.world import WorldInfo
 
 GROUP_ADDRESS = "127.0.0.1"
 #: Launcher variables rewritten to the group's view while it trains (and restored afterwards).

@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from drm_lightning.commands.tasks import TaskEntry
+from drm_lightning.commands.tasks import TaskEntry, task_datamodules
 
 
 def merge(
@@ -101,8 +101,8 @@ def merge(
         The merged model folder.
     """
     from drm_lightning.interop.inputs import import_inputs, input_kind, record_sources
-    from drm_lightning.merging.distributed import detect_world, is_global_zero
-    from drm_lightning.merging.merger import _check_output
+    from drm_lightning.merging.setup import check_output
+    from drm_lightning.world import detect_world, is_global_zero
 
     if not task_vectors:
         raise ValueError("task_vectors=[]: give at least one task vector folder")
@@ -130,7 +130,7 @@ def merge(
             "device; merge with a fixed --lam here, or run --lam search as one process"
         )
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
-    _check_output(Path(output), [delta, *map(Path, task_vectors)])  # before any conversion: cheap things first
+    check_output(Path(output), [delta, *map(Path, task_vectors)])  # before any conversion: cheap things first
     if world.world_size > 1:
         foreign = [str(tv) for tv in task_vectors if input_kind(tv) != "task_vector"]
         if foreign:
@@ -181,16 +181,18 @@ def _merge(
     max_rank: int | None,
 ) -> Path:
     """``merge`` over task-vector folders only."""
-    from drm_lightning.merging.distributed import is_global_zero, merge_task_vectors_distributed
-    from drm_lightning.merging.merger import _check_output, apply_merged_delta
+    from drm_lightning.merging.apply import apply_merged_delta
+    from drm_lightning.merging.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.plan import MergePlan
+    from drm_lightning.merging.setup import check_output
+    from drm_lightning.world import is_global_zero
 
     search = lam == "search"
     overrides = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
     # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
-    _check_output(Path(output), [delta, *map(Path, task_vectors)])
+    check_output(Path(output), [delta, *map(Path, task_vectors)])
     plan_kwargs: dict[str, Any] = {}
     if include is not None:
         plan_kwargs["include"] = list(include)
@@ -203,7 +205,7 @@ def _merge(
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
                                  device, torch_dtype, gguf_file)  # fmt: skip
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
-    datamodules = _datamodules(tasks, task_vectors) if search else {}
+    datamodules = task_datamodules(tasks, task_vectors) if search else {}
 
     result = merge_task_vectors_distributed(
         task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
@@ -286,8 +288,9 @@ def check_space(
     checkpoint's headers and is left out when they cannot tell (a hub id, a GGUF file): ``apply_merged_delta``
     checks again once the base is loaded, before writing.
     """
-    from drm_lightning.merging.merger import base_load_options, estimate_merge_bytes, estimate_model_bytes, heads_bytes
     from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.setup import base_load_options
+    from drm_lightning.merging.space import estimate_merge_bytes, estimate_model_bytes, heads_bytes
     from drm_lightning.task_vectors.format import check_free_space
 
     readers = [TaskVectorReader(folder) for folder in task_vectors]
@@ -298,26 +301,3 @@ def check_space(
     if model is not None:
         needs[output] = model + heads_bytes(readers)
     check_free_space(needs, "merged delta and model")
-
-
-def _datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:
-    """Build the tasks' datamodules, keyed by task name, and check they match the task vectors' tasks."""
-    from drm_lightning.commands.tasks import instantiate_datamodule, load_task_spec, task_name, with_defaults
-    from drm_lightning.evaluation.multitask import check_heads
-    from drm_lightning.task_vectors.format import read_meta
-
-    check_heads(task_vectors, [read_meta(folder) for folder in task_vectors])  # before the merge, not after it
-    metas = {read_meta(folder).task: read_meta(folder) for folder in task_vectors}
-    datamodules: dict[str, Any] = {}
-    for i, entry in enumerate(tasks or []):
-        spec = load_task_spec(entry)
-        base = next(iter(metas.values())).base_model if metas else None
-        dm = instantiate_datamodule(with_defaults(spec, {}, tokenizer=base), where=f"tasks[{i}]")
-        datamodules[task_name(dm)] = dm
-    missing = sorted(set(metas) - set(datamodules))
-    if missing:
-        raise ValueError(f"tasks: no datamodule for task(s) {missing} of the task vectors (have {sorted(datamodules)})")
-    extra = sorted(set(datamodules) - set(metas))
-    if extra:
-        raise ValueError(f"tasks: task(s) {extra} have no task vector among {sorted(metas)}")
-    return datamodules

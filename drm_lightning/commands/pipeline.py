@@ -53,7 +53,7 @@ from drm_lightning.commands.tasks import (
 )
 
 if TYPE_CHECKING:
-    from drm_lightning.merging.distributed import WorldInfo
+    from drm_lightning.world import WorldInfo
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
@@ -436,7 +436,7 @@ class Pipeline:
 
     def fit_experts(self) -> None:
         """Fit every expert that is not current: all ranks together, task by task, or in expert groups."""
-        from drm_lightning.merging.distributed import detect_world
+        from drm_lightning.world import detect_world
 
         todo = []
         if self.imported is not None:
@@ -461,7 +461,7 @@ class Pipeline:
     def import_experts(self) -> None:
         """Convert the recipe's ``experts`` into task vectors (one process: under a multi-process launch they must
         be current already, since the ranks do not share a process group yet)."""
-        from drm_lightning.merging.distributed import detect_world
+        from drm_lightning.world import detect_world
 
         assert self.imported is not None
         world = detect_world()
@@ -482,7 +482,7 @@ class Pipeline:
         import os
 
         from drm_lightning.commands.expert_groups import assign_tasks, expert_group, local_world_size, plan_group
-        from drm_lightning.merging.distributed import all_ranks_ok, join_world
+        from drm_lightning.world import all_ranks_ok, join_world
 
         port = world.main_port if world.main_port is not None else os.environ.get("MASTER_PORT")
         if port is None:
@@ -508,8 +508,8 @@ class Pipeline:
     def fit_expert(self, task: str, overrides: Mapping[str, Any] | None = None) -> None:
         from lightning.pytorch import seed_everything
 
+        from drm_lightning.callbacks.task_vector import TaskVectorCallback
         from drm_lightning.models.expert import ExpertModule
-        from drm_lightning.task_vectors.callback import TaskVectorCallback
 
         dm = self.datamodules[task]
         _log(f"{task}: fitting the expert")
@@ -567,7 +567,7 @@ class Pipeline:
 
     def merge_is_current(self, spec: MethodSpec, folder: Path | None = None, params: Mapping | None = None) -> bool:
         """A previous merge of the same method, parameters and inputs, newer than every task vector."""
-        from drm_lightning.merging.merger import MERGE_FILE
+        from drm_lightning.merging.record import MERGE_FILE
         from drm_lightning.task_vectors.format import META_FILE
 
         record_path = (folder if folder is not None else self.merged_dir(spec)) / MERGE_FILE
@@ -594,7 +594,8 @@ class Pipeline:
         searched method merges all its parameter sets in one pass (``merge_task_vectors_many``) on one process,
         or one set after another, each shared out, on several.
         """
-        from drm_lightning.merging.distributed import broadcast_json, join_world, merge_task_vectors_distributed
+        from drm_lightning.merging.distributed import merge_task_vectors_distributed
+        from drm_lightning.world import broadcast_json, join_world
 
         join_world(self.recipe.merge_device)
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
@@ -621,8 +622,9 @@ class Pipeline:
 
     def merge_variants(self, spec: MethodSpec, variants: Sequence[Any], *, alone: bool = False) -> None:
         """Merge these parameter sets of ``spec``: one pass on one process (or with ``alone``), else shared out."""
-        from drm_lightning.merging.distributed import detect_world, merge_task_vectors_distributed
+        from drm_lightning.merging.distributed import merge_task_vectors_distributed
         from drm_lightning.merging.sweep import merge_task_vectors_many
+        from drm_lightning.world import detect_world
 
         if not variants:
             return
@@ -686,7 +688,7 @@ class Pipeline:
         """λ per method on validation, then every number on the final split (``evaluate_merges``); launched on
         several processes, the evaluations are shared out between them."""
         from drm_lightning.evaluation.run import evaluate_merges
-        from drm_lightning.merging.distributed import detect_world
+        from drm_lightning.world import detect_world
 
         r = self.recipe
         world = detect_world()

@@ -150,3 +150,23 @@ def task_name(datamodule: LightningDataModule) -> str:
     if not name:
         raise ValueError(f"{type(datamodule).__name__}: has no task name (init argument 'task')")
     return str(name)
+
+
+def task_datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:
+    """Build the tasks' datamodules, keyed by task name, and check they match the task vectors' tasks."""
+    from drm_lightning.task_vectors.format import read_meta
+
+    metas = {read_meta(folder).task: read_meta(folder) for folder in task_vectors}
+    datamodules: dict[str, Any] = {}
+    for i, entry in enumerate(tasks or []):
+        spec = load_task_spec(entry)
+        base = next(iter(metas.values())).base_model if metas else None
+        dm = instantiate_datamodule(with_defaults(spec, {}, tokenizer=base), where=f"tasks[{i}]")
+        datamodules[task_name(dm)] = dm
+    missing = sorted(set(metas) - set(datamodules))
+    if missing:
+        raise ValueError(f"tasks: no datamodule for task(s) {missing} of the task vectors (have {sorted(datamodules)})")
+    extra = sorted(set(datamodules) - set(metas))
+    if extra:
+        raise ValueError(f"tasks: task(s) {extra} have no task vector among {sorted(metas)}")
+    return datamodules

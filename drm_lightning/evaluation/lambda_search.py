@@ -301,7 +301,7 @@ def search_merged_lambda(
     """
     from drm_lightning.evaluation.merged import MergedBackbone
     from drm_lightning.evaluation.multitask import evaluate_backbone
-    from drm_lightning.merging.merger import read_merge_record
+    from drm_lightning.merging.record import read_merge_record
 
     backbone = merged if isinstance(merged, MergedBackbone) else None
     folder = backbone.merged if backbone is not None else Path(merged)

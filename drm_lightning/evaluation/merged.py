@@ -16,7 +16,7 @@ import torch
 
 def merged_delta_index(merged: str | os.PathLike[str]) -> dict[str, Path]:
     """Parameter name -> the shard of a merged folder (``merge_task_vectors`` output) that holds its merged delta."""
-    from drm_lightning.merging.merger import INDEX_FILE, MERGED_DIR
+    from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
 
     folder = Path(merged)
     index_path = folder / MERGED_DIR / INDEX_FILE
@@ -52,7 +52,7 @@ class MergedBackbone:
             torch_dtype, gguf_file: how to load the base; default: what ``merge.json`` records (the task vectors'
                 own, so a base fitted in bfloat16 or from a GGUF file is reloaded the same way).
         """
-        from drm_lightning.merging.merger import apply_merged_delta
+        from drm_lightning.merging.apply import apply_merged_delta
 
         self.merged = Path(merged)
         self.model = apply_merged_delta(self.merged, 0.0, torch_dtype=torch_dtype, gguf_file=gguf_file)
@@ -63,7 +63,7 @@ class MergedBackbone:
     @torch.no_grad()
     def at(self, lam: float):  # -> the backbone module (a transformers PreTrainedModel)
         """The backbone with ``W_0 + lam·Δ_merged`` (the same module object every time, changed in place)."""
-        from drm_lightning.merging.merger import add_merged_delta
+        from drm_lightning.merging.apply import add_merged_delta
 
         if lam != self.lam:
             state = self.model.state_dict()

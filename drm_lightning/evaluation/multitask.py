@@ -208,7 +208,7 @@ def evaluate_backbone(
             model whose weights are not the ones the task vectors were taken against (``with_task_vector``).
     """
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.models.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
+    from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
 
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")

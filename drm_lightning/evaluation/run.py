@@ -63,7 +63,7 @@ def merged_labels(
             str(label): list(value) if isinstance(value, list | tuple) else Path(value)
             for label, value in merged.items()
         }
-    from drm_lightning.merging.merger import read_merge_record
+    from drm_lightning.merging.record import read_merge_record
 
     out: dict[str, Path | list[Variant]] = {}
     for folder in merged:
@@ -174,7 +174,7 @@ def _evaluate_method(
     λ on validation, the best (set, λ) wins (ties to the earlier set), and only the winner is run on ``split``.
     Each set's base is loaded in turn and dropped after its search, so at most one model is held.
     """
-    from drm_lightning.merging.merger import read_merge_record
+    from drm_lightning.merging.record import read_merge_record
 
     searched = bool(variants[0].name)
     results: list[VariantResult] = []
@@ -272,7 +272,7 @@ def _shared(units: Sequence[str], work: Callable[[str], Any], rank: int, world: 
     """
     if world == 1:
         return {unit: work(unit) for unit in units}
-    from drm_lightning.merging.distributed import gather_results
+    from drm_lightning.world import gather_results
 
     mine: dict[str, Any] = {}
     error: BaseException | None = None

@@ -209,13 +209,13 @@ def estimate_adapter_bytes(readers: Iterable[Any], max_rank: int | None = None) 
     """Bytes of the adapter for these task vectors, from their headers: per adapted ``[n, m]`` matrix
     ``min(Σ r_i, max_rank) · (n + m)`` float32 values, plus every densely changed parameter in float32 (its module
     is saved whole, usually a norm: a small over-estimate)."""
-    from drm_lightning.merging.merger import _delta_shapes
+    from drm_lightning.merging.space import delta_shapes
 
     ranks: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dense: dict[str, int] = {}
     for reader in readers:
-        for name, shape in _delta_shapes(reader).items():
+        for name, shape in delta_shapes(reader).items():
             if reader.is_lowrank(name):
                 ranks[name] = ranks.get(name, 0) + int(reader.meta.lora.r if reader.meta.lora else 0)
                 shapes[name] = shape
@@ -261,16 +261,11 @@ def merge_to_adapter(
     written atomically. Returns the adapter summary (also in ``merge.json["adapter"]``).
     """
     from drm_lightning.export.model import meta_architecture
-    from drm_lightning.merging.merger import (
-        _check_lam,
-        _check_output,
-        _save_tokenizer,
-        copy_heads,
-        heads_bytes,
-        merge_parameters,
-        prepare_merge,
-        write_merge_record,
-    )
+    from drm_lightning.merging.apply import check_lam, save_tokenizer
+    from drm_lightning.merging.merger import merge_parameters
+    from drm_lightning.merging.record import copy_heads, write_merge_record
+    from drm_lightning.merging.setup import check_output, prepare_merge
+    from drm_lightning.merging.space import heads_bytes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
@@ -278,9 +273,9 @@ def merge_to_adapter(
     t_start = time.perf_counter()
     folders = [Path(p) for p in task_vectors]
     check_adapter_request(method, folders, max_rank)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     output = Path(output)
-    _check_output(output, folders)
+    check_output(output, folders)
     setup = prepare_merge(
         folders, method, params, coefficients, base=base, family=family, plan=plan, device=device,
         torch_dtype=torch_dtype, gguf_file=gguf_file,
@@ -308,7 +303,7 @@ def merge_to_adapter(
         )
         del base_state
         copy_heads(setup.readers, tmp)
-        _save_tokenizer(setup.base, tmp)
+        save_tokenizer(setup.base, tmp)
         timings["total"] = time.perf_counter() - t_start
         write_merge_record(tmp, setup, timings, count, lam=lam, save_as="adapter", adapter=summary)
     return summary
@@ -349,28 +344,24 @@ def adapter_from_merged(
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary."""
     from drm_lightning.evaluation.merged import merged_delta_index
     from drm_lightning.export.model import meta_architecture
-    from drm_lightning.merging.merger import (
-        HEADS_DIR,
-        MERGE_FILE,
-        _check_lam,
-        _check_output,
-        _delta_shapes,
-        _save_tokenizer,
-        iter_merged_delta,
-        read_merge_record,
-        resolve_device,
-    )
+    from drm_lightning.merging.apply import check_lam, save_tokenizer
     from drm_lightning.merging.reader import TaskVectorReader
-    from drm_lightning.models.backbone import fingerprint_matches, load_backbone
+    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
+    from drm_lightning.merging.setup import check_output
+    from drm_lightning.merging.shards import iter_merged_delta
+    from drm_lightning.merging.space import delta_shapes
+    from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
+    from drm_lightning.task_vectors.fingerprint import fingerprint_matches
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
+    from drm_lightning.world import resolve_device
 
     merged, output = Path(merged), Path(output)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     record = read_merge_record(merged)
     folders = [Path(i["path"]) for i in record.get("inputs", [])]
     check_adapter_request(str(record["method"]), folders, max_rank)
-    _check_output(output, [merged, *folders])
+    check_output(output, [merged, *folders])
     readers = [TaskVectorReader(f) for f in folders]
     check_free_space({output: estimate_adapter_bytes(readers, max_rank)}, "adapter")
     names = set(merged_delta_index(merged))
@@ -379,7 +370,7 @@ def adapter_from_merged(
     )
     shapes: dict[str, tuple[int, ...]] = {}
     for reader in readers:
-        shapes.update(_delta_shapes(reader))
+        shapes.update(delta_shapes(reader))
     builder = AdapterBuilder(prefix, lam, max_rank, resolve_device(device))
     for name, delta in iter_merged_delta(merged):
         _add(builder, name, delta, readers, shapes[name], str(record.get("label") or record["method"]))
@@ -396,7 +387,7 @@ def adapter_from_merged(
         )
         if (merged / HEADS_DIR).is_dir():
             shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
-        _save_tokenizer(record["base_model"], tmp)
+        save_tokenizer(record["base_model"], tmp)
         out = {**record, "lam": lam, "merged_delta": str(merged.resolve()), "save_as": "adapter", "adapter": summary}
         (tmp / MERGE_FILE).write_text(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
     return summary

@@ -29,15 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from drm_lightning.models.backbone import (
-    _accepts_pooling_flag,
-    check_family,
-    dtype_name,
-    fingerprint_state,
-    parse_dtype,
-)
-from drm_lightning.models.fingerprint import scheme_of
+from drm_lightning.models.backbone import _accepts_pooling_flag, check_family, dtype_name, parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
+from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -182,7 +176,7 @@ def load_full_base(
 
 def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: str, scheme: str = "sampled1") -> str:
     """``fingerprint`` of the ``load_backbone`` module inside ``backbone`` (which may hold more: a pooler), under
-    ``scheme`` (``models/fingerprint.py``: a merge.json recorded before ``sampled1`` holds a full hash).
+    ``scheme`` (``task_vectors/fingerprint.py``: a merge.json recorded before ``sampled1`` holds a full hash).
 
     Raises:
         ValueError: ``backbone`` lacks some of the backbone's parameters.
@@ -223,24 +217,19 @@ def save_merged_model(
         InsufficientSpaceError: ``output``'s filesystem clearly lacks room (checked before and after loading).
     """
     from drm_lightning.evaluation.merged import merged_delta_index
-    from drm_lightning.merging.merger import (
-        _CONFIG_ALLOWANCE,
-        HEADS_DIR,
-        MERGE_FILE,
-        _check_lam,
-        _check_output,
-        _loaded_as,
-        _save_tokenizer,
-        _tokenizer_bytes,
-        _tree_bytes,
-        add_merged_delta,
+    from drm_lightning.merging.apply import add_merged_delta, check_lam, save_tokenizer
+    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
+    from drm_lightning.merging.setup import check_output, describe_load
+    from drm_lightning.merging.space import (
+        CONFIG_ALLOWANCE,
         estimate_model_bytes,
         model_bytes,
-        read_merge_record,
+        tokenizer_bytes,
+        tree_bytes,
     )
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     merged = Path(merged)
     record = read_merge_record(merged)
     base_name = base if base is not None else record["base_model"]
@@ -250,8 +239,8 @@ def save_merged_model(
         "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
     }
     output = Path(output)
-    heads = _tree_bytes(merged / HEADS_DIR)
-    _check_output(output, [merged])
+    heads = tree_bytes(merged / HEADS_DIR)
+    check_output(output, [merged])
     estimate = estimate_model_bytes(base_name, **load)
     if estimate is not None:
         check_free_space({output: estimate + heads}, "merged model")
@@ -262,16 +251,16 @@ def save_merged_model(
     actual = backbone_fingerprint(backbone, config, family, scheme_of(record["base_fingerprint"]))
     if actual != record["base_fingerprint"]:
         raise ValueError(
-            f"base model {base_name!r} {_loaded_as(load)} has fingerprint {actual}, but {merged / MERGE_FILE} was "
+            f"base model {base_name!r} {describe_load(load)} has fingerprint {actual}, but {merged / MERGE_FILE} was "
             f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
             "apply"
         )
     add_merged_delta(backbone, merged, lam)  # the evaluation's arithmetic, so the same bytes as MergedBackbone.at
-    needed = model_bytes(model) + _tokenizer_bytes(base_name) + heads + _CONFIG_ALLOWANCE
+    needed = model_bytes(model) + tokenizer_bytes(base_name) + heads + CONFIG_ALLOWANCE
     check_free_space({output: needed}, "merged model")
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _save_tokenizer(base_name, tmp)
+        save_tokenizer(base_name, tmp)
         if (merged / HEADS_DIR).is_dir():
             shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
         out_record = {

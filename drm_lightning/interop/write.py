@@ -27,7 +27,7 @@ from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
 from drm_lightning.interop.stream_writer import StreamingSafetensorsWriter
 from drm_lightning.models.backbone import load_backbone
-from drm_lightning.models.fingerprint import fingerprint
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     HEAD_FILE,

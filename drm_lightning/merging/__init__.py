@@ -1,5 +1,7 @@
-"""Model merging: pure tensor methods (``functional``), factored LoRA deltas (``lowrank``), the method registry,
-the parameter plan and the streaming merger of whole models.
+"""Model merging, by job: pure tensor methods (``functional``, ``linalg``, ``lowrank``), the method ``registry``,
+the parameter ``plan``, the lazy ``reader`` of task vectors, validation and planning (``setup``), the streaming
+``merger``, the merged-delta files (``shards``), ``merge.json`` and heads (``record``), disk-space estimates
+(``space``), applying λ (``apply``) and the merge shared out between ranks (``distributed``).
 
 The public names below are imported lazily (PEP 562), so ``import drm_lightning.merging.functional`` stays free of
 ``transformers`` and the merger's other heavy imports.
@@ -11,16 +13,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "merge_task_vectors": "merger",
-    "apply_merged_delta": "merger",
-    "add_merged_delta": "merger",
-    "merge_parameters": "merger",
-    "prepare_merge": "merger",
-    "iter_merged_delta": "merger",
-    "read_merge_record": "merger",
     "MergeResult": "merger",
-    "MergeSetup": "merger",
-    "ShardWriter": "merger",
+    "merge_parameters": "merger",
+    "merge_task_vectors": "merger",
+    "MergeSetup": "setup",
+    "prepare_merge": "setup",
+    "base_load_options": "setup",
+    "MERGED_DIR": "shards",
+    "INDEX_FILE": "shards",
+    "ShardWriter": "shards",
+    "iter_merged_delta": "shards",
+    "MERGE_FILE": "record",
+    "HEADS_DIR": "record",
+    "read_merge_record": "record",
+    "check_merge_space": "space",
+    "estimate_merge_bytes": "space",
+    "estimate_model_bytes": "space",
+    "add_merged_delta": "apply",
+    "apply_merged_delta": "apply",
     "MergePlan": "plan",
     "PlanEntry": "plan",
     "TaskVectorReader": "reader",
@@ -28,10 +38,15 @@ _EXPORTS = {
     "MergeMethod": "registry",
     "get_method": "registry",
     "LowRankDelta": "lowrank",
+    "merge_task_vectors_distributed": "distributed",
 }
 
 __all__ = [
+    "HEADS_DIR",
+    "INDEX_FILE",
     "LowRankDelta",
+    "MERGED_DIR",
+    "MERGE_FILE",
     "METHODS",
     "MergeMethod",
     "MergePlan",
@@ -42,31 +57,31 @@ __all__ = [
     "TaskVectorReader",
     "add_merged_delta",
     "apply_merged_delta",
+    "base_load_options",
+    "check_merge_space",
+    "estimate_merge_bytes",
+    "estimate_model_bytes",
     "get_method",
     "iter_merged_delta",
     "merge_parameters",
     "merge_task_vectors",
+    "merge_task_vectors_distributed",
     "prepare_merge",
     "read_merge_record",
 ]
 
 if TYPE_CHECKING:
+    from drm_lightning.merging.apply import add_merged_delta, apply_merged_delta
+    from drm_lightning.merging.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.lowrank import LowRankDelta
-    from drm_lightning.merging.merger import (
-        MergeResult,
-        MergeSetup,
-        ShardWriter,
-        add_merged_delta,
-        apply_merged_delta,
-        iter_merged_delta,
-        merge_parameters,
-        merge_task_vectors,
-        prepare_merge,
-        read_merge_record,
-    )
+    from drm_lightning.merging.merger import MergeResult, merge_parameters, merge_task_vectors
     from drm_lightning.merging.plan import MergePlan, PlanEntry
     from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
+    from drm_lightning.merging.setup import MergeSetup, base_load_options, prepare_merge
+    from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR, ShardWriter, iter_merged_delta
+    from drm_lightning.merging.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
 
 
 def __getattr__(name: str) -> Any:

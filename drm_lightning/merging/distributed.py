@@ -33,15 +33,12 @@ leaving the others waiting for a timeout.
 
 from __future__ import annotations
 
-import atexit
-import json
 import math
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -49,137 +46,40 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from drm_lightning.merging.merger import (
-    DEFAULT_MAX_SHARD_BYTES,
-    MERGED_DIR,
-    MergeResult,
-    MergeSetup,
-    ShardWriter,
-    check_max_shard_bytes,
-    check_merge_space,
-    copy_heads,
-    merge_parameters,
-    merge_task_vectors,
-    prepare_merge,
-    resolve_device,
-    write_index,
-    write_merge_record,
-)
+from drm_lightning.merging.merger import MergeResult, merge_parameters, merge_task_vectors
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
+from drm_lightning.merging.record import copy_heads, write_merge_record
 from drm_lightning.merging.registry import get_method
+from drm_lightning.merging.setup import MergeSetup, prepare_merge
+from drm_lightning.merging.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    MERGED_DIR,
+    ShardWriter,
+    check_max_shard_bytes,
+    write_index,
+)
+from drm_lightning.merging.space import check_merge_space
 from drm_lightning.task_vectors.format import (
     atomic_dir,
     open_safetensors,
     remove_stale_temporaries,
     temporary_prefix,
 )
+from drm_lightning.world import (
+    DEFAULT_TIMEOUT_S,
+    WorldInfo,
+    detect_world,
+    failure_status,
+    group_broadcast_json,
+    group_exchange,
+    init_default_group,
+    raise_failures,
+    rank_device,
+)
 
 Layout = Literal["canonical", "per_rank"]
 LAYOUTS: tuple[str, ...] = ("canonical", "per_rank")
-#: Collectives wait for the slowest rank's whole share of the merge, so the timeout must cover a long merge.
-DEFAULT_TIMEOUT_S = 4 * 3600.0
-
-
-@dataclass(frozen=True)
-class WorldInfo:
-    """Where this process stands among the merge processes.
-
-    Attributes:
-        world_size: number of processes.
-        rank: this process's global rank.
-        local_rank: its rank on its node (picks ``cuda:LOCAL_RANK``).
-        source: what said so: ``"initialized"`` (a process group already exists), ``"torchrun"`` (WORLD_SIZE/RANK
-            environment, as torchrun and ``torch.distributed.launch`` set), ``"slurm"`` (srun), ``"single"``.
-        main_address: the rendezvous host (``None``: taken from ``MASTER_ADDR`` by ``env://``).
-        main_port: the rendezvous port (``None``: from ``MASTER_PORT``).
-    """
-
-    world_size: int
-    rank: int
-    local_rank: int
-    source: str
-    main_address: str | None = None
-    main_port: int | None = None
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self.rank == 0
-
-
-def _env_int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
-    value = environ.get(key)
-    if value is None:
-        if default is None:
-            raise ValueError(f"environment variable {key} is not set")
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {key}={value!r}: expected an integer") from None
-
-
-def detect_world(environ: Mapping[str, str] | None = None) -> WorldInfo:
-    """This process's rank and world size, from an existing process group or the launcher's environment.
-
-    Precedence: an initialised ``torch.distributed`` group; ``WORLD_SIZE``/``RANK`` (torchrun); SLURM's
-    ``SLURM_NTASKS``/``SLURM_PROCID``/``SLURM_LOCALID`` under srun (Lightning's ``SLURMEnvironment``, which also
-    derives the rendezvous address from the node list and the port from the job id); otherwise one process.
-
-    Raises:
-        ValueError: a variable that is not an integer, or a rank outside ``[0, world_size)``, naming the variable.
-    """
-    if environ is None and dist.is_available() and dist.is_initialized():
-        return WorldInfo(dist.get_world_size(), dist.get_rank(), _env_int(os.environ, "LOCAL_RANK", 0), "initialized")
-    env = os.environ if environ is None else environ
-    if "WORLD_SIZE" in env and "RANK" in env:
-        world = WorldInfo(
-            _env_int(env, "WORLD_SIZE"), _env_int(env, "RANK"), _env_int(env, "LOCAL_RANK", 0), "torchrun"
-        )
-    elif "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        world_size = _env_int(env, "SLURM_NTASKS")
-        world = WorldInfo(world_size, _env_int(env, "SLURM_PROCID", 0), _env_int(env, "SLURM_LOCALID", 0), "slurm")
-        if world_size > 1:
-            world = WorldInfo(world.world_size, world.rank, world.local_rank, "slurm", *_slurm_rendezvous(env))
-    else:
-        return WorldInfo(1, 0, 0, "single")
-    if world.world_size < 1:
-        raise ValueError(f"world size {world.world_size} ({world.source}): must be at least 1")
-    if not 0 <= world.rank < world.world_size:
-        raise ValueError(f"rank {world.rank} ({world.source}): outside [0, world size {world.world_size})")
-    return world
-
-
-def _slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
-    """Rendezvous address and port under srun, derived as Lightning's ``SLURMEnvironment`` does (so a merge and a
-    fit in one job agree): ``MASTER_ADDR`` or the first node of ``SLURM_NODELIST``; ``MASTER_PORT`` or 15000 plus
-    the last four digits of ``SLURM_JOB_ID`` (12910 without one).
-    """
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    nodes = env.get("SLURM_NODELIST", "127.0.0.1")
-    address = env.get("MASTER_ADDR") or SLURMEnvironment.resolve_root_node_address(nodes)
-    if "MASTER_PORT" in env:
-        return address, _env_int(env, "MASTER_PORT")
-    job_id = env.get("SLURM_JOB_ID", "")
-    return address, int(job_id[-4:]) + 15000 if job_id.isdigit() else 12910
-
-
-def is_global_zero(environ: Mapping[str, str] | None = None) -> bool:
-    """Whether this process is global rank 0 (or the only process): the one that writes after a merge."""
-    return detect_world(environ).is_global_zero
-
-
-def rank_device(device: str | torch.device | None, local_rank: int) -> torch.device:
-    """The device a rank merges on: ``None``/``"cuda"`` -> ``cuda:LOCAL_RANK`` (modulo the visible GPUs, so one GPU
-    per task under SLURM's ``--gpus-per-task`` works too) when CUDA is there, else CPU; an indexed device as given.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return dev
 
 
 def assign_entries(entries: Sequence[PlanEntry], world_size: int) -> list[list[PlanEntry]]:
@@ -204,167 +104,16 @@ def assign_entries(entries: Sequence[PlanEntry], world_size: int) -> list[list[P
     return [[e for _, e in sorted(share, key=lambda item: item[0])] for share in shares]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# JSON over CPU collectives: plain data between ranks, never pickle.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _encode(obj: Any) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
-
-
-def _broadcast_json(obj: Any, rank: int, group: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    payload = _encode(obj) if rank == 0 else torch.empty(0, dtype=torch.uint8)
-    size = torch.tensor([payload.numel()], dtype=torch.int64)
-    dist.broadcast(size, src=0, group=group)
-    if rank != 0:
-        payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.broadcast(payload, src=0, group=group)
-    return json.loads(bytes(payload.numpy()).decode())
-
-
-def _all_gather_json(obj: Any, world_size: int, group: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order."""
-    payload = _encode(obj)
-    size = torch.tensor([payload.numel()], dtype=torch.int64)
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
-    dist.all_gather(sizes, size, group=group)
-    longest = max(int(s.item()) for s in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[: payload.numel()] = payload
-    gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(world_size)]
-    dist.all_gather(gathered, padded, group=group)
-    return [json.loads(bytes(g[: int(s.item())].numpy()).decode()) for g, s in zip(gathered, sizes, strict=True)]
-
-
-def _failure(err: BaseException) -> dict[str, Any]:
-    return {"ok": False, "error": str(err), "type": type(err).__name__, "user": isinstance(err, ValueError)}
-
-
-def _raise_remote(statuses: Sequence[Mapping[str, Any]], own: BaseException | None) -> None:
-    """Raise on every rank when any rank failed: a rank's own error as it was, the others' by rank and message."""
-    if own is not None:
-        raise own
-    for rank, status in enumerate(statuses):
-        if not status["ok"]:
-            message = f"rank {rank} failed: {status['type']}: {status['error']}"
-            raise ValueError(message) if status["user"] else RuntimeError(message)
-
-
-def _exchange(
-    own: BaseException | None, payload: Mapping[str, Any], world_size: int, group: Any
-) -> list[dict[str, Any]]:
-    statuses = _all_gather_json(_failure(own) if own is not None else {"ok": True, **payload}, world_size, group)
-    if own is not None or not all(s["ok"] for s in statuses):
-        _raise_remote(statuses, own)
-    return statuses
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Process group
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def _init_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> Any:
     """Join (or create) the process group; return a new gloo group of all ranks for this merge's CPU collectives.
 
     Why a group of its own: the default group may be NCCL-only (one a Lightning fit on GPUs created), and its
     timeout (Lightning's 30 minutes) need not cover a rank waiting for the slowest rank's whole share.
     """
-    _init_default_group(world, device, timeout)
+    init_default_group(world, device, timeout)
     return dist.new_group(backend="gloo", timeout=timeout)
 
 
-def _init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
-    """Create the default process group of every launched process from the environment, unless one exists.
-
-    A group created here stays up for the rest of the process (destroyed at exit): a second merge in the same
-    process (a pipeline merging several methods) joins it again, whereas re-initialising under torchrun's shared
-    rendezvous store after a ``destroy_process_group`` is not reliable (it can hang).
-    """
-    if not dist.is_initialized():
-        if world.source == "torchrun":
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise ValueError(f"WORLD_SIZE={world.world_size} is set but {', '.join(missing)} is not")
-            init_method = "env://"
-        else:
-            init_method = f"tcp://{world.main_address}:{world.main_port}"
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(
-            backend, init_method=init_method, world_size=world.world_size, rank=world.rank, timeout=timeout
-        )
-        atexit.register(_destroy_group)
-    if dist.get_world_size() != world.world_size:
-        raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
-
-
-def join_world(
-    device: str | torch.device | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, world: WorldInfo | None = None
-) -> WorldInfo:
-    """Join the default process group of all launched processes (created from the launcher's environment if none
-    exists yet); one process: nothing to join. Returns this process's place.
-
-    Why public: a pipeline whose ranks worked apart (each trained its own experts) meets again here before the
-    merges; the rendezvous waits up to ``timeout_s`` for the slowest rank.
-    """
-    world = world if world is not None else detect_world()
-    if world.world_size > 1 or world.source == "initialized":
-        _init_default_group(world, rank_device(device, world.local_rank), timedelta(seconds=float(timeout_s)))
-    return world
-
-
-def all_ranks_ok(error: BaseException | None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-    """A barrier that carries failures: every rank says whether its own work failed; if any did, every rank raises.
-
-    The failing rank re-raises its own exception; the others raise ``ValueError`` (bad input) or ``RuntimeError``
-    naming the rank and its message. Needs the default process group (``join_world``); without one, only
-    ``error`` itself is raised.
-    """
-    gather_results(error, None, timeout_s)
-
-
-def gather_results(error: BaseException | None, payload: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Any]:
-    """Every rank's ``payload`` (plain JSON data), in rank order, on every rank; raised everywhere if any rank failed.
-
-    Why: ranks that shared out work (each evaluated its own merged models) must all learn every result, and one
-    rank's failure must stop the others instead of leaving them waiting in a collective. Without a process group
-    this is ``[payload]`` (or ``error`` raised).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        if error is not None:
-            raise error
-        return [payload]
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))
-    try:
-        statuses = _exchange(error, {"payload": payload}, dist.get_world_size(), group)
-    finally:
-        dist.destroy_process_group(group)
-    return [status["payload"] for status in statuses]
-
-
-def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
-    """Global rank 0's ``obj`` (plain JSON data, never pickle) on every rank; ``obj`` itself without a group.
-
-    Why: ranks that decide from the file system (is this merge current?) must all take rank 0's decision, or one
-    would enter a collective that the others skip.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return obj
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=float(timeout_s)))
-    try:
-        return _broadcast_json(obj, dist.get_rank(), group)
-    finally:
-        dist.destroy_process_group(group)
-
-
-def _destroy_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The merge
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -572,12 +321,12 @@ def distributed_merge(
                     "staging": str(staging),
                 }
             except Exception as err:  # noqa: BLE001 - every rank must hear of it, then it is re-raised
-                error, shared = err, _failure(err)
-        shared = _broadcast_json(shared, rank, group)
+                error, shared = err, failure_status(err)
+        shared = group_broadcast_json(shared, rank, group)
         if error is not None:
             raise error
         if not shared["ok"]:
-            _raise_remote([shared], None)
+            raise_failures([shared], None)
         staging = Path(shared["staging"])
 
         # Phase 2: every rank merges its share into its own shards.
@@ -592,7 +341,7 @@ def distributed_merge(
             )
         except Exception as err:  # noqa: BLE001
             own = err
-        parts = _exchange(own, result, size, group)
+        parts = group_exchange(own, result, size, group)
         assert setup is not None
 
         # Phase 3: rank 0 assembles one output folder atomically; every rank hears how it went.
@@ -616,7 +365,7 @@ def distributed_merge(
                     )  # fmt: skip
             except Exception as err:  # noqa: BLE001
                 own = err
-        final = _exchange(own, {"timings": timings} if rank == 0 else {}, size, group)
+        final = group_exchange(own, {"timings": timings} if rank == 0 else {}, size, group)
         timings = {k: float(v) for k, v in final[0]["timings"].items()}
         return MergeResult.from_setup(setup, output, timings, merged_count, str(dev))
     finally:
@@ -687,17 +436,8 @@ def merge_task_vectors_distributed(
 
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S",
     "LAYOUTS",
-    "WorldInfo",
-    "all_ranks_ok",
     "assign_entries",
-    "broadcast_json",
-    "detect_world",
     "distributed_merge",
-    "gather_results",
-    "is_global_zero",
-    "join_world",
     "merge_task_vectors_distributed",
-    "rank_device",
 ]

@@ -27,24 +27,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from drm_lightning.merging.merger import (
-    DEFAULT_MAX_SHARD_BYTES,
-    MERGED_DIR,
-    MergeResult,
-    ShardWriter,
-    _check_output,
-    _prepare_deltas,
-    _sync,
-    check_max_shard_bytes,
-    copy_heads,
-    estimate_merge_bytes,
-    prepare_merge,
-    release_freed_memory,
-    write_merge_record,
-)
+from drm_lightning.memory import release_freed_memory
+from drm_lightning.merging.merger import MergeResult, prepare_deltas, sync_device
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
+from drm_lightning.merging.record import copy_heads, write_merge_record
 from drm_lightning.merging.registry import MergeMethod, get_method
+from drm_lightning.merging.setup import check_output, prepare_merge
+from drm_lightning.merging.shards import DEFAULT_MAX_SHARD_BYTES, MERGED_DIR, ShardWriter, check_max_shard_bytes
+from drm_lightning.merging.space import estimate_merge_bytes
 from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
 
@@ -186,9 +177,9 @@ def merge_parameters_many(
         if all(d is None for d in raw):
             timings["read"] += time.perf_counter() - t0
             continue
-        deltas = _prepare_deltas(raw, entry.shape, entry.rule, device)
+        deltas = prepare_deltas(raw, entry.shape, entry.rule, device)
         del raw
-        _sync(device)
+        sync_device(device)
         t1 = time.perf_counter()
         timings["read"] += t1 - t0
         merged = method.merge_many(entry.rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
@@ -200,7 +191,7 @@ def merge_parameters_many(
                 moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
             out.append(moved[id(result)])
         del merged
-        _sync(device)
+        sync_device(device)
         timings[entry.rule] += time.perf_counter() - t1
         for tensor, params in zip(out, param_sets, strict=True):
             if tuple(tensor.shape) != entry.shape:
@@ -248,7 +239,7 @@ def merge_task_vectors_many(
     merge_method = get_method(method)
     checked = [merge_method.check(p) for p in param_sets]
     for out in outputs:
-        _check_output(out, [Path(p) for p in task_vectors])
+        check_output(out, [Path(p) for p in task_vectors])
     setup = prepare_merge(
         task_vectors, method, checked[0], coefficients, base=base, family=family, plan=plan, device=device,
         output=outputs[0], torch_dtype=torch_dtype, gguf_file=gguf_file,

@@ -1,6 +1,6 @@
 """Backbones, task heads, LoRA settings and the expert ``LightningModule``.
 
-- ``backbone``: ``load_backbone(name, family)``, ``fingerprint(module)``, ``FAMILIES``
+- ``backbone``: ``load_backbone(name, family)``, ``load_recorded_base(meta)``, ``FAMILIES``
 - ``heads``: ``EncoderHead``, ``DecoderHead``, ``VisionHead``, ``build_head(config)``
 - ``lora``: ``LoraSettings`` (peft LoRA on the backbone)
 - ``expert``: ``ExpertModule`` (full or LoRA fine-tuning; ``from_task_vector`` for evaluation)
@@ -18,7 +18,7 @@ from typing import Any
 _EXPORTS = {
     "FAMILIES": "backbone",
     "load_backbone": "backbone",
-    "fingerprint": "backbone",
+    "load_recorded_base": "backbone",
     "EncoderHead": "heads",
     "DecoderHead": "heads",
     "VisionHead": "heads",

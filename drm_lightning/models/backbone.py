@@ -1,4 +1,4 @@
-"""Load a pretrained ``transformers`` backbone per model family (fingerprints: ``models/fingerprint.py``).
+"""Load a pretrained ``transformers`` backbone per model family (fingerprints: ``task_vectors/fingerprint.py``).
 
 Why one loader: the expert, the task-vector callback (which reloads ``W_0`` at the end of fitting), the merger and
 the evaluator must all see the *same* module with the *same* ``state_dict()`` names, or deltas would not line up
@@ -29,11 +29,12 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-# Re-exported: callers have always imported the fingerprint from here.
-from drm_lightning.models.fingerprint import fingerprint as fingerprint
-from drm_lightning.models.fingerprint import fingerprint_matches as fingerprint_matches
-from drm_lightning.models.fingerprint import fingerprint_state as fingerprint_state
 from drm_lightning.models.resolve import resolve_pretrained
+
+# Re-exported: callers have always imported the fingerprint from here.
+from drm_lightning.task_vectors.fingerprint import fingerprint as fingerprint
+from drm_lightning.task_vectors.fingerprint import fingerprint_matches as fingerprint_matches
+from drm_lightning.task_vectors.fingerprint import fingerprint_state as fingerprint_state
 from drm_lightning.task_vectors.format import TORCH_DTYPES
 
 if TYPE_CHECKING:

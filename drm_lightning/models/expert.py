@@ -36,11 +36,11 @@ from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
 
 from drm_lightning.models.backbone import FAMILIES, check_family, load_backbone, parse_dtype
-from drm_lightning.models.fingerprint import fingerprint_matches, fingerprint_state, short_fingerprint
 from drm_lightning.models.heads import POOLINGS, ChoiceHead, DecoderHead, EncoderHead, VisionHead, build_head
 from drm_lightning.models.label_words import candidate_logprobs, label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.resolve import resolve_pretrained
+from drm_lightning.task_vectors.fingerprint import fingerprint_matches, fingerprint_state, short_fingerprint
 
 METRICS = ("accuracy", "mcc", "f1")
 #: Families whose LM head scores the labels as words (no task head of their own).

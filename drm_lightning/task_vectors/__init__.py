@@ -1,10 +1,11 @@
-"""Task vectors: the on-disk format, the extraction callback, and adding a task vector onto a backbone.
+"""Task vectors: the on-disk format (the contract), the weight fingerprint, adding a task vector onto a backbone.
 
 - ``format``: ``write_task_vector``, ``read_meta``, ``read_head``, ``TaskVectorMeta``, ``LoraMeta`` (the contract)
-- ``callback``: ``TaskVectorCallback`` (writes an expert's task vector when fitting ends)
+- ``fingerprint``: ``fingerprint(module)``, ``fingerprint_state(state)`` (``meta.json``'s ``base_fingerprint``)
 - ``apply``: ``apply_task_vector(backbone, folder, lam)``
 
-Names are exported lazily so that reading a task vector never imports Lightning.
+The extraction callback that writes them is ``drm_lightning.callbacks.TaskVectorCallback`` (it needs the expert
+module, a layer above). Names are exported lazily so that reading a task vector never imports Lightning.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "TaskVectorCallback": "callback",
+    "fingerprint": "fingerprint",
+    "fingerprint_state": "fingerprint",
     "apply_task_vector": "apply",
     "write_task_vector": "format",
     "read_meta": "format",

@@ -45,7 +45,7 @@ def apply_task_vector(
         TaskVectorError: a parameter name or shape in the folder does not fit the backbone, a LoRA factor lacks
             its partner, or (with ``check_fingerprint``) the base weights differ.
     """
-    from drm_lightning.models.fingerprint import fingerprint_matches, short_fingerprint
+    from drm_lightning.task_vectors.fingerprint import fingerprint_matches, short_fingerprint
 
     meta = read_meta(folder)
     path = Path(folder) / DELTAS_FILE

@@ -32,9 +32,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from drm_lightning.models.backbone import fingerprint, load_backbone
+from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule, parse_dtype
 from drm_lightning.models.lora import backbone_name, split_lora_state
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (
     LoraMeta,
     TaskVectorMeta,

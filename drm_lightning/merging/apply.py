@@ -1,0 +1,146 @@
+"""Apply λ: ``W_0 + λ·Δ_merged`` in memory (``add_merged_delta``) or as a ``save_pretrained`` folder with the base
+tokenizer, the task heads and ``merge.json`` (``apply_merged_delta``).
+
+Why apart from the merge: Δ_merged is computed once (the expensive part) and λ is searched on validation data, so
+each λ only rescales it; the evaluator's ``MergedBackbone`` uses the same arithmetic without reloading the base.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from drm_lightning.merging.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.setup import describe_load
+from drm_lightning.merging.shards import MERGED_DIR, iter_merged_delta
+from drm_lightning.merging.space import (
+    TOKENIZER_FILES,
+)
+from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
+from drm_lightning.models.resolve import resolve_pretrained
+from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@torch.no_grad()
+def add_merged_delta(model: torch.nn.Module, merged: str | os.PathLike[str], lam: float) -> torch.nn.Module:
+    """Add ``lam · Δ_merged`` to ``model``'s weights in place, streaming Δ_merged shard by shard.
+
+    Tied weights (one tensor under two names) are updated once. Non-float32 weights are updated in float32 and
+    rounded once, so bf16 bases do not accumulate two roundings.
+
+    Raises:
+        ValueError: a merged key that is not a parameter of ``model``, or a shape that differs.
+    """
+    lam = check_lam(lam)
+    state = model.state_dict(keep_vars=True)
+    done: set[tuple[int, int]] = set()
+    for name, delta in iter_merged_delta(merged):
+        if name not in state:
+            raise ValueError(f"{Path(merged) / MERGED_DIR}: key {name!r} is not a parameter of the base model")
+        target = state[name]
+        target = target.data if isinstance(target, torch.nn.Parameter) else target
+        if tuple(target.shape) != tuple(delta.shape):
+            raise ValueError(
+                f"{Path(merged) / MERGED_DIR}: key {name!r} has shape {list(delta.shape)}, "
+                f"base parameter has {list(target.shape)}"
+            )
+        storage = (target.untyped_storage().data_ptr(), target.storage_offset())
+        if storage in done:
+            continue
+        done.add(storage)
+        delta = delta.to(target.device)
+        if target.dtype == torch.float32:
+            target.add_(delta, alpha=lam)
+        else:
+            target.copy_((target.float() + lam * delta).to(target.dtype))
+    return model
+
+
+def check_lam(lam: float) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+        raise ValueError(f"lam={lam!r}: expected a finite number")
+    return float(lam)
+
+
+def save_tokenizer(base: str, folder: Path) -> bool:
+    """Save the base model's tokenizer next to the merged weights, if it has one; return whether it did."""
+    from transformers import AutoTokenizer
+
+    path = resolve_pretrained(base)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a hub model without a tokenizer, or an image model's folder
+        return False
+    tokenizer.save_pretrained(folder)
+    return True
+
+
+def apply_merged_delta(
+    merged: str | os.PathLike[str],
+    lam: float,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    max_shard_size: str | int = "2GB",
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> PreTrainedModel:
+    """Load the base backbone, add ``lam · Δ_merged`` and return it; with ``output``, save the merged model there.
+
+    Why return the model: a λ search evaluates each λ in memory; Δ_merged was computed once and each λ only
+    rescales it. With ``output``, ``drm_lightning.export.model.save_merged_model`` writes a complete folder of the
+    base's own architecture (pooler, ``lm_head``, tied weights, config), the base tokenizer, the task heads and a
+    ``merge.json`` recording ``lam``, atomically, and the backbone part of that model is returned.
+
+    Args:
+        merged: a folder written by ``merge_task_vectors``.
+        lam: the scaling coefficient λ.
+        output: where to write the merged model (``None``: nothing written).
+        base: the base model; default: the one recorded in ``merge.json``.
+        family: the ``load_backbone`` family; default: the recorded one.
+        max_shard_size: ``save_pretrained``'s shard size.
+        torch_dtype, gguf_file: how to load the base; default: the ones ``merge.json`` records (the task vectors'),
+            so a base fitted in bfloat16 is merged and saved in bfloat16.
+
+    Raises:
+        ValueError: bad ``lam``, a merged folder that is not one, or a base whose fingerprint differs from the
+            recorded one.
+        InsufficientSpaceError: ``output``'s filesystem clearly lacks room for the model folder; checked from the
+            base checkpoint's headers before the base is loaded where they tell, and always before writing.
+    """
+    lam = check_lam(lam)
+    if output is not None:
+        from drm_lightning.export.model import save_merged_model
+
+        return save_merged_model(
+            merged, lam, output, base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype,
+            gguf_file=gguf_file,
+        )  # fmt: skip
+    merged = Path(merged)
+    record = read_merge_record(merged)
+    base_name = base if base is not None else record["base_model"]
+    family = check_family(family if family is not None else record["family"])
+    load = {
+        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
+        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
+    }
+    model = load_backbone(base_name, family, **load)
+    if not fingerprint_matches(model, record["base_fingerprint"]):
+        base_fp = fingerprint(model)
+        raise ValueError(
+            f"base model {base_name!r} {describe_load(load)} has fingerprint {base_fp}, but {merged / MERGE_FILE} was "
+            f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
+            "apply"
+        )
+    add_merged_delta(model, merged, lam)
+    return model

@@ -1,0 +1,92 @@
+"""The merge record: ``merge.json`` (what was merged, how, against which base) and the ``heads/<task>/`` copies.
+
+Why apart from the merge loop: the single-process and the distributed merge write it, ``apply_merged_delta``
+extends it with λ, and the evaluator and the ``merge``/``pipeline`` commands read it to label and reuse merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from drm_lightning.merging.plan import summarize
+from drm_lightning.merging.reader import TaskVectorReader
+from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, library_versions
+
+if TYPE_CHECKING:
+    from drm_lightning.merging.setup import MergeSetup
+
+MERGE_FILE = "merge.json"
+HEADS_DIR = "heads"
+MERGE_FORMAT_VERSION = 1
+
+
+def read_merge_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``merge.json`` of a merged (or applied) folder."""
+    path = Path(folder) / MERGE_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: not found (is {folder} a folder written by merge_task_vectors?)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    missing = [k for k in ("method", "base_model", "base_fingerprint", "family") if k not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    return data
+
+
+def copy_heads(readers: Sequence[TaskVectorReader], folder: str | os.PathLike[str]) -> None:
+    """Copy each task's ``head.safetensors`` and ``meta.json`` to ``folder/heads/<task>/``."""
+    for reader in readers:
+        dest = Path(folder) / HEADS_DIR / reader.task
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in (HEAD_FILE, META_FILE):
+            shutil.copyfile(reader.folder / name, dest / name)
+
+
+def write_merge_record(
+    folder: str | os.PathLike[str],
+    setup: MergeSetup,
+    timings: Mapping[str, float],
+    merged_parameters: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Write ``merge.json``: what was merged, how, from what, against which base, how long it took."""
+    record: dict[str, Any] = {
+        "format_version": MERGE_FORMAT_VERSION,
+        "method": setup.method.name,
+        "label": setup.method.label,
+        "params": setup.params,
+        "coefficients": setup.coefficients,
+        "base_model": setup.base,
+        "base_fingerprint": setup.base_fingerprint,
+        "family": setup.family,
+        "torch_dtype": setup.torch_dtype,
+        "gguf_file": setup.gguf_file,
+        "inputs": [
+            {
+                "path": str(r.folder.resolve()),
+                "task": r.task,
+                "kind": r.meta.kind,
+                "base_fingerprint": r.meta.base_fingerprint,
+                "lora_r": r.meta.lora.r if r.meta.lora is not None else None,
+                "metrics": r.meta.metrics,
+            }
+            for r in setup.readers
+        ],
+        "plan": asdict(setup.plan),
+        "rule_counts": summarize(setup.entries),
+        "merged_parameters": merged_parameters,
+        "timings": {k: round(float(v), 6) for k, v in timings.items()},
+        "device": str(setup.device),
+        "versions": library_versions(),
+        **extra,
+    }
+    (Path(folder) / MERGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return record
