@@ -40,6 +40,12 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     config = json.loads((orphan / "adapter_config.json").read_text())
     (orphan / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "nobody/nothing"}))
     dora_model = BertForSequenceClassification.from_pretrained(base, config=bert_config())
+    grown = BertForSequenceClassification.from_pretrained(base, config=bert_config())
+    grown.resize_token_embeddings(70)  # added tokens, trained in full beside the LoRA
+    grown_lora = lora_adapter(grown, root / "adapter_added_tokens", 10, r=4, lora_alpha=8, target_modules=["query"],
+                              modules_to_save=["word_embeddings", "classifier"])  # fmt: skip
+    config = json.loads((grown_lora / "adapter_config.json").read_text())
+    (grown_lora / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
     return {
         "root": root,
         "base": base,
@@ -51,6 +57,7 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "llama_lora": llama_lora(llama, root / "llama_lora", seed=8),
         "wide_lora": bert_lora(wide, root / "wide_lora", seed=8),
         "orphan": orphan,
+        "adapter_added_tokens": grown_lora,
     }
 
 
@@ -77,6 +84,11 @@ CASES = [
     ("other_model", ["--adapter", "{llama_lora}", "--base", "{base}"], ["{llama_lora}", "q_proj", "not a linear"]),
     ("other_base", ["--adapter", "{wide_lora}", "--base", "{base}"], ["{wide_lora}", "[32, 32]", "another base"]),
     ("orphan", ["--adapter", "{orphan}"], ["{orphan}", "nobody/nothing", "--base"]),
+    (
+        "adapter_added_tokens",
+        ["--adapter", "{adapter_added_tokens}"],
+        ["{adapter_added_tokens}", "70 token embeddings", "has 64", "--skip", "word_embeddings"],
+    ),
     ("no_base", ["--model", "{wide_full}"], ["{wide_full}", "--base"]),
 ]
 
@@ -123,3 +135,16 @@ def test_added_tokens_merge_with_the_embeddings_skipped(bad: dict[str, Path], tm
     with safe_open(str(tv / "task_vector.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "embeddings.word_embeddings.weight" not in names and "encoder.layer.0.attention.self.query.weight" in names
+
+
+def test_adapter_with_added_tokens_merges_with_the_embeddings_skipped(bad: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--adapter", str(bad["adapter_added_tokens"]), "--skip", "[word_embeddings]"]
+    assert main(["extract", *args, "--output", str(tmp_path / "tv")]) == 0
+    meta = read_meta(tmp_path / "tv")
+    assert meta.kind == "lora" and meta.head["num_labels"] == 3
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "tv" / "task_vector.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "embeddings.word_embeddings.weight" not in names
+    assert "encoder.layer.0.attention.self.query.weight.lora_A" in names

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from drm_lightning.interop.base import BaseInfo, describe_base, skipped
+from drm_lightning.interop.base import BaseInfo, describe_base, embedding_skip_patterns, skipped
 from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
 from drm_lightning.interop.names import backbone_map, label_names, match_head
 from drm_lightning.interop.write import ImportPlan, head_source, task_name_for, write_import
@@ -166,13 +166,21 @@ def plan_adapter(
         raise CheckpointError(f"{folder}: {err}") from None
     for name, key in mapping.items():
         tensor = files.tensors[stored[key]]
+        if skipped(name, skip):
+            continue
+        if name in info.embeddings and tensor.shape[1:] == info.shapes[name][1:] and tensor.shape != info.shapes[name]:
+            patterns = ",".join(embedding_skip_patterns(info))
+            raise CheckpointError(
+                f"{tensor.file}: {key!r} (modules_to_save) has {tensor.shape[0]} token embeddings, but the base "
+                f"{info.name} has {info.shapes[name][0]} (tokens added when fine-tuning?): they cannot be merged onto "
+                f"the base's; to merge everything else, leave them out with --skip '[{patterns}]'"
+            )
         if tensor.shape != info.shapes[name]:
             raise CheckpointError(
                 f"{tensor.file}: {key!r} has shape {list(tensor.shape)}, but the base {info.name} has "
                 f"{list(info.shapes[name])}: the adapter was trained on another base ({origin})"
             )
-        if not skipped(name, skip):
-            plan.dense[name] = lambda key=stored[key]: files.read(key)
+        plan.dense[name] = lambda key=stored[key]: files.read(key)
     _plan_head(plan, info, files, {k: stored[k] for k in rest}, folder, head_lora)
     plan.source.update(
         {
