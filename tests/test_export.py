@@ -19,6 +19,7 @@ import torch
 from helpers_models import write_task_vectors
 from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_model
+from transformers import AutoTokenizer
 
 from drm_lightning.cli import main
 from drm_lightning.evaluation.merged import MergedBackbone
@@ -27,7 +28,7 @@ from drm_lightning.export.factor import factor_delta
 from drm_lightning.merging import functional as F
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.shards import iter_merged_delta
-from drm_lightning.models.heads import EncoderHead
+from drm_lightning.models.heads import DecoderHead, EncoderHead
 from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, read_meta
 
 LAM = 0.7
@@ -81,11 +82,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _with_encoder_heads(folders: list[Path], pooling: str = "mean") -> None:
-    """Give fake task vectors real ``EncoderHead``s (state and config), as ``fit`` writes them."""
+def _with_heads(folders: list[Path], kind: str = "encoder") -> None:
+    """Give fake task vectors real heads (state and config), as ``fit`` writes them: mean-pooling ``EncoderHead``s
+    or ``DecoderHead``s."""
     for i, folder in enumerate(folders):
         torch.manual_seed(100 + i)
-        head = EncoderHead(32, 2, pooling=pooling)
+        head = EncoderHead(32, 2, pooling="mean") if kind == "encoder" else DecoderHead(32, 2)
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
         meta = json.loads((folder / META_FILE).read_text())
         meta["head"] = head.config()
@@ -121,10 +123,11 @@ def run(tmp_path_factory) -> dict:
     jobs["tied"] = {"class": "AutoModelForCausalLM", "path": str(root / "tied"), "tied": 1}
     encoder = make_tiny_model("encoder", root / "encoder_base")  # BertModel with its pooler
     enc_tvs = write_task_vectors(encoder, root / "tvs_encoder", 2)
-    _with_encoder_heads(enc_tvs)
+    _with_heads(enc_tvs)
     _merge("--task_vectors", _tvs(enc_tvs), "--method", "iso_c", "--lam", str(LAM), "--output", str(root / "encoder"))
     jobs["encoder"] = {"class": "AutoModel", "path": str(root / "encoder")}
     lora = write_task_vectors(decoder, root / "tvs_lora", 3, kind="lora", family="decoder", rank=3, scale=0.05)
+    _with_heads(lora, "decoder")
     for method in EXACT:
         common = ["--task_vectors", _tvs(lora), "--method", method, "--lam", str(LAM)]
         _merge(*common, "--output", str(root / f"dense_{method}"))
@@ -188,6 +191,33 @@ def test_encoder_folder_keeps_the_pooler_and_load_task_model_matches_the_evaluat
             loaded = load_task_model(out, task)(input_ids=ids, attention_mask=mask)
         assert _rel(plain, evaluation) < 1e-5
         assert _rel(loaded, evaluation) < 1e-6
+
+
+def test_the_report_lines_classify_with_plain_transformers_and_peft(run: dict) -> None:
+    """The three lines a report ends with, run in a fresh interpreter (no drm_lightning), give load_task_model's
+    prediction and logits: an encoder model folder (mean pooling), a decoder adapter folder (last-token head) and a
+    label-word decoder_lm folder (log-likelihoods)."""
+    from drm_lightning.export.snippet import usage_lines
+
+    root = run["root"]
+    cases = [(root / "encoder", "task0"), (root / "adapter_iso_c", "task1"), (root / "decoder_lm", "task0")]
+    text = "the movie was good"
+    script = "\n".join(line for folder, task in cases for line in usage_lines(folder, task, text))
+    done = subprocess.run(
+        [sys.executable, "-c", script + "\nimport sys; assert 'drm_lightning' not in sys.modules"],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(printed) == len(cases)
+    for (folder, task), line in zip(cases, printed, strict=True):
+        model = load_task_model(folder, task)
+        inputs = AutoTokenizer.from_pretrained(folder)([text], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+        label, values = line.split(" ", 1)
+        assert label == model.label_names[int(logits.argmax())]
+        assert _rel(torch.tensor(json.loads(values)), logits) < 1e-4, (folder, line, logits)
 
 
 # -- LoRA out --------------------------------------------------------------------------------------------------

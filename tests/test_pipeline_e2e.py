@@ -82,6 +82,41 @@ def test_report_matches_the_recipe(first_run: dict) -> None:
     assert "task_arithmetic" in markdown and "drm_v_half" in markdown and "sentiment" in markdown
 
 
+def test_the_best_model_is_exported_and_the_report_ends_with_its_python(first_run: dict) -> None:
+    """drm_v_half has a fixed λ (no validation score), so the best on validation is task_arithmetic; the report's
+    last lines run in a fresh interpreter without drm_lightning and predict what load_task_model predicts."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from drm_lightning import load_task_model
+
+    run = first_run["run"]
+    report = json.loads((run / "report.json").read_text())
+    exported = report["exported"]
+    assert exported["label"] == "task_arithmetic" and exported["save_as"] == "model"
+    assert exported["lambda"] == report["results"]["methods"][0]["lambda"]
+    folder = run / "models" / "task_arithmetic"
+    assert (folder / "model.safetensors").is_file() and not (run / "models" / "drm_v_half").exists()
+    markdown = (run / "report.md").read_text()
+    code = markdown.split("## Use the merged model", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 3
+    done = subprocess.run(
+        [sys.executable, "-c", code + "import sys; assert 'drm_lightning' not in sys.modules"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    label, values = done.stdout.strip().splitlines()[-1].split(" ", 1)
+    model = load_task_model(folder, exported["task"])
+    inputs = AutoTokenizer.from_pretrained(folder)(*[[x] for x in exported["example"]], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])[0]
+    assert label == model.label_names[int(logits.argmax())]
+    assert torch.allclose(torch.tensor(json.loads(values)), logits, rtol=1e-4, atol=1e-5)
+
+
 def test_second_run_reuses_experts_and_merges(first_run: dict, capsys: pytest.CaptureFixture[str]) -> None:
     run = first_run["run"]
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("task_vectors/*/meta.json")}

@@ -6,6 +6,7 @@ task-specific ones), the ``Trainer`` settings, and the merge methods. The run fo
     <run_dir>/task_vectors/<task>/        one expert per task (TaskVectorCallback)
     <run_dir>/experts/<task>/             its Lightning logs and fit.json (the settings it was fitted with)
     <run_dir>/merged/<label>/             Δ_merged of each method (merge_task_vectors) + merge.json
+    <run_dir>/models/<label>/             the best method on validation (or each) at its λ, loadable without us
     <run_dir>/report.{md,json} *.png      the report (drm_lightning.evaluation.report)
 
 ``experts_dir`` moves the first two elsewhere: a recipe that only merges differently (a parameter search, an
@@ -15,7 +16,8 @@ are missing or were fitted with other settings).
 Stages: (1) fit every expert whose task vector is missing or was fitted with other settings (so a second run
 reuses them: resume friendly); (2) merge with each method; (3) choose λ per method on the validation splits;
 (4) evaluate the pretrained backbone, the experts and each merged model on the final split (test) of every task;
-(5) write and print the report.
+(5) write the best merged model (``export``/``save_as``, see ``pipeline_export``); (6) write and print the report,
+which ends with the Python that loads that model.
 
 Multi-GPU / multi-node: launch the pipeline on every rank (torchrun, srun). By default every expert is fitted by
 all ranks together with the recipe's Trainer (DDP/FSDP), one task after another; with ``procs_per_expert=K`` the
@@ -236,6 +238,20 @@ def build_pipeline_parser() -> LightningArgumentParser:
     )
     parser.add_argument("--plots", type=bool, default=True, help="Draw the report's PNG plots.")
     parser.add_argument(
+        "--export",
+        type=Literal["best", "all", "none"],
+        default="best",
+        help="Merged models written to <run_dir>/models/<label> at their chosen λ: the best method on validation "
+        "(best), every method (all) or none; the report ends with the Python that loads the best one.",
+    )
+    parser.add_argument(
+        "--save_as",
+        type=Literal["model", "adapter"],
+        default="model",
+        help="Form of the exported models: model (the base's own architecture) or adapter (a PEFT LoRA adapter, "
+        "where every expert is LoRA and the method is exact; others are written as models).",
+    )
+    parser.add_argument(
         "--eval_trainer",
         type=dict[str, Any],
         default={},
@@ -264,6 +280,8 @@ class Recipe:
     extend_edges: int = 1
     experts_dir: Path | None = None
     experts: dict[str, str] = field(default_factory=dict)
+    export: str = "best"
+    save_as: str = "model"
 
 
 def _config_dirs(config: Namespace) -> list[Path]:
@@ -324,6 +342,8 @@ def load_recipe(config: Namespace) -> Recipe:
         extend_edges=config.extend_edges,
         experts_dir=Path(config.experts_dir) if config.experts_dir else None,
         experts=dict(config.experts or {}),
+        export=config.export,
+        save_as=config.save_as,
     )
 
 
@@ -708,7 +728,26 @@ class Pipeline:
             more_variants=self.more_variants,
         )
 
-    def report(self, results: Any) -> str:
+    def export(self, results: Any) -> dict[str, Any] | None:
+        """Stage 6: the loadable merged model(s) (``pipeline_export``), written by rank 0 while the others wait."""
+        from drm_lightning.commands.pipeline_export import export_models
+
+        def write() -> dict[str, Any] | None:
+            return export_models(
+                results,
+                {spec.name: self.merged_dir(spec) for spec in self.recipe.methods},
+                {spec.name: spec.method for spec in self.recipe.methods},
+                [self.task_vector_dir(t) for t in self.tasks],
+                self.run_dir / "models",
+                self.datamodules,
+                export=self.recipe.export,
+                save_as=self.recipe.save_as,
+                log=_log,
+            )
+
+        return _rank_zero_then_wait(write)
+
+    def report(self, results: Any, usage: dict[str, Any] | None = None) -> str:
         from drm_lightning.evaluation.report import build_report
 
         merged = {}
@@ -716,14 +755,17 @@ class Pipeline:
             chosen = results.method(spec.name).chosen()
             merged[spec.name] = str(self.merged_dir(spec) / chosen.name if chosen else self.merged_dir(spec))
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
-        return build_report(results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots)
+        return build_report(
+            results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots, usage=usage
+        )
 
     def run(self) -> str:
         t0 = time.perf_counter()
         self.fit_experts()
         self.merge_all()
         results = self.evaluate()
-        markdown = self.report(results)
+        usage = self.export(results)
+        markdown = self.report(results, usage)
         if rank_zero_only.rank == 0:
             print(markdown)
         _log(f"done in {time.perf_counter() - t0:.0f}s; report: {self.run_dir / 'report.md'}")

@@ -61,8 +61,12 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_markdown(results: EvaluationResults, images: Sequence[str] = ()) -> str:
-    """The report as markdown; ``images`` are file names (relative to the report) to embed at the end."""
+def render_markdown(
+    results: EvaluationResults, images: Sequence[str] = (), usage: Mapping[str, Any] | None = None
+) -> str:
+    """The report as markdown; ``images`` are file names (relative to the report) to embed; ``usage`` (the
+    exported model: ``label``, ``folder``, ``lambda``, ``save_as``, ``task``, ``lines``) ends it with the Python
+    that loads it."""
     r = results
     pct = f"{r.metric} (%)"
     lines = [
@@ -145,6 +149,19 @@ def render_markdown(results: EvaluationResults, images: Sequence[str] = ()) -> s
         for image in images:
             name = Path(image).name
             lines.append(f"![{Path(name).stem}]({name})")
+    if usage:
+        lines += [
+            "",
+            "## Use the merged model",
+            "",
+            f"`{usage['folder']}`: {_escape(str(usage['label']))} at λ = {fmt_lambda(usage['lambda'])} (best on "
+            f"validation), a {'PEFT LoRA adapter' if usage['save_as'] == 'adapter' else 'save_pretrained model'}. "
+            f"Plain Python that loads it and classifies one `{usage['task']}` example:",
+            "",
+            "```python",
+            *usage["lines"],
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -183,8 +200,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def report_dict(results: EvaluationResults) -> dict[str, Any]:
-    """``report.json``'s content: the results themselves plus the derived numbers the tables show."""
+def report_dict(results: EvaluationResults, usage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``report.json``'s content: the results themselves plus the derived numbers the tables show (and the exported
+    model, when there is one)."""
     r = results
     summary: dict[str, Any] = {
         "pretrained": {"average": r.average("pretrained")},
@@ -200,20 +218,24 @@ def report_dict(results: EvaluationResults) -> dict[str, Any]:
             "average_normalised": r.average(m.label, normalised=True),
             "normalised": {t: r.normalised(m.label, t) for t in r.tasks},
         }
-    return _jsonable({"format_version": REPORT_FORMAT_VERSION, "results": r.to_dict(), "summary": summary})
+    data = {"format_version": REPORT_FORMAT_VERSION, "results": r.to_dict(), "summary": summary}
+    if usage:
+        data["exported"] = dict(usage)
+    return _jsonable(data)
 
 
 def write_report(
     results: EvaluationResults,
     folder: str | os.PathLike[str],
     images: Sequence[str] = (),
+    usage: Mapping[str, Any] | None = None,
 ) -> str:
     """Write ``report.json`` and ``report.md`` into ``folder`` (global rank 0 only) and return the markdown.
 
     Every rank gets the markdown back, so a caller may print it anywhere; only rank 0 touches the disk.
     """
-    markdown = render_markdown(results, images)
-    _write_files(Path(folder), json.dumps(report_dict(results), indent=2, sort_keys=True) + "\n", markdown)
+    markdown = render_markdown(results, images, usage)
+    _write_files(Path(folder), json.dumps(report_dict(results, usage), indent=2, sort_keys=True) + "\n", markdown)
     return markdown
 
 
@@ -247,6 +269,7 @@ def build_report(
     task_vectors: Sequence[str | os.PathLike[str]] = (),
     merged: Mapping[str, str | os.PathLike[str]] | None = None,
     plots: bool = True,
+    usage: Mapping[str, Any] | None = None,
 ) -> str:
     """Plots (when asked and matplotlib is there) then ``report.json``/``report.md`` embedding them; the markdown.
 
@@ -256,10 +279,11 @@ def build_report(
         task_vectors: task vector folders, for the singular value spectra.
         merged: method label -> merged folder, for the singular value spectra.
         plots: draw the figures at all.
+        usage: the exported model (``render_markdown``), or ``None``.
     """
     images: list[str] = []
     if plots:
         from drm_lightning.evaluation.plots import write_plots
 
         images = [p.name for p in write_plots(results, folder, task_vectors, merged)]
-    return write_report(results, folder, images)
+    return write_report(results, folder, images, usage)
