@@ -735,7 +735,7 @@ class Pipeline:
         def write() -> dict[str, Any] | None:
             return export_models(
                 results,
-                {spec.name: self.merged_dir(spec) for spec in self.recipe.methods},
+                self.chosen_merged_dirs(results),
                 {spec.name: spec.method for spec in self.recipe.methods},
                 [self.task_vector_dir(t) for t in self.tasks],
                 self.run_dir / "models",
@@ -747,13 +747,18 @@ class Pipeline:
 
         return _rank_zero_then_wait(write)
 
-    def report(self, results: Any, usage: dict[str, Any] | None = None) -> str:
-        from drm_lightning.evaluation.report import build_report
-
+    def chosen_merged_dirs(self, results: Any) -> dict[str, Path]:
+        """Label -> the merged folder each method's result comes from (a searched method's chosen parameter set)."""
         merged = {}
         for spec in self.recipe.methods:
             chosen = results.method(spec.name).chosen()
-            merged[spec.name] = str(self.merged_dir(spec) / chosen.name if chosen else self.merged_dir(spec))
+            merged[spec.name] = self.merged_dir(spec) / chosen.name if chosen else self.merged_dir(spec)
+        return merged
+
+    def report(self, results: Any, usage: dict[str, Any] | None = None) -> str:
+        from drm_lightning.evaluation.report import build_report
+
+        merged = {label: str(folder) for label, folder in self.chosen_merged_dirs(results).items()}
         folders = [str(self.task_vector_dir(t)) for t in self.tasks]
         return build_report(
             results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots, usage=usage

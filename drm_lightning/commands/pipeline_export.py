@@ -26,6 +26,9 @@ EXPORTS = ("best", "all", "none")
 def validation_score(results: EvaluationResults, label: str) -> float | None:
     """The λ search's score (average normalised validation metric) at the λ ``label`` chose; ``None`` without one."""
     m = results.method(label)
+    chosen = m.chosen()
+    if chosen is not None and chosen.score is not None and math.isfinite(chosen.score):
+        return chosen.score  # a searched method: its chosen parameter set's score at its λ
     scores = [p.score for p in m.curve if m.lam is not None and p.lam == m.lam and math.isfinite(p.score)]
     if scores:
         return scores[0]
