@@ -76,7 +76,8 @@ def export_model(
 ) -> str:
     """Write one merged model at ``lam``; return the form written (``model`` or ``adapter``). A folder already
     written from the same merged delta at the same λ, newer than it, is kept."""
-    from drm_lightning.merging.merger import MERGE_FILE, apply_merged_delta
+    from drm_lightning.merging.apply import apply_merged_delta
+    from drm_lightning.merging.record import MERGE_FILE
 
     form = "adapter" if save_as == "adapter" and adapter_possible(method, task_vectors) else "model"
     record_path = output / MERGE_FILE
