@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drm_lightning.memory import release_freed_memory
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.placement import merge_placed
 from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.record import copy_heads, write_merge_record
@@ -90,39 +90,8 @@ class MergeResult:
         )
 
 
-def _to_device(delta: torch.Tensor | LowRankDelta, device: torch.device) -> torch.Tensor | LowRankDelta:
-    if isinstance(delta, LowRankDelta):
-        return LowRankDelta(delta.B.to(device), delta.A.to(device), delta.scale)
-    return delta.to(device)
-
-
-def prepare_deltas(
-    deltas: list[torch.Tensor | LowRankDelta | None], shape: tuple[int, ...], rule: str, device: torch.device
-) -> list[torch.Tensor] | list[LowRankDelta]:
-    """Move one parameter's deltas to ``device``; keep LoRA factored only where the matrix rule sees all factored.
-
-    An absent delta (a task that did not change this parameter) becomes a zero tensor, so the coefficients stay
-    aligned with the tasks; mixed factored/dense/absent lists are made dense, one dtype (float32 or wider).
-    """
-    if rule == "matrix" and all(isinstance(d, LowRankDelta) for d in deltas):
-        return [_to_device(d, device) for d in deltas]  # type: ignore[arg-type]
-    dtypes = [d.dtype for d in deltas if d is not None]
-    dtype = torch.float32
-    for dt in dtypes:
-        dtype = torch.promote_types(dtype, dt)
-    out = []
-    for d in deltas:
-        if d is None:
-            out.append(torch.zeros(shape, dtype=dtype, device=device))
-        elif isinstance(d, LowRankDelta):
-            out.append(_to_device(d, device).dense(dtype))
-        else:
-            out.append(d.to(device, dtype))
-    return out
-
-
 def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_initialized():  # nothing can be queued on a device never used
         torch.cuda.synchronize(device)
 
 
@@ -154,6 +123,7 @@ def merge_parameters(
     timings = timings if timings is not None else {}
     for key in ("read", "matrix", "elementwise"):
         timings.setdefault(key, 0.0)
+    coeffs = None if coefficients is None else list(coefficients)
     work = [e for e in entries if e.rule != "skip"]
     bar = tqdm(work, desc=f"merge {method.label}", unit="param", disable=not progress)
     for entry in bar:
@@ -162,18 +132,19 @@ def merge_parameters(
         if all(d is None for d in raw):
             timings["read"] += time.perf_counter() - t0
             continue
-        deltas = prepare_deltas(raw, entry.shape, entry.rule, device)
-        del raw
-        sync_device(device)
         t1 = time.perf_counter()
         timings["read"] += t1 - t0
         fn = method.merge_matrix if entry.rule == "matrix" else method.merge_elementwise
-        merged = fn(
-            deltas, coefficients=None if coefficients is None else list(coefficients), out_dtype=torch.float32, **params
-        )
-        del deltas
-        merged = merged.detach().to("cpu", torch.float32).contiguous()
-        sync_device(device)
+
+        def call(deltas: list, fn: Any = fn) -> torch.Tensor:
+            out = fn(deltas, coefficients=coeffs, out_dtype=torch.float32, **params)
+            out = out.detach().to("cpu", torch.float32).contiguous()
+            sync_device(device)
+            return out
+
+        # on the CPU instead (one DeviceFallbackWarning) where this parameter does not fit the device
+        merged, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
+        del raw
         timings[entry.rule] += time.perf_counter() - t1
         if tuple(merged.shape) != entry.shape:
             raise RuntimeError(

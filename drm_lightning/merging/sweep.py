@@ -28,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from drm_lightning.memory import release_freed_memory
-from drm_lightning.merging.merger import MergeResult, prepare_deltas, sync_device
+from drm_lightning.merging.merger import MergeResult, sync_device
+from drm_lightning.merging.placement import merge_placed
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.record import copy_heads, write_merge_record
@@ -177,21 +178,23 @@ def merge_parameters_many(
         if all(d is None for d in raw):
             timings["read"] += time.perf_counter() - t0
             continue
-        deltas = prepare_deltas(raw, entry.shape, entry.rule, device)
-        del raw
-        sync_device(device)
         t1 = time.perf_counter()
         timings["read"] += t1 - t0
-        merged = method.merge_many(entry.rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
-        del deltas
-        moved: dict[int, torch.Tensor] = {}
-        out = []
-        for result in merged:
-            if id(result) not in moved:
-                moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
-            out.append(moved[id(result)])
-        del merged
-        sync_device(device)
+
+        def call(deltas: list, rule: str = entry.rule) -> list[torch.Tensor]:
+            merged = method.merge_many(rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
+            moved: dict[int, torch.Tensor] = {}
+            out = []
+            for result in merged:
+                if id(result) not in moved:
+                    moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
+                out.append(moved[id(result)])
+            sync_device(device)
+            return out
+
+        # on the CPU instead (one DeviceFallbackWarning) where this parameter does not fit the device
+        out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
+        del raw
         timings[entry.rule] += time.perf_counter() - t1
         for tensor, params in zip(out, param_sets, strict=True):
             if tuple(tensor.shape) != entry.shape:
