@@ -66,3 +66,30 @@ def test_bad_experts_entry_fails_before_any_work(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err.strip()
     assert "experts: ['weather'] are not tasks of the recipe" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "task_vectors").exists()
+
+
+def test_expert_with_the_labels_in_another_order_is_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its logits would score every example against the other class; said before anything is fitted."""
+    make_tiny_model("encoder", tmp_path / "bert")
+    model = BertForSequenceClassification.from_pretrained(
+        tmp_path / "bert", id2label={0: "pos", 1: "neg"}, label2id={"pos": 0, "neg": 1}
+    )
+    model.save_pretrained(tmp_path / "flipped")
+    recipe = _recipe(tmp_path, {"sentiment": str(tmp_path / "flipped")})
+    assert main(["pipeline", "--config", str(recipe)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "['pos', 'neg']" in err and "['neg', 'pos']" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "task_vectors").exists()
+
+
+def test_check_labels_table() -> None:
+    from drm_lightning.interop.names import check_labels
+
+    check_labels("x", ["neg", "pos"], ["neg", "pos"])
+    check_labels("x", ["LABEL_0", "LABEL_1"], ["neg", "pos"])  # generic names: the task's order is taken
+    check_labels("x", [], ["neg", "pos"])  # no head: nothing to compare
+    for expert in (["pos", "neg"], ["LABEL_0", "LABEL_1", "LABEL_2"], ["good", "bad"]):
+        with pytest.raises(ValueError, match=r"x: the expert's labels"):
+            check_labels("x", expert, ["neg", "pos"])

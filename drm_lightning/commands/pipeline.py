@@ -427,6 +427,7 @@ class Pipeline:
             from drm_lightning.interop.recipe_experts import RecipeExperts
 
             self.imported = RecipeExperts(recipe.experts, self.tasks, recipe.model)
+            self.imported.check_labels(self.datamodules)
         self._grids: dict[str, Any] = {}
 
     # -- stage 1: experts ---------------------------------------------------------------------------------------

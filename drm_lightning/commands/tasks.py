@@ -169,4 +169,10 @@ def task_datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> 
     extra = sorted(set(datamodules) - set(metas))
     if extra:
         raise ValueError(f"tasks: task(s) {extra} have no task vector among {sorted(metas)}")
+    from drm_lightning.interop.names import check_labels
+
+    for task, meta in metas.items():  # an imported expert's labels come from its checkpoint, not from the task
+        if meta.source is not None:
+            where = f"task vector of task {task!r} (from {meta.source.get('path')})"
+            check_labels(where, meta.label_names, getattr(datamodules[task], "label_names", None))
     return datamodules

@@ -213,3 +213,21 @@ def label_names(config: Mapping[str, Any], num_labels: int) -> list[str]:
     except (KeyError, TypeError):
         return [f"LABEL_{i}" for i in range(num_labels)]
     return names if len(set(names)) == len(names) else [f"LABEL_{i}" for i in range(num_labels)]
+
+
+def check_labels(where: str, expert: list[str], task: list[str] | None) -> None:
+    """Refuse an imported expert whose labels are not its task's, in the same order (one line, both lists).
+
+    Why: the head's logits are in the checkpoint's ``id2label`` order and the datamodule's labels index its own
+    ``label_names``; two orders of the same names would score every example against the wrong class, silently.
+    Generic names (``LABEL_0``, ...) say nothing about the order and are taken as the task's, if as many.
+    """
+    if task is None or not expert or list(expert) == list(task):
+        return
+    generic = [f"LABEL_{i}" for i in range(len(expert))]
+    if list(expert) == generic and len(expert) == len(task):
+        return
+    raise ValueError(
+        f"{where}: the expert's labels {list(expert)} (its config.id2label, in logit order) are not the task's "
+        f"label_names {list(task)}; give the datamodule label_names in the expert's order"
+    )

@@ -15,8 +15,9 @@ where from (the folder, its files' sizes and modification times, the base and ho
 reuses the conversion until the source changes.
 
 Checked when the pipeline starts, before anything is fitted or loaded: every key is a task of the recipe, every
-folder can be converted against ``model.backbone`` (the importers' checks), and it has a head (the pipeline
-evaluates every task; an expert without one is refused with the reason).
+folder can be converted against ``model.backbone`` (the importers' checks), it has a head (the pipeline
+evaluates every task; an expert without one is refused with the reason), and its labels are the task's
+``label_names`` in the same order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from drm_lightning.interop.checkpoint import local_folder
 from drm_lightning.interop.full_model import plan_model
 from drm_lightning.interop.inputs import input_kind
+from drm_lightning.interop.names import check_labels
 from drm_lightning.interop.peft_adapter import plan_adapter
 from drm_lightning.interop.write import write_import
 from drm_lightning.task_vectors.format import META_FILE, atomic_dir, read_meta
@@ -72,6 +74,15 @@ class RecipeExperts:
             if not plan.head.config and info.family != "seq2seq":
                 raise ValueError(f"{where}: {plan.head.reason}; the pipeline evaluates every task, so it needs a head")
             self.plans[task] = (plan, info)
+
+    def check_labels(self, datamodules: Mapping[str, Any]) -> None:
+        """Every imported expert's labels are its task's, in the same order (``names.check_labels``)."""
+        for task, source in self.experts.items():
+            if task in self.plans:
+                labels = self.plans[task][0].label_names
+            else:
+                labels = read_meta(local_folder(source)).label_names
+            check_labels(f"experts.{task}={source!r}", labels, getattr(datamodules[task], "label_names", None))
 
     def digest(self, task: str) -> str:
         """What the conversion depends on: the source folder's files (name, size, mtime), base and load options."""
