@@ -22,7 +22,7 @@ one line naming the folders and the sizes. The base is loaded as the task vector
 ``gguf_file`` in their meta.json) unless ``--torch_dtype`` / ``--gguf_file`` say otherwise.
 
 ``--save_as model`` (the default) writes a complete folder of the base's own architecture (pooler, ``lm_head``, tied
-weights, config, tokenizer: ``drm_lightning.export.model``). ``--save_as adapter`` (every input LoRA) writes a PEFT
+weights, config, tokenizer: ``merging.model_folder``). ``--save_as adapter`` (every input LoRA) writes a PEFT
 LoRA adapter of the merged delta's exact rank instead (``drm_lightning.export.adapter``); with a fixed λ on one
 process it is merged straight into the adapter and no dense Δ_merged is written. TIES and DARE are refused there
 unless ``--max_rank K`` asks for an SVD truncation, whose relative error is printed per module. See docs/interop.md.

@@ -668,11 +668,11 @@ class Pipeline:
     def more_variants(self, label: str, tried: Sequence[Any]) -> list[Any]:
         """Edge extension of a searched method's parameters: for every numeric axis whose best value (over
         ``tried``) is its first or last, the next value beyond it (``sweep.edge_extension``), merged here."""
-        from drm_lightning.evaluation.run import Variant, _best_variant
+        from drm_lightning.evaluation.run import Variant, best_variant
         from drm_lightning.merging.sweep import edge_extension, variant_name
 
         spec = next(s for s in self.recipe.methods if s.name == label)
-        best = _best_variant(tried)
+        best = best_variant(tried)
         new = []
         for key in list(self.param_grid(spec).axes):
             grid = self.param_grid(spec)

@@ -6,27 +6,13 @@ Hugging Face style index; ``MergedBackbone`` turns the folder into a backbone at
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def merged_delta_index(merged: str | os.PathLike[str]) -> dict[str, Path]:
-    """Parameter name -> the shard of a merged folder (``merge_task_vectors`` output) that holds its merged delta."""
-    from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
-
-    folder = Path(merged)
-    index_path = folder / MERGED_DIR / INDEX_FILE
-    if not index_path.is_file():
-        raise ValueError(f"{index_path}: not found (is {folder} a folder written by merge_task_vectors?)")
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path}: not a shard index ({err!r})") from None
-    return {str(name): folder / MERGED_DIR / Path(str(shard)).name for name, shard in weight_map.items()}
+from drm_lightning.merging.shards import merged_delta_index
 
 
 class MergedBackbone:

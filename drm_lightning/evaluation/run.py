@@ -223,7 +223,7 @@ def _evaluate_method(
         notes.append("best parameters at the edge of their grid: added " + ", ".join(f"{v.name}" for v in new))
         for variant in new:
             evaluate(variant)
-    best = _best_variant(results)
+    best = best_variant(results)
     info = records[best.name]
     if backbone is None:
         backbone = MergedBackbone(folders[best.name])
@@ -243,7 +243,7 @@ def _evaluate_method(
     )
 
 
-def _best_variant(results: Sequence[VariantResult]) -> VariantResult:
+def best_variant(results: Sequence[VariantResult]) -> VariantResult:
     """The variant with the best validation score; ties (and NaN or missing scores, which never win) go to the
     earlier one."""
     best = results[0]

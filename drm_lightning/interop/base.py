@@ -108,11 +108,11 @@ def describe_base(base: str, family: str | None = None) -> BaseInfo:
 def _skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], str, list[str], Rename]:
     from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-    from drm_lightning.models.backbone import _POOLED_FAMILIES, _accepts_pooling_flag
+    from drm_lightning.models.backbone import POOLED_FAMILIES, accepts_pooling_flag
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     kwargs: dict[str, Any] = {}
-    if family in _POOLED_FAMILIES and _accepts_pooling_flag(config):
+    if family in POOLED_FAMILIES and accepts_pooling_flag(config):
         kwargs["add_pooling_layer"] = False
     auto = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModel
     with torch.device("meta"):

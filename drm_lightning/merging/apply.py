@@ -98,7 +98,7 @@ def apply_merged_delta(
     """Load the base backbone, add ``lam · Δ_merged`` and return it; with ``output``, save the merged model there.
 
     Why return the model: a λ search evaluates each λ in memory; Δ_merged was computed once and each λ only
-    rescales it. With ``output``, ``drm_lightning.export.model.save_merged_model`` writes a complete folder of the
+    rescales it. With ``output``, ``model_folder.save_merged_model`` writes a complete folder of the
     base's own architecture (pooler, ``lm_head``, tied weights, config), the base tokenizer, the task heads and a
     ``merge.json`` recording ``lam``, atomically, and the backbone part of that model is returned.
 
@@ -120,7 +120,7 @@ def apply_merged_delta(
     """
     lam = check_lam(lam)
     if output is not None:
-        from drm_lightning.export.model import save_merged_model
+        from drm_lightning.merging.model_folder import save_merged_model
 
         return save_merged_model(
             merged, lam, output, base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype,

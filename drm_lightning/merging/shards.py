@@ -115,3 +115,16 @@ def iter_merged_delta(merged: str | os.PathLike[str]) -> Iterator[tuple[str, tor
                 if name not in keys:
                     raise ValueError(f"{folder / shard}: key {name!r} listed in {INDEX_FILE} is missing")
                 yield name, f.get_tensor(name)
+
+
+def merged_delta_index(merged: str | os.PathLike[str]) -> dict[str, Path]:
+    """Parameter name -> the shard of a merged folder (``merge_task_vectors`` output) that holds its merged delta."""
+    folder = Path(merged)
+    index_path = folder / MERGED_DIR / INDEX_FILE
+    if not index_path.is_file():
+        raise ValueError(f"{index_path}: not found (is {folder} a folder written by merge_task_vectors?)")
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_path}: not a shard index ({err!r})") from None
+    return {str(name): folder / MERGED_DIR / Path(str(shard)).name for name, shard in weight_map.items()}

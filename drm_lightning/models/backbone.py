@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision")
 
-_POOLED_FAMILIES = ("encoder", "vision")
+POOLED_FAMILIES = ("encoder", "vision")
 
 
 def check_family(family: str) -> str:
@@ -67,7 +67,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _accepts_pooling_flag(config: transformers.PretrainedConfig) -> bool:
+def accepts_pooling_flag(config: transformers.PretrainedConfig) -> bool:
     """Whether the ``AutoModel`` class for ``config`` takes ``add_pooling_layer`` (BERT, RoBERTa, ViT do)."""
     try:
         model_class = AutoModel._model_mapping[type(config)]
@@ -108,10 +108,10 @@ def load_backbone(
         return AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     if family == "decoder_lm":
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if family in _POOLED_FAMILIES:
+    if family in POOLED_FAMILIES:
         config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file")}
         config = AutoConfig.from_pretrained(path, **config_kwargs)
-        if _accepts_pooling_flag(config):
+        if accepts_pooling_flag(config):
             kwargs["add_pooling_layer"] = False
     return AutoModel.from_pretrained(path, **kwargs)
 

@@ -1,4 +1,7 @@
-"""``--save_as model``: the merged weights inside the base's own architecture, as a complete ``save_pretrained`` folder.
+"""``--save_as model``: the merged weights inside the base's own architecture, a complete ``save_pretrained`` folder.
+
+What ``apply_merged_delta(merged, lam, output)`` writes (so it lives in ``merging``; ``drm_lightning.export`` holds
+the other ways out: PEFT adapters, low-rank factors, one-module task models).
 
 Why not the backbone alone: ``load_backbone`` drops what the toolkit's heads do not use (BERT's pooler) and never
 has a decoder's ``lm_head``, so a folder saved from it makes ``AutoModelForCausalLM.from_pretrained(out)`` initialise
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from drm_lightning.models.backbone import _accepts_pooling_flag, check_family, dtype_name, parse_dtype
+from drm_lightning.models.backbone import accepts_pooling_flag, check_family, dtype_name, parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
 
@@ -64,7 +67,7 @@ def backbone_keys(config: PretrainedConfig, family: str) -> set[str]:
         elif family == "decoder_lm":
             skeleton = AutoModelForCausalLM.from_config(config)
         else:
-            pooled = family in ("encoder", "vision") and _accepts_pooling_flag(config)
+            pooled = family in ("encoder", "vision") and accepts_pooling_flag(config)
             skeleton = AutoModel.from_config(config, **({"add_pooling_layer": False} if pooled else {}))
     return set(skeleton.state_dict())
 
@@ -85,7 +88,7 @@ def _candidates(config: PretrainedConfig, family: str) -> Iterator[tuple[str, An
     if family == "seq2seq":
         yield "AutoModelForSeq2SeqLM", AutoModelForSeq2SeqLM, {}
     yield "AutoModel", AutoModel, {}
-    if family in ("encoder", "vision") and _accepts_pooling_flag(config):
+    if family in ("encoder", "vision") and accepts_pooling_flag(config):
         yield "AutoModel (no pooler)", AutoModel, {"add_pooling_layer": False}
 
 
@@ -216,10 +219,10 @@ def save_merged_model(
         ValueError: bad ``lam``, a folder that is not a merge output, a base of other weights.
         InsufficientSpaceError: ``output``'s filesystem clearly lacks room (checked before and after loading).
     """
-    from drm_lightning.evaluation.merged import merged_delta_index
     from drm_lightning.merging.apply import add_merged_delta, check_lam, save_tokenizer
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.setup import check_output, describe_load
+    from drm_lightning.merging.shards import merged_delta_index
     from drm_lightning.merging.space import (
         CONFIG_ALLOWANCE,
         estimate_model_bytes,
