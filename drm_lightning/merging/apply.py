@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,11 +30,18 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def add_merged_delta(model: torch.nn.Module, merged: str | os.PathLike[str], lam: float) -> torch.nn.Module:
+def add_merged_delta(
+    model: torch.nn.Module,
+    merged: str | os.PathLike[str],
+    lam: float,
+    *,
+    deltas: Iterable[tuple[str, torch.Tensor]] | None = None,
+) -> torch.nn.Module:
     """Add ``lam · Δ_merged`` to ``model``'s weights in place, streaming Δ_merged shard by shard.
 
     Tied weights (one tensor under two names) are updated once. Non-float32 weights are updated in float32 and
-    rounded once, so bf16 bases do not accumulate two roundings.
+    rounded once, so bf16 bases do not accumulate two roundings. ``deltas``: ``(name, Δ)`` pairs already in memory
+    (``MergedBackbone`` keeps them across a λ search), used instead of reading ``merged``'s shards.
 
     Raises:
         ValueError: a merged key that is not a parameter of ``model``, or a shape that differs.
@@ -41,7 +49,7 @@ def add_merged_delta(model: torch.nn.Module, merged: str | os.PathLike[str], lam
     lam = check_lam(lam)
     state = model.state_dict(keep_vars=True)
     done: set[tuple[int, int]] = set()
-    for name, delta in iter_merged_delta(merged):
+    for name, delta in iter_merged_delta(merged) if deltas is None else deltas:
         if name not in state:
             raise ValueError(f"{Path(merged) / MERGED_DIR}: key {name!r} is not a parameter of the base model")
         target = state[name]
@@ -94,6 +102,7 @@ def apply_merged_delta(
     max_shard_size: str | int = "2GB",
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
+    deltas: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> PreTrainedModel:
     """Load the base backbone, add ``lam · Δ_merged`` and return it; with ``output``, save the merged model there.
 
@@ -111,6 +120,7 @@ def apply_merged_delta(
         max_shard_size: ``save_pretrained``'s shard size.
         torch_dtype, gguf_file: how to load the base; default: the ones ``merge.json`` records (the task vectors'),
             so a base fitted in bfloat16 is merged and saved in bfloat16.
+        deltas: Δ_merged already in memory (as ``add_merged_delta``); without ``output`` only.
 
     Raises:
         ValueError: bad ``lam``, a merged folder that is not one, or a base whose fingerprint differs from the
@@ -142,5 +152,5 @@ def apply_merged_delta(
             f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
             "apply"
         )
-    add_merged_delta(model, merged, lam)
+    add_merged_delta(model, merged, lam, deltas=deltas)
     return model
