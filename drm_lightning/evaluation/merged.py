@@ -6,14 +6,14 @@ Hugging Face style index; ``MergedBackbone`` turns the folder into a backbone at
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from drm_lightning.merging.shards import merged_delta_index
-
+from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR, merged_delta_index
 
 CACHE_SHARE = 0.25
 """Δ_merged is kept in memory across a λ search when it takes at most this share of the available RAM."""
@@ -21,8 +21,6 @@ CACHE_SHARE = 0.25
 
 def merged_delta_bytes(merged: str | os.PathLike[str]) -> int:
     """Bytes of Δ_merged (float32) from its shard index's ``total_size``; the shards' sizes where it has none."""
-    from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
-
     try:
         total = json.loads((Path(merged) / MERGED_DIR / INDEX_FILE).read_text())["metadata"]["total_size"]
         return int(total)
