@@ -52,6 +52,8 @@ def test_recipe_imports_an_expert_and_reuses_it(tmp_path: Path, capsys: pytest.C
     assert meta["task"] == "sentiment" and meta["source"]["type"] == "transformers"
     assert (run / "experts" / "sentiment" / "import.json").is_file()
     assert (run / "task_vectors" / "animal" / "meta.json").is_file()  # fitted
+    exported = list(run.glob("models/*/tasks/sentiment/config.json"))  # the imported classifier, merged, as itself
+    assert len(exported) == 1 and not list(run.glob("models/*/tasks/animal"))
     report = json.loads((run / "report.json").read_text())
     assert "sentiment" in json.dumps(report) and "animal" in json.dumps(report)
     capsys.readouterr()

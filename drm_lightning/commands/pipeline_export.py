@@ -95,7 +95,10 @@ def export_model(
 
         adapter_from_merged(merged, lam, output)
     else:
+        from drm_lightning.interop.export import export_task_models
+
         apply_merged_delta(merged, lam, output)
+        export_task_models(output)  # tasks/<task>/ for experts imported from *ForSequenceClassification checkpoints
     return form
 
 
