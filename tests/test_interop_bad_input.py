@@ -58,7 +58,17 @@ def bad(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "wide_lora": bert_lora(wide, root / "wide_lora", seed=8),
         "orphan": orphan,
         "adapter_added_tokens": grown_lora,
+        "renamed": _renamed(bert_classifier(base, root / "renamed", seed=11)),
     }
+
+
+def _renamed(folder: Path) -> Path:
+    """A checkpoint whose tensors were saved under names no loader knows (another framework's export, say)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        save_file({f"encoder_stack.{k}": v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    return folder
 
 
 def _resize_vocab(folder: Path, vocab: int) -> None:
@@ -90,6 +100,7 @@ CASES = [
         ["{adapter_added_tokens}", "70 token embeddings", "has 64", "--skip", "word_embeddings"],
     ),
     ("no_base", ["--model", "{wide_full}"], ["{wide_full}", "--base"]),
+    ("renamed", ["--model", "{renamed}", "--base", "{base}"], ["{renamed}", "none of its", "backbone"]),
 ]
 
 

@@ -65,6 +65,12 @@ def plan_model(
         if tensor.dtype not in FLOAT_CODES:
             raise CheckpointError(f"{tensor.file}: tensor {key!r} has dtype {tensor.dtype}, expected a float dtype")
         plan.dense[name] = lambda key=key: files.read(key)
+    if not mapping:
+        shown = ", ".join(repr(k) for k in files.names()[:3])
+        raise CheckpointError(
+            f"{folder}: none of its {len(files.tensors)} tensors ({shown}, ...) is a parameter of the backbone of the "
+            f"base {info.name} (names like {next(iter(info.shapes))!r}): another architecture, or other names"
+        )
     head = match_head(info.family, config, {k: files.tensors[k].shape for k in rest}, info.prefix, info.hidden_size)
     plan.head, plan.head_read = head, files.read
     num_labels = int(head.config.get("num_labels", 0)) or len(config.get("id2label") or {})

@@ -141,6 +141,10 @@ def write_import(
         )
         (tmp / META_FILE).write_text(meta.to_json())
     del base, state
+    dropped = list(plan.source.get("dropped") or [])
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else "")
+        print(f"{output}: left out {len(dropped)} tensor(s) outside the backbone and head: {shown}", file=sys.stderr)
     if not plan.head.config:
         reason = plan.head.reason
         print(f"{output}: task {task!r} has no head ({reason}); it merges, but is not evaluated", file=sys.stderr)
