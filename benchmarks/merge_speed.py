@@ -1,10 +1,11 @@
 """Merge speed, memory and accuracy per decoder layer of Llama-3.1-8B, against the straightforward implementation.
 
 For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, TIES, Task Arithmetic) this times
-``drm_lightning.merging.functional`` and ``naive.py`` (the authors' way: float32 ``torch.linalg.svd`` of the
-matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one decoder layer, with T random task
-deltas (fixed seed). Both are scored against a float64 run of ``naive.py``: an evaluation of the contract that
-shares no code with the library, so a mistake common to the library's float32 and float64 paths cannot hide.
+``drm_lightning.merging.functional`` and ``drm_lightning.merging.reference`` in float32 ("naive": the authors' way,
+``torch.linalg.svd`` of the matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one decoder
+layer, with T random task deltas (fixed seed). Both are scored against a float64 run of the reference: an
+evaluation of the contract (``docs/methods.md``) that shares no code with the library, so a mistake common to the
+library's float32 and float64 paths cannot hide.
 
 It also times two floors. An exact SVD-based method cannot go under the float64 eigendecomposition (``eigh``) of
 the joint Gram matrix it decomposes, on that matrix's smaller side (see ``FLOOR_GRAMS``): ``sum_i Delta_i^T Delta_i``
@@ -45,10 +46,9 @@ import torch
 from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # `naive` beside this file, whether run as a script or imported by the tests
 if importlib.util.find_spec("drm_lightning") is None:  # a source checkout that was not pip-installed
-    sys.path.insert(1, str(HERE.parent))
-import naive  # noqa: E402
+    sys.path.insert(0, str(HERE.parent))
+from drm_lightning.merging import reference  # noqa: E402  (the float64 reference, also the float32 baseline)
 
 LLAMA31_8B_LAYER: dict[str, tuple[int, int]] = {
     "q": (4096, 4096),
@@ -67,7 +67,7 @@ DELTA_SCALE = 1e-3
 DRM_DROP_RATE = 0.8
 TIES_DENSITY = 0.2
 ISO_CTS_COMMON_FRACTION = 0.8
-"""The methods' documented defaults (ALGORITHMS.md); the same values go to both implementations."""
+"""The methods' documented defaults (docs/methods.md); the same values go to both implementations."""
 
 CPU_DEFAULT_SCALE = 16
 
@@ -115,7 +115,7 @@ def library_function(method: Method) -> Callable[..., Tensor]:
 def method_params(method: Method) -> dict[str, object]:
     """Parameters for both implementations: the method's own, plus the library's default ``rank_tol``.
 
-    The library chooses its rank tolerances (ALGORITHMS.md leaves that to it); reading the default off its
+    The library chooses its rank tolerances (docs/methods.md says why and which); reading the default off its
     signature makes the baseline and the reference evaluate the very same contract the library ships.
     """
     params = dict(method.params)
@@ -134,7 +134,7 @@ def run_library(method: Method, params: dict[str, object], deltas: Sequence[Tens
 
 def run_naive(method: Method, params: dict[str, object], deltas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """The straightforward merge in ``dtype`` (float32 for the baseline, float64 for the reference)."""
-    return getattr(naive, method.library_name)(list(deltas), **params, dtype=dtype)
+    return getattr(reference, method.library_name)(list(deltas), **params, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------

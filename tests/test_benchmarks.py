@@ -17,9 +17,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import merge_scaling  # noqa: E402
 import merge_speed  # noqa: E402
-import naive  # noqa: E402
 
-from drm_lightning.merging import functional  # noqa: E402
+from drm_lightning.merging import functional, reference  # noqa: E402
 
 TINY = ["--device", "cpu", "--scale", "128", "--tasks", "3", "--repeats", "1", "--threads", "1"]
 
@@ -67,7 +66,7 @@ def test_json_has_every_method_with_finite_numbers(tiny_run: tuple[dict, str]) -
 
 @pytest.mark.parametrize("method", list(merge_speed.METHODS))
 def test_library_matches_float64_reference(tiny_run: tuple[dict, str], method: str) -> None:
-    """The acceptance bar of ALGORITHMS.md: within 1e-3 of a float64 evaluation of the contract."""
+    """The acceptance bar of docs/methods.md: within 1e-3 of a float64 evaluation of the contract."""
     impl = tiny_run[0]["methods"][method]["impls"]["drm_lightning"]
     assert impl["rel_error"] <= 1e-3
     assert max(impl["rel_error_per_matrix"].values()) <= 1e-3
@@ -151,7 +150,7 @@ def test_naive_float64_agrees_with_library(method: str, params: dict, shape: tup
     """Two independent float64 evaluations of the contract (SVD vs Gram eigh, kthvalue vs topk) must coincide."""
     deltas = _deltas(3, shape)
     coefficients = [0.5, 1.0, 1.5]
-    expected = getattr(naive, method)(deltas, coefficients=coefficients, **params, dtype=torch.float64)
+    expected = getattr(reference, method)(deltas, coefficients=coefficients, **params, dtype=torch.float64)
     actual = getattr(functional, method)(deltas, coefficients=coefficients, **params)
     torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9 * float(expected.abs().max()))
 
@@ -160,7 +159,7 @@ def test_naive_float64_agrees_with_library(method: str, params: dict, shape: tup
 def test_keep_top_fraction_keeps_exactly_round_q_n(numel: int, fraction: float) -> None:
     order = torch.randperm(numel, generator=torch.Generator().manual_seed(1)).double()
     x = (order + 1) * (-1) ** order  # distinct non-zero magnitudes, both signs
-    kept = naive.keep_top_fraction(x, fraction)
+    kept = reference.keep_top_fraction(x, fraction)
     count = round(fraction * numel)
     assert int((kept != 0).sum()) == count
     if count:
@@ -172,29 +171,29 @@ def test_elect_and_merge_by_hand() -> None:
     coefficients = torch.tensor([1.0, 2.0, 0.5]).view(3, 1)
     # sums 3 (+), 3 (+), 0 (+, nothing survives), 0 (+): survivors {0,2}, {2}, {}, {0}
     expected = torch.tensor([(2.0 + 0.5 * 4.0) / 2, 0.5 * 5.0, 0.0, 1.0])
-    torch.testing.assert_close(naive.elect_and_merge(blocks, coefficients), expected)
+    torch.testing.assert_close(reference.elect_and_merge(blocks, coefficients), expected)
 
 
 @pytest.mark.parametrize("method", ["drm", "iso_c", "iso_cts", "tsv_m"])
 def test_naive_zero_deltas_give_zero(method: str) -> None:
-    merged = getattr(naive, method)([torch.zeros(6, 4)] * 2, dtype=torch.float64)
+    merged = getattr(reference, method)([torch.zeros(6, 4)] * 2, dtype=torch.float64)
     assert merged.shape == (6, 4) and not merged.any()
 
 
 def test_naive_tsv_m_of_one_task_is_the_task() -> None:
     (delta,) = _deltas(1, (8, 5))
-    torch.testing.assert_close(naive.tsv_m([delta], dtype=torch.float64), delta)
+    torch.testing.assert_close(reference.tsv_m([delta], dtype=torch.float64), delta)
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: naive.task_arithmetic([]), "empty"),
-        (lambda: naive.ties([torch.ones(2), torch.ones(3)]), "one shape"),
-        (lambda: naive.drm([torch.ones(2, 2)], direction="diagonal"), "direction"),
-        (lambda: naive.iso_c([torch.ones(2)]), "2-D"),
-        (lambda: naive.task_arithmetic([torch.ones(2)], coefficients=[1.0, 2.0]), "coefficients"),
-        (lambda: naive.tsv_m([torch.ones(2, 2)] * 3), "TSV-M"),
+        (lambda: reference.task_arithmetic([]), "empty"),
+        (lambda: reference.ties([torch.ones(2), torch.ones(3)]), "one shape"),
+        (lambda: reference.drm([torch.ones(2, 2)], direction="diagonal"), "direction"),
+        (lambda: reference.iso_c([torch.ones(2)]), "2-D"),
+        (lambda: reference.task_arithmetic([torch.ones(2)], coefficients=[1.0, 2.0]), "coefficients"),
+        (lambda: reference.tsv_m([torch.ones(2, 2)] * 3), "TSV-M"),
     ],
 )
 def test_naive_bad_input_raises(call, message: str) -> None:

@@ -8,11 +8,11 @@ than ``4 · SAMPLE`` entries, so the thresholds come from the sample-and-bracket
 from __future__ import annotations
 
 import pytest
-import reference as ref
 import torch
 
 from drm_lightning.merging import elementwise as E
 from drm_lightning.merging import functional as F
+from drm_lightning.merging import reference as ref
 
 N = 4 * E.SAMPLE + 12_345  # above the direct-topk size, and not a multiple of the chunk size
 
@@ -59,7 +59,7 @@ def test_kth_largest_abs_with_mask() -> None:
 def test_keep_top_in_place(per_row: bool) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, N // 3, generator=g, dtype=torch.float64)
-    expected = torch.stack([ref.keep_top(row, 0.2) for row in x]) if per_row else ref.keep_top(x, 0.2)
+    expected = torch.stack([ref.keep_top_fraction(row, 0.2) for row in x]) if per_row else ref.keep_top_fraction(x, 0.2)
     out = E.keep_top_(x, 0.2, per_row=per_row)
     assert out is x and torch.equal(x, expected)
     with pytest.raises(ValueError, match="contiguous"):
@@ -89,8 +89,12 @@ COEFFS = [1.0, 0.5, 2.0, 0.75]
     [
         ("task_arithmetic", lambda d: F.task_arithmetic(d, COEFFS), lambda d: ref.task_arithmetic(d, COEFFS)),
         ("ties", lambda d: F.ties(d, 0.2, COEFFS), lambda d: ref.ties(d, 0.2, COEFFS)),
-        ("elect", lambda d: F.elect_and_merge(d, COEFFS), lambda d: ref.elect_merge([x.double() for x in d], COEFFS)),
-        ("dare", lambda d: F.dare(d, 0.9, 7, coefficients=COEFFS), lambda d: ref.dare(d, 0.9, 7, c=COEFFS)),
+        (
+            "elect",
+            lambda d: F.elect_and_merge(d, COEFFS),
+            lambda d: ref.elect_and_merge([x.double() for x in d], COEFFS),
+        ),
+        ("dare", lambda d: F.dare(d, 0.9, 7, coefficients=COEFFS), lambda d: ref.dare(d, 0.9, 7, coefficients=COEFFS)),
         (
             "dare_ties",
             lambda d: F.dare(d, 0.5, 7, "ties", COEFFS, 0.3),

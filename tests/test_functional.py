@@ -17,13 +17,14 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import delta_cases
 import pytest
-import reference as ref
 import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import linalg
+from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
 
@@ -36,7 +37,7 @@ def same_bytes(a: Tensor, b: Tensor) -> bool:
 
 
 def deltas(shape: tuple[int, int] = (24, 16), tasks: int = 4, dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    return [d.to(dtype) for d in ref.make_deltas("random", shape, tasks, seed=5)]
+    return [d.to(dtype) for d in delta_cases.make_deltas("random", shape, tasks, seed=5)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def test_zero_coefficient_removes_a_task(fn: Callable[..., Tensor]) -> None:
     ids=["ties", "drm"],
 )
 def test_zero_coefficient_task_still_votes(fn: Callable[..., Tensor]) -> None:
-    """The election is unweighted (ALGORITHMS.md): a task with c = 0 is not the same as no task."""
+    """The election is unweighted (docs/methods.md): a task with c = 0 is not the same as no task."""
     inputs = deltas(dtype=torch.float64)
     assert ref.relative_error(fn(inputs, [1.0, 0.0, 0.5, 2.0]), fn([inputs[0], *inputs[2:]], [1.0, 0.5, 2.0])) > 1e-3
 
@@ -386,7 +387,7 @@ def test_left_basis_svd(shape: tuple[int, int], top: int, spread: float) -> None
     n, m = shape
     d = min(n, m)
     spectrum = torch.logspace(0, math.log10(spread), d, dtype=torch.float64)
-    a = (ref.orthonormal(n, d, gen) * spectrum) @ ref.orthonormal(m, d, gen).T
+    a = (delta_cases.orthonormal(n, d, gen) * spectrum) @ delta_cases.orthonormal(m, d, gen).T
     w, s, v = linalg.left_basis_svd(a, rank_tol=1e-9, top=top)
     assert w.shape == (n, n) and s.shape == (top,) and v.shape == (m, top)
     assert torch.allclose(w.T @ w, torch.eye(n, dtype=torch.float64), atol=1e-13)
@@ -398,7 +399,7 @@ def _polar_case(case: str, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(basis, extra)`` with orthonormal ``basis``, for ``polar_factor_extend``."""
     sizes = {"k>r": (20, 8, 5), "k<r": (20, 3, 8), "k=0": (20, 0, 6), "r=0": (20, 6, 0), "square": (12, 7, 5)}
     n, k, r = sizes.get(case, (20, 6, 4))
-    basis = ref.orthonormal(n, k, gen)
+    basis = delta_cases.orthonormal(n, k, gen)
     extra = torch.randn(n, r, generator=gen, dtype=torch.float64)
     if case == "ill-conditioned":  # an extra column 1e-7 away from a basis column: sigma_min ~ 1e-7
         extra[:, 0] = basis[:, 0] + 1e-7 * torch.randn(n, generator=gen, dtype=torch.float64)
@@ -418,7 +419,7 @@ def test_polar_factor_extend_rank_deficient_and_too_wide_fall_back_to_polar_fact
     """Dependent columns (no unique polar factor) and more columns than rows: the same finite answer as
     ``polar_factor``, which leaves the null directions out."""
     gen = torch.Generator().manual_seed(4)
-    basis = ref.orthonormal(10, 4, gen)
+    basis = delta_cases.orthonormal(10, 4, gen)
     dependent = torch.cat([basis[:, :2] @ torch.randn(2, 3, generator=gen, dtype=torch.float64)], dim=1)
     wide = torch.randn(10, 8, generator=gen, dtype=torch.float64)
     for extra in (dependent, wide):

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import delta_cases
 import hypothesis.strategies as st
 import pytest
-import reference as ref
 import torch
 from hypothesis import given, settings
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
+from drm_lightning.merging import reference as ref
 from drm_lightning.merging.registry import METHODS, get_method
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -38,7 +39,8 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 def random_deltas(draw: st.DrawFn, full_rank: bool = False) -> tuple[list[Tensor], list[float]]:
     """Generic float64 deltas: a shared part plus noise, or low rank (``2 <= rank < min(n, m)``), sides >= 3.
 
-    Left out, because the contract is not well defined there (ALGORITHMS.md, last section), only where needed:
+    Left out, because the contract is not well defined there (docs/methods.md, "Where a method is not well
+    defined"), only where needed:
     rank 1 and 2-wide shapes, where DRM's renormalised blocks have entries of exactly equal magnitude (the columns
     of a rank-1 block are one unit vector up to sign; a 2x2 orthogonal block is ``[[a, -b], [b, a]]``) and only
     rounding decides the pruning ties; and rank-deficient deltas for Iso-CTS (``full_rank``), whose task-specific
@@ -109,7 +111,7 @@ def test_drm_does_not_depend_on_the_basis_of_the_decomposition(
         signs = torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1
         rotation = torch.eye(size, dtype=torch.float64)[torch.randperm(size, generator=gen)] * signs
     else:
-        rotation = ref.orthonormal(size, size, gen)
+        rotation = delta_cases.orthonormal(size, size, gen)
     if direction == "vertical":
         turned = F.drm([d @ rotation for d in deltas], direction, coefficients=coefficients)
         expected = F.drm(deltas, direction, coefficients=coefficients) @ rotation
@@ -127,14 +129,14 @@ def test_iso_cts_does_not_depend_on_the_basis_of_the_decomposition(
     """``iso_cts(Q Δ_i R) = Q iso_cts(Δ_i) R`` on deltas whose common part has pairs of equal singular values (none
     at a cut): ``eigh`` picks a different basis inside every pair for the turned inputs."""
     gen = torch.Generator().manual_seed(sum(shape) + signed_permutation)
-    deltas = ref.make_deltas("clustered", shape, 4, seed=7)
+    deltas = delta_cases.make_deltas("clustered", shape, 4, seed=7)
     turns = []
     for size in shape:
         if signed_permutation:
             signs = torch.randint(0, 2, (size,), generator=gen, dtype=torch.float64) * 2 - 1
             turns.append(torch.eye(size, dtype=torch.float64)[torch.randperm(size, generator=gen)] * signs)
         else:
-            turns.append(ref.orthonormal(size, size, gen))
+            turns.append(delta_cases.orthonormal(size, size, gen))
     q, r = turns
     coefficients = [1.0, 0.5, -0.3, 2.0]
     turned = F.iso_cts([q @ d @ r for d in deltas], coefficients=coefficients)

@@ -1,4 +1,4 @@
-"""Every merge method against the float64 references of ``tests/reference.py`` (ALGORITHMS.md, straight).
+"""Every merge method against the float64 references of ``drm_lightning.merging.reference`` (docs/methods.md, straight).
 
 The contract asks for 1e-3 relative Frobenius error whatever dtype arrives; float32 outputs are held to ``TOL_F32``
 (1e-5, i.e. nothing beyond float32 output rounding) so that a precision regression shows long before it breaks the
@@ -17,12 +17,13 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import delta_cases
 import pytest
-import reference as ref
 import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
+from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
 
 TOL_F32 = 1e-5
@@ -58,9 +59,17 @@ METHODS = [
         lambda d, c: ref.dare(d, 0.3, 3, "ties", c, density=0.5),
         CLUSTER_SAFE,
     ),
-    Method("drm_v", lambda d, c, **k: F.drm(d, "vertical", 0.8, c, **k), lambda d, c: ref.drm_vertical(d, c=c), COMMON),
     Method(
-        "drm_h", lambda d, c, **k: F.drm(d, "horizontal", 0.8, c, **k), lambda d, c: ref.drm_horizontal(d, c=c), COMMON
+        "drm_v",
+        lambda d, c, **k: F.drm(d, "vertical", 0.8, c, **k),
+        lambda d, c: ref.drm_vertical(d, coefficients=c),
+        COMMON,
+    ),
+    Method(
+        "drm_h",
+        lambda d, c, **k: F.drm(d, "horizontal", 0.8, c, **k),
+        lambda d, c: ref.drm_horizontal(d, coefficients=c),
+        COMMON,
     ),
     Method(
         "drm_v_no_prune",
@@ -84,7 +93,8 @@ SHAPES = [(48, 32), (32, 80)]
 
 def _inputs(case: str, shape: tuple[int, int], dtype: torch.dtype, tasks: int = 4) -> tuple[list[Tensor], list[float]]:
     deltas = [
-        d.to(dtype) for d in ref.make_deltas(case, shape, tasks, seed=zlib.crc32(f"{case}{shape}".encode()) % 1000)
+        d.to(dtype)
+        for d in delta_cases.make_deltas(case, shape, tasks, seed=zlib.crc32(f"{case}{shape}".encode()) % 1000)
     ]
     return deltas, COEFFS[:tasks]
 
@@ -138,7 +148,7 @@ def test_drm_precision_beats_float32_svd_of_the_stack() -> None:
     n, m, tasks = 256, 192, 4
     base = torch.logspace(0, -1.5, m // 2, dtype=torch.float64)
     spectrum = torch.stack([base, base * (1 + 1e-4)], dim=1).reshape(-1)
-    stacked = (ref.orthonormal(tasks * n, m, gen) * spectrum) @ ref.orthonormal(m, m, gen).T
+    stacked = (delta_cases.orthonormal(tasks * n, m, gen) * spectrum) @ delta_cases.orthonormal(m, m, gen).T
     deltas = [x.float() for x in stacked.split(n)]
     expected = ref.drm_vertical(deltas)
     authors = ref.drm_vertical(deltas, dtype=torch.float32)
@@ -153,13 +163,13 @@ def test_tsv_m_polar_factor_svd_fallback_when_ill_conditioned() -> None:
     route alone would be far off there, so ``polar_factor`` must notice and use the SVD."""
     gen = torch.Generator().manual_seed(0)
     n, m, tasks = 96, 64, 4
-    shared_v = ref.orthonormal(m, m, gen)
+    shared_v = delta_cases.orthonormal(m, m, gen)
     spectrum = torch.logspace(0, -4, m, dtype=torch.float64)
     deltas = []
     for _ in range(tasks):
         skew = torch.randn(m, m, generator=gen, dtype=torch.float64)
         rotation = torch.linalg.matrix_exp(1e-6 * (skew - skew.T))
-        deltas.append((ref.orthonormal(n, m, gen) * spectrum) @ (shared_v @ rotation).T)
+        deltas.append((delta_cases.orthonormal(n, m, gen) * spectrum) @ (shared_v @ rotation).T)
     assert ref.relative_error(F.tsv_m(deltas), ref.tsv_m(deltas)) <= 1e-6
 
 
@@ -169,7 +179,7 @@ def test_iso_c_svd_fallback_for_tiny_kept_singular_values() -> None:
     gen = torch.Generator().manual_seed(1)
     n, m = 40, 30
     spectrum = torch.logspace(0, -7.5, m, dtype=torch.float64)
-    total = (ref.orthonormal(n, m, gen) * spectrum) @ ref.orthonormal(m, m, gen).T
+    total = (delta_cases.orthonormal(n, m, gen) * spectrum) @ delta_cases.orthonormal(m, m, gen).T
     deltas = [0.25 * total, 0.75 * total]
     expected = ref.iso_c(deltas, rank_tol=1e-8)
     assert ref.relative_error(F.iso_c(deltas, rank_tol=1e-8), expected) <= 1e-6
@@ -198,7 +208,7 @@ def test_default_rank_tol_changes_nothing_on_full_rank_deltas(fn: Callable, refe
 def test_default_rank_tol_removes_the_noise_directions_of_lora_deltas(fn: Callable, reference: Callable) -> None:
     """Dense float32 LoRA deltas: the default equals the exact (factored) result; ``rank_tol=0`` turns the rounding
     noise of the zero singular values into full-rank garbage."""
-    factors = ref.low_rank_factors((48, 32), [2, 3, 2, 4])
+    factors = delta_cases.low_rank_factors((48, 32), [2, 3, 2, 4])
     exact = fn([LowRankDelta(b, a, s) for b, a, s in factors])
     dense = [(s * b @ a).float() for b, a, s in factors]
     assert ref.relative_error(fn(dense), exact) <= TOL_F32
@@ -229,7 +239,7 @@ FACTORED = [
 )
 @pytest.mark.parametrize("fn", FACTORED)
 def test_low_rank_factors_match_the_dense_path(fn: Callable, shape: tuple[int, int], ranks: list[int]) -> None:
-    factors = ref.low_rank_factors(shape, ranks)
+    factors = delta_cases.low_rank_factors(shape, ranks)
     low_rank = [LowRankDelta(b.float(), a.float(), s) for b, a, s in factors]
     dense = [(s * b.float().double() @ a.float().double()) for b, a, s in factors]  # exact products, float64
     out = fn(low_rank)
@@ -240,7 +250,7 @@ def test_low_rank_factors_match_the_dense_path(fn: Callable, shape: tuple[int, i
 
 
 def test_low_rank_coefficients_and_scale() -> None:
-    factors = ref.low_rank_factors((30, 20), [3, 2, 3])
+    factors = delta_cases.low_rank_factors((30, 20), [3, 2, 3])
     low_rank = [LowRankDelta(b, a, s) for b, a, s in factors]
     dense = [lr.dense() for lr in low_rank]
     coeffs = [0.7, -1.2, 0.4]
@@ -314,7 +324,9 @@ def _iso_cts_rows() -> list:
 @pytest.mark.parametrize(("shape", "tasks", "fraction", "case"), _iso_cts_rows())
 def test_iso_cts_routes_match_reference(shape: tuple[int, int], tasks: int, fraction: float, case: str) -> None:
     seed = zlib.crc32(f"{case}{shape}{tasks}".encode()) % 1000
-    deltas = _cancelling(shape, seed) if case == "cancelling" else ref.make_deltas(case, shape, tasks, seed=seed)
+    deltas = (
+        _cancelling(shape, seed) if case == "cancelling" else delta_cases.make_deltas(case, shape, tasks, seed=seed)
+    )
     for coeffs in (None, ISO_CTS_COEFFS[:tasks]):
         out = F.iso_cts(deltas, fraction, coeffs)
         assert out.dtype == torch.float64 and torch.isfinite(out).all()
@@ -331,7 +343,7 @@ def test_iso_cts_low_rank_factors_match_reference(shape: tuple[int, int], ranks:
     """Independent factors: with k_c = 0 every task keeps all its components, otherwise the common subspace holds the
     joint rank and the residuals vanish; either way the method is well defined. At T = 5 one task's ``B`` is zero
     (LoRA's initialisation): it contributes nothing."""
-    factors = ref.low_rank_factors(shape, ranks, seed=len(ranks))
+    factors = delta_cases.low_rank_factors(shape, ranks, seed=len(ranks))
     low_rank = [LowRankDelta(b * (i != 4), a, s) for i, (b, a, s) in enumerate(factors)]
     dense = [lr.dense(torch.float64) for lr in low_rank]
     for coeffs in (None, ISO_CTS_COEFFS[: len(ranks)]):
@@ -346,9 +358,9 @@ def test_iso_cts_svd_fallback_for_tiny_kept_common_values(shape: tuple[int, int]
     gen = torch.Generator().manual_seed(2)
     n, m = shape
     d = min(n, m)
-    total = (ref.orthonormal(n, d, gen) * torch.logspace(0, -7.5, d, dtype=torch.float64)) @ ref.orthonormal(
-        m, d, gen
-    ).T
+    total = (
+        delta_cases.orthonormal(n, d, gen) * torch.logspace(0, -7.5, d, dtype=torch.float64)
+    ) @ delta_cases.orthonormal(m, d, gen).T
     x_1, x_2 = (0.1 * torch.randn(n, m, generator=gen, dtype=torch.float64) for _ in range(2))
     deltas = [total / 3 + x_1, total / 3 + x_2, total / 3 - x_1 - x_2]
     expected = ref.iso_cts(deltas, rank_tol=1e-8)

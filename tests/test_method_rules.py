@@ -1,7 +1,7 @@
 """Each method's own rules where the papers leave the matrix: non-matrix parameters and excluded matrices, DRM's
 ablation switches, and the shared decompositions a parameter search reuses; all against ``tests/reference.py``.
 
-ALGORITHMS.md, "Non-matrix parameters and excluded matrices, per method": Task Arithmetic sums, TIES and DARE run
+docs/methods.md, "Non-matrix parameters and excluded matrices": Task Arithmetic sums, TIES and DARE run
 their own elementwise rule, DRM trims each delta to its largest fraction ``1 − p_nl`` then elects and merges, and
 Iso-C, Iso-CTS and TSV-M take the plain mean ``(1/T) Σ c_i Δ_i``.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import delta_cases
 import pytest
-import reference as ref
 import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
+from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.registry import METHODS, get_method
 
@@ -72,7 +73,7 @@ def test_iso_and_tsv_nonmatrix_is_the_plain_mean_not_the_election(name: str) -> 
     deltas = [x.float() for x in _deltas((64,))]
     out = get_method(name).merge_elementwise(deltas, coefficients=COEFFS)
     assert ref.relative_error(out, ref.task_mean(deltas, COEFFS)) <= 1e-6
-    assert ref.relative_error(out, ref.elect_merge([d.double() for d in deltas], COEFFS)) > 0.1
+    assert ref.relative_error(out, ref.elect_and_merge([d.double() for d in deltas], COEFFS)) > 0.1
 
 
 def test_drm_nonmatrix_drop_rate_is_checked_and_only_for_nonmatrix() -> None:
@@ -119,7 +120,7 @@ def test_drm_switches_dense_match_reference(combo: tuple[bool, bool, bool], dire
 @pytest.mark.parametrize("combo", SWITCHES, ids=SWITCH_IDS)
 def test_drm_switches_lora_match_reference(combo: tuple[bool, bool, bool], direction: str, drop_rate: float) -> None:
     switches = _switches(combo)
-    factors = ref.low_rank_factors((24, 18), [2, 3, 2, 4], seed=4)
+    factors = delta_cases.low_rank_factors((24, 18), [2, 3, 2, 4], seed=4)
     low_rank = [LowRankDelta(b, a, s) for b, a, s in factors]
     dense = [lr.dense(torch.float64) for lr in low_rank]
     out = F.drm(low_rank, direction, drop_rate, COEFFS, **switches)

@@ -1,6 +1,6 @@
 """Choose the scaling coefficient λ of a merged model on validation data only.
 
-The merged weight is ``W_0 + λ·Δ_merged`` (ALGORITHMS.md); Δ_merged is computed once per method and each λ only
+The merged weight is ``W_0 + λ·Δ_merged`` (docs/methods.md); Δ_merged is computed once per method and each λ only
 rescales it (``apply_merged_delta(merged, lam)`` in memory). λ is chosen by the **average normalised accuracy**:
 for each task the merged model's validation accuracy divided by the expert's, averaged over tasks, so every task
 counts the same whatever its difficulty. Test splits are never looked at here.

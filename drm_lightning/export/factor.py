@@ -1,7 +1,7 @@
 """A merged delta of LoRA experts, written back as low-rank factors ``B @ A`` of the smallest exact rank.
 
 Why this is possible: each LoRA expert's delta ``Δ_i = s_i B_i A_i`` has its columns in ``span(B_i)`` and its rows in
-``span(A_iᵀ)``. The merge methods that work in factor space keep one or both of these spans (ALGORITHMS.md):
+``span(A_iᵀ)``. The merge methods that work in factor space keep one or both of these spans (docs/methods.md):
 
 - Task Arithmetic, Iso-C, Iso-CTS, TSV-M: both. Their result is built from singular vectors of sums, residuals or
   single deltas, all inside the joint column space ``span[B_1 … B_T]`` and the joint row space ``span[A_1ᵀ … A_Tᵀ]``.

@@ -102,7 +102,7 @@ def kth_largest_abs(x: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
 
 
 def keep_count(q: float, numel: int) -> int:
-    """``round(q · numel)``: how many entries "keep the largest fraction q" keeps (ALGORITHMS.md)."""
+    """``round(q · numel)``: how many entries "keep the largest fraction q" keeps (docs/methods.md)."""
     return round(q * numel)
 
 
@@ -173,7 +173,7 @@ def merge_chunks(
     Per chunk: the T deltas in float64; where ``keep`` (``[T, numel]`` bool) is False, 0, and the rest divided by
     ``divisor`` (DARE's ``1 − p``); entries of task i with magnitude below ``thresholds[i]`` zeroed (a trim whose
     threshold was taken on the same values); then either ``Σ_i c_i x_i`` (``elect=False``) or elect and merge
-    (ALGORITHMS.md: the sign of the unweighted sum, a zero sum elects +; an entry survives if it is non-zero with the
+    (docs/methods.md: the sign of the unweighted sum, a zero sum elects +; an entry survives if it is non-zero with the
     elected sign; ``Σ_i c_i·survivors_i / max(1, #survivors)``). Returns ``out``.
     """
     tasks, numel = len(deltas), out.numel()

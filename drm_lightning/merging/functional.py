@@ -1,4 +1,4 @@
-"""Merge methods as pure tensor functions: the executable form of ``ALGORITHMS.md``.
+"""Merge methods as pure tensor functions: the executable form of ``docs/methods.md``.
 
 Every method takes the task deltas of *one* parameter (``Δ_i = W_i − W_0``, same shape, ``[out, in]`` for a linear
 weight) and optional per-task coefficients ``c_i``, and returns the merged delta in the inputs' dtype and on their
@@ -46,7 +46,7 @@ Coefficients = Sequence[float] | Tensor | None
 SHARE_EPS = 1e-6
 """DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""
 DRM_RANK_TOL = 1e-2
-"""DRM's rank tolerance ``τ`` (ALGORITHMS.md)."""
+"""DRM's rank tolerance ``τ`` (docs/methods.md)."""
 RANK_TOL = 1e-6
 """Default rank tolerance of Iso-C, Iso-CTS and TSV-M; see ``iso_c`` for why this value."""
 MERGES = ("task_arithmetic", "ties")
@@ -376,7 +376,7 @@ def keep_top_fraction(x: Tensor, q: float) -> Tensor:
 def elect_and_merge(
     blocks: Sequence[Tensor], coefficients: Coefficients = None, *, out_dtype: torch.dtype | None = None
 ) -> Tensor:
-    """Elect and merge same-shape blocks (ALGORITHMS.md; PEFT's ``ties`` and the DRM authors' code).
+    """Elect and merge same-shape blocks (docs/methods.md; PEFT's ``ties`` and the DRM authors' code).
 
     The elected sign of each entry is the sign of the sum of the *unweighted* blocks (a zero sum elects +); an entry
     of block ``i`` survives if it is non-zero and has the elected sign; the result is ``Σ_i c_i · survivors_i``
@@ -418,7 +418,7 @@ def task_mean(
     deltas: Sequence[Delta], coefficients: Coefficients = None, *, out_dtype: torch.dtype | None = None
 ) -> Tensor:
     """The plain mean ``(1/T) Σ_i c_i Δ_i``: Iso-C's, Iso-CTS's and TSV-M's rule for non-matrix parameters and
-    excluded matrices (ALGORITHMS.md; the Iso authors' ``iso_c``/``iso_cts`` and the TSV code average them).
+    excluded matrices (docs/methods.md; the Iso authors' ``iso_c``/``iso_cts`` and the TSV code average them).
 
     Args:
         deltas: Per-task deltas of one parameter (``LowRankDelta`` are densified).
@@ -479,7 +479,7 @@ def dare(
         seed: Seed of the drop mask.
         merge: ``"task_arithmetic"`` or ``"ties"`` (TIES then trims to ``density`` and elects and merges).
         coefficients: ``c_i``, default 1.
-        density: TIES density, used with ``merge="ties"`` only (ALGORITHMS.md: "then ... TIES", whose default ρ is
+        density: TIES density, used with ``merge="ties"`` only (docs/methods.md: "then ... TIES", whose default ρ is
             0.2; pass 1.0 for the sign election without a further trim, as PEFT's ``dare_ties`` does).
         out_dtype: Result dtype (default: the deltas').
     """
@@ -581,7 +581,7 @@ class DrmBasis:
         disjoint_mean: bool = True,
         out_dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Steps 4–7 of DRM (ALGORITHMS.md) on the cached decomposition; see ``drm`` for the arguments.
+        """Steps 4–7 of DRM (docs/methods.md) on the cached decomposition; see ``drm`` for the arguments.
 
         ``renormalise`` off (the paper's ablation): prune the raw blocks ``U_i`` of the joint singular vectors and
         weight them by the joint ``σ`` (``B_i = prune(U_i) diag(σ)``) instead of the unit columns ``Û_i`` weighted
@@ -700,7 +700,7 @@ def drm_nonmatrix(
     disjoint_mean: bool = True,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """DRM's rule for non-matrix parameters and excluded matrices (ALGORITHMS.md): trim each ``Δ_i`` to its largest
+    """DRM's rule for non-matrix parameters and excluded matrices (docs/methods.md): trim each ``Δ_i`` to its largest
     fraction ``1 − nonmatrix_drop_rate`` (the authors' ``non_linear_module_entries_drop_rate``, default 0: no trim),
     then elect and merge, with the same election and mean switches as ``drm``.
 

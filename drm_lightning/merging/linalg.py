@@ -1,7 +1,7 @@
 """Float64 decompositions for the merge methods, built on one symmetric eigendecomposition each.
 
 Why Gram matrices: a float64 ``eigh`` of the smaller Gram side is several times faster on a GPU than a float64 SVD
-of the matrix itself, and ALGORITHMS.md asks for float64 precision whatever dtype the weights arrive in. The price of
+of the matrix itself, and docs/methods.md asks for float64 precision whatever dtype the weights arrive in. The price of
 squaring the matrix is that a singular triplet with ``σ_j`` far below ``σ_max`` loses accuracy like
 ``eps64 · (σ_max / σ_j)²``: 1e-4 at ``σ_j = 1e-6 σ_max``, and the methods cut components below such ratios anyway.
 Singular values are never taken from the eigenvalues: they are recomputed as column norms ``‖A v_j‖``, which keeps

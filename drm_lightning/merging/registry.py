@@ -22,7 +22,7 @@ from drm_lightning.merging.functional import Coefficients, Delta
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """One merge method of ALGORITHMS.md.
+    """One merge method of docs/methods.md.
 
     Attributes:
         name: Registry key, e.g. ``"drm_v"``.
@@ -35,7 +35,7 @@ class MergeMethod:
         fixed: Parameters fixed by the method's identity (``direction`` of ``drm_v``/``drm_h``); passing another
             value is an error.
         elementwise: ``matrix_only`` methods: their own rule for non-matrix parameters and excluded matrices
-            (ALGORITHMS.md, "per method"), called with the parameters in ``elementwise_keys``.
+            (docs/methods.md, "Non-matrix parameters"), called with the parameters in ``elementwise_keys``.
         elementwise_keys: The parameters ``elementwise`` takes.
         elementwise_only: Parameters only ``elementwise`` takes (not passed to ``fn``).
         prepare: Where part of the matrix rule can be shared between parameter values (a search): a function of
@@ -106,7 +106,7 @@ class MergeMethod:
         return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **self.matrix_params(self.check(params)))
 
     def merge_elementwise(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
-        """The method's rule for non-matrix parameters and excluded matrices (ALGORITHMS.md, "per method").
+        """The method's rule for non-matrix parameters and excluded matrices (docs/methods.md, "Non-matrix parameters").
 
         Iso-C, Iso-CTS and TSV-M take the plain mean, DRM trims (``nonmatrix_drop_rate``), elects and merges;
         Task Arithmetic, TIES and DARE are elementwise already and run themselves. Factors are densified.

@@ -1,0 +1,365 @@
+"""The merge methods of ``docs/methods.md`` evaluated straight from their equations, in float64 by default.
+
+Why it exists, and why apart from ``functional.py``: the tests and the speed benchmark score the library against
+an evaluation of the contract that shares no code with it (scoring it against its own float64 run would hide any
+mistake common to both precisions). So this module is deliberately plain: a full ``torch.linalg.svd`` of exactly
+the matrix the paper names, polar factors through a second SVD, ``kthvalue`` thresholds for "keep the largest
+fraction", explicit loops over tasks; no Gram identities, no low-rank shortcuts, nothing for speed or memory.
+
+``dtype`` runs the same equations in another precision: ``float32`` is the way the methods' authors run them, the
+baseline ``benchmarks/merge_speed.py`` races and the error ``tests/test_functional_reference.py`` measures. Every
+function takes the task deltas of one parameter (same-shape tensors, any floating dtype), upcasts them to ``dtype``
+and returns the merged delta in ``dtype``. The conventions the papers leave open (the rank tolerances, the DARE
+mask) are the ones ``docs/methods.md`` fixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+SHARE_EPS = 1e-6
+"""DRM step 4: a renormalisation share ``ν_ij`` at or below this counts as none."""
+DRM_RANK_TOL = 1e-2
+RANK_TOL = 1e-6
+"""Default rank tolerance of Iso-C, Iso-CTS and TSV-M (docs/methods.md, "Rank tolerance")."""
+
+Coefficients = Sequence[float] | None
+
+
+def _stack(deltas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """Stack the deltas into ``[T, ...]`` in the compute dtype; reject what the contract does not define."""
+    if len(deltas) == 0:
+        raise ValueError("deltas: need at least one task delta, got an empty sequence")
+    shapes = {tuple(d.shape) for d in deltas}
+    if len(shapes) != 1:
+        raise ValueError(f"deltas: all task deltas must have one shape, got {sorted(shapes)}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype: need a floating dtype, got {dtype}")
+    return torch.stack([d.to(dtype) for d in deltas])
+
+
+def _coefficients(coefficients: Coefficients, stacked: Tensor) -> Tensor:
+    """Per-task coefficients shaped to broadcast over ``stacked`` (default 1 for every task)."""
+    tasks = stacked.shape[0]
+    if coefficients is None:
+        values = torch.ones(tasks, dtype=stacked.dtype, device=stacked.device)
+    else:
+        if len(coefficients) != tasks:
+            raise ValueError(f"coefficients: need one per task ({tasks}), got {len(coefficients)}")
+        values = torch.as_tensor([float(c) for c in coefficients], dtype=stacked.dtype, device=stacked.device)
+    return values.view(tasks, *([1] * (stacked.ndim - 1)))
+
+
+def _matrices(stacked: Tensor, name: str) -> None:
+    if stacked.ndim != 3:
+        raise ValueError(f"deltas: {name} needs 2-D deltas, got shape {tuple(stacked.shape[1:])}")
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    """``‖actual − expected‖_F / ‖expected‖_F`` in float64 (the absolute error where ``expected`` is zero)."""
+    actual, expected = actual.detach().to("cpu", F64), expected.detach().to("cpu", F64)
+    denominator = float(torch.linalg.vector_norm(expected))
+    difference = float(torch.linalg.vector_norm(actual - expected))
+    return difference / denominator if denominator > 0 else difference
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def keep_top_fraction(x: Tensor, fraction: float) -> Tensor:
+    """Keep the ``round(fraction · numel)`` entries of largest magnitude (ties at the threshold may keep more).
+
+    The threshold is the ``k``-th largest magnitude found with ``kthvalue``, as the TIES and DRM authors do.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction: must lie in [0, 1], got {fraction}")
+    total = x.numel()
+    keep = round(fraction * total)
+    if keep >= total:
+        return x.clone()
+    if keep <= 0:
+        return torch.zeros_like(x)
+    magnitude = x.abs()
+    threshold = magnitude.reshape(-1).kthvalue(total - keep + 1).values
+    return torch.where(magnitude >= threshold, x, torch.zeros_like(x))
+
+
+def combine(
+    blocks: Sequence[Tensor] | Tensor,
+    coefficients: Coefficients | Tensor = None,
+    *,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
+) -> Tensor:
+    """DRM's merge step with its two switches; both on is ``elect_and_merge``. ``elect_sign`` off: every non-zero
+    entry survives. ``disjoint_mean`` off: ``Σ c_i · survivors_i`` is divided by ``T`` instead of the survivors."""
+    stacked = blocks if isinstance(blocks, Tensor) else torch.stack(list(blocks))
+    weights = coefficients if isinstance(coefficients, Tensor) else _coefficients(coefficients, stacked)
+    if elect_sign:
+        elected = torch.where(stacked.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+        survives = (stacked != 0) & (torch.sign(stacked) == elected)
+    else:
+        survives = stacked != 0
+    total = torch.where(survives, stacked * weights, torch.zeros_like(stacked)).sum(dim=0)
+    if not disjoint_mean:
+        return total / stacked.shape[0]
+    return total / survives.sum(dim=0).clamp_min(1).to(stacked.dtype)
+
+
+def elect_and_merge(blocks: Sequence[Tensor] | Tensor, coefficients: Coefficients | Tensor = None) -> Tensor:
+    """Unweighted sign election over the blocks (a zero sum elects +), then ``Σ c_i · survivors_i`` over the number
+    of survivors (at least 1). ``blocks``: a sequence or a ``[T, ...]`` stack; a tensor ``coefficients`` must
+    broadcast against the stack."""
+    return combine(blocks, coefficients)
+
+
+def polar(a: Tensor) -> Tensor:
+    """Orthogonal polar factor ``P Qᵀ`` of ``a = P Σ Qᵀ`` (the Iso-CTS and TSV-M orthogonalisation)."""
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Elementwise methods
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def task_arithmetic(deltas: Sequence[Tensor], coefficients: Coefficients = None, *, dtype: torch.dtype = F64) -> Tensor:
+    """``Σ_i c_i Δ_i``."""
+    stacked = _stack(deltas, dtype)
+    return (stacked * _coefficients(coefficients, stacked)).sum(dim=0)
+
+
+def task_mean(deltas: Sequence[Tensor], coefficients: Coefficients = None, *, dtype: torch.dtype = F64) -> Tensor:
+    """``(1/T) Σ_i c_i Δ_i``: Iso-C's, Iso-CTS's and TSV-M's rule for non-matrix parameters."""
+    return task_arithmetic(deltas, coefficients, dtype=dtype) / len(deltas)
+
+
+def drm_nonmatrix(
+    deltas: Sequence[Tensor],
+    nonmatrix_drop_rate: float = 0.0,
+    coefficients: Coefficients = None,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """DRM's rule for non-matrix parameters: trim each delta to its largest fraction ``1 − p_nl``, elect, merge."""
+    stacked = _stack(deltas, dtype)
+    trimmed = torch.stack([keep_top_fraction(d, 1.0 - nonmatrix_drop_rate) for d in stacked])
+    return combine(trimmed, coefficients, elect_sign=elect_sign, disjoint_mean=disjoint_mean)
+
+
+def ties(
+    deltas: Sequence[Tensor], density: float = 0.2, coefficients: Coefficients = None, *, dtype: torch.dtype = F64
+) -> Tensor:
+    """Trim each delta to its largest fraction ``density`` (``kthvalue`` per task), then elect and merge."""
+    stacked = _stack(deltas, dtype)
+    trimmed = torch.stack([keep_top_fraction(d, density) for d in stacked])
+    return elect_and_merge(trimmed, _coefficients(coefficients, stacked))
+
+
+def dare(
+    deltas: Sequence[Tensor],
+    drop_rate: float = 0.9,
+    seed: int = 0,
+    merge: str = "task_arithmetic",
+    coefficients: Coefficients = None,
+    density: float = 0.2,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """Drop with probability ``drop_rate`` (one float32 ``torch.rand([T, *shape])`` draw from a generator on the
+    deltas' device seeded with ``seed``, kept where ``>= drop_rate``), rescale by ``1/(1 − p)``, then TA or TIES."""
+    if merge not in ("task_arithmetic", "ties"):
+        raise ValueError(f"merge: must be 'task_arithmetic' or 'ties', got {merge!r}")
+    stacked = _stack(deltas, dtype)
+    if drop_rate > 0:
+        generator = torch.Generator(device=stacked.device)
+        generator.manual_seed(seed)
+        draw = torch.rand(stacked.shape, generator=generator, dtype=torch.float32, device=stacked.device)
+        stacked = torch.where(draw >= drop_rate, stacked / (1 - drop_rate), torch.zeros_like(stacked))
+    if merge == "ties":
+        return ties(list(stacked), density, coefficients, dtype=dtype)
+    return task_arithmetic(list(stacked), coefficients, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DRM
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def drm(
+    deltas: Sequence[Tensor],
+    direction: str = "vertical",
+    drop_rate: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+    *,
+    dtype: torch.dtype = F64,
+    renormalise: bool = True,
+    elect_sign: bool = True,
+    disjoint_mean: bool = True,
+) -> Tensor:
+    """Decom-Renorm-Merge through a thin SVD of the stacked deltas, as the DRM authors' code does.
+
+    Vertical stacks rows (``[T·n, m]``); horizontal is the same on the transposes, which is the authors' column
+    stacking with ``U`` and ``V`` swapped. The switches are the paper's ablations (all on is DRM): ``renormalise``
+    off prunes the raw blocks ``U_i`` and weights them by the joint ``σ``; ``elect_sign`` and ``disjoint_mean`` as
+    ``combine``.
+    """
+    if direction not in ("vertical", "horizontal"):
+        raise ValueError(f"direction: must be 'vertical' or 'horizontal', got {direction!r}")
+    if not 0.0 <= drop_rate <= 1.0:
+        raise ValueError(f"drop_rate: must lie in [0, 1], got {drop_rate}")
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "drm")
+    if direction == "horizontal":
+        stacked = stacked.transpose(1, 2)
+    tasks, rows, cols = stacked.shape
+    u, s, vh = torch.linalg.svd(stacked.reshape(tasks * rows, cols), full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        merged = torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
+        return merged.T if direction == "horizontal" else merged
+    rank = int((s > rank_tol * s[0]).sum())
+    u_blocks = u[:, :rank].reshape(tasks, rows, rank)
+    if renormalise:
+        shares = torch.linalg.vector_norm(u_blocks, dim=1)  # [T, r]; over tasks, Σ shares² = 1
+        counted = shares > SHARE_EPS
+        safe_shares = torch.where(counted, shares, torch.ones_like(shares))
+        u_hat = torch.where(counted[:, None, :], u_blocks / safe_shares[:, None, :], torch.zeros_like(u_blocks))
+        task_s = s[:rank] * shares  # S_i = S ⊙ ν_i
+    else:
+        u_hat, task_s = u_blocks, s[:rank].expand(tasks, rank)
+    blocks = keep_top_fraction(u_hat, 1.0 - drop_rate) * task_s[:, None, :]
+    switches = {"elect_sign": elect_sign, "disjoint_mean": disjoint_mean}
+    merged = combine(blocks, _coefficients(coefficients, blocks), **switches) @ vh[:rank]
+    return merged.T if direction == "horizontal" else merged
+
+
+def drm_vertical(
+    deltas: Sequence[Tensor],
+    drop_rate: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+    *,
+    dtype: torch.dtype = F64,
+    **switches: bool,
+) -> Tensor:
+    """DRM-V: ``drm(direction="vertical")`` (``switches``: ``renormalise``, ``elect_sign``,
+    ``disjoint_mean``)."""
+    return drm(deltas, "vertical", drop_rate, coefficients, rank_tol, dtype=dtype, **switches)
+
+
+def drm_horizontal(
+    deltas: Sequence[Tensor],
+    drop_rate: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+    *,
+    dtype: torch.dtype = F64,
+    **switches: bool,
+) -> Tensor:
+    """DRM-H: ``drm(direction="horizontal")`` (``switches``: ``renormalise``, ``elect_sign``,
+    ``disjoint_mean``)."""
+    return drm(deltas, "horizontal", drop_rate, coefficients, rank_tol, dtype=dtype, **switches)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Iso-C, Iso-CTS, TSV-M
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def iso_c(
+    deltas: Sequence[Tensor], coefficients: Coefficients = None, rank_tol: float = RANK_TOL, *, dtype: torch.dtype = F64
+) -> Tensor:
+    """``mean(S) U Vᵀ`` from the thin SVD of ``Σ_i c_i Δ_i``, components above ``rank_tol · σ_max`` only."""
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "iso_c")
+    total = (stacked * _coefficients(coefficients, stacked)).sum(dim=0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return torch.zeros_like(total)
+    rank = int((s > rank_tol * s[0]).sum())
+    return s[:rank].mean() * (u[:, :rank] @ vh[:rank])
+
+
+def iso_cts_split(rows: int, cols: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """``(k_c, s)``: common components and per-task components, so that ``k_c + T·s = min(rows, cols)``."""
+    if not 0.0 <= common_fraction <= 1.0:
+        raise ValueError(f"common_fraction: must lie in [0, 1], got {common_fraction}")
+    full = min(rows, cols)
+    common = int(common_fraction * full)
+    common = full - round((full - common) / tasks) * tasks
+    return common, (full - common) // tasks
+
+
+def _drop_small(parts: list[tuple[Tensor, Tensor, Tensor]], rank_tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenate SVD blocks, dropping components with ``σ <= rank_tol · max σ`` over all blocks."""
+    largest = max((float(s.max()) for _, s, _ in parts if s.numel()), default=0.0)
+    keep = [s > rank_tol * largest for _, s, _ in parts]
+    u = torch.cat([p[0][:, k] for p, k in zip(parts, keep, strict=True)], dim=1)
+    s = torch.cat([p[1][k] for p, k in zip(parts, keep, strict=True)])
+    vh = torch.cat([p[2][k] for p, k in zip(parts, keep, strict=True)], dim=0)
+    return u, s, vh
+
+
+def iso_cts(
+    deltas: Sequence[Tensor],
+    common_fraction: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = RANK_TOL,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """Iso-CTS: common subspace of the sum plus each task's top residual components, orthogonalised, isotropic.
+
+    Common components at or below ``rank_tol · σ_1`` of the sum are dropped before the residuals are taken (their
+    singular vectors are arbitrary); then every component, common or task-specific, at or below ``rank_tol`` times
+    the largest singular value of all these decompositions is dropped before ``mean(S)``.
+    """
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "iso_cts")
+    tasks, rows, cols = stacked.shape
+    weighted = stacked * _coefficients(coefficients, stacked)
+    common, per_task = iso_cts_split(rows, cols, tasks, common_fraction)
+    u, s, vh = torch.linalg.svd(weighted.sum(dim=0), full_matrices=False)
+    u_c, s_c, vh_c = u[:, :common], s[:common], vh[:common]
+    if s_c.numel():
+        kept = s_c > rank_tol * s_c[0]
+        u_c, s_c, vh_c = u_c[:, kept], s_c[kept], vh_c[kept]
+    parts = [(u_c, s_c, vh_c)]
+    for delta in weighted:
+        residual = delta - u_c @ (u_c.T @ delta)
+        u_i, s_i, vh_i = torch.linalg.svd(residual, full_matrices=False)
+        parts.append((u_i[:, :per_task], s_i[:per_task], vh_i[:per_task]))
+    u, s, vh = _drop_small(parts, rank_tol)
+    if s.numel() == 0:
+        return torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
+    return s.mean() * (polar(u) @ polar(vh.T).T)
+
+
+def tsv_m(
+    deltas: Sequence[Tensor], coefficients: Coefficients = None, rank_tol: float = RANK_TOL, *, dtype: torch.dtype = F64
+) -> Tensor:
+    """TSV-M: each task's top ``min(n, m) // T`` components, orthogonalised by polar factors, recombined."""
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "tsv_m")
+    tasks, rows, cols = stacked.shape
+    keep = min(rows, cols) // tasks
+    if keep == 0:
+        raise ValueError(f"deltas: TSV-M keeps min(n, m) // T = 0 components for T={tasks} deltas of {(rows, cols)}")
+    parts = []
+    for delta in stacked * _coefficients(coefficients, stacked):
+        u_i, s_i, vh_i = torch.linalg.svd(delta, full_matrices=False)
+        parts.append((u_i[:, :keep], s_i[:keep], vh_i[:keep]))
+    u, s, vh = _drop_small(parts, rank_tol)
+    if s.numel() == 0:
+        return torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
+    return polar(u) @ torch.diag(s) @ polar(vh.T).T
