@@ -20,6 +20,7 @@ EXPECTED_CLASS = {
     "decoder_lm": "LlamaForCausalLM",
     "seq2seq": "T5ForConditionalGeneration",
     "vision": "ViTModel",
+    "clip": "CLIPVisionModelWithProjection",
 }
 
 

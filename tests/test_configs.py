@@ -188,3 +188,23 @@ def test_ablation_recipe_holds_every_switch_combination(monkeypatch: pytest.Monk
     }
     assert len(combos) == 16 and {c[0] for c in combos} == {"drm_v", "drm_h"}
     assert pipeline.recipe.trainer["accelerator"] == "cpu"
+
+
+def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_grid() -> None:
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.data.image import check_templates
+    from drm_lightning.merging.registry import METHODS
+
+    recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]))
+    assert recipe.model["family"] == "clip"
+    tasks = [spec["init_args"]["task"] for spec in recipe.specs]
+    assert tasks == ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    for spec in recipe.specs:
+        check_templates(spec["init_args"]["templates"], spec["init_args"]["task"])
+        assert spec["init_args"]["validation_split"] is None  # carved from train
+    assert {m.method for m in recipe.methods} == set(METHODS)
+    alpha = [round(0.1 * i, 1) for i in range(1, 31)]
+    for spec in recipe.methods:
+        if spec.method in ("drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"):
+            assert spec.lambdas == alpha, spec.method

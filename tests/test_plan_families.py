@@ -87,6 +87,28 @@ EXPECTED: dict[tuple[str, str | None], dict[str, str]] = {
         "layernorm.weight": E,
         "layernorm.bias": E,
     },
+    ("clip", None): {  # CLIPVisionModelWithProjection: the image encoder the CLIP merging papers merge
+        "vision_model.embeddings.class_embedding": E,
+        "vision_model.embeddings.patch_embedding.weight": E,  # a 4-D convolution
+        "vision_model.embeddings.position_embedding.weight": E,
+        **{f"vision_model.{n}.{w}": E for n in ("pre_layrnorm", "post_layernorm") for w in ("weight", "bias")},
+        **{
+            f"vision_model.encoder.layers.N.self_attn.{p}_proj.{w}": M if w == "weight" else E
+            for p in ("q", "k", "v", "out")
+            for w in ("weight", "bias")
+        },
+        **{
+            f"vision_model.encoder.layers.N.{n}.{w}": E
+            for n in ("layer_norm1", "layer_norm2")
+            for w in ("weight", "bias")
+        },
+        **{
+            f"vision_model.encoder.layers.N.mlp.{fc}.{w}": M if w == "weight" else E
+            for fc in ("fc1", "fc2")
+            for w in ("weight", "bias")
+        },
+        "visual_projection.weight": M,  # a linear map into the joint image-text space
+    },  # fmt: skip
 }
 
 #: The plan's policy in words, checked independently of its regexes: these kinds of 2-D parameter are never

@@ -85,7 +85,29 @@ ARCHITECTURES: tuple[tuple[str, str | None], ...] = (
     ("decoder_lm", None),  # Llama with its LM head
     ("seq2seq", None),  # T5
     ("vision", None),  # ViT
+    ("clip", None),  # CLIP (the backbone: its vision tower and projection)
 )
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # Byte-level BPE as CLIP's: single characters (word-final ones end in "</w>") plus merges that build each of
+    # TINY_WORDS into one token, so prompts of those words tokenise to meaningful ids.
+    chars = _LETTERS + list(string.punctuation)
+    vocab = {piece: i for i, piece in enumerate(dict.fromkeys(chars + [c + "</w>" for c in chars]))}
+    merges: list[tuple[str, str]] = []
+    for word in ("photo", *TINY_WORDS):
+        piece = word[0]
+        for i, char in enumerate(word[1:], 1):
+            char = char + ("</w>" if i == len(word) - 1 else "")
+            if (piece, char) not in merges:
+                merges.append((piece, char))
+            piece += char
+            vocab.setdefault(piece, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
 
 
 def make_tiny_model(
@@ -96,7 +118,8 @@ def make_tiny_model(
     Args:
         family: ``"encoder"`` (BERT, with pooler, like real checkpoints), ``"decoder"`` or ``"decoder_lm"``
             (``LlamaForCausalLM``, as hub checkpoints are), ``"seq2seq"`` (T5) or
-            ``"vision"`` (ViT, 16x16 RGB, patch 8).
+            ``"vision"`` (ViT, 16x16 RGB, patch 8) or ``"clip"`` (``CLIPModel``: text and vision towers, with a
+            CLIP tokenizer and image processor; the ``clip`` backbone is its vision tower).
         folder: where to ``save_pretrained``; created if missing.
         seed: the weights are a function of the seed alone.
         architecture: another architecture of the family: ``"deberta_v2"`` (encoder; DeBERTa-v3's layout:
@@ -177,6 +200,20 @@ def make_tiny_model(
             **config_overrides,
         )
         model = tf.T5ForConditionalGeneration(config)
+    elif family == "clip":
+        tok = _clip_tokenizer()
+        special = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"))}
+        small = {"hidden_size": HIDDEN_SIZE, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+        config = tf.CLIPConfig(
+            text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 64, "bos_token_id": special["bos"],
+                         "eos_token_id": special["eos"], "pad_token_id": special["eos"]},
+            vision_config={**small, "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3},
+            projection_dim=16,
+            **config_overrides,
+        )  # fmt: skip
+        model = tf.CLIPModel(config)
+        size = {"shortest_edge": IMAGE_SIZE}
+        tf.CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
     elif family == "vision":
         tok = tf.ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         config = tf.ViTConfig(
@@ -191,7 +228,7 @@ def make_tiny_model(
         )
         model = tf.ViTModel(config)
     else:
-        raise ValueError(f"family={family!r}: expected encoder, decoder, decoder_lm, seq2seq or vision")
+        raise ValueError(f"family={family!r}: expected encoder, decoder, decoder_lm, seq2seq, vision or clip")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -244,7 +281,7 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     def _tensors(self, n: int, seed: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
-        if self.family == "vision":
+        if self.family in ("vision", "clip"):
             labels = torch.randint(len(self.label_names), (n,), generator=gen)
             pixels = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) + labels.view(-1, 1, 1, 1)
             return {"pixel_values": pixels, "labels": labels}

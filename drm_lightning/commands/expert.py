@@ -45,12 +45,18 @@ def _task_type(datamodule: LightningDataModule) -> str:
     return getattr(datamodule, "task_type", "classification")
 
 
+def _templates(datamodule: LightningDataModule) -> list[str] | None:
+    """The datamodule's zero-shot prompt templates (image tasks); None where it has none."""
+    templates = getattr(datamodule, "templates", None)
+    return list(templates) if templates else None
+
+
 class ExpertCLI(LightningCLI):
     """``fit`` / ``validate`` / ``test`` of one expert: ``ExpertModule`` + any ``LightningDataModule`` + ``Trainer``.
 
     Wiring (``link_arguments``, so each value is given once): ``model.backbone`` is the datamodule's tokenizer (or
-    image processor); the datamodule's ``task``, ``label_names``, ``metrics`` and ``task_type`` become the model's.
-    ``fit`` adds a ``TaskVectorCallback`` that writes ``--task_vector_dir`` (default
+    image processor); the datamodule's ``task``, ``label_names``, ``metrics``, ``task_type`` and ``templates``
+    become the model's. ``fit`` adds a ``TaskVectorCallback`` that writes ``--task_vector_dir`` (default
     ``<default_root_dir>/task_vectors/<task>``); ``validate``/``test`` with ``--task_vector_dir`` evaluate the
     expert stored there instead of a fresh model.
     """
@@ -99,6 +105,7 @@ class ExpertCLI(LightningCLI):
         for name in ("task", "label_names", "metrics"):
             parser.link_arguments("data", f"model.{name}", compute_fn=_data_attribute(name), apply_on="instantiate")
         parser.link_arguments("data", "model.task_type", compute_fn=_task_type, apply_on="instantiate")
+        parser.link_arguments("data", "model.templates", compute_fn=_templates, apply_on="instantiate")
 
     @override
     def before_instantiate_classes(self) -> None:

@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
-TASK_MODEL_ARGS = ("task", "label_names", "metrics", "task_type")
+TASK_MODEL_ARGS = ("task", "label_names", "metrics", "task_type", "templates")
 #: Trainer settings that do not change what an expert learns: changing them does not force a refit.
 _COSMETIC_TRAINER_KEYS = frozenset(
     {
@@ -542,6 +542,7 @@ class Pipeline:
             label_names=_attribute(dm, "label_names"),
             metrics=_attribute(dm, "metrics"),
             task_type=_attribute(dm, "task_type") or "classification",
+            templates=_attribute(dm, "templates"),
         )
         trainer_kwargs = dict(self.recipe.trainer)
         callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))

@@ -188,6 +188,11 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
+def _check_label_names(task: str, label_names: Sequence[str]) -> None:
+    if len(label_names) < 2 or len(set(label_names)) != len(label_names):
+        raise DataError(f"task {task!r}: label_names must hold at least two distinct names, got {list(label_names)}")
+
+
 class ClassificationDataModule(LightningDataModule):
     """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
 
@@ -200,7 +205,7 @@ class ClassificationDataModule(LightningDataModule):
         self,
         *,
         task: str,
-        label_names: list[str],
+        label_names: list[str] | None,
         label_column: str,
         train_split: str,
         validation_split: str | None,
@@ -217,8 +222,8 @@ class ClassificationDataModule(LightningDataModule):
         super().__init__()
         if not task:
             raise DataError("task: must be a non-empty name")
-        if len(label_names) < 2 or len(set(label_names)) != len(label_names):
-            raise DataError(f"task {task!r}: label_names must hold at least two distinct names, got {label_names}")
+        if label_names is not None:
+            _check_label_names(task, label_names)
         metrics = ["accuracy"] if metrics is None else list(metrics)
         unknown = [m for m in metrics if m not in SUPPORTED_METRICS]
         if unknown or not metrics:
@@ -236,7 +241,7 @@ class ClassificationDataModule(LightningDataModule):
         if seed < 0:
             raise DataError(f"task {task!r}: seed must be >= 0, got {seed}")
         self.task = task
-        self._label_names = list(label_names)
+        self._given_label_names = list(label_names) if label_names is not None else None
         self._metrics = metrics
         self._label_column = label_column
         self._split_names = {"train": train_split, "validation": validation_split, "test": test_split}
@@ -249,6 +254,31 @@ class ClassificationDataModule(LightningDataModule):
         self._raw: Any = None  # datasets.DatasetDict once loaded
         self._carved: tuple[Any, Any] | None = None
         self._ready: dict[str, tuple[Any, dict[Any, int]]] = {}
+
+    @property
+    def _label_names(self) -> list[str]:
+        """The given label names, or (``label_names: null``) the train split's ``ClassLabel`` names, in index order.
+
+        Why: image benchmarks have hundreds of classes (SUN397: 397) whose names and order the hub dataset already
+        carries; reading them from it cannot misalign a hand-copied list. Reading them loads the dataset.
+        """
+        if self._given_label_names is None:
+            from datasets import ClassLabel
+
+            if self._raw is None:
+                self._raw = self._load_splits()
+            name = self._split_names["train"]
+            if name not in self._raw:
+                raise DataError(f"task {self.task!r}: label_names is null and there is no train split {name!r}")
+            feature = self._raw[name].features.get(self._label_column)
+            if not isinstance(feature, ClassLabel):
+                raise DataError(
+                    f"task {self.task!r}: label_names is null but column {self._label_column!r} of split {name!r} "
+                    f"is {type(feature).__name__}, not a ClassLabel with names: give label_names"
+                )
+            _check_label_names(self.task, list(feature.names))
+            self._given_label_names = list(feature.names)
+        return self._given_label_names
 
     @classmethod
     def base_arguments(cls, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,19 @@ def _as_rgb(value: Any, column: str) -> Any:
     return value.convert("RGB")
 
 
+#: The CLIP paper's plain prompt, for tasks that name no templates of their own.
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def check_templates(templates: list[str], where: str) -> None:
+    """Each template must be a string with exactly one ``{}`` (the class name), and there must be at least one."""
+    if isinstance(templates, str) or not templates:
+        raise DataError(f"{where}: templates must be a non-empty list of strings with one '{{}}', got {templates!r}")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise DataError(f"{where}: template {template!r} must hold exactly one '{{}}' for the class name")
+
+
 @dataclass
 class ImageCollator:
     """Process a list of rows into ``pixel_values`` and ``labels``; picklable, so it works with loader workers."""
@@ -71,7 +84,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self,
         task: str,
         image_processor: str,
-        label_names: list[str],
+        label_names: list[str] | None = None,
         dataset: str | None = None,
         dataset_config: str | None = None,
         data_dir: str | None = None,
@@ -89,6 +102,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         max_eval_samples: int | None = None,
         metrics: list[str] | None = None,
         cache_dir: str | None = None,
+        templates: list[str] | None = None,
     ) -> None:
         """Describe one task; nothing is loaded until ``setup``.
 
@@ -96,7 +110,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
             task: Task name; keys task vectors, metrics and reports.
             image_processor: Hub id, local folder or ``package://module/sub`` holding the backbone's
                 ``preprocessor_config.json``.
-            label_names: Class names in head-output order. An imagefolder's folder names map by name.
+            label_names: Class names in head-output order. An imagefolder's folder names map by name. None takes
+                the train split's ``ClassLabel`` names (loading the dataset when they are first asked for).
             dataset: Hub id (or local dataset folder) for ``datasets.load_dataset``; excludes ``data_dir``.
             dataset_config: The hub dataset's configuration.
             data_dir: Local imagefolder (``<split>/<label>/<image>`` or ``<label>/<image>``); excludes ``dataset``.
@@ -116,11 +131,20 @@ class ImageClassificationDataModule(ClassificationDataModule):
             max_eval_samples: Same for validation and test.
             metrics: Metrics the model reports for this task: ``accuracy``, ``f1``, ``mcc``.
             cache_dir: Where ``datasets`` keeps its Arrow cache (default: its own, ~/.cache/huggingface).
+            templates: Prompt templates of the class names for zero-shot heads (the ``clip`` family), ``{}`` where
+                the name goes, e.g. ``["a centered satellite photo of {}."]``; None: ``["a photo of a {}."]``.
         """
         super().__init__(**self.base_arguments(locals()))
+        if templates is not None:
+            check_templates(templates, f"task {task!r}")
         if (dataset is None) == (data_dir is None):
             raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_dir (imagefolder)")
         self.save_hyperparameters(logger=False)  # logged by ExpertModule as data/<name> (keys clash)
+
+    @property
+    def templates(self) -> list[str]:
+        """Templates of the class names for a zero-shot head (``clip`` family)."""
+        return list(self.hparams.templates or DEFAULT_TEMPLATES)
 
     @cached_property
     def processor(self) -> Any:

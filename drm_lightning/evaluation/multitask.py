@@ -151,8 +151,10 @@ def check_heads(folders: Sequence[str | os.PathLike[str]], metas: Sequence[TaskV
     adapter without ``modules_to_save``) merges fine, backbone only, but cannot be scored; saying so now, with the
     reason the import recorded, beats an error from deep inside building its module.
     """
+    from drm_lightning.models.backbone import LABEL_WORD_FAMILIES
+
     for folder, meta in zip(folders, metas, strict=True):
-        if meta.family == "seq2seq" or meta.head:
+        if meta.family in LABEL_WORD_FAMILIES or meta.head:  # their LM head is the task head
             continue
         reason = (meta.source or {}).get("no_head_reason") or "meta.json records no head"
         origin = (meta.source or {}).get("path")

@@ -32,7 +32,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from drm_lightning.models.backbone import accepts_pooling_flag, check_family, dtype_name, parse_dtype
+from drm_lightning.models.backbone import (
+    accepts_pooling_flag,
+    check_family,
+    clip_vision_config,
+    dtype_name,
+    parse_dtype,
+)
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
 
@@ -66,6 +72,10 @@ def backbone_keys(config: PretrainedConfig, family: str) -> set[str]:
             skeleton = AutoModelForSeq2SeqLM.from_config(config)
         elif family == "decoder_lm":
             skeleton = AutoModelForCausalLM.from_config(config)
+        elif family == "clip":  # the vision tower and its projection, inside a whole CLIPModel
+            from transformers import CLIPVisionModelWithProjection
+
+            skeleton = CLIPVisionModelWithProjection(clip_vision_config(config))
         else:
             pooled = family in ("encoder", "vision") and accepts_pooling_flag(config)
             skeleton = AutoModel.from_config(config, **({"add_pooling_layer": False} if pooled else {}))

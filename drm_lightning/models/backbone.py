@@ -13,6 +13,9 @@ Families:
 - ``"seq2seq"``: ``AutoModelForSeq2SeqLM`` (``T5ForConditionalGeneration``); labels are words, so the LM head is
   the task head and the whole model is the backbone.
 - ``"vision"``: ``AutoModel`` (``ViTModel``), head on the CLS token.
+- ``"clip"``: ``CLIPVisionModelWithProjection`` read from a ``CLIPModel`` checkpoint: the vision tower and its
+  projection are the backbone (fine-tuned and merged, under the same ``vision_model.*`` / ``visual_projection.*``
+  names as in ``CLIPModel``); the task heads are frozen zero-shot class embeddings from the text tower.
 
 Pooling layers: encoder and vision backbones are loaded with ``add_pooling_layer=False`` where the model class
 accepts it (BERT, RoBERTa, ViT). Our heads pool ``last_hidden_state`` themselves, so a pooler would only cost
@@ -40,7 +43,9 @@ from drm_lightning.task_vectors.format import TORCH_DTYPES
 if TYPE_CHECKING:
     from drm_lightning.task_vectors.format import TaskVectorMeta
 
-FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision")
+FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision", "clip")
+#: Families whose LM head scores the labels as words: no task head of their own (``models/label_words.py``).
+LABEL_WORD_FAMILIES = ("seq2seq", "decoder_lm")
 
 POOLED_FAMILIES = ("encoder", "vision")
 
@@ -76,6 +81,22 @@ def accepts_pooling_flag(config: transformers.PretrainedConfig) -> bool:
     return "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
 
 
+def clip_vision_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The ``clip`` backbone's config: a ``CLIPConfig``'s vision part with the whole model's ``projection_dim``.
+
+    Why: ``CLIPVisionConfig`` defaults its own ``projection_dim`` (512), which a checkpoint's ``vision_config`` need
+    not repeat; the vision projection must map to the joint space the text embeddings live in. A vision-only config
+    (a saved ``clip`` backbone or merged tower) passes through.
+    """
+    from transformers import CLIPConfig
+
+    if not isinstance(config, CLIPConfig):
+        return config
+    vision = config.vision_config.__class__.from_dict(config.vision_config.to_dict())
+    vision.projection_dim = config.projection_dim
+    return vision
+
+
 def load_backbone(
     name: str,
     family: str = "encoder",
@@ -108,6 +129,11 @@ def load_backbone(
         return AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     if family == "decoder_lm":
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if family == "clip":
+        from transformers import CLIPVisionModelWithProjection
+
+        config = clip_vision_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+        return CLIPVisionModelWithProjection.from_pretrained(path, config=config, **kwargs)
     if family in POOLED_FAMILIES:
         config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file")}
         config = AutoConfig.from_pretrained(path, **config_kwargs)

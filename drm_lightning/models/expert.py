@@ -21,7 +21,7 @@ import io
 import os
 import random
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any, Literal
@@ -35,16 +35,22 @@ from torch import nn
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, MetricCollection
 from typing_extensions import override
 
-from drm_lightning.models.backbone import FAMILIES, check_family, load_backbone, parse_dtype
-from drm_lightning.models.heads import POOLINGS, ChoiceHead, DecoderHead, EncoderHead, VisionHead, build_head
+from drm_lightning.models.backbone import FAMILIES, LABEL_WORD_FAMILIES, check_family, load_backbone, parse_dtype
+from drm_lightning.models.heads import (
+    POOLINGS,
+    ChoiceHead,
+    DecoderHead,
+    EncoderHead,
+    VisionHead,
+    ZeroShotHead,
+    build_head,
+)
 from drm_lightning.models.label_words import candidate_logprobs, label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_matches, fingerprint_state, short_fingerprint
 
 METRICS = ("accuracy", "mcc", "f1")
-#: Families whose LM head scores the labels as words (no task head of their own).
-LABEL_WORD_FAMILIES = ("seq2seq", "decoder_lm")
 #: Families that can answer multiple-choice tasks: a one-output head per (context, option) pair, or option likelihood.
 CHOICE_FAMILIES = ("encoder", *LABEL_WORD_FAMILIES)
 TASK_TYPES = ("classification", "multiple_choice")
@@ -55,6 +61,19 @@ _CKPT_KEY = "drm_lightning"
 # Lets ``from_task_vector`` hand an already-built backbone module to ``__init__`` without making a live module a
 # constructor argument (constructor arguments must stay plain values: they are saved as hyperparameters).
 _PRELOADED_BACKBONE: ContextVar[nn.Module | None] = ContextVar("drm_lightning_preloaded_backbone", default=None)
+
+
+# The same for a recorded head: ``from_task_vector`` rebuilds a zero-shot head from meta.json, not from a text encoder.
+_RECORDED_HEAD: ContextVar[dict[str, Any] | None] = ContextVar("drm_lightning_recorded_head", default=None)
+
+
+@contextmanager
+def _recorded_head(config: dict[str, Any]) -> Iterator[None]:
+    token = _RECORDED_HEAD.set(config)
+    try:
+        yield
+    finally:
+        _RECORDED_HEAD.reset(token)
 
 
 @contextmanager
@@ -79,8 +98,9 @@ class ExpertModule(LightningModule):
 
     Args:
         backbone: hub id, local ``save_pretrained`` folder or ``package://<module>/<subpath>``.
-        family: ``encoder | decoder | decoder_lm | seq2seq | vision`` (``decoder_lm``: a causal LM that scores label
-            words through its own ``lm_head``; ``decoder``: a new classification head on the last token).
+        family: ``encoder | decoder | decoder_lm | seq2seq | vision | clip`` (``decoder_lm``: a causal LM that scores
+            label words through its own ``lm_head``; ``decoder``: a new classification head on the last token;
+            ``clip``: CLIP's vision tower under a frozen zero-shot head made from its text tower).
         task: task name; metric keys are ``val/<task>/<metric>``.
         label_names: class names in label-index order (T5, ``decoder_lm``: the answer words). None takes them from
             the datamodule's ``label_names`` at setup.
@@ -98,12 +118,14 @@ class ExpertModule(LightningModule):
         task_type: ``classification``, or ``multiple_choice`` (``label_names`` name the option positions; encoders
             score each (context, option) pair with a one-output head, label-word families each option's
             likelihood; see ``data/choice.py``). Taken from the datamodule's ``task_type`` by the CLI and pipeline.
+        templates: ``clip``: prompt templates of the class names (``{}`` where the name goes) whose text embeddings
+            make the zero-shot head; None takes the datamodule's ``templates`` at setup, else ``a photo of a {}.``.
     """
 
     def __init__(
         self,
         backbone: str,
-        family: Literal["encoder", "decoder", "decoder_lm", "seq2seq", "vision"] = "encoder",
+        family: Literal["encoder", "decoder", "decoder_lm", "seq2seq", "vision", "clip"] = "encoder",
         task: str = "task",
         label_names: list[str] | None = None,
         lora: LoraSettings | None = None,
@@ -118,6 +140,7 @@ class ExpertModule(LightningModule):
         gguf_file: str | None = None,
         tokenizer: str | None = None,
         task_type: Literal["classification", "multiple_choice"] = "classification",
+        templates: list[str] | None = None,
     ) -> None:
         super().__init__()
         check_family(family)
@@ -203,12 +226,34 @@ class ExpertModule(LightningModule):
             self.head = DecoderHead(self._hidden_size(), len(label_names))
         elif self.family == "vision":
             self.head = VisionHead(self._hidden_size(), len(label_names))
+        elif self.family == "clip":
+            self.head = self._zero_shot_head(label_names)
         elif self.family in LABEL_WORD_FAMILIES:
             self._build_label_targets(label_names)
         ref = next(self.backbone.parameters())
         if self.head is not None:
             self.head.to(ref.device)
         self._build_metrics()
+
+    def _zero_shot_head(self, label_names: list[str]) -> ZeroShotHead:
+        """The frozen class embeddings of ``label_names`` (or, in ``from_task_vector``, the recorded head's shape)."""
+        recorded = _RECORDED_HEAD.get()
+        if recorded is not None:
+            return build_head(recorded)
+        from drm_lightning.models.zeroshot import class_embeddings
+
+        templates = self.hparams.templates or ["a photo of a {}."]
+        self.hparams["templates"] = list(templates)
+        weight, scale = class_embeddings(
+            self.hparams.backbone,
+            label_names,
+            templates,
+            tokenizer=self.hparams.tokenizer,
+            trust_remote_code=self.hparams.trust_remote_code,
+        )
+        head = ZeroShotHead(weight.shape[1], len(label_names), scale)
+        head.weight.copy_(weight)
+        return head
 
     def _build_metrics(self) -> None:
         names = self.metric_names or ["accuracy"]
@@ -230,7 +275,7 @@ class ExpertModule(LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
-        """Take label names (and metrics) from the datamodule when they were not given."""
+        """Take label names (and metrics, templates) from the datamodule when they were not given."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dm_metrics = getattr(datamodule, "metrics", None) if datamodule is not None else None
         if self.metric_names is None and dm_metrics:
@@ -251,6 +296,9 @@ class ExpertModule(LightningModule):
                 f"task {self.task!r}: the datamodule's choice_format={dm_format!r} is not what a {self.family} model "
                 f"reads; set choice_format: {CHOICE_FORMAT_OF[self.family]}"
             )
+        dm_templates = getattr(datamodule, "templates", None) if datamodule is not None else None
+        if self.family == "clip" and self.hparams.templates is None and dm_templates:
+            self.hparams["templates"] = list(dm_templates)
         dm_labels = getattr(datamodule, "label_names", None) if datamodule is not None else None
         if self.label_names is None:
             if dm_labels is None:
@@ -275,6 +323,8 @@ class ExpertModule(LightningModule):
         if self.family == "vision":
             hidden = self.backbone(pixel_values=batch["pixel_values"]).last_hidden_state
             return self.head(hidden)
+        if self.family == "clip":
+            return self.head(self.backbone(pixel_values=batch["pixel_values"]).image_embeds)
         if self.task_type == "multiple_choice":
             return self._choice_logits(batch)
         kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -572,13 +622,14 @@ class ExpertModule(LightningModule):
             "tokenizer": meta.base_model,
             "task_type": meta.task_type,
         }
-        if isinstance(backbone, nn.Module):
-            with _preloaded(backbone):
-                model = cls(backbone=meta.base_model, torch_dtype=torch_dtype, **kwargs)
-        elif backbone is None:
-            model = cls(backbone=meta.base_model, **meta.load_options(torch_dtype, gguf_file), **kwargs)
-        else:
-            model = cls(backbone=str(backbone), torch_dtype=torch_dtype, **kwargs)
+        with _recorded_head(head_cfg) if meta.family == "clip" else nullcontext():
+            if isinstance(backbone, nn.Module):
+                with _preloaded(backbone):
+                    model = cls(backbone=meta.base_model, torch_dtype=torch_dtype, **kwargs)
+            elif backbone is None:
+                model = cls(backbone=meta.base_model, **meta.load_options(torch_dtype, gguf_file), **kwargs)
+            else:
+                model = cls(backbone=str(backbone), torch_dtype=torch_dtype, **kwargs)
         if model.head is not None:
             if head_cfg and build_head(head_cfg).config() != model.head_config():
                 raise ValueError(f"{folder}/meta.json: head {head_cfg!r} does not match {model.head_config()!r}")

@@ -135,7 +135,41 @@ class VisionHead(nn.Module):
         return {"type": self.kind, "hidden_size": self.hidden_size, "num_labels": self.num_labels}
 
 
-HEADS: dict[str, type[nn.Module]] = {cls.kind: cls for cls in (EncoderHead, ChoiceHead, DecoderHead, VisionHead)}
+class ZeroShotHead(nn.Module):
+    """CLIP's zero-shot classifier: ``logit_scale · cos(image embedding, class embedding)``.
+
+    The class embeddings (``weight [num_labels, embed_dim]``, unit rows) are the text encoder's normalised embeddings
+    of each class name under the task's prompt templates (``models/zeroshot.py``), computed once when the expert is
+    created. They are a buffer, never trained, and travel in ``head.safetensors``: evaluating a merged vision tower
+    needs no text encoder. ``logit_scale`` is the CLIP model's own (``exp`` of its learned log-scale).
+    """
+
+    kind = "zeroshot"
+
+    def __init__(self, embed_dim: int, num_labels: int, logit_scale: float = 100.0) -> None:
+        super().__init__()
+        _check_sizes(embed_dim, num_labels)
+        if not isinstance(logit_scale, int | float) or not logit_scale > 0:
+            raise ValueError(f"logit_scale={logit_scale!r}: expected a positive number")
+        self.embed_dim, self.num_labels, self.logit_scale = embed_dim, num_labels, float(logit_scale)
+        self.register_buffer("weight", torch.zeros(num_labels, embed_dim))
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        image = torch.nn.functional.normalize(embeds.to(self.weight.dtype), dim=-1)
+        return self.logit_scale * image @ self.weight.t()
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "type": self.kind,
+            "embed_dim": self.embed_dim,
+            "num_labels": self.num_labels,
+            "logit_scale": self.logit_scale,
+        }
+
+
+HEADS: dict[str, type[nn.Module]] = {
+    cls.kind: cls for cls in (EncoderHead, ChoiceHead, DecoderHead, VisionHead, ZeroShotHead)
+}
 
 
 def build_head(config: dict[str, Any]) -> nn.Module:

@@ -24,6 +24,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[list[str]]] = {
     "decoder_lm": [["q_proj", "v_proj"], ["query", "value"]],
     "seq2seq": [["q", "v"], ["q_proj", "v_proj"]],
     "vision": [["query", "value"], ["q_proj", "v_proj"]],
+    "clip": [["q_proj", "v_proj"]],
 }
 
 ADAPTER_NAME = "default"
