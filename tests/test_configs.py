@@ -19,7 +19,7 @@ YAMLS = sorted(
 )
 QUICKSTART_METHODS = {"drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic"}
 #: Top-level keys each config folder's files hold (a recipe holds the pipeline's keys).
-SECTIONS = {"model": {"model"}, "task": {"data"}, "trainer": {"trainer"}}
+SECTIONS = {"model": {"model"}, "task": {"data"}, "trainer": {"trainer"}, "task_list": {"run_dir", "tasks"}}
 
 
 def header_command(path: Path) -> list[str]:
@@ -36,7 +36,7 @@ def header_command(path: Path) -> list[str]:
 
 def test_every_config_folder_is_covered() -> None:
     folders = {p.parts[1] for p in YAMLS if p.parts[0] == "configs"}
-    assert folders == {"model", "task", "trainer", "merge"}
+    assert folders == {"model", "task", "trainer", "merge", "task_list"}
     assert {p.name for p in YAMLS if p.parts[0] == "recipes"} >= {
         "quickstart.yaml",
         "deberta_v3_glue.yaml",
@@ -208,3 +208,19 @@ def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_gri
     for spec in recipe.methods:
         if spec.method in ("drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"):
             assert spec.lambdas == alpha, spec.method
+
+
+@pytest.mark.parametrize("count", [8, 14, 20])
+def test_clip_task_lists_extend_the_eight_tasks_and_replace_the_recipes_list(count: int) -> None:
+    from drm_lightning.commands import parse
+    from drm_lightning.commands.pipeline import load_recipe
+
+    args = ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]
+    args += ["--config", str(ROOT / "configs" / "task_list" / f"clip_{count}tasks.yaml")]
+    recipe = load_recipe(parse("pipeline", args))
+    tasks = [spec["init_args"]["task"] for spec in recipe.specs]
+    assert len(tasks) == len(set(tasks)) == count
+    eight = load_recipe(parse("pipeline", args[:2]))
+    assert tasks[:8] == [spec["init_args"]["task"] for spec in eight.specs]
+    assert [s["init_args"] for s in recipe.specs[:8]] == [s["init_args"] for s in eight.specs]
+    assert str(recipe.run_dir).endswith(f"clip_vit_b32_{count}tasks") and recipe.model["family"] == "clip"
