@@ -32,9 +32,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.fixture
 def all_threads():
-    """Intra-op threads = the machine's cores for one test that trains a real model (restored afterwards): the
-    real-MiniLM tests take about a quarter less time with both cores of CI than with the suite's one thread."""
+    """Intra-op threads = the machine's cores (its share of them under xdist) for one test that trains a real model
+    (restored afterwards): the real-MiniLM tests take about a quarter less time with both cores of CI than with the
+    suite's one thread."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    # under pytest-xdist the workers share the cores: each takes its part, never more threads than cores in all
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max((os.cpu_count() or 1) // workers, 1))
     yield
     torch.set_num_threads(before)
