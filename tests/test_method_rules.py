@@ -1,5 +1,5 @@
 """Each method's own rules where the papers leave the matrix: non-matrix parameters and excluded matrices, DRM's
-ablation switches, and the shared decompositions a parameter search reuses; all against ``drm_lightning.merging.reference``.
+ablation switches, and the shared decompositions a parameter search reuses; against ``merging.reference``.
 
 docs/methods.md, "Non-matrix parameters and excluded matrices": Task Arithmetic sums, TIES and DARE run
 their own elementwise rule, DRM trims each delta to its largest fraction ``1 − p_nl`` then elects and merges, and
