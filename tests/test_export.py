@@ -250,6 +250,31 @@ def test_lora_adapter_equals_the_dense_merge(run: dict, method: str) -> None:
         assert rank == int(torch.linalg.matrix_rank(dense[name].double(), rtol=1e-6))
 
 
+def test_an_adapter_from_a_dense_merged_folder_equals_the_streamed_one(run: dict, tmp_path: Path) -> None:
+    """``--lam search`` (and torchrun) factor the dense Δ_merged folder afterwards: the same bytes in, the same
+    factors out as the fixed-λ stream straight into the adapter."""
+    from drm_lightning.export.adapter import adapter_from_merged
+
+    root = run["root"]
+    adapter_from_merged(root / "dense_drm_v_delta", LAM, tmp_path / "adapter")
+    got = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    ref = load_file(str(root / "adapter_drm_v" / "adapter_model.safetensors"))
+    assert sorted(got) == sorted(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config == json.loads((root / "adapter_drm_v" / "adapter_config.json").read_text())
+
+
+def test_evaluate_loads_an_adapter_folder_as_the_dense_merged_backbone(run: dict) -> None:
+    from drm_lightning.commands.evaluate import load_model
+    from drm_lightning.models.backbone import load_backbone
+
+    root = run["root"]
+    got = load_model(str(root / "adapter_tsv_m"), None, [str(t) for t in run["lora"]]).state_dict()
+    ref = load_backbone(str(root / "dense_tsv_m"), "decoder").state_dict()
+    assert sorted(got) == sorted(ref)
+    assert max(_rel(got[k], ref[k]) for k in ref if ref[k].norm() > 0) < 1e-5
+
+
 def test_full_rank_methods_are_refused_in_one_line(run: dict, tmp_path: Path, capsys) -> None:
     """``main`` is the console script's own function: its return value is the exit status."""
     for method in ("ties", "dare"):

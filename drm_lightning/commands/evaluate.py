@@ -128,7 +128,7 @@ def load_model(
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
 ) -> Any:
-    """Load the backbone to evaluate: a merged delta at ``lam``, a merged model folder, or any model name.
+    """Load the backbone to evaluate: a merged delta at ``lam``, a merged model or adapter folder, or any model name.
 
     A merged delta's base is loaded as ``merge.json`` records it unless ``torch_dtype`` / ``gguf_file`` are given;
     any other model loads in its checkpoint's dtype unless ``torch_dtype`` is given (``gguf_file`` names a file of
@@ -149,6 +149,10 @@ def load_model(
         raise ValueError(f"lam={lam!r}: model={model!r} is not a merged delta folder (no {MERGED_DIR}/ inside)")
     if gguf_file is not None:
         raise ValueError(f"gguf_file={gguf_file!r}: only for the base model or a merged delta, not model={model!r}")
+    if (folder / "adapter_config.json").is_file() and (folder / "merge.json").is_file():
+        from drm_lightning.export.task_model import adapter_backbone
+
+        return adapter_backbone(folder, torch_dtype=torch_dtype)  # a --save_as adapter folder: base + adapter
     if (folder / "merge.json").is_file():
         family = read_merge_record(folder)["family"]
     else:
