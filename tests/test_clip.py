@@ -195,3 +195,32 @@ def test_pipeline_on_fashion_mnist_class_groups(clip, tmp_path):
     report = (run / "report.md").read_text()
     for name in ("tops", "shoes", "others", "iso_c", "tsv_m", "ties", "task_arithmetic"):
         assert name in report
+
+
+def test_cli_fit_takes_the_templates_from_the_task(clip, tmp_path):
+    """``drm-lightning fit`` on an imagefolder task: templates and (label_names: null) class names from the data."""
+    from PIL import Image
+
+    from drm_lightning.cli import main
+    from tests.test_cli import QUIET_TRAINER
+
+    for split, count in (("train", 8), ("test", 4)):
+        for k, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (20, 20), (40 * k + i, 100, 200 - 60 * k)).save(folder / f"{i}.png")
+    templates = ["a photo of a {}.", "a bad photo of the {}."]
+    data = {
+        "class_path": "drm_lightning.data.image.ImageClassificationDataModule",
+        "init_args": {"task": "pets", "data_dir": str(tmp_path / "images"), "validation_split": None,
+                      "val_fraction": 0.25, "templates": templates, "batch_size": 4},
+    }  # fmt: skip
+    config = tmp_path / "fit.yaml"
+    config.write_text(json.dumps({"model": {"backbone": clip, "family": "clip"}, "data": data}))
+    args = ["fit", "--config", str(config), *QUIET_TRAINER, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    assert main([*args, f"--task_vector_dir={tmp_path / 'tv'}", f"--trainer.default_root_dir={tmp_path}"]) == 0
+    meta = read_meta(tmp_path / "tv")
+    assert meta.label_names == ["cat", "dog"] and meta.head["type"] == "zeroshot"
+    expected = ExpertModule(clip, "clip", label_names=["cat", "dog"], templates=templates).head.weight
+    torch.testing.assert_close(read_head(tmp_path / "tv")["weight"], expected)

@@ -287,3 +287,23 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
     apply_merged_delta(run / "merged" / "ties", 1.0, tmp_path / "ties_model")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ties_model")  # still a whole causal LM
     assert merged.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
+
+
+def test_cli_fit_takes_the_task_type_from_the_datamodule(models, files, tmp_path):
+    """``drm-lightning fit`` links the datamodule's task_type to the model: a multiple-choice expert, no flag."""
+    import json
+
+    from drm_lightning.cli import main
+    from tests.test_cli import QUIET_TRAINER
+
+    data = {
+        "class_path": "drm_lightning.data.choice.MultipleChoiceDataModule",
+        "init_args": {"task": "colors", "label_names": ["A", "B", "C"], "data_files": files, "context": "{question}",
+                      "choices_column": "choices", "label_column": "answerKey", "batch_size": 4},
+    }  # fmt: skip
+    config = tmp_path / "fit.yaml"
+    config.write_text(json.dumps({"model": {"backbone": models["encoder"], "family": "encoder"}, "data": data}))
+    args = ["fit", "--config", str(config), *QUIET_TRAINER, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
+    assert main([*args, f"--task_vector_dir={tmp_path / 'tv'}", f"--trainer.default_root_dir={tmp_path}"]) == 0
+    meta = read_meta(tmp_path / "tv")
+    assert meta.task_type == "multiple_choice" and meta.head["type"] == "choice"
