@@ -149,6 +149,7 @@ def test_templates_are_checked():
             ImageClassificationDataModule(task="t", image_processor="x", dataset="d", templates=templates)
 
 
+@pytest.mark.slow  # real images end to end: ~9 s on 2 idle cores
 @pytest.mark.skipif(
     not fashion_mnist.available(),
     reason=f"Fashion-MNIST idx files not in {fashion_mnist.FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)",
