@@ -307,3 +307,30 @@ def test_hub_id_is_read_from_the_local_cache_only(
     assert read_meta(tv).task == "sst-bert" and read_meta(tv).source["path"] == str(snapshot.resolve())
     with pytest.raises(ValueError, match="someone/absent: not a local folder and not in the local Hugging Face cache"):
         convert("someone/absent", tmp_path / "tv2", base=str(experts["bert_base"]))
+
+
+@pytest.mark.parametrize("which", ["llama_full", "llama_lora"])
+def test_causal_lm_into_the_decoder_lm_family_keeps_its_lm_head(
+    experts: dict[str, Path], tmp_path: Path, which: str
+) -> None:
+    """``family=decoder_lm`` (labels scored as words by the LM head): the backbone is the whole ``*ForCausalLM``,
+    so its checkpoint names are the backbone's as they are and a fine-tuned ``lm_head`` is part of the delta."""
+    from peft import PeftModel
+
+    from drm_lightning.models.backbone import load_backbone
+
+    tv = convert(str(experts[which]), tmp_path / "tv", base=str(experts["llama_base"]), family="decoder_lm")
+    meta = read_meta(tv)
+    assert meta.family == "decoder_lm" and meta.source["dropped"] == [] and meta.source.get("missing", []) == []
+    if which == "llama_full":
+        original = LlamaForCausalLM.from_pretrained(experts[which], dtype=torch.float32)
+    else:
+        base = LlamaForCausalLM.from_pretrained(experts["llama_base"], dtype=torch.float32)
+        original = PeftModel.from_pretrained(base, experts[which])
+    backbone = load_backbone(meta.base_model, "decoder_lm", torch_dtype="float32")
+    apply_task_vector(backbone, tv, check_fingerprint=False)
+    ids, mask = token_batch()
+    with torch.no_grad():
+        want = original.eval()(input_ids=ids, attention_mask=mask).logits
+        got = backbone(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

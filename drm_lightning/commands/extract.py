@@ -22,7 +22,7 @@ def extract(
     model: str | None = None,
     adapter: str | None = None,
     base: str | None = None,
-    family: Literal["encoder", "decoder", "seq2seq", "vision"] | None = None,
+    family: Literal["encoder", "decoder", "decoder_lm", "seq2seq", "vision"] | None = None,
     task: str | None = None,
     skip: list[str] | None = None,
     torch_dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None,

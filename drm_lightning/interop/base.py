@@ -91,7 +91,7 @@ def family_of(config: Mapping[str, Any], where: str) -> str:
     if model_type not in FAMILY_OF_MODEL_TYPE:
         raise CheckpointError(
             f"{where}: model_type={model_type!r} has no known family; pass family= (one of encoder, decoder, "
-            "seq2seq, vision)"
+            "decoder_lm, seq2seq, vision)"
         )
     return FAMILY_OF_MODEL_TYPE[model_type]
 
@@ -106,7 +106,7 @@ def describe_base(base: str, family: str | None = None) -> BaseInfo:
 
 
 def _skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], str, list[str], Rename]:
-    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from drm_lightning.models.backbone import POOLED_FAMILIES, accepts_pooling_flag
 
@@ -114,7 +114,7 @@ def _skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], st
     kwargs: dict[str, Any] = {}
     if family in POOLED_FAMILIES and accepts_pooling_flag(config):
         kwargs["add_pooling_layer"] = False
-    auto = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModel
+    auto = {"seq2seq": AutoModelForSeq2SeqLM, "decoder_lm": AutoModelForCausalLM}.get(family, AutoModel)
     with torch.device("meta"):
         model = auto.from_config(config, **kwargs)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}

@@ -97,10 +97,13 @@ def backbone_map(
     rest: list[str] = []
     lead = f"{prefix}." if prefix else None
     for key in sorted(keys):
-        name = key[len(lead) :] if lead and key.startswith(lead) else key
-        if name not in backbone and rename is not None:
-            name = rename(name)
-        if name in backbone and name not in mapping:
+        candidates = [key]  # as is first: a decoder_lm backbone (a *ForCausalLM) keeps the prefix in its own names
+        if lead and key.startswith(lead):
+            candidates.append(key[len(lead) :])
+        name = next((c for c in candidates if c in backbone), None)
+        if name is None and rename is not None:
+            name = next((r for r in map(rename, candidates) if r in backbone), None)
+        if name is not None and name not in mapping:
             mapping[name] = key
         else:
             rest.append(key)

@@ -126,8 +126,10 @@ def plan_adapter(
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"{folder}: module {module!r} has lora_{next(iter(pair))} without its partner")
         lead = f"{info.prefix}."
-        name = (module[len(lead) :] if info.prefix and module.startswith(lead) else module) + ".weight"
-        name = name if name in info.shapes else _renamed(info, name, folder)
+        name = f"{module}.weight"  # as is first: a decoder_lm backbone keeps the prefix
+        if name not in info.shapes:
+            name = (module[len(lead) :] if info.prefix and module.startswith(lead) else module) + ".weight"
+            name = name if name in info.shapes else _renamed(info, name, folder)
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha_default))
         if name not in info.shapes and module in (f"{info.prefix}.pooler.dense", "pooler.dense"):
             r = files.tensors[stored[pair["A"]]].shape[0]

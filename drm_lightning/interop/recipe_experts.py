@@ -36,6 +36,7 @@ from drm_lightning.interop.inputs import input_kind
 from drm_lightning.interop.names import check_labels
 from drm_lightning.interop.peft_adapter import plan_adapter
 from drm_lightning.interop.write import write_import
+from drm_lightning.models.backbone import LABEL_WORD_FAMILIES
 from drm_lightning.task_vectors.format import META_FILE, atomic_dir, read_meta
 
 RECORD = "import.json"
@@ -66,12 +67,12 @@ class RecipeExperts:
                 meta = read_meta(local_folder(source))
                 if meta.task != task:
                     raise ValueError(f"{where}: the task vector is for task {meta.task!r}")
-                if not meta.head and meta.family != "seq2seq":
+                if not meta.head and meta.family not in LABEL_WORD_FAMILIES:
                     raise ValueError(f"{where}: the task vector has no head; the pipeline evaluates every task")
                 continue
             planner = plan_adapter if self.kinds[task] == "adapter" else plan_model
             plan, info = planner(source, self.base, family=self.family)
-            if not plan.head.config and info.family != "seq2seq":
+            if not plan.head.config and info.family not in LABEL_WORD_FAMILIES:
                 raise ValueError(f"{where}: {plan.head.reason}; the pipeline evaluates every task, so it needs a head")
             self.plans[task] = (plan, info)
 

@@ -26,7 +26,7 @@ from drm_lightning.interop.base import BaseInfo
 from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
 from drm_lightning.interop.stream_writer import StreamingSafetensorsWriter
-from drm_lightning.models.backbone import load_backbone
+from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, load_backbone
 from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
@@ -145,7 +145,7 @@ def write_import(
     if dropped:
         shown = ", ".join(dropped[:3]) + (f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else "")
         print(f"{output}: left out {len(dropped)} tensor(s) outside the backbone and head: {shown}", file=sys.stderr)
-    if not plan.head.config:
+    if not plan.head.config and info.family not in LABEL_WORD_FAMILIES:  # those score label words, headless
         reason = plan.head.reason
         print(f"{output}: task {task!r} has no head ({reason}); it merges, but is not evaluated", file=sys.stderr)
     return output
