@@ -292,3 +292,20 @@ def test_scaling_one_process_in_process_two_under_torchrun(tmp_path: Path, monke
     assert data["parameters"] == 2 * 1024 + 2 * 512 + 3 * 2048 + 2 * 32 + 32 * 32 + 32
     assert data["task_vector_bytes"] > 2 * 4 * data["parameters"]
     assert "identical to 1" in merge_scaling.format_report(report)
+
+
+def test_param_sweep_runs_and_matches_separate_merges(tmp_path: Path) -> None:
+    """The sweep benchmark on tiny shapes: every method, finite times, sweep outputs equal to separate merges."""
+    import param_sweep
+
+    out = tmp_path / "sweep.json"
+    results = param_sweep.main(
+        ["--device", "cpu", "--scale", "128", "--tasks", "3", "--repeats", "1", "--json", str(out)]
+    )
+    data = json.loads(out.read_text())
+    assert [r["method"] for r in data["results"]] == list(param_sweep.SWEEPS)
+    for r in results:
+        assert r.one_merge_s > 0 and r.sweep_s > 0 and len(r.values) == 4
+        assert r.max_difference <= (0.0 if r.method.startswith("drm") else 1e-6), r  # DRM: the same computation
+    with pytest.raises(SystemExit):
+        param_sweep.main(["--methods", "ties"])

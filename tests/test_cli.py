@@ -209,11 +209,30 @@ def test_merge_writes_model_heads_and_record(experts: dict) -> None:
 def test_merge_searches_lambda_on_validation(experts: dict) -> None:
     out = experts["tmp"] / "merged" / "ta_search"
     args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
-    args += ["--lambdas", "[0.5, 1.0]", "--tasks", _list(experts["tasks"].values())]
+    args += ["--lambdas", "[0.5, 1.0]", "--tasks", _list(experts["tasks"].values()), "--extend_edges", "0"]
     assert main(args) == 0
     search = json.loads((out / "lambda_search.json").read_text())
     assert [p["lambda"] for p in search["curve"]] == [0.5, 1.0]
     assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
+
+
+def test_merge_searches_method_parameters_with_lambda(experts: dict) -> None:
+    """A list in --params: every set merged into <delta>/<values>/, each with its λ search (extended at an edge:
+    a two-point grid's best is always at one), the best pair written, the landscape in lambda_search.json."""
+    out = experts["tmp"] / "merged" / "drm_search"
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
+    args += ["--method", "drm_v", "--params", "{drop_rate: [0.3, 0.7]}", "--lambdas", "[0.5, 1.0]"]
+    assert main([*args, "--tasks", _list(experts["tasks"].values())]) == 0
+    search = json.loads((out / "lambda_search.json").read_text())
+    assert [v["name"] for v in search["variants"]] == ["drop_rate-0.3", "drop_rate-0.7"]
+    assert all(len(v["curve"]) == 4 and v["notes"] for v in search["variants"])  # one round: two more λ each
+    assert search["evaluations"] == 8
+    chosen = next(v for v in search["variants"] if v["name"] == search["chosen"])
+    assert chosen["best_score"] == max(v["best_score"] for v in search["variants"])
+    record = json.loads((out / "merge.json").read_text())
+    assert record["lam"] == chosen["best_lambda"] and record["params"]["drop_rate"] == chosen["values"]["drop_rate"]
+    for name in ("drop_rate-0.3", "drop_rate-0.7"):
+        assert (Path(f"{out}_delta") / name / "merge.json").is_file()
 
 
 @pytest.mark.parametrize("mode", ["merged_model", "merged_delta", "experts", "pretrained"])

@@ -162,6 +162,19 @@ def test_drm_basis_serves_every_drop_rate(direction: str) -> None:
     assert F.drm_basis([torch.zeros(5, 4)] * 2).rank == 0 and not F.drm_basis([torch.zeros(5, 4)] * 2).merge().any()
 
 
+@pytest.mark.parametrize("shape", [(24, 16), (16, 24)], ids=["tall", "wide"])
+def test_iso_cts_basis_serves_every_common_fraction(shape: tuple[int, int]) -> None:
+    """One decomposition of the sum for all fractions (k_c = 0 and k_c = d included); each equals ``iso_cts``."""
+    deltas = _deltas(shape)
+    fractions = [0.01, 0.5, 0.8, 1.0]
+    basis = F.iso_cts_basis(deltas, COEFFS)
+    for fraction, out in zip(fractions, basis.merge_all([{"common_fraction": f} for f in fractions]), strict=True):
+        assert ref.relative_error(out, ref.iso_cts(deltas, fraction, COEFFS)) <= 1e-9
+        assert torch.equal(basis.merge(fraction), F.iso_cts(deltas, fraction, COEFFS))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        basis.merge_all([{"drop_rate": 0.5}])
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_merge_many_equals_one_merge_per_parameter_set(name: str) -> None:
     method = get_method(name)
@@ -175,8 +188,9 @@ def test_merge_many_equals_one_merge_per_parameter_set(name: str) -> None:
     matrix, vector = _deltas((20, 14)), _deltas((11,))
     many = method.merge_many("matrix", matrix, sweeps, COEFFS) if method.matrix_only else None
     for i, params in enumerate(sweeps):
-        if many is not None:
-            assert torch.equal(many[i], method.merge_matrix(matrix, COEFFS, **params))
+        if many is not None:  # Iso-CTS shares a wider decomposition of the sum: another product, so a tolerance
+            single = method.merge_matrix(matrix, COEFFS, **params)
+            assert torch.equal(many[i], single) or (name == "iso_cts" and ref.relative_error(many[i], single) <= 1e-9)
     elementwise = method.merge_many("elementwise", vector, sweeps, COEFFS)
     for i, params in enumerate(sweeps):
         assert torch.equal(elementwise[i], method.merge_elementwise(vector, COEFFS, **params))

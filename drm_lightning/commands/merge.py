@@ -31,6 +31,7 @@ unless ``--max_rank K`` asks for an SVD truncation, whose relative error is prin
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +62,7 @@ def merge(
     max_rank: int | None = None,
     skip: list[str] | None = None,
     task_models: bool = True,
+    extend_edges: int = 1,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
@@ -70,7 +72,10 @@ def merge(
             converted first, as extract would; give --base for fine-tuned models).
         output: the merged model folder (save_pretrained shards, tokenizer, heads/<task>/, merge.json).
         method: merge method: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
-        params: the method's parameters (e.g. {drop_rate: 0.8}); unset ones take the method's defaults.
+        params: the method's parameters (e.g. {drop_rate: 0.8}); unset ones take the method's defaults. A list
+            searches that parameter (e.g. {drop_rate: [0.5, 0.7, 0.9]}; needs --tasks): every set is merged in one
+            pass into <delta_dir>/<values>/, each gets its λ (--lam search) or is scored at the given λ on the
+            validation splits, and the best pair is written; lambda_search.json holds the landscape.
         lam: the scaling coefficient λ, or "search" to choose it on the validation splits of --tasks.
         lambdas: the λ grid for --lam search (default: the method's default grid).
         strategy: λ search strategy: grid (every λ) or refine (coarse grid, then golden-section).
@@ -96,6 +101,8 @@ def merge(
         task_models: for experts imported from *ForSequenceClassification checkpoints, also write
             <output>/tasks/<task>/, the expert's own architecture with the merged backbone (loads with
             AutoModelForSequenceClassification).
+        extend_edges: --lam search: rounds of λ grid extension when the best λ is the first or last of the grid
+            (each round adds two values beyond it; said on stderr and in lambda_search.json); 0: off.
 
     Returns:
         The merged model folder.
@@ -120,10 +127,19 @@ def merge(
                 f"save_as=adapter: {full[0]} is a fully fine-tuned model, not a LoRA adapter; use save_as=model"
             )
         check_adapter_request(method, [tv for tv, kind in kinds.items() if kind == "task_vector"], max_rank)
+    from drm_lightning.merging.sweep import ParamGrid
+
     search = lam == "search"
     if search and not tasks:
         raise ValueError("lam='search' needs --tasks: the datamodules whose validation splits choose λ")
+    if isinstance(extend_edges, bool) or not isinstance(extend_edges, int) or extend_edges < 0:
+        raise ValueError(f"extend_edges={extend_edges!r}: expected a number of rounds >= 0")
+    grid = ParamGrid.parse(method, params)
+    if grid.searched and not tasks:
+        raise ValueError(f"params={params!r}: a list searches that parameter and needs --tasks (validation splits)")
     world = detect_world()
+    if grid.searched and world.world_size > 1:
+        raise ValueError(f"params={params!r}: a parameter search validates on one device; run it as one process")
     if search and world.world_size > 1:
         raise ValueError(
             f"lam='search' under {world.source} ({world.world_size} processes): the λ search validates on one "
@@ -146,6 +162,7 @@ def merge(
         out = _merge(
             folders, output, method, params, lam, lambdas, strategy, tasks, base, family, coefficients, device,
             include, exclude, delta_dir, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
+            extend_edges,
         )  # fmt: skip
         if is_global_zero():
             record_sources([out, delta], task_vectors, folders)
@@ -179,6 +196,7 @@ def _merge(
     world: Any,
     save_as: str,
     max_rank: int | None,
+    extend_edges: int = 1,
 ) -> Path:
     """``merge`` over task-vector folders only."""
     from drm_lightning.merging.apply import apply_merged_delta
@@ -205,29 +223,43 @@ def _merge(
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
                                  device, torch_dtype, gguf_file)  # fmt: skip
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
-    datamodules = task_datamodules(tasks, task_vectors) if search else {}
+    from drm_lightning.merging.sweep import ParamGrid
 
-    result = merge_task_vectors_distributed(
+    grid = ParamGrid.parse(method, params)
+    datamodules = task_datamodules(tasks, task_vectors) if search or grid.searched else {}
+    if grid.searched:
+        delta, lam, search_record = _search_params(
+            task_vectors, delta, method, grid, lam, lambdas, strategy, datamodules, coefficients, base, family, plan,
+            device, trainer, torch_dtype, gguf_file, extend_edges,
+        )  # fmt: skip
+        search = False
+    result = None if grid.searched else merge_task_vectors_distributed(
         task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
         torch_dtype=torch_dtype, gguf_file=gguf_file,
     )  # fmt: skip
-    seconds = result.timings["total"]
     if not is_global_zero():  # rank 0 alone applies λ and writes the model folder, heads and merge.json
         return Path(output)
-    print(f"merged {len(task_vectors)} task vectors with {result.label} in {seconds:.1f}s", file=sys.stderr)
-    search_record = None
+    if result is not None:
+        seconds = result.timings["total"]
+        print(f"merged {len(task_vectors)} task vectors with {result.label} in {seconds:.1f}s", file=sys.stderr)
+        search_record = None
     if search:
         from drm_lightning.evaluation.lambda_search import search_merged_lambda
 
         found = search_merged_lambda(
-            delta, task_vectors, datamodules, grid=lambdas, strategy=strategy, method=method, trainer_kwargs=trainer
-        )
+            delta, task_vectors, datamodules, grid=lambdas, strategy=strategy, method=method, trainer_kwargs=trainer,
+            extend=extend_edges,
+        )  # fmt: skip
         lam = found.best_lambda
         search_record = {
             "best_lambda": found.best_lambda,
             "best_score": found.best_score,
+            "evaluations": found.evaluations,
+            "notes": found.notes,
             "curve": [point.to_dict() for point in found.sorted_curve()],
         }
+        for note in found.notes:
+            print(f"λ search: {note}", file=sys.stderr)
         print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f})", file=sys.stderr)
     if save_as == "adapter":
         from drm_lightning.export.adapter import adapter_from_merged, print_report
@@ -239,6 +271,75 @@ def _merge(
         (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
     print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
     return Path(output)
+
+
+def _search_params(
+    task_vectors: list[str],
+    delta: Path,
+    method: str,
+    grid: Any,
+    lam: float | Literal["search"],
+    lambdas: list[float] | None,
+    strategy: Literal["grid", "refine"],
+    datamodules: dict[str, Any],
+    coefficients: list[float] | None,
+    base: str | None,
+    family: str | None,
+    plan: Any,
+    device: str | None,
+    trainer: dict[str, Any] | None,
+    torch_dtype: str | None,
+    gguf_file: str | None,
+    extend_edges: int,
+) -> tuple[Path, float, dict[str, Any]]:
+    """A search over the method's own parameters: every set merged in one pass into ``delta/<values>/``, each
+    scored on validation (its λ searched, or at the given λ), the best (set, λ) returned with the landscape."""
+    from drm_lightning.evaluation.lambda_search import default_grid, search_lambda
+    from drm_lightning.evaluation.merged import MergedBackbone
+    from drm_lightning.evaluation.multitask import evaluate_backbone
+    from drm_lightning.merging.sweep import merge_task_vectors_many, variant_name
+
+    combos = grid.combinations()
+    folders = [delta / variant_name(v) for v in combos]
+    merged = merge_task_vectors_many(
+        task_vectors, method, folders, [grid.params(v) for v in combos], coefficients, base=base, family=family,
+        plan=plan, device=device, progress=False, torch_dtype=torch_dtype, gguf_file=gguf_file,
+    )  # fmt: skip
+    seconds = merged[0].timings["total"]
+    print(f"merged {len(task_vectors)} task vectors with {merged[0].label} at {len(combos)} parameter sets in one "
+          f"pass, {seconds:.1f}s", file=sys.stderr)  # fmt: skip
+    experts = evaluate_backbone(None, task_vectors, datamodules, "validation", trainer, with_task_vector=True)
+    values = [float(lam)] if lam != "search" else (lambdas or default_grid(method))
+    variants = []
+    for combo, folder in zip(combos, folders, strict=True):
+        backbone = MergedBackbone(folder)
+
+        def evaluate(x: float, backbone: MergedBackbone = backbone) -> Any:
+            return evaluate_backbone(backbone.at(x), task_vectors, datamodules, "validation", trainer)
+
+        found = search_lambda(evaluate, experts, values, strategy=strategy, extend=extend_edges if lam == "search"
+                              else 0)  # fmt: skip
+        del backbone
+        variants.append({
+            "name": variant_name(combo), "values": combo, "best_lambda": found.best_lambda,
+            "best_score": found.best_score, "evaluations": found.evaluations, "notes": found.notes,
+            "curve": [point.to_dict() for point in found.sorted_curve()],
+        })  # fmt: skip
+        print(f"search: {variant_name(combo)}: best λ={found.best_lambda:g} (average normalised score "
+              f"{found.best_score:.4f}, {found.evaluations} evaluations)", file=sys.stderr)  # fmt: skip
+    scores = [v["best_score"] if math.isfinite(v["best_score"]) else -math.inf for v in variants]
+    best = max(range(len(variants)), key=lambda i: (scores[i], -i))  # ties: the earlier set
+    chosen = variants[best]
+    print(f"search: chosen {chosen['name']} at λ={chosen['best_lambda']:g}", file=sys.stderr)
+    record = {
+        "best_lambda": chosen["best_lambda"],
+        "best_score": chosen["best_score"],
+        "chosen": chosen["name"],
+        "evaluations": sum(v["evaluations"] for v in variants),
+        "variants": variants,
+        "curve": chosen["curve"],
+    }
+    return folders[best], float(chosen["best_lambda"]), record
 
 
 def _merge_to_adapter(

@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm_lightning.merging.elementwise import dare_keep_mask, keep_top_, merge_chunks, trim_threshold
+from drm_lightning.merging.elementwise import (
+    dare_keep_mask,
+    keep_count,
+    keep_top_,
+    kth_largest_abs,
+    merge_chunks,
+    trim_threshold,
+)
 from drm_lightning.merging.linalg import (
     factored_svd,
     left_basis_svd,
@@ -587,24 +594,91 @@ class DrmBasis:
         weight them by the joint ``σ`` (``B_i = prune(U_i) diag(σ)``) instead of the unit columns ``Û_i`` weighted
         by ``S_i``; without pruning both give ``B_i = Δ_i V_r``.
         """
-        drop_rate = check_drop_rate(drop_rate)
-        renormalise, elect_sign = check_switch("renormalise", renormalise), check_switch("elect_sign", elect_sign)
-        disjoint_mean = check_switch("disjoint_mean", disjoint_mean)
+        params = {"drop_rate": drop_rate, "renormalise": renormalise, "elect_sign": elect_sign}
+        return self.merge_all([{**params, "disjoint_mean": disjoint_mean}], out_dtype=out_dtype)[0]
+
+    def merge_all(self, param_sets: Sequence[dict[str, Any]], *, out_dtype: torch.dtype | None = None) -> list[Tensor]:
+        """``merge(**p)`` for every ``p`` of ``param_sets`` (keys ``drop_rate``, ``renormalise``, ``elect_sign``,
+        ``disjoint_mean``; missing ones take ``merge``'s defaults), sharing what they have in common.
+
+        The pruning of step 5 keeps the entries of ``Û`` at or above the ``k``-th largest magnitude. Sets with the
+        same ``renormalise`` share those magnitudes (and sets with the same drop rate their threshold), so a
+        sweep costs, per set, one exact selection (``elementwise.kth_largest_abs``), a mask, the election and the
+        final product. The kept entries of the weighted blocks ``Û_i diag(S_i)`` are the blocks ``B_i = Δ_i V_r``
+        themselves, so they are taken from ``blocks`` (no ``Û_i · S_i`` product, no rounding of it).
+        """
         out_dtype = _check_out_dtype(out_dtype)
+        defaults = {"drop_rate": 0.8, "renormalise": True, "elect_sign": True, "disjoint_mean": True}
+        unknown = sorted({k for p in param_sets for k in p} - set(defaults))
+        if unknown:
+            raise ValueError(f"DrmBasis.merge: unknown parameter(s) {unknown}; allowed: {sorted(defaults)}")
+        checked = []
+        for params in param_sets:
+            p = {**defaults, **params}
+            checked.append(
+                (
+                    check_drop_rate(p["drop_rate"]),
+                    check_switch("renormalise", p["renormalise"]),
+                    check_switch("elect_sign", p["elect_sign"]),
+                    check_switch("disjoint_mean", p["disjoint_mean"]),
+                )
+            )
         t, n, r = self.blocks.shape
+        results: list[Tensor | None] = [None] * len(checked)
         if r == 0:  # X = 0 (or a tolerance that keeps nothing)
-            merged = self.blocks.new_zeros(n, self.basis.shape[0])
-        else:
-            if renormalise:
-                share = self.norms > SHARE_EPS * self.sigma  # ν_ij > 1e-6; else that column of Û_i is zero
-                scale = torch.where(share, self.norms, 1.0).unsqueeze(1)  # [T, 1, r]
-                hat = torch.where(share.unsqueeze(1), self.blocks / scale, 0.0)
-            else:
-                scale = self.sigma.expand(t, 1, r)
-                hat = self.blocks / scale  # U_i, the raw blocks of the joint left singular vectors
-            hat = _keep_top(hat, 1.0 - drop_rate)
-            merged = _combine(hat.mul_(scale), self.coefficients, elect_sign, disjoint_mean) @ self.basis.mT
-        return self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
+            shape = (self.basis.shape[0], n) if self.horizontal else (n, self.basis.shape[0])
+            return [self._inputs.finish(self.blocks.new_zeros(shape), out_dtype) for _ in checked]
+        for renormalise in (True, False):
+            group = [i for i, c in enumerate(checked) if c[1] == renormalise]
+            if not group:
+                continue
+            if renormalise:  # |Û_i|: unit columns; a share ν_ij <= 1e-6 gives a zero column (never selected)
+                share = self.norms > SHARE_EPS * self.sigma
+                scale = torch.where(share, self.norms, 1.0).unsqueeze(1)
+                magnitude = torch.where(share.unsqueeze(1), self.blocks.abs().div_(scale), 0.0)
+                del scale
+            else:  # |U_i| = |B_i| / σ
+                magnitude = self.blocks.abs().div_(self.sigma)
+            flat = magnitude.reshape(-1)
+            keeps = {i: keep_count(1.0 - checked[i][0], flat.numel()) for i in group}
+            thresholds = _thresholds(flat, sorted(set(keeps.values())))
+            for i in group:
+                k = keeps[i]
+                threshold = thresholds[k]
+                _, _, elect_sign, disjoint_mean = checked[i]
+                if threshold is None:  # keep nothing
+                    pruned = torch.zeros_like(self.blocks)
+                else:  # a zero magnitude (a dropped share) is kept only where its block entry is zero anyway
+                    pruned = torch.where((magnitude >= threshold) & (magnitude > 0), self.blocks, 0.0)
+                merged = _combine(pruned, self.coefficients, elect_sign, disjoint_mean) @ self.basis.mT
+                del pruned
+                results[i] = self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
+            del magnitude, flat
+        return results  # type: ignore[return-value]
+
+
+def _thresholds(flat: Tensor, keeps: Sequence[int]) -> dict[int, Tensor | None]:
+    """For each ``k`` of ``keeps``, the ``k``-th largest value of the non-negative 1-D ``flat`` (0-d): ``None`` for
+    ``k <= 0`` (keep nothing), 0 for ``k >= numel`` (keep everything).
+
+    Exact selections (``elementwise.kth_largest_abs``), nested largest ``k`` first: each runs on the entries at or
+    above the previous threshold (which hold every larger value, so the k-th largest is the same), so a sweep
+    costs about one selection over the whole tensor plus smaller ones.
+    """
+    numel = flat.numel()
+    out: dict[int, Tensor | None] = {}
+    values = flat
+    wanted = sorted((k for k in keeps if 0 < k < numel), reverse=True)
+    for j, k in enumerate(wanted):
+        out[k] = kth_largest_abs(values, k)
+        if j + 1 < len(wanted):
+            values = values[values >= out[k]]
+    for k in keeps:
+        if k <= 0:
+            out[k] = None
+        elif k >= numel:
+            out[k] = flat.new_zeros(())
+    return out
 
 
 def drm_basis(
@@ -826,29 +900,114 @@ def _residual_svds(
     return tuple(torch.stack(parts) for parts in zip(*svds, strict=True))  # type: ignore[return-value]
 
 
-def _common_svd(inputs: _Inputs, c: Tensor, k_c: int, rank_tol: float) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Iso-CTS's kept common components ``(U_c, S_c, V_c)`` and, where it comes for free, their complement basis.
+def _common_decomposition(inputs: _Inputs, c: Tensor, top: int, rank_tol: float) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The top ``top`` components of ``Σ c_i Δ_i`` for Iso-CTS: ``(U or W, S, V, full)``.
 
-    Dense ``n <= m``: the Gram side of ``Σ c_i Δ_i`` is the ``n`` side, whose full eigenbasis (or the full SVD when
-    the precision rule asks for it) holds both ``U_c`` and an orthonormal basis of everything else, including the
-    common directions dropped by ``rank_tol``. Dense ``n > m``, factored inputs and ``k_c = 0`` (nothing to project
-    out): no complement (``None``).
+    Dense ``n <= m``: the Gram side of the sum is the ``n`` side, whose full eigenbasis ``W`` (or the full SVD when
+    the precision rule asks for it) holds both the leading left vectors and an orthonormal basis of everything else
+    (``full`` true). Dense ``n > m`` and factored inputs: the leading components only (``full`` false).
     """
-    n, m = inputs.shape
-    empty = torch.zeros(0, dtype=_F64, device=inputs.device)
-    if k_c == 0:
-        return empty.reshape(n, 0), empty, empty.reshape(m, 0), None  # the residuals are the deltas themselves
-    if inputs.factors is not None or n > m:
-        u, s, v = _svd(inputs, c, rank_tol, top=k_c)
-        u, s, v = u[:, :k_c], s[:k_c], v[:, :k_c]
-        keep = s > rank_tol * s.amax()
-        return u[:, keep], s[keep], v[:, keep], None
-    basis, s, v = left_basis_svd(inputs.weighted_sum(c), rank_tol=rank_tol, top=k_c)
+    if inputs.factors is not None or inputs.shape[0] > inputs.shape[1]:
+        u, s, v = _svd(inputs, c, rank_tol, top=top)
+        return u, s, v, False
+    basis, s, v = left_basis_svd(inputs.weighted_sum(c), rank_tol=rank_tol, top=top)
+    return basis, s, v, True
+
+
+def _common_take(
+    decomposition: tuple[Tensor, Tensor, Tensor, bool], k_c: int, rank_tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Iso-CTS's kept common components ``(U_c, S_c, V_c)`` among the first ``k_c`` of ``decomposition`` (those with
+    ``σ > rank_tol · σ_1``) and, where it comes for free (``full``), an orthonormal basis of their complement,
+    including the common directions dropped by ``rank_tol``; else ``None``."""
+    u, s, v, full = decomposition
+    s, v = s[:k_c], v[:, :k_c]
     keep = s > rank_tol * s.amax()
+    if not full:
+        return u[:, :k_c][:, keep], s[keep], v[:, keep], None
     if bool(keep.all()):  # the usual case: views, no copies
-        return basis[:, :k_c], s, v, basis[:, k_c:]
-    complement = torch.cat([basis[:, :k_c][:, ~keep], basis[:, k_c:]], dim=1)
-    return basis[:, :k_c][:, keep], s[keep], v[:, keep], complement
+        return u[:, :k_c], s, v, u[:, k_c:]
+    complement = torch.cat([u[:, :k_c][:, ~keep], u[:, k_c:]], dim=1)
+    return u[:, :k_c][:, keep], s[keep], v[:, keep], complement
+
+
+@dataclass(frozen=True, eq=False)
+class IsoCtsBasis:
+    """Iso-CTS on one parameter at any common fraction, the decomposition of the summed delta shared.
+
+    Why: a search over ``common_fraction`` changes ``k_c`` and so every task's residual, but the decomposition of
+    ``Σ c_i Δ_i`` is the same: ``merge_all`` computes its top ``max k_c`` components once and takes each fraction's
+    ``k_c`` from them. ``merge`` alone computes exactly what ``iso_cts`` does. Built by ``iso_cts_basis``; it reads
+    the caller's deltas (one float64 task at a time), which the residuals need.
+    """
+
+    coefficients: Tensor
+    rank_tol: float
+    _inputs: _Inputs
+
+    def merge(self, common_fraction: float = 0.8, *, out_dtype: torch.dtype | None = None) -> Tensor:
+        """Iso-CTS at ``common_fraction`` (see ``iso_cts``)."""
+        return self.merge_all([{"common_fraction": common_fraction}], out_dtype=out_dtype)[0]
+
+    def merge_all(self, param_sets: Sequence[dict[str, Any]], *, out_dtype: torch.dtype | None = None) -> list[Tensor]:
+        """``merge(**p)`` for every ``p`` of ``param_sets`` (key ``common_fraction``), one common decomposition."""
+        out_dtype = _check_out_dtype(out_dtype)
+        unknown = sorted({k for p in param_sets for k in p} - {"common_fraction"})
+        if unknown:
+            raise ValueError(f"IsoCtsBasis.merge: unknown parameter(s) {unknown}; allowed: ['common_fraction']")
+        inputs, c, rank_tol = self._inputs, self.coefficients, self.rank_tol
+        n, m = inputs.shape
+        fractions = [check_common_fraction(p.get("common_fraction", 0.8)) for p in param_sets]
+        splits = [iso_cts_split(min(n, m), inputs.count, f) for f in fractions]
+        top = max(k_c for k_c, _ in splits)
+        decomposition = _common_decomposition(inputs, c, top, rank_tol) if top > 0 else None
+        out = []
+        for k_c, s_task in splits:
+            if k_c == 0:  # the residuals are the deltas themselves
+                empty = torch.zeros(0, dtype=_F64, device=inputs.device)
+                common = (empty.reshape(n, 0), empty, empty.reshape(m, 0), None)
+            else:
+                common = _common_take(decomposition, k_c, rank_tol)
+            out.append(inputs.finish(_iso_cts_finish(inputs, c, common, s_task, rank_tol), out_dtype))
+        return out
+
+
+def _iso_cts_finish(
+    inputs: _Inputs, c: Tensor, common: tuple[Tensor, Tensor, Tensor, Tensor | None], s_task: int, rank_tol: float
+) -> Tensor:
+    """Steps 2–5 of Iso-CTS given the kept common components: residual components, concatenation, polar factors;
+    a fresh float64 tensor."""
+    n, m = inputs.shape
+    u_c, s_c, v_c, complement = common
+    u_r, s_r, v_r = u_c[:, :0], s_c[:0], v_c[:, :0]
+    if s_task > 0:
+        u_r, s_r, v_r = _residual_svds(inputs, c, u_c, complement, rank_tol, s_task)
+        u_r, s_r, v_r = u_r[..., :s_task], s_r[:, :s_task], v_r[..., :s_task]
+        u_r, s_r, v_r = u_r.permute(1, 0, 2).reshape(n, -1), s_r.reshape(-1), v_r.permute(1, 0, 2).reshape(m, -1)
+    s_ref = torch.cat([s_c, s_r]).amax() if s_c.numel() + s_r.numel() else s_c.new_zeros(())
+    keep_c, keep_r = s_c > rank_tol * s_ref, s_r > rank_tol * s_ref
+    if not bool(keep_c.any() or keep_r.any()):
+        return torch.zeros(inputs.shape, dtype=_F64, device=inputs.device)
+    s = torch.cat([s_c[keep_c], s_r[keep_r]])
+    if not bool(keep_c.all()):
+        u_c, v_c = u_c[:, keep_c], v_c[:, keep_c]
+    if not bool(keep_r.all()):
+        u_r, v_r = u_r[:, keep_r], v_r[:, keep_r]
+    u = polar_factor_extend(u_c, u_r)
+    del u_c, u_r
+    v = polar_factor_extend(v_c, v_r)
+    del v_c, v_r
+    return (u @ v.mT).mul_(s.mean())
+
+
+def iso_cts_basis(
+    deltas: Sequence[Delta], coefficients: Coefficients = None, rank_tol: float = RANK_TOL
+) -> IsoCtsBasis:
+    """Iso-CTS's inputs, checked, ready to merge at any common fraction (``IsoCtsBasis``)."""
+    rank_tol = check_rank_tol(rank_tol)
+    inputs = _prepare("iso_cts", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
+    c = _coefficients("iso_cts", coefficients, inputs.count, inputs.device)
+    return IsoCtsBasis(c, rank_tol, inputs)
 
 
 def iso_cts(
@@ -884,31 +1043,7 @@ def iso_cts(
     """
     common_fraction, rank_tol = check_common_fraction(common_fraction), check_rank_tol(rank_tol)
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("iso_cts", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
-    c = _coefficients("iso_cts", coefficients, inputs.count, inputs.device)
-    n, m = inputs.shape
-    k_c, s_task = iso_cts_split(min(n, m), inputs.count, common_fraction)
-
-    u_c, s_c, v_c, complement = _common_svd(inputs, c, k_c, rank_tol)
-    u_r, s_r, v_r = u_c[:, :0], s_c[:0], v_c[:, :0]
-    if s_task > 0:
-        u_r, s_r, v_r = _residual_svds(inputs, c, u_c, complement, rank_tol, s_task)
-        u_r, s_r, v_r = u_r[..., :s_task], s_r[:, :s_task], v_r[..., :s_task]
-        u_r, s_r, v_r = u_r.permute(1, 0, 2).reshape(n, -1), s_r.reshape(-1), v_r.permute(1, 0, 2).reshape(m, -1)
-    s_ref = torch.cat([s_c, s_r]).amax() if s_c.numel() + s_r.numel() else s_c.new_zeros(())
-    keep_c, keep_r = s_c > rank_tol * s_ref, s_r > rank_tol * s_ref
-    if not bool(keep_c.any() or keep_r.any()):
-        return inputs.finish(torch.zeros(inputs.shape, dtype=_F64, device=inputs.device), out_dtype)
-    s = torch.cat([s_c[keep_c], s_r[keep_r]])
-    if not bool(keep_c.all()):
-        u_c, v_c = u_c[:, keep_c], v_c[:, keep_c]
-    if not bool(keep_r.all()):
-        u_r, v_r = u_r[:, keep_r], v_r[:, keep_r]
-    u = polar_factor_extend(u_c, u_r)
-    del u_c, u_r
-    v = polar_factor_extend(v_c, v_r)
-    del v_c, v_r
-    return inputs.finish((u @ v.mT).mul_(s.mean()), out_dtype)
+    return iso_cts_basis(deltas, coefficients, rank_tol).merge(common_fraction, out_dtype=out_dtype)
 
 
 def tsv_m(

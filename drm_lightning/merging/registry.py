@@ -139,24 +139,30 @@ class MergeMethod:
             raise ValueError(f"rule={rule!r}: expected 'matrix' or 'elementwise'")
         checked = [self.check(p) for p in param_sets]
         used = [self.matrix_params(p) if rule == "matrix" else self.elementwise_params(p) for p in checked]
+        keys = [tuple(sorted(params.items())) for params in used]
         done: dict[tuple[tuple[str, Any], ...], Tensor] = {}
-        prepared: dict[tuple[tuple[str, Any], ...], Any] = {}
-        out = []
-        for params in used:
-            key = tuple(sorted(params.items()))
-            if key not in done:
-                if rule == "elementwise":
-                    done[key] = self.merge_elementwise(deltas, coefficients, out_dtype=out_dtype, **params)
-                elif self.prepare is None:
-                    done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **params)
+        distinct = {key: params for key, params in zip(keys, used, strict=True)}
+        if rule == "elementwise":
+            for key, params in distinct.items():
+                done[key] = self.merge_elementwise(deltas, coefficients, out_dtype=out_dtype, **params)
+        elif self.prepare is None:
+            for key, params in distinct.items():
+                done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **params)
+        else:
+            groups: dict[tuple[tuple[str, Any], ...], list[tuple[tuple[tuple[str, Any], ...], dict[str, Any]]]] = {}
+            for key, params in distinct.items():
+                shared = tuple(sorted((k, v) for k, v in params.items() if k in self.prepare_keys))
+                rest = {k: v for k, v in params.items() if k not in self.prepare_keys}
+                groups.setdefault(shared, []).append((key, rest))
+            for shared, members in groups.items():
+                prepared = self.prepare(deltas, coefficients=coefficients, **dict(shared))
+                if hasattr(prepared, "merge_all"):
+                    merged = prepared.merge_all([rest for _, rest in members], out_dtype=out_dtype)
                 else:
-                    shared = {k: v for k, v in params.items() if k in self.prepare_keys}
-                    pkey = tuple(sorted(shared.items()))
-                    if pkey not in prepared:
-                        prepared[pkey] = self.prepare(deltas, coefficients=coefficients, **shared)
-                    rest = {k: v for k, v in params.items() if k not in self.prepare_keys}
-                    done[key] = prepared[pkey].merge(**rest, out_dtype=out_dtype)
-            out.append(done[key])
+                    merged = [prepared.merge(**rest, out_dtype=out_dtype) for _, rest in members]
+                done.update({key: tensor for (key, _), tensor in zip(members, merged, strict=True)})
+                del prepared
+        out = [done[key] for key in keys]
         return out
 
 
@@ -210,6 +216,8 @@ METHODS: dict[str, MergeMethod] = {
             True,
             {"common_fraction": 0.8, "rank_tol": F.RANK_TOL},
             elementwise=F.task_mean,
+            prepare=F.iso_cts_basis,
+            prepare_keys=frozenset({"rank_tol"}),
         ),
         MergeMethod(
             "tsv_m", "TSV-M", _ARXIV + "2412.00081", F.tsv_m, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
