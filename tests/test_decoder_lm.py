@@ -214,3 +214,29 @@ def test_prompt_template_formats_each_row_and_is_checked(llama, tmp_path):
     )
     with pytest.raises(DataError, match="no column 'missing'"):
         dm.setup("fit")
+
+
+def test_single_token_answers_take_one_forward_per_prompt_and_match_the_packed_pairs(llama, monkeypatch):
+    from drm_lightning.models import label_words
+
+    model = ExpertModule(llama, "decoder_lm", label_names=["good", "bad", "fine"]).eval()
+    assert model.label_target_ids.shape[1] == 1  # one token each with the tiny vocabulary
+    tok = AutoTokenizer.from_pretrained(llama)
+    tok.padding_side = "left"
+    batch = dict(tok(["the movie was", "so dull and weak", "a"], padding=True, return_tensors="pt"))
+    packed_calls = []
+    real = label_words.causal_logprobs
+    monkeypatch.setattr(label_words, "causal_logprobs", lambda *a, **k: packed_calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        fast = model(batch)
+        ids, mask = model._candidates(batch)
+        size, num, _ = ids.shape
+        packed = real(
+            model.backbone,
+            batch["input_ids"].repeat_interleave(num, 0),
+            batch["attention_mask"].repeat_interleave(num, 0),
+            ids.reshape(size * num, 1),
+            mask.reshape(size * num, 1),
+        ).view(size, num)
+    assert not packed_calls  # the fast path ran, not the packed pairs
+    torch.testing.assert_close(fast, packed, atol=1e-5, rtol=1e-5)

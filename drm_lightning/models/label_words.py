@@ -12,7 +12,9 @@ Candidates come in two shapes, both handled here as ``targets [B, C, L]`` with a
 
 Causal decoders: each (prompt, candidate) pair is packed into one right-padded row, ``prompt tokens ++ candidate
 tokens``, whatever side the prompt was padded on; the body runs once per pair and the LM head only on the positions
-that predict candidate tokens (a 128k-word vocabulary over whole sequences would cost gigabytes per batch).
+that predict candidate tokens (a 128k-word vocabulary over whole sequences would cost gigabytes per batch). When
+every candidate is a single token (yes / no, negative / positive with BPE vocabularies), each prompt runs once and
+all candidates are read off its next-token distribution.
 """
 
 from __future__ import annotations
@@ -141,6 +143,28 @@ def causal_logprobs(
     return logp * target_mask
 
 
+def causal_next_token_logprobs(
+    model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
+    """Log-probs ``[B, C]`` of single-token answers ``token_ids [B, C]`` right after each prompt: one forward per
+    prompt instead of one per (prompt, answer) pair.
+
+    Why: the usual label words (yes / no / maybe, negative / positive) are one token each with BPE vocabularies, and
+    then every answer is scored by the same next-token distribution; a causal model's prompt positions never see
+    the appended answer, so this equals ``causal_logprobs`` on the packed pairs.
+    """
+    lengths = prompt_mask.sum(dim=1)
+    if (lengths == 0).any():
+        raise ValueError("label-word scoring: an input prompt is empty (no attended token to continue)")
+    order = torch.argsort((prompt_mask == 0).to(torch.int8), dim=1, stable=True)
+    mask = prompt_mask.gather(1, order)
+    ids = prompt_ids.gather(1, order) * mask
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    last = hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+    logp = model.get_output_embeddings()(last).float().log_softmax(dim=-1)
+    return logp.gather(-1, token_ids)
+
+
 def candidate_logprobs(
     model: nn.Module,
     family: str,
@@ -155,6 +179,9 @@ def candidate_logprobs(
     if family != "decoder_lm":
         raise ValueError(f"family={family!r}: candidates are scored only for seq2seq and decoder_lm")
     size, num, length = target_ids.shape
+    if length == 1 and bool(target_mask.all()):  # single-token answers: one forward per input
+        logp = causal_next_token_logprobs(model, input_ids, attention_mask, target_ids[:, :, 0])
+        return logp.unsqueeze(-1)
     logp = causal_logprobs(
         model,
         input_ids.repeat_interleave(num, dim=0),
