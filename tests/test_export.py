@@ -275,6 +275,50 @@ def test_evaluate_loads_an_adapter_folder_as_the_dense_merged_backbone(run: dict
     assert max(_rel(got[k], ref[k]) for k in ref if ref[k].norm() > 0) < 1e-5
 
 
+def test_pipeline_export_picks_the_best_on_validation_and_falls_back_to_a_model(run: dict, tmp_path: Path) -> None:
+    """``export="all"`` with ``save_as="adapter"``: the exact method becomes an adapter, TIES a model folder; the
+    best is chosen by the validation score at each method's λ, whatever the test numbers say."""
+    from drm_lightning.commands.pipeline_export import best_on_validation, export_models
+    from drm_lightning.evaluation.results import EvaluationResults, LambdaPoint, MethodResult
+    from drm_lightning.merging import merge_task_vectors
+
+    root, lora = run["root"], run["lora"]
+    merge_task_vectors(lora, "ties", tmp_path / "ties_delta", progress=False)
+    tasks = [read_meta(t).task for t in lora]
+    results = EvaluationResults(
+        tasks=tasks,
+        expert={t: {"accuracy": 0.8} for t in tasks},
+        methods=[
+            MethodResult(
+                "iso_c",
+                {t: {"accuracy": 0.4} for t in tasks},
+                lam=LAM,
+                method="iso_c",
+                curve=[LambdaPoint(LAM, 0.9), LambdaPoint(1.0, 0.95)],
+            ),
+            MethodResult(
+                "ties", {t: {"accuracy": 0.7} for t in tasks}, lam=0.5, method="ties", curve=[LambdaPoint(0.5, 0.8)]
+            ),
+        ],  # fmt: skip
+        split="test",
+    )
+    assert best_on_validation(results) == ("iso_c", 0.9)  # the score at its chosen λ, not the curve's best
+    logs: list[str] = []
+    usage = export_models(
+        results, {"iso_c": root / "dense_iso_c_delta", "ties": tmp_path / "ties_delta"},
+        {"iso_c": "iso_c", "ties": "ties"}, lora, tmp_path / "models", {}, export="all", save_as="adapter",
+        log=logs.append,
+    )  # fmt: skip
+    assert (tmp_path / "models" / "iso_c" / "adapter_config.json").is_file()
+    assert (tmp_path / "models" / "ties" / "model.safetensors").is_file()
+    assert any("ties" in line and "not exact" in line for line in logs)
+    assert usage["label"] == "iso_c" and usage["save_as"] == "adapter" and len(usage["lines"]) == 3
+    assert json.loads((tmp_path / "models" / "ties" / "merge.json").read_text())["lam"] == 0.5
+    weights = load_file(str(tmp_path / "models" / "iso_c" / "adapter_model.safetensors"))
+    ref = load_file(str(root / "adapter_iso_c" / "adapter_model.safetensors"))
+    assert all(torch.equal(weights[k], ref[k]) for k in ref)  # the same λ, the same adapter
+
+
 def test_full_rank_methods_are_refused_in_one_line(run: dict, tmp_path: Path, capsys) -> None:
     """``main`` is the console script's own function: its return value is the exit status."""
     for method in ("ties", "dare"):
