@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Idle OpenMP threads sleep instead of spinning. Why: with torch's default of one intra-op thread per core, every
+# parallel region ends in a barrier where the finished threads spin (GNU OpenMP's default ACTIVE policy) for the one
+# that was descheduled; on a CPU that other jobs share, that spin takes the cores the late thread needs. Measured on
+# the 2-core project machine at load average 11-15: the quickstart's DRM-V merge took 307 s of matrix time with 2
+# threads and 27 s with 1; with PASSIVE, 32 s with 2 threads (benchmarks/README.md). It is read once, when the
+# OpenMP runtime loads with torch, so it is set here, before anything imports torch; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 __all__ = ["load_task_model"]
