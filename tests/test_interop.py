@@ -334,3 +334,27 @@ def test_causal_lm_into_the_decoder_lm_family_keeps_its_lm_head(
         want = original.eval()(input_ids=ids, attention_mask=mask).logits
         got = backbone(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_checkpoint_imports_exactly(experts: dict[str, Path], tmp_path: Path) -> None:
+    """An fp16 save of a float32 fine-tune: the float32 delta against the float32 base lands on the fp16 values."""
+    folder = tmp_path / "fp16"
+    BertForSequenceClassification.from_pretrained(experts["bert_full"]).half().save_pretrained(folder)
+    tv = convert(str(folder), tmp_path / "tv", base=str(experts["bert_base"]))
+    expert = ExpertModule.from_task_vector(tv, with_task_vector=True)
+    original = BertForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask = token_batch()
+    with torch.no_grad():
+        want = original(input_ids=ids, attention_mask=mask).logits
+        got = expert({"input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_task_vector_beside_a_model_folder_names_the_base(experts: dict[str, Path], tmp_path: Path) -> None:
+    """``merge --task_vectors [tv, checkpoint]`` without --base: the task vector says which base it was taken
+    against, and the checkpoint is converted against that one."""
+    tv = convert(str(experts["bert_lora"]), tmp_path / "tv")  # records the adapter's base
+    args = ["merge", "--task_vectors", f"[{tv},{experts['bert_full']}]", "--lam", "0.5", "--output"]
+    assert main([*args, str(tmp_path / "merged")]) == 0
+    record = json.loads((tmp_path / "merged" / "merge.json").read_text())
+    assert record["base_model"] == str(experts["bert_base"].resolve())

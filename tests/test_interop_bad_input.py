@@ -113,6 +113,8 @@ def _fill(items: list[str], bad: dict[str, Path]) -> list[str]:
 def test_bad_expert_is_one_line_exit_1_nothing_written(
     bad: dict[str, Path], capsys: pytest.CaptureFixture[str], command: str, case: str, args: list, words: list
 ) -> None:
+    if command == "merge" and case in ("orphan", "no_base"):
+        pytest.skip("in a merge the other input's task vector names the base (test_interop.py)")
     out = bad["root"] / f"out_{command}_{case}"
     argv = _fill(args, bad)
     if command == "merge":  # the bad expert beside a good one, as --task_vectors
@@ -135,7 +137,8 @@ def test_bad_expert_is_one_line_exit_1_nothing_written(
 
 
 def test_added_tokens_merge_with_the_embeddings_skipped(bad: dict[str, Path], tmp_path: Path) -> None:
-    """The way out the error names works: the embeddings stay the base's, everything else is the expert's."""
+    """The way out the error names works: the embeddings stay the base's, everything else is the expert's, and
+    the exported classifier uses the base's vocabulary."""
     tv = tmp_path / "tv"
     args = ["--model", str(bad["added_tokens"]), "--base", str(bad["base"]), "--skip", "[word_embeddings]"]
     assert main(["extract", *args, "--output", str(tv)]) == 0
@@ -146,6 +149,9 @@ def test_added_tokens_merge_with_the_embeddings_skipped(bad: dict[str, Path], tm
     with safe_open(str(tv / "task_vector.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "embeddings.word_embeddings.weight" not in names and "encoder.layer.0.attention.self.query.weight" in names
+    assert main(["merge", "--task_vectors", f"[{tv}]", "--lam", "1.0", "--output", str(tmp_path / "merged")]) == 0
+    config = json.loads((tmp_path / "merged" / "tasks" / "added_tokens" / "config.json").read_text())
+    assert config["vocab_size"] == 64 and config["architectures"] == ["BertForSequenceClassification"]
 
 
 def test_adapter_with_added_tokens_merges_with_the_embeddings_skipped(bad: dict[str, Path], tmp_path: Path) -> None:

@@ -94,6 +94,18 @@ def build_task_model(
     dtype = next(iter(backbone_state.values())).dtype if backbone_state else torch.float32
     model = auto.from_config(config).to(torch.float32)
     inner = getattr(model, model.base_model_prefix)
+    embedding = getattr(inner.get_input_embeddings(), "weight", None)
+    name = next((n for n, p in inner.named_parameters() if p is embedding), None)
+    if name in backbone_state and embedding is not None and backbone_state[name].shape != embedding.shape:
+        # An expert with added tokens, imported with its embeddings skipped: it merges onto, and now uses, the base's
+        # vocabulary (the tokenizer beside it is the base's too).
+        config = AutoConfig.for_model(**{**config_dict, "vocab_size": int(backbone_state[name].shape[0])})
+        model = auto.from_config(config).to(torch.float32)
+        inner = getattr(model, model.base_model_prefix)
+    own = inner.state_dict()
+    mismatched = [k for k, v in own.items() if k in backbone_state and backbone_state[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{where}: merged backbone tensors {mismatched[:3]} do not fit {type(model).__name__}")
     missing, unexpected = inner.load_state_dict(backbone_state, strict=False)
     if unexpected:
         raise ValueError(f"{where}: merged backbone tensors {unexpected[:3]} do not fit {type(model).__name__}")

@@ -75,6 +75,26 @@ def convert(
     return write_import(plan, info, output, name, torch_dtype=torch_dtype, gguf_file=gguf_file)
 
 
+def default_base(inputs: Sequence[str | os.PathLike[str]], kinds: Sequence[Kind]) -> str | None:
+    """The base a mix of inputs implies when none is given: the first task vector's, else the first adapter's.
+
+    Why: in ``merge --task_vectors [tv/a,ckpt/b]`` the task vector already says which base it was taken against
+    (and the merge will use it), so the fine-tuned folder beside it needs no ``--base`` of its own.
+    """
+    from drm_lightning.interop.checkpoint import read_json
+    from drm_lightning.task_vectors.format import read_meta
+
+    for source, kind in zip(inputs, kinds, strict=True):
+        if kind == "task_vector":
+            return read_meta(local_folder(source)).base_model
+    for source, kind in zip(inputs, kinds, strict=True):
+        if kind == "adapter":
+            recorded = read_json(local_folder(source) / ADAPTER_CONFIG).get("base_model_name_or_path")
+            if recorded:
+                return str(recorded)
+    return None
+
+
 @contextmanager
 def import_inputs(
     inputs: Sequence[str | os.PathLike[str]],
@@ -91,10 +111,12 @@ def import_inputs(
     Args:
         inputs: task-vector, PEFT adapter and ``save_pretrained`` folders (or cached hub ids), mixed.
         beside: the output the converted folders live next to (same filesystem), in a temporary folder.
-        base: the base of the models (and of adapters, over their adapter_config.json).
+        base: the base of the models (and of adapters, over their adapter_config.json); default:
+            ``default_base``.
         family, skip, torch_dtype, gguf_file: as for ``convert``.
     """
     kinds = [input_kind(p) for p in inputs]
+    base = base if base is not None else default_base(inputs, kinds)
     plans = []
     for source, kind in zip(inputs, kinds, strict=True):
         if kind == "task_vector":
