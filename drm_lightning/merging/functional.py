@@ -642,18 +642,30 @@ class DrmBasis:
             flat = magnitude.reshape(-1)
             keeps = {i: keep_count(1.0 - checked[i][0], flat.numel()) for i in group}
             thresholds = _thresholds(flat, sorted(set(keeps.values())))
-            for i in group:
+            for position, i in enumerate(group):
                 k = keeps[i]
                 threshold = thresholds[k]
                 _, _, elect_sign, disjoint_mean = checked[i]
                 if threshold is None:  # keep nothing
                     pruned = torch.zeros_like(self.blocks)
                 else:  # a zero magnitude (a dropped share) is kept only where its block entry is zero anyway
-                    pruned = torch.where((magnitude >= threshold) & (magnitude > 0), self.blocks, 0.0)
+                    kept = (magnitude >= threshold) & (magnitude > 0)  # bool: an eighth of the magnitudes
+                    if position == len(group) - 1:  # the magnitudes' last use: free them first
+                        del flat, magnitude
+                    if elect_sign and disjoint_mean:  # DRM itself: the mask applied chunk by chunk, no pruned copy
+                        combined = torch.empty(n * r, dtype=self.blocks.dtype, device=self.blocks.device)
+                        rows = [block.reshape(-1) for block in self.blocks]
+                        merge_chunks(rows, self.coefficients, combined, elect=True, keep=kept.reshape(t, -1))
+                        del kept
+                        merged = combined.reshape(n, r) @ self.basis.mT
+                        del combined
+                        results[i] = self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
+                        continue
+                    pruned = self.blocks.masked_fill(~kept, 0.0)
+                    del kept
                 merged = _combine(pruned, self.coefficients, elect_sign, disjoint_mean) @ self.basis.mT
                 del pruned
                 results[i] = self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
-            del magnitude, flat
         return results  # type: ignore[return-value]
 
 
@@ -713,8 +725,9 @@ def drm_basis(
     u, s, v = thin_svd(stack.reshape(t * n, k), rank_tol=rank_tol)
     del stack
     keep = s > rank_tol * s.amax() if s.numel() else s > 0  # X = 0 keeps nothing: r = 0
-    u, s, v = u[:, keep], s[keep], v[:, keep]
-    blocks = (u * s).reshape(t, n, -1)  # U·S = X V_r: the projections Δ_i V_r, already formed by the decomposition
+    if not bool(keep.all()):  # copies only where something is dropped: u is as large as the float64 stack
+        u, s, v = u[:, keep], s[keep], v[:, keep]
+    blocks = u.mul_(s).reshape(t, n, -1)  # U·S = X V_r: the projections Δ_i V_r, formed by the decomposition
     del u
     norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
     sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
