@@ -433,9 +433,9 @@ def task_mean(
         out_dtype: Result dtype (default: the deltas').
     """
     out_dtype = _check_out_dtype(out_dtype)
-    inputs = _prepare("task_mean", deltas)
-    c = _coefficients("task_mean", coefficients, inputs.count, inputs.device)
-    return inputs.finish(torch.tensordot(c, inputs.dense, dims=1) / inputs.count, out_dtype)
+    inputs = _prepare_flat("task_mean", deltas)
+    c = _coefficients("task_mean", coefficients, len(inputs.flats), inputs.device) / len(inputs.flats)
+    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=False).reshape(inputs.shape)
 
 
 def ties(
@@ -804,6 +804,12 @@ def drm_nonmatrix(
     nonmatrix_drop_rate = check_drop_rate(nonmatrix_drop_rate, "nonmatrix_drop_rate")
     elect_sign, disjoint_mean = check_switch("elect_sign", elect_sign), check_switch("disjoint_mean", disjoint_mean)
     out_dtype = _check_out_dtype(out_dtype)
+    if elect_sign and disjoint_mean:  # DRM's rule itself: chunked, no float64 stack (elementwise.merge_chunks)
+        flat = _prepare_flat("drm", deltas)
+        c = _coefficients("drm", coefficients, len(flat.flats), flat.device)
+        thresholds = [trim_threshold(x, 1.0 - nonmatrix_drop_rate) for x in flat.flats] if nonmatrix_drop_rate else None
+        out = merge_chunks(flat.flats, c, flat.output(out_dtype), elect=True, thresholds=thresholds)
+        return out.reshape(flat.shape)
     inputs = _prepare("drm", deltas)
     c = _coefficients("drm", coefficients, inputs.count, inputs.device)
     stack = inputs.dense
