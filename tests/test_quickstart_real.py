@@ -50,6 +50,7 @@ def test_quickstart_on_a_slice_of_the_demo_data(
     run = tmp_path / "run"
     methods = _methods_with_short_search()
     args = ["pipeline", "--config", str(RECIPE), "--run_dir", str(run), "--methods", json.dumps(methods)]
+    args += ["--extend_edges", "0"]  # the 2-point search stays 2 points (edge extension has its own tests)
     # 256 examples (16 steps) instead of 1000: a higher learning rate lets the experts still learn their tasks.
     args += ["--data.max_train_samples", "256", "--data.max_eval_samples", "32", "--model.learning_rate", "0.0003"]
     assert main(args) == 0
