@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import delta_cases
@@ -25,8 +26,9 @@ from torch import Tensor
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import linalg
 from drm_lightning.merging import reference as ref
+from drm_lightning.merging.drm_iso import drm_iso
 from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
+from drm_lightning.merging.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
 SYMMETRIC = [name for name in METHODS if name != "dare"]
@@ -207,10 +209,15 @@ def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], me
 
 
 def test_registry_lists_every_method_once() -> None:
-    assert sorted(METHODS) == sorted(["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"])
+    papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"]
+    assert sorted(METHODS) == sorted([*papers, "drm_iso_v", "drm_iso_h"])
     for name, method in METHODS.items():
-        assert method.name == name and method.label and method.reference.startswith("https://arxiv.org/abs/")
-        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m))
+        assert method.name == name and method.label
+        if name in papers:
+            assert method.reference.startswith("https://arxiv.org/abs/")
+        else:  # this project's variant: its study is the reference
+            assert method.reference == DRM_ISO_REFERENCE and (Path(__file__).parents[1] / method.reference).is_file()
+        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso))
 
 
 @pytest.mark.parametrize("name", list(METHODS))

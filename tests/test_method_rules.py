@@ -35,6 +35,8 @@ NONMATRIX_REFERENCE: dict[str, Callable[[list[Tensor], list[float], dict], Tenso
     "iso_c": lambda d, c, p: ref.task_mean(d, c),
     "iso_cts": lambda d, c, p: ref.task_mean(d, c),
     "tsv_m": lambda d, c, p: ref.task_mean(d, c),
+    "drm_iso_v": lambda d, c, p: ref.task_mean(d, c),  # DRM-Iso: Iso-C's rule (docs/drm_study.md)
+    "drm_iso_h": lambda d, c, p: ref.task_mean(d, c),
 }
 NONMATRIX_PARAMS = {
     "ties": [{"density": 0.4}],

@@ -363,3 +363,25 @@ def tsv_m(
     if s.numel() == 0:
         return torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
     return polar(u) @ torch.diag(s) @ polar(vh.T).T
+
+
+def drm_iso(
+    deltas: Sequence[Tensor],
+    direction: str = "vertical",
+    drop_rate: float = 0.8,
+    coefficients: Coefficients = None,
+    rank_tol: float = DRM_RANK_TOL,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """DRM-Iso (``merging/drm_iso.py``, not in the DRM paper): DRM's merged delta ``M = U S Vᵀ`` flattened to
+    ``σ̄ · U_k V_kᵀ`` over its components above ``RANK_TOL · σ_1(M)``, ``σ̄`` the mean singular value of
+    ``Σ_i c_i Δ_i`` above ``RANK_TOL`` times its largest (Iso-C's level)."""
+    merged = drm(deltas, direction, drop_rate, coefficients, rank_tol, dtype=dtype)
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return torch.zeros_like(merged)
+    rank = int((s > RANK_TOL * s[0]).sum())
+    s_sum = torch.linalg.svdvals(task_arithmetic(deltas, coefficients, dtype=dtype))
+    level = s_sum[s_sum > RANK_TOL * s_sum[0]].mean()
+    return level * (u[:, :rank] @ vh[:rank])

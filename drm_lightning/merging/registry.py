@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
+from drm_lightning.merging.drm_iso import drm_iso, drm_iso_basis
 from drm_lightning.merging.functional import Coefficients, Delta
 
 
@@ -167,6 +168,8 @@ class MergeMethod:
 
 
 _ARXIV = "https://arxiv.org/abs/"
+DRM_ISO_REFERENCE = "docs/drm_study.md"
+"""Where DRM-Iso (a variant this project measured, not a paper's method) is described."""
 _DRM_DEFAULTS: dict[str, Any] = {
     "drop_rate": 0.8,
     "rank_tol": F.DRM_RANK_TOL,
@@ -221,6 +224,21 @@ METHODS: dict[str, MergeMethod] = {
         ),
         MergeMethod(
             "tsv_m", "TSV-M", _ARXIV + "2412.00081", F.tsv_m, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
+        ),
+        *(  # not a published method: DRM followed by Iso-C's flat spectrum (docs/drm_study.md)
+            MergeMethod(
+                f"drm_iso_{direction[0]}",
+                f"DRM-Iso-{direction[0].upper()}",
+                DRM_ISO_REFERENCE,
+                drm_iso,
+                True,
+                {"direction": direction, "drop_rate": 0.8, "rank_tol": F.DRM_RANK_TOL},
+                frozenset({"direction"}),
+                elementwise=F.task_mean,
+                prepare=drm_iso_basis,
+                prepare_keys=frozenset({"direction", "rank_tol"}),
+            )
+            for direction in F.DIRECTIONS
         ),
     )
 }
