@@ -309,3 +309,100 @@ def test_param_sweep_runs_and_matches_separate_merges(tmp_path: Path) -> None:
         assert r.max_difference <= (0.0 if r.method.startswith("drm") else 1e-6), r  # DRM: the same computation
     with pytest.raises(SystemExit):
         param_sweep.main(["--methods", "ties"])
+
+
+# -- merge_memory.py and merge_precision.py: tiny runs, so a refactor cannot silently break them ------------------
+
+
+def test_merge_memory_in_process_table_has_every_method_and_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every method on every shape at Llama / 256 (T = 3): one row per pair, finite ratios, the printed table."""
+    import merge_memory
+
+    out = tmp_path / "memory.json"
+    rows = merge_memory.main(["--device", "cpu", "--in-process", "--scale", "256", "--tasks", "3", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["scale"] == 256 and data["tasks"] == 3 and data["rows"] == rows
+    shapes = {name: merge_memory.scaled(shape, 256) for name, (shape, _) in merge_memory.LLAMA31_8B.items()}
+    assert shapes == {"q": (16, 16), "down": (16, 56), "gate": (56, 16), "embed": (501, 16)}
+    assert [(r["method"], tuple(r["shape"])) for r in rows] == [
+        (method, shape) for method in merge_memory.VARIANTS for shape in shapes.values()
+    ]
+    for row in rows:
+        expected_rule = merge_memory.LLAMA31_8B[next(k for k, s in shapes.items() if s == tuple(row["shape"]))][1]
+        assert row["rule"] == expected_rule and row["tasks"] == 3 and row["device"] == "cpu"
+        assert row["input_bytes"] == 3 * row["shape"][0] * row["shape"][1] * 4
+        assert row["peak_bytes"] >= 0 and math.isfinite(row["ratio"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("T = 3, cpu, Llama-3.1-8B shapes / 256")
+    assert table[1] == "| method | q 16×16 | down 16×56 | gate 56×16 | embed 501×16 (elementwise) |"
+    body = [line for line in table[3:] if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in body] == list(merge_memory.VARIANTS)
+    assert all(line.count("×") == len(shapes) for line in body)
+
+
+def test_merge_memory_fresh_child_measures_one_method(tmp_path: Path) -> None:
+    """The default CPU path: one fresh interpreter per measurement (``--child``), read back as JSON."""
+    import merge_memory
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    out = tmp_path / "memory.json"
+    rows = merge_memory.main(
+        ["--device", "cpu", "--methods", "drm_v", "--shapes", "q", "--scale", "64", "--tasks", "2", "--threads", "1"]
+        + ["--json", str(out)]
+    )
+    assert len(rows) == 1 and json.loads(out.read_text())["rows"] == rows
+    (row,) = rows
+    assert row["method"] == "drm_v" and row["shape"] == [64, 64] and row["rule"] == "matrix"
+    assert row["input_bytes"] == 2 * 64 * 64 * 4 and row["peak_bytes"] >= 0 and math.isfinite(row["ratio"])
+    with pytest.raises(SystemExit, match="unknown"):
+        merge_memory.main(["--device", "cpu", "--methods", "drm_x"])
+
+
+def test_merge_precision_random_deltas_every_method_and_route(tmp_path: Path) -> None:
+    """Both float32 routes for every SVD method at Llama / 128: finite errors, and the float32 routes really ran in
+    float32 (an error far above float64 rounding: a refactor that stops ``library_in`` from switching the working
+    dtype would show up as a float32-gram error of ~1e-16)."""
+    import merge_precision
+
+    out = tmp_path / "precision.json"
+    results = merge_precision.main(["--scale", "128", "--tasks", "3", "--threads", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["errors"] == results and "T = 3" in data["source"]
+    assert list(results) == list(merge_precision.METHODS)
+    for method, row in results.items():
+        assert set(row) == set(merge_precision.ROUTES), method
+        for route, error in row.items():
+            assert math.isfinite(error) and 1e-10 < error < 1.0, (method, route, error)
+
+
+def test_merge_precision_reads_real_task_vectors(tmp_path: Path) -> None:
+    """``--task_vectors``: the 2-D parameters every folder holds, embeddings left out, ``--limit`` respected."""
+    import merge_precision
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    folders = []
+    for task in range(3):
+        folder = tmp_path / f"task{task}"
+        folder.mkdir()
+        tensors = {
+            "layer.0.dense.weight": torch.randn(12, 8, generator=generator),
+            "layer.1.dense.weight": torch.randn(8, 12, generator=generator),
+            "embeddings.word_embeddings.weight": torch.randn(20, 8, generator=generator),
+            "layer.0.dense.bias": torch.randn(12, generator=generator),
+        }
+        if task == 0:
+            tensors["only_in_one.weight"] = torch.randn(4, 4, generator=generator)
+        save_file(tensors, str(folder / "task_vector.safetensors"))
+        folders.append(folder)
+    deltas = merge_precision.real_deltas(folders, None)
+    assert sorted(deltas) == ["layer.0.dense.weight", "layer.1.dense.weight"]
+    assert all(len(ds) == 3 and ds[0].dtype == torch.float32 for ds in deltas.values())
+    assert list(merge_precision.real_deltas(folders, 1)) == ["layer.0.dense.weight"]
+    argv = ["--task_vectors", *map(str, folders), "--methods", "drm-v", "iso-c", "--threads", "1"]
+    results = merge_precision.main(argv)
+    assert list(results) == ["drm-v", "iso-c"]
+    assert all(math.isfinite(e) for row in results.values() for e in row.values())
