@@ -216,23 +216,54 @@ def test_merge_searches_lambda_on_validation(experts: dict) -> None:
     assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
 
 
-def test_merge_searches_method_parameters_with_lambda(experts: dict) -> None:
-    """A list in --params: every set merged into <delta>/<values>/, each with its λ search (extended at an edge:
-    a two-point grid's best is always at one), the best pair written, the landscape in lambda_search.json."""
+def test_merge_searches_method_parameters_with_lambda(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A list in --params: every set merged into <delta>/<values>/, each with its λ search, the best pair written,
+    the landscape in lambda_search.json. A two-point grid's best is always at an edge: one round (the default
+    --extend_edges 1) adds two λ beyond it per set and, as in pipeline, one drop rate beyond the best one."""
     out = experts["tmp"] / "merged" / "drm_search"
     args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
     args += ["--method", "drm_v", "--params", "{drop_rate: [0.3, 0.7]}", "--lambdas", "[0.5, 1.0]"]
+    capsys.readouterr()
     assert main([*args, "--tasks", _list(experts["tasks"].values())]) == 0
+    err = capsys.readouterr().err
     search = json.loads((out / "lambda_search.json").read_text())
-    assert [v["name"] for v in search["variants"]] == ["drop_rate-0.3", "drop_rate-0.7"]
-    assert all(len(v["curve"]) == 4 and v["notes"] for v in search["variants"])  # one round: two more λ each
-    assert search["evaluations"] == 8
+    names = [v["name"] for v in search["variants"]]
+    assert names[:2] == ["drop_rate-0.3", "drop_rate-0.7"] and len(names) == 3, names
+    first_best = max(search["variants"][:2], key=lambda v: v["best_score"])["values"]["drop_rate"]
+    # a step of 0.4 beyond the edge leaves [0, 1): half a step instead (sweep.edge_extension)
+    assert names[2] == {0.3: "drop_rate-0.1", 0.7: "drop_rate-0.9"}[first_best]
+    assert all(len(v["curve"]) == 4 and v["notes"] for v in search["variants"])  # one λ round: two more λ each
+    assert search["evaluations"] == 12 == sum(v["evaluations"] for v in search["variants"])
+    assert any(f"added {names[2]}" in note for note in search["notes"])
+    assert f"added {names[2]}" in err and "12 λ evaluations in all" in err
     chosen = next(v for v in search["variants"] if v["name"] == search["chosen"])
-    assert chosen["best_score"] == max(v["best_score"] for v in search["variants"])
+    assert chosen["best_score"] == max(v["best_score"] for v in search["variants"]) == search["best_score"]
     record = json.loads((out / "merge.json").read_text())
     assert record["lam"] == chosen["best_lambda"] and record["params"]["drop_rate"] == chosen["values"]["drop_rate"]
-    for name in ("drop_rate-0.3", "drop_rate-0.7"):
-        assert (Path(f"{out}_delta") / name / "merge.json").is_file()
+    for name in names:
+        assert json.loads((Path(f"{out}_delta") / name / "merge.json").read_text())["params"]["drop_rate"] == float(
+            name.split("-")[1]
+        )
+
+
+def test_merge_parameter_search_edges_are_bounded(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A fixed λ scores each set once; --extend_edges 0 adds nothing, --extend_edges 2 at most two sets, each said."""
+    tvs, tasks = _list(experts["tv"].values()), _list(experts["tasks"].values())
+    seen = {}
+    for rounds in (0, 2):
+        out = experts["tmp"] / "merged" / f"ties_edges_{rounds}"
+        args = ["merge", "--task_vectors", tvs, "--output", str(out), "--lam", "1.0", "--method", "ties"]
+        args += ["--params", "{density: [0.4, 0.6]}", "--tasks", tasks, "--extend_edges", str(rounds)]
+        capsys.readouterr()
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        search = json.loads((out / "lambda_search.json").read_text())
+        assert all(len(v["curve"]) == 1 and v["best_lambda"] == 1.0 for v in search["variants"])
+        assert search["evaluations"] == len(search["variants"])
+        added = [note for note in search["notes"] if "added" in note]
+        assert len(added) == len(search["variants"]) - 2 <= rounds and all(note in err for note in added)
+        seen[rounds] = [v["name"] for v in search["variants"]]
+    assert seen[0] == ["density-0.4", "density-0.6"] and seen[2][:2] == seen[0] and len(seen[2]) > 2
 
 
 @pytest.mark.parametrize("mode", ["merged_model", "merged_delta", "experts", "pretrained"])

@@ -31,8 +31,8 @@ unless ``--max_rank K`` asks for an SVD truncation, whose relative error is prin
 from __future__ import annotations
 
 import json
-import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,8 +101,10 @@ def merge(
         task_models: for experts imported from *ForSequenceClassification checkpoints, also write
             <output>/tasks/<task>/, the expert's own architecture with the merged backbone (loads with
             AutoModelForSequenceClassification).
-        extend_edges: --lam search: rounds of λ grid extension when the best λ is the first or last of the grid
-            (each round adds two values beyond it; said on stderr and in lambda_search.json); 0: off.
+        extend_edges: rounds of edge extension, as in pipeline: a best λ (--lam search) at the first or last
+            point of its grid adds two λ beyond it, and a searched numeric parameter (a list in --params) whose
+            best value is the first or last of its list adds the next value beyond it (merged and scored), at most
+            this many rounds each; every round is said on stderr and in lambda_search.json's notes; 0: off.
 
     Returns:
         The merged model folder.
@@ -251,16 +253,12 @@ def _merge(
             extend=extend_edges,
         )  # fmt: skip
         lam = found.best_lambda
-        search_record = {
-            "best_lambda": found.best_lambda,
-            "best_score": found.best_score,
-            "evaluations": found.evaluations,
-            "notes": found.notes,
-            "curve": [point.to_dict() for point in found.sorted_curve()],
-        }
+        search_record = _search_record(found.best_lambda, found.best_score, found.curve, found.notes,
+                                       found.evaluations)  # fmt: skip
         for note in found.notes:
             print(f"λ search: {note}", file=sys.stderr)
-        print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f})", file=sys.stderr)
+        print(f"λ search: best λ={lam:g} (average normalised score {found.best_score:.4f}, {found.evaluations} "
+              "λ evaluations)", file=sys.stderr)  # fmt: skip
     if save_as == "adapter":
         from drm_lightning.export.adapter import adapter_from_merged, print_report
 
@@ -293,53 +291,72 @@ def _search_params(
     extend_edges: int,
 ) -> tuple[Path, float, dict[str, Any]]:
     """A search over the method's own parameters: every set merged in one pass into ``delta/<values>/``, each
-    scored on validation (its λ searched, or at the given λ), the best (set, λ) returned with the landscape."""
-    from drm_lightning.evaluation.lambda_search import default_grid, search_lambda
-    from drm_lightning.evaluation.merged import MergedBackbone
-    from drm_lightning.evaluation.multitask import evaluate_backbone
+    scored on validation (its λ searched, or at the given λ), the best (set, λ) returned with the landscape.
+
+    The scoring and the edge extension are the pipeline's (``evaluation.run.evaluate_merges`` on the validation
+    splits, ``edge_variants``): a numeric parameter whose best value is the first or last of its grid gets the
+    next value beyond it, merged here and scored, for at most ``extend_edges`` rounds (as the λ grid does)."""
+    from drm_lightning.evaluation.run import Variant, edge_variants, evaluate_merges
     from drm_lightning.merging.sweep import merge_task_vectors_many, variant_name
 
-    combos = grid.combinations()
-    folders = [delta / variant_name(v) for v in combos]
-    merged = merge_task_vectors_many(
-        task_vectors, method, folders, [grid.params(v) for v in combos], coefficients, base=base, family=family,
-        plan=plan, device=device, progress=False, torch_dtype=torch_dtype, gguf_file=gguf_file,
+    def merge_sets(variants: list[Any], params: list[dict[str, Any]]) -> None:
+        merged = merge_task_vectors_many(
+            task_vectors, method, [v.folder for v in variants], params, coefficients, base=base, family=family,
+            plan=plan, device=device, progress=False, torch_dtype=torch_dtype, gguf_file=gguf_file,
+        )  # fmt: skip
+        print(f"merged {len(task_vectors)} task vectors with {merged[0].label} at {len(variants)} parameter set(s) "
+              f"in one pass, {merged[0].timings['total']:.1f}s: {', '.join(v.name for v in variants)}",
+              file=sys.stderr)  # fmt: skip
+
+    variants = [Variant(variant_name(v), v, delta / variant_name(v)) for v in grid.combinations()]
+    merge_sets(variants, [grid.params(v.values) for v in variants])
+    grids = {"now": grid}
+
+    def more_variants(label: str, tried: Any) -> list[Any]:
+        grids["now"], new = edge_variants(grids["now"], tried, delta)
+        if new:
+            merge_sets(new, [grids["now"].params(v.values) for v in new])
+        return new
+
+    results = evaluate_merges(
+        task_vectors, {method: variants}, datamodules, split="validation",
+        lambdas={method: float(lam)} if lam != "search" else None, strategy=strategy,
+        grids={method: list(lambdas)} if lambdas else None, pretrained=False, trainer_kwargs=trainer,
+        extend=extend_edges, more_variants=more_variants,
     )  # fmt: skip
-    seconds = merged[0].timings["total"]
-    print(f"merged {len(task_vectors)} task vectors with {merged[0].label} at {len(combos)} parameter sets in one "
-          f"pass, {seconds:.1f}s", file=sys.stderr)  # fmt: skip
-    experts = evaluate_backbone(None, task_vectors, datamodules, "validation", trainer, with_task_vector=True)
-    values = [float(lam)] if lam != "search" else (lambdas or default_grid(method))
-    variants = []
-    for combo, folder in zip(combos, folders, strict=True):
-        backbone = MergedBackbone(folder)
-
-        def evaluate(x: float, backbone: MergedBackbone = backbone) -> Any:
-            return evaluate_backbone(backbone.at(x), task_vectors, datamodules, "validation", trainer)
-
-        found = search_lambda(evaluate, experts, values, strategy=strategy, extend=extend_edges if lam == "search"
-                              else 0)  # fmt: skip
-        del backbone
-        variants.append({
-            "name": variant_name(combo), "values": combo, "best_lambda": found.best_lambda,
-            "best_score": found.best_score, "evaluations": found.evaluations, "notes": found.notes,
-            "curve": [point.to_dict() for point in found.sorted_curve()],
-        })  # fmt: skip
-        print(f"search: {variant_name(combo)}: best λ={found.best_lambda:g} (average normalised score "
-              f"{found.best_score:.4f}, {found.evaluations} evaluations)", file=sys.stderr)  # fmt: skip
-    scores = [v["best_score"] if math.isfinite(v["best_score"]) else -math.inf for v in variants]
-    best = max(range(len(variants)), key=lambda i: (scores[i], -i))  # ties: the earlier set
-    chosen = variants[best]
-    print(f"search: chosen {chosen['name']} at λ={chosen['best_lambda']:g}", file=sys.stderr)
+    found = results.methods[0]
+    chosen = found.chosen()
+    assert chosen is not None  # a searched method always has its variants
+    for v in found.variants:
+        print(f"search: {v.name}: best λ={v.lam:g} (average normalised score {v.score:.4f}, {len(v.curve)} "
+              "evaluations)", file=sys.stderr)  # fmt: skip
+    for note in found.notes:
+        print(f"search: {note}", file=sys.stderr)
+    print(f"search: chosen {chosen.name} at λ={chosen.lam:g} ({found.evaluations} λ evaluations in all)",
+          file=sys.stderr)  # fmt: skip
     record = {
-        "best_lambda": chosen["best_lambda"],
-        "best_score": chosen["best_score"],
-        "chosen": chosen["name"],
-        "evaluations": sum(v["evaluations"] for v in variants),
-        "variants": variants,
-        "curve": chosen["curve"],
+        **_search_record(chosen.lam, chosen.score, chosen.curve, found.notes, found.evaluations),
+        "chosen": chosen.name,
+        "variants": [
+            {"name": v.name, "values": v.values, **_search_record(v.lam, v.score, v.curve, v.notes, len(v.curve))}
+            for v in found.variants
+        ],
     }
-    return folders[best], float(chosen["best_lambda"]), record
+    return delta / chosen.name, float(chosen.lam), record
+
+
+def _search_record(
+    lam: float | None, score: float | None, curve: Sequence[Any], notes: Sequence[str], evaluations: int
+) -> dict[str, Any]:
+    """What ``lambda_search.json`` says of one λ search: the best λ and score, how many validation runs it took,
+    how its grid was extended, and its curve by increasing λ."""
+    return {
+        "best_lambda": lam,
+        "best_score": score,
+        "evaluations": evaluations,
+        "notes": list(notes),
+        "curve": [point.to_dict() for point in sorted(curve, key=lambda p: p.lam)],
+    }
 
 
 def _merge_to_adapter(

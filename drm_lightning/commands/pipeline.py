@@ -667,22 +667,11 @@ class Pipeline:
             )
 
     def more_variants(self, label: str, tried: Sequence[Any]) -> list[Any]:
-        """Edge extension of a searched method's parameters: for every numeric axis whose best value (over
-        ``tried``) is its first or last, the next value beyond it (``sweep.edge_extension``), merged here."""
-        from drm_lightning.evaluation.run import Variant, best_variant
-        from drm_lightning.merging.sweep import edge_extension, variant_name
+        """Edge extension of a searched method's parameters (``evaluation.run.edge_variants``), merged here."""
+        from drm_lightning.evaluation.run import edge_variants
 
         spec = next(s for s in self.recipe.methods if s.name == label)
-        best = best_variant(tried)
-        new = []
-        for key in list(self.param_grid(spec).axes):
-            grid = self.param_grid(spec)
-            value = edge_extension(spec.method, key, grid.axes[key], best.values[key])
-            if value is None:
-                continue
-            self._grids[label] = grid.extended(key, value)
-            values = {**best.values, key: value}
-            new.append(Variant(variant_name(values), values, self.merged_dir(spec) / variant_name(values)))
+        self._grids[label], new = edge_variants(self.param_grid(spec), tried, self.merged_dir(spec))
         todo = [v for v in new if not self.merge_is_current(spec, v.folder, self.param_grid(spec).params(v.values))]
         self.merge_variants(spec, todo, alone=True)  # inside an evaluation unit: this rank alone
         return new

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,6 +39,9 @@ from drm_lightning.evaluation.results import (
     average_normalised,
 )
 from drm_lightning.task_vectors.format import read_meta
+
+if TYPE_CHECKING:
+    from drm_lightning.merging.sweep import ParamGrid
 
 
 @dataclass(frozen=True)
@@ -225,10 +228,10 @@ def _evaluate_method(
             evaluate(variant)
     best = best_variant(results)
     info = records[best.name]
-    if backbone is None:
-        backbone = MergedBackbone(folders[best.name])
     metrics = metrics_at[best.name]
-    if metrics is None or split != "validation":
+    if metrics is None or split != "validation":  # the winner's validation numbers are the ones asked for: reused
+        if backbone is None:
+            backbone = MergedBackbone(folders[best.name])
         metrics = evaluate_backbone(backbone.at(best.lam), task_vectors, datamodules, split, kwargs)
     return MethodResult(
         label=label,
@@ -254,6 +257,28 @@ def best_variant(results: Sequence[VariantResult]) -> VariantResult:
         if s > b:
             best = item
     return best
+
+
+def edge_variants(grid: ParamGrid, tried: Sequence[VariantResult], root: Path) -> tuple[ParamGrid, list[Variant]]:
+    """One round of edge extension of a search over a method's own parameters (``MoreVariants``' core, shared by
+    ``pipeline`` and ``merge``): for every numeric axis of ``grid`` whose best value over ``tried`` is its first or
+    last, the best set with that axis moved one step beyond the edge (``sweep.edge_extension``), in ``root/<name>``.
+
+    Returns the grid with those values added (the next round extends from it) and the new variants, not merged yet;
+    ``[]`` when no axis has a best value at its edge (or none can step beyond it).
+    """
+    from drm_lightning.merging.sweep import edge_extension, variant_name
+
+    best = best_variant(tried)
+    new = []
+    for key in list(grid.axes):
+        value = edge_extension(grid.method, key, grid.axes[key], best.values[key])
+        if value is None:
+            continue
+        grid = grid.extended(key, value)
+        values = {**best.values, key: value}
+        new.append(Variant(variant_name(values), values, Path(root) / variant_name(values)))
+    return grid, new
 
 
 def _place(share_out: bool) -> tuple[int, int]:
