@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
-from drm_lightning.merging.drm_iso import drm_iso
+from drm_lightning.merging.methods.drm_iso import drm_iso
 
 F64 = torch.float64
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from drm_study import drm_steps  # noqa: E402
 
 from drm_lightning.merging import functional as F  # noqa: E402
-from drm_lightning.merging.drm_iso import drm_iso  # noqa: E402
+from drm_lightning.merging.methods.drm_iso import drm_iso  # noqa: E402
 
 F64 = torch.float64
 Rule = Callable[[list[Tensor]], Tensor]

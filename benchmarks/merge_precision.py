@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 import merge_speed  # noqa: E402
 
 from drm_lightning.merging import elementwise, functional, reference  # noqa: E402
+from drm_lightning.merging.methods import inputs, iso, tsv  # noqa: E402
 
 METHODS = ("drm-v", "drm-h", "iso-c", "iso-cts", "tsv-m")
 ROUTES = ("float32 svd", "float32 gram")
@@ -46,12 +47,15 @@ ROUTES = ("float32 svd", "float32 gram")
 @contextlib.contextmanager
 def library_in(dtype: torch.dtype) -> Iterator[None]:
     """The library with its float64 working dtype replaced by ``dtype`` (what a float32 port of it would compute)."""
-    saved = functional._F64, elementwise._F64
-    functional._F64 = elementwise._F64 = dtype
+    modules = (elementwise, inputs, iso, tsv)  # every module whose float64 steps the SVD methods run
+    saved = [module._F64 for module in modules]
+    for module in modules:
+        module._F64 = dtype
     try:
         yield
     finally:
-        functional._F64, elementwise._F64 = saved
+        for module, value in zip(modules, saved, strict=True):
+            module._F64 = value
 
 
 def real_deltas(folders: Sequence[Path], limit: int | None) -> dict[str, list[Tensor]]:

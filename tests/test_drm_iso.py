@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.drm_iso import drm_iso
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.drm_iso import drm_iso
 
 CASES = ("random", "rank_deficient", "zero_task", "tiny_task", "all_zero", "clustered_tasks", "disjoint")
 COEFFS = [1.0, 0.5, -0.3, 2.0]

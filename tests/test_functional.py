@@ -26,8 +26,8 @@ from torch import Tensor
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import linalg
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.drm_iso import drm_iso
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.drm_iso import drm_iso
 from drm_lightning.merging.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}

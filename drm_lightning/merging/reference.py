@@ -374,7 +374,7 @@ def drm_iso(
     *,
     dtype: torch.dtype = F64,
 ) -> Tensor:
-    """DRM-Iso (``merging/drm_iso.py``, not in the DRM paper): DRM's merged delta ``M = U S Vᵀ`` flattened to
+    """DRM-Iso (``merging/methods/drm_iso.py``, not in the DRM paper): DRM's merged delta ``M = U S Vᵀ`` flattened to
     ``σ̄ · U_k V_kᵀ`` over its components above ``RANK_TOL · σ_1(M)``, ``σ̄`` the mean singular value of
     ``Σ_i c_i Δ_i`` above ``RANK_TOL`` times its largest (Iso-C's level)."""
     merged = drm(deltas, direction, drop_rate, coefficients, rank_tol, dtype=dtype)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
-from drm_lightning.merging.drm_iso import drm_iso, drm_iso_basis
 from drm_lightning.merging.functional import Coefficients, Delta
+from drm_lightning.merging.methods.drm_iso import drm_iso, drm_iso_basis
 
 
 @dataclass(frozen=True)

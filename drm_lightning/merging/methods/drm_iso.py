@@ -12,7 +12,7 @@ singular value, as Iso-C does for the plain sum:
 ``Σ_i c_i Δ_i`` above ``RANK_TOL`` times its largest: λ then sits on Iso-C's scale (the SVD methods' default grid),
 and only the directions differ from Iso-C. Non-matrix parameters take Iso-C's plain mean (registry).
 
-Exact in float64 like every method here: DRM through ``functional.drm_basis`` (whose joint basis a drop-rate
+Exact in float64 like every method here: DRM through ``drm.drm_basis`` (whose joint basis a drop-rate
 search reuses, ``drm_iso_basis``), the flattening through a float64 decomposition of the merged ``[n, m]`` matrix.
 """
 
@@ -24,10 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drm_lightning.merging import functional as F
-from drm_lightning.merging.functional import Coefficients, Delta
 from drm_lightning.merging.linalg import factored_svd, thin_svd
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.basic import task_arithmetic
+from drm_lightning.merging.methods.checks import RANK_TOL, check_drop_rate, check_out_dtype
+from drm_lightning.merging.methods.drm import DRM_RANK_TOL, DrmBasis, drm_basis
+from drm_lightning.merging.methods.inputs import Coefficients, Delta
 
 _F64 = torch.float64
 
@@ -39,15 +41,9 @@ def _result_dtype(deltas: Sequence[Delta]) -> torch.dtype:
     return dtype
 
 
-def _check_out_dtype(out_dtype: object) -> torch.dtype | None:
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise ValueError(f"out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
-    return out_dtype  # type: ignore[return-value]
-
-
 def _kept(s: Tensor) -> Tensor:
     """Components above ``RANK_TOL`` times the largest (none of a zero matrix)."""
-    return s > F.RANK_TOL * s.amax() if s.numel() else s > 0
+    return s > RANK_TOL * s.amax() if s.numel() else s > 0
 
 
 def iso_level(deltas: Sequence[Delta], coefficients: Coefficients = None) -> Tensor:
@@ -63,14 +59,14 @@ def iso_level(deltas: Sequence[Delta], coefficients: Coefficients = None) -> Ten
         left = torch.cat([ci * b for ci, (b, _) in zip(c, factors, strict=True)], dim=1)
         s = factored_svd(left, torch.cat([a for _, a in factors]))[1]
     else:
-        s = thin_svd(F.task_arithmetic(deltas, c, out_dtype=_F64), rank_tol=F.RANK_TOL)[1]
+        s = thin_svd(task_arithmetic(deltas, c, out_dtype=_F64), rank_tol=RANK_TOL)[1]
     keep = _kept(s)
     return s[keep].mean() if bool(keep.any()) else s.new_zeros(())
 
 
 def flatten(merged: Tensor, level: Tensor) -> Tensor:
     """``level · U_k V_kᵀ`` for ``merged = U S Vᵀ`` (float64), components above ``RANK_TOL · σ_1``."""
-    u, s, v = thin_svd(merged, rank_tol=F.RANK_TOL)
+    u, s, v = thin_svd(merged, rank_tol=RANK_TOL)
     keep = _kept(s)
     if not bool(keep.any()):
         return torch.zeros_like(merged)
@@ -82,19 +78,19 @@ class DrmIsoBasis:
     """DRM's joint basis and Iso-C's level of one parameter: DRM-Iso at any drop rate from one decomposition.
 
     Attributes:
-        drm: ``functional.drm_basis`` of the deltas.
+        drm: ``drm.drm_basis`` of the deltas.
         level: Iso-C's ``σ̄`` (``iso_level``).
         dtype: The deltas' dtype (the default result dtype).
     """
 
-    drm: F.DrmBasis
+    drm: DrmBasis
     level: Tensor
     dtype: torch.dtype
 
     def merge(self, drop_rate: float = 0.8, *, out_dtype: torch.dtype | None = None) -> Tensor:
         """DRM-Iso at ``drop_rate`` (see ``drm_iso``)."""
-        out_dtype = _check_out_dtype(out_dtype)
-        merged = self.drm.merge(F.check_drop_rate(drop_rate), out_dtype=_F64)
+        out_dtype = check_out_dtype(out_dtype)
+        merged = self.drm.merge(check_drop_rate(drop_rate), out_dtype=_F64)
         return flatten(merged, self.level).to(out_dtype or self.dtype)
 
 
@@ -102,10 +98,10 @@ def drm_iso_basis(
     deltas: Sequence[Delta],
     direction: str = "vertical",
     coefficients: Coefficients = None,
-    rank_tol: float = F.DRM_RANK_TOL,
+    rank_tol: float = DRM_RANK_TOL,
 ) -> DrmIsoBasis:
     """The drop-rate-independent part of ``drm_iso``: DRM's joint basis and Iso-C's level."""
-    basis = F.drm_basis(deltas, direction, coefficients, rank_tol)  # validates everything
+    basis = drm_basis(deltas, direction, coefficients, rank_tol)  # validates everything
     return DrmIsoBasis(basis, iso_level(deltas, coefficients), _result_dtype(deltas))
 
 
@@ -114,7 +110,7 @@ def drm_iso(
     direction: str = "vertical",
     drop_rate: float = 0.8,
     coefficients: Coefficients = None,
-    rank_tol: float = F.DRM_RANK_TOL,
+    rank_tol: float = DRM_RANK_TOL,
     *,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -128,5 +124,5 @@ def drm_iso(
         rank_tol: DRM's relative rank tolerance ``τ``.
         out_dtype: Result dtype (default: the deltas').
     """
-    drop_rate, out_dtype = F.check_drop_rate(drop_rate), _check_out_dtype(out_dtype)
+    drop_rate, out_dtype = check_drop_rate(drop_rate), check_out_dtype(out_dtype)
     return drm_iso_basis(deltas, direction, coefficients, rank_tol).merge(drop_rate, out_dtype=out_dtype)

@@ -1,0 +1,7 @@
+"""The merge methods, one module per family: the executable form of ``docs/methods.md``.
+
+``basic`` (Task Arithmetic, task mean, TIES, DARE and the elementwise steps), ``drm`` (DRM-V/H), ``iso`` (Iso-C,
+Iso-CTS), ``tsv`` (TSV-M), ``drm_iso`` (this project's DRM-Iso); ``checks`` validates parameter values and
+``inputs`` the deltas, for all of them. Call them through ``drm_lightning.merging.functional`` (every function in
+one namespace) or by name through ``drm_lightning.merging.registry``.
+"""
