@@ -4,6 +4,7 @@
 - ``heads``: ``EncoderHead``, ``DecoderHead``, ``VisionHead``, ``build_head(config)``
 - ``lora``: ``LoraSettings`` (peft LoRA on the backbone)
 - ``expert``: ``ExpertModule`` (full or LoRA fine-tuning; ``from_task_vector`` for evaluation)
+  and what it is made of: ``settings``, ``forward``, ``metrics``, ``optim``, ``checkpoint``, ``rebuild``
 - ``resolve``: ``resolve_pretrained`` (``package://`` names)
 
 Names are exported lazily: importing ``drm_lightning.models.backbone`` (as the merger does) must not pay for

@@ -182,3 +182,19 @@ def build_head(config: dict[str, Any]) -> nn.Module:
         return HEADS[kind](**config)
     except TypeError as err:
         raise ValueError(f"head config {config!r} for type {kind!r}: {err}") from None
+
+
+def task_head(
+    family: str, task_type: str, hidden_size: int, num_labels: int, pooling: str, dropout: float
+) -> nn.Module | None:
+    """The new trained head of an expert of ``family``; None where the family brings its own (``clip``: a zero-shot
+    head, ``models/zeroshot.py``; label-word families: the LM head) or, for multiple choice, scores options itself."""
+    if task_type == "multiple_choice":
+        return ChoiceHead(hidden_size, pooling, dropout) if family == "encoder" else None
+    if family == "encoder":
+        return EncoderHead(hidden_size, num_labels, pooling, dropout)
+    if family == "decoder":
+        return DecoderHead(hidden_size, num_labels)
+    if family == "vision":
+        return VisionHead(hidden_size, num_labels)
+    return None

@@ -77,6 +77,18 @@ def label_targets(
     return _padded(rows)
 
 
+def load_label_targets(
+    source: str, words: Sequence[str], family: str, *, trust_remote_code: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``label_targets`` with the tokenizer loaded from ``source`` (hub id, folder or ``package://``)."""
+    from transformers import AutoTokenizer
+
+    from drm_lightning.models.resolve import resolve_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_pretrained(source), trust_remote_code=trust_remote_code)
+    return label_targets(tokenizer, words, family, source)
+
+
 def seq2seq_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,

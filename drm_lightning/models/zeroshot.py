@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from drm_lightning.models.heads import ZeroShotHead
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -56,3 +57,20 @@ def class_embeddings(
     text = torch.nn.functional.normalize(torch.cat(embeds).float(), dim=-1)
     weight = torch.nn.functional.normalize(text.view(len(class_names), len(templates), -1).mean(dim=1), dim=-1)
     return weight, float(model.logit_scale.exp())
+
+
+def zero_shot_head(
+    name: str,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    *,
+    tokenizer: str | None = None,
+    trust_remote_code: bool = False,
+) -> ZeroShotHead:
+    """The frozen ``ZeroShotHead`` holding ``class_embeddings`` of ``name`` (same arguments)."""
+    weight, scale = class_embeddings(
+        name, class_names, templates, tokenizer=tokenizer, trust_remote_code=trust_remote_code
+    )
+    head = ZeroShotHead(weight.shape[1], len(class_names), scale)
+    head.weight.copy_(weight)
+    return head
