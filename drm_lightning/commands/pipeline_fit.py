@@ -1,0 +1,220 @@
+"""Stage 1 of the pipeline: an expert per task, fitted (all ranks together, or in expert groups), reused or imported.
+
+An expert is reused when its task vector exists and ``experts/<task>/fit.json`` records the same settings
+(``fit_settings``: model, datamodule, the trainer's learning settings, seed), so a second run of a recipe, or another
+recipe on the same ``experts_dir``, refits nothing. Multi-process: by default every expert is fitted by all ranks
+together with the recipe's Trainer (DDP/FSDP), one task after another; with ``procs_per_expert=K`` the ranks split
+into groups of K (``drm_lightning.commands.expert_groups``) that fit different tasks' experts at the same time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch import Trainer
+
+from drm_lightning.commands.pipeline_folder import RunFolder, log, rank_zero_then_wait
+from drm_lightning.commands.pipeline_recipe import Recipe
+
+if TYPE_CHECKING:
+    from drm_lightning.world import WorldInfo
+
+#: Trainer settings that do not change what an expert learns: changing them does not force a refit.
+_COSMETIC_TRAINER_KEYS = frozenset(
+    {
+        "callbacks",
+        "logger",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "log_every_n_steps",
+        "default_root_dir",
+        "num_sanity_val_steps",
+        "profiler",
+        "barebones",
+        "enable_autolog_hparams",
+        "model_registry",
+    }
+)
+
+
+def digest(data: Any) -> str:
+    """A short hash of JSON-able ``data`` (key order ignored): what ``fit.json`` compares settings by."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FitStage(RunFolder):
+    """Stage 1 on a ``RunFolder``: ``fit_experts`` leaves a current task vector for every task."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        self.fitted: list[str] = []
+        self.reused: list[str] = []
+        self.imported = None
+        if recipe.experts:  # checked now, before anything is fitted: a bad folder fails in a second
+            from drm_lightning.interop.recipe_experts import RecipeExperts
+
+            self.imported = RecipeExperts(recipe.experts, self.tasks, recipe.model)
+            self.imported.check_labels(self.datamodules)
+
+    def fit_settings(self, task: str) -> dict[str, Any]:
+        """What determines an expert: model settings, its datamodule, the trainer's learning settings, the seed."""
+        trainer = {k: v for k, v in self.recipe.trainer.items() if k not in _COSMETIC_TRAINER_KEYS}
+        return {"model": self.recipe.model, "data": self.specs[task], "trainer": trainer, "seed": self.recipe.seed}
+
+    def expert_is_current(self, task: str) -> bool:
+        """Whether the task vector exists and was fitted with the same settings (so it can be reused)."""
+        from drm_lightning.task_vectors.format import META_FILE
+
+        record = self.expert_dir(task) / "fit.json"
+        if not (self.task_vector_dir(task) / META_FILE).is_file() or not record.is_file():
+            return False
+        try:
+            saved = json.loads(record.read_text())
+        except json.JSONDecodeError:
+            return False
+        return saved.get("digest") == digest(self.fit_settings(task))
+
+    def fit_experts(self) -> None:
+        """Fit every expert that is not current: all ranks together, task by task, or in expert groups."""
+        from drm_lightning.world import detect_world
+
+        todo = []
+        if self.imported is not None:
+            self.import_experts()
+        for task in self.tasks:
+            if self.imported is not None and task in self.imported.experts:
+                self.reused.append(task)
+            elif self.expert_is_current(task):
+                log(f"{task}: reusing the task vector in {self.task_vector_dir(task)}")
+                self.reused.append(task)
+            else:
+                todo.append(task)
+        world = detect_world()
+        k = self.recipe.procs_per_expert
+        if todo and k is not None and world.world_size > 1 and world.source != "initialized" and k < world.world_size:
+            self.fit_in_groups(todo, world, k)
+        else:
+            for task in todo:
+                self.fit_expert(task)
+        self.fitted.extend(todo)
+
+    def import_experts(self) -> None:
+        """Convert the recipe's ``experts`` into task vectors (one process: under a multi-process launch they must
+        be current already, since the ranks do not share a process group yet)."""
+        from drm_lightning.world import detect_world
+
+        assert self.imported is not None
+        world = detect_world()
+        if world.world_size > 1:
+            stale = [t for t in self.imported.experts if not self.imported.is_current(
+                t, self.task_vector_dir(t), self.expert_dir(t))]  # fmt: skip
+            if stale:
+                raise ValueError(
+                    f"experts: {stale} are not imported yet; run the recipe once as one process (or stop it after "
+                    f"the import), then under {world.source}"
+                )
+            return
+        self.imported.run(self.task_vector_dir, self.expert_dir, log)
+
+    def fit_in_groups(self, tasks: Sequence[str], world: WorldInfo, procs_per_expert: int) -> None:
+        """Each group of ``procs_per_expert`` ranks fits its share of ``tasks``; then all ranks meet, and a failure in
+        any group is raised on every rank (nothing waits for a group that died)."""
+        import os
+
+        from drm_lightning.commands.expert_groups import assign_tasks, expert_group, local_world_size, plan_group
+        from drm_lightning.world import all_ranks_ok, join_world
+
+        port = world.main_port if world.main_port is not None else os.environ.get("MASTER_PORT")
+        if port is None:
+            raise ValueError("procs_per_expert: MASTER_PORT is not set (launch with torchrun or srun)")
+        group = plan_group(world, procs_per_expert, local_world_size(), int(port))
+        mine = assign_tasks(tasks, group.count)[group.index]
+        log(f"{group.count} expert groups of {group.size} process(es) fit {len(tasks)} expert(s)")
+        error: BaseException | None = None
+        try:
+            with expert_group(group, self.recipe.trainer.get("accelerator")) as overrides:
+                for task in mine:  # inside the group, log speaks on the group's rank 0
+                    log(f"{task}: expert group {group.index} (global ranks {world.rank - group.rank}.."
+                         f"{world.rank - group.rank + group.size - 1}) fits it")  # fmt: skip
+                    self.fit_expert(task, overrides)
+            missing = [t for t in mine if not self.expert_is_current(t)]
+            if missing:  # said here, by the group that fitted them, not later as a missing file in a merge
+                raise RuntimeError(f"expert group {group.index}: no current task vector after fitting {missing}")
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it; re-raised below
+            error = err
+        join_world(self.recipe.merge_device, world=world)
+        all_ranks_ok(error)
+
+    def fit_expert(self, task: str, overrides: Mapping[str, Any] | None = None) -> None:
+        from lightning.pytorch import seed_everything
+
+        from drm_lightning.callbacks.task_vector import TaskVectorCallback
+        from drm_lightning.models.expert import ExpertModule
+
+        dm = self.datamodules[task]
+        log(f"{task}: fitting the expert")
+        t0 = time.perf_counter()
+        seed_everything(self.recipe.seed, workers=True)
+        model = ExpertModule(
+            **self.recipe.model,
+            task=task,
+            label_names=_attribute(dm, "label_names"),
+            metrics=_attribute(dm, "metrics"),
+            task_type=_attribute(dm, "task_type") or "classification",
+            templates=_attribute(dm, "templates"),
+        )
+        trainer_kwargs = dict(self.recipe.trainer)
+        callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))
+        callbacks.append(TaskVectorCallback(str(self.task_vector_dir(task))))
+        trainer_kwargs = _instantiate_trainer_objects(trainer_kwargs)
+        if overrides:
+            plugins = list(trainer_kwargs.get("plugins") or [])
+            trainer_kwargs.update({**overrides, "plugins": plugins + list(overrides.get("plugins", []))})
+        trainer_kwargs["default_root_dir"] = str(self.expert_dir(task))
+        trainer = Trainer(**trainer_kwargs, callbacks=callbacks)
+        trainer.fit(model, datamodule=dm)
+        seconds = time.perf_counter() - t0
+        record = {"digest": digest(self.fit_settings(task)), "settings": self.fit_settings(task), "seconds": seconds}
+
+        def write() -> None:
+            self.expert_dir(task).mkdir(parents=True, exist_ok=True)
+            text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+            (self.expert_dir(task) / "fit.json").write_text(text)
+
+        rank_zero_then_wait(write)
+        log(f"{task}: expert fitted in {seconds:.0f}s -> {self.task_vector_dir(task)}")
+
+
+def _attribute(datamodule: Any, name: str) -> Any:
+    if hasattr(datamodule, name):
+        return getattr(datamodule, name)
+    return getattr(datamodule, "hparams", {}).get(name)
+
+
+def _instantiate_callbacks(value: Any) -> list[Any]:
+    """Recipe callbacks (class_path mappings) as objects."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    return [_instantiate_object(item) for item in items]
+
+
+def _instantiate_object(value: Any) -> Any:
+    """A ``class_path``/``init_args`` mapping as an object; anything else unchanged."""
+    if isinstance(value, Mapping) and "class_path" in value:
+        from jsonargparse._util import import_object
+
+        cls = import_object(value["class_path"])
+        init_args = {k: _instantiate_object(v) for k, v in (value.get("init_args") or {}).items()}
+        return cls(**init_args)
+    return value
+
+
+def _instantiate_trainer_objects(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments given as class_path mappings (strategy, logger, plugins) as objects."""
+    return {k: _instantiate_object(v) if k != "plugins" else _instantiate_callbacks(v) for k, v in kwargs.items()}
