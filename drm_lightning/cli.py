@@ -165,6 +165,7 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"{PROG} {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    had_group = _has_process_group()
     try:
         if command in _SUMMARY:
             quiet_third_party(verbose=debug or _env_flag(VERBOSE_ENV))
@@ -177,7 +178,18 @@ def main(args: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    finally:
+        if not had_group and _has_process_group():  # the command's own group: gone before the interpreter exits
+            from drm_lightning.world import leave_world
+
+            leave_world()
     return 0
+
+
+def _has_process_group() -> bool:
+    """Whether a default ``torch.distributed`` group exists (never imports torch: without it there is none)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def __getattr__(name: str) -> Any:

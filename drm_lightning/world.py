@@ -294,4 +294,15 @@ def _destroy_group() -> None:
         dist.destroy_process_group()
 
 
+def leave_world() -> None:
+    """Destroy the default process group (whoever made it: ``join_world`` or Lightning's DDP), if there is one.
+
+    Why not leave it to the interpreter's exit: a gloo group still alive when Python tears down can abort the
+    process ("terminate called without an active exception"), a failed rank for its launcher although its work
+    was done. A command run under a launcher calls this before it returns (``cli.main``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------------------------------

@@ -206,13 +206,16 @@ def test_merge_writes_model_heads_and_record(experts: dict) -> None:
     assert (Path(f"{out}_delta") / "merge.json").is_file()
 
 
-def test_merge_searches_lambda_on_validation(experts: dict) -> None:
+def test_merge_searches_lambda_on_validation(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
     out = experts["tmp"] / "merged" / "ta_search"
     args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
     args += ["--lambdas", "[0.5, 1.0]", "--tasks", _list(experts["tasks"].values()), "--extend_edges", "0"]
+    capsys.readouterr()
     assert main(args) == 0
     search = json.loads((out / "lambda_search.json").read_text())
     assert [p["lambda"] for p in search["curve"]] == [0.5, 1.0]
+    assert search["evaluations"] == 2 and search["notes"] == []  # the cost of the search, said
+    assert "2 λ evaluations" in capsys.readouterr().err
     assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
 
 
