@@ -41,7 +41,7 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, builder_for, load_dataset_checked
+from drm_lightning.data.common import ClassificationDataModule, DataError, check_text_source
 from drm_lightning.data.text import load_tokenizer, prompt_fields
 
 CHOICE_FORMATS = ("pairs", "targets", "continuations")
@@ -199,10 +199,7 @@ class MultipleChoiceDataModule(ClassificationDataModule):
             raise DataError(f"{where}: choice_format={choice_format!r}, expected one of {CHOICE_FORMATS}")
         if blank is not None and not blank:
             raise DataError(f"{where}: blank must be a non-empty placeholder or null")
-        if (dataset is None) == (data_files is None):
-            raise DataError(f"{where}: give exactly one of dataset (hub id) or data_files (local files)")
-        if max_length < 2:
-            raise DataError(f"{where}: max_length must be >= 2, got {max_length}")
+        check_text_source(task, dataset, data_files, max_length)
         self.save_hyperparameters(logger=False)
 
     @property
@@ -239,13 +236,8 @@ class MultipleChoiceDataModule(ClassificationDataModule):
     @override
     def _load_splits(self) -> Any:
         hp = self.hparams
-        if hp.data_files is not None:
-            files = dict(hp.data_files)
-            return load_dataset_checked(
-                self.task, f"data_files {files}", builder_for(files), data_files=files, cache_dir=hp.cache_dir
-            )
         extra = {"data_dir": hp.data_dir} if hp.data_dir is not None else {}
-        return self._load_hub_dataset(hp.dataset, hp.dataset_config, hp.cache_dir, **extra)
+        return self._load_files_or_hub(hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir, **extra)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> ChoiceCollator:

@@ -193,6 +193,14 @@ def _check_label_names(task: str, label_names: Sequence[str]) -> None:
         raise DataError(f"task {task!r}: label_names must hold at least two distinct names, got {list(label_names)}")
 
 
+def check_text_source(task: str, dataset: str | None, data_files: Mapping[str, str] | None, max_length: int) -> None:
+    """A text task's checks: exactly one of a hub ``dataset`` or local ``data_files``, room for two tokens."""
+    if (dataset is None) == (data_files is None):
+        raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_files (local files)")
+    if max_length < 2:
+        raise DataError(f"task {task!r}: max_length must be >= 2, got {max_length}")
+
+
 class ClassificationDataModule(LightningDataModule):
     """Base of the task datamodules: split roles, checks, carving, sampling, loaders.
 
@@ -289,6 +297,23 @@ class ClassificationDataModule(LightningDataModule):
         """
         own = inspect.signature(ClassificationDataModule.__init__).parameters
         return {name: values[name] for name, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def _load_files_or_hub(
+        self,
+        data_files: Mapping[str, str] | None,
+        dataset: str | None,
+        dataset_config: str | None,
+        cache_dir: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        """Local csv/json/parquet ``data_files`` (split -> file) when given, else the hub ``dataset`` (``kwargs`` go
+        to its ``load_dataset``): how the text and multiple-choice tasks load."""
+        if data_files is not None:
+            files = dict(data_files)
+            return load_dataset_checked(
+                self.task, f"data_files {files}", builder_for(files), data_files=files, cache_dir=cache_dir
+            )
+        return self._load_hub_dataset(dataset, dataset_config, cache_dir, **kwargs)
 
     def _load_hub_dataset(self, dataset: str, dataset_config: str | None, cache_dir: str | None, **kwargs: Any) -> Any:
         """Load a hub (or local dataset-folder) ``dataset``; errors name the task and the dataset.

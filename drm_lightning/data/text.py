@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, builder_for, load_dataset_checked
+from drm_lightning.data.common import ClassificationDataModule, DataError, check_text_source
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -162,10 +162,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         super().__init__(**self.base_arguments(locals()))
         if prompt is not None:
             prompt_fields(prompt, f"task {task!r}")
-        if (dataset is None) == (data_files is None):
-            raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_files (local files)")
-        if max_length < 2:
-            raise DataError(f"task {task!r}: max_length must be >= 2, got {max_length}")
+        check_text_source(task, dataset, data_files, max_length)
         self.save_hyperparameters(logger=False)  # logged by ExpertModule as data/<name> (keys clash)
 
     @cached_property
@@ -193,14 +190,8 @@ class TextClassificationDataModule(ClassificationDataModule):
     @override
     def _load_splits(self) -> Any:
         hp = self.hparams
-        if hp.data_files is not None:
-            files = dict(hp.data_files)
-            return load_dataset_checked(
-                self.task, f"data_files {files}", builder_for(files), data_files=files, cache_dir=hp.cache_dir
-            )
-        return self._load_hub_dataset(hp.dataset, hp.dataset_config, hp.cache_dir)
+        return self._load_files_or_hub(hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir)
 
-    @override
     @override
     def _eval_order(self, dataset: Any) -> list[int] | None:
         """Rows by text length: dynamic padding then pads each batch to alike lengths, not to its longest outlier.
