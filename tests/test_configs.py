@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from drm_lightning.merging.registry import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted(
     p.relative_to(ROOT) for pattern in ("configs/**/*.yaml", "recipes/**/*.yaml") for p in ROOT.glob(pattern)
@@ -85,8 +87,9 @@ def test_task_configs_name_their_task_after_the_file() -> None:
         assert init_args["task"] == path.stem, path
 
 
-@pytest.mark.parametrize("method", ["drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic", "dare"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_one_merge_config_per_method(method: str) -> None:
+    """Every registered method (a new method module included) ships ``configs/merge/<name>.yaml``."""
     content = yaml.safe_load((ROOT / "configs" / "merge" / f"{method}.yaml").read_text())
     assert content["method"] == method
 
@@ -194,7 +197,7 @@ def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_gri
     from drm_lightning.commands import parse
     from drm_lightning.commands.pipeline import load_recipe
     from drm_lightning.data.image import check_templates
-    from drm_lightning.merging.registry import DRM_ISO_REFERENCE, METHODS
+    from drm_lightning.merging.registry import DRM_ISO_REFERENCE
 
     recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]))
     assert recipe.model["family"] == "clip"

@@ -25,6 +25,7 @@ from torch import Tensor
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.registry import METHODS as REGISTRY
 
 TOL_F32 = 1e-5
 CONTRACT_TOL = 1e-3
@@ -86,7 +87,20 @@ METHODS = [
     Method("iso_c", lambda d, c, **k: F.iso_c(d, c, **k), ref.iso_c, CLUSTER_SAFE),
     Method("iso_cts", lambda d, c, **k: F.iso_cts(d, 0.8, c, **k), lambda d, c: ref.iso_cts(d, 0.8, c), CLUSTER_SAFE),
     Method("tsv_m", lambda d, c, **k: F.tsv_m(d, c, **k), ref.tsv_m, COMMON),
+    Method(
+        "drm_iso_v",
+        lambda d, c, **k: F.drm_iso(d, "vertical", 0.8, c, **k),
+        lambda d, c: ref.drm_iso(d, "vertical", 0.8, c),
+        COMMON,
+    ),
+    Method(
+        "drm_iso_h",
+        lambda d, c, **k: F.drm_iso(d, "horizontal", 0.8, c, **k),
+        lambda d, c: ref.drm_iso(d, "horizontal", 0.8, c),
+        COMMON,
+    ),
 ]
+"""One row (or more, named ``<registry name>_<variant>``) per registered method: a new method adds its row here."""
 CASES = [(m, case) for m in METHODS for case in m.cases]
 SHAPES = [(48, 32), (32, 80)]
 
@@ -122,6 +136,13 @@ def test_bfloat16_adds_only_the_final_rounding(method: Method, case: str) -> Non
     wide = method.impl(deltas, coeffs, out_dtype=torch.float32)
     assert wide.dtype == torch.float32
     assert ref.relative_error(wide, expected) <= TOL_F32
+
+
+def test_every_registered_method_has_a_reference_row() -> None:
+    """The registry collects methods from their modules (merging/registry.py); the contract test must not miss one."""
+    rows = {m.name for m in METHODS}
+    missing = [name for name in REGISTRY if not any(row == name or row.startswith(name + "_") for row in rows)]
+    assert not missing, f"registered methods without a row in METHODS above (float64 reference): {missing}"
 
 
 @pytest.mark.parametrize("shape", [(12, 80), (80, 12)], ids=["12x80", "80x12"])

@@ -76,10 +76,18 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
 
 
 def default_grid(method: str) -> list[float]:
-    """The default λ grid of a merge method; ``drm_v``, ``DRM-H``, ``dare_ties`` … resolve by their longest prefix."""
+    """The default λ grid of a merge method; ``drm_v``, ``DRM-H``, ``dare_ties`` … resolve by their longest prefix.
+
+    A registered method that no name above matches (a new method module) gets the grid of its kind: the SVD grid for
+    ``matrix_only`` methods, the elementwise grid otherwise.
+    """
     key = method.strip().lower().replace("-", "_")
     matches = [name for name in DEFAULT_GRIDS if key == name or key.startswith(name + "_")]
     if not matches:
+        from drm_lightning.merging.registry import METHODS  # lazy: the registry imports every method (and torch)
+
+        if key in METHODS:
+            return list(SVD_GRID if METHODS[key].matrix_only else ELEMENTWISE_GRID)
         raise ValueError(f"method={method!r}: no default λ grid; known methods: {sorted(DEFAULT_GRIDS)}")
     return list(DEFAULT_GRIDS[max(matches, key=len)])
 

@@ -1,247 +1,57 @@
-"""Name → merge method: the one interface the merger uses (mergekit-style: name, reference, parameters, function).
+"""Name → merge method: every ``MergeMethod`` the method modules declare, collected once, looked up by name.
 
-The merger knows nothing of the math beyond this: ``get_method(name)``, ``check(params)`` once up front (no tensors
-needed, so a typo fails before any model is loaded), then per parameter ``merge_matrix`` (2-D weights the merge plan
-selects, for ``matrix_only`` methods) or ``merge_elementwise`` (everything else: each method's own rule), or
-``merge_many`` for several parameter sets at once (a search), which shares what the sets have in common.
+The one interface the merger uses (mergekit-style: name, reference, parameters, function): ``get_method(name)``,
+then the entry's ``check``, ``merge_matrix``, ``merge_elementwise`` and ``merge_many`` (``methods/spec.py``).
+
+Why collected and not listed here: a method is one file. Each module of ``drm_lightning.merging.methods`` that
+defines a ``METHODS`` tuple contributes its entries, found with ``pkgutil`` in module-name order (entries within a
+module in their own order), so adding ``methods/<family>.py`` registers its methods with no edit elsewhere
+(docs/methods.md, "Adding a method"). Two entries of one name are an error naming both modules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any
+import importlib
+import pkgutil
+from types import ModuleType
 
-import torch
-from torch import Tensor
+from drm_lightning.merging import methods
+from drm_lightning.merging.methods.drm_iso import DRM_ISO_REFERENCE
+from drm_lightning.merging.methods.spec import MergeMethod
 
-from drm_lightning.merging import functional as F
-from drm_lightning.merging.functional import Coefficients, Delta
-from drm_lightning.merging.methods.drm_iso import drm_iso, drm_iso_basis
+__all__ = ["DRM_ISO_REFERENCE", "METHODS", "MergeMethod", "collect_methods", "get_method", "method_modules"]
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """One merge method of docs/methods.md.
+def method_modules(package: ModuleType = methods) -> list[ModuleType]:
+    """Every module of ``package`` (not its subpackages), imported, in name order: the registry's sources."""
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.ispkg)
+    return [importlib.import_module(f"{package.__name__}.{name}") for name in names]
 
-    Attributes:
-        name: Registry key, e.g. ``"drm_v"``.
-        label: Name for reports, e.g. ``"DRM-V"``.
-        reference: Paper URL.
-        fn: The ``functional`` function.
-        matrix_only: True for the SVD methods: they apply to the 2-D matrices the merge plan selects, and every
-            other parameter gets ``merge_elementwise``.
-        defaults: Every keyword parameter with its default; these names are the only ones ``check`` accepts.
-        fixed: Parameters fixed by the method's identity (``direction`` of ``drm_v``/``drm_h``); passing another
-            value is an error.
-        elementwise: ``matrix_only`` methods: their own rule for non-matrix parameters and excluded matrices
-            (docs/methods.md, "Non-matrix parameters"), called with the parameters in ``elementwise_keys``.
-        elementwise_keys: The parameters ``elementwise`` takes.
-        elementwise_only: Parameters only ``elementwise`` takes (not passed to ``fn``).
-        prepare: Where part of the matrix rule can be shared between parameter values (a search): a function of
-            the deltas, ``coefficients`` and the ``prepare_keys`` parameters returning an object whose
-            ``merge(**other matrix parameters, out_dtype=...)`` gives what ``fn`` would.
-        prepare_keys: The parameters ``prepare`` takes.
+
+def collect_methods(modules: list[ModuleType]) -> dict[str, MergeMethod]:
+    """The ``METHODS`` entries of ``modules`` by name, in module order.
+
+    Raises:
+        ValueError: a ``METHODS`` that is not a tuple of ``MergeMethod``, or a name declared twice (both modules
+            named).
     """
-
-    name: str
-    label: str
-    reference: str
-    fn: Callable[..., Tensor]
-    matrix_only: bool
-    defaults: Mapping[str, Any]
-    fixed: frozenset[str] = field(default_factory=frozenset)
-    elementwise: Callable[..., Tensor] | None = None
-    elementwise_keys: frozenset[str] = field(default_factory=frozenset)
-    elementwise_only: frozenset[str] = field(default_factory=frozenset)
-    prepare: Callable[..., Any] | None = None
-    prepare_keys: frozenset[str] = field(default_factory=frozenset)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
-        if self.matrix_only and self.elementwise is None:
-            raise ValueError(f"{self.name}: a matrix_only method needs its elementwise rule")
-        stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
-        if stray:
-            raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")
-
-    def check(self, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults merged with ``params``, every value validated; idempotent (``check(check(p)) == check(p)``).
-
-        Raises:
-            ValueError: an unknown parameter (the message lists the allowed ones), a value out of range, or a
-                different value for a fixed parameter.
-        """
-        params = dict(params or {})
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"{self.name}: unknown parameter(s) {unknown}; allowed: {sorted(self.defaults) or 'none'}")
-        for name in self.fixed:
-            if name in params and params[name] != self.defaults[name]:
+    found: dict[str, MergeMethod] = {}
+    where: dict[str, str] = {}
+    for module in modules:
+        entries = getattr(module, "METHODS", ())
+        if not isinstance(entries, tuple) or not all(isinstance(m, MergeMethod) for m in entries):
+            raise ValueError(f"{module.__name__}.METHODS must be a tuple of MergeMethod, got {entries!r}")
+        for method in entries:
+            if method.name in found:
                 raise ValueError(
-                    f"{self.name}: {name} is fixed to {self.defaults[name]!r} by the method, got {params[name]!r}"
+                    f"merge method {method.name!r} is declared twice: in {where[method.name]} and in "
+                    f"{module.__name__}; registry names must be unique"
                 )
-        merged = {**self.defaults, **params}
-        try:
-            return {name: F.PARAM_CHECKS[name](value) for name, value in merged.items()}
-        except ValueError as err:
-            raise ValueError(f"{self.name}: {err}") from None
-
-    def matrix_params(self, checked: Mapping[str, Any]) -> dict[str, Any]:
-        """The checked parameters the matrix rule takes."""
-        return {k: v for k, v in checked.items() if k not in self.elementwise_only}
-
-    def elementwise_params(self, checked: Mapping[str, Any]) -> dict[str, Any]:
-        """The checked parameters the elementwise rule takes (all of them for the elementwise methods)."""
-        if not self.matrix_only:
-            return dict(checked)
-        return {k: v for k, v in checked.items() if k in self.elementwise_keys}
-
-    def merge_matrix(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
-        """The method itself on one parameter's deltas.
-
-        ``params`` are the method's parameters (checked here) plus the runtime keyword ``out_dtype``.
-        """
-        out_dtype = params.pop("out_dtype", None)
-        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **self.matrix_params(self.check(params)))
-
-    def merge_elementwise(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
-        """The method's rule for non-matrix parameters and excluded matrices (docs/methods.md, "Non-matrix parameters").
-
-        Iso-C, Iso-CTS and TSV-M take the plain mean, DRM trims (``nonmatrix_drop_rate``), elects and merges;
-        Task Arithmetic, TIES and DARE are elementwise already and run themselves. Factors are densified.
-        """
-        out_dtype = params.pop("out_dtype", None)
-        checked = self.elementwise_params(self.check(params))
-        fn = self.elementwise if self.matrix_only else self.fn
-        return fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
-
-    def merge_many(
-        self,
-        rule: str,
-        deltas: Sequence[Delta],
-        param_sets: Sequence[Mapping[str, Any]],
-        coefficients: Coefficients = None,
-        *,
-        out_dtype: torch.dtype | None = None,
-    ) -> list[Tensor]:
-        """``rule`` (``"matrix"`` or ``"elementwise"``) at every parameter set, sharing the work they have in common.
-
-        Why: a search over a method's parameters merges every parameter of a model at every value. Sets that agree
-        on the parameters a rule takes get one result (the same tensor object): a DRM drop-rate search computes
-        each non-matrix parameter once. Matrix rules with ``prepare`` compute it once per distinct ``prepare_keys``
-        values and finish each set from it (DRM's joint basis serves every drop rate).
-
-        Returns:
-            One merged delta per parameter set, in order.
-        """
-        if rule not in ("matrix", "elementwise"):
-            raise ValueError(f"rule={rule!r}: expected 'matrix' or 'elementwise'")
-        checked = [self.check(p) for p in param_sets]
-        used = [self.matrix_params(p) if rule == "matrix" else self.elementwise_params(p) for p in checked]
-        keys = [tuple(sorted(params.items())) for params in used]
-        done: dict[tuple[tuple[str, Any], ...], Tensor] = {}
-        distinct = {key: params for key, params in zip(keys, used, strict=True)}
-        if rule == "elementwise":
-            for key, params in distinct.items():
-                done[key] = self.merge_elementwise(deltas, coefficients, out_dtype=out_dtype, **params)
-        elif self.prepare is None:
-            for key, params in distinct.items():
-                done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **params)
-        else:
-            groups: dict[tuple[tuple[str, Any], ...], list[tuple[tuple[tuple[str, Any], ...], dict[str, Any]]]] = {}
-            for key, params in distinct.items():
-                shared = tuple(sorted((k, v) for k, v in params.items() if k in self.prepare_keys))
-                rest = {k: v for k, v in params.items() if k not in self.prepare_keys}
-                groups.setdefault(shared, []).append((key, rest))
-            for shared, members in groups.items():
-                prepared = self.prepare(deltas, coefficients=coefficients, **dict(shared))
-                if hasattr(prepared, "merge_all"):
-                    merged = prepared.merge_all([rest for _, rest in members], out_dtype=out_dtype)
-                else:
-                    merged = [prepared.merge(**rest, out_dtype=out_dtype) for _, rest in members]
-                done.update({key: tensor for (key, _), tensor in zip(members, merged, strict=True)})
-                del prepared
-        out = [done[key] for key in keys]
-        return out
+            found[method.name], where[method.name] = method, module.__name__
+    return found
 
 
-_ARXIV = "https://arxiv.org/abs/"
-DRM_ISO_REFERENCE = "docs/drm_study.md"
-"""Where DRM-Iso (a variant this project measured, not a paper's method) is described."""
-_DRM_DEFAULTS: dict[str, Any] = {
-    "drop_rate": 0.8,
-    "rank_tol": F.DRM_RANK_TOL,
-    "nonmatrix_drop_rate": 0.0,
-    "renormalise": True,
-    "elect_sign": True,
-    "disjoint_mean": True,
-}
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod("task_arithmetic", "Task Arithmetic", _ARXIV + "2212.04089", F.task_arithmetic, False, {}),
-        MergeMethod("ties", "TIES", _ARXIV + "2306.01708", F.ties, False, {"density": 0.2}),
-        MergeMethod(
-            "dare",
-            "DARE",
-            _ARXIV + "2311.03099",
-            F.dare,
-            False,
-            {"drop_rate": 0.9, "seed": 0, "merge": "task_arithmetic", "density": 0.2},
-        ),
-        *(
-            MergeMethod(
-                f"drm_{direction[0]}",
-                f"DRM-{direction[0].upper()}",
-                _ARXIV + "2505.23117",
-                F.drm,
-                True,
-                {"direction": direction, **_DRM_DEFAULTS},
-                frozenset({"direction"}),
-                elementwise=F.drm_nonmatrix,
-                elementwise_keys=frozenset({"nonmatrix_drop_rate", "elect_sign", "disjoint_mean"}),
-                elementwise_only=frozenset({"nonmatrix_drop_rate"}),
-                prepare=F.drm_basis,
-                prepare_keys=frozenset({"direction", "rank_tol"}),
-            )
-            for direction in F.DIRECTIONS
-        ),
-        MergeMethod(
-            "iso_c", "Iso-C", _ARXIV + "2502.04959", F.iso_c, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
-        ),
-        MergeMethod(
-            "iso_cts",
-            "Iso-CTS",
-            _ARXIV + "2502.04959",
-            F.iso_cts,
-            True,
-            {"common_fraction": 0.8, "rank_tol": F.RANK_TOL},
-            elementwise=F.task_mean,
-            prepare=F.iso_cts_basis,
-            prepare_keys=frozenset({"rank_tol"}),
-        ),
-        MergeMethod(
-            "tsv_m", "TSV-M", _ARXIV + "2412.00081", F.tsv_m, True, {"rank_tol": F.RANK_TOL}, elementwise=F.task_mean
-        ),
-        *(  # not a published method: DRM followed by Iso-C's flat spectrum (docs/drm_study.md)
-            MergeMethod(
-                f"drm_iso_{direction[0]}",
-                f"DRM-Iso-{direction[0].upper()}",
-                DRM_ISO_REFERENCE,
-                drm_iso,
-                True,
-                {"direction": direction, "drop_rate": 0.8, "rank_tol": F.DRM_RANK_TOL},
-                frozenset({"direction"}),
-                elementwise=F.task_mean,
-                prepare=drm_iso_basis,
-                prepare_keys=frozenset({"direction", "rank_tol"}),
-            )
-            for direction in F.DIRECTIONS
-        ),
-    )
-}
+METHODS: dict[str, MergeMethod] = collect_methods(method_modules())
 """Every method, by registry name."""
 
 

@@ -23,6 +23,7 @@ from drm_lightning.merging.methods.checks import (
     real_in,
 )
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare_flat, task_coefficients
+from drm_lightning.merging.methods.spec import MergeMethod
 
 
 def keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
@@ -177,3 +178,18 @@ def dare(
         divisor=1.0 - drop_rate,
     )  # fmt: skip
     return out.reshape(inputs.shape)
+
+
+METHODS = (
+    MergeMethod("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089", task_arithmetic, False, {}),
+    MergeMethod("ties", "TIES", "https://arxiv.org/abs/2306.01708", ties, False, {"density": 0.2}),
+    MergeMethod(
+        "dare",
+        "DARE",
+        "https://arxiv.org/abs/2311.03099",
+        dare,
+        False,
+        {"drop_rate": 0.9, "seed": 0, "merge": "task_arithmetic", "density": 0.2},
+    ),
+)
+"""The registry's entries of this module (``merging/registry.py`` collects them)."""

@@ -19,6 +19,7 @@ from drm_lightning.merging.elementwise import keep_count, kth_largest_abs, merge
 from drm_lightning.merging.linalg import thin_svd
 from drm_lightning.merging.methods.basic import elect_merge, keep_top
 from drm_lightning.merging.methods.checks import (
+    DIRECTIONS,
     check_direction,
     check_drop_rate,
     check_out_dtype,
@@ -26,6 +27,7 @@ from drm_lightning.merging.methods.checks import (
     check_switch,
 )
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, Inputs, prepare, prepare_flat, task_coefficients
+from drm_lightning.merging.methods.spec import MergeMethod
 
 SHARE_EPS = 1e-6
 """DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""
@@ -336,3 +338,31 @@ def drm_nonmatrix(
     if nonmatrix_drop_rate > 0:
         stack = keep_top(stack, 1.0 - nonmatrix_drop_rate, per_row=True)
     return inputs.finish(_combine(stack, c, elect_sign, disjoint_mean), out_dtype)
+
+
+_DRM_DEFAULTS: dict[str, Any] = {
+    "drop_rate": 0.8,
+    "rank_tol": DRM_RANK_TOL,
+    "nonmatrix_drop_rate": 0.0,
+    "renormalise": True,
+    "elect_sign": True,
+    "disjoint_mean": True,
+}
+METHODS = tuple(
+    MergeMethod(
+        f"drm_{direction[0]}",
+        f"DRM-{direction[0].upper()}",
+        "https://arxiv.org/abs/2505.23117",
+        drm,
+        True,
+        {"direction": direction, **_DRM_DEFAULTS},
+        frozenset({"direction"}),
+        elementwise=drm_nonmatrix,
+        elementwise_keys=frozenset({"nonmatrix_drop_rate", "elect_sign", "disjoint_mean"}),
+        elementwise_only=frozenset({"nonmatrix_drop_rate"}),
+        prepare=drm_basis,
+        prepare_keys=frozenset({"direction", "rank_tol"}),
+    )
+    for direction in DIRECTIONS
+)
+"""The registry's entries of this module: DRM-V and DRM-H (``merging/registry.py`` collects them)."""

@@ -26,12 +26,15 @@ from torch import Tensor
 
 from drm_lightning.merging.linalg import factored_svd, thin_svd
 from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.methods.basic import task_arithmetic
-from drm_lightning.merging.methods.checks import RANK_TOL, check_drop_rate, check_out_dtype
+from drm_lightning.merging.methods.basic import task_arithmetic, task_mean
+from drm_lightning.merging.methods.checks import DIRECTIONS, RANK_TOL, check_drop_rate, check_out_dtype
 from drm_lightning.merging.methods.drm import DRM_RANK_TOL, DrmBasis, drm_basis
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
+from drm_lightning.merging.methods.spec import MergeMethod
 
 _F64 = torch.float64
+DRM_ISO_REFERENCE = "docs/drm_study.md"
+"""Where DRM-Iso (a variant this project measured, not a paper's method) is described."""
 
 
 def _result_dtype(deltas: Sequence[Delta]) -> torch.dtype:
@@ -126,3 +129,21 @@ def drm_iso(
     """
     drop_rate, out_dtype = check_drop_rate(drop_rate), check_out_dtype(out_dtype)
     return drm_iso_basis(deltas, direction, coefficients, rank_tol).merge(drop_rate, out_dtype=out_dtype)
+
+
+METHODS = tuple(  # not a published method: DRM followed by Iso-C's flat spectrum (docs/drm_study.md)
+    MergeMethod(
+        f"drm_iso_{direction[0]}",
+        f"DRM-Iso-{direction[0].upper()}",
+        DRM_ISO_REFERENCE,
+        drm_iso,
+        True,
+        {"direction": direction, "drop_rate": 0.8, "rank_tol": DRM_RANK_TOL},
+        frozenset({"direction"}),
+        elementwise=task_mean,
+        prepare=drm_iso_basis,
+        prepare_keys=frozenset({"direction", "rank_tol"}),
+    )
+    for direction in DIRECTIONS
+)
+"""The registry's entries of this module; non-matrix parameters take Iso-C's plain mean (``basic.task_mean``)."""

@@ -17,8 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from drm_lightning.merging.linalg import factored_svd, left_basis_svd, polar_factor_extend, thin_svd
+from drm_lightning.merging.methods.basic import task_mean
 from drm_lightning.merging.methods.checks import RANK_TOL, check_common_fraction, check_out_dtype, check_rank_tol
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, Inputs, prepare, task_coefficients
+from drm_lightning.merging.methods.spec import MergeMethod
 
 _F64 = torch.float64
 
@@ -263,3 +265,22 @@ def iso_cts(
     common_fraction, rank_tol = check_common_fraction(common_fraction), check_rank_tol(rank_tol)
     out_dtype = check_out_dtype(out_dtype)
     return iso_cts_basis(deltas, coefficients, rank_tol).merge(common_fraction, out_dtype=out_dtype)
+
+
+METHODS = (
+    MergeMethod(
+        "iso_c", "Iso-C", "https://arxiv.org/abs/2502.04959", iso_c, True, {"rank_tol": RANK_TOL}, elementwise=task_mean
+    ),
+    MergeMethod(
+        "iso_cts",
+        "Iso-CTS",
+        "https://arxiv.org/abs/2502.04959",
+        iso_cts,
+        True,
+        {"common_fraction": 0.8, "rank_tol": RANK_TOL},
+        elementwise=task_mean,
+        prepare=iso_cts_basis,
+        prepare_keys=frozenset({"rank_tol"}),
+    ),
+)
+"""The registry's entries of this module; non-matrix parameters take the plain mean (``basic.task_mean``)."""

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from drm_lightning.merging.linalg import factored_svd, polar_factor, thin_svd
+from drm_lightning.merging.methods.basic import task_mean
 from drm_lightning.merging.methods.checks import RANK_TOL, check_out_dtype, check_rank_tol
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare, task_coefficients
+from drm_lightning.merging.methods.spec import MergeMethod
 
 _F64 = torch.float64
 
@@ -75,3 +77,11 @@ def tsv_m(
     u = polar_factor(u).mul_(s)
     v = polar_factor(v)
     return inputs.finish(u @ v.mT, out_dtype)
+
+
+METHODS = (
+    MergeMethod(
+        "tsv_m", "TSV-M", "https://arxiv.org/abs/2412.00081", tsv_m, True, {"rank_tol": RANK_TOL}, elementwise=task_mean
+    ),
+)
+"""The registry's entry of this module; non-matrix parameters take the plain mean (``basic.task_mean``)."""
