@@ -18,14 +18,12 @@ Backbone parameters the checkpoint lacks (tied weights, frozen buffers) keep a z
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 from drm_lightning.interop.base import BaseInfo, check_same_model, describe_base, skipped
 from drm_lightning.interop.checkpoint import FLOAT_CODES, CheckpointError, SafetensorsFolder, local_folder, read_json
 from drm_lightning.interop.names import backbone_map, label_names, match_head
-from drm_lightning.interop.write import ImportPlan, head_source, task_name_for, write_import
+from drm_lightning.interop.write import ImportPlan, head_source
 
 
 def plan_model(
@@ -89,32 +87,3 @@ def plan_model(
         "skipped": sorted(skipped_names),
     }
     return plan, info
-
-
-def convert_model(
-    model: str,
-    output: str | os.PathLike[str],
-    *,
-    base: str | None = None,
-    family: str | None = None,
-    task: str | None = None,
-    skip: Sequence[str] = (),
-    torch_dtype: str | None = None,
-    gguf_file: str | None = None,
-) -> Path:
-    """Convert the fine-tuned ``save_pretrained`` folder (or cached hub id) ``model`` into a task vector at ``output``.
-
-    Args:
-        model: the fine-tuned model.
-        output: the task-vector folder to write (replaced atomically).
-        base: the model it was fine-tuned from.
-        family: the project family (default: from the base's ``model_type``).
-        task: the task name (default: the model folder's name).
-        skip: regexes of backbone parameters to leave out (e.g. the embeddings of a model with added tokens).
-        torch_dtype, gguf_file: how to load the base (recorded for the merge to load it the same way).
-    """
-    plan, info = plan_model(model, base, family=family, skip=skip)
-    return write_import(
-        plan, info, output, task_name_for(Path(model), task), torch_dtype=torch_dtype,
-        gguf_file=gguf_file,
-    )  # fmt: skip

@@ -65,7 +65,20 @@ def convert(
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
 ) -> Path:
-    """Convert one fine-tuned model or adapter into the task-vector folder ``output``."""
+    """Convert one fine-tuned model or adapter into the task-vector folder ``output``.
+
+    Args:
+        source: a fine-tuned ``save_pretrained`` folder, a PEFT LoRA adapter folder (``adapter_config.json`` +
+            ``adapter_model.safetensors``), or a cached hub id of either.
+        output: the task-vector folder to write (replaced atomically).
+        kind: ``model`` or ``adapter`` (default: told from the files, ``input_kind``).
+        base: the model it was fine-tuned from (an adapter's default: ``base_model_name_or_path`` of its
+            ``adapter_config.json``).
+        family: the project family (default: from the base's ``model_type``).
+        task: the task name (default: the folder's name).
+        skip: regexes of backbone parameters to leave out (e.g. the embeddings of a model with added tokens).
+        torch_dtype, gguf_file: how to load the base (recorded for the merge to load it the same way).
+    """
     kind = kind or input_kind(source)
     if kind == "task_vector":
         raise CheckpointError(f"{source}: is already a task vector folder; nothing to convert")

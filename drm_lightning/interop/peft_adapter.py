@@ -34,7 +34,7 @@ import torch
 from drm_lightning.interop.base import BaseInfo, describe_base, embedding_skip_patterns, skipped
 from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
 from drm_lightning.interop.names import backbone_map, label_names, match_head
-from drm_lightning.interop.write import ImportPlan, head_source, task_name_for, write_import
+from drm_lightning.interop.write import ImportPlan, head_source
 from drm_lightning.task_vectors.format import LoraMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -282,31 +282,3 @@ def _task_model_config(info: BaseInfo, config: Mapping[str, Any], labels: list[s
     out["label2id"] = {name: i for i, name in enumerate(labels)}
     out["architectures"] = [arch] if arch else []
     return out
-
-
-def convert_adapter(
-    adapter: str,
-    output: str | os.PathLike[str],
-    *,
-    base: str | None = None,
-    family: str | None = None,
-    task: str | None = None,
-    skip: Sequence[str] = (),
-    torch_dtype: str | None = None,
-    gguf_file: str | None = None,
-) -> Path:
-    """Convert the PEFT LoRA adapter folder ``adapter`` into a LoRA task vector at ``output``.
-
-    Args:
-        adapter: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) or cached hub id.
-        output: the task-vector folder to write (replaced atomically).
-        base: the base model (default: ``base_model_name_or_path`` of ``adapter_config.json``).
-        family: the project family (default: from the base's ``model_type``).
-        task: the task name (default: the adapter folder's name).
-        skip: regexes of backbone parameters to leave out.
-        torch_dtype, gguf_file: how to load the base (recorded for the merge to load it the same way).
-    """
-    plan, info = plan_adapter(adapter, base, family=family, skip=skip)
-    return write_import(
-        plan, info, output, task_name_for(Path(adapter), task), torch_dtype=torch_dtype, gguf_file=gguf_file
-    )
