@@ -15,7 +15,7 @@ mask) are the ones ``docs/methods.md`` fixes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -243,32 +243,28 @@ def drm(
     return merged.T if direction == "horizontal" else merged
 
 
-def drm_vertical(
-    deltas: Sequence[Tensor],
-    drop_rate: float = 0.8,
-    coefficients: Coefficients = None,
-    rank_tol: float = DRM_RANK_TOL,
-    *,
-    dtype: torch.dtype = F64,
-    **switches: bool,
-) -> Tensor:
-    """DRM-V: ``drm(direction="vertical")`` (``switches``: ``renormalise``, ``elect_sign``,
-    ``disjoint_mean``)."""
-    return drm(deltas, "vertical", drop_rate, coefficients, rank_tol, dtype=dtype, **switches)
+def _drm_in(direction: str) -> Callable[..., Tensor]:
+    """``drm`` with ``direction`` fixed, called as ``f(deltas, drop_rate, coefficients, rank_tol, *, dtype,
+    **switches)`` (``switches``: ``renormalise``, ``elect_sign``, ``disjoint_mean``)."""
+
+    def fixed(
+        deltas: Sequence[Tensor],
+        drop_rate: float = 0.8,
+        coefficients: Coefficients = None,
+        rank_tol: float = DRM_RANK_TOL,
+        *,
+        dtype: torch.dtype = F64,
+        **switches: bool,
+    ) -> Tensor:
+        return drm(deltas, direction, drop_rate, coefficients, rank_tol, dtype=dtype, **switches)
+
+    fixed.__name__ = fixed.__qualname__ = f"drm_{direction}"
+    fixed.__doc__ = f"DRM-{direction[0].upper()}: ``drm(direction={direction!r})``, the switches as ``drm``'s."
+    return fixed
 
 
-def drm_horizontal(
-    deltas: Sequence[Tensor],
-    drop_rate: float = 0.8,
-    coefficients: Coefficients = None,
-    rank_tol: float = DRM_RANK_TOL,
-    *,
-    dtype: torch.dtype = F64,
-    **switches: bool,
-) -> Tensor:
-    """DRM-H: ``drm(direction="horizontal")`` (``switches``: ``renormalise``, ``elect_sign``,
-    ``disjoint_mean``)."""
-    return drm(deltas, "horizontal", drop_rate, coefficients, rank_tol, dtype=dtype, **switches)
+drm_vertical = _drm_in("vertical")
+drm_horizontal = _drm_in("horizontal")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,11 +18,10 @@ from drm_lightning.merging.methods.checks import (
     check_density,
     check_drop_rate,
     check_merge,
-    check_out_dtype,
     check_seed,
     real_in,
 )
-from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare_flat, task_coefficients
+from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare_elementwise
 from drm_lightning.merging.methods.spec import MergeMethod
 
 
@@ -71,10 +70,8 @@ def elect_and_merge(
         coefficients: ``c_i`` (default 1), applied to the surviving entries only: the election stays unweighted.
         out_dtype: Result dtype (default: the blocks').
     """
-    out_dtype = check_out_dtype(out_dtype)
-    inputs = prepare_flat("elect_and_merge", blocks)
-    c = task_coefficients("elect_and_merge", coefficients, len(inputs.flats), inputs.device)
-    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=True).reshape(inputs.shape)
+    flat, c, out = prepare_elementwise("elect_and_merge", blocks, coefficients, out_dtype)
+    return merge_chunks(flat.flats, c, out, elect=True).reshape(flat.shape)
 
 
 def task_arithmetic(
@@ -87,10 +84,8 @@ def task_arithmetic(
         coefficients: ``c_i``, default 1.
         out_dtype: Result dtype (default: the deltas').
     """
-    out_dtype = check_out_dtype(out_dtype)
-    inputs = prepare_flat("task_arithmetic", deltas)
-    c = task_coefficients("task_arithmetic", coefficients, len(inputs.flats), inputs.device)
-    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=False).reshape(inputs.shape)
+    flat, c, out = prepare_elementwise("task_arithmetic", deltas, coefficients, out_dtype)
+    return merge_chunks(flat.flats, c, out, elect=False).reshape(flat.shape)
 
 
 def task_mean(
@@ -104,10 +99,8 @@ def task_mean(
         coefficients: ``c_i``, default 1.
         out_dtype: Result dtype (default: the deltas').
     """
-    out_dtype = check_out_dtype(out_dtype)
-    inputs = prepare_flat("task_mean", deltas)
-    c = task_coefficients("task_mean", coefficients, len(inputs.flats), inputs.device) / len(inputs.flats)
-    return merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=False).reshape(inputs.shape)
+    flat, c, out = prepare_elementwise("task_mean", deltas, coefficients, out_dtype)
+    return merge_chunks(flat.flats, c / len(flat.flats), out, elect=False).reshape(flat.shape)
 
 
 def ties(
@@ -126,12 +119,9 @@ def ties(
         out_dtype: Result dtype (default: the deltas').
     """
     density = check_density(density)
-    out_dtype = check_out_dtype(out_dtype)
-    inputs = prepare_flat("ties", deltas)
-    c = task_coefficients("ties", coefficients, len(inputs.flats), inputs.device)
-    thresholds = [trim_threshold(flat, density) for flat in inputs.flats]
-    out = merge_chunks(inputs.flats, c, inputs.output(out_dtype), elect=True, thresholds=thresholds)
-    return out.reshape(inputs.shape)
+    flat, c, out = prepare_elementwise("ties", deltas, coefficients, out_dtype)
+    thresholds = [trim_threshold(x, density) for x in flat.flats]
+    return merge_chunks(flat.flats, c, out, elect=True, thresholds=thresholds).reshape(flat.shape)
 
 
 def dare(
@@ -164,20 +154,17 @@ def dare(
     """
     drop_rate, seed, merge = check_drop_rate(drop_rate), check_seed(seed), check_merge(merge)
     density = check_density(density)
-    out_dtype = check_out_dtype(out_dtype)
-    inputs = prepare_flat("dare", deltas)
-    tasks = len(inputs.flats)
-    c = task_coefficients("dare", coefficients, tasks, inputs.device)
-    keep = dare_keep_mask(inputs.shape, tasks, drop_rate, seed, inputs.device) if drop_rate > 0 else None
+    flat, c, out = prepare_elementwise("dare", deltas, coefficients, out_dtype)
+    tasks = len(flat.flats)
+    keep = dare_keep_mask(flat.shape, tasks, drop_rate, seed, flat.device) if drop_rate > 0 else None
     thresholds = None
     if merge == "ties":
         masks = [None] * tasks if keep is None else list(keep)
-        thresholds = [trim_threshold(flat, density, mask) for flat, mask in zip(inputs.flats, masks, strict=True)]
+        thresholds = [trim_threshold(x, density, mask) for x, mask in zip(flat.flats, masks, strict=True)]
     out = merge_chunks(
-        inputs.flats, c, inputs.output(out_dtype), elect=merge == "ties", thresholds=thresholds, keep=keep,
-        divisor=1.0 - drop_rate,
-    )  # fmt: skip
-    return out.reshape(inputs.shape)
+        flat.flats, c, out, elect=merge == "ties", thresholds=thresholds, keep=keep, divisor=1.0 - drop_rate
+    )
+    return out.reshape(flat.shape)
 
 
 METHODS = (

@@ -26,7 +26,14 @@ from drm_lightning.merging.methods.checks import (
     check_rank_tol,
     check_switch,
 )
-from drm_lightning.merging.methods.inputs import Coefficients, Delta, Inputs, prepare, prepare_flat, task_coefficients
+from drm_lightning.merging.methods.inputs import (
+    Coefficients,
+    Delta,
+    Inputs,
+    prepare,
+    prepare_elementwise,
+    task_coefficients,
+)
 from drm_lightning.merging.methods.spec import MergeMethod
 
 SHARE_EPS = 1e-6
@@ -327,11 +334,9 @@ def drm_nonmatrix(
     elect_sign, disjoint_mean = check_switch("elect_sign", elect_sign), check_switch("disjoint_mean", disjoint_mean)
     out_dtype = check_out_dtype(out_dtype)
     if elect_sign and disjoint_mean:  # DRM's rule itself: chunked, no float64 stack (elementwise.merge_chunks)
-        flat = prepare_flat("drm", deltas)
-        c = task_coefficients("drm", coefficients, len(flat.flats), flat.device)
+        flat, c, out = prepare_elementwise("drm", deltas, coefficients, out_dtype)
         thresholds = [trim_threshold(x, 1.0 - nonmatrix_drop_rate) for x in flat.flats] if nonmatrix_drop_rate else None
-        out = merge_chunks(flat.flats, c, flat.output(out_dtype), elect=True, thresholds=thresholds)
-        return out.reshape(flat.shape)
+        return merge_chunks(flat.flats, c, out, elect=True, thresholds=thresholds).reshape(flat.shape)
     inputs = prepare("drm", deltas)
     c = task_coefficients("drm", coefficients, inputs.count, inputs.device)
     stack = inputs.dense

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from drm_lightning.merging.linalg import power_of_two_scale
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.checks import check_out_dtype
 
 Delta = Tensor | LowRankDelta
 Coefficients = Sequence[float] | Tensor | None
@@ -119,6 +120,15 @@ def prepare_flat(method: str, deltas: Any) -> Flat:
         if flat.numel() and not bool(torch.isfinite(torch.maximum(flat.amax(), -flat.amin()))):
             raise ValueError(f"{method}: deltas[{i}] contains NaN or Inf")
     return Flat(flats, shape, dtype, device)
+
+
+def prepare_elementwise(method: str, deltas: Any, coefficients: Any, out_dtype: Any) -> tuple[Flat, Tensor, Tensor]:
+    """What every elementwise rule starts with: ``out_dtype`` checked, the deltas validated (``prepare_flat``), the
+    coefficients as a float64 ``[T]`` tensor and the empty flat result. Returns ``(flat, c, out)``."""
+    out_dtype = check_out_dtype(out_dtype)
+    flat = prepare_flat(method, deltas)
+    c = task_coefficients(method, coefficients, len(flat.flats), flat.device)
+    return flat, c, flat.output(out_dtype)
 
 
 def prepare(
