@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,62 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def stream_merged(
+    entries: Sequence[PlanEntry],
+    readers: Sequence[TaskVectorReader],
+    method: MergeMethod,
+    param_sets: Sequence[Mapping[str, Any]],
+    merge: Callable[[str, list], list[torch.Tensor]],
+    *,
+    device: torch.device,
+    progress: bool,
+    timings: dict[str, float] | None,
+    desc: str,
+) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """The streaming loop under ``merge_parameters`` and ``sweep.merge_parameters_many``: yield ``(name, [Δ_merged
+    per parameter set])`` for each plan entry a task changes, each a contiguous float32 CPU tensor.
+
+    Each entry's T deltas are read, placed on ``device`` (on the CPU instead, with one ``DeviceFallbackWarning``,
+    where they do not fit it) and merged by ``merge(rule, deltas)`` into one tensor per set of ``param_sets``;
+    results that are one tensor object stay one after the move to the CPU. Shapes and finiteness are checked here.
+    """
+    timings = timings if timings is not None else {}
+    for key in ("read", "matrix", "elementwise"):
+        timings.setdefault(key, 0.0)
+    work = [e for e in entries if e.rule != "skip"]
+    bar = tqdm(work, desc=desc, unit="param", disable=not progress)
+    for entry in bar:
+        t0 = time.perf_counter()
+        raw = [reader.get(entry.name, entry.shape) for reader in readers]
+        if all(d is None for d in raw):
+            timings["read"] += time.perf_counter() - t0
+            continue
+        t1 = time.perf_counter()
+        timings["read"] += t1 - t0
+
+        def call(deltas: list, rule: str = entry.rule) -> list[torch.Tensor]:
+            moved: dict[int, torch.Tensor] = {}
+            out = []
+            for result in merge(rule, deltas):
+                if id(result) not in moved:
+                    moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
+                out.append(moved[id(result)])
+            sync_device(device)
+            return out
+
+        out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
+        del raw
+        timings[entry.rule] += time.perf_counter() - t1
+        for tensor, params in zip(out, param_sets, strict=True):
+            if tuple(tensor.shape) != entry.shape:
+                raise RuntimeError(
+                    f"{method.name} returned shape {list(tensor.shape)} for {entry.name!r} of shape {list(entry.shape)}"
+                )
+            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):  # sum: cheap pass
+                raise ValueError(f"{method.name} with params {dict(params)} gave non-finite values for {entry.name!r}")
+        yield entry.name, out
+
+
 def merge_parameters(
     entries: Sequence[PlanEntry],
     readers: Sequence[TaskVectorReader],
@@ -120,39 +177,63 @@ def merge_parameters(
         progress: show a tqdm bar of parameters merged.
         timings: accumulates seconds under ``read``, ``matrix`` and ``elementwise`` when given.
     """
-    timings = timings if timings is not None else {}
-    for key in ("read", "matrix", "elementwise"):
-        timings.setdefault(key, 0.0)
     coeffs = None if coefficients is None else list(coefficients)
-    work = [e for e in entries if e.rule != "skip"]
-    bar = tqdm(work, desc=f"merge {method.label}", unit="param", disable=not progress)
-    for entry in bar:
+
+    def merge(rule: str, deltas: list) -> list[torch.Tensor]:
+        fn = method.merge_matrix if rule == "matrix" else method.merge_elementwise
+        return [fn(deltas, coefficients=coeffs, out_dtype=torch.float32, **params)]
+
+    stream = stream_merged(
+        entries, readers, method, [params], merge, device=device, progress=progress, timings=timings,
+        desc=f"merge {method.label}",
+    )  # fmt: skip
+    for name, (merged,) in stream:
+        yield name, merged
+
+
+def write_merged(
+    setup: MergeSetup,
+    outputs: Sequence[str | os.PathLike[str]],
+    param_sets: Sequence[dict[str, Any]],
+    stream: Iterable[tuple[str, Sequence[torch.Tensor]]],
+    *,
+    max_shard_bytes: int,
+    timings: dict[str, float],
+    t_start: float,
+    record: Mapping[str, Any] | None = None,
+) -> list[MergeResult]:
+    """Write ``stream``'s merged deltas (one per output, in order) into complete merged folders, atomically (an
+    error leaves none of them): shards, heads and a ``merge.json`` per output with its own parameters.
+
+    The one writer of ``merge_task_vectors`` (one output) and ``sweep.merge_task_vectors_many`` (several);
+    ``record`` adds keys to every ``merge.json`` (the sweep's ``{"sweep": {"sets": N}}``).
+    """
+    outputs = [Path(o) for o in outputs]
+    merged_count = 0
+    results = []
+    with ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_dir(out)) for out in outputs]
+        writers = [ShardWriter(tmp / MERGED_DIR, max_shard_bytes) for tmp in tmps]
+        timings["write"] = 0.0
+        for name, deltas in stream:
+            t0 = time.perf_counter()
+            for writer, delta in zip(writers, deltas, strict=True):
+                writer.add(name, delta)
+            del deltas
+            timings["write"] += time.perf_counter() - t0
+            merged_count += 1
         t0 = time.perf_counter()
-        raw = [reader.get(entry.name, entry.shape) for reader in readers]
-        if all(d is None for d in raw):
-            timings["read"] += time.perf_counter() - t0
-            continue
-        t1 = time.perf_counter()
-        timings["read"] += t1 - t0
-        fn = method.merge_matrix if entry.rule == "matrix" else method.merge_elementwise
-
-        def call(deltas: list, fn: Any = fn) -> torch.Tensor:
-            out = fn(deltas, coefficients=coeffs, out_dtype=torch.float32, **params)
-            out = out.detach().to("cpu", torch.float32).contiguous()
-            sync_device(device)
-            return out
-
-        # on the CPU instead (one DeviceFallbackWarning) where this parameter does not fit the device
-        merged, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
-        del raw
-        timings[entry.rule] += time.perf_counter() - t1
-        if tuple(merged.shape) != entry.shape:
-            raise RuntimeError(
-                f"{method.name} returned shape {list(merged.shape)} for {entry.name!r} of shape {list(entry.shape)}"
-            )
-        if not bool(torch.isfinite(merged.sum())) and not bool(torch.isfinite(merged).all()):  # sum: cheap pass
-            raise ValueError(f"{method.name} with params {dict(params)} gave non-finite values for {entry.name!r}")
-        yield entry.name, merged
+        for writer, tmp in zip(writers, tmps, strict=True):
+            writer.close()
+            copy_heads(setup.readers, tmp)
+        release_freed_memory()
+        timings["write"] += time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        for tmp, out, params in zip(tmps, outputs, param_sets, strict=True):
+            own = replace(setup, params=params)
+            write_merge_record(tmp, own, timings, merged_count, lam=None, **(record or {}))
+            results.append(MergeResult.from_setup(own, out, dict(timings), merged_count, str(setup.device)))
+    return results
 
 
 def merge_task_vectors(
@@ -203,31 +284,13 @@ def merge_task_vectors(
         torch_dtype=torch_dtype, gguf_file=gguf_file,
     )  # fmt: skip
     timings = dict(setup.timings)
-    merged_count = 0
-    with atomic_dir(output) as tmp:
-        writer = ShardWriter(tmp / MERGED_DIR, max_shard_bytes)
-        stream = merge_parameters(
-            setup.entries,
-            setup.readers,
-            setup.method,
-            setup.params,
-            setup.coefficients,
-            device=setup.device,
-            progress=progress,
-            timings=timings,
-        )
-        timings["write"] = 0.0
-        for name, delta in stream:
-            t0 = time.perf_counter()
-            writer.add(name, delta)
-            del delta
-            timings["write"] += time.perf_counter() - t0
-            merged_count += 1
-        t0 = time.perf_counter()
-        writer.close()
-        release_freed_memory()
-        copy_heads(setup.readers, tmp)
-        timings["write"] += time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        write_merge_record(tmp, setup, timings, merged_count, lam=None)
-    return MergeResult.from_setup(setup, Path(output), timings, merged_count, str(setup.device))
+    stream = merge_parameters(
+        setup.entries, setup.readers, setup.method, setup.params, setup.coefficients, device=setup.device,
+        progress=progress, timings=timings,
+    )  # fmt: skip
+    stream_of_one = ((name, [delta]) for name, delta in stream)
+    [result] = write_merged(
+        setup, [output], [setup.params], stream_of_one, max_shard_bytes=max_shard_bytes, timings=timings,
+        t_start=t_start,
+    )  # fmt: skip
+    return result

@@ -19,25 +19,20 @@ import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from drm_lightning.memory import release_freed_memory
-from drm_lightning.merging.merger import MergeResult, sync_device
-from drm_lightning.merging.placement import merge_placed
+from drm_lightning.merging.merger import MergeResult, stream_merged, write_merged
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
-from drm_lightning.merging.record import copy_heads, write_merge_record
 from drm_lightning.merging.registry import MergeMethod, get_method
 from drm_lightning.merging.setup import check_output, prepare_merge
-from drm_lightning.merging.shards import DEFAULT_MAX_SHARD_BYTES, MERGED_DIR, ShardWriter, check_max_shard_bytes
+from drm_lightning.merging.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.merging.space import estimate_merge_bytes
-from drm_lightning.task_vectors.format import atomic_dir, check_free_space
+from drm_lightning.task_vectors.format import check_free_space
 
 
 def _value_text(value: Any) -> str:
@@ -166,44 +161,15 @@ def merge_parameters_many(
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """``merger.merge_parameters`` for several parameter sets: yield ``(name, [Δ_merged per set])``, each a
     contiguous float32 CPU tensor (sets whose rule parameters agree share one tensor object)."""
-    timings = timings if timings is not None else {}
-    for key in ("read", "matrix", "elementwise"):
-        timings.setdefault(key, 0.0)
     coeffs = None if coefficients is None else list(coefficients)
-    work = [e for e in entries if e.rule != "skip"]
-    bar = tqdm(work, desc=f"merge {method.label} x{len(param_sets)}", unit="param", disable=not progress)
-    for entry in bar:
-        t0 = time.perf_counter()
-        raw = [reader.get(entry.name, entry.shape) for reader in readers]
-        if all(d is None for d in raw):
-            timings["read"] += time.perf_counter() - t0
-            continue
-        t1 = time.perf_counter()
-        timings["read"] += t1 - t0
 
-        def call(deltas: list, rule: str = entry.rule) -> list[torch.Tensor]:
-            merged = method.merge_many(rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
-            moved: dict[int, torch.Tensor] = {}
-            out = []
-            for result in merged:
-                if id(result) not in moved:
-                    moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
-                out.append(moved[id(result)])
-            sync_device(device)
-            return out
+    def merge(rule: str, deltas: list) -> list[torch.Tensor]:
+        return method.merge_many(rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
 
-        # on the CPU instead (one DeviceFallbackWarning) where this parameter does not fit the device
-        out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
-        del raw
-        timings[entry.rule] += time.perf_counter() - t1
-        for tensor, params in zip(out, param_sets, strict=True):
-            if tuple(tensor.shape) != entry.shape:
-                raise RuntimeError(
-                    f"{method.name} returned shape {list(tensor.shape)} for {entry.name!r} of shape {list(entry.shape)}"
-                )
-            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{method.name} with params {dict(params)} gave non-finite values for {entry.name!r}")
-        yield entry.name, out
+    return stream_merged(
+        entries, readers, method, param_sets, merge, device=device, progress=progress, timings=timings,
+        desc=f"merge {method.label} x{len(param_sets)}",
+    )  # fmt: skip
 
 
 def merge_task_vectors_many(
@@ -250,32 +216,11 @@ def merge_task_vectors_many(
     if len(outputs) > 1:
         check_free_space({outputs[0]: len(outputs) * estimate_merge_bytes(setup.readers, setup.plan)}, "merged deltas")
     timings = dict(setup.timings)
-    merged_count = 0
-    results = []
-    with ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_dir(out)) for out in outputs]
-        writers = [ShardWriter(tmp / MERGED_DIR, max_shard_bytes) for tmp in tmps]
-        stream = merge_parameters_many(
-            setup.entries, setup.readers, setup.method, checked, setup.coefficients, device=setup.device,
-            progress=progress, timings=timings,
-        )  # fmt: skip
-        timings["write"] = 0.0
-        for name, deltas in stream:
-            t0 = time.perf_counter()
-            for writer, delta in zip(writers, deltas, strict=True):
-                writer.add(name, delta)
-            del deltas
-            timings["write"] += time.perf_counter() - t0
-            merged_count += 1
-        t0 = time.perf_counter()
-        for writer, tmp in zip(writers, tmps, strict=True):
-            writer.close()
-            copy_heads(setup.readers, tmp)
-        release_freed_memory()
-        timings["write"] += time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        for tmp, out, params in zip(tmps, outputs, checked, strict=True):
-            own = replace(setup, params=params)
-            write_merge_record(tmp, own, timings, merged_count, lam=None, sweep={"sets": len(outputs)})
-            results.append(MergeResult.from_setup(own, out, dict(timings), merged_count, str(setup.device)))
-    return results
+    stream = merge_parameters_many(
+        setup.entries, setup.readers, setup.method, checked, setup.coefficients, device=setup.device,
+        progress=progress, timings=timings,
+    )  # fmt: skip
+    return write_merged(
+        setup, outputs, checked, stream, max_shard_bytes=max_shard_bytes, timings=timings, t_start=t_start,
+        record={"sweep": {"sets": len(outputs)}},
+    )  # fmt: skip
