@@ -131,3 +131,54 @@ def test_threshold_route(case: str, full: bool, monkeypatch: pytest.MonkeyPatch)
     x, k = _cases()[case], N // 2
     assert torch.equal(E.kth_largest_abs(x, k), _sorted_kth(x, k))
     assert sizes == [N] if full else (len(sizes) == 1 and sizes[0] < N // 50)
+
+
+def _chunked(values: torch.Tensor, step: int = 10_007):
+    """``kth_largest_many``'s input: the values chunk by chunk (a fresh iterator per pass), and its strided sample."""
+    flat = values.abs().flatten()
+    return (lambda: iter(flat.split(step))), flat[:: max(1, flat.numel() // E.SAMPLE)]
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_kth_largest_many_is_exact_for_every_k(case: str) -> None:
+    """Several thresholds of the same values from one sample and one pass (DRM's drop-rate sweep), each exact."""
+    x = _cases()[case]
+    chunks, sample = _chunked(x)
+    ks = [1, 37, N // 10, N // 5, N // 2, N // 2 + 1, N - 1, N]
+    got = E.kth_largest_many(chunks, N, sample, ks)
+    assert sorted(got) == sorted(ks)
+    for k in ks:
+        assert torch.equal(got[k], _sorted_kth(x, k)), k
+    small = x[:1000]
+    chunks, sample = _chunked(small, 77)
+    assert all(
+        torch.equal(v, _sorted_kth(small, k)) for k, v in E.kth_largest_many(chunks, 1000, sample, [3, 500]).items()
+    )
+    with pytest.raises(ValueError, match="outside"):
+        E.kth_largest_many(chunks, 1000, sample, [0])
+
+
+@pytest.mark.parametrize("route", ["one pass", "second pass", "bracket missed"])
+def test_kth_largest_many_routes(route: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The band buffer sized from the sample: filled in the counting pass; too small (a sample that underestimates the
+    band) gathered again in a second pass; a bracket that misses falls back to all values. Every route is exact."""
+    passes = 0
+    x = _cases()["periodic" if route == "bracket missed" else "random"]
+    chunks, sample = _chunked(x)
+
+    def counted():
+        nonlocal passes
+        passes += 1
+        return chunks()
+
+    if route == "second pass":
+        real_empty, calls = torch.Tensor.new_empty, []
+
+        def first_one_small(self: torch.Tensor, size: int) -> torch.Tensor:  # the first-pass buffer: 8 entries
+            calls.append(size)
+            return real_empty(self, min(size, 8) if len(calls) == 1 else size)
+
+        monkeypatch.setattr(torch.Tensor, "new_empty", first_one_small)
+    k = N // 3
+    assert torch.equal(E.kth_largest_many(counted, N, sample, [k])[k], _sorted_kth(x, k))
+    assert passes == {"one pass": 1, "second pass": 2, "bracket missed": 2}[route]

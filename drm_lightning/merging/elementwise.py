@@ -19,7 +19,7 @@ parameter (the counts).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -60,6 +60,12 @@ def _kth_of(values: Tensor, k: int) -> Tensor:
     return torch.topk(values, n - k + 1, largest=False, sorted=False).values.amax()
 
 
+def _ith_largest(values: Tensor, i: int) -> Tensor:
+    """``sort(values, descending=True)[i]`` by a selection (``kthvalue``: linear time; a sort of the 65,536-entry
+    sample costs ten times more)."""
+    return torch.kthvalue(values, values.numel() - i).values
+
+
 def kth_largest_abs(x: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     """The exact k-th largest of ``|x|`` (``|x|`` taken as 0 where ``keep`` is False), as a 0-d tensor of x's dtype.
 
@@ -80,9 +86,8 @@ def kth_largest_abs(x: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
     s = sample.numel()
     rank = k * s / n  # where the threshold sits in the sample, counted from the top
     margin = 4.0 * math.sqrt(rank * (1.0 - k / n)) + 8.0  # 4 standard deviations of a sample rank, and some
-    ordered = torch.sort(sample, descending=True).values
-    hi = ordered[max(0, math.floor(rank - margin) - 1)]
-    lo = ordered[min(s - 1, math.ceil(rank + margin) - 1)]
+    hi = _ith_largest(sample, max(0, math.floor(rank - margin) - 1))
+    lo = _ith_largest(sample, min(s - 1, math.ceil(rank + margin) - 1))
     above = inside = 0
     for a, b in _spans(n):
         m = _magnitudes(x, keep, a, b)
@@ -99,6 +104,94 @@ def kth_largest_abs(x: Tensor, k: int, keep: Tensor | None = None) -> Tensor:
                 band.append(m[(m >= lo) & (m <= hi)])
             return _kth_of(torch.cat(band), k - above)
     return _kth_of(_magnitudes(x, keep, 0, n), k)  # the bracket missed: exact, at the memory of a full topk
+
+
+def kth_largest_many(
+    chunks: Callable[[], Iterator[Tensor]], numel: int, sample: Tensor, ks: Sequence[int]
+) -> dict[int, Tensor]:
+    """The exact k-th largest value, for every ``k`` of ``ks``, of ``numel`` non-negative values given chunk by chunk.
+
+    Why: a parameter's magnitudes need not exist as one tensor (DRM computes them per chunk from its projections),
+    and a search over several drop rates wants several thresholds of the same values. A ``sample`` (the values at
+    a fixed stride, as in ``kth_largest_abs``) brackets every threshold; one pass counts every bracket and collects
+    the entries inside it (about 1 % each; a second pass only where the sample underestimated a band), and each
+    threshold is the exact ``topk`` of its band. A bracket that misses falls back to all values at once, so the
+    result is always exact.
+
+    Args:
+        chunks: Called once per pass; yields the values as 1-D chunks, the same values in the same order each time.
+        numel: How many values ``chunks`` yields in all.
+        sample: 1-D, the values at a fixed stride (any subset; only the bracketing depends on it).
+        ks: Each ``1 <= k <= numel``.
+    """
+    wanted = sorted(set(ks))
+    if any(not 1 <= k <= numel for k in wanted):
+        raise ValueError(f"kth_largest_many: k in {wanted} outside [1, {numel}]")
+    if not wanted:
+        return {}
+    if numel <= 4 * SAMPLE:  # small: one sort serves every k
+        ordered = torch.sort(torch.cat(list(chunks())), descending=True).values
+        return {k: ordered[k - 1].clone() for k in wanted}
+    s = sample.numel()
+    brackets = {}
+    for k in wanted:
+        rank = k * s / numel
+        margin = 4.0 * math.sqrt(rank * (1.0 - k / numel)) + 8.0
+        hi = _ith_largest(sample, max(0, math.floor(rank - margin) - 1))
+        brackets[k] = (hi, _ith_largest(sample, min(s - 1, math.ceil(rank + margin) - 1)))
+    # One pass counts every bracket and gathers its entries into a buffer sized from the sample (twice the
+    # expected band, and some); a band that overflows its buffer is gathered again in a second pass.
+    bands = {}
+    for k, (hi, lo) in brackets.items():
+        expected = int((sample >= lo).sum() - (sample > hi).sum()) * numel / s
+        bands[k] = [sample.new_empty(min(numel, int(2 * expected) + 4096)), 0]  # buffer, entries filled (-1: full)
+    above = torch.zeros(len(wanted), dtype=torch.int64, device=sample.device)
+    inside = torch.zeros_like(above)
+    for m in chunks():
+        for j, (k, (hi, lo)) in enumerate(brackets.items()):
+            over, band = m > hi, m >= lo
+            band ^= over  # lo <= m <= hi (over is a subset of band)
+            above[j] += over.sum()
+            inside[j] += band.sum()
+            buffer, filled = bands[k]
+            if filled >= 0:
+                piece = m[band]
+                if filled + piece.numel() <= buffer.numel():
+                    buffer[filled : filled + piece.numel()] = piece
+                    bands[k][1] = filled + piece.numel()
+                else:
+                    bands[k][1] = -1
+                del piece
+    out: dict[int, Tensor] = {}
+    again = []
+    for k, a, count in zip(wanted, above.tolist(), inside.tolist(), strict=True):
+        hi, lo = brackets[k]
+        buffer, filled = bands.pop(k)
+        if not a < k <= a + count:
+            continue  # the bracket missed
+        if bool(lo == hi):
+            out[k] = hi.clone()
+        elif filled >= 0:
+            out[k] = _kth_of(buffer[:filled], k - a)
+        elif count <= max(numel // 8, SAMPLE):
+            again.append((k, a, sample.new_empty(count)))
+        del buffer
+    if again:
+        filled_again = [0] * len(again)
+        for m in chunks():
+            for j, (k, _, buffer) in enumerate(again):
+                hi, lo = brackets[k]
+                piece = m[(m >= lo) & (m <= hi)]
+                buffer[filled_again[j] : filled_again[j] + piece.numel()] = piece
+                filled_again[j] += piece.numel()
+                del piece
+        for k, a, buffer in again:
+            out[k] = _kth_of(buffer, k - a)
+    missed = [k for k in wanted if k not in out]
+    if missed:  # a bracket missed: exact, at the memory of all values at once
+        values = torch.cat(list(chunks()))
+        out.update({k: _kth_of(values, k) for k in missed})
+    return out
 
 
 def keep_count(q: float, numel: int) -> int:

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.elementwise import keep_count, kth_largest_abs, merge_chunks, trim_threshold
-from drm_lightning.merging.linalg import thin_svd
+from drm_lightning.merging.elementwise import merge_chunks, trim_threshold
 from drm_lightning.merging.methods.basic import elect_merge, keep_top
 from drm_lightning.merging.methods.checks import (
     DIRECTIONS,
@@ -26,6 +25,8 @@ from drm_lightning.merging.methods.checks import (
     check_rank_tol,
     check_switch,
 )
+from drm_lightning.merging.methods.drm_joint import joint_basis
+from drm_lightning.merging.methods.drm_prune import SHARE_EPS, keep_counts, magnitude_scale, prune_and_merge, thresholds
 from drm_lightning.merging.methods.inputs import (
     Coefficients,
     Delta,
@@ -36,8 +37,7 @@ from drm_lightning.merging.methods.inputs import (
 )
 from drm_lightning.merging.methods.spec import MergeMethod
 
-SHARE_EPS = 1e-6
-"""DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""
+__all__ = ["DRM_RANK_TOL", "METHODS", "SHARE_EPS", "DrmBasis", "drm", "drm_basis", "drm_nonmatrix"]
 DRM_RANK_TOL = 1e-2
 """DRM's rank tolerance ``τ`` (docs/methods.md)."""
 
@@ -62,18 +62,48 @@ def _combine(stack: Tensor, c: Tensor, elect_sign: bool, disjoint_mean: bool) ->
     return merged / (survivors.clamp_min(1.0) if survivors is not None else float(stack.shape[0]))
 
 
-def _factored_basis(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Coordinates of factored deltas in their joint row space: ``Δ_i = C_i Qᵀ`` with ``Q`` orthonormal.
+def _product(combined: Tensor, basis: Tensor, horizontal: bool, finisher: Inputs, out: torch.dtype | None) -> Tensor:
+    """Step 7, ``Δ = B V_rᵀ`` (DRM-H: its transpose, formed directly in the deltas' layout), in the result dtype."""
+    return finisher.finish(basis @ combined.mT if horizontal else combined @ basis.mT, out)
 
-    ``[A_1; …; A_T]ᵀ = Q R`` (QR, ``Q`` is ``[m, k]`` with ``k ≤ Σ r_i``), so ``A_i = R[:, cols_i]ᵀ Qᵀ`` and
-    ``C_i = (scale_i B_i) R[:, cols_i]ᵀ`` is ``[n, k]``. Returns ``(C [T, n, k], Q)``.
-    """
-    q, r = torch.linalg.qr(torch.cat([right for _, right in factors]).mT)
-    coords, start = [], 0
-    for left, right in factors:
-        coords.append(left @ r[:, start : start + right.shape[0]].mT)
-        start += right.shape[0]
-    return torch.stack(coords), q
+
+def _check_sets(param_sets: Sequence[dict[str, Any]]) -> list[tuple[float, bool, bool, bool]]:
+    """``(drop_rate, renormalise, elect_sign, disjoint_mean)`` of every set, defaults filled in, values checked."""
+    defaults = {"drop_rate": 0.8, "renormalise": True, "elect_sign": True, "disjoint_mean": True}
+    unknown = sorted({k for p in param_sets for k in p} - set(defaults))
+    if unknown:
+        raise ValueError(f"DrmBasis.merge: unknown parameter(s) {unknown}; allowed: {sorted(defaults)}")
+    checked = []
+    for params in param_sets:
+        p = {**defaults, **params}
+        checked.append(
+            (
+                check_drop_rate(p["drop_rate"]),
+                check_switch("renormalise", p["renormalise"]),
+                check_switch("elect_sign", p["elect_sign"]),
+                check_switch("disjoint_mean", p["disjoint_mean"]),
+            )
+        )
+    return checked
+
+
+def _merged_blocks(
+    blocks: Tensor, norms: Tensor, sigma: Tensor, c: Tensor, checked: Sequence[tuple[float, bool, bool, bool]]
+) -> list[Tensor]:
+    """Steps 4–6 for every checked set: the merged ``[n, r]`` blocks ``B``. Sets with the same ``renormalise`` share
+    the magnitudes, one selection of all their thresholds and one pass over the chunks (``drm_prune``)."""
+    results: list[Tensor | None] = [None] * len(checked)
+    for renormalise in (True, False):
+        group = [i for i, setting in enumerate(checked) if setting[1] == renormalise]
+        if not group:
+            continue
+        scale = magnitude_scale(norms, sigma, renormalise)
+        keeps = keep_counts([checked[i][0] for i in group], blocks.numel())
+        found = thresholds(blocks, scale, keeps)
+        settings = [(found[k], checked[i][2], checked[i][3]) for i, k in zip(group, keeps, strict=True)]
+        for i, merged in zip(group, prune_and_merge(blocks, scale, c, settings), strict=True):
+            results[i] = merged
+    return results  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,95 +161,34 @@ class DrmBasis:
         ``disjoint_mean``; missing ones take ``merge``'s defaults), sharing what they have in common.
 
         The pruning of step 5 keeps the entries of ``Û`` at or above the ``k``-th largest magnitude. Sets with the
-        same ``renormalise`` share those magnitudes (and sets with the same drop rate their threshold), so a
-        sweep costs, per set, one exact selection (``elementwise.kth_largest_abs``), a mask, the election and the
-        final product. The kept entries of the weighted blocks ``Û_i diag(S_i)`` are the blocks ``B_i = Δ_i V_r``
-        themselves, so they are taken from ``blocks`` (no ``Û_i · S_i`` product, no rounding of it).
+        same ``renormalise`` share those magnitudes, one sample and two counting passes for all their thresholds
+        (``elementwise.kth_largest_many``), and one pass that prunes, elects and merges every set chunk by chunk;
+        per set there remain the mask, the election and the final product. The kept entries of the weighted blocks
+        ``Û_i diag(S_i)`` are the blocks ``B_i = Δ_i V_r`` themselves (no ``Û_i · S_i`` product, no rounding of it).
         """
         out_dtype = check_out_dtype(out_dtype)
-        defaults = {"drop_rate": 0.8, "renormalise": True, "elect_sign": True, "disjoint_mean": True}
-        unknown = sorted({k for p in param_sets for k in p} - set(defaults))
-        if unknown:
-            raise ValueError(f"DrmBasis.merge: unknown parameter(s) {unknown}; allowed: {sorted(defaults)}")
-        checked = []
-        for params in param_sets:
-            p = {**defaults, **params}
-            checked.append(
-                (
-                    check_drop_rate(p["drop_rate"]),
-                    check_switch("renormalise", p["renormalise"]),
-                    check_switch("elect_sign", p["elect_sign"]),
-                    check_switch("disjoint_mean", p["disjoint_mean"]),
-                )
-            )
+        checked = _check_sets(param_sets)
         t, n, r = self.blocks.shape
-        results: list[Tensor | None] = [None] * len(checked)
         if r == 0:  # X = 0 (or a tolerance that keeps nothing)
             shape = (self.basis.shape[0], n) if self.horizontal else (n, self.basis.shape[0])
             return [self._inputs.finish(self.blocks.new_zeros(shape), out_dtype) for _ in checked]
-        for renormalise in (True, False):
-            group = [i for i, c in enumerate(checked) if c[1] == renormalise]
-            if not group:
-                continue
-            if renormalise:  # |Û_i|: unit columns; a share ν_ij <= 1e-6 gives a zero column (never selected)
-                share = self.norms > SHARE_EPS * self.sigma
-                scale = torch.where(share, self.norms, 1.0).unsqueeze(1)
-                magnitude = torch.where(share.unsqueeze(1), self.blocks.abs().div_(scale), 0.0)
-                del scale
-            else:  # |U_i| = |B_i| / σ
-                magnitude = self.blocks.abs().div_(self.sigma)
-            flat = magnitude.reshape(-1)
-            keeps = {i: keep_count(1.0 - checked[i][0], flat.numel()) for i in group}
-            thresholds = _thresholds(flat, sorted(set(keeps.values())))
-            for position, i in enumerate(group):
-                k = keeps[i]
-                threshold = thresholds[k]
-                _, _, elect_sign, disjoint_mean = checked[i]
-                if threshold is None:  # keep nothing
-                    pruned = torch.zeros_like(self.blocks)
-                else:  # a zero magnitude (a dropped share) is kept only where its block entry is zero anyway
-                    kept = (magnitude >= threshold) & (magnitude > 0)  # bool: an eighth of the magnitudes
-                    if position == len(group) - 1:  # the magnitudes' last use: free them first
-                        del flat, magnitude
-                    if elect_sign and disjoint_mean:  # DRM itself: the mask applied chunk by chunk, no pruned copy
-                        combined = torch.empty(n * r, dtype=self.blocks.dtype, device=self.blocks.device)
-                        rows = [block.reshape(-1) for block in self.blocks]
-                        merge_chunks(rows, self.coefficients, combined, elect=True, keep=kept.reshape(t, -1))
-                        del kept
-                        merged = combined.reshape(n, r) @ self.basis.mT
-                        del combined
-                        results[i] = self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
-                        continue
-                    pruned = self.blocks.masked_fill(~kept, 0.0)
-                    del kept
-                merged = _combine(pruned, self.coefficients, elect_sign, disjoint_mean) @ self.basis.mT
-                del pruned
-                results[i] = self._inputs.finish(merged.mT if self.horizontal else merged, out_dtype)
-        return results  # type: ignore[return-value]
+        merged = _merged_blocks(self.blocks, self.norms, self.sigma, self.coefficients, checked)
+        return [_product(b, self.basis, self.horizontal, self._inputs, out_dtype) for b in merged]
 
 
-def _thresholds(flat: Tensor, keeps: Sequence[int]) -> dict[int, Tensor | None]:
-    """For each ``k`` of ``keeps``, the ``k``-th largest value of the non-negative 1-D ``flat`` (0-d): ``None`` for
-    ``k <= 0`` (keep nothing), 0 for ``k >= numel`` (keep everything).
-
-    Exact selections (``elementwise.kth_largest_abs``), nested largest ``k`` first: each runs on the entries at or
-    above the previous threshold (which hold every larger value, so the k-th largest is the same), so a sweep
-    costs about one selection over the whole tensor plus smaller ones.
-    """
-    numel = flat.numel()
-    out: dict[int, Tensor | None] = {}
-    values = flat
-    wanted = sorted((k for k in keeps if 0 < k < numel), reverse=True)
-    for j, k in enumerate(wanted):
-        out[k] = kth_largest_abs(values, k)
-        if j + 1 < len(wanted):
-            values = values[values >= out[k]]
-    for k in keeps:
-        if k <= 0:
-            out[k] = None
-        elif k >= numel:
-            out[k] = flat.new_zeros(())
-    return out
+def _decompose(
+    deltas: Sequence[Delta], direction: str, coefficients: Coefficients, rank_tol: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, bool, Inputs]:
+    """Steps 1–3 (``drm_joint.joint_basis``): ``(blocks, norms, sigma, basis, c, horizontal, finisher)``."""
+    direction, rank_tol = check_direction(direction), check_rank_tol(rank_tol)
+    inputs = prepare("drm", deltas, matrix=True, keep_factors=True, normalise=True, stack=False)
+    c = task_coefficients("drm", coefficients, inputs.count, inputs.device)
+    horizontal = direction == "horizontal"
+    blocks, basis = joint_basis(inputs, horizontal, rank_tol)
+    finisher = replace(inputs, dense=None, factors=None, lazy=None)  # the unit and dtype; not the deltas
+    norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
+    sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
+    return blocks, norms, sigma, basis, c, horizontal, finisher
 
 
 def drm_basis(
@@ -231,37 +200,15 @@ def drm_basis(
     """Steps 1–3 of DRM: the joint basis of the stacked deltas and each delta's projection onto it.
 
     ``drm(deltas, direction, p, c, τ)`` is ``drm_basis(deltas, direction, c, τ).merge(p)``; a search over drop
-    rates or DRM's switches calls ``merge`` once per value on one ``drm_basis``.
+    rates or DRM's switches calls ``merge`` (or ``merge_all``) on one ``drm_basis``.
 
     The joint basis comes from one float64 ``eigh`` of the smaller Gram side of the stack (``Σ Δ_iᵀΔ_i`` for
-    vertical, ``Σ Δ_iΔ_iᵀ`` for horizontal, or the ``T·n`` row Gram when that is smaller); the projections
-    ``B_i = Δ_i V_r`` are the ones that decomposition forms anyway (``U·S`` of the stack, one product, not two).
+    vertical, ``Σ Δ_iΔ_iᵀ`` for horizontal, or the ``T·n`` row Gram when that is smaller), accumulated one task at a
+    time (no float64 stack; ``drm_joint``), and the projections ``B_i = Δ_i V_r`` are formed once, task by task.
     With ``LowRankDelta`` inputs it works in the ``Σ r_i``-dimensional joint row (vertical) or column (horizontal)
     space of the factors: DRM-V is equivariant under ``Δ_i → Δ_i Q`` for orthonormal ``Q``, so this is exact.
     """
-    direction, rank_tol = check_direction(direction), check_rank_tol(rank_tol)
-    inputs = prepare("drm", deltas, matrix=True, keep_factors=True, normalise=True)
-    c = task_coefficients("drm", coefficients, inputs.count, inputs.device)
-    horizontal = direction == "horizontal"
-    if inputs.factors is not None:
-        factors = [(right.mT, left.mT) for left, right in inputs.factors] if horizontal else inputs.factors
-        stack, q = _factored_basis(factors)
-    else:
-        stack, q = (inputs.dense.mT if horizontal else inputs.dense), None
-    finisher = replace(inputs, dense=None, factors=None)  # the basis keeps the projections, not the deltas
-    del inputs
-    t, n, k = stack.shape
-    u, s, v = thin_svd(stack.reshape(t * n, k), rank_tol=rank_tol)
-    del stack
-    keep = s > rank_tol * s.amax() if s.numel() else s > 0  # X = 0 keeps nothing: r = 0
-    if not bool(keep.all()):  # copies only where something is dropped: u is as large as the float64 stack
-        u, s, v = u[:, keep], s[keep], v[:, keep]
-    blocks = u.mul_(s).reshape(t, n, -1)  # U·S = X V_r: the projections Δ_i V_r, formed by the decomposition
-    del u
-    norms = torch.linalg.vector_norm(blocks, dim=1)  # [T, r]: ‖Δ_i v_j‖ = σ_j ν_ij
-    sigma = torch.linalg.vector_norm(norms, dim=0)  # [r]
-    basis = v if q is None else q @ v
-    return DrmBasis(blocks, norms, sigma, basis, c, horizontal, finisher)
+    return DrmBasis(*_decompose(deltas, direction, coefficients, rank_tol))
 
 
 def drm(
@@ -304,7 +251,13 @@ def drm(
         "disjoint_mean": check_switch("disjoint_mean", disjoint_mean),
     }
     out_dtype = check_out_dtype(out_dtype)
-    return drm_basis(deltas, direction, coefficients, rank_tol).merge(drop_rate, **switches, out_dtype=out_dtype)
+    blocks, norms, sigma, basis, c, horizontal, finisher = _decompose(deltas, direction, coefficients, rank_tol)
+    if blocks.shape[2] == 0:  # X = 0 (or a tolerance that keeps nothing)
+        return finisher.finish(blocks.new_zeros(finisher.shape), out_dtype)
+    setting = (drop_rate, switches["renormalise"], switches["elect_sign"], switches["disjoint_mean"])
+    (merged,) = _merged_blocks(blocks, norms, sigma, c, [setting])
+    del blocks  # the projections' last use: freed before the product (the working memory's second peak)
+    return _product(merged, basis, horizontal, finisher, out_dtype)
 
 
 def drm_nonmatrix(
