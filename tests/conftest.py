@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never reach the network: the hub is forced offline here."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,44 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
     paths["encoder_other"] = make_tiny_model("encoder", root / "encoder_other", seed=1)
     return paths
+
+
+#: Task vectors in each of ``dense_tvs`` and ``lora_tvs``.
+MERGE_TASKS = 3
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny saved BERT with a tokenizer: the base of ``dense_tvs`` and ``lora_tvs`` (the merge tests' inputs)."""
+    from helpers_models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("merge_inputs") / "bert", "bert", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def dense_tvs(bert: Path) -> list[Path]:
+    """``MERGE_TASKS`` random dense task vectors of ``bert``."""
+    from helpers_models import write_task_vectors
+
+    return write_task_vectors(bert, bert.parent / "tv_dense", MERGE_TASKS, kind="dense")
+
+
+@pytest.fixture(scope="module")
+def lora_tvs(bert: Path) -> list[Path]:
+    """``MERGE_TASKS`` random LoRA task vectors of ``bert`` (rank 2, alpha 4)."""
+    from helpers_models import write_task_vectors
+
+    return write_task_vectors(bert, bert.parent / "tv_lora", MERGE_TASKS, kind="lora", seed=10, rank=2, alpha=4.0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test whatever an earlier test left set (restored afterwards): on 2 shared cores
+    intra-op threads only fight each other on models this small (``expert_marks.EXPERT_TEST_MARKS`` uses it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], str]] = {
     "llama": (LlamaConfig, LlamaModel, "decoder"),
 }
 
-_TINY: dict[str, dict] = {
+#: The tiny configs of each architecture (also what ``interop_models`` builds its hub-style experts from).
+TINY_CONFIGS: dict[str, dict] = {
     "bert": dict(
         hidden_size=32,
         num_hidden_layers=2,
@@ -64,7 +65,7 @@ def tiny_config(arch: str = "bert", **overrides) -> PretrainedConfig:
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r}: expected one of {sorted(ARCHS)}")
     config_cls = ARCHS[arch][0]
-    return config_cls(**{**_TINY[arch], **overrides})
+    return config_cls(**{**TINY_CONFIGS[arch], **overrides})
 
 
 def family_of(arch: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from helpers_models import TINY_CONFIGS
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -20,24 +21,8 @@ from transformers import (
 )
 
 LABELS = ["negative", "neutral", "positive"]
-BERT = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    intermediate_size=64,
-    vocab_size=64,
-    max_position_embeddings=64,
-)
-LLAMA = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    intermediate_size=64,
-    vocab_size=64,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
-)
+BERT = TINY_CONFIGS["bert"]
+LLAMA = TINY_CONFIGS["llama"]
 
 
 def bert_config(**overrides) -> BertConfig:

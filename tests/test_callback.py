@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from expert_marks import KNOWN_DEPRECATIONS
 from safetensors.torch import load_file
 from tiny_models import SyntheticDataModule, tiny_trainer
 
@@ -26,11 +27,7 @@ from drm_lightning.task_vectors.format import (
     write_task_vector,
 )
 
-# Known third-party deprecations (peft 0.21 on transformers 5; Lightning 2.6 on torch 2.13's pytree).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = KNOWN_DEPRECATIONS
 LABELS = ("negative", "positive")
 
 

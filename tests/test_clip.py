@@ -13,6 +13,7 @@ import json
 import fashion_mnist
 import pytest
 import torch
+from expert_marks import EXPERT_TEST_MARKS
 from tiny_models import IMAGE_SIZE, SyntheticDataModule, make_tiny_model, tiny_trainer
 from transformers import AutoTokenizer, CLIPModel
 
@@ -22,19 +23,8 @@ from drm_lightning.models.heads import ZeroShotHead, build_head
 from drm_lightning.models.lora import LoraSettings
 from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = EXPERT_TEST_MARKS
 LABELS = ["cat", "dog", "bird"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

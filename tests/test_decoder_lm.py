@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from expert_marks import EXPERT_TEST_MARKS
 from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,19 +22,8 @@ from drm_lightning.models.label_words import causal_logprobs, continuation_ids, 
 from drm_lightning.models.lora import LoraSettings
 from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = EXPERT_TEST_MARKS
 LABELS = ["negative", "positive"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers_models import build_tiny_model, dense_deltas, write_task_vectors
+from helpers_models import dense_deltas
 
 from drm_lightning.merging import iter_merged_delta, merge_task_vectors
 from drm_lightning.merging.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
@@ -152,21 +152,6 @@ def test_rank_device_picks_local_gpu(local_rank: int) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("distributed_merge")
-
-
-@pytest.fixture(scope="module")
-def bert(root: Path) -> Path:
-    return build_tiny_model(root / "bert", "bert", tokenizer=True)
-
-
-@pytest.fixture(scope="module")
-def dense_tvs(root: Path, bert: Path) -> list[Path]:
-    return write_task_vectors(bert, root / "tv_dense", T, kind="dense")
-
-
-@pytest.fixture(scope="module")
-def lora_tvs(root: Path, bert: Path) -> list[Path]:
-    return write_task_vectors(bert, root / "tv_lora", T, kind="lora", seed=10, rank=2, alpha=4.0)
 
 
 @pytest.fixture(scope="module")

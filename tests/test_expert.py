@@ -8,38 +8,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from expert_marks import EXPERT_TEST_MARKS
 from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
+from tiny_models import SyntheticDataModule, tiny_trainer
 from torch import nn
 
-from drm_lightning.models.backbone import FAMILIES
 from drm_lightning.models.expert import ExpertModule, linear_warmup_decay
 from drm_lightning.models.lora import LoraSettings
 
-# Known third-party deprecations (peft 0.21 on transformers 5; Lightning 2.6 on torch 2.13's pytree).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = EXPERT_TEST_MARKS
 LABELS = ["negative", "positive"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: intra-op threads only fight each other on models this small.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny")
-    paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
-    paths["encoder_other"] = make_tiny_model("encoder", root / "encoder_other", seed=1)
-    return paths
 
 
 def _batch(datamodule: SyntheticDataModule) -> dict[str, torch.Tensor]:

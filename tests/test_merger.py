@@ -51,23 +51,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bert(root: Path) -> Path:
-    return build_tiny_model(root / "bert", "bert", tokenizer=True)
-
-
-@pytest.fixture(scope="module")
 def llama(root: Path) -> Path:
     return build_tiny_model(root / "llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def dense_tvs(root: Path, bert: Path) -> list[Path]:
-    return write_task_vectors(bert, root / "tv_dense", T, kind="dense")
-
-
-@pytest.fixture(scope="module")
-def lora_tvs(root: Path, bert: Path) -> list[Path]:
-    return write_task_vectors(bert, root / "tv_lora", T, kind="lora", seed=10, rank=2, alpha=4.0)
 
 
 @pytest.fixture(scope="module")

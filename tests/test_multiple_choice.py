@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from expert_marks import EXPERT_TEST_MARKS
 from tiny_models import make_tiny_model, tiny_trainer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -19,20 +20,9 @@ from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import continuation_ids
 from drm_lightning.task_vectors.format import read_meta
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
-    pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated"),
-]
+pytestmark = EXPERT_TEST_MARKS
 COLORS = ["red", "green", "blue"]
 FORMAT = {"encoder": "pairs", "seq2seq": "targets", "decoder_lm": "continuations"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

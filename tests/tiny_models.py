@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, StackDataset
 
 HIDDEN_SIZE = 32
 IMAGE_SIZE = 16
+#: The size every tiny transformer shares (T5 names these ``d_model``, ``d_ff``, ``num_layers``, ``num_heads``).
+TINY_SIZE = {"hidden_size": HIDDEN_SIZE, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 TINY_WORDS: tuple[str, ...] = tuple(
     """
@@ -136,14 +138,17 @@ def make_tiny_model(
     torch.manual_seed(seed)
     if architecture not in (None, "deberta_v2") or (architecture is not None and family != "encoder"):
         raise ValueError(f"architecture={architecture!r}: expected None, or 'deberta_v2' for the encoder family")
+
+    def build_config(cls, **settings):
+        """``cls(**settings)``, ``config_overrides`` winning over the family's settings."""
+        return cls(**{**settings, **config_overrides})
+
     if architecture == "deberta_v2":
         tok = _bert_tokenizer()
-        config = tf.DebertaV2Config(
+        config = build_config(
+            tf.DebertaV2Config,
+            **TINY_SIZE,
             vocab_size=len(tok),
-            hidden_size=HIDDEN_SIZE,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
             max_position_embeddings=128,
             relative_attention=True,
             position_buckets=16,
@@ -152,41 +157,32 @@ def make_tiny_model(
             norm_rel_ebd="layer_norm",
             share_att_key=True,
             pad_token_id=tok.pad_token_id,
-            **config_overrides,
         )
         model = tf.DebertaV2Model(config)
     elif family == "encoder":
         tok = _bert_tokenizer()
-        config = tf.BertConfig(
-            vocab_size=len(tok),
-            hidden_size=HIDDEN_SIZE,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            pad_token_id=tok.pad_token_id,
-            **config_overrides,
+        config = build_config(
+            tf.BertConfig, **TINY_SIZE, vocab_size=len(tok), max_position_embeddings=128, pad_token_id=tok.pad_token_id
         )
         model = tf.BertModel(config)
     elif family in ("decoder", "decoder_lm"):
         tok = _llama_tokenizer()
-        config = tf.LlamaConfig(
+        config = build_config(
+            tf.LlamaConfig,
+            **TINY_SIZE,
             vocab_size=len(tok),
-            hidden_size=HIDDEN_SIZE,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
             num_key_value_heads=2,
             max_position_embeddings=128,
             pad_token_id=tok.pad_token_id,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
-            **{"tie_word_embeddings": False, **config_overrides},
+            tie_word_embeddings=False,
         )
         model = tf.LlamaForCausalLM(config)
     elif family == "seq2seq":
         tok = _t5_tokenizer()
-        config = tf.T5Config(
+        config = build_config(
+            tf.T5Config,
             vocab_size=len(tok),
             d_model=HIDDEN_SIZE,
             d_kv=16,
@@ -197,35 +193,25 @@ def make_tiny_model(
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
             decoder_start_token_id=tok.pad_token_id,
-            **config_overrides,
         )
         model = tf.T5ForConditionalGeneration(config)
     elif family == "clip":
         tok = _clip_tokenizer()
         special = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos", "<|startoftext|>"), ("eos", "<|endoftext|>"))}
-        small = {"hidden_size": HIDDEN_SIZE, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-        config = tf.CLIPConfig(
-            text_config={**small, "vocab_size": len(tok), "max_position_embeddings": 64, "bos_token_id": special["bos"],
-                         "eos_token_id": special["eos"], "pad_token_id": special["eos"]},
-            vision_config={**small, "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3},
+        config = build_config(
+            tf.CLIPConfig,
+            text_config={**TINY_SIZE, "vocab_size": len(tok), "max_position_embeddings": 64,
+                         "bos_token_id": special["bos"], "eos_token_id": special["eos"],
+                         "pad_token_id": special["eos"]},
+            vision_config={**TINY_SIZE, "image_size": IMAGE_SIZE, "patch_size": 8, "num_channels": 3},
             projection_dim=16,
-            **config_overrides,
         )  # fmt: skip
         model = tf.CLIPModel(config)
         size = {"shortest_edge": IMAGE_SIZE}
         tf.CLIPImageProcessor(size=size, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
     elif family == "vision":
         tok = tf.ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        config = tf.ViTConfig(
-            image_size=IMAGE_SIZE,
-            patch_size=8,
-            num_channels=3,
-            hidden_size=HIDDEN_SIZE,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            **config_overrides,
-        )
+        config = build_config(tf.ViTConfig, **TINY_SIZE, image_size=IMAGE_SIZE, patch_size=8, num_channels=3)
         model = tf.ViTModel(config)
     else:
         raise ValueError(f"family={family!r}: expected encoder, decoder, decoder_lm, seq2seq, vision or clip")
