@@ -254,7 +254,7 @@ def test_real_trainer_banners_follow_the_mode(capture: _Capture) -> None:
 #: (file the call is made from, how it logs, message, whether a quiet run passes it on).
 RANK_ZERO_ROWS = [
     (PACKAGE / "evaluation" / "run.py", "info", "evaluating 4 expert(s) on validation", True),
-    (PACKAGE / "commands" / "pipeline.py", "info", "our own progress line", True),
+    (PACKAGE / "commands" / "pipeline_folder.py", "info", "our own progress line", True),
     ("lightning/pytorch/trainer/setup.py", "info", "GPU available: False, used: False", False),
     ("lightning/pytorch/trainer/setup.py", "warning", "a real problem", True),
     ("lightning/pytorch/trainer/setup.py", "error", "a real error", True),
@@ -294,7 +294,7 @@ WARNING_ROWS = [
     (_CHECKPOINTING, UserWarning, "transformers.modeling_utils", False),  # only its category
     ("`other_thing` is deprecated", FutureWarning, "transformers.modeling_utils", False),  # only its message
     ("plots skipped: the 'matplotlib' package is not installed", UserWarning, "drm_lightning.evaluation.plots", False),
-    ("generator states are of 2 ranks", UserWarning, "drm_lightning.models.expert", False),
+    ("generator states are of 2 ranks", UserWarning, "drm_lightning.models.checkpoint", False),
 ]
 
 
