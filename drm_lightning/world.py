@@ -12,6 +12,7 @@ between ranks is JSON over CPU (gloo) collectives, never pickle.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -146,7 +147,14 @@ def rank_device(device: str | torch.device | None, local_rank: int) -> torch.dev
 
 
 def _encode(obj: Any) -> torch.Tensor:
-    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    """``obj`` as JSON bytes in a tensor that owns its memory.
+
+    Why not the ``frombuffer`` view itself: a collective's worker thread can drop its last reference to an input
+    tensor after the call has returned; a tensor whose storage is a Python ``bytearray`` then needs the GIL to free
+    it, and a thread that takes the GIL while the interpreter is exiting aborts the process ("terminate called
+    without an active exception": seen on rank 0, the broadcaster, under load).
+    """
+    return torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).clone()
 
 
 def group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
@@ -290,8 +298,12 @@ def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
 
 
 def _destroy_group() -> None:
-    if dist.is_initialized():
+    """At exit, while the interpreter is still whole: destroy the default group, then collect reference cycles
+    (an exception's traceback keeps a merge's frame, and with it that merge's gloo group, alive until the cyclic
+    garbage collector runs, which must not be during the interpreter's teardown)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 def leave_world() -> None:
