@@ -152,16 +152,18 @@ def kth_largest_many(
             over, band = m > hi, m >= lo
             band ^= over  # lo <= m <= hi (over is a subset of band)
             above[j] += over.sum()
-            inside[j] += band.sum()
             buffer, filled = bands[k]
-            if filled >= 0:
-                piece = m[band]
-                if filled + piece.numel() <= buffer.numel():
-                    buffer[filled : filled + piece.numel()] = piece
-                    bands[k][1] = filled + piece.numel()
-                else:
-                    bands[k][1] = -1
-                del piece
+            if filled < 0:
+                inside[j] += band.sum()
+                continue
+            piece = m[band]  # its size is the band's count
+            inside[j] += piece.numel()
+            if filled + piece.numel() <= buffer.numel():
+                buffer[filled : filled + piece.numel()] = piece
+                bands[k][1] = filled + piece.numel()
+            else:
+                bands[k][1] = -1
+            del piece
     out: dict[int, Tensor] = {}
     again = []
     for k, a, count in zip(wanted, above.tolist(), inside.tolist(), strict=True):

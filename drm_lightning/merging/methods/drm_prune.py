@@ -42,6 +42,18 @@ def _magnitudes(blocks: Tensor, scale: Tensor, a: int, b: int) -> Tensor:
     return blocks[:, a:b].abs().div_(scale.unsqueeze(1))
 
 
+def _sample(blocks: Tensor, scale: Tensor) -> Tensor:
+    """The magnitudes at a fixed stride of the flattened ``[T, n, r]`` projections (``kth_largest_many``'s bracket),
+    with the index arithmetic in place: a few sample-sized temporaries, not one per step."""
+    t, n, r = blocks.shape
+    index = torch.arange(0, blocks.numel(), max(1, blocks.numel() // SAMPLE), device=blocks.device)
+    sample = blocks.reshape(-1)[index].abs_()
+    column = index % r
+    index.div_(n * r, rounding_mode="floor").mul_(r).add_(column)  # the entry's (task, column) in ``scale``
+    del column
+    return sample.div_(scale.reshape(-1)[index])
+
+
 def thresholds(blocks: Tensor, scale: Tensor, keeps: Sequence[int]) -> dict[int, Tensor | None]:
     """For each ``k`` of ``keeps``, the ``k``-th largest magnitude ``|B| / scale`` over all ``T·n·r`` entries: ``None``
     for ``k <= 0`` (keep nothing), 0 for ``k >= numel`` (keep everything)."""
@@ -55,10 +67,7 @@ def thresholds(blocks: Tensor, scale: Tensor, keeps: Sequence[int]) -> dict[int,
     wanted = [k for k in keeps if 0 < k < numel]
     found: dict[int, Tensor | None] = {}
     if wanted:
-        index = torch.arange(0, numel, max(1, numel // SAMPLE), device=blocks.device)
-        t, n, r = blocks.shape
-        sample = blocks.reshape(-1)[index].abs().div_(scale[index // (n * r), index % r])
-        found.update(kth_largest_many(chunks, numel, sample, wanted))
+        found.update(kth_largest_many(chunks, numel, _sample(blocks, scale), wanted))
     for k in keeps:
         if k <= 0:
             found[k] = None
@@ -67,11 +76,12 @@ def thresholds(blocks: Tensor, scale: Tensor, keeps: Sequence[int]) -> dict[int,
     return found
 
 
-def _combine_chunk(x: Tensor, c: Tensor, elect_sign: bool, disjoint_mean: bool) -> Tensor:
+def _combine_chunk(x: Tensor, c: Tensor | None, elect_sign: bool, disjoint_mean: bool) -> Tensor:
     """Step 6 on a fresh pruned chunk ``x`` ``[T, rows, r]`` (changed in place): elect and merge, or its ablations.
 
     ``elect_sign`` off: every non-zero entry survives; ``disjoint_mean`` off: divide by ``T``, not the survivors.
-    Arithmetic on 0/1 masks, no ``torch.where`` (several times slower per entry on CPU).
+    ``c`` ``[T, 1, 1]``, or ``None`` for all ones. Arithmetic on 0/1 masks, no ``torch.where`` (several times
+    slower per entry on CPU).
     """
     if elect_sign:
         sign = (x.sum(dim=0) >= 0).to(x.dtype).mul_(2.0).sub_(1.0)  # the elected sign, +1 for a zero sum
@@ -81,7 +91,7 @@ def _combine_chunk(x: Tensor, c: Tensor, elect_sign: bool, disjoint_mean: bool) 
     else:
         sign = None
         survivors = (x != 0).sum(dim=0) if disjoint_mean else None
-    merged = x.mul_(c).sum(dim=0)
+    merged = (x if c is None else x.mul_(c)).sum(dim=0)
     if sign is not None:
         merged.mul_(sign)
     if survivors is not None:
@@ -102,7 +112,7 @@ def prune_and_merge(
     out = [blocks.new_zeros((n, r)) for _ in settings]
     live = [i for i, (threshold, _, _) in enumerate(settings) if threshold is not None]
     positive = {i: bool(settings[i][0] > 0) for i in live}  # once, not per chunk (a host synchronisation)
-    c3 = c.to(blocks.dtype).reshape(t, 1, 1)
+    c3 = None if bool((c == 1).all()) else c.to(blocks.dtype).reshape(t, 1, 1)  # c = 1: no multiplication
     for a, b in _row_spans(blocks):
         if not live:
             break
