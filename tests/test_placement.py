@@ -105,7 +105,11 @@ def test_estimate_and_free_bytes() -> None:
     assert placement.device_free_bytes(torch.device("cpu")) is None
     dense = [torch.zeros(10, 20)] * 5
     assert placement.estimate_working_bytes("ties", dense, (10, 20), "matrix") == 5 * 5 * 200 * 4
-    assert placement.estimate_working_bytes("drm_v", dense, (10, 20), "matrix") == 17 * 5 * 200 * 4
+    assert placement.estimate_working_bytes("drm_v", dense, (10, 20), "matrix") == 5 * 5 * 200 * 4
+    # a wide DRM-V stack (T·n = 2560 rows, m = 1792): the 1792-sided Gram's eigh, 8·1792/2560 + 2/5 = 6 inputs
+    assert placement.drm_factor((512, 1792), 5, horizontal=False) == pytest.approx(6.0)
+    assert placement.drm_factor((1792, 512), 5, horizontal=True) == pytest.approx(6.0)
+    assert placement.drm_factor((1792, 512), 5, horizontal=False) == placement.DEFAULT_FACTOR
     assert placement.estimate_working_bytes("drm_v", dense, (10, 20), "elementwise") == 5 * 5 * 200 * 4
     lora = [LowRankDelta(torch.zeros(10, 2), torch.zeros(2, 20), 1.0)] * 5
     assert placement.estimate_working_bytes("drm_v", lora, (10, 20), "matrix") == 8 * (4 * 5 * 2 * 30 + 3 * 200)

@@ -24,10 +24,24 @@ from drm_lightning.merging.lowrank import LowRankDelta
 R = TypeVar("R")
 Delta = torch.Tensor | LowRankDelta
 
-WORKING_FACTOR: dict[str, float] = {"drm_v": 16.0, "drm_h": 16.0}
+WORKING_FACTOR: dict[str, float] = {}
 """Peak working memory of a method as a multiple of its T float32 inputs (``benchmarks/merge_memory.py``); the
-methods not listed stay within ``DEFAULT_FACTOR``."""
+methods not listed stay within ``DEFAULT_FACTOR`` (DRM: ``drm_factor``)."""
 DEFAULT_FACTOR = 4.0
+DRM_DIRECTIONS = {"drm_v": False, "drm_h": True, "drm_iso_v": False, "drm_iso_h": True}
+"""The methods built on DRM's joint basis, and whether they stack columns (horizontal)."""
+
+
+def drm_factor(shape: tuple[int, ...], tasks: int, horizontal: bool) -> float:
+    """DRM's peak working memory as a multiple of the T float32 inputs: its projections and their chunked pruning
+    (``DEFAULT_FACTOR``), or the float64 ``eigh`` of the joint Gram when that is larger: ``4·k²`` float64 for the
+    ``k``-sided smaller Gram side of the stack (``torch.linalg.eigh`` holds the Gram, a copy and a ``2k²``
+    workspace), plus one float64 task; benchmarks/README.md, ``merge_memory.py``."""
+    n, m = (shape[1], shape[0]) if horizontal else (shape[0], shape[1])
+    k = min(m, tasks * n)
+    return max(DEFAULT_FACTOR, 8.0 * k * k / (tasks * n * m) + 2.0 / tasks)
+
+
 HEADROOM = 0.9
 """Share of the free device memory an estimate may take (the allocator's fragmentation, the CUDA context)."""
 CPU = torch.device("cpu")
@@ -71,16 +85,21 @@ def prepare_deltas(
 def estimate_working_bytes(method: str, deltas: Sequence[Delta | None], shape: tuple[int, ...], rule: str) -> int:
     """Device bytes one parameter's merge needs at its peak: the inputs on the device plus the method's working set.
 
-    Dense: ``(1 + factor) · T · numel · 4`` with the method's ``WORKING_FACTOR`` (the elementwise rule of every method
-    is within ``DEFAULT_FACTOR``). All-factored LoRA deltas under the matrix rule: the factors several times over
-    plus three float64 ``[out, in]`` results (the methods work in the joint space of the factors).
+    Dense: ``(1 + factor) · T · numel · 4`` with the method's factor (``drm_factor``, ``WORKING_FACTOR``; the
+    elementwise rule of every method is within ``DEFAULT_FACTOR``). All-factored LoRA deltas under the matrix rule:
+    the factors several times over plus three float64 ``[out, in]`` results (the methods work in the joint space
+    of the factors).
     """
     numel = math.prod(shape)
     tasks = len(deltas)
     if rule == "matrix" and deltas and all(isinstance(d, LowRankDelta) for d in deltas):
         factor_entries = sum(d.rank * (shape[0] + shape[1]) for d in deltas)  # type: ignore[union-attr]
         return int(8 * (4 * factor_entries + 3 * numel))
-    factor = WORKING_FACTOR.get(method, DEFAULT_FACTOR) if rule == "matrix" else DEFAULT_FACTOR
+    factor = DEFAULT_FACTOR
+    if rule == "matrix" and method in DRM_DIRECTIONS and numel:
+        factor = drm_factor(shape, tasks, DRM_DIRECTIONS[method])
+    elif rule == "matrix":
+        factor = WORKING_FACTOR.get(method, DEFAULT_FACTOR)
     return int((1.0 + factor) * tasks * numel * 4)
 
 
