@@ -41,7 +41,9 @@ from typing import Any, Literal
 import torch
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, check_text_source
+from drm_lightning.data.checks import DataError, check_text_source
+from drm_lightning.data.common import ClassificationDataModule
+from drm_lightning.data.sources import load_files_or_hub
 from drm_lightning.data.text import load_tokenizer, prompt_fields
 
 CHOICE_FORMATS = ("pairs", "targets", "continuations")
@@ -237,7 +239,7 @@ class MultipleChoiceDataModule(ClassificationDataModule):
     def _load_splits(self) -> Any:
         hp = self.hparams
         extra = {"data_dir": hp.data_dir} if hp.data_dir is not None else {}
-        return self._load_files_or_hub(hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir, **extra)
+        return load_files_or_hub(self.task, hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir, **extra)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> ChoiceCollator:

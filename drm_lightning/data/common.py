@@ -1,39 +1,43 @@
-"""What every task datamodule shares: loading splits, checking them, mapping labels, carving and sampling.
+"""The base task datamodule: split roles, settings checks, the validation carve, sub-sampling and the loaders.
 
 Why one base class: text and image tasks differ only in how a batch is built (tokenizer vs image processor);
 everything that makes a run reproducible and its errors readable (split roles, seeded validation carve, seeded
 sub-sampling, a per-epoch seeded shuffle that survives resuming, label checks) must behave identically for both,
-and for every task the merger later evaluates.
+and for every task the merger later evaluates. The pieces live one job per module: the checks and ``DataError`` in
+``checks.py``, loading files or a hub dataset in ``sources.py``, the seeded row choice and order in ``sampling.py``;
+the names the tests and older imports take from here stay importable here.
 """
 
 from __future__ import annotations
 
-import glob
 import inspect
-import math
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-SUPPORTED_METRICS: tuple[str, ...] = ("accuracy", "f1", "mcc")
-"""Metric names a task may ask its model to report."""
+from drm_lightning.data.checks import (
+    SUPPORTED_METRICS,
+    DataError,
+    check_columns,
+    check_label_names,
+    check_labels,
+    label_mapping,
+)
+from drm_lightning.data.sampling import EpochShuffleSampler, carve_validation, seeded_subset
 
-FILE_FORMATS: dict[str, str] = {
-    ".csv": "csv",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-"""File extension -> ``datasets`` builder for ``data_files``."""
+__all__ = [
+    "ROLES",
+    "SUPPORTED_METRICS",
+    "ClassificationDataModule",
+    "DataError",
+    "EpochShuffleSampler",
+    "label_mapping",
+]
 
 ROLES: tuple[str, ...] = ("train", "validation", "test")
 _STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
@@ -43,162 +47,6 @@ _STAGE_ROLES: dict[str | None, tuple[str, ...]] = {
     "predict": ("test",),
     None: ("train", "validation"),
 }
-_SHOWN = 5  # how many offending values an error message quotes
-
-
-class DataError(ValueError):
-    """Bad task data or settings; the message names the task, split, column, file or value at fault."""
-
-
-def builder_for(data_files: Mapping[str, str]) -> str:
-    """The ``datasets`` builder (csv/json/parquet) for local files, checking that they exist and agree on format."""
-    if not data_files:
-        raise DataError("data_files: empty mapping; give at least {'train': <path>}")
-    formats: dict[str, str] = {}
-    for split, path in data_files.items():
-        suffix = Path(path).suffix.lower()
-        if suffix not in FILE_FORMATS:
-            raise DataError(
-                f"data_files[{split!r}] = {path!r}: unknown format; extensions understood: {sorted(FILE_FORMATS)}"
-            )
-        matches = glob.glob(path) if glob.has_magic(path) else [path] if Path(path).is_file() else []
-        if not matches:
-            raise DataError(f"data_files[{split!r}]: file not found: {path!r} (relative paths are from {Path.cwd()})")
-        formats[split] = FILE_FORMATS[suffix]
-    if len(set(formats.values())) > 1:
-        raise DataError(f"data_files: all splits must share one format, got {formats}")
-    return next(iter(formats.values()))
-
-
-_NO_DATA = re.compile(r'Instruction "([^"]+)" corresponds to no data')
-
-
-def load_dataset_checked(task: str, source: str, *args: Any, **kwargs: Any) -> Any:
-    """``datasets.load_dataset`` whose failures become one ``DataError`` naming the task, the source and the split."""
-    from datasets import DatasetDict, load_dataset
-
-    try:
-        loaded = load_dataset(*args, **kwargs)
-    except Exception as err:  # datasets raises many types (ValueError, FileNotFoundError, pyarrow, pandas...)
-        empty = _NO_DATA.search(str(err))
-        if empty:
-            raise DataError(f"task {task!r}: split {empty.group(1)!r} of {source} is empty") from err
-        raise DataError(f"task {task!r}: cannot load {source}: {type(err).__name__}: {err}") from err
-    if not isinstance(loaded, DatasetDict):
-        raise DataError(f"task {task!r}: {source} did not load as named splits (got {type(loaded).__name__})")
-    return loaded
-
-
-def label_mapping(label_names: Sequence[str], feature: Any) -> dict[Any, int]:
-    """How a split's raw label values map to indices into ``label_names``.
-
-    Strings map by name. A ``ClassLabel`` column maps by its class names when they all appear in ``label_names``
-    (so an imagefolder's alphabetical folder order cannot scramble labels), by ``int(name)`` when its names are
-    numbers, and otherwise its integer values index ``label_names`` directly (a hub dataset whose labels the
-    config renames). Plain integers index ``label_names``.
-    """
-    from datasets import ClassLabel
-
-    by_name = {name: i for i, name in enumerate(label_names)}
-    if isinstance(feature, ClassLabel):
-        names = list(feature.names)
-        if all(name in by_name for name in names):
-            return {i: by_name[name] for i, name in enumerate(names)}
-        if all(name.isdecimal() for name in names):
-            return {i: int(name) for i, name in enumerate(names) if int(name) < len(label_names)}
-        return {i: i for i in range(min(len(names), len(label_names)))}
-    dtype = getattr(feature, "dtype", None)
-    if dtype in ("string", "large_string"):
-        return by_name
-    return {i: i for i in range(len(label_names))}
-
-
-def check_labels(task: str, split: str, dataset: Any, label_column: str, mapping: Mapping[Any, int]) -> None:
-    """Raise if any label value in ``dataset`` has no index (unknown name, out-of-range integer, missing)."""
-    bad = [value for value in dataset.unique(label_column) if value is None or value not in mapping]
-    if bad:
-        shown = ", ".join(repr(v) for v in sorted(bad, key=repr)[:_SHOWN])
-        more = f" (and {len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
-        known = sorted(mapping, key=repr)
-        raise DataError(
-            f"task {task!r}: split {split!r} column {label_column!r} has labels outside the label set "
-            f"{known if len(known) <= 20 else f'of {len(known)}'}: {shown}{more}"
-        )
-
-
-def check_columns(task: str, split: str, dataset: Any, columns: Sequence[str]) -> None:
-    """Raise if a needed column is absent (naming the available ones) or holds missing values."""
-    available = list(dataset.column_names)
-    for column in columns:
-        if column not in available:
-            raise DataError(f"task {task!r}: split {split!r} has no column {column!r}; available: {available}")
-        nulls = dataset.data.column(column).null_count
-        if nulls:
-            raise DataError(f"task {task!r}: split {split!r} column {column!r} has {nulls} missing value(s)")
-
-
-def seeded_subset(dataset: Any, limit: int | None, seed: int) -> Any:
-    """The first ``limit`` rows after a seeded shuffle (kept in source order for locality); all rows if None."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    keep = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:limit])
-    return dataset.select(keep.tolist())
-
-
-def carve_validation(dataset: Any, fraction: float, seed: int, task: str, split: str) -> tuple[Any, Any]:
-    """Split ``dataset`` into disjoint (train, validation) parts, the same ones for the same seed."""
-    n = len(dataset)
-    n_val = math.ceil(n * fraction)
-    if not 0 < n_val < n:
-        raise DataError(f"task {task!r}: cannot carve val_fraction={fraction} of split {split!r} with {n} rows")
-    order = np.random.default_rng(seed).permutation(n)
-    return dataset.select(np.sort(order[n_val:]).tolist()), dataset.select(np.sort(order[:n_val]).tolist())
-
-
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle of ``range(num_samples)`` that depends only on ``(seed, epoch)``.
-
-    Why not ``shuffle=True``: a ``RandomSampler`` draws its order from the global torch RNG, whose state a Lightning
-    checkpoint does not keep, so a run resumed with ``--ckpt_path`` would replay its first epoch's order instead of
-    the one an uninterrupted run sees. Lightning calls ``set_epoch`` with the restored epoch before each training
-    epoch (and, under DDP, forwards it through the ``DistributedSamplerWrapper`` that shards this order), so the
-    order is a pure function of the configuration. Without ``set_epoch`` every pass repeats epoch 0's order.
-    """
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of ``epoch`` (called by Lightning at the start of every training epoch)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        # SeedSequence mixes the pair, so (seed, epoch) and (seed + 1, epoch - 1) give unrelated orders.
-        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.num_samples).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def _check_label_names(task: str, label_names: Sequence[str]) -> None:
-    if len(label_names) < 2 or len(set(label_names)) != len(label_names):
-        raise DataError(f"task {task!r}: label_names must hold at least two distinct names, got {list(label_names)}")
-
-
-def check_text_source(task: str, dataset: str | None, data_files: Mapping[str, str] | None, max_length: int) -> None:
-    """A text task's checks: exactly one of a hub ``dataset`` or local ``data_files``, room for two tokens."""
-    if (dataset is None) == (data_files is None):
-        raise DataError(f"task {task!r}: give exactly one of dataset (hub id) or data_files (local files)")
-    if max_length < 2:
-        raise DataError(f"task {task!r}: max_length must be >= 2, got {max_length}")
 
 
 class ClassificationDataModule(LightningDataModule):
@@ -231,7 +79,7 @@ class ClassificationDataModule(LightningDataModule):
         if not task:
             raise DataError("task: must be a non-empty name")
         if label_names is not None:
-            _check_label_names(task, label_names)
+            check_label_names(task, label_names)
         metrics = ["accuracy"] if metrics is None else list(metrics)
         unknown = [m for m in metrics if m not in SUPPORTED_METRICS]
         if unknown or not metrics:
@@ -284,7 +132,7 @@ class ClassificationDataModule(LightningDataModule):
                     f"task {self.task!r}: label_names is null but column {self._label_column!r} of split {name!r} "
                     f"is {type(feature).__name__}, not a ClassLabel with names: give label_names"
                 )
-            _check_label_names(self.task, list(feature.names))
+            check_label_names(self.task, list(feature.names))
             self._given_label_names = list(feature.names)
         return self._given_label_names
 
@@ -297,30 +145,6 @@ class ClassificationDataModule(LightningDataModule):
         """
         own = inspect.signature(ClassificationDataModule.__init__).parameters
         return {name: values[name] for name, p in own.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-    def _load_files_or_hub(
-        self,
-        data_files: Mapping[str, str] | None,
-        dataset: str | None,
-        dataset_config: str | None,
-        cache_dir: str | None,
-        **kwargs: Any,
-    ) -> Any:
-        """Local csv/json/parquet ``data_files`` (split -> file) when given, else the hub ``dataset`` (``kwargs`` go
-        to its ``load_dataset``): how the text and multiple-choice tasks load."""
-        if data_files is not None:
-            files = dict(data_files)
-            return load_dataset_checked(
-                self.task, f"data_files {files}", builder_for(files), data_files=files, cache_dir=cache_dir
-            )
-        return self._load_hub_dataset(dataset, dataset_config, cache_dir, **kwargs)
-
-    def _load_hub_dataset(self, dataset: str, dataset_config: str | None, cache_dir: str | None, **kwargs: Any) -> Any:
-        """Load a hub (or local dataset-folder) ``dataset``; errors name the task and the dataset.
-
-        ``kwargs`` go to ``load_dataset`` (e.g. ``data_dir`` for datasets whose files are downloaded by hand)."""
-        source = f"dataset {dataset!r}" + (f" ({dataset_config})" if dataset_config else "")
-        return load_dataset_checked(self.task, source, dataset, dataset_config, cache_dir=cache_dir, **kwargs)
 
     # -- what the model reads -----------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from drm_lightning.data.common import DataError
+from drm_lightning.data.checks import DataError
 from drm_lightning.data.text import TextClassificationDataModule
 
 DEMO_DATA_ENV = "DRM_LIGHTNING_DEMO_DATA"

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, load_dataset_checked
+from drm_lightning.data.checks import DataError
+from drm_lightning.data.common import ClassificationDataModule
+from drm_lightning.data.sources import load_dataset_checked, load_hub_dataset
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -166,7 +168,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
                 raise DataError(f"task {self.task!r}: data_dir not found: {hp.data_dir!r}")
             source = f"imagefolder {hp.data_dir!r}"
             return load_dataset_checked(self.task, source, "imagefolder", data_dir=hp.data_dir, cache_dir=hp.cache_dir)
-        return self._load_hub_dataset(hp.dataset, hp.dataset_config, hp.cache_dir)
+        return load_hub_dataset(self.task, hp.dataset, hp.dataset_config, hp.cache_dir)
 
     @override
     def _collator(self, label_map: dict[Any, int]) -> ImageCollator:

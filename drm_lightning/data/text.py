@@ -26,7 +26,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from drm_lightning.data.common import ClassificationDataModule, DataError, check_text_source
+from drm_lightning.data.checks import DataError, check_text_source
+from drm_lightning.data.common import ClassificationDataModule
+from drm_lightning.data.sources import load_files_or_hub
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -190,7 +192,7 @@ class TextClassificationDataModule(ClassificationDataModule):
     @override
     def _load_splits(self) -> Any:
         hp = self.hparams
-        return self._load_files_or_hub(hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir)
+        return load_files_or_hub(self.task, hp.data_files, hp.dataset, hp.dataset_config, hp.cache_dir)
 
     @override
     def _eval_order(self, dataset: Any) -> list[int] | None:
