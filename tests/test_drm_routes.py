@@ -77,3 +77,11 @@ def test_small_rank_tol_takes_the_stacked_svd(monkeypatch: pytest.MonkeyPatch) -
     out = F.drm(deltas, "vertical", 0.5, rank_tol=1e-8)
     assert svds, "the stacked SVD was not used"
     assert ref.relative_error(out, ref.drm(deltas, "vertical", 0.5, rank_tol=1e-8)) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)])
+@pytest.mark.parametrize("direction", ["vertical", "horizontal"])
+def test_empty_parameter_gives_an_empty_result(shape: tuple[int, int], direction: str) -> None:
+    out = F.drm([torch.zeros(shape)] * 2, direction)
+    assert out.shape == shape and out.dtype == torch.float32
+    assert F.drm_basis([torch.zeros(shape)] * 2, direction).merge_all([{"drop_rate": 0.5}, {}])[1].shape == shape

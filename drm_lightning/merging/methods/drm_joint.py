@@ -130,11 +130,13 @@ def joint_basis(inputs: Inputs, horizontal: bool, rank_tol: float) -> tuple[Tens
         return blocks, q @ v
     t = inputs.count
     n, m = (inputs.shape[1], inputs.shape[0]) if horizontal else tuple(inputs.shape)
-    if n * m > 0:
-        found = _column_route(inputs, horizontal, rank_tol) if m <= t * n else _row_route(inputs, horizontal, rank_tol)
-        if found is not None:
-            return found
-    first = inputs.task(0)  # the imprecise (or empty) case: the stacked SVD
+    if n * m == 0:  # an empty parameter: nothing to decompose, r = 0
+        empty = torch.zeros((t, n, 0), dtype=inputs.unit.dtype, device=inputs.device)
+        return empty, torch.zeros((m, 0), dtype=inputs.unit.dtype, device=inputs.device)
+    found = _column_route(inputs, horizontal, rank_tol) if m <= t * n else _row_route(inputs, horizontal, rank_tol)
+    if found is not None:
+        return found
+    first = inputs.task(0)  # the imprecise case: the stacked SVD
     stack = torch.empty((t, n, m), dtype=first.dtype, device=first.device)
     for i in range(t):
         stack[i].copy_(_oriented(first if i == 0 else inputs.task(i), horizontal))
