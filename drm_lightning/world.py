@@ -146,7 +146,7 @@ def rank_device(device: str | torch.device | None, local_rank: int) -> torch.dev
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _encode(obj: Any) -> torch.Tensor:
+def encode_json(obj: Any) -> torch.Tensor:
     """``obj`` as JSON bytes in a tensor that owns its memory.
 
     Why not the ``frombuffer`` view itself: a collective's worker thread can drop its last reference to an input
@@ -159,7 +159,7 @@ def _encode(obj: Any) -> torch.Tensor:
 
 def group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
-    payload = _encode(obj) if rank == 0 else torch.empty(0, dtype=torch.uint8)
+    payload = encode_json(obj) if rank == 0 else torch.empty(0, dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
     dist.broadcast(size, src=0, group=group)
     if rank != 0:
@@ -170,7 +170,7 @@ def group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
 
 def group_all_gather_json(obj: Any, world_size: int, group: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order."""
-    payload = _encode(obj)
+    payload = encode_json(obj)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(sizes, size, group=group)

@@ -26,7 +26,7 @@ from drm_lightning.merging.plan import PlanEntry
 from drm_lightning.merging.record import MERGE_FILE, read_merge_record
 from drm_lightning.merging.shards import MERGED_DIR
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
-from drm_lightning.world import WorldInfo, detect_world, rank_device
+from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device
 from tests.launch import free_port, reaped
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,15 @@ DETECT_CASES = [
     ({"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "interactive"}, WorldInfo(1, 0, 0, "single")),  # salloc shell
     ({"WORLD_SIZE": "2", "RANK": "1", "SLURM_NTASKS": "8"}, WorldInfo(2, 1, 0, "torchrun")),  # torchrun in SLURM
 ]
+
+
+def test_json_payload_owns_its_memory() -> None:
+    # A collective's input whose storage is a Python buffer needs the GIL when a gloo worker thread frees it, which
+    # aborts the process at interpreter exit ("terminate called without an active exception", seen in CI).
+    payload = encode_json({"ranks": [0, 1], "ok": True})
+    assert payload.dtype == torch.uint8
+    assert payload.untyped_storage().resizable()  # torch-owned; a frombuffer view of a bytearray is not
+    assert json.loads(bytes(payload.numpy()).decode()) == {"ranks": [0, 1], "ok": True}
 
 
 @pytest.mark.parametrize(("environ", "expected"), DETECT_CASES)
