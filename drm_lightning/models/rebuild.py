@@ -55,7 +55,7 @@ def expert_from_task_vector(
     *,
     torch_dtype: str | None,
     gguf_file: str | None,
-    trust_remote_code: bool,
+    trust_remote_code: bool = False,
 ) -> E:
     """``cls.from_task_vector``'s work (its docstring says what each argument does), in eval mode."""
     from drm_lightning.task_vectors.apply import apply_task_vector
