@@ -336,3 +336,14 @@ def known_flags() -> frozenset[str]:
 def test_flags_named_in_the_docs_exist(doc: Path) -> None:
     unknown = sorted(set(FLAG.findall(text(doc))) - known_flags())
     assert not unknown, f"{doc.relative_to(ROOT)} names options no command or benchmark has: {unknown}"
+
+
+def test_readme_functional_example_runs() -> None:
+    """The README's tensor example (the only Python block that needs no model or folder) runs as written."""
+    blocks = re.findall(r"```python\n(.*?)```", text(ROOT / "README.md"), re.S)
+    example = [b for b in blocks if "from drm_lightning.merging import functional as F" in b]
+    assert len(example) == 1, "README.md: expected one Python block using drm_lightning.merging.functional"
+    namespace: dict[str, object] = {}
+    exec(compile(example[0], "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    deltas, merged = namespace["deltas"], namespace["merged"]
+    assert merged.shape == deltas[0].shape and merged.dtype == deltas[0].dtype
