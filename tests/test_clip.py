@@ -8,8 +8,6 @@ encoder. One CPU pipeline runs end to end on real Fashion-MNIST images split int
 
 from __future__ import annotations
 
-import json
-
 import fashion_mnist
 import pytest
 import torch
@@ -22,6 +20,7 @@ from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.heads import ZeroShotHead, build_head
 from drm_lightning.models.lora import LoraSettings
 from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta
+from tests.helpers_pipeline import QUIET_CPU_TRAINER, cli_fit, run_recipe
 
 pytestmark = EXPERT_TEST_MARKS
 LABELS = ["cat", "dog", "bird"]
@@ -146,8 +145,6 @@ def test_templates_are_checked():
 )
 def test_pipeline_on_fashion_mnist_class_groups(clip, tmp_path):
     """Three tasks of three Fashion-MNIST classes each; label names and images from imagefolders; four merges."""
-    from drm_lightning.cli import main
-
     groups = {"tops": [0, 2, 4], "shoes": [5, 7, 9], "others": [1, 3, 8]}
     folders = fashion_mnist.write_imagefolders(tmp_path / "data", groups, {"train": 24, "test": 8})
     tasks = [
@@ -169,16 +166,12 @@ def test_pipeline_on_fashion_mnist_class_groups(clip, tmp_path):
         "tasks": tasks,
         "data": {"batch_size": 16, "eval_batch_size": 64},
         "model": {"backbone": clip, "family": "clip", "learning_rate": 1e-3, "warmup_ratio": 0.0},
-        "trainer": {"accelerator": "cpu", "max_steps": 4, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0},
+        "trainer": {**QUIET_CPU_TRAINER, "max_steps": 4},
         "methods": [{"method": "task_arithmetic", "lambdas": [0.3, 1.0]}, {"method": "iso_c", "lambdas": [1.0, 1.5]},
                     {"method": "tsv_m", "lam": 1.0}, {"method": "ties", "lam": 1.0}],
         "plots": False,
     }  # fmt: skip
-    config = tmp_path / "recipe.yaml"
-    config.write_text("# drm-lightning pipeline --config recipe.yaml\n" + json.dumps(recipe))
-    assert main(["pipeline", "--config", str(config)]) == 0
-    run = tmp_path / "run"
+    run = run_recipe(tmp_path, recipe)
     for task, classes in groups.items():
         meta = read_meta(run / "task_vectors" / task)
         assert meta.label_names == sorted(fashion_mnist.CLASSES[c] for c in classes)  # the imagefolder's classes
@@ -192,9 +185,6 @@ def test_cli_fit_takes_the_templates_from_the_task(clip, tmp_path):
     """``drm-lightning fit`` on an imagefolder task: templates and (label_names: null) class names from the data."""
     from PIL import Image
 
-    from drm_lightning.cli import main
-    from tests.test_cli import QUIET_TRAINER
-
     for split, count in (("train", 8), ("test", 4)):
         for k, name in enumerate(("cat", "dog")):
             folder = tmp_path / "images" / split / name
@@ -207,11 +197,7 @@ def test_cli_fit_takes_the_templates_from_the_task(clip, tmp_path):
         "init_args": {"task": "pets", "data_dir": str(tmp_path / "images"), "validation_split": None,
                       "val_fraction": 0.25, "templates": templates, "batch_size": 4},
     }  # fmt: skip
-    config = tmp_path / "fit.yaml"
-    config.write_text(json.dumps({"model": {"backbone": clip, "family": "clip"}, "data": data}))
-    args = ["fit", "--config", str(config), *QUIET_TRAINER, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
-    assert main([*args, f"--task_vector_dir={tmp_path / 'tv'}", f"--trainer.default_root_dir={tmp_path}"]) == 0
-    meta = read_meta(tmp_path / "tv")
+    meta = cli_fit(tmp_path, {"backbone": clip, "family": "clip"}, data)
     assert meta.label_names == ["cat", "dog"] and meta.head["type"] == "zeroshot"
     expected = ExpertModule(clip, "clip", label_names=["cat", "dog"], templates=templates).head.weight
     torch.testing.assert_close(read_head(tmp_path / "tv")["weight"], expected)

@@ -19,6 +19,7 @@ from drm_lightning.data.common import DataError
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import continuation_ids
 from drm_lightning.task_vectors.format import read_meta
+from tests.helpers_pipeline import QUIET_CPU_TRAINER, cli_fit, run_recipe
 
 pytestmark = EXPERT_TEST_MARKS
 COLORS = ["red", "green", "blue"]
@@ -237,8 +238,6 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
 
     from datasets import Dataset
 
-    from drm_lightning.cli import main
-
     texts = [f"the {w} movie" for w in ("good", "bad", "great", "awful", "fine", "dull")] * 4
     labels = ["yes" if i % 2 == 0 else "no" for i in range(len(texts))]
     path = tmp_path / "sentiment.csv"
@@ -259,15 +258,11 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
         "tasks": [colors, sentiment],
         "data": {"batch_size": 4, "eval_batch_size": 8, "choice_format": "continuations"},
         "model": {"backbone": models["decoder_lm"], "family": "decoder_lm", "learning_rate": 0.01},
-        "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "limit_val_batches": 0},
+        "trainer": {**QUIET_CPU_TRAINER, "max_steps": 2},
         "methods": [{"method": "task_arithmetic", "lam": 0.5}, {"method": "ties", "lambdas": [0.5, 1.0]}],
         "plots": False,
     }  # fmt: skip
-    config = tmp_path / "recipe.yaml"
-    config.write_text("# drm-lightning pipeline --config recipe.yaml\n" + json.dumps(recipe))
-    assert main(["pipeline", "--config", str(config)]) == 0
-    run = tmp_path / "run"
+    run = run_recipe(tmp_path, recipe)
     assert read_meta(run / "task_vectors" / "colors").task_type == "multiple_choice"
     assert read_meta(run / "task_vectors" / "liked").task_type == "classification"
     report = json.loads((run / "report.json").read_text())
@@ -281,19 +276,10 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
 
 def test_cli_fit_takes_the_task_type_from_the_datamodule(models, files, tmp_path):
     """``drm-lightning fit`` links the datamodule's task_type to the model: a multiple-choice expert, no flag."""
-    import json
-
-    from drm_lightning.cli import main
-    from tests.test_cli import QUIET_TRAINER
-
     data = {
         "class_path": "drm_lightning.data.choice.MultipleChoiceDataModule",
         "init_args": {"task": "colors", "label_names": ["A", "B", "C"], "data_files": files, "context": "{question}",
                       "choices_column": "choices", "label_column": "answerKey", "batch_size": 4},
     }  # fmt: skip
-    config = tmp_path / "fit.yaml"
-    config.write_text(json.dumps({"model": {"backbone": models["encoder"], "family": "encoder"}, "data": data}))
-    args = ["fit", "--config", str(config), *QUIET_TRAINER, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"]
-    assert main([*args, f"--task_vector_dir={tmp_path / 'tv'}", f"--trainer.default_root_dir={tmp_path}"]) == 0
-    meta = read_meta(tmp_path / "tv")
+    meta = cli_fit(tmp_path, {"backbone": models["encoder"], "family": "encoder"}, data)
     assert meta.task_type == "multiple_choice" and meta.head["type"] == "choice"
