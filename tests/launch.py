@@ -1,11 +1,15 @@
-"""Starting and reaping the extra processes of multi-process tests (torchrun launches on localhost)."""
+"""Starting and reaping the extra processes of multi-process tests (pipelines, torchrun launches on localhost)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -25,3 +29,39 @@ def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
         proc.kill()
         proc.communicate()
         raise
+
+
+REPO = Path(__file__).resolve().parents[1]
+_LAUNCHER_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+    "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "DRM_LIGHTNING_DEBUG")  # fmt: skip
+
+
+def pipeline_env() -> dict[str, str]:
+    """The environment of a launched pipeline: this checkout's package, one thread, offline, and none of the
+    pytest process's launcher or SLURM variables (a rank learns its place from its own launcher only)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def start_pipeline(args: Sequence[str], log: Path, nproc: int = 1) -> subprocess.Popen:
+    """Start ``drm-lightning pipeline args`` (``nproc > 1``: under ``torchrun --standalone`` on localhost), its
+    stdout and stderr, every rank's, going to the file ``log`` (read it with ``finish``).
+
+    Why ``--standalone``: its launcher binds a free port itself (and hands it to the ranks as ``MASTER_PORT``); a
+    port picked here with ``free_port`` is only free when picked, and another test's launcher on a busy machine
+    can take it in the seconds before this launcher starts. Why a file, not a pipe: a test waits on one process at
+    a time, and a pipe that nobody reads meanwhile fills (to one page when the user's pipes use many) and stalls
+    every rank writing into it, for as long as the other process runs.
+    """
+    cli = ["-m", "drm_lightning.cli", "pipeline", *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), *cli]
+    with open(log, "w") as out:  # the child holds its own descriptor: ours closes at once
+        return subprocess.Popen(cmd, env=pipeline_env(), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, deadline: float) -> str:
+    """Wait for ``proc`` until ``deadline`` (``time.monotonic()``; a hang raises ``TimeoutExpired``); its output."""
+    proc.wait(timeout=max(deadline - time.monotonic(), 1.0))
+    return log.read_text()

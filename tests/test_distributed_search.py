@@ -11,19 +11,15 @@ Each rank must also leave its process groups itself: a gloo group left to the in
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from drm_lightning.cli import main
-from tests.launch import free_port, reaped
-from tests.test_cli import write_tiny_tasks
-from tests.tiny_models import make_tiny_model
+from tests.helpers_pipeline import tiny_two_task_recipe, write_recipe
+from tests.launch import finish, reaped, start_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 METHODS = [
     {"method": "drm_v", "params": {"drop_rate": [0.3, 0.6]}, "lambdas": [0.5, 1.0]},
     {"method": "ties", "params": {"density": [0.3, 0.6]}, "lam": 1.0},
@@ -31,32 +27,10 @@ METHODS = [
 
 
 def _recipe(tmp: Path) -> Path:
-    backbone = make_tiny_model("encoder", tmp / "tiny_bert")
-    tasks = write_tiny_tasks(tmp / "data", sizes=(48, 15, 15))  # odd splits: the ranks must not pad them
-    recipe = {
-        "run_dir": str(tmp / "one"),
-        "tasks": [str(tasks["sentiment"]), str(tasks["animal"])],
-        "data": {"max_length": 12, "batch_size": 8, "eval_batch_size": 32},
-        "model": {"backbone": backbone, "pooling": "mean", "learning_rate": 0.003, "warmup_ratio": 0.0},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 0},
-        "methods": METHODS,
-        "split": "validation",  # the search's own numbers: no test split to evaluate
-        "plots": False,
-        "export": "none",
-    }  # fmt: skip
-    path = tmp / "recipe.yaml"
-    path.write_text(json.dumps(recipe))
-    return path
-
-
-def _env() -> dict[str, str]:
-    drop = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "DRM_LIGHTNING_DEBUG")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
+    # split: the search's own numbers, no test split to evaluate
+    return write_recipe(
+        tmp, tiny_two_task_recipe(tmp, run_dir=str(tmp / "one"), methods=METHODS, split="validation", export="none")
+    )
 
 
 def _searches(run: Path) -> dict:
@@ -79,12 +53,10 @@ def _searches(run: Path) -> dict:
 def test_two_ranks_search_what_one_process_searches(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     assert main(["pipeline", "--config", str(recipe)]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe), "--experts_dir", str(tmp_path / "one"),
-           "--run_dir", str(tmp_path / "two")]  # fmt: skip
-    two = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["--config", str(recipe), "--experts_dir", str(tmp_path / "one"), "--run_dir", str(tmp_path / "two")]
+    two = start_pipeline(args, tmp_path / "two.log", nproc=2)
     with reaped(two):
-        out, _ = two.communicate(timeout=240)
+        out = finish(two, tmp_path / "two.log", time.monotonic() + 240)
     assert two.returncode == 0, out[-4000:]
     assert "terminate called" not in out, out[-4000:]  # every rank left its gloo groups before exit
     assert out.count("# drm_lightning merge report") == 1  # rank 0 alone reports

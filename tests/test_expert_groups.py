@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,8 @@ from drm_lightning.commands.expert_groups import (
     plan_group,
 )
 from drm_lightning.world import WorldInfo
-from tests.launch import free_port, reaped
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers_pipeline import tiny_two_task_recipe, write_recipe
+from tests.launch import finish, reaped, start_pipeline
 
 
 def _world(world_size: int, rank: int, local_rank: int) -> WorldInfo:
@@ -184,43 +182,16 @@ def test_lightning_takes_the_group_as_its_world(monkeypatch: pytest.MonkeyPatch)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _recipe(tmp: Path, break_second: bool = False) -> Path:
-    from tests.test_cli import write_tiny_tasks
-    from tests.tiny_models import make_tiny_model
+#: A hang guard for one test's launches (they run at the same time): 20-40 s on 2 loaded cores.
+DEADLINE_S = 480
 
-    backbone = make_tiny_model("encoder", tmp / "tiny_bert")
-    tasks = write_tiny_tasks(tmp / "data", sizes=(48, 15, 15))  # odd splits: 2 ranks must not pad them
+
+def _recipe(tmp: Path, break_second: bool = False) -> Path:
+    recipe = tiny_two_task_recipe(tmp)
     if break_second:  # a dataset without its label column: found only when the expert's data is set up
         train = tmp / "data" / "animal" / "train.csv"
         train.write_text("\n".join(line.split(",")[0] for line in train.read_text().splitlines()) + "\n")
-    recipe = {
-        "run_dir": str(tmp / "run"),
-        "tasks": [str(tasks["sentiment"]), str(tasks["animal"])],
-        "data": {"max_length": 12, "batch_size": 8, "eval_batch_size": 32},
-        "model": {"backbone": backbone, "pooling": "mean", "learning_rate": 0.003, "warmup_ratio": 0.0},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "limit_val_batches": 0},
-        "methods": [{"method": "drm_v", "lambdas": [0.5, 1.0]}],
-        "plots": False,
-    }  # fmt: skip
-    path = tmp / "recipe.yaml"
-    path.write_text(json.dumps(recipe))
-    return path
-
-
-def _env() -> dict[str, str]:
-    drop = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_USE_AGENT_STORE", "DRM_LIGHTNING_DEBUG")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def _torchrun(args: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "drm_lightning.cli", "pipeline", *args]  # fmt: skip
-    return subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return write_recipe(tmp, recipe)
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -241,15 +212,15 @@ def _numbers(run: Path) -> dict:
 @pytest.mark.multiprocess
 def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
-    two = _torchrun(["--config", str(recipe), "--procs_per_expert", "1", "--run_dir", str(tmp_path / "two")])
+    deadline = time.monotonic() + DEADLINE_S
+    args = ["--config", str(recipe), "--procs_per_expert", "1", "--run_dir", str(tmp_path / "two")]
+    two = start_pipeline(args, tmp_path / "two.log", nproc=2)
     with reaped(two):
-        one = subprocess.run(
-            [sys.executable, "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe),
-             "--run_dir", str(tmp_path / "one")],
-            env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
-        )  # fmt: skip
-        out, _ = two.communicate(timeout=240)
-    assert one.returncode == 0, one.stderr[-4000:]
+        one = start_pipeline(["--config", str(recipe), "--run_dir", str(tmp_path / "one")], tmp_path / "one.log")
+        with reaped(one):
+            one_out = finish(one, tmp_path / "one.log", deadline)
+            out = finish(two, tmp_path / "two.log", deadline)
+    assert one.returncode == 0, one_out[-4000:]
     assert two.returncode == 0, out[-4000:]
     # each group (one process) fitted one task, both at once
     assert "2 expert groups of 1 process(es) fit 2 expert(s)" in out
@@ -273,9 +244,9 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
 @pytest.mark.multiprocess
 def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, break_second=True)
-    two = _torchrun(["--config", str(recipe), "--procs_per_expert", "1"])
+    two = start_pipeline(["--config", str(recipe), "--procs_per_expert", "1"], tmp_path / "two.log", nproc=2)
     with reaped(two):
-        out, _ = two.communicate(timeout=240)
+        out = finish(two, tmp_path / "two.log", time.monotonic() + DEADLINE_S)
     assert two.returncode != 0
     assert out.count("drm-lightning: error:") == 2, out[-4000:]  # both ranks stop with one line, none hangs
     assert "rank 1 failed" in out and "label" in out, out[-4000:]
@@ -294,9 +265,9 @@ def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluati
 
     recipe = _recipe(tmp_path)
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    two = _torchrun(["--config", str(recipe), "--run_dir", str(tmp_path / "two"), *ddp])
+    two = start_pipeline(["--config", str(recipe), "--run_dir", str(tmp_path / "two"), *ddp], tmp_path / "two.log", 2)
     with reaped(two):
-        out, _ = two.communicate(timeout=240)
+        out = finish(two, tmp_path / "two.log", time.monotonic() + DEADLINE_S)
     assert two.returncode == 0, out[-4000:]
     assert "expert groups" not in out and out.count("# drm_lightning merge report") == 1
     assert (
@@ -304,13 +275,12 @@ def test_without_groups_all_ranks_fit_each_expert_then_share_merges_and_evaluati
     )
     for folder in ("task_vectors", "experts"):  # the same experts, reused by a one-process run
         shutil.copytree(tmp_path / "two" / folder, tmp_path / "one" / folder)
-    one = subprocess.run(
-        [sys.executable, "-m", "drm_lightning.cli", "pipeline", "--config", str(recipe), "--run_dir",
-         str(tmp_path / "one"), *ddp, "--eval_trainer", "{devices: 1}"],
-        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-4000:]
-    assert "sentiment: reusing the task vector" in one.stderr
+    args = ["--config", str(recipe), "--run_dir", str(tmp_path / "one"), *ddp, "--eval_trainer", "{devices: 1}"]
+    one = start_pipeline(args, tmp_path / "one.log")
+    with reaped(one):
+        one_out = finish(one, tmp_path / "one.log", time.monotonic() + DEADLINE_S)
+    assert one.returncode == 0, one_out[-4000:]
+    assert "sentiment: reusing the task vector" in one_out
     got, ref = _files(tmp_path / "two"), _files(tmp_path / "one")
     assert sorted(got) == sorted(ref) and [name for name in ref if got[name] != ref[name]] == []
     assert _numbers(tmp_path / "two") == _numbers(tmp_path / "one")
