@@ -11,10 +11,16 @@ Logged keys: ``train/loss``; ``val/<task>/loss``, ``val/<task>/<metric>``; ``tes
 ``test/<task>/<metric>`` with ``<metric>`` in ``accuracy | mcc | f1`` (F1 is macro-averaged).
 
 This module is the ``LightningModule`` itself: construction, ``setup`` from the datamodule and the training /
-evaluation steps. The rest is one module each: settings checks ``settings.py``, the per-family forward pass
+evaluation steps. The rest is one module each: settings checks (and what ``setup`` takes from the datamodule)
+``settings.py``, the per-family forward pass
 ``forward.py``, the heads ``heads.py``, metrics ``metrics.py``, the optimiser ``optim.py``, what a checkpoint holds
 (generator states, LoRA's trainable part) ``checkpoint.py``, and rebuilding an expert from a task vector folder
 ``rebuild.py``.
+
+Why it stays about 430 lines: what is left are Lightning's hooks and the state they share (the backbone, the head
+built once the label names are known, the metric collections, the label-word targets, the generator states of a
+checkpoint); each hook is a few lines over a helper module, and splitting them further would only make mixins or
+functions that take the module apart.
 """
 
 from __future__ import annotations
@@ -50,7 +56,13 @@ from drm_lightning.models.lora import LoraSettings, add_lora
 from drm_lightning.models.metrics import METRICS, check_metrics, metric_collection
 from drm_lightning.models.optim import adamw_warmup_decay, linear_warmup_decay
 from drm_lightning.models.rebuild import expert_from_task_vector, preloaded_backbone, recorded_head
-from drm_lightning.models.settings import CHOICE_FAMILIES, CHOICE_FORMAT_OF, TASK_TYPES, check_expert_settings
+from drm_lightning.models.settings import (
+    CHOICE_FAMILIES,
+    CHOICE_FORMAT_OF,
+    TASK_TYPES,
+    check_expert_settings,
+    datamodule_settings,
+)
 
 __all__ = [
     "CHOICE_FAMILIES",
@@ -219,39 +231,25 @@ class ExpertModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Take label names (and metrics, templates) from the datamodule when they were not given."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        dm_metrics = getattr(datamodule, "metrics", None) if datamodule is not None else None
-        if self.metric_names is None and dm_metrics:
-            check_metrics(list(dm_metrics))
-            self.metric_names = list(dm_metrics)
-            self.hparams["metrics"] = list(dm_metrics)
+        taken = datamodule_settings(datamodule, task=self.task, family=self.family, task_type=self.task_type)
+        if self.metric_names is None and taken.metrics:
+            check_metrics(taken.metrics)
+            self.metric_names = taken.metrics
+            self.hparams["metrics"] = list(taken.metrics)
             if self.label_names is not None:
                 self._build_metrics()
-        dm_type = getattr(datamodule, "task_type", "classification") if datamodule is not None else self.task_type
-        if dm_type != self.task_type:
-            raise ValueError(
-                f"task {self.task!r}: the model's task_type={self.task_type!r} differs from the datamodule's "
-                f"{dm_type!r}"
-            )
-        dm_format = getattr(datamodule, "choice_format", None) if datamodule is not None else None
-        if self.task_type == "multiple_choice" and dm_format not in (None, CHOICE_FORMAT_OF[self.family]):
-            raise ValueError(
-                f"task {self.task!r}: the datamodule's choice_format={dm_format!r} is not what a {self.family} model "
-                f"reads; set choice_format: {CHOICE_FORMAT_OF[self.family]}"
-            )
-        dm_templates = getattr(datamodule, "templates", None) if datamodule is not None else None
-        if self.family == "clip" and self.hparams.templates is None and dm_templates:
-            self.hparams["templates"] = list(dm_templates)
-        dm_labels = getattr(datamodule, "label_names", None) if datamodule is not None else None
+        if self.family == "clip" and self.hparams.templates is None and taken.templates:
+            self.hparams["templates"] = taken.templates
         if self.label_names is None:
-            if dm_labels is None:
+            if taken.label_names is None:
                 raise ValueError(
                     f"task {self.task!r}: label_names not given and the datamodule has no label_names property"
                 )
-            self._build_task(list(dm_labels))
-        elif dm_labels is not None and list(dm_labels) != self.label_names:
+            self._build_task(taken.label_names)
+        elif taken.label_names is not None and taken.label_names != self.label_names:
             raise ValueError(
                 f"task {self.task!r}: model label_names={self.label_names!r} differ from the datamodule's "
-                f"{list(dm_labels)!r}"
+                f"{taken.label_names!r}"
             )
 
     # ---- forward -----------------------------------------------------------------------------------------------

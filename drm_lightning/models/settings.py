@@ -1,5 +1,7 @@
 """The checks of an expert's settings that need no model loaded: ``ExpertModule`` and the pipeline run the same ones.
 
+Also what an expert takes from its datamodule at ``setup`` (``datamodule_settings``), checked the same way.
+
 Why one place: loading the backbone is what makes ``ExpertModule(...)`` expensive, and the pipeline checks a
 recipe's shared model settings before its first fit (a typo must not surface only after the first expert trained).
 """
@@ -7,6 +9,7 @@ recipe's shared model settings before its first fit (a typo must not surface onl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, check_family, parse_dtype
@@ -65,3 +68,40 @@ def check_expert_settings(
         check_metrics(metrics)
     parse_dtype(torch_dtype)
     return lora
+
+
+@dataclass(frozen=True)
+class DatamoduleSettings:
+    """What an expert may take from its datamodule at ``setup``; None where the datamodule does not say."""
+
+    metrics: list[str] | None
+    templates: list[str] | None
+    label_names: list[str] | None
+
+
+def datamodule_settings(datamodule: Any, *, task: str, family: str, task_type: str) -> DatamoduleSettings:
+    """Check that ``datamodule`` (None: no datamodule) serves an expert of this ``family`` and ``task_type``, and
+    read what the expert takes from it (metrics, CLIP templates, label names) when not given its own.
+
+    Raises:
+        ValueError: the datamodule's ``task_type`` differs, or its ``choice_format`` is not what ``family`` reads.
+    """
+    if datamodule is None:
+        return DatamoduleSettings(None, None, None)
+    dm_type = getattr(datamodule, "task_type", "classification")
+    if dm_type != task_type:
+        raise ValueError(
+            f"task {task!r}: the model's task_type={task_type!r} differs from the datamodule's {dm_type!r}"
+        )
+    dm_format = getattr(datamodule, "choice_format", None)
+    if task_type == "multiple_choice" and dm_format not in (None, CHOICE_FORMAT_OF[family]):
+        raise ValueError(
+            f"task {task!r}: the datamodule's choice_format={dm_format!r} is not what a {family} model "
+            f"reads; set choice_format: {CHOICE_FORMAT_OF[family]}"
+        )
+
+    def listed(name: str) -> list[str] | None:
+        value = getattr(datamodule, name, None)
+        return list(value) if value is not None else None
+
+    return DatamoduleSettings(listed("metrics"), listed("templates"), listed("label_names"))
