@@ -12,6 +12,10 @@ from drm_lightning.task_vectors.format import TaskVectorMeta, read_meta
 QUIET_CPU_TRAINER: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False,
                                      "enable_progress_bar": False, "enable_model_summary": False,
                                      "limit_val_batches": 0}  # fmt: skip
+#: The same for ``drm-lightning fit/validate/test`` on the command line (validation left on).
+QUIET_TRAINER: list[str] = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.logger=false",
+                            "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+                            "--trainer.enable_model_summary=false"]  # fmt: skip
 
 
 def write_recipe(tmp: Path, recipe: dict[str, Any]) -> Path:
@@ -53,7 +57,6 @@ def cli_fit(tmp: Path, model: dict[str, Any], data: dict[str, Any]) -> TaskVecto
     """``drm-lightning fit`` of ``model`` on ``data`` for two steps (one validation batch), quiet, on CPU; the task
     vector's meta."""
     from drm_lightning.cli import main
-    from tests.test_cli import QUIET_TRAINER
 
     config = tmp / "fit.yaml"
     config.write_text(json.dumps({"model": model, "data": data}))

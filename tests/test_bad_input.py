@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from drm_lightning.cli import main
 from drm_lightning.merging.registry import METHODS
 from drm_lightning.task_vectors.format import DELTAS_FILE, META_FILE
+from tests import helpers_pipeline
 from tests.helpers_models import write_task_vectors
 from tests.tiny_models import make_tiny_model
 
@@ -42,15 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERY = "encoder.layer.0.attention.self.query.weight"
 LATE = "encoder.layer.1.output.dense.weight"
 ERROR_PREFIX = "drm-lightning: error: "
-QUIET_TRAINER = [
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.logger=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.max_steps=1",
-]
+QUIET_TRAINER = [*helpers_pipeline.QUIET_TRAINER, "--trainer.max_steps=1"]
 
 
 @dataclass

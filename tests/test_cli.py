@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from drm_lightning.cli import main
+from tests.helpers_pipeline import QUIET_TRAINER
 from tests.tiny_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +27,6 @@ POSITIVE = ["good", "great"]
 NEGATIVE = ["bad", "awful"]
 NOUNS = "movie film plot actor story scene music ending cast script".split()
 TINY_TASKS: dict[str, list[str]] = {"sentiment": ["neg", "pos"], "animal": ["cat", "dog"]}
-
-QUIET_TRAINER = [
-    "--trainer.accelerator=cpu",
-    "--trainer.devices=1",
-    "--trainer.logger=false",
-    "--trainer.enable_checkpointing=false",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
 
 
 def _sentence(task: str, label: int, rng: random.Random) -> str:
