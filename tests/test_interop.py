@@ -68,6 +68,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
 
 
+def _assert_expert_reproduces(tv: Path, original: torch.nn.Module) -> None:
+    """The expert rebuilt from ``tv`` with its deltas gives ``original``'s classifier logits on one token batch."""
+    expert = ExpertModule.from_task_vector(tv, with_task_vector=True)
+    ids, mask = token_batch()
+    with torch.no_grad():
+        want = original.eval()(input_ids=ids, attention_mask=mask).logits
+        got = expert({"input_ids": ids, "attention_mask": mask})
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_bf16_and_adapter_inputs_are_what_the_libraries_wrote(experts: dict[str, Path]) -> None:
     assert (experts["bert_full"] / "model.safetensors.index.json").is_file()
     assert len(list(experts["bert_full"].glob("model-*.safetensors"))) > 1
@@ -84,13 +94,7 @@ def test_full_classifier_task_vector_reproduces_its_logits(experts: dict[str, Pa
     assert meta.kind == "dense" and meta.label_names == LABELS and meta.head["type"] == "encoder"
     assert meta.source["type"] == "transformers" and meta.source["head"]["layout"] == "bert_pooler_classifier"
     assert meta.base_fingerprint.startswith("sampled1:")
-    expert = ExpertModule.from_task_vector(tv, with_task_vector=True)
-    original = BertForSequenceClassification.from_pretrained(experts["bert_full"]).eval()
-    ids, mask = token_batch()
-    with torch.no_grad():
-        want = original(input_ids=ids, attention_mask=mask).logits
-        got = expert({"input_ids": ids, "attention_mask": mask})
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_expert_reproduces(tv, BertForSequenceClassification.from_pretrained(experts["bert_full"]))
 
 
 def test_rslora_rank_pattern_adapter_reproduces_peft(experts: dict[str, Path], tmp_path: Path) -> None:
@@ -104,14 +108,8 @@ def test_rslora_rank_pattern_adapter_reproduces_peft(experts: dict[str, Path], t
         and meta.source["ranks"]["encoder.layer.0.attention.self.value.weight"] == 2
     )
     assert meta.head["num_labels"] == 3
-    expert = ExpertModule.from_task_vector(tv, with_task_vector=True)
     base = BertForSequenceClassification.from_pretrained(experts["bert_base"], num_labels=3)
-    original = PeftModel.from_pretrained(base, experts["bert_lora"]).eval()
-    ids, mask = token_batch()
-    with torch.no_grad():
-        want = original(input_ids=ids, attention_mask=mask).logits
-        got = expert({"input_ids": ids, "attention_mask": mask})
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_expert_reproduces(tv, PeftModel.from_pretrained(base, experts["bert_lora"]))
 
 
 @pytest.mark.parametrize("which", ["llama_full", "llama_lora"])
@@ -341,13 +339,7 @@ def test_fp16_checkpoint_imports_exactly(experts: dict[str, Path], tmp_path: Pat
     folder = tmp_path / "fp16"
     BertForSequenceClassification.from_pretrained(experts["bert_full"]).half().save_pretrained(folder)
     tv = convert(str(folder), tmp_path / "tv", base=str(experts["bert_base"]))
-    expert = ExpertModule.from_task_vector(tv, with_task_vector=True)
-    original = BertForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
-    ids, mask = token_batch()
-    with torch.no_grad():
-        want = original(input_ids=ids, attention_mask=mask).logits
-        got = expert({"input_ids": ids, "attention_mask": mask})
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_expert_reproduces(tv, BertForSequenceClassification.from_pretrained(folder, dtype=torch.float32))
 
 
 def test_a_task_vector_beside_a_model_folder_names_the_base(experts: dict[str, Path], tmp_path: Path) -> None:
