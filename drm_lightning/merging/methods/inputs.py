@@ -174,12 +174,9 @@ def prepare(
     # the finiteness check and the normalising scale, without full-size temporaries (isfinite, abs, a divided copy).
     flat = dense.reshape(len(items), -1)
     peak = torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
-    finite = torch.isfinite(peak)
-    if not finite.all():
-        bad = int(torch.nonzero(~finite)[0])
-        raise ValueError(f"{method}: deltas[{bad}] contains NaN or Inf")
+    scale = _checked_unit(method, peak)
     if normalise:
-        unit = power_of_two_scale(peak)
+        unit = scale
         dense.div_(unit)  # exact: a power of two
     return Inputs(dense, None, shape, dtype, device, unit)
 
@@ -195,14 +192,18 @@ def _lazy_inputs(
     for item in items:  # amax/amin: allocation-free, and NaN / ±Inf propagate (the finiteness check)
         x = item.dense(_F64) if isinstance(item, LowRankDelta) else item
         peaks.append(torch.maximum(x.amax(), -x.amin()).to(_F64))
-    peak = torch.stack(peaks)
+    scale = _checked_unit(method, torch.stack(peaks))
+    return Inputs(None, None, shape, dtype, device, scale if normalise else unit, lazy=items)
+
+
+def _checked_unit(method: str, peak: Tensor) -> Tensor:
+    """The power-of-two unit of the per-task peaks ``|x|_max``; raises naming the first task whose peak is NaN/Inf
+    (a non-finite entry anywhere makes its task's peak non-finite)."""
     finite = torch.isfinite(peak)
     if not finite.all():
         bad = int(torch.nonzero(~finite)[0])
         raise ValueError(f"{method}: deltas[{bad}] contains NaN or Inf")
-    if normalise:
-        unit = power_of_two_scale(peak)
-    return Inputs(None, None, shape, dtype, device, unit, lazy=items)
+    return power_of_two_scale(peak)
 
 
 def task_coefficients(method: str, coefficients: Any, count: int, device: torch.device) -> Tensor:
