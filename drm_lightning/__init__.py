@@ -13,6 +13,11 @@ from typing import Any
 # OpenMP runtime loads with torch, so it is set here, before anything imports torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# A process group still alive at exit is destroyed before the interpreter tears down (exit_cleanup: gloo aborts).
+from drm_lightning import exit_cleanup as _exit_cleanup  # noqa: E402
+
+_exit_cleanup.register()
+
 __version__ = "0.1.0"
 __all__ = ["load_task_model"]
 

@@ -11,8 +11,6 @@ between ranks is JSON over CPU (gloo) collectives, never pickle.
 
 from __future__ import annotations
 
-import atexit
-import gc
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -217,9 +215,9 @@ def group_exchange(
 def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
     """Create the default process group of every launched process from the environment, unless one exists.
 
-    A group created here stays up for the rest of the process (destroyed at exit): a second merge in the same
-    process (a pipeline merging several methods) joins it again, whereas re-initialising under torchrun's shared
-    rendezvous store after a ``destroy_process_group`` is not reliable (it can hang).
+    A group created here stays up for the rest of the process (``exit_cleanup`` destroys it at exit): a second merge
+    in the same process (a pipeline merging several methods) joins it again, whereas re-initialising under
+    torchrun's shared rendezvous store after a ``destroy_process_group`` is not reliable (it can hang).
     """
     if not dist.is_initialized():
         if world.source == "torchrun":
@@ -233,7 +231,6 @@ def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelt
         dist.init_process_group(
             backend, init_method=init_method, world_size=world.world_size, rank=world.rank, timeout=timeout
         )
-        atexit.register(_destroy_group)
     if dist.get_world_size() != world.world_size:
         raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
 
@@ -297,21 +294,13 @@ def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
         dist.destroy_process_group(group)
 
 
-def _destroy_group() -> None:
-    """At exit, while the interpreter is still whole: destroy the default group, then collect reference cycles
-    (an exception's traceback keeps a merge's frame, and with it that merge's gloo group, alive until the cyclic
-    garbage collector runs, which must not be during the interpreter's teardown)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    gc.collect()
-
-
 def leave_world() -> None:
     """Destroy the default process group (whoever made it: ``join_world`` or Lightning's DDP), if there is one.
 
     Why not leave it to the interpreter's exit: a gloo group still alive when Python tears down can abort the
     process ("terminate called without an active exception"), a failed rank for its launcher although its work
-    was done. A command run under a launcher calls this before it returns (``cli.main``).
+    was done. A command run under a launcher calls this before it returns (``cli.main``); ``exit_cleanup`` covers
+    the processes that return some other way.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "drm_lightning"
 #: Lowest first. A unit (a package or a top-level module of drm_lightning) may import units of lower layers only;
 #: units of one layer do not import each other. The same table is drawn in docs/architecture.md.
 LAYERS: list[set[str]] = [
-    {"verbosity", "memory", "world"},  # utilities: import nothing of drm_lightning
+    {"verbosity", "memory", "world", "exit_cleanup"},  # utilities: import nothing of drm_lightning
     {"task_vectors"},  # the on-disk contract between experts and merging, and its fingerprint
     {"models"},  # backbones, heads, the expert LightningModule
     {"data", "callbacks", "interop", "merging"},  # datamodules; extraction callback; experts from HF/PEFT; the merge

@@ -1,0 +1,46 @@
+"""Destroy a process group still alive when the interpreter exits, before Python tears itself down.
+
+Why: a gloo group left to the interpreter's teardown can abort a process whose work is done ("terminate called
+without an active exception", SIGABRT): gloo's worker threads still hold their last collective's tensors, and a
+thread that must take the GIL to free one while the interpreter finalises is killed (pytorch/pytorch PR 179291
+describes it; torch registers no such handler itself). The launcher then reports a failed rank. Seen here in
+Lightning's ``ddp_spawn`` workers and in ``torchrun`` merges under load. ``import drm_lightning`` registers the
+handler (in spawned workers too: they import drm_lightning to unpickle its modules), so a group that Lightning,
+the user or this package made is destroyed while the interpreter is whole. torch is not imported here: the
+handler looks for ``torch.distributed`` among the loaded modules.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import sys
+
+_registered = False
+
+
+def leave_process_group() -> bool:
+    """Destroy the default process group (and every group made under it) if one is initialised, then collect
+    reference cycles, which may hold groups already destroyed but not yet freed. True when a group was destroyed."""
+    dist = sys.modules.get("torch.distributed")
+    destroyed = False
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        destroyed = True
+    gc.collect()
+    return destroyed
+
+
+def _at_exit() -> None:
+    try:
+        leave_process_group()
+    except (RuntimeError, ValueError) as err:  # a peer already gone: nothing to wait for at exit
+        print(f"drm_lightning: process group not destroyed at exit: {err}", file=sys.stderr)
+
+
+def register() -> None:
+    """Register the exit handler once per process."""
+    global _registered
+    if not _registered:
+        atexit.register(_at_exit)
+        _registered = True
