@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
 
+from drm_lightning.exit_cleanup import has_process_group, leave_process_group
 from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
@@ -165,7 +166,7 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"{PROG} {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
-    had_group = _has_process_group()
+    had_group = has_process_group()
     try:
         if command in _SUMMARY:
             quiet_third_party(verbose=debug or _env_flag(VERBOSE_ENV))
@@ -179,17 +180,9 @@ def main(args: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     finally:
-        if not had_group and _has_process_group():  # the command's own group: gone before the interpreter exits
-            from drm_lightning.world import leave_world
-
-            leave_world()
+        if not had_group:  # the command's own group: gone before the interpreter exits
+            leave_process_group()
     return 0
-
-
-def _has_process_group() -> bool:
-    """Whether a default ``torch.distributed`` group exists (never imports torch: without it there is none)."""
-    dist = sys.modules.get("torch.distributed")
-    return bool(dist is not None and dist.is_available() and dist.is_initialized())
 
 
 def __getattr__(name: str) -> Any:

@@ -19,14 +19,24 @@ import sys
 _registered = False
 
 
+def has_process_group() -> bool:
+    """Whether a default ``torch.distributed`` group exists (never imports torch: without it there is none)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
 def leave_process_group() -> bool:
     """Destroy the default process group (and every group made under it) if one is initialised, then collect
-    reference cycles, which may hold groups already destroyed but not yet freed. True when a group was destroyed."""
-    dist = sys.modules.get("torch.distributed")
-    destroyed = False
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        destroyed = True
+    reference cycles, which may hold groups already destroyed but not yet freed. True when a group was destroyed.
+
+    Why public: a command run under a launcher calls it before it returns (``cli.main``), so its group is gone
+    before the interpreter exits; the exit handler covers the processes that return some other way.
+    """
+    if "torch.distributed" not in sys.modules:
+        return False  # no torch.distributed loaded: no group, and no gloo group to free
+    destroyed = has_process_group()
+    if destroyed:
+        sys.modules["torch.distributed"].destroy_process_group()
     gc.collect()
     return destroyed
 

@@ -292,18 +292,3 @@ def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
         return group_broadcast_json(obj, dist.get_rank(), group)
     finally:
         dist.destroy_process_group(group)
-
-
-def leave_world() -> None:
-    """Destroy the default process group (whoever made it: ``join_world`` or Lightning's DDP), if there is one.
-
-    Why not leave it to the interpreter's exit: a gloo group still alive when Python tears down can abort the
-    process ("terminate called without an active exception"), a failed rank for its launcher although its work
-    was done. A command run under a launcher calls this before it returns (``cli.main``); ``exit_cleanup`` covers
-    the processes that return some other way.
-    """
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------------------------
