@@ -40,8 +40,8 @@ from drm_lightning.commands.tasks import TaskEntry, task_datamodules
 
 
 def merge(
-    task_vectors: list[str],
-    output: str,
+    task_vectors: list[str] | None = None,
+    output: str | None = None,
     method: str = "task_arithmetic",
     params: dict[str, Any] | None = None,
     lam: float | Literal["search"] = 1.0,
@@ -63,6 +63,7 @@ def merge(
     skip: list[str] | None = None,
     task_models: bool = True,
     extend_edges: int = 1,
+    mergekit_config: str | None = None,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
@@ -105,6 +106,10 @@ def merge(
             point of its grid adds two λ beyond it, and a searched numeric parameter (a list in --params) whose
             best value is the first or last of its list adds the next value beyond it (merged and scored), at most
             this many rounds each; every round is said on stderr and in lambda_search.json's notes; 0: off.
+        mergekit_config: a mergekit YAML (merge_method, base_model, models with weight/density, parameters, dtype)
+            that gives task_vectors, method, params, coefficients, λ, base and torch_dtype instead of those
+            arguments; merge_method takes mergekit's task_arithmetic, ties, dare_linear, dare_ties, linear or any
+            method name above (docs/interop.md: where the two tools' definitions differ).
 
     Returns:
         The merged model folder.
@@ -113,6 +118,12 @@ def merge(
     from drm_lightning.merging.setup import check_output
     from drm_lightning.world import detect_world, is_global_zero
 
+    if mergekit_config is not None:
+        task_vectors, method, params, coefficients, lam, base, torch_dtype = _from_mergekit(
+            mergekit_config, task_vectors, method, params, coefficients, lam, base, torch_dtype
+        )
+    if output is None:
+        raise ValueError("output: required (the merged model folder)")
     if not task_vectors:
         raise ValueError("task_vectors=[]: give at least one task vector folder")
     if save_as not in ("model", "adapter"):
@@ -173,6 +184,43 @@ def merge(
 
         export_task_models(out)
     return out
+
+
+def _from_mergekit(
+    path: str,
+    task_vectors: list[str] | None,
+    method: str,
+    params: dict[str, Any] | None,
+    coefficients: list[float] | None,
+    lam: float | Literal["search"],
+    base: str | None,
+    torch_dtype: str | None,
+) -> tuple[list[str], str, dict[str, Any], list[float] | None, float | Literal["search"], str | None, str | None]:
+    """``merge``'s arguments from a mergekit YAML; an argument also given on the command line is refused (the
+    config is meant to be the whole merge), except ``--lam search`` over a config without ``lambda``."""
+    from drm_lightning.commands.mergekit_config import read_mergekit_config
+    from drm_lightning.merging.registry import METHODS
+
+    given = {"task_vectors": task_vectors, "params": params, "coefficients": coefficients, "base": base,
+             "torch_dtype": torch_dtype}  # fmt: skip
+    given = {k: v for k, v in given.items() if v is not None}
+    if method != "task_arithmetic":
+        given["method"] = method
+    config = read_mergekit_config(path, frozenset(METHODS))
+    if lam == "search":
+        config_lam: float | Literal["search"] = "search"
+    elif lam != 1.0:
+        given["lam"] = lam
+        config_lam = config.lam
+    else:
+        config_lam = config.lam
+    if given:
+        name = sorted(given)[0]
+        raise ValueError(f"--{name} and --mergekit_config both given: the config says the whole merge; drop --{name}")
+    for note in config.notes:
+        print(f"mergekit config: {note}", file=sys.stderr)
+    return (config.task_vectors, config.method, config.params, config.coefficients, config_lam, config.base,
+            config.torch_dtype)  # fmt: skip
 
 
 def _merge(
