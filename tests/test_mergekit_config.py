@@ -108,7 +108,7 @@ REFUSALS = [
         {"merge_method": "ties", "models": [{"model": "a+b/lora"}]}, ["models[0].model", "model+LoRA"], id="lora",
     ),
     pytest.param(
-        {"merge_method": "ties", "models": [*_models(1.0, density=0.2), {"model": "x", "parameters": {"density": 0.5}}]},
+        {"merge_method": "ties", "models": [*_models(1.0, density=0.2), {"model": "x", "parameters": {"density": 1}}]},
         ["models[*].parameters.density", "differ"], id="densities",
     ),
     pytest.param(
