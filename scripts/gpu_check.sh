@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Every CUDA path of drm_lightning on a lent GPU, in one command and within ~8 minutes on one H100/H200:
+#   1. the `gpu`-marked tests,
+#   2. benchmarks/merge_speed.py at full Llama-3.1-8B layer shapes,
+#   3. benchmarks/merge_memory.py (working memory per method and shape),
+#   4. benchmarks/vs_mergekit.py --cuda (side by side with mergekit, when its virtualenv can be made),
+# each under its own time limit, every table and JSON into one folder ($OUT when set, else runs/gpu_check), with
+# a summary.md listing each step's exit code and seconds.
+#
+#   usage: bash scripts/gpu_check.sh                      # on the GPU machine
+#          bash scripts/gpu_check.sh --device cpu --quick # the dry run the test suite does: every step, tiny shapes
+#
+# DRM_GPU_CHECK_SETUP=0 skips scripts/setup.sh (a .venv already there). A failing step does not stop the others;
+# the script exits non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+device=cuda
+quick=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) device=$2; shift 2 ;;
+    --quick) quick=1; shift ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --device cuda|cpu, --quick)" >&2; exit 2 ;;
+  esac
+done
+out=${OUT:-runs/gpu_check}
+mkdir -p "$out"
+
+if [ "${DRM_GPU_CHECK_SETUP:-1}" != 0 ]; then
+  bash scripts/setup.sh test,demo || exit 1
+fi
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -f "${DRM_VENV:-.venv}/bin/activate" ]; then
+  # shellcheck disable=SC1091
+  . "${DRM_VENV:-.venv}/bin/activate"
+fi
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [ "$quick" = 1 ]; then
+  speed=(--scale 128 --tasks 3 --repeats 1 --threads 1)
+  memory=(--scale 64 --tasks 3 --threads 1 --in-process)
+  vsmk=(--quick)
+  limit_tests=120 limit_speed=120 limit_memory=120 limit_vs=300
+else
+  speed=(--scale 1 --tasks 8 --repeats 2)
+  memory=(--scale 1 --tasks 8)
+  vsmk=()
+  limit_tests=150 limit_speed=150 limit_memory=60 limit_vs=150
+fi
+
+summary="$out/summary.md"
+{
+  echo "# gpu_check ($device$([ "$quick" = 1 ] && echo ', quick'))"
+  echo
+  echo "$(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  python - <<'PY'
+import torch
+print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
+      + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+PY
+  echo
+  echo "| step | exit | seconds | output |"
+  echo "|---|---:|---:|---|"
+} > "$summary"
+
+failed=0
+step() {  # step NAME LIMIT OUTPUT_FILE COMMAND...
+  local name=$1 limit=$2 file=$3
+  shift 3
+  local start=$SECONDS
+  echo "gpu_check: $name (limit ${limit}s) -> $out/$file" >&2
+  timeout --kill-after=10 "$limit" "$@" > "$out/$file" 2>&1
+  local rc=$?
+  [ "$rc" = 0 ] || failed=1
+  echo "| $name | $rc | $((SECONDS - start)) | $file |" >> "$summary"
+}
+
+if [ "$device" = cuda ]; then
+  nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+  step "gpu tests" "$limit_tests" gpu_tests.txt python -m pytest -q -p no:cacheprovider -m gpu -rs
+else
+  # No GPU: the gpu-marked tests are collected (they skip without CUDA), so a renamed marker or import breaks here.
+  step "gpu tests (collected)" "$limit_tests" gpu_tests.txt \
+    python -m pytest -q -p no:cacheprovider -m gpu --collect-only $(grep -rl "mark.gpu" tests --include '*.py')
+fi
+step "merge speed" "$limit_speed" merge_speed.md \
+  python benchmarks/merge_speed.py --device "$device" "${speed[@]}" --json "$out/merge_speed.json"
+step "merge memory" "$limit_memory" merge_memory.md \
+  python benchmarks/merge_memory.py --device "$device" "${memory[@]}" --json "$out/merge_memory.json"
+if [ -f benchmarks/vs_mergekit.py ]; then
+  cuda_flag=()
+  [ "$device" = cuda ] && cuda_flag=(--cuda)
+  step "vs mergekit" "$limit_vs" vs_mergekit.md \
+    python benchmarks/vs_mergekit.py "${cuda_flag[@]}" "${vsmk[@]}" --json "$out/vs_mergekit.json"
+fi
+cat "$summary" >&2
+exit "$failed"
