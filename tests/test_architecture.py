@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1] / "drm_lightning"
 #: units of one layer do not import each other. The same table is drawn in docs/architecture.md.
 LAYERS: list[set[str]] = [
     {"verbosity", "memory", "world", "exit_cleanup"},  # utilities: import nothing of drm_lightning
+    {"io"},  # every byte on disk: safetensors, the task-vector and merged-delta formats; every reader/writer uses it
     {"task_vectors"},  # the on-disk contract between experts and merging, and its fingerprint
     {"models"},  # backbones, heads, the expert LightningModule
     {"data", "callbacks", "interop", "merging"},  # datamodules; extraction callback; experts from HF/PEFT; the merge

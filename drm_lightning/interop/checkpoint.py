@@ -3,8 +3,8 @@
 Why lazy: converting a fine-tuned 8B model into a task vector must not hold it next to its base. Only the headers
 of the shards are parsed up front (names, dtypes, shapes, byte ranges; ``model.safetensors.index.json`` or a single
 ``model.safetensors`` / ``adapter_model.safetensors``); each tensor is then read with one positioned read into a
-fresh tensor, not through a memory map (whose touched pages stay resident while the file is open, see
-``merging/reader.py``).
+fresh tensor, not through a memory map (``io.safetensors``: one header parser and positioned read for every
+reader).
 
 Only safetensors is read: a folder with ``pytorch_model.bin`` alone is refused (a pickle is code). A hub id is
 resolved through the local Hugging Face cache only (``local_files_only``), never the network.
@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drm_lightning.io.safetensors import TensorInfo, read_header, read_tensor
 from drm_lightning.models.resolve import resolve_pretrained
-
-_DTYPES: dict[str, torch.dtype] = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FLOAT_CODES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
 class CheckpointError(ValueError):
@@ -79,21 +64,6 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file, dtype code, shape and absolute byte range."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
 class SafetensorsFolder:
     """The tensors of a folder's safetensors file(s), by name, read one at a time.
 
@@ -126,7 +96,7 @@ class SafetensorsFolder:
             path = folder / name
             if Path(name).name != name or not path.is_file():
                 raise CheckpointError(f"{index}: shard {name!r} is not a file in {folder}")
-            for key, info in _header(path).items():
+            for key, info in read_header(path, error=CheckpointError).items():
                 if key in self.tensors:
                     raise CheckpointError(f"{path}: tensor {key!r} is also in {self.tensors[key].file.name}")
                 self.tensors[key] = info
@@ -143,45 +113,9 @@ class SafetensorsFolder:
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name`` as stored (a fresh CPU tensor of exactly its bytes)."""
         info = self.tensors[name]
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.file, "rb") as handle:
-            handle.seek(info.start)
-            got = handle.readinto(memoryview(raw.numpy()))
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file}: tensor {name!r}: file ends after {got} of {info.nbytes} bytes")
-        if info.dtype not in _DTYPES:
-            raise CheckpointError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which torch cannot hold")
-        return raw.view(_DTYPES[info.dtype]).reshape(info.shape)
+            return read_tensor(handle, info, name, error=CheckpointError)
 
     def iter_read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             yield name, self.read(name)
-
-
-def _header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors header; errors name the file (missing, truncated, not safetensors)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header length {length} beyond the file's {size} bytes")
-            meta = json.loads(f.read(length))
-    except (struct.error, ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    base = 8 + length
-    out: dict[str, TensorInfo] = {}
-    for key, info in meta.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = (int(v) for v in info["data_offsets"])
-            entry = TensorInfo(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]), base + begin, base + end)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
-        if entry.end > size or entry.start > entry.end:
-            raise CheckpointError(f"{path}: tensor {key!r} lies beyond the end of the file (truncated?)")
-        out[key] = entry
-    return out

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from drm_lightning.interop.base import BaseInfo, check_same_model, describe_base, skipped
-from drm_lightning.interop.checkpoint import FLOAT_CODES, CheckpointError, SafetensorsFolder, local_folder, read_json
+from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
 from drm_lightning.interop.names import backbone_map, label_names, match_head
 from drm_lightning.interop.write import ImportPlan, head_source
+from drm_lightning.io.safetensors import FLOAT_CODES
 
 
 def plan_model(

@@ -2,10 +2,8 @@
 
 Why lazy: a merge of T experts of an 8B model must never hold T models in memory. The reader keeps only the
 safetensors header (names, shapes, dtypes, byte offsets; validated by ``safe_open`` when the reader is made) and
-reads each tensor's bytes with one positioned read into a fresh tensor. Not ``safe_open(...).get_tensor``: that
-memory-maps the file, and pages touched through a mapping count as resident memory for as long as it is open, so
-T open handles grow to T whole task vectors; re-opening per tensor instead costs a header parse each time
-(milliseconds × T × every parameter). A plain read makes exactly the tensor's bytes resident, freed with it.
+reads each tensor's bytes with one positioned read into a fresh tensor (``io.safetensors.read_tensor``; why not a
+memory map is said there). A plain read makes exactly the tensor's bytes resident, freed with it.
 
 Why validate here: a task vector taken against another model (or with a typo'd key) would otherwise merge silently
 into garbage or fail deep inside a decomposition. Everything that the header alone can tell (unknown keys, shapes,
@@ -16,16 +14,15 @@ names: factors for other modules mean the metadata describes another adapter.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from drm_lightning.io.safetensors import FLOAT_CODES, TensorInfo, open_safetensors, read_header, read_tensor
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
@@ -35,12 +32,8 @@ from drm_lightning.task_vectors.format import (
     META_FILE,
     TaskVectorError,
     TaskVectorMeta,
-    open_safetensors,
     read_meta,
 )
-
-#: safetensors dtype codes a delta may be stored in.
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
 def matches_lora_targets(module: str, targets: Sequence[str] | str) -> bool:
@@ -76,13 +69,15 @@ class TaskVectorReader:
         self.folder = Path(folder)
         self.meta: TaskVectorMeta = read_meta(self.folder)
         self.path = self.folder / DELTAS_FILE
-        with open_safetensors(self.path) as f:  # validates the header and the file length; names the file if not
+        with open_safetensors(
+            self.path, error=TaskVectorError
+        ) as f:  # validates the header and the file length; names the file if not
             keys = set(f.keys())
         # The head is only copied on by the merger, never parsed; checking its header here refuses a pickle (or any
         # non-safetensors file) under that name instead of passing it on into the merged folder.
-        with open_safetensors(self.folder / HEAD_FILE):
+        with open_safetensors(self.folder / HEAD_FILE, error=TaskVectorError):
             pass
-        self._header, self._offsets = _read_header(self.path)
+        self._header: dict[str, TensorInfo] = read_header(self.path, error=TaskVectorError)
         if set(self._header) != keys:
             raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
         self._dense: dict[str, str] = {}
@@ -153,14 +148,7 @@ class TaskVectorReader:
     def nbytes(self, name: str) -> int:
         """Bytes this task vector stores for ``name`` (0 if absent): for memory accounting and logs."""
         keys = self._lora.get(name) or ((self._dense[name],) if name in self._dense else ())
-        total = 0
-        for key in keys:
-            shape, dtype = self._header[key]
-            numel = 1
-            for s in shape:
-                numel *= s
-            total += numel * _itemsize(dtype)
-        return total
+        return sum(self._header[key].nbytes for key in keys)
 
     def validate(self, base_shapes: Mapping[str, Sequence[int]]) -> None:
         """Check every key against the base model's parameters without reading any tensor.
@@ -182,7 +170,7 @@ class TaskVectorReader:
 
     def _check_header(self, name: str, base_shape: tuple[int, ...]) -> None:
         if name in self._dense:
-            shape, dtype = self._header[name]
+            shape, dtype = self._header[name].shape, self._header[name].dtype
             self._check_dtype(name, dtype)
             if shape != base_shape:
                 raise TaskVectorError(
@@ -190,7 +178,8 @@ class TaskVectorReader:
                 )
             return
         key_a, key_b = self._lora[name]
-        (shape_a, dtype_a), (shape_b, dtype_b) = self._header[key_a], self._header[key_b]
+        info_a, info_b = self._header[key_a], self._header[key_b]
+        (shape_a, dtype_a), (shape_b, dtype_b) = (info_a.shape, info_a.dtype), (info_b.shape, info_b.dtype)
         self._check_dtype(key_a, dtype_a)
         self._check_dtype(key_b, dtype_b)
         rank = self.meta.lora.r if self.meta.lora is not None else None
@@ -209,9 +198,9 @@ class TaskVectorReader:
             )
 
     def _check_dtype(self, key: str, dtype: str) -> None:
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_CODES:
             raise TaskVectorError(
-                f"{self.path}: key {key!r} has dtype {dtype}, expected a float dtype {sorted(FLOAT_DTYPES)}"
+                f"{self.path}: key {key!r} has dtype {dtype}, expected a float dtype {sorted(FLOAT_CODES)}"
             )
 
     def get(self, name: str, base_shape: Sequence[int]) -> torch.Tensor | LowRankDelta | None:
@@ -234,16 +223,7 @@ class TaskVectorReader:
         return LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
 
     def _read(self, handle: BinaryIO, key: str) -> torch.Tensor:
-        shape, dtype = self._header[key]
-        start, end = self._offsets[key]
-        raw = torch.empty(end - start, dtype=torch.uint8)
-        handle.seek(start)
-        got = handle.readinto(memoryview(raw.numpy()))
-        if got != end - start:
-            raise TaskVectorError(
-                f"{self.path}: key {key!r}: file ends after {got} of {end - start} bytes (truncated?)"
-            )
-        tensor = raw.view(_TORCH_DTYPES[dtype]).reshape(shape)
+        tensor = read_tensor(handle, self._header[key], key, error=TaskVectorError)
         check_finite(tensor, f"{self.path}: key {key!r}")
         return tensor
 
@@ -260,34 +240,3 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
         raise TaskVectorError(f"{what} has {bad} non-finite value(s) (NaN or Inf)")
-
-
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-}
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(
-        dtype, 4
-    )
-
-
-def _read_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, tuple[int, int]]]:
-    """Shapes/dtypes and absolute byte ranges of every tensor of a safetensors file (already validated by
-    ``safe_open``: an 8-byte little-endian header length, the JSON header, then the data)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(length))
-    base = 8 + length
-    header, offsets = {}, {}
-    for key, info in meta.items():
-        if key == "__metadata__":
-            continue
-        header[key] = (tuple(int(s) for s in info["shape"]), str(info["dtype"]))
-        begin, end = info["data_offsets"]
-        offsets[key] = (base + int(begin), base + int(end))
-    return header, offsets

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
 from drm_lightning.merging.plan import MergePlan
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.models.backbone import parse_dtype
@@ -27,18 +28,12 @@ from drm_lightning.task_vectors.format import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     META_FILE,
+    TaskVectorError,
     check_free_space,
-    open_safetensors,
 )
 
 #: The tokenizer files a base folder may hold (what ``apply_merged_delta`` saves beside the merged weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
-#: Bytes per element of safetensors dtype codes (a checkpoint's header names them so).
-_ST_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_ST_FLOATS = frozenset({"F64", "F32", "F16", "BF16"})
 #: Room for config.json, generation_config.json, special-token files and a shard index beside the weights.
 CONFIG_ALLOWANCE = 16 * 1024
 
@@ -46,7 +41,7 @@ CONFIG_ALLOWANCE = 16 * 1024
 def delta_shapes(reader: TaskVectorReader) -> dict[str, tuple[int, ...]]:
     """Base parameter name -> the full shape of its delta, from the safetensors header (LoRA: ``[out, in]``)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    with open_safetensors(reader.path) as f:
+    with open_safetensors(reader.path, error=TaskVectorError) as f:
         header = {key: tuple(int(n) for n in f.get_slice(key).get_shape()) for key in f.keys()}
     for key, shape in header.items():
         if key.endswith(LORA_A_SUFFIX):
@@ -153,12 +148,9 @@ def estimate_model_bytes(
         return None
     total = 0
     for file in files:
-        with open_safetensors(file) as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                code = piece.get_dtype()
-                size = dtype.itemsize if dtype is not None and code in _ST_FLOATS else _ST_ITEMSIZE.get(code, 8)
-                total += math.prod(int(n) for n in piece.get_shape()) * size + len(key) + 96
+        for key, info in read_header(file).items():
+            size = dtype.itemsize if dtype is not None and info.dtype in FLOAT_CODES else ITEMSIZE.get(info.dtype, 8)
+            total += math.prod(info.shape) * size + len(key) + 96
     return total + tokenizer_bytes(base) + CONFIG_ALLOWANCE
 
 

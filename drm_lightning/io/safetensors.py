@@ -1,0 +1,148 @@
+"""The safetensors format, read and written by hand where ``safetensors`` itself would cost memory.
+
+One dtype table, one header parser, one positioned tensor read, and ``open_safetensors`` (``safe_open`` with errors
+that name the file). The layout: an 8-byte little-endian header length, a JSON header (name -> dtype code, shape,
+byte range relative to the data; an optional ``__metadata__``), then the data.
+
+Why positioned reads and not ``safe_open(...).get_tensor``: that memory-maps the file, and pages touched through a
+mapping count as resident memory for as long as it is open, so T open handles grow to T whole task vectors, and
+re-opening per tensor instead costs a header parse each time. ``read_tensor`` reads exactly one tensor's bytes
+into a fresh tensor (freed with it), each byte once.
+
+Errors: every function raises ``error`` (``SafetensorsError`` unless the caller passes its own ``ValueError``
+subclass, so a task-vector reader raises ``TaskVectorError`` and an importer ``CheckpointError``), with a message
+that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+
+#: safetensors dtype code -> the torch dtype that holds it (the codes torch can hold).
+DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+#: torch floating dtype -> its safetensors code (what a writer puts in the header).
+CODES: dict[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+#: The floating codes: what a delta, or a weight that a dtype cast changes, may be stored in.
+FLOAT_CODES = frozenset(CODES.values())
+#: Bytes per element of every code a checkpoint's header may name (also those torch cannot hold).
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file; the message names the file and the tensor at fault."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype code, shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: str | os.PathLike[str], *, error: type[ValueError] = SafetensorsError) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file: name -> ``TensorInfo`` (reads the header only, never the data).
+
+    Raises:
+        error: the file is missing, truncated, or its header is not safetensors (naming the file and tensor).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} beyond the file's {size} bytes")
+            meta = json.loads(f.read(length))
+        if not isinstance(meta, dict):
+            raise ValueError(f"the header is a JSON {type(meta).__name__}, not an object")
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not a readable safetensors file ({err})") from None
+    base = 8 + length
+    out: dict[str, TensorInfo] = {}
+    for key, info in meta.items():
+        if key == "__metadata__":
+            continue
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            entry = TensorInfo(path, str(info["dtype"]), tuple(int(s) for s in info["shape"]), base + begin, base + end)
+        except (KeyError, TypeError, ValueError):
+            raise error(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
+        if entry.end > size or entry.start > entry.end:
+            raise error(f"{path}: tensor {key!r} lies beyond the end of the file (truncated?)")
+        out[key] = entry
+    return out
+
+
+def read_tensor(
+    handle: BinaryIO, info: TensorInfo, name: str, *, error: type[ValueError] = SafetensorsError
+) -> torch.Tensor:
+    """The tensor ``info`` describes, read from the open file ``handle`` with one positioned read into a fresh CPU
+    tensor of exactly its bytes (the caller opens the file once for the tensors it reads together).
+
+    Raises:
+        error: the file ends early, or the dtype is one torch cannot hold (naming the file and ``name``).
+    """
+    if info.dtype not in DTYPES:
+        raise error(f"{info.file}: tensor {name!r} has dtype {info.dtype}, which torch cannot hold")
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
+    handle.seek(info.start)
+    got = handle.readinto(memoryview(raw.numpy()))
+    if got != info.nbytes:
+        raise error(f"{info.file}: tensor {name!r}: file ends after {got} of {info.nbytes} bytes (truncated?)")
+    return raw.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+@contextmanager
+def open_safetensors(path: str | os.PathLike[str], *, error: type[ValueError] = SafetensorsError) -> Iterator[Any]:
+    """``safe_open`` (CPU, torch) with an error that names the file when it is missing, truncated or not safetensors.
+
+    For what needs ``safetensors``' own validation of the whole header, or reads a small file whole (a head).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found")
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
+        raise error(f"{path}: not a readable safetensors file ({err})") from None
+    with handle as f:
+        yield f
