@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
 
@@ -123,15 +123,18 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _run(command: str, args: list[str]) -> None:
+def _run(command: str, args: list[str], quiet: Callable[[], None]) -> None:
+    """Run one subcommand; ``quiet()`` (the libraries' verbosity) is called once its arguments parsed, or at once for
+    Lightning's commands, which import every library anyway."""
     if command in LIGHTNING_COMMANDS:
         from drm_lightning.commands.expert import ExpertCLI
 
+        quiet()
         ExpertCLI([command, *args])
     elif command in FUNCTION_COMMANDS:
-        from drm_lightning.commands import COMMANDS
+        from drm_lightning.commands import run
 
-        COMMANDS[command](args)
+        run(command, args, prepare=quiet)
     else:
         raise ValueError(f"unknown command {command!r}; expected one of {', '.join(_SUMMARY)}")
 
@@ -167,10 +170,11 @@ def main(args: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     had_group = has_process_group()
+    verbose = debug or _env_flag(VERBOSE_ENV)
     try:
-        if command in _SUMMARY:
-            quiet_third_party(verbose=debug or _env_flag(VERBOSE_ENV))
-        _run(command, rest)
+        if command in _SUMMARY:  # loggers and warnings now; transformers and datasets once the arguments parsed
+            quiet_third_party(verbose=verbose, libraries=False)
+        _run(command, rest, lambda: quiet_third_party(verbose=verbose))
     except SystemExit as exc:  # --help / --print_config exit 0 from inside the parser
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

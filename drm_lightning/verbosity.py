@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -88,7 +89,7 @@ class _Saved:
 _saved: _Saved | None = None
 
 
-def quiet_third_party(verbose: bool) -> None:
+def quiet_third_party(verbose: bool, *, libraries: bool = True) -> None:
     """Quiet (``verbose=False``) or restore (``verbose=True``) third-party logging, warnings and progress bars.
 
     Idempotent both ways: quieting twice adds nothing twice, and restoring puts back the levels and switches seen
@@ -97,14 +98,18 @@ def quiet_third_party(verbose: bool) -> None:
 
     Args:
         verbose: ``True`` for everything the libraries print (``--debug``, ``DRM_LIGHTNING_VERBOSE=1``).
+        libraries: also switch transformers' and datasets' verbosity and progress bars, importing them (about 1 s).
+            ``False`` switches them only if they are already imported: what ``cli.main`` does before a command's
+            arguments are parsed, so ``--help`` and a malformed command line answer without those imports; the
+            command quiets them with ``True`` once its arguments are good.
     """
     if verbose:
         _restore()
     else:
-        _quiet()
+        _quiet(libraries)
 
 
-def _quiet() -> None:
+def _quiet(libraries: bool) -> None:
     global _saved
     saved = _saved if _saved is not None else _Saved()
     for name in RANK_ZERO_LOGGERS:
@@ -116,20 +121,21 @@ def _quiet() -> None:
     for known in KNOWN_WARNINGS:  # filterwarnings removes an equal entry before inserting, so no duplicates
         warnings.filterwarnings("ignore", message=known.message, category=known.category, module=known.module)
 
-    from transformers.utils import logging as hf_logging
-
-    if saved.transformers is None:
-        saved.transformers = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
-    hf_logging.set_verbosity_error()  # the per-load "LOAD REPORT" (e.g. the pooler we drop on purpose)
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; also switches off huggingface_hub's
-
-    import datasets
-
-    if saved.datasets_bars is None:
-        saved.datasets_bars = datasets.is_progress_bar_enabled()
-    if datasets.is_progress_bar_enabled():
-        datasets.disable_progress_bars()  # "Generating train split", "Map", "Filter"
     _saved = saved
+    if libraries or "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        if saved.transformers is None:
+            saved.transformers = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+        hf_logging.set_verbosity_error()  # the per-load "LOAD REPORT" (e.g. the pooler we drop on purpose)
+        hf_logging.disable_progress_bar()  # "Loading weights" bars; also switches off huggingface_hub's
+    if libraries or "datasets" in sys.modules:
+        import datasets
+
+        if saved.datasets_bars is None:
+            saved.datasets_bars = datasets.is_progress_bar_enabled()
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()  # "Generating train split", "Map", "Filter"
 
 
 def _restore() -> None:

@@ -373,13 +373,13 @@ def _load_refused(path: str) -> None:
 
 
 def _raise(err: BaseException):
-    def run(command: str, args: list[str]) -> None:
+    def run(command: str, args: list[str], quiet) -> None:
         raise err
 
     return run
 
 
-def _refuse_pickle(command: str, args: list[str]) -> None:
+def _refuse_pickle(command: str, args: list[str], quiet) -> None:
     _load_refused("/ckpts/evil.ckpt")
 
 

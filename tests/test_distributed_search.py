@@ -85,7 +85,7 @@ def test_main_destroys_the_group_its_command_made_and_keeps_one_it_found(
     def init(name: str) -> None:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / name}", world_size=1, rank=0)
 
-    monkeypatch.setattr(cli, "_run", lambda command, args: None if dist.is_initialized() else init("command"))
+    monkeypatch.setattr(cli, "_run", lambda command, args, quiet: None if dist.is_initialized() else init("command"))
     if before:
         init("caller")
     try:

@@ -327,6 +327,12 @@ def test_our_own_warning_still_shows_when_quiet(tmp_path: Path, monkeypatch: pyt
 # --- how main() picks the mode -----------------------------------------------------------------------------------
 
 
+def _fake_run(command: str, rest: list[str], quiet) -> None:
+    """``cli._run`` without the work: a known command quiets the libraries once its arguments parsed."""
+    if command in cli._SUMMARY:
+        quiet()
+
+
 @pytest.mark.parametrize(
     ("args", "env", "verbose"),
     [
@@ -345,12 +351,13 @@ def test_our_own_warning_still_shows_when_quiet(tmp_path: Path, monkeypatch: pyt
 def test_main_picks_the_mode(
     args: list[str], env: dict[str, str], verbose: bool | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[bool] = []
-    monkeypatch.setattr(cli, "quiet_third_party", lambda verbose: calls.append(verbose))
-    monkeypatch.setattr(cli, "_run", lambda command, rest: None)
+    calls: list[tuple[bool, bool]] = []
+    monkeypatch.setattr(cli, "quiet_third_party", lambda verbose, libraries=True: calls.append((verbose, libraries)))
+    monkeypatch.setattr(cli, "_run", _fake_run)
     for name in ("DRM_LIGHTNING_DEBUG", VERBOSE_ENV):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert cli.main(args) == 0
-    assert calls == ([] if verbose is None else [verbose])
+    # loggers first, without importing transformers/datasets; the libraries too once the arguments parsed
+    assert calls == ([] if verbose is None else [(verbose, False), (verbose, True)])

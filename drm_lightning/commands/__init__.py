@@ -8,6 +8,7 @@ parser alone, which is what ``tests/test_configs.py`` uses to check every shippe
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +17,20 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 PROG = "drm-lightning"
 
 
-def _functions() -> dict[str, Callable[..., Any]]:
-    from drm_lightning.commands.evaluate import evaluate
-    from drm_lightning.commands.extract import extract
-    from drm_lightning.commands.merge import merge
+#: The typed-function subcommands: name -> (module, function). Each is imported only when its command runs, so one
+#: command's parser never pays for another's imports.
+_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "merge": ("drm_lightning.commands.merge", "merge"),
+    "evaluate": ("drm_lightning.commands.evaluate", "evaluate"),
+    "extract": ("drm_lightning.commands.extract", "extract"),
+}
 
-    return {"merge": merge, "evaluate": evaluate, "extract": extract}
+
+def _function(name: str) -> Callable[..., Any]:
+    if name not in _FUNCTIONS:
+        raise ValueError(f"command {name!r}: expected one of {sorted([*_FUNCTIONS, 'pipeline'])}")
+    module, attr = _FUNCTIONS[name]
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_parser(name: str) -> ArgumentParser:
@@ -30,10 +39,7 @@ def build_parser(name: str) -> ArgumentParser:
         from drm_lightning.commands.pipeline import build_pipeline_parser
 
         return build_pipeline_parser()
-    functions = _functions()
-    if name not in functions:
-        raise ValueError(f"command {name!r}: expected one of {sorted([*functions, 'pipeline'])}")
-    fn = functions[name]
+    fn = _function(name)
     parser = ArgumentParser(prog=f"{PROG} {name}", exit_on_error=False, description=(fn.__doc__ or "").split("\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="A YAML file of these options.")
     parser.add_function_arguments(fn, as_group=False)
@@ -45,20 +51,20 @@ def parse(name: str, args: Sequence[str]) -> Namespace:
     return build_parser(name).parse_args(list(args))
 
 
-def run(name: str, args: Sequence[str]) -> Any:
-    """Parse ``args`` for subcommand ``name`` and run it."""
+def run(name: str, args: Sequence[str], prepare: Callable[[], None] | None = None) -> Any:
+    """Parse ``args`` for subcommand ``name`` and run it; ``prepare()`` is called once they parsed, before the command
+    runs (``cli.main`` quiets the libraries there, so a malformed command line never imports them)."""
     if name == "pipeline":
         from drm_lightning.commands.pipeline import run_pipeline
 
+        if prepare is not None:
+            prepare()
         return run_pipeline(list(args))
     parser = build_parser(name)
     config = parser.parse_args(list(args))
     kwargs = parser.instantiate_classes(config).as_dict()
     kwargs.pop("config", None)
     kwargs.pop("__path__", None)
-    return _functions()[name](**kwargs)
-
-
-COMMANDS: dict[str, Callable[[Sequence[str]], Any]] = {
-    name: (lambda args, _name=name: run(_name, args)) for name in ("merge", "evaluate", "extract", "pipeline")
-}
+    if prepare is not None:
+        prepare()
+    return _function(name)(**kwargs)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from jsonargparse import ArgumentError, Namespace
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningArgumentParser
+
+if TYPE_CHECKING:  # Lightning is imported only where a datamodule is checked or built: `merge --help` stays light
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
 
 TaskEntry = str | dict[str, Any]
 """A task as a recipe or the command line gives it (see the module docstring)."""
@@ -86,6 +88,9 @@ def load_task_spec(entry: TaskEntry, search_dirs: Sequence[Path] = ()) -> dict[s
 
 
 def _parser() -> LightningArgumentParser:
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser
+
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     return parser

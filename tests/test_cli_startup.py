@@ -1,0 +1,50 @@
+"""What each subcommand imports before it does its work: ``--help`` and a malformed command line must answer
+without torch, Lightning, transformers or datasets (each costs seconds), so they answer in well under 2 s.
+
+Run in a fresh interpreter (a subprocess): this test process has them all loaded already.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "lightning", "transformers", "datasets")
+
+_PROBE = """
+import contextlib, io, json, sys
+from drm_lightning.cli import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = main(sys.argv[2:])
+print(json.dumps({"status": status, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                  "loaded": sorted(m for m in sys.argv[1].split(",") if m in sys.modules)}))
+"""
+
+
+def _probe(args: list[str]) -> dict:
+    command = [sys.executable, "-c", _PROBE, ",".join(HEAVY), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (["--help"], 0, "commands:"),
+        (["merge", "--help"], 0, "--task_vectors"),
+        (["evaluate", "--help"], 0, "--tasks"),
+        (["extract", "--help"], 0, "--adapter"),
+        (["merge", "--no_such_option", "1"], 1, "drm-lightning: error: "),
+        (["merge", "--lam", "high"], 1, "drm-lightning: error: "),
+    ],
+)
+def test_help_and_argument_errors_import_no_heavy_library(args: list[str], status: int, says: str) -> None:
+    got = _probe(args)
+    assert got["status"] == status
+    assert says in got["stdout"] + got["stderr"]
+    assert got["loaded"] == []
