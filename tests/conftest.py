@@ -21,9 +21,8 @@ torch.set_num_threads(int(os.environ.get("DRM_TEST_THREADS", "1")))
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One tiny saved model per backbone family, plus ``encoder_other`` (an encoder of another seed, so of another
     fingerprint). Module-scoped: each test module builds its own folders, so none sees another's files."""
-    from tiny_models import make_tiny_model  # lazy: collecting a module that needs no model stays light
-
     from drm_lightning.models.backbone import FAMILIES
+    from tests.helpers.tiny_models import make_tiny_model  # lazy: collecting a module that needs no model stays light
 
     root = tmp_path_factory.mktemp("tiny")
     paths = {family: make_tiny_model(family, root / family) for family in FAMILIES}
@@ -38,7 +37,7 @@ MERGE_TASKS = 3
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny saved BERT with a tokenizer: the base of ``dense_tvs`` and ``lora_tvs`` (the merge tests' inputs)."""
-    from helpers_models import build_tiny_model
+    from tests.helpers.merge_inputs import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("merge_inputs") / "bert", "bert", tokenizer=True)
 
@@ -46,7 +45,7 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dense_tvs(bert: Path) -> list[Path]:
     """``MERGE_TASKS`` random dense task vectors of ``bert``."""
-    from helpers_models import write_task_vectors
+    from tests.helpers.merge_inputs import write_task_vectors
 
     return write_task_vectors(bert, bert.parent / "tv_dense", MERGE_TASKS, kind="dense")
 
@@ -54,7 +53,7 @@ def dense_tvs(bert: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def lora_tvs(bert: Path) -> list[Path]:
     """``MERGE_TASKS`` random LoRA task vectors of ``bert`` (rank 2, alpha 4)."""
-    from helpers_models import write_task_vectors
+    from tests.helpers.merge_inputs import write_task_vectors
 
     return write_task_vectors(bert, bert.parent / "tv_lora", MERGE_TASKS, kind="lora", seed=10, rank=2, alpha=4.0)
 

@@ -3,7 +3,8 @@ their parsers.
 
 Why typed functions: jsonargparse turns each signature into options and each Google-style docstring into
 ``--help`` (litgpt's pattern), and the same function is callable from Python. ``build_parser(name)`` gives the
-parser alone, which is what ``tests/test_configs.py`` uses to check every shipped YAML against the real signatures.
+parser alone, which is what ``tests/project/test_configs.py`` uses to check every shipped YAML against the real
+signatures.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class _ParsedOnly(Exception):  # noqa: N818 - control flow, not an error
 
 def parse_expert_args(args: Sequence[str]) -> Namespace:
     """Parse ``fit``/``validate``/``test`` arguments exactly as ``drm-lightning`` does, links applied, building
-    nothing (no model or data is loaded): what ``tests/test_configs.py`` checks every shipped YAML with."""
+    nothing (no model or data is loaded): what ``tests/project/test_configs.py`` checks every shipped YAML with."""
     try:
         ExpertCLI(args, parse_only=True)
     except _ParsedOnly as parsed:

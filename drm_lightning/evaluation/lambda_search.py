@@ -16,8 +16,8 @@ Two strategies:
     Fewer evaluations on the same grid: evaluate every k-th λ (k ≈ √n, plus the last one), then run a discrete
     golden-section search over the grid points between the best coarse λ's two coarse neighbours. About
     ``√n + log₁.₆₂(2√n)`` evaluations instead of n: 8–10 instead of 30 on the SVD grid, 4–7 instead of 10 on the
-    Task Arithmetic grid (measured on smooth curves in ``tests/test_evaluation.py``). It returns the grid's best λ
-    whenever the curve is unimodal within that bracket; validation curves usually are, but noise can trap it on a
+    Task Arithmetic grid (measured on smooth curves in ``tests/evaluation/test_evaluation.py``). It returns the grid's
+    best λ whenever the curve is unimodal within that bracket; validation curves usually are, but noise can trap it on a
     local bump, so ``grid`` stays the exhaustive choice. Ties go to the smaller λ in both strategies.
 
 An edge never decides silently: with ``extend=k`` a best λ at the first or last point of the grid adds

@@ -7,10 +7,10 @@ the matrix the paper names, polar factors through a second SVD, ``kthvalue`` thr
 fraction", explicit loops over tasks; no Gram identities, no low-rank shortcuts, nothing for speed or memory.
 
 ``dtype`` runs the same equations in another precision: ``float32`` is the way the methods' authors run them, the
-baseline ``benchmarks/merge_speed.py`` races and the error ``tests/test_functional_reference.py`` measures. Every
-function takes the task deltas of one parameter (same-shape tensors, any floating dtype), upcasts them to ``dtype``
-and returns the merged delta in ``dtype``. The conventions the papers leave open (the rank tolerances, the DARE
-mask) are the ones ``docs/methods.md`` fixes.
+baseline ``benchmarks/merge_speed.py`` races and the error ``tests/methods/test_functional_reference.py`` measures.
+Every function takes the task deltas of one parameter (same-shape tensors, any floating dtype), upcasts them to
+``dtype`` and returns the merged delta in ``dtype``. The conventions the papers leave open (the rank tolerances, the
+DARE mask) are the ones ``docs/methods.md`` fixes.
 """
 
 from __future__ import annotations
