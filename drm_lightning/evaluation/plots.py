@@ -282,6 +282,33 @@ def plot_spectra(spectra: Sequence[LayerSpectrum], path: str | os.PathLike[str])
         plt.close(fig)
 
 
+def heatmap(
+    values: Sequence[Sequence[float]],
+    rows: Sequence[str],
+    columns: Sequence[str],
+    title: str,
+    path: str | os.PathLike[str],
+) -> Path | None:
+    """A matrix as a heatmap, one row per ``rows`` entry (e.g. learned coefficients, layer × task), the colour scale
+    beside it. ``None`` without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    height = min(40.0, max(3.0, 0.16 * len(rows) + 1.5))
+    width = min(16.0, max(4.5, 1.1 * len(columns) + 4.0))
+    fig, ax = plt.subplots(figsize=(width, height))
+    try:
+        image = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(columns)), [_short(c, 16) for c in columns], rotation=20 if len(columns) > 4 else 0)
+        ax.set_yticks(range(len(rows)), [_short(r) for r in rows], fontsize=6 if len(rows) > 30 else 8)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def _positive(values: torch.Tensor) -> list[float]:
     """Exact zeros cannot be drawn on a log scale: they end the line (NaN) instead of breaking the axis."""
     return [v if v > 0 else math.nan for v in values.tolist()]
