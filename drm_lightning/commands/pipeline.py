@@ -104,6 +104,8 @@ class Pipeline(FitStage, MergeStage):
             share_out=share_out,
             extend=r.extend_edges,
             more_variants=self.more_variants,
+            learn={spec.name: spec.learn for spec in r.methods if spec.learn is not None},
+            plots=r.plots,
         )
 
     def export(self, results: Any) -> dict[str, Any] | None:
@@ -129,8 +131,11 @@ class Pipeline(FitStage, MergeStage):
         """Label -> the merged folder each method's result comes from (a searched method's chosen parameter set)."""
         merged = {}
         for spec in self.recipe.methods:
-            chosen = results.method(spec.name).chosen()
+            result = results.method(spec.name)
+            chosen = result.chosen()
             merged[spec.name] = self.merged_dir(spec) / chosen.name if chosen else self.merged_dir(spec)
+            if result.learned:  # the learned coefficients' folder, beside the merge they were learned on
+                merged[spec.name] = Path(result.learned["folder"])
         return merged
 
     def report(self, results: Any, usage: dict[str, Any] | None = None) -> str:

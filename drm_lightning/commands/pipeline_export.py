@@ -26,6 +26,8 @@ EXPORTS = ("best", "all", "none")
 def validation_score(results: EvaluationResults, label: str) -> float | None:
     """The λ search's score (average normalised validation metric) at the λ ``label`` chose; ``None`` without one."""
     m = results.method(label)
+    if m.learned and m.learned.get("validation_score") is not None:
+        return float(m.learned["validation_score"])  # the learned model's, at its own coefficients
     chosen = m.chosen()
     if chosen is not None and chosen.score is not None and math.isfinite(chosen.score):
         return chosen.score  # a searched method: its chosen parameter set's score at its λ
@@ -143,7 +145,8 @@ def export_models(
     if score is None:
         log(f"no validation score (every λ was given): exporting the first method, {best}")
     forms: dict[str, str] = {}
-    lams = {m.label: 1.0 if m.lam is None else float(m.lam) for m in results.methods}
+    # a learned model's folder holds W_0 + 1·Δ_learned: its coefficients are in the delta, λ = 1
+    lams = {m.label: 1.0 if m.lam is None or m.learned else float(m.lam) for m in results.methods}
     for label in labels:
         out = models_dir / label
         forms[label] = export_model(merged_dirs[label], lams[label], out, methods[label], task_vectors, save_as)

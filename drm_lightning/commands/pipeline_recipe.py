@@ -63,6 +63,9 @@ class MethodSpec:
         label: Name in the report and of merged/<label> (default: the method name); lets one method run twice.
         lam: A fixed λ; None searches ``lambdas`` on the validation splits.
         lambdas: The λ grid to search (default: the method's default grid).
+        learn: Learn merging coefficients on top of the chosen λ (``LearnSettings``: objective entropy or
+            cross_entropy, form layer or task, granularity tensor or block, epochs, lr, max_steps, split, init,
+            seed); the model reported and exported is the learned one (docs/methods.md, "Learned coefficients").
     """
 
     method: str
@@ -70,6 +73,7 @@ class MethodSpec:
     label: str | None = None
     lam: float | None = None
     lambdas: list[float] | None = None
+    learn: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -96,6 +100,16 @@ def method_spec(entry: Mapping[str, Any] | MethodSpec, index: int = 0) -> Method
             raise ValueError(f"methods[{index}].lambdas={spec.lambdas!r}: expected a non-empty list of numbers")
         spec.lambdas = [float(x) for x in spec.lambdas]
     spec.params = dict(spec.params or {})
+    if spec.learn is not None:
+        from drm_lightning.evaluation.coefficients import TASK_FORM_METHODS, LearnSettings
+
+        settings = LearnSettings.parse(spec.learn, where=f"methods[{index}].learn")
+        if settings.form == "task" and spec.method not in TASK_FORM_METHODS:
+            raise ValueError(
+                f"methods[{index}].learn.form='task': method {spec.method!r} has no per-task terms; the task form "
+                f"works over {list(TASK_FORM_METHODS)} (form: layer works over any method)"
+            )
+        spec.learn = settings.to_dict()
     return spec
 
 
@@ -151,7 +165,7 @@ def build_pipeline_parser() -> LightningArgumentParser:
         "--methods",
         type=list[dict[str, Any]],
         required=True,
-        help="Merge methods, each a merged model: {method, params, label, lam, lambdas} (see MethodSpec).",
+        help="Merge methods, each a merged model: {method, params, label, lam, lambdas, learn} (see MethodSpec).",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
     parser.add_argument(

@@ -144,6 +144,33 @@ def learn_coefficients(
     return info
 
 
+def learned_is_current(
+    output: str | os.PathLike[str],
+    merged: str | os.PathLike[str],
+    settings: LearnSettings | Mapping[str, Any],
+    lam: float,
+) -> bool:
+    """A learned folder from the same merged folder, settings and initial λ, newer than the merge: reusable."""
+    from drm_lightning.merging.record import MERGE_FILE
+
+    output, merged = Path(output), Path(merged)
+    path = output / MERGE_FILE
+    if not path.is_file() or not (output / COEFFICIENTS_JSON).is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    settings = LearnSettings.parse(settings)
+    info = record.get("learned") or {}
+    init = float(lam if settings.init is None else settings.init)
+    if record.get("learned_from") != str(merged.resolve()) or info.get("init") != init:
+        return False
+    if any(info.get(k) != v for k, v in settings.to_dict().items()):
+        return False
+    return path.stat().st_mtime >= (merged / MERGE_FILE).stat().st_mtime
+
+
 class LossLog(Callback):
     """The first and the last step's loss of the coefficient fit."""
 

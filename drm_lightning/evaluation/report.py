@@ -139,6 +139,9 @@ def render_markdown(
     swept = [m for m in r.methods if m.variants]
     for m in swept:
         lines += _landscape(m, r.metric)
+    learned = [m for m in r.methods if m.learned]
+    if learned:
+        lines += _learned(learned)
     noted = [m for m in r.methods if m.notes]
     if noted:
         lines += ["", "## Grid extensions", "", "A best value at the edge of its grid extended the grid (bounded):", ""]
@@ -187,6 +190,39 @@ def _landscape(m: Any, metric: str) -> list[str]:
         rows.append(row)
     header = ["params"] + [f"λ={fmt_lambda(x)}" for x in grid] + ["best λ", "best (%)", "evaluations"]
     return lines + _table(header, [":---"] + ["---:"] * (len(header) - 1), rows)
+
+
+def _learned(methods: Sequence[Any]) -> list[str]:
+    """The table of the models whose coefficients were learned on top of their chosen λ: what, on which data."""
+    lines = [
+        "",
+        "## Learned coefficients",
+        "",
+        "Coefficients learned with Adam from the chosen λ (docs/methods.md, *Learned coefficients*); the numbers above "
+        "are the learned model's. *data* says what the objective read; validation scores are average normalised "
+        "(%), before and after learning.",
+        "",
+    ]
+    rows = []
+    for m in methods:
+        info = m.learned
+        spread = " / ".join(f"{info.get(k, math.nan):.3f}" for k in ("min", "mean", "max"))
+        rows.append(
+            [
+                _escape(m.label),
+                _escape(m.method or m.label),
+                f"{info.get('form')} × {info.get('granularity')} ({info.get('groups')} groups)",
+                _escape(str(info.get("data"))),
+                f"{info.get('steps')} steps, lr {info.get('lr')}",
+                fmt_lambda(info.get("init")),
+                spread,
+                f"{fmt_percent(info.get('validation_score_before'))} → {fmt_percent(info.get('validation_score'))}",
+                f"`{Path(str(info.get('folder'))).as_posix()}`",
+            ]
+        )
+    header = ["model", "method", "coefficients", "data", "fit", "from λ", "min / mean / max", "validation",
+              "folder (coefficients.json, coefficients.png)"]  # fmt: skip
+    return lines + _table(header, [":---"] * 5 + ["---:"] * 3 + [":---"], rows)
 
 
 def _jsonable(value: Any) -> Any:

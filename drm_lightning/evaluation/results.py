@@ -114,7 +114,9 @@ class MethodResult:
 
     ``curve`` holds the λ search, in the order λ was evaluated; empty when λ was given. With a search over the
     method's own parameters, ``variants`` holds every parameter set tried (the chosen one's ``params``, ``lam`` and
-    ``curve`` are the method's) and ``notes`` what the search extended at an edge.
+    ``curve`` are the method's) and ``notes`` what the search extended at an edge. ``learned``: when coefficients
+    were learned on top of the chosen λ (``evaluation/learn.py``), what was learned, on which data, the validation
+    score before and after, and the learned folder; ``metrics`` are then the learned model's.
     """
 
     label: str
@@ -126,6 +128,7 @@ class MethodResult:
     curve: list[LambdaPoint] = field(default_factory=list)
     variants: list[VariantResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    learned: dict[str, Any] = field(default_factory=dict)
 
     def chosen(self) -> VariantResult | None:
         """The variant the search chose: its values are in ``params`` and its λ is ``lam`` (``None`` without a
@@ -157,6 +160,7 @@ class MethodResult:
             "variants": [v.to_dict() for v in self.variants],
             "notes": list(self.notes),
             "evaluations": self.evaluations,
+            "learned": dict(self.learned),
         }
 
     @classmethod
@@ -176,6 +180,7 @@ class MethodResult:
             curve=[LambdaPoint.from_dict(p, f"methods[{label!r}].curve") for p in data.get("curve", [])],
             variants=[VariantResult.from_dict(v, f"methods[{label!r}].variants") for v in data.get("variants", [])],
             notes=[str(n) for n in data.get("notes", [])],
+            learned=dict(data.get("learned") or {}),
         )
 
 

@@ -35,6 +35,7 @@ from drm_lightning.evaluation.results import (
     EvaluationResults,
     LambdaPoint,
     MethodResult,
+    TaskMetrics,
     VariantResult,
     average_normalised,
 )
@@ -91,6 +92,8 @@ def evaluate_merges(
     share_out: bool = False,
     extend: int = 0,
     more_variants: MoreVariants | None = None,
+    learn: Mapping[str, Mapping[str, Any]] | None = None,
+    plots: bool = True,
 ) -> EvaluationResults:
     """Evaluate experts, pretrained backbone and merged models on every task; the input of ``build_report``.
 
@@ -114,6 +117,10 @@ def evaluate_merges(
             method's parameters.
         more_variants: called after a label's variants are evaluated, up to ``extend`` times; the variants it
             returns (already merged) are evaluated too.
+        learn: label -> ``LearnSettings`` mapping: learn merging coefficients on top of that model's chosen λ
+            (``learn.learn_coefficients``, into ``<merged folder>/learned``); its numbers on ``split`` are then the
+            learned model's, and the result's ``learned`` says what was learned on which data.
+        plots: draw each learned model's coefficient heatmap.
     """
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")
@@ -125,6 +132,9 @@ def evaluate_merges(
     folders = _check_labels(
         {k: v if isinstance(v, list) else [Variant("", {}, v)] for k, v in labelled.items()}, lambdas, grids
     )
+    unknown = sorted(set(learn or {}) - set(folders))
+    if unknown:
+        raise ValueError(f"learn: label(s) {unknown} are not among the merged models {sorted(folders)}")
     lambdas, grids = dict(lambdas or {}), dict(grids or {})
     tasks = [read_meta(f).task for f in task_vectors]
     kwargs = dict(trainer_kwargs or {})
@@ -148,6 +158,7 @@ def evaluate_merges(
         return _evaluate_method(
             label, folders[label], task_vectors, datamodules, expert_val, split, lambdas, strategy, grids, metric,
             kwargs, extend=extend, more_variants=more_variants if label in swept else None,
+            learn=(learn or {}).get(label), plots=plots,
         ).to_dict()  # fmt: skip
 
     results = _shared(list(folders), one_method, rank, world)
@@ -170,6 +181,8 @@ def _evaluate_method(
     *,
     extend: int = 0,
     more_variants: MoreVariants | None = None,
+    learn: Mapping[str, Any] | None = None,
+    plots: bool = True,
 ) -> MethodResult:
     """One merged model: its λ (given, or searched on validation) and its numbers on ``split``.
 
@@ -229,10 +242,18 @@ def _evaluate_method(
     best = best_variant(results)
     info = records[best.name]
     metrics = metrics_at[best.name]
+    learned: dict[str, Any] = {}
+    at = best.lam
+    if learn is not None:  # the learned model (W_0 + 1·Δ_learned) replaces the merge at its λ
+        backbone = None  # never two bases at once
+        backbone, metrics, learned = _learned_model(
+            label, folders[best.name], best, task_vectors, datamodules, expert_val, split, metric, kwargs, learn, plots
+        )
+        at = 1.0
     if metrics is None or split != "validation":  # the winner's validation numbers are the ones asked for: reused
         if backbone is None:
             backbone = MergedBackbone(folders[best.name])
-        metrics = evaluate_backbone(backbone.at(best.lam), task_vectors, datamodules, split, kwargs)
+        metrics = evaluate_backbone(backbone.at(at), task_vectors, datamodules, split, kwargs)
     return MethodResult(
         label=label,
         method=str(info["method"]),
@@ -243,7 +264,40 @@ def _evaluate_method(
         curve=best.curve if (searched or label not in lambdas) else [],
         variants=results if searched else [],
         notes=notes + [f"[{v.name}] {n}" if searched else n for v in results for n in v.notes],
+        learned=learned,
     )
+
+
+def _learned_model(
+    label: str,
+    folder: Path,
+    best: VariantResult,
+    task_vectors: Sequence[str | os.PathLike[str]],
+    datamodules: Mapping[str, LightningDataModule],
+    expert_val: Mapping[str, Mapping[str, float]],
+    split: Split,
+    metric: str,
+    kwargs: dict[str, Any],
+    learn: Mapping[str, Any],
+    plots: bool,
+) -> tuple[MergedBackbone, TaskMetrics, dict[str, Any]]:
+    """Coefficients learned on top of the chosen ``(folder, λ)`` (reused when current): the learned model at λ = 1,
+    its validation metrics and the result's ``learned`` block (validation score before and after)."""
+    from drm_lightning.evaluation.learn import LEARNED_DIR, learn_coefficients, learned_is_current
+    from drm_lightning.merging.record import read_merge_record
+
+    output = folder / LEARNED_DIR
+    if learned_is_current(output, folder, learn, best.lam):
+        rank_zero_info(f"{label}: reusing the learned coefficients in {output}")
+        info = dict(read_merge_record(output)["learned"])
+    else:
+        rank_zero_info(f"{label}: learning coefficients ({dict(learn)}) from λ={best.lam:g}")
+        info = learn_coefficients(folder, best.lam, task_vectors, datamodules, learn, output, kwargs, plots=plots)
+    backbone = MergedBackbone(output)
+    val = evaluate_backbone(backbone.at(1.0), task_vectors, datamodules, "validation", kwargs)
+    score = average_normalised(val, expert_val, metric, list(expert_val))
+    learned = {**info, "folder": str(output), "validation_score_before": best.score, "validation_score": score}
+    return backbone, val, learned
 
 
 def best_variant(results: Sequence[VariantResult]) -> VariantResult:

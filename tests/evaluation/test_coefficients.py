@@ -68,12 +68,12 @@ def datamodule(base: str, files: dict[str, str], task: str):
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The ``mood`` expert (fine-tuned), the harmful ``noise`` task vector, their datamodules and two merges."""
     from lightning.pytorch import Trainer
-    from tiny_models import make_tiny_model
 
     from drm_lightning.callbacks.task_vector import TaskVectorCallback
     from drm_lightning.merging.merger import merge_task_vectors
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta, write_task_vector
+    from tests.helpers.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("coefficients")
     base = make_tiny_model("encoder", root / "base")
