@@ -5,7 +5,8 @@ splits (the λ search's average normalised metric at that λ; the test numbers n
 ``"none"`` nothing. Each goes to ``<run_dir>/models/<label>/`` at its chosen λ, in the form ``merge`` writes:
 ``save_as="model"`` a complete folder of the base's own architecture, ``save_as="adapter"`` a PEFT LoRA adapter
 where every expert is LoRA and the method has an exact low-rank result (the others fall back to a model folder,
-which the log says). The report then ends with the three lines of plain ``transformers`` / ``peft`` Python that load
+which the log says), with a model card (``README.md``) that holds the method's test results beside the experts'.
+The report then ends with the lines of plain ``transformers`` / ``peft`` Python that load
 the best one and classify one example of the first task (``drm_lightning.export.snippet``).
 """
 
@@ -107,7 +108,7 @@ def export_model(
 def usage(
     folder: Path, label: str, lam: float, form: str, score: float | None, task: str, datamodule: Any, split: str
 ) -> dict[str, Any]:
-    """What the report says about the exported model: where, which, and the three lines (``usage_lines``)."""
+    """What the report says about the exported model: where, which, and the lines that load it (``usage_lines``)."""
     from drm_lightning.export.snippet import usage_lines
 
     text, pair = example_text(datamodule, split)
@@ -136,6 +137,8 @@ def export_models(
     log: Any = print,
 ) -> dict[str, Any] | None:
     """Write the models ``export`` asks for; return the report's ``usage`` of the best one (``None``: nothing)."""
+    from drm_lightning.export.model_card import write_model_card
+
     if export not in EXPORTS:
         raise ValueError(f"export={export!r}: expected one of {EXPORTS}")
     if export == "none" or not results.methods:
@@ -150,6 +153,10 @@ def export_models(
     for label in labels:
         out = models_dir / label
         forms[label] = export_model(merged_dirs[label], lams[label], out, methods[label], task_vectors, save_as)
+        write_model_card(
+            out, results=results.method(label).metrics, experts=results.expert, split=results.split,
+            source="drm-lightning pipeline, λ chosen on validation",
+        )  # fmt: skip
         note = "" if forms[label] == save_as else f" (save_as={save_as} is not exact for {methods[label]}: model)"
         log(f"{label}: merged model at λ={lams[label]:g} -> {out} ({forms[label]}){note}")
     task = results.tasks[0]

@@ -12,6 +12,7 @@ merge parameter by parameter into them and writes a folder that ``peft`` loads a
                                    λ folded into B); full weights of modules_to_save; merged biases of LoRA layers
       heads/<task>/                each task's head (docs/interop.md)
       merge.json                   the merge record, plus lam, save_as="adapter", per-module rank and error
+      README.md                    the model card (``model_card.py``): base, method, λ, experts, how to load it
       tokenizer files              the base's
 
 ``PeftModel.from_pretrained(<base's own class>.from_pretrained(base), output)`` then computes ``W_0 + λ·Δ_merged``.
@@ -36,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from drm_lightning.export.factor import EXACT_TOL, factor_delta
+from drm_lightning.export.model_card import write_model_card
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import read_meta
 
@@ -306,6 +308,7 @@ def merge_to_adapter(
         save_tokenizer(setup.base, tmp)
         timings["total"] = time.perf_counter() - t_start
         write_merge_record(tmp, setup, timings, count, lam=lam, save_as="adapter", adapter=summary)
+        write_model_card(tmp, name=output.name)
     return summary
 
 
@@ -389,4 +392,5 @@ def adapter_from_merged(
         save_tokenizer(record["base_model"], tmp)
         out = {**record, "lam": lam, "merged_delta": str(merged.resolve()), "save_as": "adapter", "adapter": summary}
         (tmp / MERGE_FILE).write_text(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
+        write_model_card(tmp, name=output.name)
     return summary

@@ -158,6 +158,10 @@ def test_merge_searches_lambda_on_validation(experts: dict, capsys: pytest.Captu
     assert search["evaluations"] == 2 and search["notes"] == []  # the cost of the search, said
     assert "2 λ evaluations" in capsys.readouterr().err
     assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
+    best = next(p for p in search["curve"] if p["lambda"] == search["best_lambda"])
+    card = (out / "README.md").read_text(encoding="utf-8").split("## Results", 1)[1]  # the model card's results
+    for task, metrics in best["metrics"].items():
+        assert f"| {task} | accuracy | {metrics['accuracy']:.4f} |" in card
 
 
 def test_merge_searches_method_parameters_with_lambda(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:

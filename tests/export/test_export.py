@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
@@ -194,9 +195,9 @@ def test_encoder_folder_keeps_the_pooler_and_load_task_model_matches_the_evaluat
 
 
 def test_the_report_lines_classify_with_plain_transformers_and_peft(run: dict) -> None:
-    """The three lines a report ends with, run in a fresh interpreter (no drm_lightning), give load_task_model's
-    prediction and logits: an encoder model folder (mean pooling), a decoder adapter folder (last-token head) and a
-    label-word decoder_lm folder (log-likelihoods)."""
+    """The lines a report (and a model card) ends with, run in a fresh interpreter (no drm_lightning), give
+    load_task_model's prediction and logits: an encoder model folder (mean pooling), a decoder adapter folder
+    (last-token head) and a label-word decoder_lm folder (log-likelihoods)."""
     from drm_lightning.export.snippet import usage_lines
 
     root = run["root"]
@@ -218,6 +219,39 @@ def test_the_report_lines_classify_with_plain_transformers_and_peft(run: dict) -
         label, values = line.split(" ", 1)
         assert label == model.label_names[int(logits.argmax())]
         assert _rel(torch.tensor(json.loads(values)), logits) < 1e-4, (folder, line, logits)
+
+
+#: Merged folders of the ``run`` fixture, each written by ``drm-lightning merge``: a model folder and an adapter.
+CARDS = [("encoder", "transformers"), ("decoder_lm", "transformers"), ("adapter_iso_c", "peft")]
+
+
+def _card(folder: Path) -> tuple[dict, str]:
+    """The model card's YAML front matter (parsed) and its body."""
+    text = (folder / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n"), f"{folder}/README.md: no YAML front matter"
+    matter, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(matter), body
+
+
+@pytest.mark.parametrize(("name", "library"), CARDS, ids=[c[0] for c in CARDS])
+def test_every_merged_folder_has_a_model_card_the_hub_reads(run: dict, name: str, library: str) -> None:
+    """README.md as the Hugging Face Hub reads it: front matter with base_model, library_name and the merge tags; the
+    body names the method, its parameters and λ, and every expert with its base fingerprint and folder."""
+    folder = run["root"] / name
+    record = json.loads((folder / "merge.json").read_text())
+    matter, body = _card(folder)
+    assert matter["base_model"] == record["base_model"]
+    assert matter["library_name"] == library
+    assert matter["tags"][:2] == ["merge", "drm-lightning"] and record["method"] in matter["tags"]
+    assert f"`{record['method']}`" in body and f"| λ | {LAM:g} " in body
+    assert f"`{record['base_fingerprint']}`" in body
+    assert record["inputs"], "merge.json lists no experts"
+    experts = body.split("## Experts", 1)[1].split("\n## ", 1)[0]
+    for item in record["inputs"]:
+        row = next((line for line in experts.splitlines() if line.startswith(f"| {item['task']} |")), None)
+        assert row is not None, f"{name}: expert {item['task']} is not in the card"
+        assert f"`{item['base_fingerprint']}`" in row and f"`{item['path']}`" in row
+    assert f"{folder.name!r})" in body.split("## Use it", 1)[1]  # the lines load this folder, by its name
 
 
 # -- LoRA out --------------------------------------------------------------------------------------------------
@@ -312,8 +346,11 @@ def test_pipeline_export_picks_the_best_on_validation_and_falls_back_to_a_model(
     assert (tmp_path / "models" / "iso_c" / "adapter_config.json").is_file()
     assert (tmp_path / "models" / "ties" / "model.safetensors").is_file()
     assert any("ties" in line and "not exact" in line for line in logs)
-    assert usage["label"] == "iso_c" and usage["save_as"] == "adapter" and len(usage["lines"]) == 3
+    assert usage["label"] == "iso_c" and usage["save_as"] == "adapter" and usage["lines"]
     assert json.loads((tmp_path / "models" / "ties" / "merge.json").read_text())["lam"] == 0.5
+    for label, merged in (("iso_c", 0.4), ("ties", 0.7)):  # each card holds its method's results beside the experts'
+        _, body = _card(tmp_path / "models" / label)
+        assert all(f"| {t} | accuracy | {merged:.4f} | 0.8000 |" in body for t in tasks), body
     weights = load_file(str(tmp_path / "models" / "iso_c" / "adapter_model.safetensors"))
     ref = load_file(str(root / "adapter_iso_c" / "adapter_model.safetensors"))
     assert all(torch.equal(weights[k], ref[k]) for k in ref)  # the same λ, the same adapter
