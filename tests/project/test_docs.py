@@ -256,7 +256,7 @@ def test_benchmark_commands_in_the_docs_use_the_scripts_options(where: str, scri
 
 @cache
 def known_flags() -> frozenset[str]:
-    """Every option of the drm-lightning commands and of the benchmark scripts, the launchers' and Lightning's."""
+    """Every option of the drm-lightning commands, the benchmark and shell scripts, the launchers' and Lightning's."""
     from drm_lightning.commands import build_parser
 
     flags = set(TOP_FLAGS | LAUNCHER_FLAGS | LIGHTNING_FLAGS)
@@ -267,6 +267,8 @@ def known_flags() -> frozenset[str]:
         flags |= set(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", source))
         if 'add_argument(f"--{' in source:
             flags |= {"--" + n.replace("_", "-") for n in re.findall(r"^\s+(\w+): ", source, re.M)}
+    for script in (ROOT / "scripts").glob("*.sh"):  # the options a shell script takes or passes on
+        flags |= set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text(script)))
     return frozenset(flags)
 
 
