@@ -201,7 +201,7 @@ def launch(processes: int, spec: dict[str, object], folder: Path, timeout_s: flo
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Whether two merge outputs hold the same merged tensors, bit for bit, under the same names."""
-    from drm_lightning.merging import iter_merged_delta
+    from drm_lightning.io.merged_delta import iter_merged_delta
 
     left, right = dict(iter_merged_delta(a)), dict(iter_merged_delta(b))
     return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)

@@ -134,9 +134,9 @@ def load_model(
     any other model loads in its checkpoint's dtype unless ``torch_dtype`` is given (``gguf_file`` names a file of
     the base, so it only applies to a merged delta).
     """
+    from drm_lightning.io.merged_delta import MERGED_DIR
     from drm_lightning.merging.apply import apply_merged_delta
     from drm_lightning.merging.record import read_merge_record
-    from drm_lightning.merging.shards import MERGED_DIR
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.format import read_meta
 

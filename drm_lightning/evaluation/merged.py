@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR, merged_delta_index
+from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, merged_delta_index
 
 CACHE_SHARE = 0.25
 """Δ_merged is kept in memory across a λ search when it takes at most this share of the available RAM."""
@@ -65,8 +65,8 @@ class MergedBackbone:
             keep_delta: keep Δ_merged in memory (True), stream it per λ (False), or decide by the available RAM
                 (``None``, the default).
         """
+        from drm_lightning.io.merged_delta import iter_merged_delta
         from drm_lightning.merging.apply import apply_merged_delta
-        from drm_lightning.merging.shards import iter_merged_delta
 
         self.merged = Path(merged)
         keep = delta_fits_in_memory(self.merged) if keep_delta is None else bool(keep_delta)

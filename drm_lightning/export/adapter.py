@@ -345,12 +345,12 @@ def adapter_from_merged(
 ) -> dict[str, Any]:
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary."""
+    from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
     from drm_lightning.merging.apply import check_lam, save_tokenizer
     from drm_lightning.merging.model_folder import meta_architecture
     from drm_lightning.merging.reader import TaskVectorReader
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.setup import check_output
-    from drm_lightning.merging.shards import iter_merged_delta, merged_delta_index
     from drm_lightning.merging.space import delta_shapes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained

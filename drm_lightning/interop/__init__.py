@@ -2,8 +2,8 @@
 
 - ``inputs``: what a folder is (task vector, PEFT adapter, ``save_pretrained`` model) and converting it;
 - ``full_model`` / ``peft_adapter``: the two importers (checks and plan from configs and headers);
-- ``write``: the shared writer (base loaded once, deltas streamed); ``stream_writer``: safetensors one tensor at
-  a time; ``checkpoint``: lazy safetensors shards; ``base``: the base's skeleton and compatibility rules;
+- ``write``: the shared writer (base loaded once, deltas streamed through ``io.safetensors``'s streaming writer);
+  ``checkpoint``: lazy safetensors shards; ``base``: the base's skeleton and compatibility rules;
   ``names``: checkpoint names <-> backbone names and heads;
 - ``export``: per-task ``AutoModelForSequenceClassification`` folders of a merged model.
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from drm_lightning.interop.base import BaseInfo
 from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
-from drm_lightning.interop.stream_writer import StreamingSafetensorsWriter
+from drm_lightning.io.safetensors import StreamingSafetensorsWriter
 from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, load_backbone
 from drm_lightning.task_vectors.fingerprint import fingerprint
 from drm_lightning.task_vectors.format import (

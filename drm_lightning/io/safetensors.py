@@ -1,8 +1,9 @@
 """The safetensors format, read and written by hand where ``safetensors`` itself would cost memory.
 
-One dtype table, one header parser, one positioned tensor read, and ``open_safetensors`` (``safe_open`` with errors
-that name the file). The layout: an 8-byte little-endian header length, a JSON header (name -> dtype code, shape,
-byte range relative to the data; an optional ``__metadata__``), then the data.
+One dtype table, one header parser, one positioned tensor read, ``open_safetensors`` (``safe_open`` with errors that
+name the file) and ``StreamingSafetensorsWriter`` (one file written tensor by tensor). The layout: an 8-byte
+little-endian header length, a JSON header (name -> dtype code, shape, byte range relative to the data; an optional
+``__metadata__``), then the data.
 
 Why positioned reads and not ``safe_open(...).get_tensor``: that memory-maps the file, and pages touched through a
 mapping count as resident memory for as long as it is open, so T open handles grow to T whole task vectors, and
@@ -12,14 +13,21 @@ into a fresh tensor (freed with it), each byte once.
 Errors: every function raises ``error`` (``SafetensorsError`` unless the caller passes its own ``ValueError``
 subclass, so a task-vector reader raises ``TaskVectorError`` and an importer ``CheckpointError``), with a message
 that names the file and the tensor.
+
+Why a streaming writer: ``safetensors.torch.save_file`` takes a dict of every tensor; converting an 8B model would
+hold its whole float32 delta (twice the bf16 model) at once. The names, shapes and dtype of every tensor that may be
+written are known before the first one is (``candidates``), so room for the largest possible header is reserved
+first, tensors are appended as they are computed (any candidate may be left out, e.g. a zero delta), and the real
+header is written into the reserved room at the end, padded with spaces (as safetensors itself pads headers).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +154,67 @@ def open_safetensors(path: str | os.PathLike[str], *, error: type[ValueError] = 
         raise error(f"{path}: not a readable safetensors file ({err})") from None
     with handle as f:
         yield f
+
+
+class StreamingSafetensorsWriter:
+    """Append tensors to ``path``; ``close()`` writes the header. Use as a context manager.
+
+    Args:
+        path: the file to create.
+        candidates: ``(name, shape, dtype)`` of every tensor that may be added, in any order.
+    """
+
+    def __init__(self, path: Path, candidates: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        self.path = path
+        self._allowed = {name: (tuple(shape), dtype) for name, shape, dtype in candidates}
+        total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in candidates)
+        worst = {
+            name: {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [total, total]}
+            for name, shape, dtype in candidates
+        }
+        self._reserved = len(json.dumps(worst, separators=(",", ":")).encode()) + 8
+        self._reserved += -self._reserved % 8  # data starts 8-byte aligned, as safetensors writes it
+        self._entries: dict[str, dict] = {}
+        self._offset = 0
+        self._handle: BinaryIO | None = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._handle.write(b"\0" * (8 + self._reserved))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` under ``name`` (a candidate, with its declared shape and dtype)."""
+        if name not in self._allowed or name in self._entries:
+            raise ValueError(f"{self.path}: tensor {name!r} is not an unwritten candidate")
+        shape, dtype = self._allowed[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{self.path}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)}, declared {shape}")
+        assert self._handle is not None
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        end = self._offset + data.nbytes
+        self._entries[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [self._offset, end]}
+        self._offset = end
+
+    def written(self) -> list[str]:
+        return sorted(self._entries)
+
+    def close(self) -> None:
+        """Write the header into the reserved room and close the file."""
+        if self._handle is None:
+            return
+        header = json.dumps(dict(sorted(self._entries.items())), separators=(",", ":")).encode()
+        if len(header) > self._reserved:  # cannot happen: the reservation is the worst case
+            raise AssertionError(f"{self.path}: header of {len(header)} bytes exceeds the {self._reserved} reserved")
+        self._handle.seek(0)
+        self._handle.write(struct.pack("<Q", self._reserved))
+        self._handle.write(header + b" " * (self._reserved - len(header)))
+        self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> StreamingSafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.close()
+            self._handle = None

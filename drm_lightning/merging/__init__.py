@@ -1,7 +1,7 @@
 """Model merging, by job: pure tensor methods (``functional``, ``linalg``, ``lowrank``), the method ``registry``,
 the parameter ``plan``, the lazy ``reader`` of task vectors, validation and planning (``setup``), the streaming
-``merger``, the merged-delta files (``shards``), ``merge.json`` and heads (``record``), disk-space estimates
-(``space``), applying λ (``apply``) and the merge shared out between ranks (``distributed``).
+``merger``, ``merge.json`` and heads (``record``), disk-space estimates (``space``), applying λ (``apply``) and the
+merge shared out between ranks (``distributed``). The merged-delta files are ``drm_lightning.io.merged_delta``.
 
 The public names below are imported lazily (PEP 562), so ``import drm_lightning.merging.functional`` stays free of
 ``transformers`` and the merger's other heavy imports.
@@ -19,10 +19,6 @@ _EXPORTS = {
     "MergeSetup": "setup",
     "prepare_merge": "setup",
     "base_load_options": "setup",
-    "MERGED_DIR": "shards",
-    "INDEX_FILE": "shards",
-    "ShardWriter": "shards",
-    "iter_merged_delta": "shards",
     "MERGE_FILE": "record",
     "HEADS_DIR": "record",
     "read_merge_record": "record",
@@ -43,9 +39,7 @@ _EXPORTS = {
 
 __all__ = [
     "HEADS_DIR",
-    "INDEX_FILE",
     "LowRankDelta",
-    "MERGED_DIR",
     "MERGE_FILE",
     "METHODS",
     "MergeMethod",
@@ -53,7 +47,6 @@ __all__ = [
     "MergeResult",
     "MergeSetup",
     "PlanEntry",
-    "ShardWriter",
     "TaskVectorReader",
     "add_merged_delta",
     "apply_merged_delta",
@@ -62,7 +55,6 @@ __all__ = [
     "estimate_merge_bytes",
     "estimate_model_bytes",
     "get_method",
-    "iter_merged_delta",
     "merge_parameters",
     "merge_task_vectors",
     "merge_task_vectors_distributed",
@@ -80,7 +72,6 @@ if TYPE_CHECKING:
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.registry import METHODS, MergeMethod, get_method
     from drm_lightning.merging.setup import MergeSetup, base_load_options, prepare_merge
-    from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR, ShardWriter, iter_merged_delta
     from drm_lightning.merging.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
 
 

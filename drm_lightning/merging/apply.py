@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
 from drm_lightning.merging.record import MERGE_FILE, read_merge_record
 from drm_lightning.merging.setup import describe_load
-from drm_lightning.merging.shards import MERGED_DIR, iter_merged_delta
 from drm_lightning.merging.space import (
     TOKENIZER_FILES,
 )

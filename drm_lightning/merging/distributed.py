@@ -46,23 +46,18 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, SHARD_PREFIX, delta_writer
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_max_shard_bytes, write_index
 from drm_lightning.merging.merger import MergeResult, merge_parameters, merge_task_vectors
 from drm_lightning.merging.plan import MergePlan, PlanEntry
 from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.record import copy_heads, write_merge_record
 from drm_lightning.merging.registry import get_method
 from drm_lightning.merging.setup import MergeSetup, prepare_merge
-from drm_lightning.merging.shards import (
-    DEFAULT_MAX_SHARD_BYTES,
-    MERGED_DIR,
-    ShardWriter,
-    check_max_shard_bytes,
-    write_index,
-)
 from drm_lightning.merging.space import check_merge_space
 from drm_lightning.task_vectors.format import (
     atomic_dir,
-    open_safetensors,
     remove_stale_temporaries,
     temporary_prefix,
 )
@@ -172,7 +167,7 @@ def _merge_share(
     """Merge this rank's entries into its own shards under ``part``; return what rank 0 needs to assemble."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    writer = ShardWriter(part, max_shard_bytes, prefix=f"delta-rank{rank:05d}")
+    writer = ShardWriter(part, max_shard_bytes, prefix=f"{SHARD_PREFIX}-rank{rank:05d}")
     write = 0.0
     stream = merge_parameters(
         share, setup.readers, setup.method, setup.params, setup.coefficients,
@@ -225,9 +220,9 @@ def _assemble(
             if not (out / path.name).exists():
                 os.replace(path, out / path.name)
             weight_map[name] = path.name
-        write_index(out, weight_map, sum(int(p["total_size"]) for p in parts))
+        write_index(out / INDEX_FILE, weight_map, sum(int(p["total_size"]) for p in parts))
         return len(weight_map)
-    writer = ShardWriter(out, max_shard_bytes)
+    writer = delta_writer(target, max_shard_bytes)
     for entry in setup.entries:  # plan order: the order a single process adds them in
         path = located.get(entry.name)
         if path is None:

@@ -17,7 +17,7 @@ Output folder of ``merge_task_vectors``::
       merge.json                                 method, params, inputs, base model and fingerprint, timings, ...
       heads/<task>/{head.safetensors,meta.json}  each expert's head, so the merged backbone can be evaluated
 
-The pieces live beside it: ``setup`` (validation and plan), ``shards`` (the merged-delta files), ``record``
+The pieces live beside it: ``setup`` (validation and plan), ``io.merged_delta`` (the merged-delta files), ``record``
 (``merge.json``, heads), ``space`` (disk-space estimates), ``apply`` (λ and the model folder). Multi-process merging
 builds on them: ``prepare_merge`` on rank 0, ``merge_parameters`` on each rank's share of the plan entries,
 ``ShardWriter`` per rank (distinct ``prefix``), and ``write_merge_record`` on rank 0 (``merging.distributed``).
@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from drm_lightning.io.merged_delta import delta_writer
+from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.memory import release_freed_memory
 from drm_lightning.merging.placement import merge_placed
 from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
@@ -43,7 +45,6 @@ from drm_lightning.merging.reader import TaskVectorReader
 from drm_lightning.merging.record import copy_heads, write_merge_record
 from drm_lightning.merging.registry import MergeMethod
 from drm_lightning.merging.setup import MergeSetup, prepare_merge
-from drm_lightning.merging.shards import DEFAULT_MAX_SHARD_BYTES, MERGED_DIR, ShardWriter, check_max_shard_bytes
 from drm_lightning.task_vectors.format import atomic_dir
 
 
@@ -213,7 +214,7 @@ def write_merged(
     results = []
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for out in outputs]
-        writers = [ShardWriter(tmp / MERGED_DIR, max_shard_bytes) for tmp in tmps]
+        writers = [delta_writer(tmp, max_shard_bytes) for tmp in tmps]
         timings["write"] = 0.0
         for name, deltas in stream:
             t0 = time.perf_counter()

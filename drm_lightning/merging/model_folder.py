@@ -229,10 +229,10 @@ def save_merged_model(
         ValueError: bad ``lam``, a folder that is not a merge output, a base of other weights.
         InsufficientSpaceError: ``output``'s filesystem clearly lacks room (checked before and after loading).
     """
+    from drm_lightning.io.merged_delta import merged_delta_index
     from drm_lightning.merging.apply import add_merged_delta, check_lam, save_tokenizer
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.setup import check_output, describe_load
-    from drm_lightning.merging.shards import merged_delta_index
     from drm_lightning.merging.space import (
         CONFIG_ALLOWANCE,
         estimate_model_bytes,

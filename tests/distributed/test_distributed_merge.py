@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from drm_lightning.merging import iter_merged_delta, merge_task_vectors
+from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
+from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
 from drm_lightning.merging.plan import PlanEntry
 from drm_lightning.merging.record import MERGE_FILE, read_merge_record
-from drm_lightning.merging.shards import MERGED_DIR
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
 from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device
 from tests.helpers.launch import free_port, reaped

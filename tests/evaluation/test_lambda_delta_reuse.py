@@ -1,6 +1,6 @@
 """A λ search reads Δ_merged from disk once when it fits in memory, and streams it per λ otherwise.
 
-Reads are counted at the one place shards are opened (``shards.open_safetensors``); the evaluation itself is
+Reads are counted at the one place shards are opened (``merged_delta.open_safetensors``); the evaluation itself is
 replaced by a function of the weights, so the search runs without datamodules and what it sees is still the model
 at each λ.
 """
@@ -16,7 +16,7 @@ from drm_lightning.evaluation import merged as merged_module
 from drm_lightning.evaluation import multitask
 from drm_lightning.evaluation.lambda_search import search_merged_lambda
 from drm_lightning.evaluation.merged import MergedBackbone
-from drm_lightning.merging import shards
+from drm_lightning.io import merged_delta
 from drm_lightning.merging.apply import apply_merged_delta
 from drm_lightning.merging.merger import merge_task_vectors
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
@@ -36,13 +36,13 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
 @pytest.fixture
 def shard_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     opened: list[str] = []
-    real = shards.open_safetensors
+    real = merged_delta.open_safetensors
 
     def counting(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(shards, "open_safetensors", counting)
+    monkeypatch.setattr(merged_delta, "open_safetensors", counting)
     return opened
 
 
@@ -56,7 +56,7 @@ def test_lambda_search_reads_delta_once_when_kept(
     merged: tuple[Path, list[Path]], shard_reads: list[str], keep: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder, tvs = merged
-    count = len(list((folder / shards.MERGED_DIR).glob("*.safetensors")))
+    count = len(list((folder / merged_delta.MERGED_DIR).glob("*.safetensors")))
     assert count >= 3
     monkeypatch.setattr(multitask, "evaluate_backbone", _weights_score)
     backbone = MergedBackbone(folder, keep_delta=keep)
@@ -80,7 +80,7 @@ def test_kept_delta_gives_the_same_bytes_as_applying(merged: tuple[Path, list[Pa
 def test_keep_decided_by_available_memory(merged: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = merged
     size = merged_module.merged_delta_bytes(folder)
-    assert size == sum(p.numel() * 4 for _, p in shards.iter_merged_delta(folder))
+    assert size == sum(p.numel() * 4 for _, p in merged_delta.iter_merged_delta(folder))
     import drm_lightning.memory as memory
 
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: 4 * size)

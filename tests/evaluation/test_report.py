@@ -38,7 +38,7 @@ from drm_lightning.evaluation.results import (
     ResultsError,
     average_normalised,
 )
-from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
+from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR
 from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, write_task_vector
 from tests.helpers.results import acc, make_results
 

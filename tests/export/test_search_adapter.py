@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from drm_lightning.cli import main
-from drm_lightning.merging.shards import iter_merged_delta
+from drm_lightning.io.merged_delta import iter_merged_delta
 from tests.helpers.recipes import QUIET_TRAINER
 from tests.helpers.tiny_models import make_tiny_model
 from tests.helpers.tiny_tasks import write_model_yaml, write_tiny_tasks

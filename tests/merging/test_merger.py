@@ -15,20 +15,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, delta_writer, iter_merged_delta
+from drm_lightning.io.shards import ShardWriter
 from drm_lightning.merging import (
     MergePlan,
-    ShardWriter,
     TaskVectorReader,
     add_merged_delta,
     apply_merged_delta,
-    iter_merged_delta,
     merge_task_vectors,
 )
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.plan import estimate_cost, summarize
 from drm_lightning.merging.reader import matches_lora_targets
 from drm_lightning.merging.registry import METHODS, get_method
-from drm_lightning.merging.shards import INDEX_FILE, MERGED_DIR
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
@@ -393,7 +392,7 @@ def test_add_merged_delta_updates_tied_weights_once_and_rounds_low_precision_onc
     model = Tied()
     w0, n0 = model.a.weight.detach().clone(), model.norm.weight.detach().clone()
     delta, norm_delta = torch.randn(4, 4), torch.full((4,), 1e-3)
-    writer = ShardWriter(tmp_path / MERGED_DIR)
+    writer = delta_writer(tmp_path)
     for name, tensor in {"a.weight": delta, "b.weight": delta.clone(), "norm.weight": norm_delta}.items():
         writer.add(name, tensor)
     writer.close()

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.merging import iter_merged_delta, merge_task_vectors
+from drm_lightning.io.merged_delta import iter_merged_delta
+from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging.record import MERGE_FILE
 from drm_lightning.merging.sweep import ParamGrid, edge_extension, merge_task_vectors_many, variant_name
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors

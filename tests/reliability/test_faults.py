@@ -38,10 +38,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
 
 from drm_lightning.cli import main
-from drm_lightning.merging import apply, setup, shards
+from drm_lightning.io import shards
+from drm_lightning.io.merged_delta import MERGED_DIR
+from drm_lightning.merging import apply, setup
 from drm_lightning.merging.merger import merge_task_vectors
 from drm_lightning.merging.record import MERGE_FILE
-from drm_lightning.merging.shards import MERGED_DIR
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, atomic_dir, remove_stale_temporaries
 from tests.helpers.merge_inputs import write_task_vectors
@@ -99,7 +100,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 #: ``apply``: after the merged model's weights and tokenizer are written, just before the final rename.
 KILLER = """
 import os, signal, sys
-from drm_lightning.merging import apply, shards
+from drm_lightning.io import shards
+from drm_lightning.merging import apply
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
