@@ -188,7 +188,7 @@ def combine(coefficients: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
 
 def read_merged_stacks(merged: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """``layer`` form: each parameter's merged delta as a ``[1, *shape]`` float32 stack."""
-    from drm_lightning.merging.shards import iter_merged_delta
+    from drm_lightning.io.merged_delta import iter_merged_delta
 
     return {name: delta.float().unsqueeze(0) for name, delta in iter_merged_delta(merged)}
 
@@ -203,8 +203,8 @@ def read_task_stacks(
         record: its ``merge.json`` (method, params, coefficients).
         task_vectors: the task vector folders, in the merge's order.
     """
+    from drm_lightning.io.merged_delta import iter_merged_delta
     from drm_lightning.merging.reader import TaskVectorReader
-    from drm_lightning.merging.shards import iter_merged_delta
 
     method = str(record["method"])
     if method not in TASK_FORM_METHODS:

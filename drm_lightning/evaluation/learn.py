@@ -199,13 +199,13 @@ def write_learned(
     plots: bool = True,
 ) -> Path:
     """Write the learned folder atomically (see the module docstring); returns it."""
+    from drm_lightning.io.merged_delta import delta_writer
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE
-    from drm_lightning.merging.shards import MERGED_DIR, ShardWriter
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
     check_free_space({output: sum(s[0].numel() * 4 for s in stacks.values())}, "learned merged delta")
     with atomic_dir(output) as tmp:
-        writer = ShardWriter(tmp / MERGED_DIR)
+        writer = delta_writer(tmp)
         with torch.no_grad():
             for i, name in enumerate(layout.names):
                 writer.add(name, combine(coefficients[layout.rows[i]], stacks[name]).contiguous())

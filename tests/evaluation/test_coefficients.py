@@ -23,8 +23,8 @@ from drm_lightning.evaluation.coefficients import (
     ties_terms,
 )
 from drm_lightning.evaluation.learn import COEFFICIENTS_JSON, learn_coefficients, read_coefficients
+from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.merging import reference as R
-from drm_lightning.merging.shards import iter_merged_delta
 from drm_lightning.task_vectors.format import TaskVectorError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
