@@ -156,7 +156,7 @@ def _pipeline_recipe(path: Path):
     return Pipeline(load_recipe(parse("pipeline", header_command(path)[1:])))
 
 
-@pytest.mark.parametrize("name", ["quickstart_search", "drm_ablation"])
+@pytest.mark.parametrize("name", ["quickstart_search", "drm_ablation", "quickstart_data_aware"])
 def test_recipes_that_reuse_the_quickstart_experts(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaded after quickstart.yaml, they fit nothing new: the same fit settings, the quickstart's experts folder."""
     monkeypatch.chdir(ROOT)
