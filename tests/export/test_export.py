@@ -9,6 +9,7 @@ Tiny models are built from configs (hidden size 32).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -252,6 +253,21 @@ def test_every_merged_folder_has_a_model_card_the_hub_reads(run: dict, name: str
         assert row is not None, f"{name}: expert {item['task']} is not in the card"
         assert f"`{item['base_fingerprint']}`" in row and f"`{item['path']}`" in row
     assert f"{folder.name!r})" in body.split("## Use it", 1)[1]  # the lines load this folder, by its name
+
+
+def test_the_readme_load_snippet_runs_on_a_merged_folder(run: dict) -> None:
+    """README.md's "Take the merged model anywhere" lines, on a merged encoder folder of this module (its path and
+    task put in for the README's): the backbone loads with plain transformers, and load_task_model gives logits."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "load_task_model" in b]
+    assert len(blocks) == 1, "README.md: expected one Python block that loads a merged folder"
+    folder = run["root"] / "encoder"
+    task = sorted(p.name for p in (folder / "heads").iterdir())[0]
+    code = blocks[0].replace("runs/merged/drm_v", str(folder)).replace('"rotten_tomatoes"', repr(task))
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the project's own README
+    logits = namespace["logits"]
+    assert isinstance(logits, torch.Tensor) and logits.shape == (1, len(namespace["clf"].label_names))
 
 
 # -- LoRA out --------------------------------------------------------------------------------------------------
