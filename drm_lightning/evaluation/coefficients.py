@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ class LearnSettings:
         transductive: allow ``split: test``.
         init: the initial coefficient; None: the λ the method's search chose (or its fixed λ).
         seed: ``seed_everything`` before the fit (data order and anything random).
+        include: a regular expression searched in parameter names: only those get learned coefficients (and only
+            their deltas are held); the others stay at the initial coefficient. None: every parameter.
     """
 
     objective: Literal["entropy", "cross_entropy"] = "entropy"
@@ -70,6 +73,7 @@ class LearnSettings:
     transductive: bool = False
     init: float | None = None
     seed: int = 0
+    include: str | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -107,6 +111,11 @@ class LearnSettings:
             raise ValueError(f"{where}.transductive=true: only with split: test (got split={self.split!r})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{where}.seed={self.seed!r}: expected an integer")
+        if self.include is not None:
+            try:
+                re.compile(str(self.include))
+            except re.error as err:
+                raise ValueError(f"{where}.include={self.include!r}: not a regular expression ({err})") from None
         return self
 
     @classmethod
@@ -186,15 +195,23 @@ def combine(coefficients: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(coefficients.to(stack.dtype), stack, dims=1)
 
 
-def read_merged_stacks(merged: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """``layer`` form: each parameter's merged delta as a ``[1, *shape]`` float32 stack."""
+def is_learned(name: str, include: str | None) -> bool:
+    """Whether parameter ``name`` gets learned coefficients (``include`` searched in it; None: every one)."""
+    return include is None or re.search(include, name) is not None
+
+
+def read_merged_stacks(merged: str | os.PathLike[str], include: str | None = None) -> dict[str, torch.Tensor]:
+    """``layer`` form: each learned parameter's merged delta as a ``[1, *shape]`` float32 stack."""
     from drm_lightning.io.merged_delta import iter_merged_delta
 
-    return {name: delta.float().unsqueeze(0) for name, delta in iter_merged_delta(merged)}
+    return {name: d.float().unsqueeze(0) for name, d in iter_merged_delta(merged) if is_learned(name, include)}
 
 
 def read_task_stacks(
-    merged: str | os.PathLike[str], record: Mapping[str, Any], task_vectors: Sequence[str | os.PathLike[str]]
+    merged: str | os.PathLike[str],
+    record: Mapping[str, Any],
+    task_vectors: Sequence[str | os.PathLike[str]],
+    include: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """``task`` form: each parameter's per-task terms ``[T, *shape]`` (float32), whose sum is the merged delta.
 
@@ -202,6 +219,7 @@ def read_task_stacks(
         merged: the merged folder (its keys and shapes name the parameters).
         record: its ``merge.json`` (method, params, coefficients).
         task_vectors: the task vector folders, in the merge's order.
+        include: only the parameters this regular expression is found in (None: all).
     """
     from drm_lightning.io.merged_delta import iter_merged_delta
     from drm_lightning.merging.reader import TaskVectorReader
@@ -218,6 +236,8 @@ def read_task_stacks(
     density = float((record.get("params") or {}).get("density", 0.2))
     out: dict[str, torch.Tensor] = {}
     for name, merged_delta in iter_merged_delta(merged):
+        if not is_learned(name, include):
+            continue
         shape = tuple(merged_delta.shape)
         stack = torch.zeros((len(readers), merged_delta.numel()), dtype=torch.float64)
         for i, reader in enumerate(readers):

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def learn_coefficients(
 
     from drm_lightning.evaluation.coefficient_module import CoefficientModule
     from drm_lightning.evaluation.multitask import check_heads
+    from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
     from drm_lightning.merging.apply import apply_merged_delta
     from drm_lightning.merging.record import read_merge_record
     from drm_lightning.models.expert import ExpertModule
@@ -99,11 +101,15 @@ def learn_coefficients(
 
     t0 = time.perf_counter()
     if settings.form == "task":
-        stacks, columns = read_task_stacks(merged, record, folders), tasks
+        stacks, columns = read_task_stacks(merged, record, folders, settings.include), tasks
     else:
-        stacks, columns = read_merged_stacks(merged), ["merged"]
+        stacks, columns = read_merged_stacks(merged, settings.include), ["merged"]
+    if not stacks:
+        raise ValueError(f"learn.include={settings.include!r}: matches no parameter of {merged / MERGED_DIR}")
     layout = CoefficientLayout.build(list(stacks), settings.granularity, columns)
-    backbone = apply_merged_delta(merged, 0.0, deltas=())  # the base, fingerprint checked against merge.json
+    # the base (fingerprint checked against merge.json), with the parameters not learned at the initial coefficient
+    fixed = ((n, d) for n, d in iter_merged_delta(merged) if n not in stacks)
+    backbone = apply_merged_delta(merged, init, deltas=fixed)
     experts = {
         meta.task: ExpertModule.from_task_vector(f, backbone=backbone) for f, meta in zip(folders, metas, strict=True)
     }
@@ -124,7 +130,10 @@ def learn_coefficients(
         deterministic=True,
         callbacks=[losses := LossLog()],
     )
-    trainer.fit(module)
+    with warnings.catch_warnings():
+        # the experts stay in eval mode on purpose (no dropout while the coefficients are fitted)
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+        trainer.fit(module)
     coefficients = module.learned()
     info = {
         **settings.to_dict(),
@@ -136,6 +145,7 @@ def learn_coefficients(
         "loss_last": losses.last,
         "groups": len(layout.groups),
         "columns": list(layout.columns),
+        "learned_parameters": len(layout.names),
         "min": float(coefficients.min()),
         "max": float(coefficients.max()),
         "mean": float(coefficients.mean()),
@@ -199,16 +209,24 @@ def write_learned(
     plots: bool = True,
 ) -> Path:
     """Write the learned folder atomically (see the module docstring); returns it."""
-    from drm_lightning.io.merged_delta import delta_writer
+    from drm_lightning.evaluation.merged import merged_delta_bytes
+    from drm_lightning.io.merged_delta import delta_writer, iter_merged_delta
     from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
-    check_free_space({output: sum(s[0].numel() * 4 for s in stacks.values())}, "learned merged delta")
+    check_free_space({output: merged_delta_bytes(merged)}, "learned merged delta")
+    index = {name: i for i, name in enumerate(layout.names)}
     with atomic_dir(output) as tmp:
         writer = delta_writer(tmp)
         with torch.no_grad():
-            for i, name in enumerate(layout.names):
-                writer.add(name, combine(coefficients[layout.rows[i]], stacks[name]).contiguous())
+            for name, delta in iter_merged_delta(merged):  # the parameters not learned: at the initial coefficient
+                i = index.get(name)
+                value = (
+                    float(info["init"]) * delta.float()
+                    if i is None
+                    else combine(coefficients[layout.rows[i]], stacks[name])
+                )
+                writer.add(name, value.contiguous())
         writer.close()
         if (merged / HEADS_DIR).is_dir():
             shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)

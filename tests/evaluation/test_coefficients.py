@@ -134,6 +134,7 @@ QUICK = {"objective": "entropy", "max_steps": 3, "lr": 0.05}
         ({"transductive": True}, r"only with split: test"),
         ({"steps": 3}, r"unknown key\(s\) \['steps'\]"),
         ("fast", r"expected a mapping"),
+        ({"include": "layer.(1"}, r"learn\.include='layer\.\(1': not a regular expression"),
     ],
 )
 def test_bad_settings_are_named(value, match: str) -> None:
@@ -190,17 +191,26 @@ def test_combine_is_the_weighted_sum() -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "form", "granularity"),
-    [("iso_c", "layer", "tensor"), ("task_arithmetic", "task", "block"), ("ties", "task", "tensor")],
+    ("method", "form", "granularity", "include"),
+    [
+        ("iso_c", "layer", "tensor", None),
+        ("task_arithmetic", "task", "block", None),
+        ("ties", "task", "tensor", None),
+        ("task_arithmetic", "task", "block", r"layer\.1\."),  # the rest stays at λ
+    ],
 )
-def test_zero_learning_rate_gives_the_fixed_lambda_merge(setup: dict, tmp_path: Path, method, form, granularity):
+def test_zero_learning_rate_gives_the_fixed_lambda_merge(
+    setup: dict, tmp_path: Path, method: str, form: str, granularity: str, include: str | None
+) -> None:
     lam = 0.7
     out = tmp_path / "learned"
-    settings = {**QUICK, "lr": 0.0, "form": form, "granularity": granularity}
+    settings = {**QUICK, "lr": 0.0, "form": form, "granularity": granularity, "include": include}
     learn_coefficients(setup["merged"][method], lam, setup["task_vectors"], setup["datamodules"], settings, out,
                        trainer_kwargs={"accelerator": "cpu"}, plots=False)  # fmt: skip
     table = read_coefficients(out)
     assert {x for row in table["coefficients"] for x in row} == {torch.tensor(lam).item()}  # float32 λ, unmoved
+    if include is not None:
+        assert table["rows"] == ["encoder.layer.1"]
     fixed = learned_deltas(setup["merged"][method])
     got = learned_deltas(out)
     assert list(got) == list(fixed)
@@ -251,6 +261,28 @@ def test_a_task_without_a_head_is_refused_and_nothing_is_written(setup: dict, tm
         learn_coefficients(setup["merged"]["task_arithmetic"], 0.5, [setup["task_vectors"][0], headless],
                            setup["datamodules"], QUICK, out, plots=False)  # fmt: skip
     assert "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_learning_only_some_layers_leaves_the_others_at_lambda(setup: dict, tmp_path: Path) -> None:
+    out = tmp_path / "learned"
+    learn_coefficients(setup["merged"]["iso_c"], 1.5, setup["task_vectors"], setup["datamodules"],
+                       {**QUICK, "include": r"layer\.1\.attention"}, out, trainer_kwargs={"accelerator": "cpu"},
+                       plots=False)  # fmt: skip
+    table = read_coefficients(out)
+    assert table["rows"] and all("layer.1.attention" in r for r in table["rows"])
+    fixed, got = learned_deltas(setup["merged"]["iso_c"]), learned_deltas(out)
+    for name, delta in fixed.items():
+        if "layer.1.attention" not in name:
+            torch.testing.assert_close(got[name], 1.5 * delta, rtol=1e-6, atol=0, msg=name)
+    assert any(not torch.allclose(got[n], 1.5 * fixed[n]) for n in fixed if "layer.1.attention" in n)
+
+
+def test_an_include_that_matches_nothing_is_refused(setup: dict, tmp_path: Path) -> None:
+    out = tmp_path / "learned"
+    with pytest.raises(ValueError, match=r"learn\.include='decoder': matches no parameter"):
+        learn_coefficients(setup["merged"]["iso_c"], 1.0, setup["task_vectors"], setup["datamodules"],
+                           {**QUICK, "include": "decoder"}, out, plots=False)  # fmt: skip
     assert not out.exists()
 
 
