@@ -39,7 +39,7 @@ from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-FUNCTION_COMMANDS = ("merge", "evaluate", "extract", "pipeline")
+FUNCTION_COMMANDS = ("merge", "evaluate", "extract", "statistics", "pipeline")
 DEBUG_ENV = "DRM_LIGHTNING_DEBUG"
 
 #: Exceptions that mean "the input was wrong", reported as one line; anything else is a bug and keeps its traceback.
@@ -59,6 +59,7 @@ _SUMMARY = {
     "merge": "merge task vectors into one model (drm_v, drm_h, iso_c, iso_cts, tsv_m, ties, dare, ...)",
     "evaluate": "metrics of a model (merged or pretrained) under every task's head",
     "extract": "a fine-tuned transformers model or a PEFT LoRA adapter -> a task vector folder",
+    "statistics": "add the input statistics RegMean merges by to a task vector made elsewhere",
     "pipeline": "run a recipe: fit missing experts, merge with each method, choose λ, test, report",
 }
 

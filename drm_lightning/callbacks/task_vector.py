@@ -12,7 +12,10 @@ What it writes, into ``output_dir`` (default ``<trainer.default_root_dir>/task_v
 - ``meta.json``: task, kind (dense | lora), family, label names, base model (as configured, e.g.
   ``package://...``), how it was loaded (``torch_dtype``, ``gguf_file``) and the fingerprint of its weights as
   loaded, LoRA r/alpha/scale/targets/dropout, head constructor arguments, the expert's validation metrics
-  (``val/...`` from ``trainer.callback_metrics``) and library versions.
+  (``val/...`` from ``trainer.callback_metrics``), library versions, and the statistics section.
+- ``statistics.safetensors`` (unless ``statistics_examples=0``): each trained linear layer's input Gram on
+  ``statistics_examples`` training examples, what RegMean merges by (``callbacks/grams.py``,
+  ``task_vectors/statistics.py``). Every rank runs its share of the examples first; one all-reduce sums them.
 
 ``W_0`` is reloaded with ``load_backbone`` at the end on global rank 0 (one extra model in memory for a moment)
 rather than copied at the start (an extra model for the whole run). Under FSDP / model parallelism every rank joins
@@ -30,8 +33,11 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from drm_lightning.callbacks.grams import Grams, expert_grams, recorded_layers
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule, parse_dtype
 from drm_lightning.models.lora import backbone_name, split_lora_state
@@ -43,6 +49,7 @@ from drm_lightning.task_vectors.format import (
     library_versions,
     write_task_vector,
 )
+from drm_lightning.task_vectors.statistics import DEFAULT_EXAMPLES, statistics_bytes, statistics_section
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -186,19 +193,56 @@ def validation_metrics(trainer: Trainer) -> dict[str, float]:
 
 
 class TaskVectorCallback(Callback):
-    """Write the expert's task vector (deltas, head, meta.json) when fitting ends; see the module docstring.
+    """Write the expert's task vector (deltas, head, meta.json, input statistics) when fitting ends; see the
+    module docstring.
 
     Args:
         output_dir: the task vector folder; None means ``<trainer.default_root_dir>/task_vectors/<task>``. An
             existing folder is replaced atomically.
         skip_zero: leave out dense deltas that are exactly zero.
+        statistics_examples: training examples whose linear-layer input Grams are recorded (RegMean's statistics;
+            default 256, FusionBench's ``num_regmean_examples``); 0 records none.
+        statistics_layers: regexes of weight names to record (default: every trained linear layer).
+        statistics_seed: seed of the sample of training examples.
     """
 
-    def __init__(self, output_dir: str | None = None, skip_zero: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        skip_zero: bool = True,
+        statistics_examples: int = DEFAULT_EXAMPLES,
+        statistics_layers: list[str] | None = None,
+        statistics_seed: int = 0,
+    ) -> None:
         super().__init__()
+        if isinstance(statistics_examples, bool) or not isinstance(statistics_examples, int) or statistics_examples < 0:
+            raise ValueError(f"statistics_examples={statistics_examples!r}: expected an integer >= 0")
         self.output_dir = output_dir
         self.skip_zero = skip_zero
+        self.statistics_examples = statistics_examples
+        self.statistics_layers = statistics_layers
+        self.statistics_seed = statistics_seed
         self.written: Path | None = None
+
+    def record_statistics(self, trainer: Trainer, pl_module: ExpertModule) -> Grams | None:
+        """The input Grams on every rank (a collective under DDP), or ``None`` when none are asked for."""
+        if self.statistics_examples == 0:
+            return None
+        loader = trainer.train_dataloader
+        if loader is None:  # nothing was trained on (a fit of 0 steps, a test's stand-in trainer)
+            rank_zero_warn(f"task {pl_module.task!r}: no training DataLoader; no input statistics recorded")
+            return None
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                f"task {pl_module.task!r}: input statistics need one training DataLoader, got "
+                f"{type(loader).__name__}; pass statistics_examples=0 to record none"
+            )
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if trainer.world_size > 1 else None
+        targets = recorded_layers(pl_module.backbone, pl_module.lora is not None, self.statistics_layers)
+        return expert_grams(
+            pl_module, loader, self.statistics_examples, targets, seed=self.statistics_seed,
+            rank=trainer.global_rank, world=trainer.world_size, reduce=reduce,
+        )  # fmt: skip
 
     def resolve_output_dir(self, trainer: Trainer, pl_module: ExpertModule) -> Path:
         if self.output_dir is not None:
@@ -212,17 +256,24 @@ class TaskVectorCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        grams = self.record_statistics(trainer, pl_module)  # every rank: an all-reduce under DDP
         state = gather_state_dict(trainer, pl_module)  # every rank: a collective under FSDP
         error: BaseException | None = None
         if trainer.is_global_zero:
             try:
                 folder = self.resolve_output_dir(trainer, pl_module)
                 # Before W_0 is reloaded: a disk that cannot hold the task vector is refused at once.
-                check_free_space({folder: estimate_task_vector_bytes(pl_module, state)}, "task vector")
+                needed = estimate_task_vector_bytes(pl_module, state)
+                needed += statistics_bytes(grams.sums) if grams is not None else 0
+                check_free_space({folder: needed}, "task vector")
                 deltas, head, meta = build_task_vector(
                     pl_module, state, validation_metrics(trainer), skip_zero=self.skip_zero
                 )
-                self.written = write_task_vector(folder, deltas, head, meta)
+                if grams is not None:
+                    meta.statistics = statistics_section(grams.sums, grams.rows, grams.examples)
+                self.written = write_task_vector(
+                    folder, deltas, head, meta, statistics=grams.sums if grams is not None else None
+                )
             except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks are released
                 error = err
         del state

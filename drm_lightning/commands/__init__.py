@@ -24,6 +24,7 @@ _FUNCTIONS: dict[str, tuple[str, str]] = {
     "merge": ("drm_lightning.commands.merge", "merge"),
     "evaluate": ("drm_lightning.commands.evaluate", "evaluate"),
     "extract": ("drm_lightning.commands.extract", "extract"),
+    "statistics": ("drm_lightning.commands.statistics", "statistics"),
 }
 
 

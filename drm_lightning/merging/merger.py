@@ -92,6 +92,18 @@ class MergeResult:
         )
 
 
+def read_grams(readers: Sequence[TaskVectorReader], name: str) -> list[torch.Tensor] | None:
+    """Every task's input Gram of parameter ``name``, or ``None`` when no task vector records one for it (the
+    setup checked that all of them record the same layers)."""
+    grams = [reader.gram(name) for reader in readers]
+    if all(g is None for g in grams):
+        return None
+    missing = [r.folder for r, g in zip(readers, grams, strict=True) if g is None]
+    if missing:
+        raise ValueError(f"{missing[0]}: no input Gram recorded for {name!r}, which other task vectors have")
+    return grams  # type: ignore[return-value]
+
+
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.is_initialized():  # nothing can be queued on a device never used
         torch.cuda.synchronize(device)
@@ -102,7 +114,7 @@ def stream_merged(
     readers: Sequence[TaskVectorReader],
     method: MergeMethod,
     param_sets: Sequence[Mapping[str, Any]],
-    merge: Callable[[str, list], list[torch.Tensor]],
+    merge: Callable[[str, list, list[torch.Tensor] | None], list[torch.Tensor]],
     *,
     device: torch.device,
     progress: bool,
@@ -113,8 +125,11 @@ def stream_merged(
     per parameter set])`` for each plan entry a task changes, each a contiguous float32 CPU tensor.
 
     Each entry's T deltas are read, placed on ``device`` (on the CPU instead, with one ``DeviceFallbackWarning``,
-    where they do not fit it) and merged by ``merge(rule, deltas)`` into one tensor per set of ``param_sets``;
-    results that are one tensor object stay one after the move to the CPU. Shapes and finiteness are checked here.
+    where they do not fit it) and merged by ``merge(rule, deltas, statistics)`` into one tensor per set of
+    ``param_sets``; results that are one tensor object stay one after the move to the CPU. Shapes and finiteness are
+    checked here. ``statistics`` is ``None`` but for the matrix rule of a method that ``needs_statistics``: then
+    each task's input Gram of the parameter (``TaskVectorReader.gram``, read lazily like the deltas, on the CPU),
+    or ``None`` where the task vectors record no Gram for it.
     """
     timings = timings if timings is not None else {}
     for key in ("read", "matrix", "elementwise"):
@@ -127,13 +142,14 @@ def stream_merged(
         if all(d is None for d in raw):
             timings["read"] += time.perf_counter() - t0
             continue
+        grams = read_grams(readers, entry.name) if method.needs_statistics and entry.rule == "matrix" else None
         t1 = time.perf_counter()
         timings["read"] += t1 - t0
 
-        def call(deltas: list, rule: str = entry.rule) -> list[torch.Tensor]:
+        def call(deltas: list, rule: str = entry.rule, grams: list[torch.Tensor] | None = grams) -> list[torch.Tensor]:
             moved: dict[int, torch.Tensor] = {}
             out = []
-            for result in merge(rule, deltas):
+            for result in merge(rule, deltas, grams):
                 if id(result) not in moved:
                     moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
                 out.append(moved[id(result)])
@@ -141,7 +157,7 @@ def stream_merged(
             return out
 
         out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
-        del raw
+        del raw, grams
         timings[entry.rule] += time.perf_counter() - t1
         for tensor, params in zip(out, param_sets, strict=True):
             if tuple(tensor.shape) != entry.shape:
@@ -180,9 +196,10 @@ def merge_parameters(
     """
     coeffs = None if coefficients is None else list(coefficients)
 
-    def merge(rule: str, deltas: list) -> list[torch.Tensor]:
-        fn = method.merge_matrix if rule == "matrix" else method.merge_elementwise
-        return [fn(deltas, coefficients=coeffs, out_dtype=torch.float32, **params)]
+    def merge(rule: str, deltas: list, statistics: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        if rule == "matrix":
+            return [method.merge_matrix(deltas, coeffs, statistics, out_dtype=torch.float32, **params)]
+        return [method.merge_elementwise(deltas, coefficients=coeffs, out_dtype=torch.float32, **params)]
 
     stream = stream_merged(
         entries, readers, method, [params], merge, device=device, progress=progress, timings=timings,

@@ -34,6 +34,7 @@ from drm_lightning.task_vectors.format import (
     TaskVectorMeta,
     read_meta,
 )
+from drm_lightning.task_vectors.statistics import StatisticsMeta, read_statistics_meta
 
 
 def matches_lora_targets(module: str, targets: Sequence[str] | str) -> bool:
@@ -83,6 +84,40 @@ class TaskVectorReader:
         self._dense: dict[str, str] = {}
         self._lora: dict[str, tuple[str, str]] = {}
         self._group_keys()
+        self._stats: tuple[StatisticsMeta, Path, dict[str, TensorInfo]] | None = None
+
+    def has_statistics(self) -> bool:
+        """Whether meta.json records input statistics (``task_vectors/statistics.py``)."""
+        return self.meta.statistics is not None
+
+    def statistics(self) -> StatisticsMeta:
+        """The statistics section, checked against the statistics file's header on first use (no Gram read).
+
+        Raises:
+            TaskVectorError: none recorded, or a file that does not fit meta.json (``read_statistics_meta``).
+        """
+        if self._stats is None:
+            stats = read_statistics_meta(self.folder, self.meta)
+            path = self.folder / stats.file
+            self._stats = (stats, path, read_header(path, error=TaskVectorError))
+        return self._stats[0]
+
+    def gram(self, name: str) -> torch.Tensor | None:
+        """The per-row mean input Gram ``Σ x xᵀ / rows`` of weight ``name`` (float32 ``[in, in]``, CPU), read with
+        one positioned read; ``None`` when no Gram is recorded for it.
+
+        Raises:
+            TaskVectorError: as ``statistics``, or NaN/Inf values (naming the file and key).
+        """
+        stats = self.statistics()
+        assert self._stats is not None
+        _, path, header = self._stats
+        if name not in stats.rows:
+            return None
+        with open(path, "rb") as f:
+            gram = read_tensor(f, header[name], name, error=TaskVectorError)
+        check_finite(gram, f"{path}: key {name!r}")
+        return gram.div_(stats.rows[name])
 
     def __repr__(self) -> str:
         return f"TaskVectorReader({str(self.folder)!r}, task={self.meta.task!r}, kind={self.meta.kind!r})"

@@ -381,3 +381,34 @@ def drm_iso(
     s_sum = torch.linalg.svdvals(task_arithmetic(deltas, coefficients, dtype=dtype))
     level = s_sum[s_sum > RANK_TOL * s_sum[0]].mean()
     return level * (u[:, :rank] @ vh[:rank])
+
+
+REGMEAN_RIDGE = 1e-8
+"""RegMean's default relative ridge (docs/methods.md, RegMean)."""
+
+
+def regmean(
+    deltas: Sequence[Tensor],
+    grams: Sequence[Tensor] | None,
+    alpha: float = 0.9,
+    coefficients: Coefficients = None,
+    ridge: float = REGMEAN_RIDGE,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """RegMean: ``G̃_i = α G_i + (1 − α) diag(G_i)``, ``ρ̄ = ridge · tr(Σ G̃_i) / (T m)``,
+    ``Δ = (Σ_i c_i Δ_i (G̃_i + ρ̄ I)) (Σ_i (G̃_i + ρ̄ I))⁻¹``; no Grams, or all zero: the plain mean."""
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "regmean")
+    if grams is None:
+        return task_mean(deltas, coefficients, dtype=dtype)
+    tasks, _, cols = stacked.shape
+    eye = torch.eye(cols, dtype=dtype)
+    shrunk = [alpha * g.to(dtype) + (1 - alpha) * torch.diag(torch.diagonal(g.to(dtype))) for g in grams]
+    rho = ridge * float(torch.trace(sum(shrunk))) / (tasks * cols)
+    if rho == 0:
+        return task_mean(deltas, coefficients, dtype=dtype)
+    c = _coefficients(coefficients, stacked)
+    left = sum(c[i] * stacked[i] @ (shrunk[i] + rho * eye) for i in range(tasks))
+    right = sum(g + rho * eye for g in shrunk)
+    return left @ torch.linalg.inv(right)

@@ -26,7 +26,8 @@ from drm_lightning.merging.registry import MergeMethod, get_method
 from drm_lightning.merging.space import check_merge_space
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
 from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of
-from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta
+from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta, open_safetensors
+from drm_lightning.task_vectors.statistics import missing_statistics_message
 from drm_lightning.world import resolve_device
 
 _SAFE_TASK = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -189,6 +190,8 @@ def prepare_merge(
         seen[reader.task] = reader.folder
         if not (reader.folder / HEAD_FILE).is_file():
             raise TaskVectorError(f"{reader.folder / HEAD_FILE}: not found")
+    if merge_method.needs_statistics:
+        check_statistics(readers, merge_method.name)
     expected_fps = _check_fingerprints(readers)
     base_name = base if base is not None else readers[0].meta.base_model
     families = {r.meta.family for r in readers}
@@ -213,6 +216,8 @@ def prepare_merge(
         )
     for reader in readers:
         reader.validate(shapes)
+        if merge_method.needs_statistics:
+            check_statistics_shapes(reader, shapes)
     present = set().union(*(r.names() for r in readers))
     entries = plan.entries(shapes, merge_method, present=present, num_tasks=len(readers))
     timings["load"] = time.perf_counter() - t0
@@ -232,6 +237,49 @@ def prepare_merge(
         torch_dtype=load["torch_dtype"],
         gguf_file=load["gguf_file"],
     )
+
+
+def check_statistics(readers: Sequence[TaskVectorReader], method: str) -> None:
+    """Every task vector records input statistics (``task_vectors/statistics.py``) for the same layers.
+
+    Raises:
+        TaskVectorError: a task vector without statistics (the message names the command that adds them), or one
+            whose statistics file does not fit its meta.json (another expert's or another base's).
+        ValueError: two task vectors that record Grams of different layers.
+    """
+    for reader in readers:
+        if not reader.has_statistics():
+            raise TaskVectorError(missing_statistics_message(reader.folder, method))
+    first = readers[0]
+    layers = set(first.statistics().rows)
+    for reader in readers[1:]:
+        other = set(reader.statistics().rows)
+        if other != layers:
+            differ = sorted(other ^ layers)
+            raise ValueError(
+                f"{reader.folder}: statistics record other layers than {first.folder}'s ({len(other)} vs "
+                f"{len(layers)}; e.g. {differ[0]!r}); record both with the same settings"
+            )
+
+
+def check_statistics_shapes(reader: TaskVectorReader, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Each recorded Gram belongs to a 2-D base parameter and is ``[in, in]`` for it (no Gram is read)."""
+    stats = reader.statistics()
+    path = reader.folder / stats.file
+    with open_safetensors(path) as f:
+        gram_shapes = {name: list(f.get_slice(name).get_shape()) for name in stats.rows}
+    for name in sorted(stats.rows):
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2:
+            raise TaskVectorError(
+                f"{path}: Gram of {name!r}, which is not a 2-D parameter of the base model {reader.meta.base_model!r}"
+            )
+        gram_shape = gram_shapes[name]
+        if gram_shape != [shape[1], shape[1]]:
+            raise TaskVectorError(
+                f"{path}: Gram of {name!r} is {gram_shape}, the base parameter {list(shape)} takes [{shape[1]}, "
+                f"{shape[1]}]: statistics of another model"
+            )
 
 
 def describe_load(load: Mapping[str, str | None]) -> str:

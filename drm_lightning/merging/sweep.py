@@ -163,8 +163,8 @@ def merge_parameters_many(
     contiguous float32 CPU tensor (sets whose rule parameters agree share one tensor object)."""
     coeffs = None if coefficients is None else list(coefficients)
 
-    def merge(rule: str, deltas: list) -> list[torch.Tensor]:
-        return method.merge_many(rule, deltas, param_sets, coeffs, out_dtype=torch.float32)
+    def merge(rule: str, deltas: list, statistics: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        return method.merge_many(rule, deltas, param_sets, coeffs, out_dtype=torch.float32, statistics=statistics)
 
     return stream_merged(
         entries, readers, method, param_sets, merge, device=device, progress=progress, timings=timings,

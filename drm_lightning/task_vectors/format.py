@@ -102,6 +102,9 @@ class TaskVectorMeta:
     ``peft``), ``path``, ``architectures``, ``config`` (the task model's config.json), ``head`` (the head layout and
     the mapping from the project head's parameters to the checkpoint's tensor names, or ``None`` with
     ``no_head_reason``) and what was left out. ``None`` for experts fitted here and for older task vectors.
+
+    ``statistics`` describes the input Grams beside the deltas (``statistics.py``: file, kind, examples, rows per
+    layer), ``None`` when none were recorded.
     """
 
     task: str
@@ -119,6 +122,7 @@ class TaskVectorMeta:
     versions: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     source: dict[str, Any] | None = None
+    statistics: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -157,6 +161,9 @@ class TaskVectorMeta:
         origin = data.get("source")
         if origin is not None and not isinstance(origin, Mapping):
             raise TaskVectorError(f"{source}: source={origin!r}, expected an object or null")
+        stats = data.get("statistics")
+        if stats is not None and not isinstance(stats, Mapping):
+            raise TaskVectorError(f"{source}: statistics={stats!r}, expected an object or null")
         return cls(**data)
 
     def load_options(self, torch_dtype: str | None = None, gguf_file: str | None = None) -> dict[str, str | None]:
@@ -344,19 +351,34 @@ def write_task_vector(
     deltas: Mapping[str, torch.Tensor],
     head: Mapping[str, torch.Tensor],
     meta: TaskVectorMeta,
+    statistics: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a task vector folder atomically (all three files appear together or not at all).
+    """Write a task vector folder atomically (all its files appear together or not at all).
+
+    ``statistics``: the input Grams to write beside the deltas (``statistics.py``); ``meta.statistics`` must then
+    describe them.
 
     Raises:
         InsufficientSpaceError: before anything is written, when ``folder``'s filesystem lacks the room for the
             three files (the replaced folder, if any, is removed only after the new one is complete, so it does not
             count as free).
     """
+    from drm_lightning.task_vectors.statistics import save_statistics, statistics_bytes, statistics_meta
+
+    if (statistics is None) != (meta.statistics is None):
+        raise ValueError(f"task {meta.task!r}: statistics and meta.statistics must be given together")
     needed = safetensors_bytes(deltas) + safetensors_bytes(head) + len(meta.to_json().encode())
+    needed += statistics_bytes(statistics or {})
     check_free_space({folder: needed}, f"task vector of task {meta.task!r}")
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in deltas.items()}, str(tmp / DELTAS_FILE))
         save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(tmp / HEAD_FILE))
+        if statistics is not None:
+            stats = statistics_meta(meta, folder)
+            assert stats is not None
+            if set(stats.rows) != set(statistics):
+                raise ValueError(f"task {meta.task!r}: meta.statistics.rows name other layers than the Grams given")
+            save_statistics(tmp / stats.file, statistics, meta)
         (tmp / META_FILE).write_text(meta.to_json())
     return Path(folder)
 

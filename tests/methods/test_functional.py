@@ -27,6 +27,7 @@ from drm_lightning.merging import linalg
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.drm_iso import drm_iso
+from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
 from tests.helpers import delta_cases
 
@@ -209,7 +210,7 @@ def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], me
 
 
 def test_registry_lists_every_method_once() -> None:
-    papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"]
+    papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "regmean"]
     assert sorted(METHODS) == sorted([*papers, "drm_iso_v", "drm_iso_h"])
     for name, method in METHODS.items():
         assert method.name == name and method.label
@@ -217,7 +218,8 @@ def test_registry_lists_every_method_once() -> None:
             assert method.reference.startswith("https://arxiv.org/abs/")
         else:  # this project's variant: its study is the reference
             assert method.reference == DRM_ISO_REFERENCE and (Path(__file__).parents[2] / method.reference).is_file()
-        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso))
+        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso, regmean))
+        assert method.needs_statistics == (method.fn is regmean)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -24,6 +24,7 @@ from torch import Tensor
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.registry import METHODS as REGISTRY
 from tests.helpers import delta_cases
 
@@ -40,6 +41,16 @@ class Method:
     impl: Callable[..., Tensor]
     ref: Callable[..., Tensor]
     cases: tuple[str, ...]
+
+
+def _grams(deltas: list[Tensor]) -> list[Tensor]:
+    """RegMean's per-task input Grams for ``deltas``' width: ``XᵀX / rows`` of random inputs with fewer rows than
+    columns (each Gram singular, their sum not) and feature scales spread over two orders of magnitude."""
+    cols = deltas[0].shape[1]
+    gen = torch.Generator().manual_seed(cols)
+    scales = torch.logspace(-1, 1, cols, dtype=torch.float64)
+    xs = [torch.randn(cols // 2 + 1, cols, generator=gen, dtype=torch.float64) * scales for _ in deltas]
+    return [x.T @ x / x.shape[0] for x in xs]
 
 
 COMMON = ("random", "rank_deficient", "zero_task", "tiny_task", "all_zero", "clustered_tasks")
@@ -98,6 +109,12 @@ METHODS = [
         lambda d, c, **k: F.drm_iso(d, "horizontal", 0.8, c, **k),
         lambda d, c: ref.drm_iso(d, "horizontal", 0.8, c),
         COMMON,
+    ),
+    Method(
+        "regmean",
+        lambda d, c, **k: regmean(d, 0.9, coefficients=c, statistics=_grams(d), **k),
+        lambda d, c: ref.regmean(d, _grams(d), 0.9, c),
+        CLUSTER_SAFE,
     ),
 ]
 """One row (or more, named ``<registry name>_<variant>``) per registered method: a new method adds its row here."""

@@ -37,6 +37,7 @@ NONMATRIX_REFERENCE: dict[str, Callable[[list[Tensor], list[float], dict], Tenso
     "tsv_m": lambda d, c, p: ref.task_mean(d, c),
     "drm_iso_v": lambda d, c, p: ref.task_mean(d, c),  # DRM-Iso: Iso-C's rule (docs/drm_study.md)
     "drm_iso_h": lambda d, c, p: ref.task_mean(d, c),
+    "regmean": lambda d, c, p: ref.task_mean(d, c),  # RegMean: the plain mean, as its authors (docs/methods.md)
 }
 NONMATRIX_PARAMS = {
     "ties": [{"density": 0.4}],

@@ -260,7 +260,7 @@ def known_flags() -> frozenset[str]:
     from drm_lightning.commands import build_parser
 
     flags = set(TOP_FLAGS | LAUNCHER_FLAGS | LIGHTNING_FLAGS)
-    for name in ("merge", "evaluate", "extract", "pipeline"):
+    for name in ("merge", "evaluate", "extract", "statistics", "pipeline"):
         flags |= {o.split(".")[0] for o in build_parser(name)._option_string_actions if o.startswith("--")}
     for script in (ROOT / "benchmarks").glob("*.py"):
         source = text(script)

@@ -24,6 +24,7 @@ from drm_lightning.task_vectors.format import (
     read_meta,
     write_task_vector,
 )
+from drm_lightning.task_vectors.statistics import STATISTICS_FILE
 from tests.helpers.expert_marks import KNOWN_DEPRECATIONS
 from tests.helpers.tiny_models import SyntheticDataModule, tiny_trainer
 
@@ -61,7 +62,8 @@ def test_task_vector_reproduces_the_expert(tiny, tmp_path, family, lora, pairs, 
     callback = TaskVectorCallback(str(tmp_path / "tv"))
     tiny_trainer(max_steps=2, callbacks=[callback]).fit(expert, dm)
     folder = callback.written
-    assert folder == tmp_path / "tv" and {p.name for p in folder.iterdir()} == {DELTAS_FILE, HEAD_FILE, META_FILE}
+    files = {DELTAS_FILE, HEAD_FILE, META_FILE, STATISTICS_FILE}
+    assert folder == tmp_path / "tv" and {p.name for p in folder.iterdir()} == files
 
     base = load_backbone(tiny[family], family, torch_dtype=getattr(torch, dtype) if dtype else None)
     base_shapes = {k: tuple(v.shape) for k, v in base.state_dict().items()}
@@ -146,6 +148,7 @@ def _fake_trainer(rank_zero: bool, root, collectives: list[str], rank0_failed: b
         strategy=SimpleNamespace(broadcast=broadcast),
         callback_metrics={},
         default_root_dir=str(root),
+        train_dataloader=None,  # no training data: no input statistics
     )
 
 

@@ -131,6 +131,7 @@ def bf16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
         strategy=SimpleNamespace(broadcast=lambda obj, src=0: obj),
         callback_metrics={},
         default_root_dir=str(root),
+        train_dataloader=None,  # no training data: no input statistics
     )
     callback = TaskVectorCallback(str(root / "tv"))
     callback.on_fit_end(trainer, expert)

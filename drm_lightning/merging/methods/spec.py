@@ -3,7 +3,8 @@
 Each method module of ``drm_lightning.merging.methods`` lists its entries in a ``METHODS`` tuple of ``MergeMethod``
 next to the functions they name; ``drm_lightning.merging.registry`` collects them. The merger knows nothing of the
 math beyond this record: ``check(params)`` once up front (no tensors needed, so a typo fails before any model is
-loaded), then per parameter ``merge_matrix`` or ``merge_elementwise``, or ``merge_many`` for a search.
+loaded), then per parameter ``merge_matrix`` or ``merge_elementwise``, or ``merge_many`` for a search. A method
+that weighs the deltas by data (``needs_statistics``: RegMean) also gets each task's input Gram of the parameter.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class MergeMethod:
         param_checks: Validators of parameters that ``checks.PARAM_CHECKS`` does not know (a new method's own
             parameters, kept in its module), or that this method checks differently; each returns the normalised
             value or raises ``ValueError``.
+        needs_statistics: The matrix rule takes ``statistics=``: per task, the input Gram of the parameter's layer
+            (``[in, in]``, ``task_vectors/statistics.py``), or ``None`` for a parameter without recorded Grams.
+            The merge refuses task vectors without statistics up front (``setup.prepare_merge``).
     """
 
     name: str
@@ -60,11 +64,14 @@ class MergeMethod:
     prepare: Callable[..., Any] | None = None
     prepare_keys: frozenset[str] = field(default_factory=frozenset)
     param_checks: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
+    needs_statistics: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         if self.matrix_only and self.elementwise is None:
             raise ValueError(f"{self.name}: a matrix_only method needs its elementwise rule")
+        if self.needs_statistics and (not self.matrix_only or self.prepare is not None):
+            raise ValueError(f"{self.name}: statistics go to a matrix_only method's matrix rule, without prepare")
         stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
         if stray:
             raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")
@@ -107,13 +114,28 @@ class MergeMethod:
             return dict(checked)
         return {k: v for k, v in checked.items() if k in self.elementwise_keys}
 
-    def merge_matrix(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
+    def merge_matrix(
+        self,
+        deltas: Sequence[Delta],
+        coefficients: Coefficients = None,
+        statistics: Sequence[Tensor] | None = None,
+        **params: Any,
+    ) -> Tensor:
         """The method itself on one parameter's deltas.
 
-        ``params`` are the method's parameters (checked here) plus the runtime keyword ``out_dtype``.
+        ``params`` are the method's parameters (checked here) plus the runtime keyword ``out_dtype``;
+        ``statistics`` the per-task Grams, for a method that ``needs_statistics`` (refused by the others).
         """
         out_dtype = params.pop("out_dtype", None)
-        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **self.matrix_params(self.check(params)))
+        checked = {**self._statistics(statistics), **self.matrix_params(self.check(params))}
+        return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
+
+    def _statistics(self, statistics: Sequence[Tensor] | None) -> dict[str, Any]:
+        if self.needs_statistics:
+            return {"statistics": statistics}
+        if statistics is not None:
+            raise ValueError(f"{self.name} takes no statistics")
+        return {}
 
     def merge_elementwise(self, deltas: Sequence[Delta], coefficients: Coefficients = None, **params: Any) -> Tensor:
         """The method's rule for non-matrix parameters and excluded matrices (docs/methods.md, "Non-matrix parameters").
@@ -134,6 +156,7 @@ class MergeMethod:
         coefficients: Coefficients = None,
         *,
         out_dtype: torch.dtype | None = None,
+        statistics: Sequence[Tensor] | None = None,
     ) -> list[Tensor]:
         """``rule`` (``"matrix"`` or ``"elementwise"``) at every parameter set, sharing the work they have in common.
 
@@ -141,6 +164,8 @@ class MergeMethod:
         on the parameters a rule takes get one result (the same tensor object): a DRM drop-rate search computes
         each non-matrix parameter once. Matrix rules with ``prepare`` compute it once per distinct ``prepare_keys``
         values and finish each set from it (DRM's joint basis serves every drop rate).
+
+        ``statistics``: the per-task Grams of the matrix rule (``merge_matrix``).
 
         Returns:
             One merged delta per parameter set, in order.
@@ -156,8 +181,9 @@ class MergeMethod:
             for key, params in distinct.items():
                 done[key] = self.merge_elementwise(deltas, coefficients, out_dtype=out_dtype, **params)
         elif self.prepare is None:
+            extra = self._statistics(statistics)
             for key, params in distinct.items():
-                done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **params)
+                done[key] = self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **extra, **params)
         else:
             groups: dict[tuple[tuple[str, Any], ...], list[tuple[tuple[tuple[str, Any], ...], dict[str, Any]]]] = {}
             for key, params in distinct.items():
