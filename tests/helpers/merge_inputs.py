@@ -199,3 +199,35 @@ def dense_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
         elif not key.endswith(LORA_B_SUFFIX):
             out[key] = value
     return out
+
+
+def add_random_statistics(folder: str | Path, seed: int = 0, only: str = "") -> dict[str, torch.Tensor]:
+    """Give a task vector input statistics, as the callback records them, for each 2-D delta whose name contains
+    ``only`` and is not an embedding: ``Σ x xᵀ`` of random inputs (3·in rows) and its row count. Returns the per-row
+    mean Grams the merge uses (``TaskVectorReader.gram``), by weight name."""
+    from drm_lightning.task_vectors.statistics import add_statistics
+
+    gen = torch.Generator().manual_seed(seed)
+    sums, rows = {}, {}
+    for name, delta in sorted(dense_deltas(folder).items()):
+        if delta.ndim == 2 and only in name and "embed" not in name:
+            width = delta.shape[1]
+            x = torch.randn(3 * width, width, generator=gen)
+            sums[name], rows[name] = x.T @ x, 3 * width + seed
+    add_statistics(folder, sums, rows, examples=5)
+    return {name: sums[name] / rows[name] for name in sums}
+
+
+def with_random_statistics(folders: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
+    """Copies of ``folders`` under ``out_dir`` with random input statistics (``add_random_statistics``), for the
+    methods that need them (RegMean); made once per ``out_dir``."""
+    import shutil
+
+    out = []
+    for i, folder in enumerate(folders):
+        copy = Path(out_dir) / Path(folder).name
+        if not copy.exists():
+            shutil.copytree(folder, copy)
+            add_random_statistics(copy, seed=i)
+        out.append(copy)
+    return out

@@ -37,7 +37,13 @@ from drm_lightning.task_vectors.format import (
     read_meta,
     write_task_vector,
 )
-from tests.helpers.merge_inputs import build_tiny_model, dense_deltas, family_of, write_task_vectors
+from tests.helpers.merge_inputs import (
+    build_tiny_model,
+    dense_deltas,
+    family_of,
+    with_random_statistics,
+    write_task_vectors,
+)
 
 T = 3
 QUERY = "encoder.layer.0.attention.self.query.weight"
@@ -326,8 +332,9 @@ def test_lora_merge_equals_dense_equivalent(
 def test_every_method_merges_tiny_model_deterministically(root: Path, dense_tvs: list[Path], method: str) -> None:
     """The contract over the registry: a real merge per method, plan rules as promised, byte-identical reruns."""
     m = get_method(method)
+    tvs = with_random_statistics(dense_tvs, root / "with_statistics") if m.needs_statistics else dense_tvs
     outs = [root / f"every_{method}_{i}" for i in range(2)]
-    results = [merge_task_vectors(dense_tvs, method, o, progress=False, max_shard_bytes=20_000) for o in outs]
+    results = [merge_task_vectors(tvs, method, o, progress=False, max_shard_bytes=20_000) for o in outs]
     counts = results[0].rule_counts
     assert (counts["matrix"] > 0) == m.matrix_only
     shards = sorted(p.name for p in (outs[0] / MERGED_DIR).iterdir())

@@ -15,16 +15,16 @@ import pytest
 import torch
 from torch import Tensor
 
+from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.registry import get_method
-from drm_lightning.merging.shards import iter_merged_delta
 from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, read_meta
 from drm_lightning.task_vectors.statistics import STATISTICS_FILE, add_statistics, statistics_meta
 from tests.helpers import delta_cases
-from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
+from tests.helpers.merge_inputs import add_random_statistics, build_tiny_model, write_task_vectors
 
 TOL_F32 = 1e-5
 COEFFS = [1.0, 0.5, -0.3, 2.0]
@@ -170,19 +170,6 @@ T = 2
 QUERY = "encoder.layer.0.attention.self.query.weight"
 
 
-def _record(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int, only: str = "") -> dict[str, Tensor]:
-    """Random statistics for every encoder linear weight (those whose name contains ``only``); returns the
-    per-row mean Grams the merge should use."""
-    gen = torch.Generator().manual_seed(seed)
-    sums, rows = {}, {}
-    for name, shape in shapes.items():
-        if len(shape) == 2 and name.startswith("encoder.") and only in name:
-            x = torch.randn(3 * shape[1], shape[1], generator=gen)
-            sums[name], rows[name] = x.T @ x, 3 * shape[1] + seed
-    add_statistics(folder, sums, rows, examples=5)
-    return {name: sums[name] / rows[name] for name in sums}
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from drm_lightning.models.backbone import load_backbone
@@ -192,8 +179,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shapes = {k: tuple(v.shape) for k, v in load_backbone(str(base), "encoder").state_dict().items()}
     dense = write_task_vectors(base, root / "dense", T)
     lora = write_task_vectors(base, root / "lora", T, kind="lora")
-    grams = [_record(f, shapes, i) for i, f in enumerate(dense)]
-    lora_grams = [_record(f, shapes, i) for i, f in enumerate(lora)]
+    grams = [add_random_statistics(f, seed=i, only="encoder.") for i, f in enumerate(dense)]
+    lora_grams = [add_random_statistics(f, seed=i, only="encoder.") for i, f in enumerate(lora)]
     return {"root": root, "base": base, "shapes": shapes, "dense": dense, "lora": lora, "grams": grams,
             "lora_grams": lora_grams}  # fmt: skip
 
@@ -238,7 +225,7 @@ def _strip(folder: Path) -> None:
 
 
 def _other_layers(folder: Path, tiny: dict) -> None:
-    _record(folder, tiny["shapes"], 7, only="attention")
+    add_random_statistics(folder, seed=7, only="attention")
 
 
 def _foreign_file(folder: Path, tiny: dict) -> None:
