@@ -25,6 +25,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.func import functional_call
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from drm_lightning.evaluation.coefficients import CoefficientLayout, LearnSettings, combine
@@ -133,7 +134,7 @@ class CoefficientModule(LightningModule):
         for task in self.tasks:
             if task not in self._datamodules:
                 raise ValueError(f"datamodules: no datamodule for task {task!r}")
-            loaders[task] = split_loader(self._datamodules[task], self.settings.split)
+            loaders[task] = split_loader(self._datamodules[task], self.settings.split, self.settings.batch_size)
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     @override
@@ -147,10 +148,18 @@ class CoefficientModule(LightningModule):
         return self.coefficients.detach().float().cpu().clone()
 
 
-def split_loader(datamodule: LightningDataModule, split: str) -> Any:
-    """The datamodule's loader of ``split`` (set up for it first)."""
+def split_loader(datamodule: LightningDataModule, split: str, batch_size: int | None = None) -> Any:
+    """The datamodule's loader of ``split`` (set up for it first); ``batch_size`` given: the same dataset, order
+    and collation in batches of that size."""
     stage = {"train": "fit", "validation": "validate", "test": "test"}[split]
     datamodule.setup(stage)
     if split == "train":
-        return datamodule.train_dataloader()
-    return datamodule.val_dataloader() if split == "validation" else datamodule.test_dataloader()
+        loader = datamodule.train_dataloader()
+    else:
+        loader = datamodule.val_dataloader() if split == "validation" else datamodule.test_dataloader()
+    if batch_size is None or batch_size == loader.batch_size:
+        return loader
+    return DataLoader(
+        loader.dataset, batch_size=batch_size, sampler=loader.sampler, collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+    )  # fmt: skip

@@ -61,6 +61,8 @@ class LearnSettings:
         seed: ``seed_everything`` before the fit (data order and anything random).
         include: a regular expression searched in parameter names: only those get learned coefficients (and only
             their deltas are held); the others stay at the initial coefficient. None: every parameter.
+        batch_size: examples per task and step (None: the datamodule's batch size of ``split``); fewer examples
+            per step cost less memory and time per step.
     """
 
     objective: Literal["entropy", "cross_entropy"] = "entropy"
@@ -74,6 +76,7 @@ class LearnSettings:
     init: float | None = None
     seed: int = 0
     include: str | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -90,6 +93,10 @@ class LearnSettings:
                 raise ValueError(f"{where}.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"{where}.epochs={self.epochs!r}: expected an integer >= 1")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1
+        ):
+            raise ValueError(f"{where}.batch_size={self.batch_size!r}: expected an integer >= 1 or null")
         if self.max_steps is not None and (
             isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
         ):

@@ -130,6 +130,7 @@ QUICK = {"objective": "entropy", "max_steps": 3, "lr": 0.05}
         ({"lr": -1.0}, r"learn\.lr=-1\.0"),
         ({"lr": float("nan")}, r"learn\.lr=nan"),
         ({"max_steps": 0}, r"learn\.max_steps=0"),
+        ({"batch_size": 0}, r"learn\.batch_size=0"),
         ({"split": "test"}, r"transductive: true"),
         ({"transductive": True}, r"only with split: test"),
         ({"steps": 3}, r"unknown key\(s\) \['steps'\]"),
@@ -223,8 +224,8 @@ def test_a_seeded_run_is_reproducible_bit_for_bit(setup: dict, tmp_path: Path) -
     for k in range(2):
         out = tmp_path / f"run{k}"
         learn_coefficients(setup["merged"]["task_arithmetic"], 0.5, setup["task_vectors"], setup["datamodules"],
-                           {**QUICK, "form": "task", "split": "train"}, out, trainer_kwargs={"accelerator": "cpu"},
-                           plots=False)  # fmt: skip
+                           {**QUICK, "form": "task", "split": "train", "batch_size": 5}, out,
+                           trainer_kwargs={"accelerator": "cpu"}, plots=False)  # fmt: skip
         runs.append(out)
     a, b = (read_coefficients(r) for r in runs)
     assert a["coefficients"] == b["coefficients"]
