@@ -116,6 +116,8 @@ def learn_coefficients(
     seed_everything(settings.seed, verbose=False)
     module = CoefficientModule(experts, stacks, layout, settings, init, datamodules)
     kwargs = {k: v for k, v in dict(trainer_kwargs or {}).items() if k in TRAINER_KEYS}
+    # deterministic=True switches torch's deterministic algorithms on for the whole process: restored after the fit
+    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     trainer = Trainer(
         **{"accelerator": "auto", "devices": 1, **kwargs},
         max_epochs=settings.epochs,
@@ -130,10 +132,13 @@ def learn_coefficients(
         deterministic=True,
         callbacks=[losses := LossLog()],
     )
-    with warnings.catch_warnings():
-        # the experts stay in eval mode on purpose (no dropout while the coefficients are fitted)
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-        trainer.fit(module)
+    try:
+        with warnings.catch_warnings():
+            # the experts stay in eval mode on purpose (no dropout while the coefficients are fitted)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+            trainer.fit(module)
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
     coefficients = module.learned()
     info = {
         **settings.to_dict(),

@@ -232,6 +232,7 @@ def test_a_seeded_run_is_reproducible_bit_for_bit(setup: dict, tmp_path: Path) -
     assert a["coefficients"] != [[0.5, 0.5]] * len(a["rows"])  # it moved
     da, db = learned_deltas(runs[0]), learned_deltas(runs[1])
     assert all(torch.equal(da[n], db[n]) for n in da)
+    assert not torch.are_deterministic_algorithms_enabled()  # the fit's deterministic mode does not outlive it
 
 
 def test_a_harmful_delta_learns_a_coefficient_near_zero(setup: dict, tmp_path: Path) -> None:
