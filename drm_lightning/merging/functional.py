@@ -16,9 +16,10 @@ float64 Gram eigendecompositions of ``linalg.py`` (one ``eigh`` per matrix where
 therefore agrees with a float64 evaluation of the contract to far better than 1e-3 relative Frobenius error; the
 only error left for bfloat16 outputs is the final rounding to bfloat16.
 
-The SVD methods (``drm``, ``iso_c``, ``iso_cts``, ``tsv_m``) also accept ``LowRankDelta`` factors and then work in
-the joint ``Σ r_i``-dimensional space of the factors, materialising only the merged ``[out, in]`` result. A mix of
-dense and factored deltas is densified. The elementwise methods densify factors.
+The SVD methods (``drm``, ``iso_c``, ``iso_cts``, ``tsv_m``) and ``wudi_closed`` also accept ``LowRankDelta``
+factors and then work in the joint ``Σ r_i``-dimensional space of the factors, materialising only the merged
+``[out, in]`` result. A mix of dense and factored deltas is densified. The elementwise methods and ``wudi`` (Adam is
+elementwise) densify factors.
 
 Bad arguments raise ``ValueError`` naming the argument and the offending value.
 """
@@ -53,6 +54,15 @@ from drm_lightning.merging.methods.drm_iso import DrmIsoBasis, drm_iso, drm_iso_
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
 from drm_lightning.merging.methods.iso import IsoCtsBasis, iso_c, iso_cts, iso_cts_basis, iso_cts_split
 from drm_lightning.merging.methods.tsv import tsv_m
+from drm_lightning.merging.methods.wudi import (
+    WudiGrams,
+    check_lr,
+    check_ridge,
+    check_steps,
+    wudi,
+    wudi_closed,
+    wudi_closed_basis,
+)
 
 __all__ = [
     "DIRECTIONS",
@@ -66,14 +76,18 @@ __all__ = [
     "DrmBasis",
     "DrmIsoBasis",
     "IsoCtsBasis",
+    "WudiGrams",
     "check_common_fraction",
     "check_density",
     "check_direction",
     "check_drop_rate",
+    "check_lr",
     "check_merge",
     "check_nonmatrix_drop_rate",
     "check_rank_tol",
+    "check_ridge",
     "check_seed",
+    "check_steps",
     "check_switch",
     "dare",
     "drm",
@@ -91,4 +105,7 @@ __all__ = [
     "task_mean",
     "ties",
     "tsv_m",
+    "wudi",
+    "wudi_closed",
+    "wudi_closed_basis",
 ]

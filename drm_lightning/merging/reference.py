@@ -412,3 +412,73 @@ def regmean(
     left = sum(c[i] * stacked[i] @ (shrunk[i] + rho * eye) for i in range(tasks))
     right = sum(g + rho * eye for g in shrunk)
     return left @ torch.linalg.inv(right)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WUDI
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def wudi_objective(
+    merged: Tensor, deltas: Sequence[Tensor], coefficients: Coefficients = None, ridge: float = 0.0
+) -> Tensor:
+    """``Σ_i w_i ‖(Δ − Δ_i) Δ_iᵀ‖²_F + ρ (tr G / m) ‖Δ‖²_F`` over ``Δ_i ← c_i Δ_i``, ``w_i = 1/‖Δ_i‖²_F`` (0 for a
+    zero delta), ``G = Σ_i w_i Δ_iᵀ Δ_i``, ``m`` the input dimension; in ``merged``'s dtype, differentiable in it."""
+    stacked = _stack(deltas, merged.dtype)
+    _matrices(stacked, "wudi")
+    weighted = stacked * _coefficients(coefficients, stacked)
+    total = merged.new_zeros(())
+    trace = 0.0
+    for delta in weighted:
+        norm2 = float((delta * delta).sum())
+        if norm2 == 0:
+            continue
+        total = total + ((merged - delta) @ delta.T).square().sum() / norm2
+        trace += float(torch.trace(delta.T @ delta)) / norm2
+    return total + ridge * trace / merged.shape[1] * merged.square().sum()
+
+
+def wudi(
+    deltas: Sequence[Tensor],
+    steps: int = 300,
+    lr: float = 1e-5,
+    coefficients: Coefficients = None,
+    *,
+    dtype: torch.dtype = F64,
+) -> Tensor:
+    """WUDI as the authors' loop: ``torch.optim.Adam`` (defaults, lr ``lr``) on ``wudi_objective`` through autograd,
+    ``steps`` steps from ``Σ_i c_i Δ_i``."""
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "wudi")
+    merged = torch.nn.Parameter((stacked * _coefficients(coefficients, stacked)).sum(dim=0))
+    optimizer = torch.optim.Adam([merged], lr=lr)
+    for _ in range(steps):
+        loss = wudi_objective(merged, list(stacked), coefficients)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return merged.detach()
+
+
+def wudi_closed(
+    deltas: Sequence[Tensor], ridge: float = 0.01, coefficients: Coefficients = None, *, dtype: torch.dtype = F64
+) -> Tensor:
+    """``Δ = R (G + ρ (tr G / m) I)⁻¹``, ``G = Σ_i w_i Δ_iᵀΔ_i``, ``R = Σ_i w_i Δ_i Δ_iᵀ Δ_i`` over ``Δ_i ← c_i Δ_i``,
+    ``w_i = 1/‖Δ_i‖²_F`` (0 for a zero delta); a linear solve of the full ``m × m`` system. All-zero deltas give 0."""
+    stacked = _stack(deltas, dtype)
+    _matrices(stacked, "wudi_closed")
+    tasks, rows, cols = stacked.shape
+    weighted = stacked * _coefficients(coefficients, stacked)
+    gram = torch.zeros(cols, cols, dtype=dtype, device=stacked.device)
+    rhs = torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
+    for delta in weighted:
+        norm2 = (delta * delta).sum()
+        if norm2 == 0:
+            continue
+        gram += delta.T @ delta / norm2
+        rhs += delta @ delta.T @ delta / norm2
+    trace = torch.trace(gram)
+    if trace == 0:
+        return torch.zeros(rows, cols, dtype=dtype, device=stacked.device)
+    system = gram + ridge * trace / cols * torch.eye(cols, dtype=dtype, device=stacked.device)
+    return torch.linalg.solve(system, rhs.T).T  # Δ·system = R, system symmetric

@@ -195,6 +195,13 @@ BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
     ("tsv_m budget", lambda: F.tsv_m(deltas((3, 8), tasks=4)), "T=4 deltas of shape \\(3, 8\\)"),
     ("iso_cts k_c", lambda: F.iso_cts(deltas((7, 9), tasks=2), common_fraction=0.1), "common_fraction=0.1.*k_c=-1"),
     ("keep_top q", lambda: F.keep_top_fraction(torch.ones(3), 1.5), "q must lie in"),
+    ("ridge=0", lambda: F.wudi_closed(GOOD, ridge=0.0), r"ridge must be > 0, got 0.0: without a ridge"),
+    ("ridge<0", lambda: F.wudi_closed(GOOD, ridge=-0.1), r"ridge must be > 0, got -0.1"),
+    ("ridge nan", lambda: F.wudi_closed(GOOD, ridge=math.nan), r"ridge must be a finite real number, got nan"),
+    ("steps<0", lambda: F.wudi(GOOD, steps=-1), r"steps must be an integer >= 0, got -1"),
+    ("steps float", lambda: F.wudi(GOOD, steps=2.5), r"steps must be an integer >= 0, got 2.5"),
+    ("lr=0", lambda: F.wudi(GOOD, lr=0.0), r"lr must lie in \(0, inf\), got 0.0"),
+    ("1-D wudi_closed", lambda: F.wudi_closed([torch.ones(5)]), r"wudi_closed merges 2-D matrices only"),
 ]
 
 
@@ -211,6 +218,7 @@ def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], me
 
 def test_registry_lists_every_method_once() -> None:
     papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "regmean"]
+    papers += ["wudi", "wudi_closed"]
     assert sorted(METHODS) == sorted([*papers, "drm_iso_v", "drm_iso_h"])
     for name, method in METHODS.items():
         assert method.name == name and method.label
@@ -218,7 +226,8 @@ def test_registry_lists_every_method_once() -> None:
             assert method.reference.startswith("https://arxiv.org/abs/")
         else:  # this project's variant: its study is the reference
             assert method.reference == DRM_ISO_REFERENCE and (Path(__file__).parents[2] / method.reference).is_file()
-        assert method.matrix_only == (method.fn in (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso, regmean))
+        matrix_fns = (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso, regmean, F.wudi, F.wudi_closed)
+        assert method.matrix_only == (method.fn in matrix_fns)
         assert method.needs_statistics == (method.fn is regmean)
 
 

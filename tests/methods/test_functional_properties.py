@@ -3,8 +3,9 @@
 What holds, and for which methods:
 
 * permutation invariance: every method but DARE (its masks are drawn by task position).
-* positive homogeneity ``f(a·Δ) = a·f(Δ)``, ``a > 0``: every method (all thresholds are relative, DARE's mask does
-  not look at values). Task Arithmetic and Iso-C are also odd (``a < 0``); DRM is odd for generic inputs (a zero
+* positive homogeneity ``f(a·Δ) = a·f(Δ)``, ``a > 0``: every method but WUDI's Adam loop (``wudi``: its learning rate
+  and ε are absolute, as the authors'), as all thresholds are relative and DARE's mask does not look at values.
+  Task Arithmetic and Iso-C are also odd (``a < 0``); DRM is odd for generic inputs (a zero
   sum elects +, which breaks oddness only where an entry's sum is exactly zero).
 * DRM-V is equivariant under a common orthogonal change of the input space, ``Δ_i → Δ_i R``: the joint basis turns
   with it and the renormalised blocks ``Δ_i V_r`` stay the same, so the result does not depend on the basis (or the
@@ -78,7 +79,7 @@ def test_permutation_invariance(name: str, data: st.DataObject, perm_seed: int) 
     assert ref.relative_error(permuted, merged) <= 1e-8
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "wudi"])
 @SETTINGS
 @given(data=st.data(), scale=st.floats(1e-3, 1e3))
 def test_positive_homogeneity(name: str, data: st.DataObject, scale: float) -> None:

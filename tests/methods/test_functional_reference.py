@@ -116,6 +116,25 @@ METHODS = [
         lambda d, c: ref.regmean(d, _grams(d), 0.9, c),
         CLUSTER_SAFE,
     ),
+    # O(1) deltas: lr 1e-2 moves the result as far from the sum as the default 1e-5 does on fine-tuning deltas
+    Method(
+        "wudi",
+        lambda d, c, **k: F.wudi(d, 40, 1e-2, c, **k),
+        lambda d, c: ref.wudi(d, 40, 1e-2, c),
+        CLUSTER_SAFE,
+    ),
+    Method(
+        "wudi_closed",
+        lambda d, c, **k: F.wudi_closed(d, 0.01, c, **k),
+        lambda d, c: ref.wudi_closed(d, 0.01, c),
+        CLUSTER_SAFE,
+    ),
+    Method(
+        "wudi_closed_small_ridge",
+        lambda d, c, **k: F.wudi_closed(d, 1e-6, c, **k),
+        lambda d, c: ref.wudi_closed(d, 1e-6, c),
+        CLUSTER_SAFE,
+    ),
 ]
 """One row (or more, named ``<registry name>_<variant>``) per registered method: a new method adds its row here."""
 CASES = [(m, case) for m in METHODS for case in m.cases]
@@ -267,6 +286,8 @@ FACTORED = [
     pytest.param(F.task_arithmetic, id="task_arithmetic"),
     pytest.param(lambda d: F.ties(d, 0.4), id="ties"),
     pytest.param(lambda d: F.dare(d, 0.5, merge="ties"), id="dare"),
+    pytest.param(F.wudi_closed, id="wudi_closed"),
+    pytest.param(lambda d: F.wudi(d, 20, 1e-2), id="wudi"),
 ]
 
 
@@ -292,7 +313,13 @@ def test_low_rank_coefficients_and_scale() -> None:
     low_rank = [LowRankDelta(b, a, s) for b, a, s in factors]
     dense = [lr.dense() for lr in low_rank]
     coeffs = [0.7, -1.2, 0.4]
-    for fn in (F.iso_c, F.iso_cts, F.tsv_m, lambda d, coefficients: F.drm(d, "horizontal", 0.5, coefficients)):
+    for fn in (
+        F.iso_c,
+        F.iso_cts,
+        F.tsv_m,
+        F.wudi_closed,
+        lambda d, coefficients: F.drm(d, "horizontal", 0.5, coefficients),
+    ):
         assert ref.relative_error(fn(low_rank, coefficients=coeffs), fn(dense, coefficients=coeffs)) <= 1e-9
 
 

@@ -38,6 +38,8 @@ NONMATRIX_REFERENCE: dict[str, Callable[[list[Tensor], list[float], dict], Tenso
     "drm_iso_v": lambda d, c, p: ref.task_mean(d, c),  # DRM-Iso: Iso-C's rule (docs/drm_study.md)
     "drm_iso_h": lambda d, c, p: ref.task_mean(d, c),
     "regmean": lambda d, c, p: ref.task_mean(d, c),  # RegMean: the plain mean, as its authors (docs/methods.md)
+    "wudi": lambda d, c, p: ref.task_mean(d, c),  # FusionBench's wudi_merging: the sum over T
+    "wudi_closed": lambda d, c, p: ref.task_mean(d, c),
 }
 NONMATRIX_PARAMS = {
     "ties": [{"density": 0.4}],
@@ -187,6 +189,8 @@ def test_merge_many_equals_one_merge_per_parameter_set(name: str) -> None:
         "drm_v": [{"drop_rate": p} for p in (0.5, 0.9)] + [{"drop_rate": 0.5, "renormalise": False}],
         "drm_h": [{"drop_rate": 0.2}, {"drop_rate": 0.2, "rank_tol": 0.1}, {"nonmatrix_drop_rate": 0.4}],
         "iso_cts": [{"common_fraction": f} for f in (0.5, 0.8, 0.9)],
+        "wudi": [{"steps": 0}, {"steps": 20, "lr": 1e-2}],
+        "wudi_closed": [{"ridge": r} for r in (1e-3, 0.01, 0.1)],
     }.get(name, [{}, {}])
     matrix, vector = _deltas((20, 14)), _deltas((11,))
     many = method.merge_many("matrix", matrix, sweeps, COEFFS) if method.matrix_only else None
