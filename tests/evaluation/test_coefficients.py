@@ -98,6 +98,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     noise[table][ids] = torch.randn(len(ids), deltas[table].shape[1], generator=gen) * NOISE
     meta = read_meta(mood)
     meta.task = "noise"
+    meta.statistics = None  # no input Grams for the made-up delta (the callback records mood's)
     write_task_vector(root / "tv" / "noise", noise, read_head(mood), meta)
     folders = [mood, root / "tv" / "noise"]
     datamodules = {t: datamodule(base, files, t) for t in ("mood", "noise")}
