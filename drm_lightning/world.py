@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +21,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+#: ``DRM_LIGHTNING_TRACE=1``: every rank prints what it decided and what each exchange sent and received (stderr).
+TRACE_ENV = "DRM_LIGHTNING_TRACE"
 
 #: Collectives wait for the slowest rank's whole share of the work (a long merge), so the timeout must cover it.
 DEFAULT_TIMEOUT_S = 4 * 3600.0
@@ -180,6 +184,16 @@ def group_all_gather_json(obj: Any, world_size: int, group: Any) -> list[Any]:
     return [json.loads(bytes(g[: int(s.item())].numpy()).decode()) for g, s in zip(gathered, sizes, strict=True)]
 
 
+def trace(message: str) -> None:
+    """One line on stderr under ``DRM_LIGHTNING_TRACE=1``, prefixed with the launcher's rank and the pid.
+
+    Why: a multi-process failure is read from one log of interleaved ranks; tracing every rank's task list and
+    every exchange's payload shows which rank decided what (how the lost-task race was found).
+    """
+    if os.environ.get(TRACE_ENV) == "1":
+        print(f"[trace pid {os.getpid()}] {message}", file=sys.stderr, flush=True)
+
+
 def failure_status(err: BaseException) -> dict[str, Any]:
     return {"ok": False, "error": str(err), "type": type(err).__name__, "user": isinstance(err, ValueError)}
 
@@ -197,9 +211,10 @@ def raise_failures(statuses: Sequence[Mapping[str, Any]], own: BaseException | N
 def group_exchange(
     own: BaseException | None, payload: Mapping[str, Any], world_size: int, group: Any
 ) -> list[dict[str, Any]]:
-    statuses = group_all_gather_json(
-        failure_status(own) if own is not None else {"ok": True, **payload}, world_size, group
-    )
+    sent = failure_status(own) if own is not None else {"ok": True, **payload}
+    trace(f"exchange sends {json.dumps(sent)[:400]}")
+    statuses = group_all_gather_json(sent, world_size, group)
+    trace(f"exchange received {json.dumps(statuses)[:800]}")
     if own is not None or not all(s["ok"] for s in statuses):
         raise_failures(statuses, own)
     return statuses
@@ -212,25 +227,57 @@ def group_exchange(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
-    """Create the default process group of every launched process from the environment, unless one exists.
+#: This process's rendezvous store (one for every incarnation of the default group) and how many incarnations it had.
+_world_store: dict[str, Any] = {}
 
-    A group created here stays up for the rest of the process (``exit_cleanup`` destroys it at exit): a second merge
-    in the same process (a pipeline merging several methods) joins it again, whereas re-initialising under
-    torchrun's shared rendezvous store after a ``destroy_process_group`` is not reliable (it can hang).
+
+def world_store(world: WorldInfo, timeout: timedelta) -> Any:
+    """The store this process's default groups meet on: one per process, made on the first call.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) a client of the launcher's agent store at
+    ``MASTER_ADDR:MASTER_PORT``; otherwise (srun, a hand-set environment) rank 0 hosts it there (multi-tenant, so
+    Lightning's own store on the same port shares the server) and the other ranks connect to it.
+
+    Why one store for the whole process: a second ``TCPStore`` server on the same port, after the first group was
+    destroyed, races with the ranks still connected to the first.
     """
-    if not dist.is_initialized():
+    if "store" not in _world_store:
         if world.source == "torchrun":
             missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
             if missing:
                 raise ValueError(f"WORLD_SIZE={world.world_size} is set but {', '.join(missing)} is not")
-            init_method = "env://"
+            host, port = os.environ["MASTER_ADDR"], _env_int(os.environ, "MASTER_PORT")
         else:
-            init_method = f"tcp://{world.main_address}:{world.main_port}"
+            host, port = str(world.main_address), int(world.main_port or 0)
+        agent = world.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        _world_store["store"] = dist.TCPStore(
+            host, port, world.world_size, is_master=not agent and world.rank == 0, timeout=timeout,
+            wait_for_workers=False, multi_tenant=True,
+        )  # fmt: skip
+        _world_store["incarnations"] = 0
+    return _world_store["store"]
+
+
+def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
+    """Create the default process group of every launched process, unless one exists.
+
+    Each incarnation of the group (a pipeline makes one to agree on the experts to fit, leaves it while its expert
+    groups train, then makes another for the merges) rendezvouses under a key prefix of its own
+    (``drm_lightning/world/<n>/``) in this process's one store (``world_store``). Why: torchrun's agent store
+    outlives process groups, and a second group under torch's own prefix would read the first one's keys (a rank's
+    old address: the rendezvous then waits on a peer that left, "Gloo connectFullMesh failed ... Connect timeout").
+    Every rank makes the same incarnations in the same order, so the prefixes agree.
+    """
+    if not dist.is_initialized():
+        store = world_store(world, timeout)
+        _world_store["incarnations"] += 1
+        prefix = f"drm_lightning/world/{_world_store['incarnations']}/"
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        trace(f"rank {world.rank}: joins the world, store prefix {prefix}")
         dist.init_process_group(
-            backend, init_method=init_method, world_size=world.world_size, rank=world.rank, timeout=timeout
-        )
+            backend, store=dist.PrefixStore(prefix, store), world_size=world.world_size, rank=world.rank,
+            timeout=timeout,
+        )  # fmt: skip
     if dist.get_world_size() != world.world_size:
         raise ValueError(f"process group has {dist.get_world_size()} ranks, the environment says {world.world_size}")
 

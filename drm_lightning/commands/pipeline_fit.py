@@ -96,12 +96,35 @@ class FitStage(RunFolder):
                 todo.append(task)
         world = detect_world()
         k = self.recipe.procs_per_expert
-        if todo and k is not None and world.world_size > 1 and world.source != "initialized" and k < world.world_size:
-            self.fit_in_groups(todo, world, k)
+        if k is not None and world.world_size > 1 and world.source != "initialized" and k < world.world_size:
+            todo = self.agreed_todo(todo, world)
+            self.reused = [t for t in self.tasks if t not in todo]
+            if todo:
+                self.fit_in_groups(todo, world, k)
         else:
             for task in todo:
                 self.fit_expert(task)
         self.fitted.extend(todo)
+
+    def agreed_todo(self, todo: Sequence[str], world: WorldInfo) -> list[str]:
+        """Global rank 0's list of experts to fit, on every rank, before any group fits one.
+
+        Why: each rank reads from the file system which experts are current. A rank that started late (a slow
+        import, a loaded node) read it after the first group had written its first expert, dealt the rest out over
+        the groups differently and was left nothing to fit: its own task was never fitted, and no rank failed for
+        it (seen under ``torchrun --standalone``, 1 run in 20). The ranks meet in a short-lived gloo group here
+        (its own store prefix: ``world.init_default_group``) and leave it before the expert groups form.
+        """
+        from drm_lightning.exit_cleanup import leave_process_group
+        from drm_lightning.world import broadcast_json, join_world, trace
+
+        join_world("cpu", world=world)
+        try:
+            agreed = [str(t) for t in broadcast_json(list(todo))]
+        finally:
+            leave_process_group()
+        trace(f"rank {world.rank}: experts to fit, own view {list(todo)}, rank 0's {agreed}")
+        return agreed
 
     def import_experts(self) -> None:
         """Convert the recipe's ``experts`` into task vectors (one process: under a multi-process launch they must
@@ -127,13 +150,14 @@ class FitStage(RunFolder):
         import os
 
         from drm_lightning.commands.expert_groups import assign_tasks, expert_group, local_world_size, plan_group
-        from drm_lightning.world import all_ranks_ok, join_world
+        from drm_lightning.world import all_ranks_ok, join_world, trace
 
         port = world.main_port if world.main_port is not None else os.environ.get("MASTER_PORT")
         if port is None:
             raise ValueError("procs_per_expert: MASTER_PORT is not set (launch with torchrun or srun)")
         group = plan_group(world, procs_per_expert, local_world_size(), int(port))
         mine = assign_tasks(tasks, group.count)[group.index]
+        trace(f"rank {world.rank}: to fit {list(tasks)}, group {group.index} of {group.count}, mine {mine}")
         log(f"{group.count} expert groups of {group.size} process(es) fit {len(tasks)} expert(s)")
         error: BaseException | None = None
         try:
@@ -147,6 +171,7 @@ class FitStage(RunFolder):
                 raise RuntimeError(f"expert group {group.index}: no current task vector after fitting {missing}")
         except Exception as err:  # noqa: BLE001 - every rank must hear of it; re-raised below
             error = err
+        trace(f"rank {world.rank}: expert groups done, error {error!r}")
         join_world(self.recipe.merge_device, world=world)
         all_ranks_ok(error)
 
