@@ -227,12 +227,25 @@ def group_exchange(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-#: This process's rendezvous store (one for every incarnation of the default group) and how many incarnations it had.
-_world_store: dict[str, Any] = {}
+#: This process's rendezvous stores (one per address: every incarnation of the default group meets on it) and how
+#: many incarnations each had.
+_stores: dict[tuple[str, int, int, bool], Any] = {}
+_incarnations: dict[tuple[str, int, int, bool], int] = {}
+
+
+def _store_address(world: WorldInfo) -> tuple[str, int, int, bool]:
+    """(host, port, world size, agent store?) of this process's rendezvous."""
+    if world.source == "torchrun":
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world.world_size} is set but {', '.join(missing)} is not")
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        return os.environ["MASTER_ADDR"], _env_int(os.environ, "MASTER_PORT"), world.world_size, agent
+    return str(world.main_address), int(world.main_port or 0), world.world_size, False
 
 
 def world_store(world: WorldInfo, timeout: timedelta) -> Any:
-    """The store this process's default groups meet on: one per process, made on the first call.
+    """The store this process's default groups meet on: one per rendezvous address, made on the first call.
 
     Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) a client of the launcher's agent store at
     ``MASTER_ADDR:MASTER_PORT``; otherwise (srun, a hand-set environment) rank 0 hosts it there (multi-tenant, so
@@ -241,21 +254,15 @@ def world_store(world: WorldInfo, timeout: timedelta) -> Any:
     Why one store for the whole process: a second ``TCPStore`` server on the same port, after the first group was
     destroyed, races with the ranks still connected to the first.
     """
-    if "store" not in _world_store:
-        if world.source == "torchrun":
-            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise ValueError(f"WORLD_SIZE={world.world_size} is set but {', '.join(missing)} is not")
-            host, port = os.environ["MASTER_ADDR"], _env_int(os.environ, "MASTER_PORT")
-        else:
-            host, port = str(world.main_address), int(world.main_port or 0)
-        agent = world.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        _world_store["store"] = dist.TCPStore(
-            host, port, world.world_size, is_master=not agent and world.rank == 0, timeout=timeout,
-            wait_for_workers=False, multi_tenant=True,
+    address = _store_address(world)
+    if address not in _stores:
+        host, port, size, agent = address
+        _stores[address] = dist.TCPStore(
+            host, port, size, is_master=not agent and world.rank == 0, timeout=timeout, wait_for_workers=False,
+            multi_tenant=True,
         )  # fmt: skip
-        _world_store["incarnations"] = 0
-    return _world_store["store"]
+        _incarnations[address] = 0
+    return _stores[address]
 
 
 def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelta) -> None:
@@ -264,14 +271,15 @@ def init_default_group(world: WorldInfo, device: torch.device, timeout: timedelt
     Each incarnation of the group (a pipeline makes one to agree on the experts to fit, leaves it while its expert
     groups train, then makes another for the merges) rendezvouses under a key prefix of its own
     (``drm_lightning/world/<n>/``) in this process's one store (``world_store``). Why: torchrun's agent store
-    outlives process groups, and a second group under torch's own prefix would read the first one's keys (a rank's
-    old address: the rendezvous then waits on a peer that left, "Gloo connectFullMesh failed ... Connect timeout").
+    outlives process groups, and a second group under torch's own prefix reads the first one's keys (a rank's old
+    address: the rendezvous then waits on a peer that left, "Gloo connectFullMesh failed ... Connect timeout").
     Every rank makes the same incarnations in the same order, so the prefixes agree.
     """
     if not dist.is_initialized():
         store = world_store(world, timeout)
-        _world_store["incarnations"] += 1
-        prefix = f"drm_lightning/world/{_world_store['incarnations']}/"
+        address = _store_address(world)
+        _incarnations[address] += 1
+        prefix = f"drm_lightning/world/{_incarnations[address]}/"
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         trace(f"rank {world.rank}: joins the world, store prefix {prefix}")
         dist.init_process_group(

@@ -29,7 +29,7 @@ from drm_lightning.commands.expert_groups import (
     plan_group,
 )
 from drm_lightning.world import WorldInfo
-from tests.helpers.launch import finish, reaped, start_pipeline
+from tests.helpers.launch import finish, reaped, start, start_pipeline
 from tests.helpers.recipes import tiny_two_task_recipe, write_recipe
 
 
@@ -243,10 +243,27 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: Path) -> None:
+    """Launched as srun starts tasks, rank 1 late: only after rank 0 has fitted its expert or waits for the others.
+
+    A late rank once read from the file system that rank 0's fresh expert was current, dealt the remaining task to
+    group 0 and fitted nothing; its broken task passed unnoticed (seen under torchrun --standalone, 1 run in 20).
+    The ranks must agree on the experts to fit before any group fits one.
+    """
     recipe = _recipe(tmp_path, break_second=True)
-    two = start_pipeline(["--config", str(recipe), "--procs_per_expert", "1"], tmp_path / "two.log", nproc=2)
+    log = tmp_path / "two.log"
+    deadline = time.monotonic() + DEADLINE_S
+
+    def after_rank_zero_started(rank: int) -> None:
+        fitted = tmp_path / "run" / "experts" / "sentiment" / "fit.json"
+        while rank == 1 and time.monotonic() < deadline and not fitted.is_file():
+            if "rank 0: joins the world" in log.read_text():
+                return  # rank 0 waits for rank 1: nothing can be fitted before it comes
+            time.sleep(0.2)
+
+    cli = ["-m", "drm_lightning.cli", "pipeline", "--config", str(recipe), "--procs_per_expert", "1"]
+    two = start(cli, log, 2, "srun", {"DRM_LIGHTNING_TRACE": "1"}, before_rank=after_rank_zero_started)
     with reaped(two):
-        out = finish(two, tmp_path / "two.log", time.monotonic() + DEADLINE_S)
+        out = finish(two, log, deadline)
     assert two.returncode != 0
     assert out.count("drm-lightning: error:") == 2, out[-4000:]  # both ranks stop with one line, none hangs
     assert "rank 1 failed" in out and "label" in out, out[-4000:]

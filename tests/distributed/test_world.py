@@ -1,0 +1,68 @@
+"""The default process group made, left and made again on one store (what a pipeline with expert groups does): each
+incarnation exchanges its own round's data, and the late rank of a round is waited for.
+
+Why: torchrun's agent store outlives process groups; a second default group under torch's own key prefix read the
+first one's keys (rank 1's old address) and rank 0 timed out connecting to a peer that had left ("Gloo
+connectFullMesh failed ... Connect timeout"). Each incarnation now has a prefix of its own
+(``world.init_default_group``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from drm_lightning.world import WorldInfo, init_default_group
+from tests.helpers.launch import finish, reaped, start
+
+WORKER = """
+import json, os, sys, time
+import torch.distributed as dist
+from drm_lightning.world import detect_world, gather_results, join_world
+
+rank = detect_world().rank
+rounds = []
+for n in range(2):
+    if rank == 1 and n > 0:
+        time.sleep(3)  # rank 0 reaches the next rendezvous first: stale keys would be read now
+    join_world("cpu", timeout_s=15)
+    rounds.append(gather_results(None, f"round{n}-rank{rank}", timeout_s=15))
+    dist.destroy_process_group()
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(rounds, f)
+"""
+
+
+@pytest.mark.multiprocess
+def test_each_incarnation_of_the_world_exchanges_its_own_data(tmp_path: Path) -> None:
+    (tmp_path / "worker.py").write_text(WORKER)
+    log = tmp_path / "launch.log"
+    launch = start([str(tmp_path / "worker.py"), str(tmp_path)], log, 2)  # DRM_TEST_LAUNCH's style
+    with reaped(launch):
+        out = finish(launch, log, time.monotonic() + 120)
+    assert launch.returncode == 0, out[-4000:]
+    expected = [[f"round{n}-rank0", f"round{n}-rank1"] for n in range(2)]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_each_incarnation_rendezvouses_under_keys_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two incarnations on one agent store (a world of one): the second writes keys of its own instead of finding
+    the first's (torch's own prefix restarts with every default group)."""
+    from datetime import timedelta
+
+    agent = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)  # what torchrun's agent hosts
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(agent.port),
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    counts = []
+    for _ in range(2):
+        init_default_group(WorldInfo(1, 0, 0, "torchrun"), torch.device("cpu"), timedelta(seconds=10))
+        dist.destroy_process_group()
+        counts.append(agent.num_keys())
+    assert counts[1] > counts[0], counts
