@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 from typing import Any
 
-from drm_lightning.exit_cleanup import has_process_group, leave_process_group
+from drm_lightning.exit_cleanup import has_process_group, leave_process_group, leave_rank_watch
 from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
@@ -172,22 +172,41 @@ def main(args: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     had_group = has_process_group()
     verbose = debug or _env_flag(VERBOSE_ENV)
+    ended: str | None = "an exception"  # what the other ranks hear of a traceback (a bug, --debug)
+    line: str | None = None
     try:
         if command in _SUMMARY:  # loggers and warnings now; transformers and datasets once the arguments parsed
             quiet_third_party(verbose=verbose, libraries=False)
         _run(command, rest, lambda: quiet_third_party(verbose=verbose))
+        ended = None
     except SystemExit as exc:  # --help / --print_config exit 0 from inside the parser
         code = exc.code
+        ended = None
         return code if isinstance(code, int) else (0 if code is None else 1)
     except Exception as err:
         if debug or not isinstance(err, _user_errors()):
             raise
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        ended = line = _one_line(err)
         return 1
     finally:
+        _tell_other_ranks(ended)
+        if line is not None:
+            print(f"{PROG}: error: {line}", file=sys.stderr)
         if not had_group:  # the command's own group: gone before the interpreter exits
             leave_process_group()
     return 0
+
+
+def _tell_other_ranks(ended: str | None) -> None:
+    """The other launched ranks (``drm_lightning.world``'s watch) hear how this one ended; a rank that fails before
+    it met them reaches their rendezvous store to say so (torch is imported for it only then)."""
+    launched = any(os.environ.get(k, "1").isdigit() and int(os.environ.get(k, "1")) > 1
+                   for k in ("WORLD_SIZE", "SLURM_NTASKS"))  # fmt: skip
+    if ended is not None and launched:
+        from drm_lightning.world import leave_watch
+
+        leave_watch(ended)
+    leave_rank_watch(ended)
 
 
 def __getattr__(name: str) -> Any:

@@ -41,7 +41,16 @@ def leave_process_group() -> bool:
     return destroyed
 
 
+def leave_rank_watch(failure: str | None = None) -> None:
+    """Tell the other ranks that this one is done (``failure``: the error line it ends with), if ``drm_lightning.world``
+    watches them; a rank that ends without saying so (killed) is taken for dead by the others."""
+    world = sys.modules.get("drm_lightning.world")
+    if world is not None:
+        world.leave_watch(failure)
+
+
 def _at_exit() -> None:
+    leave_rank_watch()
     try:
         leave_process_group()
     except (RuntimeError, ValueError) as err:  # a peer already gone: nothing to wait for at exit

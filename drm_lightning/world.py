@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +29,12 @@ import torch.distributed as dist
 
 #: ``DRM_LIGHTNING_TRACE=1``: every rank prints what it decided and what each exchange sent and received (stderr).
 TRACE_ENV = "DRM_LIGHTNING_TRACE"
+
+#: After how many seconds without a heartbeat another rank counts as gone (``DRM_LIGHTNING_DEAD_RANK_S``); a rank on
+#: this node whose process is gone counts as gone at the next look (every ``WATCH_INTERVAL_S``).
+DEAD_RANK_ENV = "DRM_LIGHTNING_DEAD_RANK_S"
+DEFAULT_DEAD_RANK_S = 30.0
+WATCH_INTERVAL_S = 0.5
 
 #: Collectives wait for the slowest rank's whole share of the work (a long merge), so the timeout must cover it.
 DEFAULT_TIMEOUT_S = 4 * 3600.0
@@ -161,6 +172,14 @@ def encode_json(obj: Any) -> torch.Tensor:
 
 def group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
+    try:
+        return _group_broadcast_json(obj, rank, group)
+    except RuntimeError as err:  # a peer gone: say which (and stop) rather than gloo's "Connection closed by peer"
+        explain_failed_collective(err)
+        raise
+
+
+def _group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
     payload = encode_json(obj) if rank == 0 else torch.empty(0, dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
     dist.broadcast(size, src=0, group=group)
@@ -172,6 +191,14 @@ def group_broadcast_json(obj: Any, rank: int, group: Any) -> Any:
 
 def group_all_gather_json(obj: Any, world_size: int, group: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order."""
+    try:
+        return _group_all_gather_json(obj, world_size, group)
+    except RuntimeError as err:  # a peer gone: say which (and stop) rather than gloo's "Connection closed by peer"
+        explain_failed_collective(err)
+        raise
+
+
+def _group_all_gather_json(obj: Any, world_size: int, group: Any) -> list[Any]:
     payload = encode_json(obj)
     size = torch.tensor([payload.numel()], dtype=torch.int64)
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)]
@@ -262,6 +289,8 @@ def world_store(world: WorldInfo, timeout: timedelta) -> Any:
             multi_tenant=True,
         )  # fmt: skip
         _incarnations[address] = 0
+        if size > 1 and _watch is None:
+            _start_watch(host, port, world.rank, size, hosts_store=not agent and world.rank == 0)
     return _stores[address]
 
 
@@ -347,3 +376,215 @@ def broadcast_json(obj: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
         return group_broadcast_json(obj, dist.get_rank(), group)
     finally:
         dist.destroy_process_group(group)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Watching the other ranks: a rank that dies stops every rank within seconds, with one line naming it and its stage
+# ---------------------------------------------------------------------------------------------------------------
+
+_stages: list[str] = []
+_watch: _Watch | None = None
+
+
+def current_stage() -> str:
+    """What this process is doing, as the pipeline and the merges name it (``"start-up"`` before any stage)."""
+    return " / ".join(_stages) or "start-up"
+
+
+@contextmanager
+def stage(name: str) -> Iterator[None]:
+    """Within the block this process's stage is ``name`` (nested in the enclosing one); the other ranks read it to
+    name the stage of a rank that died."""
+    _stages.append(name)
+    _publish_stage()
+    trace(f"stage {current_stage()}")
+    try:
+        yield
+    finally:
+        _stages.pop()
+        _publish_stage()
+
+
+def _publish_stage() -> None:
+    if _watch is not None:
+        _watch.publish_stage()
+
+
+class _Watch:
+    """A thread that says every ``WATCH_INTERVAL_S`` that this rank is alive and looks at the others; when one is gone
+    (its process on this node ended, no heartbeat for ``DEAD_RANK_ENV`` seconds, or the store's host is gone) it
+    prints one line naming that rank and its stage and ends this process with status 1.
+
+    Why a thread and ``os._exit``: the main thread may be inside a long computation or a C++ wait (a rendezvous, a
+    collective) that no exception reaches; what a merge or a fit leaves is staged beside its output under a
+    temporary name that the next run removes, so nothing complete-looking is left.
+    """
+
+    PREFIX = "drm_lightning/watch/"
+
+    def __init__(self, host: str, port: int, rank: int, size: int, hosts_store: bool, dead_after_s: float) -> None:
+        # a client of its own: the main thread's blocking rendezvous on the other client must not hold up heartbeats
+        self.store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=60))
+        self.address, self.rank, self.size, self.hosts_store = f"{host}:{port}", rank, size, hosts_store
+        self.dead_after_s = dead_after_s
+        self.host = socket.gethostname()
+        self.leaving = threading.Event()
+        self.lock = threading.RLock()
+        self.seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeats, when that count was first seen)
+        self.finished: set[int] = set()
+        self.store.set(self._key("who", rank), f"{self.host} {os.getpid()}")
+        self.publish_stage()
+        self.thread = threading.Thread(target=self._run, name="drm_lightning-rank-watch", daemon=True)
+        self.thread.start()
+
+    def _key(self, what: str, rank: int) -> str:
+        return f"{self.PREFIX}{what}/{rank}"
+
+    def publish_stage(self) -> None:
+        with self.lock:
+            if not self.leaving.is_set():
+                self.store.set(self._key("stage", self.rank), current_stage())
+
+    def _run(self) -> None:
+        while not self.leaving.wait(WATCH_INTERVAL_S):
+            self.look()
+
+    def look(self, beat: bool = True) -> None:
+        """One look at the other ranks (and a heartbeat): a rank that is gone ends this process."""
+        try:
+            with self.lock:
+                if self.leaving.is_set():
+                    return
+                if beat:
+                    self.store.add(self._key("beat", self.rank), 1)
+                for other in range(self.size):
+                    if other != self.rank and other not in self.finished:
+                        why = self._gone(other)
+                        if why is not None:
+                            self._stop(other, why)
+        except Exception as err:  # noqa: BLE001 - the store's host (rank 0 or the launcher) is gone
+            if not self.leaving.is_set():
+                self._stop(None, f"the rendezvous store at {self.address} stopped answering ({err})")
+
+    def explain(self, err: BaseException) -> None:
+        """A collective failed with ``err``: if a rank is gone (looking for up to the heartbeat bound), say which
+        and end this process; otherwise return (the caller raises ``err``)."""
+        end = time.monotonic() + self.dead_after_s + WATCH_INTERVAL_S
+        while time.monotonic() < end and not self.leaving.is_set():
+            self.look(beat=False)
+            time.sleep(WATCH_INTERVAL_S)
+
+    def _gone(self, other: int) -> str | None:
+        """Why rank ``other`` is gone, or ``None`` while it lives (or has not arrived yet)."""
+        seen = self.seen
+        if self.store.check([self._key("left", other)]):
+            status = self.store.get(self._key("left", other)).decode()
+            if status == "ok":
+                self.finished.add(other)
+                return None
+            return f"failed ({status})"
+        if not self.store.check([self._key("who", other)]):
+            return None  # not arrived yet: its rendezvous waits for it
+        host, pid = self.store.get(self._key("who", other)).decode().rsplit(" ", 1)
+        if host == self.host and not _process_alive(int(pid)):
+            return f"died (its process {pid} is gone: killed, out of memory?)"
+        beats, now = self.store.add(self._key("beat", other), 0), time.monotonic()
+        if other not in seen or seen[other][0] != beats:
+            seen[other] = (beats, now)
+        elif now - seen[other][1] > self.dead_after_s:
+            return f"stopped answering ({now - seen[other][1]:.0f} s without a heartbeat)"
+        return None
+
+    def _stop(self, other: int | None, why: str) -> None:
+        if other is None:
+            message = f"{why}: rank {self.rank} stops during {current_stage()!r}"
+        else:
+            try:
+                theirs = self.store.get(self._key("stage", other)).decode()
+            except Exception:  # noqa: BLE001 - the stage is a courtesy
+                theirs = "?"
+            message = f"rank {other} {why} during {theirs!r}; rank {self.rank} stops during {current_stage()!r}"
+        print(f"drm-lightning: error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def leave(self, failure: str | None) -> None:
+        """Say this rank is done (``failure``: with that error) and stop watching; the rank hosting the store waits
+        (a few seconds at most) for the others to say so too, so none reads a vanished store as a death."""
+        with self.lock:
+            self.leaving.set()
+            try:
+                self.store.set(self._key("left", self.rank), "ok" if failure is None else failure[:300])
+                end = time.monotonic() + 10.0
+                while self.hosts_store and time.monotonic() < end:
+                    keys = [self._key("left", r) for r in range(self.size)]
+                    if all(self.store.check([k]) for k in keys):
+                        break
+                    time.sleep(0.1)
+            except Exception:  # noqa: BLE001 - leaving: nothing left to tell
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this machine runs (a zombie, killed but not reaped by its launcher, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # no /proc: only heartbeats tell
+
+
+def _start_watch(host: str, port: int, rank: int, size: int, hosts_store: bool) -> None:
+    global _watch
+    value = os.environ.get(DEAD_RANK_ENV, str(DEFAULT_DEAD_RANK_S))
+    try:
+        dead_after = float(value)
+    except ValueError:
+        dead_after = float("nan")
+    if not dead_after > 0:
+        raise ValueError(f"{DEAD_RANK_ENV}={value!r}: expected a positive number of seconds")
+    _watch = _Watch(host, port, rank, size, hosts_store, dead_after)
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            """The launcher stops this rank (torchrun does when another rank died): name that rank if it is gone."""
+            if _watch is not None:
+                _watch.look(beat=False)
+                _watch._stop(None, f"stopped by the launcher (signal {signum})")
+            if callable(previous):
+                previous(signum, frame)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def explain_failed_collective(err: BaseException) -> None:
+    """A collective raised ``err``: when a rank is gone, end this process with the line naming it (see ``_Watch``)."""
+    if _watch is not None:
+        _watch.explain(err)
+
+
+def leave_watch(failure: str | None = None) -> None:
+    """Tell the other ranks this one is done (``failure``: the one-line error it ends with) and stop watching them.
+
+    Called by ``exit_cleanup`` when a command ends; a rank that ends without it (killed) is seen as dead.
+    """
+    global _watch
+    if _watch is None and failure is not None and not _stores:
+        _announce_early_failure()
+    if _watch is not None:
+        _watch.leave(failure)
+        _watch = None
+
+
+def _announce_early_failure() -> None:
+    """This rank fails before it ever met the others: reach the rendezvous store now (briefly) so that the others,
+    waiting there for it, hear of it instead of waiting for the rendezvous timeout."""
+    try:
+        world = detect_world(dict(os.environ))
+        if world.world_size > 1:
+            world_store(world, timedelta(seconds=10))
+    except Exception as err:  # noqa: BLE001 - best effort: the launcher's own error stands
+        trace(f"could not tell the other ranks of this rank's failure: {err}")

@@ -148,12 +148,19 @@ class Pipeline(FitStage, MergeStage):
         )
 
     def run(self) -> str:
+        from drm_lightning.world import stage
+
         t0 = time.perf_counter()
-        self.fit_experts()
-        self.merge_all()
-        results = self.evaluate()
-        usage = self.export(results)
-        markdown = self.report(results, usage)
+        with stage("fitting experts"):
+            self.fit_experts()
+        with stage("merging"):
+            self.merge_all()
+        with stage("evaluating"):
+            results = self.evaluate()
+        with stage("exporting"):
+            usage = self.export(results)
+        with stage("writing the report"):
+            markdown = self.report(results, usage)
         if rank_zero_only.rank == 0:
             print(markdown)
         log(f"done in {time.perf_counter() - t0:.0f}s; report: {self.run_dir / 'report.md'}")

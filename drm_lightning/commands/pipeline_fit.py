@@ -150,7 +150,7 @@ class FitStage(RunFolder):
         import os
 
         from drm_lightning.commands.expert_groups import assign_tasks, expert_group, local_world_size, plan_group
-        from drm_lightning.world import all_ranks_ok, join_world, trace
+        from drm_lightning.world import all_ranks_ok, join_world, stage, trace
 
         port = world.main_port if world.main_port is not None else os.environ.get("MASTER_PORT")
         if port is None:
@@ -165,7 +165,8 @@ class FitStage(RunFolder):
                 for task in mine:  # inside the group, log speaks on the group's rank 0
                     log(f"{task}: expert group {group.index} (global ranks {world.rank - group.rank}.."
                          f"{world.rank - group.rank + group.size - 1}) fits it")  # fmt: skip
-                    self.fit_expert(task, overrides)
+                    with stage(f"expert group {group.index} fits {task!r}"):
+                        self.fit_expert(task, overrides)
             missing = [t for t in mine if not self.expert_is_current(t)]
             if missing:  # said here, by the group that fitted them, not later as a missing file in a merge
                 raise RuntimeError(f"expert group {group.index}: no current task vector after fitting {missing}")

@@ -71,31 +71,36 @@ class MergeStage(RunFolder):
         searched method merges all its parameter sets in one pass (``merge_task_vectors_many``) on one process,
         or one set after another, each shared out, on several.
         """
-        from drm_lightning.merging.distributed import merge_task_vectors_distributed
-        from drm_lightning.world import broadcast_json, join_world
+        from drm_lightning.world import join_world, stage
 
         join_world(self.recipe.merge_device)
-        folders = self.task_vector_dirs()
         for spec in self.recipe.methods:
-            variants = self.variants(spec)
-            if variants:
-                grid = self.param_grid(spec)
-                current = broadcast_json(
-                    [self.merge_is_current(spec, v.folder, grid.params(v.values)) for v in variants]
-                )
-                todo = [v for v, ok in zip(variants, current, strict=True) if not ok]
-                reused = len(variants) - len(todo)
-                log(f"{spec.name}: {len(variants)} parameter sets ({reused} reused)")
-                self.merge_variants(spec, todo)
-                continue
-            out = self.merged_dir(spec)
-            if broadcast_json(self.merge_is_current(spec)):
-                log(f"{spec.name}: reusing the merge in {out}")
-            else:
-                log(f"{spec.name}: merging {len(folders)} task vectors")
-                merge_task_vectors_distributed(
-                    folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
-                )
+            with stage(spec.name):
+                self.merge_method(spec)
+
+    def merge_method(self, spec: MethodSpec) -> None:
+        """Merge with one method (every parameter set of a searched one), unless its merge is current."""
+        from drm_lightning.merging.distributed import merge_task_vectors_distributed
+        from drm_lightning.world import broadcast_json
+
+        folders = self.task_vector_dirs()
+        variants = self.variants(spec)
+        if variants:
+            grid = self.param_grid(spec)
+            current = broadcast_json([self.merge_is_current(spec, v.folder, grid.params(v.values)) for v in variants])
+            todo = [v for v, ok in zip(variants, current, strict=True) if not ok]
+            reused = len(variants) - len(todo)
+            log(f"{spec.name}: {len(variants)} parameter sets ({reused} reused)")
+            self.merge_variants(spec, todo)
+            return
+        out = self.merged_dir(spec)
+        if broadcast_json(self.merge_is_current(spec)):
+            log(f"{spec.name}: reusing the merge in {out}")
+        else:
+            log(f"{spec.name}: merging {len(folders)} task vectors")
+            merge_task_vectors_distributed(
+                folders, spec.method, out, spec.params, device=self.recipe.merge_device, progress=False
+            )
 
     def merge_variants(self, spec: MethodSpec, variants: Sequence[Any], *, alone: bool = False) -> None:
         """Merge these parameter sets of ``spec``: one pass on one process (or with ``alone``), else shared out."""

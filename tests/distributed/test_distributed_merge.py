@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from drm_lightning.merging.plan import PlanEntry
 from drm_lightning.merging.record import MERGE_FILE, read_merge_record
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
 from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device
-from tests.helpers.launch import free_port, reaped
+from tests.helpers.launch import finish, free_port, pipeline_env, reaped, start
 from tests.helpers.merge_inputs import dense_deltas
 
 REPO = Path(__file__).resolve().parents[2]
@@ -284,6 +285,7 @@ import json, os, sys
 import torch
 torch.set_num_threads(1)
 from drm_lightning.merging.distributed import merge_task_vectors_distributed
+from drm_lightning.world import detect_world
 
 spec = json.loads(open(sys.argv[1]).read())
 out = []
@@ -296,7 +298,7 @@ for job in spec["jobs"]:
         out.append({"ok": True, "merged": result.merged_parameters, "device": result.device})
     except Exception as err:
         out.append({"ok": False, "type": type(err).__name__, "user": isinstance(err, ValueError), "error": str(err)})
-with open(os.path.join(spec["results"], f"rank{os.environ['RANK']}.json"), "w") as f:
+with open(os.path.join(spec["results"], f"rank{detect_world().rank}.json"), "w") as f:
     json.dump(out, f)
 """
 
@@ -310,22 +312,6 @@ TWO_PROCESS_JOBS = [
     ("nan", "drm_v", "nan", "canonical", None, NAN_KEY),  # fails on the rank that reads it, raised on both
     ("bad_param", "ties", "dense", "canonical", {"density": 2.0}, "density"),  # fails in rank 0's validation
 ]
-
-
-def _launch(script: Path, spec: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(spec),
-    ]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
@@ -343,7 +329,7 @@ def test_two_processes_equal_one_bit_for_bit(
     ]  # fmt: skip
     (work / "worker.py").write_text(WORKER)
     (work / "spec.json").write_text(json.dumps({"jobs": jobs, "shard": SHARD, "results": str(work / "results")}))
-    proc = _launch(work / "worker.py", work / "spec.json")
+    proc = start([str(work / "worker.py"), str(work / "spec.json")], work / "launch.log", 2)  # DRM_TEST_LAUNCH
     with reaped(proc):
         # The single-process references, computed while the two ranks start up.
         for job, (_, _, _, _, _, error) in zip(jobs, TWO_PROCESS_JOBS, strict=True):
@@ -352,7 +338,7 @@ def test_two_processes_equal_one_bit_for_bit(
                     job["task_vectors"], job["method"], work / f"{job['name']}_ref", job["params"],
                     progress=False, max_shard_bytes=SHARD, device="cpu",
                 )  # fmt: skip
-        stdout, _ = proc.communicate(timeout=240)
+        stdout = finish(proc, work / "launch.log", time.monotonic() + 240)
     assert proc.returncode == 0, stdout[-4000:]
     ranks = [json.loads((work / "results" / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -398,23 +384,18 @@ def _model_tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.multiprocess
 def test_cli_merge_under_torchrun_equals_one_process(root: Path, dense_tvs: list[Path]) -> None:
     """Two ranks share Δ_merged; rank 0 alone writes the model folder, whose tensors equal a one-process run's."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith("SLURM_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("DRM_LIGHTNING_DEBUG", None)
+    env = pipeline_env()
     work = root / "cli"
+    work.mkdir()
     tvs = "[" + ",".join(map(str, dense_tvs)) + "]"
     args = ["merge", "--task_vectors", tvs, "--method", "drm_v", "--lam", "1.0", "--device", "cpu"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    two = subprocess.Popen(
-        [*launch, "-m", "drm_lightning.cli", *args, "--output", str(work / "two")],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    two = start(["-m", "drm_lightning.cli", *args, "--output", str(work / "two")], work / "two.log", 2)
     with reaped(two):
         one = subprocess.run(
             [sys.executable, "-m", "drm_lightning.cli", *args, "--output", str(work / "one")],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        two_out, _ = two.communicate(timeout=120)
+        two_out = finish(two, work / "two.log", time.monotonic() + 120)
     assert one.returncode == 0, one.stderr[-4000:]
     assert two.returncode == 0, two_out[-4000:]
     assert two_out.count("merged model:") == 1, two_out[-4000:]  # one rank wrote the folder

@@ -242,8 +242,10 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: Path) -> None:
-    """Launched as srun starts tasks, rank 1 late: only after rank 0 has fitted its expert or waits for the others.
+@pytest.mark.parametrize("late", [True, False], ids=["srun-rank1-late", "launcher"])
+def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: Path, late: bool) -> None:
+    """Launched as srun starts tasks with rank 1 late (only after rank 0 has fitted its expert or waits for the
+    others), and under the test session's launcher (DRM_TEST_LAUNCH).
 
     A late rank once read from the file system that rank 0's fresh expert was current, dealt the remaining task to
     group 0 and fitted nothing; its broken task passed unnoticed (seen under torchrun --standalone, 1 run in 20).
@@ -261,7 +263,8 @@ def test_a_failing_group_fails_every_rank_and_keeps_the_others_expert(tmp_path: 
             time.sleep(0.2)
 
     cli = ["-m", "drm_lightning.cli", "pipeline", "--config", str(recipe), "--procs_per_expert", "1"]
-    two = start(cli, log, 2, "srun", {"DRM_LIGHTNING_TRACE": "1"}, before_rank=after_rank_zero_started)
+    trace = {"DRM_LIGHTNING_TRACE": "1"}
+    two = start(cli, log, 2, "srun", trace, after_rank_zero_started) if late else start(cli, log, 2, env=trace)
     with reaped(two):
         out = finish(two, log, deadline)
     assert two.returncode != 0

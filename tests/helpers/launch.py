@@ -73,17 +73,36 @@ class Launch:
         return int(self.returncode or 0) if self.returncode is not None else 0
 
     def kill(self) -> None:
-        """Kill every process of the launch and its ranks (each launch is its own process group)."""
+        """Kill every process of the launch and every rank under it (torchrun starts its workers in sessions of
+        their own, so killing the launcher's session alone would orphan them)."""
         for p in self.procs:
             if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                for pid in [*_descendants(p.pid), p.pid]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
 
     def communicate(self) -> None:
         for p in self.procs:
             p.wait()
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children first), from /proc (none where there is no /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.extend(children)
+        todo.extend(children)
+    return found
 
 
 @contextmanager
