@@ -183,8 +183,8 @@ def methods(drop_rate: float = 0.8) -> dict[str, Callable[[list[Tensor]], Tensor
 
 def matrix_deltas(folders: Sequence[Path]) -> tuple[list[str], dict[str, list[Tensor]]]:
     """Task names and, for every parameter the default plan merges with the matrix rule, the T dense deltas."""
-    from drm_lightning.merging.plan import MergePlan
-    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.engine.plan import MergePlan
+    from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.backbone import load_recorded_base
 
     readers = [TaskVectorReader(f) for f in folders]

@@ -75,8 +75,8 @@ VARIANTS: dict[str, tuple[Rule, str]] = {
 
 def merged_delta(folders: Sequence[Path], variant: str) -> dict[str, Tensor]:
     """The variant's Δ_merged for every parameter the task vectors change (default merge plan, float32 out)."""
-    from drm_lightning.merging.plan import MergePlan
-    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.engine.plan import MergePlan
+    from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.backbone import load_recorded_base
 
     matrix, elementwise = VARIANTS[variant][0], ELEMENTWISE[VARIANTS[variant][1]]

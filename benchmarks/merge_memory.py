@@ -95,7 +95,7 @@ def measure_in_process(
     """One measurement in this process: peak growth above the resident inputs, in bytes and ÷ input bytes."""
     import torch
 
-    from drm_lightning.merging.registry import get_method
+    from drm_lightning.merging.methods.registry import get_method
 
     name, extra = VARIANTS[variant]
     method = get_method(name)

@@ -37,8 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import merge_speed  # noqa: E402
 
-from drm_lightning.merging import elementwise, functional, reference  # noqa: E402
+from drm_lightning.merging import functional, reference  # noqa: E402
 from drm_lightning.merging.methods import inputs, iso, tsv  # noqa: E402
+from drm_lightning.merging.ops import elementwise  # noqa: E402
 
 METHODS = ("drm-v", "drm-h", "iso-c", "iso-cts", "tsv-m")
 ROUTES = ("float32 svd", "float32 gram")

@@ -156,7 +156,7 @@ def worker(spec_path: Path) -> None:
     """Merge as one rank and record how long the call took; torchrun sets RANK and friends."""
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    from drm_lightning.merging.distributed import merge_task_vectors_distributed
+    from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
 
     start, cpu_start = time.perf_counter(), time.process_time()
     result = merge_task_vectors_distributed(
@@ -246,7 +246,7 @@ def validate(args: argparse.Namespace) -> dict[str, object]:
         raise ValueError(f"--params: not JSON ({err}): {args.params!r}") from None
     if not isinstance(params, dict):
         raise ValueError(f"--params: must be a JSON object, got {args.params!r}")
-    from drm_lightning.merging.registry import get_method
+    from drm_lightning.merging.methods.registry import get_method
 
     get_method(args.method).check(params)  # unknown methods and bad parameters fail here, before any work
     return params

@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import merge_speed  # noqa: E402  (shapes, deltas, timer, machine info; also puts drm_lightning on the path)
 
-from drm_lightning.merging.registry import get_method  # noqa: E402
+from drm_lightning.merging.methods.registry import get_method  # noqa: E402
 
 #: The parameter each method's sweep varies, and its default values.
 SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {

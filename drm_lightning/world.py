@@ -2,7 +2,7 @@
 between them.
 
 Why one small module of its own: training (``commands/expert_groups.py``, the pipeline's shared-out evaluations and
-merges) and the distributed merge (``merging/distributed.py``) all need the same answers — which rank am I, on
+merges) and the distributed merge (``merging/engine/distributed.py``) all need the same answers — which rank am I, on
 which device, under which launcher (torchrun, srun, an existing process group) — and the same rule that no rank
 ever leaves a collective early: each phase ends with an exchange of every rank's outcome, so an error on one rank is
 raised on all ranks, naming the rank and its message, instead of leaving the others waiting for a timeout. Data

@@ -92,7 +92,7 @@ def load_base(
     checkpoint's float32), so the shared base must be loaded the same way. With ``check_fingerprint`` (the experts
     are about to be added onto it) a base whose weights differ is refused, naming the task vector.
     """
-    from drm_lightning.merging.setup import base_load_options
+    from drm_lightning.merging.engine.setup import base_load_options
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
     from drm_lightning.task_vectors.format import TaskVectorError, read_meta
@@ -135,8 +135,8 @@ def load_model(
     the base, so it only applies to a merged delta).
     """
     from drm_lightning.io.merged_delta import MERGED_DIR
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.apply import apply_merged_delta
+    from drm_lightning.merging.engine.record import read_merge_record
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.format import read_meta
 

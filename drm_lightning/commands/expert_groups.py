@@ -6,8 +6,8 @@ its tasks one after another, data-parallel over its K processes with the recipe'
 group is an ordinary Lightning world of its own: while it trains, its processes see only one another
 (``GroupEnvironment``, a Lightning ``ClusterEnvironment``; a process group of K ranks on ``127.0.0.1`` at port
 ``MASTER_PORT + 1 + group``). Afterwards every process leaves its group and all W meet in one process group
-(``drm_lightning.merging.distributed.join_world``) for the distributed merges; a failure in any group is raised on
-every rank there.
+(``drm_lightning.merging.engine.distributed.join_world``) for the distributed merges; a failure in any group is
+raised on every rank there.
 
 Why groups stay inside a node: a group's rendezvous is local (no address exchange between nodes is needed), and
 data-parallel training is fastest over a node's own links. Ranks must come in node-contiguous blocks, as torchrun

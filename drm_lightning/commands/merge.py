@@ -9,7 +9,7 @@
 
 Two steps, as the merger is built: Δ_merged is computed once (``merge_task_vectors``, into ``<output>_delta``),
 then ``W_0 + λ·Δ_merged`` is written as a ``save_pretrained`` folder with the task heads and ``merge.json``
-(``apply_merged_delta``). With ``--lam search`` λ is chosen on the tasks' validation splits first; keeping the
+(``save_merged_model``). With ``--lam search`` λ is chosen on the tasks' validation splits first; keeping the
 delta folder lets a later ``evaluate --model <output>_delta --lam <λ>`` try another λ without merging again.
 
 Under torchrun or srun the first step is shared by the ranks (``merge_task_vectors_distributed``, which is exactly
@@ -115,7 +115,7 @@ def merge(
         The merged model folder.
     """
     from drm_lightning.interop.inputs import import_inputs, input_kind, record_sources
-    from drm_lightning.merging.setup import check_output
+    from drm_lightning.merging.engine.setup import check_output
     from drm_lightning.world import detect_world, is_global_zero
 
     if mergekit_config is not None:
@@ -140,7 +140,7 @@ def merge(
                 f"save_as=adapter: {full[0]} is a fully fine-tuned model, not a LoRA adapter; use save_as=model"
             )
         check_adapter_request(method, [tv for tv, kind in kinds.items() if kind == "task_vector"], max_rank)
-    from drm_lightning.merging.sweep import ParamGrid
+    from drm_lightning.merging.engine.sweep import ParamGrid
 
     search = lam == "search"
     if search and not tasks:
@@ -199,7 +199,7 @@ def _from_mergekit(
     """``merge``'s arguments from a mergekit YAML; an argument also given on the command line is refused (the
     config is meant to be the whole merge), except ``--lam search`` over a config without ``lambda``."""
     from drm_lightning.commands.mergekit_config import read_mergekit_config
-    from drm_lightning.merging.registry import METHODS
+    from drm_lightning.merging.methods.registry import METHODS
 
     given = {"task_vectors": task_vectors, "params": params, "coefficients": coefficients, "base": base,
              "torch_dtype": torch_dtype}  # fmt: skip
@@ -249,10 +249,10 @@ def _merge(
     extend_edges: int = 1,
 ) -> Path:
     """``merge`` over task-vector folders only."""
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.distributed import merge_task_vectors_distributed
-    from drm_lightning.merging.plan import MergePlan
-    from drm_lightning.merging.setup import check_output
+    from drm_lightning.export.model_folder import save_merged_model
+    from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
+    from drm_lightning.merging.engine.plan import MergePlan
+    from drm_lightning.merging.engine.setup import check_output
     from drm_lightning.world import is_global_zero
 
     search = lam == "search"
@@ -273,7 +273,7 @@ def _merge(
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
                                  device, torch_dtype, gguf_file)  # fmt: skip
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
-    from drm_lightning.merging.sweep import ParamGrid
+    from drm_lightning.merging.engine.sweep import ParamGrid
 
     grid = ParamGrid.parse(method, params)
     datamodules = task_datamodules(tasks, task_vectors) if search or grid.searched else {}
@@ -312,7 +312,7 @@ def _merge(
 
         print_report(adapter_from_merged(delta, float(lam), output, max_rank=max_rank, device=device), sys.stderr)
     else:
-        apply_merged_delta(delta, float(lam), output, base=base, family=family, **overrides)
+        save_merged_model(delta, float(lam), output, base=base, family=family, **overrides)
     card: dict[str, Any] = {}
     if search_record is not None:
         (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
@@ -352,7 +352,7 @@ def _search_params(
     splits, ``edge_variants``): a numeric parameter whose best value is the first or last of its grid gets the
     next value beyond it, merged here and scored, for at most ``extend_edges`` rounds (as the λ grid does)."""
     from drm_lightning.evaluation.run import Variant, edge_variants, evaluate_merges
-    from drm_lightning.merging.sweep import merge_task_vectors_many, variant_name
+    from drm_lightning.merging.engine.sweep import merge_task_vectors_many, variant_name
 
     def merge_sets(variants: list[Any], params: list[dict[str, Any]]) -> None:
         merged = merge_task_vectors_many(
@@ -458,12 +458,12 @@ def check_space(
 
     Δ_merged (float32) and the heads go to ``delta``; the model in the base's loading dtype, its tokenizer and the
     heads again to ``output``. Folders on one filesystem are summed. The model part comes from the base
-    checkpoint's headers and is left out when they cannot tell (a hub id, a GGUF file): ``apply_merged_delta``
+    checkpoint's headers and is left out when they cannot tell (a hub id, a GGUF file): ``save_merged_model``
     checks again once the base is loaded, before writing.
     """
-    from drm_lightning.merging.reader import TaskVectorReader
-    from drm_lightning.merging.setup import base_load_options
-    from drm_lightning.merging.space import estimate_merge_bytes, estimate_model_bytes, heads_bytes
+    from drm_lightning.merging.engine.reader import TaskVectorReader
+    from drm_lightning.merging.engine.setup import base_load_options
+    from drm_lightning.merging.engine.space import estimate_merge_bytes, estimate_model_bytes, heads_bytes
     from drm_lightning.task_vectors.format import check_free_space
 
     readers = [TaskVectorReader(folder) for folder in task_vectors]

@@ -79,8 +79,8 @@ def export_model(
 ) -> str:
     """Write one merged model at ``lam``; return the form written (``model`` or ``adapter``). A folder already
     written from the same merged delta at the same λ, newer than it, is kept."""
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.record import MERGE_FILE
+    from drm_lightning.export.model_folder import save_merged_model
+    from drm_lightning.merging.engine.record import MERGE_FILE
 
     form = "adapter" if save_as == "adapter" and adapter_possible(method, task_vectors) else "model"
     record_path = output / MERGE_FILE
@@ -100,7 +100,7 @@ def export_model(
     else:
         from drm_lightning.interop.export import export_task_models
 
-        apply_merged_delta(merged, lam, output)
+        save_merged_model(merged, lam, output)
         export_task_models(output)  # tasks/<task>/ for experts imported from *ForSequenceClassification checkpoints
     return form
 

@@ -26,7 +26,7 @@ class MergeStage(RunFolder):
 
     def param_grid(self, spec: MethodSpec) -> Any:
         """The method's ``ParamGrid`` (with the values edge extension added since)."""
-        from drm_lightning.merging.sweep import ParamGrid
+        from drm_lightning.merging.engine.sweep import ParamGrid
 
         if spec.name not in self._grids:
             self._grids[spec.name] = ParamGrid.parse(spec.method, spec.params)
@@ -35,7 +35,7 @@ class MergeStage(RunFolder):
     def variants(self, spec: MethodSpec) -> list[Any]:
         """A searched method's parameter sets as ``Variant`` (folder merged/<label>/<values>); ``[]`` otherwise."""
         from drm_lightning.evaluation.run import Variant
-        from drm_lightning.merging.sweep import variant_name
+        from drm_lightning.merging.engine.sweep import variant_name
 
         grid = self.param_grid(spec)
         if not grid.searched:
@@ -44,7 +44,7 @@ class MergeStage(RunFolder):
 
     def merge_is_current(self, spec: MethodSpec, folder: Path | None = None, params: Mapping | None = None) -> bool:
         """A previous merge of the same method, parameters and inputs, newer than every task vector."""
-        from drm_lightning.merging.record import MERGE_FILE
+        from drm_lightning.merging.engine.record import MERGE_FILE
         from drm_lightning.task_vectors.format import META_FILE
 
         record_path = (folder if folder is not None else self.merged_dir(spec)) / MERGE_FILE
@@ -80,7 +80,7 @@ class MergeStage(RunFolder):
 
     def merge_method(self, spec: MethodSpec) -> None:
         """Merge with one method (every parameter set of a searched one), unless its merge is current."""
-        from drm_lightning.merging.distributed import merge_task_vectors_distributed
+        from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
         from drm_lightning.world import broadcast_json
 
         folders = self.task_vector_dirs()
@@ -104,8 +104,8 @@ class MergeStage(RunFolder):
 
     def merge_variants(self, spec: MethodSpec, variants: Sequence[Any], *, alone: bool = False) -> None:
         """Merge these parameter sets of ``spec``: one pass on one process (or with ``alone``), else shared out."""
-        from drm_lightning.merging.distributed import merge_task_vectors_distributed
-        from drm_lightning.merging.sweep import merge_task_vectors_many
+        from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
+        from drm_lightning.merging.engine.sweep import merge_task_vectors_many
         from drm_lightning.world import detect_world
 
         if not variants:

@@ -252,8 +252,8 @@ def config_dirs(config: Namespace) -> list[Path]:
 
 def load_recipe(config: Namespace) -> Recipe:
     """Resolve and check everything in a parsed recipe that can be checked without loading models or data."""
-    from drm_lightning.merging.registry import get_method
-    from drm_lightning.merging.sweep import ParamGrid
+    from drm_lightning.merging.engine.sweep import ParamGrid
+    from drm_lightning.merging.methods.registry import get_method
 
     defaults = {k: v for k, v in config.data.as_dict().items() if v is not None}
     backbone = config.model.backbone

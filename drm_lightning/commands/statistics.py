@@ -44,7 +44,7 @@ def statistics(
 
     from drm_lightning.callbacks.grams import expert_grams, named_layers
     from drm_lightning.commands.tasks import task_datamodules
-    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.task_vectors.statistics import add_statistics
     from drm_lightning.world import resolve_device

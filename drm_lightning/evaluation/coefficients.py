@@ -229,7 +229,7 @@ def read_task_stacks(
         include: only the parameters this regular expression is found in (None: all).
     """
     from drm_lightning.io.merged_delta import iter_merged_delta
-    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.engine.reader import TaskVectorReader
 
     method = str(record["method"])
     if method not in TASK_FORM_METHODS:
@@ -266,7 +266,7 @@ def ties_terms(stack: torch.Tensor, density: float) -> torch.Tensor:
     trimmed rows' sum elected (a zero sum elects +), an entry kept where it is non-zero with that sign, and every
     kept entry divided by the number of tasks kept there (at least 1).
     """
-    from drm_lightning.merging.elementwise import trim_threshold
+    from drm_lightning.merging.ops.elementwise import trim_threshold
 
     x = stack.clone()
     for i in range(x.shape[0]):

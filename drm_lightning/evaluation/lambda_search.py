@@ -84,7 +84,9 @@ def default_grid(method: str) -> list[float]:
     key = method.strip().lower().replace("-", "_")
     matches = [name for name in DEFAULT_GRIDS if key == name or key.startswith(name + "_")]
     if not matches:
-        from drm_lightning.merging.registry import METHODS  # lazy: the registry imports every method (and torch)
+        from drm_lightning.merging.methods.registry import (
+            METHODS,  # lazy: the registry imports every method (and torch)
+        )
 
         if key in METHODS:
             return list(SVD_GRID if METHODS[key].matrix_only else ELEMENTWISE_GRID)
@@ -309,7 +311,7 @@ def search_merged_lambda(
     """
     from drm_lightning.evaluation.merged import MergedBackbone
     from drm_lightning.evaluation.multitask import evaluate_backbone
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.record import read_merge_record
 
     backbone = merged if isinstance(merged, MergedBackbone) else None
     folder = backbone.merged if backbone is not None else Path(merged)

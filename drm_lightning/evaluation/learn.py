@@ -80,8 +80,8 @@ def learn_coefficients(
     from drm_lightning.evaluation.coefficient_module import CoefficientModule
     from drm_lightning.evaluation.multitask import check_heads
     from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.apply import apply_merged_delta
+    from drm_lightning.merging.engine.record import read_merge_record
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.task_vectors.format import read_meta
 
@@ -166,7 +166,7 @@ def learned_is_current(
     lam: float,
 ) -> bool:
     """A learned folder from the same merged folder, settings and initial λ, newer than the merge: reusable."""
-    from drm_lightning.merging.record import MERGE_FILE
+    from drm_lightning.merging.engine.record import MERGE_FILE
 
     output, merged = Path(output), Path(merged)
     path = output / MERGE_FILE
@@ -216,7 +216,7 @@ def write_learned(
     """Write the learned folder atomically (see the module docstring); returns it."""
     from drm_lightning.evaluation.merged import merged_delta_bytes
     from drm_lightning.io.merged_delta import delta_writer, iter_merged_delta
-    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE
+    from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
     check_free_space({output: merged_delta_bytes(merged)}, "learned merged delta")

@@ -66,7 +66,7 @@ class MergedBackbone:
                 (``None``, the default).
         """
         from drm_lightning.io.merged_delta import iter_merged_delta
-        from drm_lightning.merging.apply import apply_merged_delta
+        from drm_lightning.merging.engine.apply import apply_merged_delta
 
         self.merged = Path(merged)
         keep = delta_fits_in_memory(self.merged) if keep_delta is None else bool(keep_delta)
@@ -90,7 +90,7 @@ class MergedBackbone:
     @torch.no_grad()
     def at(self, lam: float):  # -> the backbone module (a transformers PreTrainedModel)
         """The backbone with ``W_0 + lam·Δ_merged`` (the same module object every time, changed in place)."""
-        from drm_lightning.merging.apply import add_merged_delta
+        from drm_lightning.merging.engine.apply import add_merged_delta
 
         if lam != self.lam:
             state = self.model.state_dict()

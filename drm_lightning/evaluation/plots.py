@@ -25,7 +25,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from drm_lightning.evaluation.results import EvaluationResults
 from drm_lightning.io.merged_delta import merged_delta_index
-from drm_lightning.merging.plan import DEFAULT_EXCLUDE
+from drm_lightning.merging.engine.plan import DEFAULT_EXCLUDE
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     LORA_A_SUFFIX,

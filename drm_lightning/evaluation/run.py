@@ -42,7 +42,7 @@ from drm_lightning.evaluation.results import (
 from drm_lightning.task_vectors.format import read_meta
 
 if TYPE_CHECKING:
-    from drm_lightning.merging.sweep import ParamGrid
+    from drm_lightning.merging.engine.sweep import ParamGrid
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def merged_labels(
             str(label): list(value) if isinstance(value, list | tuple) else Path(value)
             for label, value in merged.items()
         }
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.record import read_merge_record
 
     out: dict[str, Path | list[Variant]] = {}
     for folder in merged:
@@ -190,7 +190,7 @@ def _evaluate_method(
     λ on validation, the best (set, λ) wins (ties to the earlier set), and only the winner is run on ``split``.
     Each set's base is loaded in turn and dropped after its search, so at most one model is held.
     """
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.record import read_merge_record
 
     searched = bool(variants[0].name)
     results: list[VariantResult] = []
@@ -284,7 +284,7 @@ def _learned_model(
     """Coefficients learned on top of the chosen ``(folder, λ)`` (reused when current): the learned model at λ = 1,
     its validation metrics and the result's ``learned`` block (validation score before and after)."""
     from drm_lightning.evaluation.learn import LEARNED_DIR, learn_coefficients, learned_is_current
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.record import read_merge_record
 
     output = folder / LEARNED_DIR
     if learned_is_current(output, folder, learn, best.lam):
@@ -321,7 +321,7 @@ def edge_variants(grid: ParamGrid, tried: Sequence[VariantResult], root: Path) -
     Returns the grid with those values added (the next round extends from it) and the new variants, not merged yet;
     ``[]`` when no axis has a best value at its edge (or none can step beyond it).
     """
-    from drm_lightning.merging.sweep import edge_extension, variant_name
+    from drm_lightning.merging.engine.sweep import edge_extension, variant_name
 
     best = best_variant(tried)
     new = []

@@ -1,7 +1,6 @@
 """Models out: merged weights in forms that load without drm_lightning (``docs/interop.md``).
 
-- ``save_merged_model``: a complete ``save_pretrained`` folder of the base's own architecture (``--save_as model``;
-  defined in ``drm_lightning.merging.model_folder``, as ``apply_merged_delta(output=...)`` writes it).
+- ``save_merged_model``: a complete ``save_pretrained`` folder of the base's own architecture (``--save_as model``).
 - ``merge_to_adapter`` / ``adapter_from_merged``: LoRA experts merged into a PEFT LoRA adapter (``--save_as adapter``).
 - ``factor_delta``: a merged delta as exact low-rank factors through the experts' joint LoRA spans.
 - ``load_task_model``: a merged folder plus a task name -> backbone + pooling + head, one ``nn.Module``.
@@ -15,7 +14,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "save_merged_model": "drm_lightning.merging.model_folder",
+    "save_merged_model": "model_folder",
     "merge_to_adapter": "adapter",
     "adapter_from_merged": "adapter",
     "factor_delta": "factor",

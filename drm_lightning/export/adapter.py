@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from drm_lightning.export.factor import EXACT_TOL, factor_delta
 from drm_lightning.export.model_card import write_model_card
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import read_meta
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -211,7 +211,7 @@ def estimate_adapter_bytes(readers: Iterable[Any], max_rank: int | None = None) 
     """Bytes of the adapter for these task vectors, from their headers: per adapted ``[n, m]`` matrix
     ``min(Σ r_i, max_rank) · (n + m)`` float32 values, plus every densely changed parameter in float32 (its module
     is saved whole, usually a norm: a small over-estimate)."""
-    from drm_lightning.merging.space import delta_shapes
+    from drm_lightning.merging.engine.space import delta_shapes
 
     ranks: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -262,12 +262,12 @@ def merge_to_adapter(
     Everything cheap is refused first (``check_adapter_request``, then ``prepare_merge``'s checks); the output is
     written atomically. Returns the adapter summary (also in ``merge.json["adapter"]``).
     """
-    from drm_lightning.merging.apply import check_lam, save_tokenizer
-    from drm_lightning.merging.merger import merge_parameters
-    from drm_lightning.merging.model_folder import meta_architecture
-    from drm_lightning.merging.record import copy_heads, write_merge_record
-    from drm_lightning.merging.setup import check_output, prepare_merge
-    from drm_lightning.merging.space import heads_bytes
+    from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
+    from drm_lightning.merging.engine.apply import check_lam
+    from drm_lightning.merging.engine.merger import merge_parameters
+    from drm_lightning.merging.engine.record import copy_heads, write_merge_record
+    from drm_lightning.merging.engine.setup import check_output, prepare_merge
+    from drm_lightning.merging.engine.space import heads_bytes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.format import atomic_dir, check_free_space
@@ -345,13 +345,13 @@ def adapter_from_merged(
 ) -> dict[str, Any]:
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary."""
+    from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
     from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
-    from drm_lightning.merging.apply import check_lam, save_tokenizer
-    from drm_lightning.merging.model_folder import meta_architecture
-    from drm_lightning.merging.reader import TaskVectorReader
-    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
-    from drm_lightning.merging.setup import check_output
-    from drm_lightning.merging.space import delta_shapes
+    from drm_lightning.merging.engine.apply import check_lam
+    from drm_lightning.merging.engine.reader import TaskVectorReader
+    from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
+    from drm_lightning.merging.engine.setup import check_output
+    from drm_lightning.merging.engine.space import delta_shapes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.fingerprint import fingerprint_matches

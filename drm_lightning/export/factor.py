@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.linalg import thin_svd
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.ops.linalg import thin_svd
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 RANK_TOL = 1e-7
 """Components with ``σ <= RANK_TOL · σ_max`` are rounding noise of the float32 merged delta, not rank."""

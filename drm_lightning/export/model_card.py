@@ -24,7 +24,7 @@ import yaml
 
 from drm_lightning.export.snippet import usage_lines
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG
-from drm_lightning.merging.record import HEADS_DIR, read_merge_record
+from drm_lightning.merging.engine.record import HEADS_DIR, read_merge_record
 from drm_lightning.task_vectors.format import META_FILE, TaskVectorMeta, read_meta
 
 CARD_FILE = "README.md"
@@ -43,7 +43,7 @@ def front_matter(record: Mapping[str, Any], adapter: bool) -> dict[str, Any]:
 
 
 def _paper(method: str) -> str:
-    from drm_lightning.merging.registry import get_method
+    from drm_lightning.merging.methods.registry import get_method
 
     try:
         return get_method(method).reference

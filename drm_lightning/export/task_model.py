@@ -50,7 +50,7 @@ def adapter_backbone(folder: str | os.PathLike[str], *, torch_dtype: str | None 
     and the saved full weights (``modules_to_save``, LoRA-layer biases) in place of the base's."""
     from safetensors.torch import load_file
 
-    from drm_lightning.merging.record import read_merge_record
+    from drm_lightning.merging.engine.record import read_merge_record
     from drm_lightning.models.backbone import load_backbone
 
     folder = Path(folder)
@@ -92,7 +92,7 @@ def load_task_model(folder: str | os.PathLike[str], task: str, *, torch_dtype: s
     Raises:
         ValueError: an unknown task or a folder that is not a merge output.
     """
-    from drm_lightning.merging.record import HEADS_DIR
+    from drm_lightning.merging.engine.record import HEADS_DIR
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.task_vectors.format import read_meta

@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
 from drm_lightning.merging import merge_task_vectors
-from drm_lightning.merging.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
-from drm_lightning.merging.plan import PlanEntry
-from drm_lightning.merging.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.engine.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
+from drm_lightning.merging.engine.plan import PlanEntry
+from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
 from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
 from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device
 from tests.helpers.launch import finish, free_port, pipeline_env, reaped, start
@@ -284,7 +284,7 @@ WORKER = """
 import json, os, sys
 import torch
 torch.set_num_threads(1)
-from drm_lightning.merging.distributed import merge_task_vectors_distributed
+from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
 from drm_lightning.world import detect_world
 
 spec = json.loads(open(sys.argv[1]).read())
@@ -427,7 +427,7 @@ def test_a_killed_merges_staging_is_removed_by_the_next(
     root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rank 0's staging folder carries its host and pid, so a SIGKILLed merge's leftovers go with the next merge."""
-    from drm_lightning.merging import distributed as dist_module
+    from drm_lightning.merging.engine import distributed as dist_module
     from drm_lightning.task_vectors.format import temporary_prefix
 
     staged: list[Path] = []
@@ -457,7 +457,7 @@ def test_canonical_layout_needs_room_for_two_copies(
     root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch,
     layout: str, copies_fit: int, refused: bool,
 ) -> None:  # fmt: skip
-    from drm_lightning.merging.space import check_merge_space
+    from drm_lightning.merging.engine.space import check_merge_space
     from drm_lightning.task_vectors import format as tv_format
     from drm_lightning.task_vectors.format import InsufficientSpaceError, with_margin
 

@@ -70,7 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lightning.pytorch import Trainer
 
     from drm_lightning.callbacks.task_vector import TaskVectorCallback
-    from drm_lightning.merging.merger import merge_task_vectors
+    from drm_lightning.merging.engine.merger import merge_task_vectors
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta, write_task_vector
     from tests.helpers.tiny_models import make_tiny_model

@@ -257,8 +257,8 @@ def test_with_task_vector_reproduces_each_expert(experts: dict) -> None:
 
 def test_evaluate_merges_end_to_end(experts: dict) -> None:
     """Merge, search λ on validation, report on test; the merged backbone is W_0 + λ·Δ exactly."""
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.merger import merge_task_vectors
+    from drm_lightning.merging.engine.apply import apply_merged_delta
+    from drm_lightning.merging.engine.merger import merge_task_vectors
 
     root, tvs, dms = experts["root"], experts["task_vectors"], experts["datamodules"]
     merge_task_vectors(tvs, "task_arithmetic", root / "merged_ta", progress=False)

@@ -17,8 +17,8 @@ from drm_lightning.evaluation import multitask
 from drm_lightning.evaluation.lambda_search import search_merged_lambda
 from drm_lightning.evaluation.merged import MergedBackbone
 from drm_lightning.io import merged_delta
-from drm_lightning.merging.apply import apply_merged_delta
-from drm_lightning.merging.merger import merge_task_vectors
+from drm_lightning.merging.engine.apply import apply_merged_delta
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
 
 GRID = [0.25, 0.5, 1.0, 1.5]

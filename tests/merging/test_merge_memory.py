@@ -44,7 +44,8 @@ MEASURE = textwrap.dedent(
 
     import psutil
 
-    from drm_lightning.merging import apply_merged_delta, merge_task_vectors
+    from drm_lightning.export.model_folder import save_merged_model
+    from drm_lightning.merging import merge_task_vectors
     from drm_lightning.models.backbone import load_backbone
 
     root = Path(sys.argv[1])
@@ -71,7 +72,7 @@ MEASURE = textwrap.dedent(
     merge_task_vectors(tvs, "task_arithmetic", root / "merged", progress=False, max_shard_bytes=size // 16)
     phase[0] = "apply"
     t1 = time.perf_counter()
-    apply_merged_delta(root / "merged", 0.5, root / "applied", max_shard_size=size // 16)
+    save_merged_model(root / "merged", 0.5, root / "applied", max_shard_size=size // 16)
     t2 = time.perf_counter()
     done.set()
     thread.join()

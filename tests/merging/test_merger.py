@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from drm_lightning.export.model_folder import save_merged_model
 from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, delta_writer, iter_merged_delta
 from drm_lightning.io.shards import ShardWriter
 from drm_lightning.merging import (
@@ -24,10 +25,10 @@ from drm_lightning.merging import (
     apply_merged_delta,
     merge_task_vectors,
 )
-from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.plan import estimate_cost, summarize
-from drm_lightning.merging.reader import matches_lora_targets
-from drm_lightning.merging.registry import METHODS, get_method
+from drm_lightning.merging.engine.plan import estimate_cost, summarize
+from drm_lightning.merging.engine.reader import matches_lora_targets
+from drm_lightning.merging.methods.registry import METHODS, get_method
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
@@ -367,7 +368,7 @@ def test_apply_writes_a_loadable_hf_folder(root: Path, bert: Path, dense_tvs: li
 
     merged = merge_task_vectors(dense_tvs, "task_arithmetic", root / "apply_merged", progress=False).output
     out = root / "apply_out"
-    model = apply_merged_delta(merged, 0.3, out, max_shard_size="50KB")
+    model = save_merged_model(merged, 0.3, out, max_shard_size="50KB")
     assert len(list(out.glob("model-*.safetensors"))) > 1, "max_shard_size should shard the weights"
     reloaded = AutoModel.from_pretrained(out)  # the base's own architecture: BertModel with its pooler
     expected = model.state_dict()

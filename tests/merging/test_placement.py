@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.merging import placement
-from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.merger import merge_parameters, prepare_merge
+from drm_lightning.merging.engine import placement
+from drm_lightning.merging.engine.merger import merge_parameters, prepare_merge
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
 
 CUDA = torch.device("cuda")

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from drm_lightning.merging.plan import MergePlan
+from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.models.backbone import FAMILIES, load_backbone
 from tests.helpers.tiny_models import ARCHITECTURES, make_tiny_model
 

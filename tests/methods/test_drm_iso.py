@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.drm_iso import drm_iso
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
 CASES = ("random", "rank_deficient", "zero_task", "tiny_task", "all_zero", "clustered_tasks", "disjoint")
@@ -74,7 +74,7 @@ def test_bad_arguments_name_the_value() -> None:
 
 
 def test_registry_drop_rate_search_reuses_the_basis_and_equals_separate_merges() -> None:
-    from drm_lightning.merging.registry import get_method
+    from drm_lightning.merging.methods.registry import get_method
 
     deltas = _deltas("random", (24, 16), torch.float64)
     method = get_method("drm_iso_h")

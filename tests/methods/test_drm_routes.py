@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drm_lightning.merging import elementwise as E
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.methods import drm_joint
+from drm_lightning.merging.ops import elementwise as E
 from tests.helpers import delta_cases
 
 COEFFS = [1.0, 0.5, -0.3, 2.0]

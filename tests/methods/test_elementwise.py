@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drm_lightning.merging import elementwise as E
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
+from drm_lightning.merging.ops import elementwise as E
 
 N = 4 * E.SAMPLE + 12_345  # above the direct-topk size, and not a multiple of the chunk size
 

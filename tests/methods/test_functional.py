@@ -23,12 +23,12 @@ import torch
 from torch import Tensor
 
 from drm_lightning.merging import functional as F
-from drm_lightning.merging import linalg
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.drm_iso import drm_iso
+from drm_lightning.merging.methods.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
 from drm_lightning.merging.methods.regmean import regmean
-from drm_lightning.merging.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
+from drm_lightning.merging.ops import linalg
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
 INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}

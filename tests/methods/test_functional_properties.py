@@ -30,7 +30,7 @@ from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.registry import METHODS, get_method
+from drm_lightning.merging.methods.registry import METHODS, get_method
 from tests.helpers import delta_cases
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.registry import METHODS as REGISTRY
 from drm_lightning.merging.methods.regmean import regmean
-from drm_lightning.merging.registry import METHODS as REGISTRY
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
 TOL_F32 = 1e-5
@@ -175,7 +175,8 @@ def test_bfloat16_adds_only_the_final_rounding(method: Method, case: str) -> Non
 
 
 def test_every_registered_method_has_a_reference_row() -> None:
-    """The registry collects methods from their modules (merging/registry.py); the contract test must not miss one."""
+    """The registry collects methods from their modules (merging/methods/registry.py); the contract test must not
+    miss one."""
     rows = {m.name for m in METHODS}
     missing = [name for name in REGISTRY if not any(row == name or row.startswith(name + "_") for row in rows)]
     assert not missing, f"registered methods without a row in METHODS above (float64 reference): {missing}"

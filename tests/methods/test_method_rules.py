@@ -17,8 +17,8 @@ from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.registry import METHODS, get_method
+from drm_lightning.merging.methods.registry import METHODS, get_method
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
 COEFFS = [1.0, 0.5, -0.3, 2.0]

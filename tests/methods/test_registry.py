@@ -1,4 +1,4 @@
-"""The registry collects every method module's ``METHODS`` (merging/registry.py): a new method is one new file.
+"""The registry collects every method module's ``METHODS`` (merging/methods/registry.py): a new method is one new file.
 
 What a new module in ``merging/methods/`` must bring along is held here and next to the tables it feeds: a section
 of docs/methods.md (below), a float64 reference row (``test_functional_reference.py``), its non-matrix rule
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from drm_lightning.merging import functional as F
-from drm_lightning.merging.registry import METHODS, MergeMethod, collect_methods, get_method, method_modules
+from drm_lightning.merging.methods.registry import METHODS, MergeMethod, collect_methods, get_method, method_modules
 
 ROOT = Path(__file__).resolve().parents[2]
 

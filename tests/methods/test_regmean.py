@@ -18,9 +18,9 @@ from torch import Tensor
 from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.methods.registry import get_method
 from drm_lightning.merging.methods.regmean import regmean
-from drm_lightning.merging.registry import get_method
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, read_meta
 from drm_lightning.task_vectors.statistics import STATISTICS_FILE, add_statistics, statistics_meta
 from tests.helpers import delta_cases
@@ -186,7 +186,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _deltas(folder: Path, name: str, shape: tuple[int, ...]) -> Tensor:
-    from drm_lightning.merging.reader import TaskVectorReader
+    from drm_lightning.merging.engine.reader import TaskVectorReader
 
     delta = TaskVectorReader(folder).get(name, shape)
     return delta.dense(F64) if isinstance(delta, LowRankDelta) else delta.double()

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.lowrank import LowRankDelta
-from drm_lightning.merging.registry import get_method
+from drm_lightning.merging.methods.registry import get_method
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
 # (shape, tasks): n side (T n < m), m side (T n >= m, tall and wide), square

@@ -89,8 +89,8 @@ def test_task_vector_holds_the_vision_tower_and_reproduces_the_expert(clip, tmp_
 
 
 def test_a_merged_vision_tower_is_evaluated_without_a_text_encoder(clip, tmp_path, monkeypatch):
-    from drm_lightning.merging.apply import apply_merged_delta
-    from drm_lightning.merging.merger import merge_task_vectors
+    from drm_lightning.export.model_folder import save_merged_model
+    from drm_lightning.merging.engine.merger import merge_task_vectors
     from drm_lightning.models import zeroshot
 
     folders = []
@@ -100,7 +100,7 @@ def test_a_merged_vision_tower_is_evaluated_without_a_text_encoder(clip, tmp_pat
         tiny_trainer(max_steps=2, callbacks=[callback]).fit(ExpertModule(clip, "clip", task=f"t{i}"), dm)
         folders.append(callback.written)
     merge_task_vectors(folders, "iso_c", tmp_path / "delta", progress=False)
-    apply_merged_delta(tmp_path / "delta", 1.0, tmp_path / "merged")
+    save_merged_model(tmp_path / "delta", 1.0, tmp_path / "merged")
     # A whole CLIPModel again: the merged vision tower beside the base's untouched text tower.
     merged, base = CLIPModel.from_pretrained(tmp_path / "merged"), CLIPModel.from_pretrained(clip)
     text = {k: v for k, v in base.state_dict().items() if k.startswith(("text_model.", "text_projection."))}

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
-from drm_lightning.merging.apply import apply_merged_delta
-from drm_lightning.merging.merger import merge_task_vectors
+from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import causal_logprobs, continuation_ids, label_targets, pack
@@ -139,7 +139,7 @@ def test_task_vector_plus_base_reproduces_the_expert_and_the_merge_generates(lla
             assert not torch.allclose(rebuilt(batch), ExpertModule.from_task_vector(folder)(batch), atol=1e-3)
 
     merge_task_vectors(folders, "ties", tmp_path / "delta", progress=False)
-    apply_merged_delta(tmp_path / "delta", 0.5, tmp_path / "merged")
+    save_merged_model(tmp_path / "delta", 0.5, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base = load_backbone(llama, "decoder_lm")
     assert torch.equal(merged.lm_head.weight, base.lm_head.weight)

@@ -267,9 +267,9 @@ def test_pipeline_fits_merges_and_reports_a_choice_task_beside_a_prompted_one(mo
     assert read_meta(run / "task_vectors" / "liked").task_type == "classification"
     report = json.loads((run / "report.json").read_text())
     assert "colors" in json.dumps(report) and "ties" in json.dumps(report)
-    from drm_lightning.merging.apply import apply_merged_delta
+    from drm_lightning.export.model_folder import save_merged_model
 
-    apply_merged_delta(run / "merged" / "ties", 1.0, tmp_path / "ties_model")
+    save_merged_model(run / "merged" / "ties", 1.0, tmp_path / "ties_model")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "ties_model")  # still a whole causal LM
     assert merged.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False).shape == (1, 5)
 

@@ -37,7 +37,7 @@ def module_name(path: Path, root: Path) -> str:
 
 
 def unit_of(module: str) -> str:
-    """``drm_lightning.merging.merger`` -> ``merging``; the package itself -> ``""``."""
+    """``drm_lightning.merging.engine.merger`` -> ``merging``; the package itself -> ``""``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else ""
 
@@ -209,3 +209,10 @@ def test_the_checker_accepts_a_clean_tree(tmp_path: Path) -> None:
              "high/__init__.py": "", "high/b.py": "from drm_lightning.low.a import f\nfrom drm_lightning.low import a\n"
              "print(a.f)\n"}  # fmt: skip
     assert problems(_tree(tmp_path, files), {"low": 0, "high": 1}) == []
+
+
+def test_the_float64_oracle_imports_nothing_of_drm_lightning() -> None:
+    """``merging/reference.py`` checks the methods (tests, benchmarks): it must share no code with them
+    (docs/architecture.md, "Where the float64 oracle lives")."""
+    path = ROOT / "merging" / "reference.py"
+    assert list(imports(path, ROOT)) == []

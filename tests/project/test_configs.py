@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drm_lightning.merging.registry import METHODS
+from drm_lightning.merging.methods.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted(
@@ -62,7 +62,7 @@ def test_header_command_runs_this_file_and_parses(path: Path, monkeypatch: pytes
         assert config.model.backbone and config.data.class_path
     elif command == "merge":
         config = parse("merge", rest)
-        from drm_lightning.merging.registry import get_method
+        from drm_lightning.merging.methods.registry import get_method
 
         get_method(config.method).check(dict(config.params or {}))
         assert config.lam == "search" and config.lambdas, f"{path}: a merge config ships its λ grid"
@@ -197,7 +197,7 @@ def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_gri
     from drm_lightning.commands import parse
     from drm_lightning.commands.pipeline import load_recipe
     from drm_lightning.data.image import check_templates
-    from drm_lightning.merging.registry import DRM_ISO_REFERENCE
+    from drm_lightning.merging.methods.registry import DRM_ISO_REFERENCE
 
     recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]))
     assert recipe.model["family"] == "clip"

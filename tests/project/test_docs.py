@@ -38,8 +38,8 @@ IDS = [str(p.relative_to(ROOT)) for p in DOCS]
 REPO_PATH = re.compile(
     r"(?<![\w/.$<{-])(?:configs|recipes|tests|benchmarks|scripts|docs|data)/[\w./-]*\w\.(?:yaml|py|sh|md|csv)\b"
 )
-#: A package path, from the package (``drm_lightning/merging/merger.py``) or inside it (``merging/merger.py``,
-#: ``methods/drm_joint.py``, a folder ``export/``).
+#: A package path, from the package (``drm_lightning/merging/engine/merger.py``) or inside it
+#: (``merging/engine/merger.py``, ``methods/drm_joint.py``, a folder ``export/``).
 SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 MODULE_PATH = re.compile(
     rf"(?<![\w/.-])(?:drm_lightning/)?(?:{'|'.join([*SUBPACKAGES, 'methods'])})/(?:[\w/]*\w\.py|(?:\w+/)*)(?![\w/])"
@@ -134,7 +134,8 @@ def package_path_exists(name: str) -> bool:
 
 @pytest.mark.parametrize("doc", DOCS, ids=IDS)
 def test_package_modules_named_in_the_docs_exist(doc: Path) -> None:
-    """``merging/merger.py``, ``methods/drm_joint.py``, ``drm_lightning/export/``: a split leaves no stale name."""
+    """``merging/engine/merger.py``, ``methods/drm_joint.py``, ``drm_lightning/export/``: a split leaves no stale
+    name."""
     missing = sorted({p for p in MODULE_PATH.findall(text(doc)) if not package_path_exists(p)})
     assert not missing, f"{doc.relative_to(ROOT)} names package modules that do not exist: {missing}"
 

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import main
-from drm_lightning.merging.registry import METHODS
+from drm_lightning.merging.methods.registry import METHODS
 from drm_lightning.task_vectors.format import DELTAS_FILE, META_FILE
 from tests.helpers import recipes
 from tests.helpers.merge_inputs import write_task_vectors

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.merging import apply, record, setup, space
-from drm_lightning.merging.apply import apply_merged_delta
-from drm_lightning.merging.merger import merge_task_vectors
-from drm_lightning.merging.plan import MergePlan
-from drm_lightning.merging.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
+from drm_lightning.export import model_folder
+from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.merging.engine import apply, record, setup, space
+from drm_lightning.merging.engine.merger import merge_task_vectors
+from drm_lightning.merging.engine.plan import MergePlan
+from drm_lightning.merging.engine.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors import format as tv_format
 from drm_lightning.task_vectors.format import (
@@ -161,7 +162,7 @@ def test_plan_skipped_parameters_take_no_space(world):
 def test_model_estimate_covers_save_pretrained_in_each_dtype(world, dtype, tmp_path):
     model = load_backbone(world["bert"], "encoder", torch_dtype=dtype)
     model.save_pretrained(tmp_path / "model")
-    apply.save_tokenizer(world["bert"], tmp_path / "model")
+    model_folder.save_tokenizer(world["bert"], tmp_path / "model")
     written = _size(tmp_path / "model")
     estimate = estimate_model_bytes(world["bert"], dtype)
     assert estimate is not None and written <= estimate <= written + SLACK
@@ -183,12 +184,12 @@ def test_apply_on_a_small_disk_is_refused_before_the_base_loads(
     _small_disk(monkeypatch, free)
     out = tmp_path / "model"
     if not refused:
-        apply_merged_delta(merged, 1.0, out)
+        save_merged_model(merged, 1.0, out)
         assert (out / "model.safetensors").is_file()
         return
     loads = _no_model_loads(monkeypatch)
     with pytest.raises(InsufficientSpaceError) as err:
-        apply_merged_delta(merged, 1.0, out)
+        save_merged_model(merged, 1.0, out)
     _refused(err, out, with_margin(estimate), free)
     assert loads == [] and list(tmp_path.iterdir()) == []
 

@@ -34,15 +34,14 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import load_file
 
 from drm_lightning.cli import main
 from drm_lightning.io import shards
 from drm_lightning.io.merged_delta import MERGED_DIR
-from drm_lightning.merging import apply, setup
-from drm_lightning.merging.merger import merge_task_vectors
-from drm_lightning.merging.record import MERGE_FILE
+from drm_lightning.merging.engine import apply, setup
+from drm_lightning.merging.engine.merger import merge_task_vectors
+from drm_lightning.merging.engine.record import MERGE_FILE
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, atomic_dir, remove_stale_temporaries
 from tests.helpers.merge_inputs import write_task_vectors
@@ -101,7 +100,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 KILLER = """
 import os, signal, sys
 from drm_lightning.io import shards
-from drm_lightning.merging import apply
+from drm_lightning.export import model_folder
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -116,11 +115,11 @@ if phase == "delta":
             die()
     shards.ShardWriter.__init__, shards.ShardWriter.add = small_shards, add_then_die
 else:
-    save = apply.save_tokenizer
+    save = model_folder.save_tokenizer
     def save_then_die(base, folder):
         save(base, folder)
         die()
-    apply.save_tokenizer = save_then_die
+    model_folder.save_tokenizer = save_then_die
 from drm_lightning.cli import main
 sys.exit(main(argv))
 """
@@ -212,19 +211,6 @@ def test_a_new_write_removes_only_dead_local_temporaries(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------ killed fits
 
 
-class SigkillAt(Callback):
-    """SIGKILL this process after training batch ``batch`` of epoch ``epoch``: a crash at an exact moment."""
-
-    def __init__(self, epoch: int = 1, batch: int = 1) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 @pytest.fixture(scope="module")
 def fit_setup(world: dict[str, Any]) -> dict[str, Any]:
     """A tiny BERT with dropout 0.1 (backbone and head) and a small csv task; argv for a deterministic two-epoch
@@ -279,7 +265,7 @@ def killed_fit(fit_setup: dict[str, Any]) -> Path:
     returns its ``last.ckpt``."""
     folder = fit_setup["root"] / "killed"
     argv = [*fit_setup["argv"], f"--trainer.default_root_dir={folder}", f"--task_vector_dir={folder / 'tv'}"]
-    argv += [*_checkpointing(folder / "ckpt"), "--trainer.callbacks+=tests.test_faults.SigkillAt"]
+    argv += [*_checkpointing(folder / "ckpt"), "--trainer.callbacks+=tests.helpers.faults.SigkillAt"]
     argv += ["--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=2"]
     # CPU float reductions depend on the thread count: train with this process's, as the in-process runs do.
     env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -20,10 +20,11 @@ import torch
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.commands.evaluate import load_base, load_model
 from drm_lightning.evaluation.merged import MergedBackbone
-from drm_lightning.merging.apply import apply_merged_delta
-from drm_lightning.merging.merger import merge_task_vectors
-from drm_lightning.merging.record import MERGE_FILE, read_merge_record
-from drm_lightning.merging.setup import base_load_options
+from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.merging.engine.apply import apply_merged_delta
+from drm_lightning.merging.engine.merger import merge_task_vectors
+from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.engine.setup import base_load_options
 from drm_lightning.models import expert as expert_module
 from drm_lightning.models.backbone import load_recorded_base
 from drm_lightning.models.expert import ExpertModule
@@ -148,7 +149,7 @@ def test_the_callback_records_the_dtype(bf16):
 def test_merge_and_apply_load_the_base_as_recorded(bf16):
     record = read_merge_record(bf16["merged"])
     assert (record["torch_dtype"], record["gguf_file"]) == ("bfloat16", None)
-    model = apply_merged_delta(bf16["merged"], 1.0, bf16["root"] / "applied")
+    model = save_merged_model(bf16["merged"], 1.0, bf16["root"] / "applied")
     assert _dtype(model) == torch.bfloat16
     assert json.loads((bf16["root"] / "applied" / MERGE_FILE).read_text())["torch_dtype"] == "bfloat16"
     assert _dtype(MergedBackbone(bf16["merged"]).at(0.5)) == torch.bfloat16

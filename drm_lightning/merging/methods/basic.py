@@ -2,7 +2,7 @@
 
 Also the two elementwise steps other methods build on: ``keep_top_fraction`` (keep the largest fraction) and
 ``elect_and_merge`` (sign election and disjoint mean), which DRM's rules reuse. Every method here works on flat
-views of the caller's tensors, chunk by chunk in float64 (``merging/elementwise.py``), densifying ``LowRankDelta``
+views of the caller's tensors, chunk by chunk in float64 (``merging/ops/elementwise.py``), densifying ``LowRankDelta``
 factors; the result is in the inputs' dtype unless ``out_dtype`` asks for another. ``λ`` is never applied here.
 """
 
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.elementwise import dare_keep_mask, keep_top_, merge_chunks, trim_threshold
 from drm_lightning.merging.methods.checks import (
     check_density,
     check_drop_rate,
@@ -23,6 +22,7 @@ from drm_lightning.merging.methods.checks import (
 )
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare_elementwise
 from drm_lightning.merging.methods.spec import MergeMethod
+from drm_lightning.merging.ops.elementwise import dare_keep_mask, keep_top_, merge_chunks, trim_threshold
 
 
 def keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
@@ -179,4 +179,4 @@ METHODS = (
         {"drop_rate": 0.9, "seed": 0, "merge": "task_arithmetic", "density": 0.2},
     ),
 )
-"""The registry's entries of this module (``merging/registry.py`` collects them)."""
+"""The registry's entries of this module (``merging/methods/registry.py`` collects them)."""

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.elementwise import merge_chunks, trim_threshold
 from drm_lightning.merging.methods.basic import elect_merge, keep_top
 from drm_lightning.merging.methods.checks import (
     DIRECTIONS,
@@ -36,6 +35,7 @@ from drm_lightning.merging.methods.inputs import (
     task_coefficients,
 )
 from drm_lightning.merging.methods.spec import MergeMethod
+from drm_lightning.merging.ops.elementwise import merge_chunks, trim_threshold
 
 __all__ = ["DRM_RANK_TOL", "METHODS", "SHARE_EPS", "DrmBasis", "drm", "drm_basis", "drm_nonmatrix"]
 DRM_RANK_TOL = 1e-2
@@ -323,4 +323,4 @@ METHODS = tuple(
     )
     for direction in DIRECTIONS
 )
-"""The registry's entries of this module: DRM-V and DRM-H (``merging/registry.py`` collects them)."""
+"""The registry's entries of this module: DRM-V and DRM-H (``merging/methods/registry.py`` collects them)."""

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.linalg import factored_svd, thin_svd
-from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.basic import task_arithmetic, task_mean
 from drm_lightning.merging.methods.checks import DIRECTIONS, RANK_TOL, check_drop_rate, check_out_dtype
 from drm_lightning.merging.methods.drm import DRM_RANK_TOL, DrmBasis, drm_basis
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
 from drm_lightning.merging.methods.spec import MergeMethod
+from drm_lightning.merging.ops.linalg import factored_svd, thin_svd
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 _F64 = torch.float64
 DRM_ISO_REFERENCE = "docs/drm_study.md"

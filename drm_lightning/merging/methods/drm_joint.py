@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.linalg import GRAM_MIN_RATIO, thin_svd
 from drm_lightning.merging.methods.inputs import Inputs
+from drm_lightning.merging.ops.linalg import GRAM_MIN_RATIO, thin_svd
 
 
 def _factored_coordinates(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

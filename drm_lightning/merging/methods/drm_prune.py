@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.elementwise import SAMPLE, keep_count, kth_largest_many
+from drm_lightning.merging.ops.elementwise import SAMPLE, keep_count, kth_largest_many
 
 SHARE_EPS = 1e-6
 """DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.linalg import power_of_two_scale
-from drm_lightning.merging.lowrank import LowRankDelta
 from drm_lightning.merging.methods.checks import check_out_dtype
+from drm_lightning.merging.ops.linalg import power_of_two_scale
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 Delta = Tensor | LowRankDelta
 Coefficients = Sequence[float] | Tensor | None

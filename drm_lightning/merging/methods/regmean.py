@@ -135,4 +135,4 @@ METHODS = (
         needs_statistics=True,
     ),
 )
-"""The registry's entries of this module (``merging/registry.py`` collects them)."""
+"""The registry's entries of this module (``merging/methods/registry.py`` collects them)."""

@@ -1,8 +1,8 @@
 """One merge method's registry entry: its name, paper, parameters and rules, and the calls the merger makes on it.
 
 Each method module of ``drm_lightning.merging.methods`` lists its entries in a ``METHODS`` tuple of ``MergeMethod``
-next to the functions they name; ``drm_lightning.merging.registry`` collects them. The merger knows nothing of the
-math beyond this record: ``check(params)`` once up front (no tensors needed, so a typo fails before any model is
+next to the functions they name; ``drm_lightning.merging.methods.registry`` collects them. The merger knows nothing of
+the math beyond this record: ``check(params)`` once up front (no tensors needed, so a typo fails before any model is
 loaded), then per parameter ``merge_matrix`` or ``merge_elementwise``, or ``merge_many`` for a search. A method
 that weighs the deltas by data (``needs_statistics``: RegMean) also gets each task's input Gram of the parameter.
 """

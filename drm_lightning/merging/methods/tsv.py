@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from drm_lightning.merging.linalg import factored_svd, polar_factor, thin_svd
 from drm_lightning.merging.methods.basic import task_mean
 from drm_lightning.merging.methods.checks import RANK_TOL, check_out_dtype, check_rank_tol
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare, task_coefficients
 from drm_lightning.merging.methods.spec import MergeMethod
+from drm_lightning.merging.ops.linalg import factored_svd, polar_factor, thin_svd
 
 _F64 = torch.float64
 

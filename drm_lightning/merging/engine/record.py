@@ -1,6 +1,6 @@
 """The merge record: ``merge.json`` (what was merged, how, against which base) and the ``heads/<task>/`` copies.
 
-Why apart from the merge loop: the single-process and the distributed merge write it, ``apply_merged_delta``
+Why apart from the merge loop: the single-process and the distributed merge write it, ``save_merged_model``
 extends it with λ, and the evaluator and the ``merge``/``pipeline`` commands read it to label and reuse merges.
 """
 
@@ -14,12 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drm_lightning.merging.plan import summarize
-from drm_lightning.merging.reader import TaskVectorReader
+from drm_lightning.merging.engine.plan import summarize
+from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, library_versions
 
 if TYPE_CHECKING:
-    from drm_lightning.merging.setup import MergeSetup
+    from drm_lightning.merging.engine.setup import MergeSetup
 
 MERGE_FILE = "merge.json"
 HEADS_DIR = "heads"

@@ -7,7 +7,7 @@ appended to a shard that is flushed to disk as soon as it fills.
 
 Why a merged *delta* rather than merged weights: the merged weight is ``W_0 + λ·Δ_merged`` and λ is searched on
 validation data. ``merge_task_vectors`` computes Δ_merged once (the expensive part); ``apply_merged_delta`` adds
-``λ·Δ_merged`` to the base for each λ, in memory or into a ``save_pretrained`` folder.
+``λ·Δ_merged`` to the base for each λ in memory, ``save_merged_model`` into a ``save_pretrained`` folder.
 
 Output folder of ``merge_task_vectors``::
 
@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 from drm_lightning.io.merged_delta import delta_writer
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.memory import release_freed_memory
-from drm_lightning.merging.placement import merge_placed
-from drm_lightning.merging.plan import MergePlan, PlanEntry, summarize
-from drm_lightning.merging.reader import TaskVectorReader
-from drm_lightning.merging.record import copy_heads, write_merge_record
-from drm_lightning.merging.registry import MergeMethod
-from drm_lightning.merging.setup import MergeSetup, prepare_merge
+from drm_lightning.merging.engine.placement import merge_placed
+from drm_lightning.merging.engine.plan import MergePlan, PlanEntry, summarize
+from drm_lightning.merging.engine.reader import TaskVectorReader
+from drm_lightning.merging.engine.record import copy_heads, write_merge_record
+from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
+from drm_lightning.merging.methods.registry import MergeMethod
 from drm_lightning.task_vectors.format import atomic_dir
 
 
@@ -277,7 +277,7 @@ def merge_task_vectors(
 
     Args:
         task_vectors: task vector folders (``format.write_task_vector``), all of one base model.
-        method: a registry name (``drm_lightning.merging.registry.METHODS``).
+        method: a registry name (``drm_lightning.merging.methods.registry.METHODS``).
         output: the merged folder to write (replaced if it is a previous merge output).
         params: the method's parameters (defaults filled in, validated up front).
         coefficients: per-task c_i (default all 1).

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import torch
 
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 R = TypeVar("R")
 Delta = torch.Tensor | LowRankDelta

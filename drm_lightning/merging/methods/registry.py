@@ -23,9 +23,11 @@ __all__ = ["DRM_ISO_REFERENCE", "METHODS", "MergeMethod", "collect_methods", "ge
 
 
 def method_modules(package: ModuleType = methods) -> list[ModuleType]:
-    """Every module of ``package`` (not its subpackages), imported, in name order: the registry's sources."""
+    """Every module of ``package`` (not its subpackages, nor this registry), imported, in name order: the registry's
+    sources."""
     names = sorted(info.name for info in pkgutil.iter_modules(package.__path__) if not info.ispkg)
-    return [importlib.import_module(f"{package.__name__}.{name}") for name in names]
+    modules = (f"{package.__name__}.{name}" for name in names)
+    return [importlib.import_module(module) for module in modules if module != __name__]
 
 
 def collect_methods(modules: list[ModuleType]) -> dict[str, MergeMethod]:

@@ -3,8 +3,8 @@
 Why: an 8B merge that fills the disk at 90 % costs an hour. ``prepare_merge`` checks that the output's filesystem
 can hold the merged delta and the heads (``check_merge_space``; the estimate, ``estimate_merge_bytes``, is exact up
 to the safetensors headers: float32 for every merged parameter, whatever the task vectors' dtype), and
-``apply_merged_delta`` that the model folder fits (``estimate_model_bytes`` from the base checkpoint's headers in
-the loading dtype, then the loaded model itself, ``model_bytes``). The probe is
+``save_merged_model`` (``drm_lightning.export.model_folder``) that the model folder fits (``estimate_model_bytes``
+from the base checkpoint's headers in the loading dtype, then the loaded model itself, ``model_bytes``). The probe is
 ``drm_lightning.task_vectors.format.disk_free_bytes`` (tests replace it to simulate a small disk).
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
-from drm_lightning.merging.plan import MergePlan
-from drm_lightning.merging.reader import TaskVectorReader
+from drm_lightning.merging.engine.plan import MergePlan
+from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.models.backbone import parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.format import (
@@ -32,7 +32,7 @@ from drm_lightning.task_vectors.format import (
     check_free_space,
 )
 
-#: The tokenizer files a base folder may hold (what ``apply_merged_delta`` saves beside the merged weights).
+#: The tokenizer files a base folder may hold (what ``save_merged_model`` saves beside the merged weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
 #: Room for config.json, generation_config.json, special-token files and a shard index beside the weights.
 CONFIG_ALLOWANCE = 16 * 1024

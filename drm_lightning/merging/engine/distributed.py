@@ -49,13 +49,13 @@ import torch.distributed as dist
 from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, SHARD_PREFIX, delta_writer
 from drm_lightning.io.safetensors import open_safetensors
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_max_shard_bytes, write_index
-from drm_lightning.merging.merger import MergeResult, merge_parameters, merge_task_vectors
-from drm_lightning.merging.plan import MergePlan, PlanEntry
-from drm_lightning.merging.reader import TaskVectorReader
-from drm_lightning.merging.record import copy_heads, write_merge_record
-from drm_lightning.merging.registry import get_method
-from drm_lightning.merging.setup import MergeSetup, prepare_merge
-from drm_lightning.merging.space import check_merge_space
+from drm_lightning.merging.engine.merger import MergeResult, merge_parameters, merge_task_vectors
+from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
+from drm_lightning.merging.engine.reader import TaskVectorReader
+from drm_lightning.merging.engine.record import copy_heads, write_merge_record
+from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
+from drm_lightning.merging.engine.space import check_merge_space
+from drm_lightning.merging.methods.registry import get_method
 from drm_lightning.task_vectors.format import (
     atomic_dir,
     remove_stale_temporaries,

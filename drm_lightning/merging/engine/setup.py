@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from drm_lightning.merging.plan import MergePlan, PlanEntry
-from drm_lightning.merging.reader import TaskVectorReader
-from drm_lightning.merging.record import MERGE_FILE
-from drm_lightning.merging.registry import MergeMethod, get_method
-from drm_lightning.merging.space import check_merge_space
+from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
+from drm_lightning.merging.engine.reader import TaskVectorReader
+from drm_lightning.merging.engine.record import MERGE_FILE
+from drm_lightning.merging.engine.space import check_merge_space
+from drm_lightning.merging.methods.registry import MergeMethod, get_method
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
 from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of
 from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta, open_safetensors

@@ -1,7 +1,8 @@
 """``--save_as model``: the merged weights inside the base's own architecture, a complete ``save_pretrained`` folder.
 
-What ``apply_merged_delta(merged, lam, output)`` writes (so it lives in ``merging``; ``drm_lightning.export`` holds
-the other ways out: PEFT adapters, low-rank factors, one-module task models).
+``save_merged_model(merged, lam, output)`` writes it from a merge output (``merged_delta/``, ``merge.json``,
+``heads/``); the in-memory arithmetic it shares with the evaluation is ``merging.engine.apply``. The other ways out
+(PEFT adapters, low-rank factors, one-module task models) are the other modules of ``drm_lightning.export``.
 
 Why not the backbone alone: ``load_backbone`` drops what the toolkit's heads do not use (BERT's pooler) and never
 has a decoder's ``lm_head``, so a folder saved from it makes ``AutoModelForCausalLM.from_pretrained(out)`` initialise
@@ -32,6 +33,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from drm_lightning.io.merged_delta import merged_delta_index
+from drm_lightning.merging.engine.apply import add_merged_delta, check_lam
+from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
+from drm_lightning.merging.engine.setup import check_output, describe_load
+from drm_lightning.merging.engine.space import (
+    CONFIG_ALLOWANCE,
+    TOKENIZER_FILES,
+    estimate_model_bytes,
+    model_bytes,
+    tokenizer_bytes,
+    tree_bytes,
+)
 from drm_lightning.models.backbone import (
     accepts_pooling_flag,
     check_family,
@@ -41,6 +54,7 @@ from drm_lightning.models.backbone import (
 )
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
+from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -202,6 +216,21 @@ def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: 
     return fingerprint_state({k: state[k] for k in keys}, scheme)
 
 
+def save_tokenizer(base: str, folder: Path) -> bool:
+    """Save the base model's tokenizer next to the merged weights, if it has one; return whether it did."""
+    from transformers import AutoTokenizer
+
+    path = resolve_pretrained(base)
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        return False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):  # a hub model without a tokenizer, or an image model's folder
+        return False
+    tokenizer.save_pretrained(folder)
+    return True
+
+
 def save_merged_model(
     merged: str | os.PathLike[str],
     lam: float,
@@ -229,19 +258,6 @@ def save_merged_model(
         ValueError: bad ``lam``, a folder that is not a merge output, a base of other weights.
         InsufficientSpaceError: ``output``'s filesystem clearly lacks room (checked before and after loading).
     """
-    from drm_lightning.io.merged_delta import merged_delta_index
-    from drm_lightning.merging.apply import add_merged_delta, check_lam, save_tokenizer
-    from drm_lightning.merging.record import HEADS_DIR, MERGE_FILE, read_merge_record
-    from drm_lightning.merging.setup import check_output, describe_load
-    from drm_lightning.merging.space import (
-        CONFIG_ALLOWANCE,
-        estimate_model_bytes,
-        model_bytes,
-        tokenizer_bytes,
-        tree_bytes,
-    )
-    from drm_lightning.task_vectors.format import atomic_dir, check_free_space
-
     lam = check_lam(lam)
     merged = Path(merged)
     record = read_merge_record(merged)

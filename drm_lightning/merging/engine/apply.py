@@ -1,5 +1,5 @@
-"""Apply λ: ``W_0 + λ·Δ_merged`` in memory (``add_merged_delta``) or as a ``save_pretrained`` folder with the base
-tokenizer, the task heads and ``merge.json`` (``apply_merged_delta``).
+"""Apply λ in memory: ``W_0 + λ·Δ_merged`` added to a model's weights (``add_merged_delta``) or to the base loaded
+afresh (``apply_merged_delta``). The merged model written as a folder is ``drm_lightning.export.model_folder``.
 
 Why apart from the merge: Δ_merged is computed once (the expensive part) and λ is searched on validation data, so
 each λ only rescales it; the evaluator's ``MergedBackbone`` uses the same arithmetic without reloading the base.
@@ -16,13 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
-from drm_lightning.merging.record import MERGE_FILE, read_merge_record
-from drm_lightning.merging.setup import describe_load
-from drm_lightning.merging.space import (
-    TOKENIZER_FILES,
-)
+from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
+from drm_lightning.merging.engine.setup import describe_load
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
-from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches
 
 if TYPE_CHECKING:
@@ -77,65 +73,35 @@ def check_lam(lam: float) -> float:
     return float(lam)
 
 
-def save_tokenizer(base: str, folder: Path) -> bool:
-    """Save the base model's tokenizer next to the merged weights, if it has one; return whether it did."""
-    from transformers import AutoTokenizer
-
-    path = resolve_pretrained(base)
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return False
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):  # a hub model without a tokenizer, or an image model's folder
-        return False
-    tokenizer.save_pretrained(folder)
-    return True
-
-
 def apply_merged_delta(
     merged: str | os.PathLike[str],
     lam: float,
-    output: str | os.PathLike[str] | None = None,
     *,
     base: str | None = None,
     family: str | None = None,
-    max_shard_size: str | int = "2GB",
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
     deltas: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> PreTrainedModel:
-    """Load the base backbone, add ``lam · Δ_merged`` and return it; with ``output``, save the merged model there.
+    """Load the base backbone, add ``lam · Δ_merged`` and return it (nothing is written).
 
     Why return the model: a λ search evaluates each λ in memory; Δ_merged was computed once and each λ only
-    rescales it. With ``output``, ``model_folder.save_merged_model`` writes a complete folder of the
-    base's own architecture (pooler, ``lm_head``, tied weights, config), the base tokenizer, the task heads and a
-    ``merge.json`` recording ``lam``, atomically, and the backbone part of that model is returned.
+    rescales it. The merged model as a folder is ``drm_lightning.export.model_folder.save_merged_model``.
 
     Args:
         merged: a folder written by ``merge_task_vectors``.
         lam: the scaling coefficient λ.
-        output: where to write the merged model (``None``: nothing written).
         base: the base model; default: the one recorded in ``merge.json``.
         family: the ``load_backbone`` family; default: the recorded one.
-        max_shard_size: ``save_pretrained``'s shard size.
         torch_dtype, gguf_file: how to load the base; default: the ones ``merge.json`` records (the task vectors'),
             so a base fitted in bfloat16 is merged and saved in bfloat16.
-        deltas: Δ_merged already in memory (as ``add_merged_delta``); without ``output`` only.
+        deltas: Δ_merged already in memory (as ``add_merged_delta``).
 
     Raises:
         ValueError: bad ``lam``, a merged folder that is not one, or a base whose fingerprint differs from the
             recorded one.
-        InsufficientSpaceError: ``output``'s filesystem clearly lacks room for the model folder; checked from the
-            base checkpoint's headers before the base is loaded where they tell, and always before writing.
     """
     lam = check_lam(lam)
-    if output is not None:
-        from drm_lightning.merging.model_folder import save_merged_model
-
-        return save_merged_model(
-            merged, lam, output, base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype,
-            gguf_file=gguf_file,
-        )  # fmt: skip
     merged = Path(merged)
     record = read_merge_record(merged)
     base_name = base if base is not None else record["base_model"]

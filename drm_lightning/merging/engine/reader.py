@@ -23,7 +23,7 @@ from typing import BinaryIO
 import torch
 
 from drm_lightning.io.safetensors import FLOAT_CODES, TensorInfo, open_safetensors, read_header, read_tensor
-from drm_lightning.merging.lowrank import LowRankDelta
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.task_vectors.format import (
     DELTAS_FILE,
     HEAD_FILE,
