@@ -22,7 +22,7 @@ from drm_lightning.merging.methods.checks import (
 )
 from drm_lightning.merging.methods.inputs import Coefficients, Delta, prepare_elementwise
 from drm_lightning.merging.methods.spec import MergeMethod
-from drm_lightning.merging.ops.elementwise import dare_keep_mask, keep_top_, merge_chunks, trim_threshold
+from drm_lightning.merging.ops.elementwise import ELECT, dare_keep_mask, keep_top_, merge_chunks, trim_threshold
 
 
 def keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
@@ -33,14 +33,6 @@ def keep_top(x: Tensor, q: float, *, per_row: bool = False) -> Tensor:
     a few more and the result never depends on how equal values are ordered.
     """
     return keep_top_(x.clone(memory_format=torch.contiguous_format), q, per_row=per_row)
-
-
-def elect_merge(stack: Tensor, c: Tensor) -> Tensor:
-    """Elect and merge a float64 ``[T, ...]`` stack (see ``elect_and_merge``), chunk by chunk: the working memory
-    is the float64 result plus chunk-sized buffers (``elementwise.merge_chunks``)."""
-    out = torch.empty(stack.shape[1:].numel(), dtype=stack.dtype, device=stack.device)
-    merge_chunks([block.reshape(-1) for block in stack], c, out, elect=True)
-    return out.reshape(stack.shape[1:])
 
 
 def keep_top_fraction(x: Tensor, q: float) -> Tensor:
@@ -71,7 +63,7 @@ def elect_and_merge(
         out_dtype: Result dtype (default: the blocks').
     """
     flat, c, out = prepare_elementwise("elect_and_merge", blocks, coefficients, out_dtype)
-    return merge_chunks(flat.flats, c, out, elect=True).reshape(flat.shape)
+    return merge_chunks(flat.flats, c, out, elect=ELECT).reshape(flat.shape)
 
 
 def task_arithmetic(
@@ -85,7 +77,7 @@ def task_arithmetic(
         out_dtype: Result dtype (default: the deltas').
     """
     flat, c, out = prepare_elementwise("task_arithmetic", deltas, coefficients, out_dtype)
-    return merge_chunks(flat.flats, c, out, elect=False).reshape(flat.shape)
+    return merge_chunks(flat.flats, c, out, elect=None).reshape(flat.shape)
 
 
 def task_mean(
@@ -100,7 +92,7 @@ def task_mean(
         out_dtype: Result dtype (default: the deltas').
     """
     flat, c, out = prepare_elementwise("task_mean", deltas, coefficients, out_dtype)
-    return merge_chunks(flat.flats, c / len(flat.flats), out, elect=False).reshape(flat.shape)
+    return merge_chunks(flat.flats, c / len(flat.flats), out, elect=None).reshape(flat.shape)
 
 
 def ties(
@@ -121,7 +113,7 @@ def ties(
     density = check_density(density)
     flat, c, out = prepare_elementwise("ties", deltas, coefficients, out_dtype)
     thresholds = [trim_threshold(x, density) for x in flat.flats]
-    return merge_chunks(flat.flats, c, out, elect=True, thresholds=thresholds).reshape(flat.shape)
+    return merge_chunks(flat.flats, c, out, elect=ELECT, thresholds=thresholds).reshape(flat.shape)
 
 
 def dare(
@@ -162,7 +154,13 @@ def dare(
         masks = [None] * tasks if keep is None else list(keep)
         thresholds = [trim_threshold(x, density, mask) for x, mask in zip(flat.flats, masks, strict=True)]
     out = merge_chunks(
-        flat.flats, c, out, elect=merge == "ties", thresholds=thresholds, keep=keep, divisor=1.0 - drop_rate
+        flat.flats,
+        c,
+        out,
+        elect=ELECT if merge == "ties" else None,
+        thresholds=thresholds,
+        keep=keep,
+        divisor=1.0 - drop_rate,
     )
     return out.reshape(flat.shape)
 

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.methods.basic import elect_merge, keep_top
 from drm_lightning.merging.methods.checks import (
     DIRECTIONS,
     check_direction,
@@ -35,31 +34,11 @@ from drm_lightning.merging.methods.inputs import (
     task_coefficients,
 )
 from drm_lightning.merging.methods.spec import MergeMethod
-from drm_lightning.merging.ops.elementwise import merge_chunks, trim_threshold
+from drm_lightning.merging.ops.elementwise import Election, merge_chunks, trim_threshold
 
 __all__ = ["DRM_RANK_TOL", "METHODS", "SHARE_EPS", "DrmBasis", "drm", "drm_basis", "drm_nonmatrix"]
 DRM_RANK_TOL = 1e-2
 """DRM's rank tolerance ``τ`` (docs/methods.md)."""
-
-
-def _combine(stack: Tensor, c: Tensor, elect_sign: bool, disjoint_mean: bool) -> Tensor:
-    """The merge step of DRM with its two switches (the DRM authors' ``enable_sign_resolution`` and
-    ``enable_disjoint_mean``): both on is elect and merge (``elect_merge``).
-
-    ``elect_sign`` off: every non-zero entry survives. ``disjoint_mean`` off: divide ``Σ_i c_i · survivors_i`` by
-    ``T`` (the plain mean) instead of by the number of survivors.
-    """
-    if elect_sign and disjoint_mean:
-        return elect_merge(stack, c)
-    elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0).to(stack.dtype) if elect_sign else None
-    merged = torch.zeros_like(stack[0])
-    survivors = torch.zeros_like(stack[0]) if disjoint_mean else None
-    for i in range(stack.shape[0]):
-        survive = stack[i] * elected > 0 if elected is not None else stack[i] != 0
-        merged += torch.where(survive, stack[i] * c[i], 0.0)
-        if survivors is not None:
-            survivors += survive
-    return merged / (survivors.clamp_min(1.0) if survivors is not None else float(stack.shape[0]))
 
 
 def _product(combined: Tensor, basis: Tensor, horizontal: bool, finisher: Inputs, out: torch.dtype | None) -> Tensor:
@@ -286,16 +265,10 @@ def drm_nonmatrix(
     nonmatrix_drop_rate = check_drop_rate(nonmatrix_drop_rate, "nonmatrix_drop_rate")
     elect_sign, disjoint_mean = check_switch("elect_sign", elect_sign), check_switch("disjoint_mean", disjoint_mean)
     out_dtype = check_out_dtype(out_dtype)
-    if elect_sign and disjoint_mean:  # DRM's rule itself: chunked, no float64 stack (elementwise.merge_chunks)
-        flat, c, out = prepare_elementwise("drm", deltas, coefficients, out_dtype)
-        thresholds = [trim_threshold(x, 1.0 - nonmatrix_drop_rate) for x in flat.flats] if nonmatrix_drop_rate else None
-        return merge_chunks(flat.flats, c, out, elect=True, thresholds=thresholds).reshape(flat.shape)
-    inputs = prepare("drm", deltas)
-    c = task_coefficients("drm", coefficients, inputs.count, inputs.device)
-    stack = inputs.dense
-    if nonmatrix_drop_rate > 0:
-        stack = keep_top(stack, 1.0 - nonmatrix_drop_rate, per_row=True)
-    return inputs.finish(_combine(stack, c, elect_sign, disjoint_mean), out_dtype)
+    flat, c, out = prepare_elementwise("drm", deltas, coefficients, out_dtype)  # chunked: no float64 stack
+    thresholds = [trim_threshold(x, 1.0 - nonmatrix_drop_rate) for x in flat.flats] if nonmatrix_drop_rate else None
+    rule = Election(elect_sign, disjoint_mean)
+    return merge_chunks(flat.flats, c, out, elect=rule, thresholds=thresholds).reshape(flat.shape)
 
 
 _DRM_DEFAULTS: dict[str, Any] = {

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from drm_lightning.merging.ops.elementwise import SAMPLE, keep_count, kth_largest_many
+from drm_lightning.merging.ops.elementwise import SAMPLE, Election, elect_merge_, keep_count, kth_largest_many
 
 SHARE_EPS = 1e-6
 """DRM: a per-task share ``ν_ij`` at or below this counts as none (that column of ``Û_i`` is zero)."""
@@ -76,29 +76,6 @@ def thresholds(blocks: Tensor, scale: Tensor, keeps: Sequence[int]) -> dict[int,
     return found
 
 
-def _combine_chunk(x: Tensor, c: Tensor | None, elect_sign: bool, disjoint_mean: bool) -> Tensor:
-    """Step 6 on a fresh pruned chunk ``x`` ``[T, rows, r]`` (changed in place): elect and merge, or its ablations.
-
-    ``elect_sign`` off: every non-zero entry survives; ``disjoint_mean`` off: divide by ``T``, not the survivors.
-    ``c`` ``[T, 1, 1]``, or ``None`` for all ones. Arithmetic on 0/1 masks, no ``torch.where`` (several times
-    slower per entry on CPU).
-    """
-    if elect_sign:
-        sign = (x.sum(dim=0) >= 0).to(x.dtype).mul_(2.0).sub_(1.0)  # the elected sign, +1 for a zero sum
-        x.mul_(sign)  # survivors are now exactly the positive entries
-        survivors = (x > 0).sum(dim=0) if disjoint_mean else None
-        x.clamp_min_(0.0)
-    else:
-        sign = None
-        survivors = (x != 0).sum(dim=0) if disjoint_mean else None
-    merged = (x if c is None else x.mul_(c)).sum(dim=0)
-    if sign is not None:
-        merged.mul_(sign)
-    if survivors is not None:
-        return merged.div_(survivors.clamp_min_(1))
-    return merged.div_(x.shape[0])
-
-
 def prune_and_merge(
     blocks: Tensor, scale: Tensor, c: Tensor, settings: Sequence[tuple[Tensor | None, bool, bool]]
 ) -> list[Tensor]:
@@ -121,7 +98,7 @@ def prune_and_merge(
         for i in live:
             threshold, elect_sign, disjoint_mean = settings[i]
             kept = magnitude >= threshold if positive[i] else magnitude > 0
-            out[i][a:b] = _combine_chunk(chunk * kept, c3, elect_sign, disjoint_mean)
+            out[i][a:b] = elect_merge_(chunk * kept, c3, Election(elect_sign, disjoint_mean))
             del kept
     return out
 
