@@ -313,15 +313,13 @@ def _merge(
         print_report(adapter_from_merged(delta, float(lam), output, max_rank=max_rank, device=device), sys.stderr)
     else:
         save_merged_model(delta, float(lam), output, base=base, family=family, **overrides)
-    card: dict[str, Any] = {}
     if search_record is not None:
-        (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
-        best = [p["metrics"] for p in search_record["curve"] if p["lambda"] == search_record["best_lambda"]]
-        card = {"results": best[0] if best else None, "split": "validation", "source": "λ search"}
-    if card or save_as != "adapter":  # the adapter writer writes its own card; a search adds its results
         from drm_lightning.export.model_card import write_model_card
 
-        write_model_card(output, **card)
+        (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
+        best = [p["metrics"] for p in search_record["curve"] if p["lambda"] == search_record["best_lambda"]]
+        # The writer wrote the folder's card; the search's results go into it.
+        write_model_card(output, results=best[0] if best else None, split="validation", source="λ search")
     print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
     return Path(output)
 

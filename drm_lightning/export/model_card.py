@@ -8,9 +8,10 @@ labels, the base fingerprint its ``meta.json`` records, where it came from), the
 the pipeline measured them, and the lines that load it. Everything comes from the folder itself (``merge.json`` and
 ``heads/<task>/meta.json``), so the card says nothing the folder does not record.
 
-The writers call ``write_model_card`` on their temporary folder before it is renamed into place (so the card
-appears with the folder, atomically); the ``merge --lam search`` command and the pipeline call it again on the
-written folder with the results they measured, replacing the card in one rename.
+The writers (``model_folder.save_merged_model``, ``adapter.merge_to_adapter`` and ``adapter.adapter_from_merged``)
+call ``write_model_card`` on their temporary folder before it is renamed into place, so the card appears with the
+folder, atomically; the ``merge --lam search`` command and the pipeline call it again on the written folder with
+the results they measured, replacing the card in one rename.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ the LM head at random on any model with untied embeddings. Here the base is load
 ``config.architectures`` names (``LlamaForCausalLM``, ``BertModel`` with its pooler, ...), ``λ·Δ_merged`` is added
 to its backbone part in place (tied weights share one tensor and so stay tied), and it is saved whole: everything the
 base checkpoint had, its config and generation config, plus the base tokenizer, the task heads (``heads/<task>/``,
-see ``docs/interop.md``) and ``merge.json``.
+see ``docs/interop.md``), ``merge.json`` and a ``README.md`` model card (``export.model_card``).
 
 Memory: one base model (in the dtype the experts were fitted in) plus one output shard, streamed from Δ_merged shard
 by shard; never two models. The folder is written atomically.
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from drm_lightning.export.model_card import write_model_card
 from drm_lightning.io.merged_delta import merged_delta_index
 from drm_lightning.merging.engine.apply import add_merged_delta, check_lam
 from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
@@ -302,4 +303,5 @@ def save_merged_model(
             "backbone_prefix": prefix,
         }
         (tmp / MERGE_FILE).write_text(json.dumps(out_record, indent=2, sort_keys=True, default=str) + "\n")
+        write_model_card(tmp, name=output.name)
     return backbone
