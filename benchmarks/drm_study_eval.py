@@ -99,8 +99,8 @@ class Evaluator:
 
     def __init__(self, recipe: str) -> None:
         from drm_lightning.commands.pipeline import Pipeline, build_pipeline_parser, load_recipe
+        from drm_lightning.io.task_vector import read_meta
         from drm_lightning.models.backbone import load_recorded_base
-        from drm_lightning.task_vectors.format import read_meta
 
         pipeline = Pipeline(load_recipe(build_pipeline_parser().parse_args(["--config", recipe])))
         self.datamodules = pipeline.datamodules

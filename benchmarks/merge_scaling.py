@@ -118,9 +118,9 @@ def build_inputs(spec: ModelSpec, tasks: int, folder: Path, seed: int) -> tuple[
     """
     from transformers import LlamaModel
 
+    from drm_lightning.io.task_vector import TaskVectorMeta, library_versions, write_task_vector
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.fingerprint import fingerprint
-    from drm_lightning.task_vectors.format import TaskVectorMeta, library_versions, write_task_vector
 
     torch.manual_seed(seed)
     base = folder / "base"

@@ -1,6 +1,6 @@
 """Record an expert's input statistics: each trained linear layer's input Gram ``Σ x xᵀ`` on N training examples.
 
-What RegMean weighs the deltas by (docs/methods.md, "Input statistics"; the format is ``task_vectors/statistics.py``).
+What RegMean weighs the deltas by (docs/methods.md, "Input statistics"; the format is ``io/statistics.py``).
 ``record_grams`` runs the expert's own forward pass in eval mode (dropout off) under ``torch.no_grad`` with a forward
 hook on every recorded ``nn.Linear``; each hook adds ``xᵀx`` of the layer's input rows to a float32 accumulator on
 the model's device. Rows are token positions: where the batch's ``attention_mask`` has the input's ``[batch, length]``

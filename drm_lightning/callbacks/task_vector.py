@@ -15,7 +15,7 @@ What it writes, into ``output_dir`` (default ``<trainer.default_root_dir>/task_v
   (``val/...`` from ``trainer.callback_metrics``), library versions, and the statistics section.
 - ``statistics.safetensors`` (unless ``statistics_examples=0``): each trained linear layer's input Gram on
   ``statistics_examples`` training examples, what RegMean merges by (``callbacks/grams.py``,
-  ``task_vectors/statistics.py``). Every rank runs its share of the examples first; one all-reduce sums them.
+  ``io/statistics.py``). Every rank runs its share of the examples first; one all-reduce sums them.
 
 ``W_0`` is reloaded with ``load_backbone`` at the end on global rank 0 (one extra model in memory for a moment)
 rather than copied at the start (an extra model for the whole run). Under FSDP / model parallelism every rank joins
@@ -38,18 +38,13 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from drm_lightning.callbacks.grams import Grams, expert_grams, recorded_layers
+from drm_lightning.io.disk import check_free_space
+from drm_lightning.io.statistics import DEFAULT_EXAMPLES, statistics_bytes, statistics_section
+from drm_lightning.io.task_vector import LoraMeta, TaskVectorMeta, library_versions, write_task_vector
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule, parse_dtype
 from drm_lightning.models.lora import backbone_name, split_lora_state
 from drm_lightning.task_vectors.fingerprint import fingerprint
-from drm_lightning.task_vectors.format import (
-    LoraMeta,
-    TaskVectorMeta,
-    check_free_space,
-    library_versions,
-    write_task_vector,
-)
-from drm_lightning.task_vectors.statistics import DEFAULT_EXAMPLES, statistics_bytes, statistics_section
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

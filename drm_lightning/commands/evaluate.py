@@ -92,10 +92,10 @@ def load_base(
     checkpoint's float32), so the shared base must be loaded the same way. With ``check_fingerprint`` (the experts
     are about to be added onto it) a base whose weights differ is refused, naming the task vector.
     """
+    from drm_lightning.io.task_vector import TaskVectorError, read_meta
     from drm_lightning.merging.engine.setup import base_load_options
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, short_fingerprint
-    from drm_lightning.task_vectors.format import TaskVectorError, read_meta
 
     metas = [read_meta(folder) for folder in task_vectors]
     if len({(m.base_model, m.base_fingerprint, m.family) for m in metas}) != 1:
@@ -135,10 +135,10 @@ def load_model(
     the base, so it only applies to a merged delta).
     """
     from drm_lightning.io.merged_delta import MERGED_DIR
+    from drm_lightning.io.task_vector import read_meta
     from drm_lightning.merging.engine.apply import apply_merged_delta
     from drm_lightning.merging.engine.record import read_merge_record
     from drm_lightning.models.backbone import load_backbone
-    from drm_lightning.task_vectors.format import read_meta
 
     folder = Path(model)
     if (folder / MERGED_DIR).is_dir():

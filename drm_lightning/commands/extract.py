@@ -5,7 +5,7 @@
     drm-lightning extract --base bert-base-uncased --model my-sst2-bert --output tv/sst2      # full fine-tune
     drm-lightning extract --adapter my-lora --output tv/task          # PEFT LoRA; base from adapter_config.json
 
-Convert once, merge many times: the folder is the same format ``fit`` writes (``task_vectors/format.py``), so
+Convert once, merge many times: the folder is the same format ``fit`` writes (``io/task_vector.py``), so
 ``merge``, ``evaluate`` and ``pipeline`` take it unchanged. ``merge`` also converts such folders itself when they
 are given among ``--task_vectors`` (the same code, so the result is bit for bit the same).
 """

@@ -435,7 +435,7 @@ def _merge_to_adapter(
         family=family, plan=plan, device=device, torch_dtype=torch_dtype, gguf_file=gguf_file,
     )  # fmt: skip
     print_report(summary, sys.stderr)
-    from drm_lightning.task_vectors.format import human_bytes
+    from drm_lightning.io.disk import human_bytes
 
     size = human_bytes(summary["bytes"])
     print(f"adapter: {output} (λ={float(lam):g}, total rank {summary['total_rank']}, {size})", file=sys.stderr)
@@ -459,10 +459,10 @@ def check_space(
     checkpoint's headers and is left out when they cannot tell (a hub id, a GGUF file): ``save_merged_model``
     checks again once the base is loaded, before writing.
     """
+    from drm_lightning.io.disk import check_free_space
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.merging.engine.setup import base_load_options
     from drm_lightning.merging.engine.space import estimate_merge_bytes, estimate_model_bytes, heads_bytes
-    from drm_lightning.task_vectors.format import check_free_space
 
     readers = [TaskVectorReader(folder) for folder in task_vectors]
     metas = [r.meta for r in readers]

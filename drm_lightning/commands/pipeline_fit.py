@@ -68,7 +68,7 @@ class FitStage(RunFolder):
 
     def expert_is_current(self, task: str) -> bool:
         """Whether the task vector exists and was fitted with the same settings (so it can be reused)."""
-        from drm_lightning.task_vectors.format import META_FILE
+        from drm_lightning.io.task_vector import META_FILE
 
         record = self.expert_dir(task) / "fit.json"
         if not (self.task_vector_dir(task) / META_FILE).is_file() or not record.is_file():

@@ -44,8 +44,8 @@ class MergeStage(RunFolder):
 
     def merge_is_current(self, spec: MethodSpec, folder: Path | None = None, params: Mapping | None = None) -> bool:
         """A previous merge of the same method, parameters and inputs, newer than every task vector."""
+        from drm_lightning.io.task_vector import META_FILE
         from drm_lightning.merging.engine.record import MERGE_FILE
-        from drm_lightning.task_vectors.format import META_FILE
 
         record_path = (folder if folder is not None else self.merged_dir(spec)) / MERGE_FILE
         if not record_path.is_file():

@@ -7,7 +7,7 @@
 Experts fitted here get them when fitting ends (``TaskVectorCallback``); a task vector from ``extract`` or from an
 older run does not. This rebuilds the expert (the base plus the task vector, its head), runs a seeded sample of the
 task's training examples through it in eval mode, and adds each changed linear layer's input Gram to the folder
-(``task_vectors/statistics.py``), the same statistics the callback records (``callbacks/grams.py``).
+(``io/statistics.py``), the same statistics the callback records (``callbacks/grams.py``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def statistics(
 
     from drm_lightning.callbacks.grams import expert_grams, named_layers
     from drm_lightning.commands.tasks import task_datamodules
+    from drm_lightning.io.statistics import add_statistics
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.task_vectors.statistics import add_statistics
     from drm_lightning.world import resolve_device
 
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:

@@ -159,7 +159,7 @@ def task_name(datamodule: LightningDataModule) -> str:
 
 def task_datamodules(tasks: list[TaskEntry] | None, task_vectors: list[str]) -> dict[str, Any]:
     """Build the tasks' datamodules, keyed by task name, and check they match the task vectors' tasks."""
-    from drm_lightning.task_vectors.format import read_meta
+    from drm_lightning.io.task_vector import read_meta
 
     metas = {read_meta(folder).task: read_meta(folder) for folder in task_vectors}
     datamodules: dict[str, Any] = {}

@@ -80,10 +80,10 @@ def learn_coefficients(
     from drm_lightning.evaluation.coefficient_module import CoefficientModule
     from drm_lightning.evaluation.multitask import check_heads
     from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
+    from drm_lightning.io.task_vector import read_meta
     from drm_lightning.merging.engine.apply import apply_merged_delta
     from drm_lightning.merging.engine.record import read_merge_record
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.task_vectors.format import read_meta
 
     settings = LearnSettings.parse(settings)
     merged, output = Path(merged), Path(output)
@@ -215,9 +215,10 @@ def write_learned(
 ) -> Path:
     """Write the learned folder atomically (see the module docstring); returns it."""
     from drm_lightning.evaluation.merged import merged_delta_bytes
+    from drm_lightning.io.atomic import atomic_dir
+    from drm_lightning.io.disk import check_free_space
     from drm_lightning.io.merged_delta import delta_writer, iter_merged_delta
     from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE
-    from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
     check_free_space({output: merged_delta_bytes(merged)}, "learned merged delta")
     index = {name: i for i, name in enumerate(layout.names)}

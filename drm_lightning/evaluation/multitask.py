@@ -26,14 +26,14 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from drm_lightning.evaluation.results import TaskMetrics
-from drm_lightning.task_vectors.format import (
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import (
     DELTAS_FILE,
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     META_FILE,
     TaskVectorError,
     TaskVectorMeta,
-    open_safetensors,
     read_meta,
 )
 
@@ -133,7 +133,7 @@ def run_trainer(
 
 def _touched_names(folder: Path) -> set[str]:
     """Backbone parameter names a task vector changes (LoRA factor pairs under their weight's name)."""
-    with open_safetensors(folder / DELTAS_FILE) as f:
+    with open_safetensors(folder / DELTAS_FILE, error=TaskVectorError) as f:
         keys = list(f.keys())
     names = set()
     for key in keys:

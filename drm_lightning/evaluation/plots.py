@@ -25,15 +25,9 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from drm_lightning.evaluation.results import EvaluationResults
 from drm_lightning.io.merged_delta import merged_delta_index
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import DELTAS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, TaskVectorError, read_meta
 from drm_lightning.merging.engine.plan import DEFAULT_EXCLUDE
-from drm_lightning.task_vectors.format import (
-    DELTAS_FILE,
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    TaskVectorError,
-    open_safetensors,
-    read_meta,
-)
 
 ACCURACY_PNG = "accuracy_by_task.png"
 LAMBDA_PNG = "lambda_curves.png"
@@ -170,7 +164,7 @@ def _task_vector_matrices(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]
     meta = read_meta(folder)
     scale = float(meta.lora.scale) if meta.lora is not None else 1.0
     entries: dict[str, tuple[str, ...]] = {}
-    with open_safetensors(folder / DELTAS_FILE) as f:
+    with open_safetensors(folder / DELTAS_FILE, error=TaskVectorError) as f:
         keys = set(f.keys())
         for key in sorted(keys):
             if key.endswith(LORA_A_SUFFIX):
@@ -184,7 +178,7 @@ def _task_vector_matrices(folder: Path) -> tuple[str, dict[str, tuple[str, ...]]
 
 
 def _read_task_delta(folder: Path, keys: tuple[str, ...], scale: float) -> torch.Tensor:
-    with open_safetensors(folder / DELTAS_FILE) as f:
+    with open_safetensors(folder / DELTAS_FILE, error=TaskVectorError) as f:
         tensors = [f.get_tensor(k).to(torch.float64) for k in keys]
     if len(tensors) == 1:
         return tensors[0]

@@ -39,7 +39,7 @@ from drm_lightning.evaluation.results import (
     VariantResult,
     average_normalised,
 )
-from drm_lightning.task_vectors.format import read_meta
+from drm_lightning.io.task_vector import read_meta
 
 if TYPE_CHECKING:
     from drm_lightning.merging.engine.sweep import ParamGrid

@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 from drm_lightning.export.factor import EXACT_TOL, factor_delta
 from drm_lightning.export.model_card import write_model_card
+from drm_lightning.io.task_vector import read_meta
 from drm_lightning.merging.ops.lowrank import LowRankDelta
-from drm_lightning.task_vectors.format import read_meta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -263,6 +263,8 @@ def merge_to_adapter(
     written atomically. Returns the adapter summary (also in ``merge.json["adapter"]``).
     """
     from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
+    from drm_lightning.io.atomic import atomic_dir
+    from drm_lightning.io.disk import check_free_space
     from drm_lightning.merging.engine.apply import check_lam
     from drm_lightning.merging.engine.merger import merge_parameters
     from drm_lightning.merging.engine.record import copy_heads, write_merge_record
@@ -270,7 +272,6 @@ def merge_to_adapter(
     from drm_lightning.merging.engine.space import heads_bytes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
-    from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
     t_start = time.perf_counter()
     folders = [Path(p) for p in task_vectors]
@@ -346,6 +347,8 @@ def adapter_from_merged(
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary."""
     from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
+    from drm_lightning.io.atomic import atomic_dir
+    from drm_lightning.io.disk import check_free_space
     from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
     from drm_lightning.merging.engine.apply import check_lam
     from drm_lightning.merging.engine.reader import TaskVectorReader
@@ -355,7 +358,6 @@ def adapter_from_merged(
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.fingerprint import fingerprint_matches
-    from drm_lightning.task_vectors.format import atomic_dir, check_free_space
     from drm_lightning.world import resolve_device
 
     merged, output = Path(merged), Path(output)

@@ -25,8 +25,8 @@ import yaml
 
 from drm_lightning.export.snippet import usage_lines
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG
+from drm_lightning.io.task_vector import META_FILE, TaskVectorMeta, read_meta
 from drm_lightning.merging.engine.record import HEADS_DIR, read_merge_record
-from drm_lightning.task_vectors.format import META_FILE, TaskVectorMeta, read_meta
 
 CARD_FILE = "README.md"
 TAGS = ("merge", "drm-lightning")

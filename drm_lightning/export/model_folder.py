@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from drm_lightning.export.model_card import write_model_card
+from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.merged_delta import merged_delta_index
 from drm_lightning.merging.engine.apply import add_merged_delta, check_lam
 from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
@@ -55,7 +57,6 @@ from drm_lightning.models.backbone import (
 )
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
-from drm_lightning.task_vectors.format import atomic_dir, check_free_space
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel

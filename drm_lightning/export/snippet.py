@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG
-from drm_lightning.task_vectors.format import read_meta
+from drm_lightning.io.task_vector import read_meta
 
 #: How an encoder head pools the backbone's last hidden state ``[1, L, h]`` of one unpadded example.
 POOLING = {"cls": "[:, 0]  # the first token", "mean": ".mean(1)  # mean pooling"}

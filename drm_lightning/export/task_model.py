@@ -92,10 +92,10 @@ def load_task_model(folder: str | os.PathLike[str], task: str, *, torch_dtype: s
     Raises:
         ValueError: an unknown task or a folder that is not a merge output.
     """
+    from drm_lightning.io.task_vector import read_meta
     from drm_lightning.merging.engine.record import HEADS_DIR
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.task_vectors.format import read_meta
 
     folder = Path(folder)
     heads = folder / HEADS_DIR

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from drm_lightning.interop.names import checkpoint_renamer
-from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, atomic_dir, read_head, read_meta
+from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_head, read_meta
 
 TASKS_DIR = "tasks"
 HEADS_DIR = "heads"

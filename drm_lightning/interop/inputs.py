@@ -26,7 +26,8 @@ from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.full_model import plan_model
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG, plan_adapter
 from drm_lightning.interop.write import task_name_for, write_import
-from drm_lightning.task_vectors.format import META_FILE, temporary_prefix
+from drm_lightning.io.atomic import temporary_prefix
+from drm_lightning.io.task_vector import META_FILE
 
 Kind = Literal["task_vector", "adapter", "model"]
 
@@ -95,7 +96,7 @@ def default_base(inputs: Sequence[str | os.PathLike[str]], kinds: Sequence[Kind]
     (and the merge will use it), so the fine-tuned folder beside it needs no ``--base`` of its own.
     """
     from drm_lightning.interop.checkpoint import read_json
-    from drm_lightning.task_vectors.format import read_meta
+    from drm_lightning.io.task_vector import read_meta
 
     for source, kind in zip(inputs, kinds, strict=True):
         if kind == "task_vector":

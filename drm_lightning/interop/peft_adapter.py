@@ -6,7 +6,7 @@
     drm-lightning extract --base meta-llama/Llama-3.1-8B --adapter my-lora --output tv/task
 
 What is kept: each adapted linear layer's ``lora_A`` [r, in] and ``lora_B`` [out, r] under the backbone weight's
-name (the format of ``task_vectors/format.py``). The task-vector format has one rank and one scale; PEFT allows
+name (the format of ``io/task_vector.py``). The task-vector format has one rank and one scale; PEFT allows
 a rank and alpha per module (``rank_pattern`` / ``alpha_pattern``) and rsLoRA's ``alpha / sqrt(r)``. So ``r`` is
 the largest rank, smaller factors are padded with zero rows of A and zero columns of B (``B @ A`` is unchanged),
 ``scale`` is the adapter's default (``lora_alpha`` over ``r`` or ``sqrt(r)``), and a module whose own scale
@@ -35,7 +35,7 @@ from drm_lightning.interop.base import BaseInfo, describe_base, embedding_skip_p
 from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
 from drm_lightning.interop.names import backbone_map, label_names, match_head
 from drm_lightning.interop.write import ImportPlan, head_source
-from drm_lightning.task_vectors.format import LoraMeta
+from drm_lightning.io.task_vector import LoraMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."

@@ -36,8 +36,9 @@ from drm_lightning.interop.inputs import input_kind
 from drm_lightning.interop.names import check_labels
 from drm_lightning.interop.peft_adapter import plan_adapter
 from drm_lightning.interop.write import write_import
+from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.task_vector import META_FILE, read_meta
 from drm_lightning.models.backbone import LABEL_WORD_FAMILIES
-from drm_lightning.task_vectors.format import META_FILE, atomic_dir, read_meta
 
 RECORD = "import.json"
 

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from drm_lightning.interop.base import BaseInfo
 from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
+from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import StreamingSafetensorsWriter
-from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, load_backbone
-from drm_lightning.task_vectors.fingerprint import fingerprint
-from drm_lightning.task_vectors.format import (
+from drm_lightning.io.task_vector import (
     DELTAS_FILE,
     HEAD_FILE,
     LORA_A_SUFFIX,
@@ -36,10 +36,10 @@ from drm_lightning.task_vectors.format import (
     META_FILE,
     LoraMeta,
     TaskVectorMeta,
-    atomic_dir,
-    check_free_space,
     library_versions,
 )
+from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, load_backbone
+from drm_lightning.task_vectors.fingerprint import fingerprint
 
 _SAFE_TASK = re.compile(r"[^A-Za-z0-9_.+-]+")
 

@@ -32,16 +32,16 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from drm_lightning.io.task_vector import TORCH_DTYPES
 from drm_lightning.models.resolve import resolve_pretrained
 
 # Re-exported: callers have always imported the fingerprint from here.
 from drm_lightning.task_vectors.fingerprint import fingerprint as fingerprint
 from drm_lightning.task_vectors.fingerprint import fingerprint_matches as fingerprint_matches
 from drm_lightning.task_vectors.fingerprint import fingerprint_state as fingerprint_state
-from drm_lightning.task_vectors.format import TORCH_DTYPES
 
 if TYPE_CHECKING:
-    from drm_lightning.task_vectors.format import TaskVectorMeta
+    from drm_lightning.io.task_vector import TaskVectorMeta
 
 FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision", "clip")
 #: Families whose LM head scores the labels as words: no task head of their own (``models/label_words.py``).

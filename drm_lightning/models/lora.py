@@ -126,7 +126,7 @@ def split_lora_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
     Returns:
         ``(factors, rest)``: ``factors`` maps ``"<weight name>.lora_A"`` ([r, in]) and ``"<weight name>.lora_B"``
-        ([out, r]) as in ``task_vectors/format.py``; ``rest`` maps plain backbone names to the other tensors.
+        ([out, r]) as in ``io/task_vector.py``; ``rest`` maps plain backbone names to the other tensors.
     """
     factors: dict[str, torch.Tensor] = {}
     rest: dict[str, torch.Tensor] = {}

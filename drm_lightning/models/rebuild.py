@@ -58,8 +58,8 @@ def expert_from_task_vector(
     trust_remote_code: bool = False,
 ) -> E:
     """``cls.from_task_vector``'s work (its docstring says what each argument does), in eval mode."""
+    from drm_lightning.io.task_vector import read_head, read_meta
     from drm_lightning.task_vectors.apply import apply_task_vector
-    from drm_lightning.task_vectors.format import read_head, read_meta
 
     meta = read_meta(folder)
     if meta.family not in FAMILIES:

@@ -1,6 +1,8 @@
-"""Task vectors: the on-disk format (the contract), the weight fingerprint, adding a task vector onto a backbone.
+"""Task vectors: the weight fingerprint, adding a task vector onto a backbone.
 
-- ``format``: ``write_task_vector``, ``read_meta``, ``read_head``, ``TaskVectorMeta``, ``LoraMeta`` (the contract)
+The on-disk format (the contract: ``write_task_vector``, ``read_meta``, ``read_head``, ``TaskVectorMeta``) is
+``drm_lightning.io.task_vector``.
+
 - ``fingerprint``: ``fingerprint(module)``, ``fingerprint_state(state)`` (``meta.json``'s ``base_fingerprint``)
 - ``apply``: ``apply_task_vector(backbone, folder, lam)``
 
@@ -17,12 +19,6 @@ _EXPORTS = {
     "fingerprint": "fingerprint",
     "fingerprint_state": "fingerprint",
     "apply_task_vector": "apply",
-    "write_task_vector": "format",
-    "read_meta": "format",
-    "read_head": "format",
-    "TaskVectorMeta": "format",
-    "LoraMeta": "format",
-    "TaskVectorError": "format",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -13,14 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from drm_lightning.task_vectors.format import (
-    DELTAS_FILE,
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    TaskVectorError,
-    open_safetensors,
-    read_meta,
-)
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import DELTAS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, TaskVectorError, read_meta
 
 
 def apply_task_vector(
@@ -60,7 +54,7 @@ def apply_task_vector(
             "weights; different model, revision or dtype: load_recorded_base(meta) loads it as recorded)"
         )
     state = backbone.state_dict()  # detached views sharing storage with the parameters
-    with open_safetensors(path) as f, torch.no_grad():
+    with open_safetensors(path, error=TaskVectorError) as f, torch.no_grad():
         keys = set(f.keys())
         _check(f, keys, state, meta.lora is not None, path)
         for key in sorted(keys):

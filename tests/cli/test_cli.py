@@ -90,7 +90,7 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_fit_writes_one_task_vector_per_task(experts: dict) -> None:
-    from drm_lightning.task_vectors.format import read_meta
+    from drm_lightning.io.task_vector import read_meta
 
     for task, folder in experts["tv"].items():
         meta = read_meta(folder)

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
+from drm_lightning.io.task_vector import TaskVectorError, read_head, read_meta, write_task_vector
 from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging.engine.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
 from drm_lightning.merging.engine.plan import PlanEntry
 from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
-from drm_lightning.task_vectors.format import TaskVectorError, read_head, read_meta, write_task_vector
 from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device
 from tests.helpers.launch import finish, free_port, pipeline_env, reaped, start
 from tests.helpers.merge_inputs import dense_deltas
@@ -427,8 +427,8 @@ def test_a_killed_merges_staging_is_removed_by_the_next(
     root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rank 0's staging folder carries its host and pid, so a SIGKILLed merge's leftovers go with the next merge."""
+    from drm_lightning.io.atomic import temporary_prefix
     from drm_lightning.merging.engine import distributed as dist_module
-    from drm_lightning.task_vectors.format import temporary_prefix
 
     staged: list[Path] = []
     real_share = dist_module._merge_share
@@ -457,12 +457,12 @@ def test_canonical_layout_needs_room_for_two_copies(
     root: Path, dense_tvs: list[Path], world_of_one: None, monkeypatch: pytest.MonkeyPatch,
     layout: str, copies_fit: int, refused: bool,
 ) -> None:  # fmt: skip
+    from drm_lightning.io import disk as io_disk
+    from drm_lightning.io.disk import InsufficientSpaceError, with_margin
     from drm_lightning.merging.engine.space import check_merge_space
-    from drm_lightning.task_vectors import format as tv_format
-    from drm_lightning.task_vectors.format import InsufficientSpaceError, with_margin
 
     needed = check_merge_space(dense_tvs, root / "probe", copies=copies_fit)  # bytes for this many copies of Δ
-    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: with_margin(needed))
+    monkeypatch.setattr(io_disk, "disk_free_bytes", lambda path: with_margin(needed))
     out = root / f"space_{layout}_{copies_fit}"
     if refused:
         with pytest.raises(InsufficientSpaceError, match=out.name):

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, open_safetensors, read_meta
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import DELTAS_FILE, HEAD_FILE, read_meta
 from tests.helpers.tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,8 +24,8 @@ from drm_lightning.evaluation.coefficients import (
 )
 from drm_lightning.evaluation.learn import COEFFICIENTS_JSON, learn_coefficients, read_coefficients
 from drm_lightning.io.merged_delta import iter_merged_delta
+from drm_lightning.io.task_vector import TaskVectorError
 from drm_lightning.merging import reference as R
-from drm_lightning.task_vectors.format import TaskVectorError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -70,9 +70,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lightning.pytorch import Trainer
 
     from drm_lightning.callbacks.task_vector import TaskVectorCallback
+    from drm_lightning.io.safetensors import open_safetensors
+    from drm_lightning.io.task_vector import DELTAS_FILE, read_head, read_meta, write_task_vector
     from drm_lightning.merging.engine.merger import merge_task_vectors
     from drm_lightning.models.expert import ExpertModule
-    from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta, write_task_vector
     from tests.helpers.tiny_models import make_tiny_model
 
     root = tmp_path_factory.mktemp("coefficients")

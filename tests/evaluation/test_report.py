@@ -39,7 +39,7 @@ from drm_lightning.evaluation.results import (
     average_normalised,
 )
 from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR
-from drm_lightning.task_vectors.format import LoraMeta, TaskVectorMeta, write_task_vector
+from drm_lightning.io.task_vector import LoraMeta, TaskVectorMeta, write_task_vector
 from tests.helpers.results import acc, make_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

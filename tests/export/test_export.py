@@ -26,10 +26,10 @@ from drm_lightning.evaluation.merged import MergedBackbone
 from drm_lightning.export import load_task_model
 from drm_lightning.export.factor import factor_delta
 from drm_lightning.io.merged_delta import iter_merged_delta
+from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_meta
 from drm_lightning.merging import functional as F
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.models.heads import DecoderHead, EncoderHead
-from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, read_meta
 from tests.helpers.merge_inputs import write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
 

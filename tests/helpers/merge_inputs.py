@@ -15,9 +15,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
-from drm_lightning.models.backbone import load_backbone
-from drm_lightning.task_vectors.fingerprint import fingerprint
-from drm_lightning.task_vectors.format import (
+from drm_lightning.io.task_vector import (
     LORA_A_SUFFIX,
     LORA_B_SUFFIX,
     LoraMeta,
@@ -25,6 +23,8 @@ from drm_lightning.task_vectors.format import (
     library_versions,
     write_task_vector,
 )
+from drm_lightning.models.backbone import load_backbone
+from drm_lightning.task_vectors.fingerprint import fingerprint
 
 #: architecture -> (config class, model class, family)
 ARCHS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], str]] = {
@@ -185,7 +185,8 @@ def write_task_vectors(
 
 def dense_deltas(folder: str | Path) -> dict[str, torch.Tensor]:
     """A task vector's deltas as dense float32 tensors (LoRA pairs multiplied out): the reference for tests."""
-    from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_meta
+    from drm_lightning.io.safetensors import open_safetensors
+    from drm_lightning.io.task_vector import DELTAS_FILE, read_meta
 
     meta = read_meta(folder)
     with open_safetensors(Path(folder) / DELTAS_FILE) as f:
@@ -205,7 +206,7 @@ def add_random_statistics(folder: str | Path, seed: int = 0, only: str = "") -> 
     """Give a task vector input statistics, as the callback records them, for each 2-D delta whose name contains
     ``only`` and is not an embedding: ``Σ x xᵀ`` of random inputs (3·in rows) and its row count. Returns the per-row
     mean Grams the merge uses (``TaskVectorReader.gram``), by weight name."""
-    from drm_lightning.task_vectors.statistics import add_statistics
+    from drm_lightning.io.statistics import add_statistics
 
     gen = torch.Generator().manual_seed(seed)
     sums, rows = {}, {}

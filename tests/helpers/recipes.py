@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from drm_lightning.task_vectors.format import TaskVectorMeta, read_meta
+from drm_lightning.io.task_vector import TaskVectorMeta, read_meta
 
 #: A recipe's ``trainer`` for tests: CPU, no logger, checkpoints, progress bar, summary or validation loop.
 QUIET_CPU_TRAINER: dict[str, Any] = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False,

@@ -27,9 +27,9 @@ from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 from drm_lightning.cli import main
 from drm_lightning.interop import convert
+from drm_lightning.io.task_vector import TaskVectorError, read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.apply import apply_task_vector
-from drm_lightning.task_vectors.format import TaskVectorError, read_meta
 from tests.helpers.interop_models import (
     LABELS,
     bert_base,
@@ -243,8 +243,8 @@ def test_every_head_layout_of_the_table_reproduces_its_logits(tmp_path: Path, ki
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     from drm_lightning.interop.export import build_task_model
+    from drm_lightning.io.task_vector import read_head
     from drm_lightning.models.backbone import load_backbone
-    from drm_lightning.task_vectors.format import read_head
 
     base, task, inputs = _head_case(kind, tmp_path)
     tv = convert(str(task), tmp_path / "tv", base=str(base))

@@ -18,7 +18,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from drm_lightning.cli import main
-from drm_lightning.task_vectors.format import read_meta
+from drm_lightning.io.task_vector import read_meta
 from tests.helpers.interop_models import (
     bert_base,
     bert_classifier,

@@ -18,6 +18,14 @@ from safetensors.torch import load_file, save_file
 from drm_lightning.export.model_folder import save_merged_model
 from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, delta_writer, iter_merged_delta
 from drm_lightning.io.shards import ShardWriter
+from drm_lightning.io.task_vector import (
+    DELTAS_FILE,
+    META_FILE,
+    TaskVectorError,
+    read_head,
+    read_meta,
+    write_task_vector,
+)
 from drm_lightning.merging import (
     MergePlan,
     TaskVectorReader,
@@ -30,14 +38,6 @@ from drm_lightning.merging.engine.reader import matches_lora_targets
 from drm_lightning.merging.methods.registry import METHODS, get_method
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.models.backbone import load_backbone
-from drm_lightning.task_vectors.format import (
-    DELTAS_FILE,
-    META_FILE,
-    TaskVectorError,
-    read_head,
-    read_meta,
-    write_task_vector,
-)
 from tests.helpers.merge_inputs import (
     build_tiny_model,
     dense_deltas,

@@ -1,5 +1,5 @@
 """RegMean (docs/methods.md, RegMean) against its float64 reference, its rule for a singular ``Σ G̃``, LoRA factors,
-and merges of task vectors that carry input statistics (``task_vectors/statistics.py``), good and bad.
+and merges of task vectors that carry input statistics (``io/statistics.py``), good and bad.
 
 The Grams of the method tables come from random inputs ``X_i`` with fewer rows than columns (every single Gram is
 singular, the sum is not), with per-feature scales spread over two orders of magnitude, so α matters.
@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 
 from drm_lightning.io.merged_delta import iter_merged_delta
+from drm_lightning.io.statistics import STATISTICS_FILE, add_statistics, statistics_meta
+from drm_lightning.io.task_vector import META_FILE, TaskVectorError, read_meta
 from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.methods.registry import get_method
 from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.ops.lowrank import LowRankDelta
-from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, read_meta
-from drm_lightning.task_vectors.statistics import STATISTICS_FILE, add_statistics, statistics_meta
 from tests.helpers import delta_cases
 from tests.helpers.merge_inputs import add_random_statistics, build_tiny_model, write_task_vectors
 

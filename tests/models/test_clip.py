@@ -13,10 +13,11 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import DELTAS_FILE, read_head, read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.heads import ZeroShotHead, build_head
 from drm_lightning.models.lora import LoraSettings
-from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors, read_head, read_meta
 from tests.helpers import fashion_mnist
 from tests.helpers.expert_marks import EXPERT_TEST_MARKS
 from tests.helpers.recipes import QUIET_CPU_TRAINER, cli_fit, run_recipe

@@ -13,12 +13,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import DELTAS_FILE
 from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import causal_logprobs, continuation_ids, label_targets, pack
 from drm_lightning.models.lora import LoraSettings
-from drm_lightning.task_vectors.format import DELTAS_FILE, open_safetensors
 from tests.helpers.expert_marks import EXPERT_TEST_MARKS
 from tests.helpers.tiny_models import SyntheticDataModule, make_tiny_model, tiny_trainer
 

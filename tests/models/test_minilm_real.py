@@ -26,9 +26,9 @@ def test_minilm_fine_tunes_above_majority_and_task_vector_reproduces_it(tmp_path
 
     from drm_lightning.callbacks.task_vector import TaskVectorCallback
     from drm_lightning.data.demo import demo_task
+    from drm_lightning.io.task_vector import read_meta
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.models.lora import LoraSettings
-    from drm_lightning.task_vectors.format import read_meta
     from tests.helpers.tiny_models import tiny_trainer
 
     seed_everything(0)  # shuffling and head init: the same run every time

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.data.choice import MultipleChoiceDataModule
 from drm_lightning.data.common import DataError
+from drm_lightning.io.task_vector import read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import continuation_ids
-from drm_lightning.task_vectors.format import read_meta
 from tests.helpers.expert_marks import EXPERT_TEST_MARKS
 from tests.helpers.recipes import QUIET_CPU_TRAINER, cli_fit, run_recipe
 from tests.helpers.tiny_models import make_tiny_model, tiny_trainer

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from drm_lightning.cli import main
-from drm_lightning.task_vectors.format import META_FILE, read_meta
+from drm_lightning.io.task_vector import META_FILE, read_meta
 from tests.helpers.expert_marks import KNOWN_DEPRECATIONS
 from tests.helpers.recipes import QUIET_TRAINER, run_recipe, tiny_two_task_recipe
 from tests.helpers.tiny_models import make_tiny_model

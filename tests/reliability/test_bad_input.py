@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from drm_lightning.cli import main
+from drm_lightning.io.task_vector import DELTAS_FILE, META_FILE
 from drm_lightning.merging.methods.registry import METHODS
-from drm_lightning.task_vectors.format import DELTAS_FILE, META_FILE
 from tests.helpers import recipes
 from tests.helpers.merge_inputs import write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
@@ -309,9 +309,9 @@ def test_a_disk_too_small_for_the_merge_is_one_error_line_and_exit_1(
     world: World, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The free-space probe says 100 KiB: refused before any model loads, one line naming both folders and sizes."""
-    from drm_lightning.task_vectors import format as tv_format
+    from drm_lightning.io import disk as io_disk
 
-    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: 100 * 1024)
+    monkeypatch.setattr(io_disk, "disk_free_bytes", lambda path: 100 * 1024)
     folders = world.dense if kind == "dense" else world.lora
     code, err = run_cli(_merge(world, tmp_path, folders), False, capsys)
     assert code == 1

@@ -1,6 +1,6 @@
 """Up-front free-space checks: a disk that clearly cannot hold the output is refused before any model is loaded.
 
-A small disk is simulated by replacing the one probe, ``format.disk_free_bytes``; nothing is filled. Each table
+A small disk is simulated by replacing the one probe, ``io.disk.disk_free_bytes``; nothing is filled. Each table
 checks the same promises for one writer (the merged delta, the merged model, a task vector):
 
 - the estimate covers what is really written, and not by much (so a disk that fits is never refused);
@@ -19,22 +19,20 @@ import torch
 
 from drm_lightning.export import model_folder
 from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.io import disk as io_disk
+from drm_lightning.io.disk import (
+    SKIP_SPACE_CHECK_ENV,
+    InsufficientSpaceError,
+    check_free_space,
+    human_bytes,
+    with_margin,
+)
+from drm_lightning.io.task_vector import TaskVectorMeta, safetensors_bytes, write_task_vector
 from drm_lightning.merging.engine import apply, record, setup, space
 from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.merging.engine.space import check_merge_space, estimate_merge_bytes, estimate_model_bytes
 from drm_lightning.models.backbone import load_backbone
-from drm_lightning.task_vectors import format as tv_format
-from drm_lightning.task_vectors.format import (
-    SKIP_SPACE_CHECK_ENV,
-    InsufficientSpaceError,
-    TaskVectorMeta,
-    check_free_space,
-    human_bytes,
-    safetensors_bytes,
-    with_margin,
-    write_task_vector,
-)
 from tests.helpers.merge_inputs import write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -59,7 +57,7 @@ def _size(folder: Path) -> int:
 
 
 def _small_disk(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
-    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: free)
+    monkeypatch.setattr(io_disk, "disk_free_bytes", lambda path: free)
 
 
 def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -261,8 +259,8 @@ def test_skip_env_turns_the_check_off(tmp_path, monkeypatch):
 def test_the_default_probe_reads_the_nearest_existing_folder(tmp_path):
     import shutil
 
-    assert tv_format.disk_free_bytes(tmp_path / "not" / "yet") > 0
-    assert abs(tv_format.disk_free_bytes(tmp_path / "not") - shutil.disk_usage(tmp_path).free) < 64 * 1024**2
+    assert io_disk.disk_free_bytes(tmp_path / "not" / "yet") > 0
+    assert abs(io_disk.disk_free_bytes(tmp_path / "not") - shutil.disk_usage(tmp_path).free) < 64 * 1024**2
     check_free_space({tmp_path / "a": 1, tmp_path / "b": 0}, "test")  # a few bytes fit on any test machine
 
 

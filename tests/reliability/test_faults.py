@@ -38,12 +38,13 @@ from safetensors.torch import load_file
 
 from drm_lightning.cli import main
 from drm_lightning.io import shards
+from drm_lightning.io.atomic import atomic_dir, remove_stale_temporaries
 from drm_lightning.io.merged_delta import MERGED_DIR
+from drm_lightning.io.task_vector import DELTAS_FILE, HEAD_FILE
 from drm_lightning.merging.engine import apply, setup
 from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.record import MERGE_FILE
 from drm_lightning.models.expert import ExpertModule
-from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, atomic_dir, remove_stale_temporaries
 from tests.helpers.merge_inputs import write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
 

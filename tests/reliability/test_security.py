@@ -28,8 +28,8 @@ import yaml
 from safetensors.torch import save_file
 
 from drm_lightning.cli import main
+from drm_lightning.io.task_vector import DELTAS_FILE, HEAD_FILE, META_FILE, TaskVectorError
 from drm_lightning.models.heads import EncoderHead
-from drm_lightning.task_vectors.format import DELTAS_FILE, HEAD_FILE, META_FILE, TaskVectorError
 from tests.helpers.merge_inputs import write_task_vectors
 from tests.helpers.tiny_models import HIDDEN_SIZE, make_tiny_model
 
@@ -122,9 +122,9 @@ def _via_expert(world: dict, folder: Path, tmp: Path, capsys: pytest.CaptureFixt
 
 def _via_apply(world: dict, folder: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """The two readers under the expert: ``read_head`` (the head) and ``apply_task_vector`` (the deltas)."""
+    from drm_lightning.io.task_vector import read_head
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.task_vectors.apply import apply_task_vector
-    from drm_lightning.task_vectors.format import read_head
 
     with pytest.raises(TaskVectorError) as info:
         read_head(folder)

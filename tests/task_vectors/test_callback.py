@@ -9,12 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from drm_lightning.callbacks.task_vector import TaskVectorCallback, build_task_vector
-from drm_lightning.models.backbone import load_backbone
-from drm_lightning.models.expert import ExpertModule
-from drm_lightning.models.lora import LoraSettings
-from drm_lightning.task_vectors.apply import apply_task_vector
-from drm_lightning.task_vectors.fingerprint import fingerprint
-from drm_lightning.task_vectors.format import (
+from drm_lightning.io.statistics import STATISTICS_FILE
+from drm_lightning.io.task_vector import (
     DELTAS_FILE,
     HEAD_FILE,
     META_FILE,
@@ -24,7 +20,11 @@ from drm_lightning.task_vectors.format import (
     read_meta,
     write_task_vector,
 )
-from drm_lightning.task_vectors.statistics import STATISTICS_FILE
+from drm_lightning.models.backbone import load_backbone
+from drm_lightning.models.expert import ExpertModule
+from drm_lightning.models.lora import LoraSettings
+from drm_lightning.task_vectors.apply import apply_task_vector
+from drm_lightning.task_vectors.fingerprint import fingerprint
 from tests.helpers.expert_marks import KNOWN_DEPRECATIONS
 from tests.helpers.tiny_models import SyntheticDataModule, tiny_trainer
 
@@ -343,8 +343,8 @@ def test_a_small_disk_is_refused_before_the_base_is_reloaded(tiny, tmp_path, mon
     before reloading W_0, names the folder and writes nothing."""
     from drm_lightning.callbacks import task_vector as callback_module
     from drm_lightning.callbacks.task_vector import estimate_task_vector_bytes
-    from drm_lightning.task_vectors import format as tv_format
-    from drm_lightning.task_vectors.format import InsufficientSpaceError, human_bytes, with_margin
+    from drm_lightning.io import disk as io_disk
+    from drm_lightning.io.disk import InsufficientSpaceError, human_bytes, with_margin
 
     expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS), lora=lora)
     estimate = estimate_task_vector_bytes(expert, expert.state_dict())
@@ -353,7 +353,7 @@ def test_a_small_disk_is_refused_before_the_base_is_reloaded(tiny, tmp_path, mon
     assert written <= estimate <= written + 80 * 1024
 
     free = with_margin(estimate) - 1
-    monkeypatch.setattr(tv_format, "disk_free_bytes", lambda path: free)
+    monkeypatch.setattr(io_disk, "disk_free_bytes", lambda path: free)
     reloads: list[str] = []
     monkeypatch.setattr(callback_module, "load_backbone", lambda name, *a, **k: reloads.append(name))
     with pytest.raises(InsufficientSpaceError) as err:

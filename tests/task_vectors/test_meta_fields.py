@@ -21,6 +21,7 @@ from drm_lightning.callbacks.task_vector import TaskVectorCallback
 from drm_lightning.commands.evaluate import load_base, load_model
 from drm_lightning.evaluation.merged import MergedBackbone
 from drm_lightning.export.model_folder import save_merged_model
+from drm_lightning.io.task_vector import META_FILE, TaskVectorError, TaskVectorMeta, read_meta, write_task_vector
 from drm_lightning.merging.engine.apply import apply_merged_delta
 from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
@@ -29,7 +30,6 @@ from drm_lightning.models import expert as expert_module
 from drm_lightning.models.backbone import load_recorded_base
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.fingerprint import fingerprint
-from drm_lightning.task_vectors.format import META_FILE, TaskVectorError, TaskVectorMeta, read_meta, write_task_vector
 from tests.helpers.tiny_models import make_tiny_model
 
 LABELS = ["negative", "positive"]

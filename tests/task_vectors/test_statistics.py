@@ -15,10 +15,10 @@ from torch.utils.data import DataLoader
 
 from drm_lightning.callbacks.grams import sample_indices
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
+from drm_lightning.io.statistics import STATISTICS_FILE
+from drm_lightning.io.task_vector import read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import LoraSettings
-from drm_lightning.task_vectors.format import read_meta
-from drm_lightning.task_vectors.statistics import STATISTICS_FILE
 from tests.helpers.expert_marks import KNOWN_DEPRECATIONS
 from tests.helpers.tiny_models import SyntheticDataModule, tiny_trainer
 

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
+from drm_lightning.io.atomic import atomic_dir, remove_stale_temporaries, temporary_prefix
 from drm_lightning.io.merged_delta import INDEX_FILE, MERGED_DIR, SHARD_PREFIX, delta_writer
 from drm_lightning.io.safetensors import open_safetensors
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, check_max_shard_bytes, write_index
@@ -56,11 +57,6 @@ from drm_lightning.merging.engine.record import copy_heads, write_merge_record
 from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
 from drm_lightning.merging.engine.space import check_merge_space
 from drm_lightning.merging.methods.registry import get_method
-from drm_lightning.task_vectors.format import (
-    atomic_dir,
-    remove_stale_temporaries,
-    temporary_prefix,
-)
 from drm_lightning.world import (
     DEFAULT_TIMEOUT_S,
     WorldInfo,

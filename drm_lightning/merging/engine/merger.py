@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.merged_delta import delta_writer
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.memory import release_freed_memory
@@ -45,7 +46,6 @@ from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.record import copy_heads, write_merge_record
 from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
 from drm_lightning.merging.methods.registry import MergeMethod
-from drm_lightning.task_vectors.format import atomic_dir
 
 
 @dataclass

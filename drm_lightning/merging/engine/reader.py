@@ -23,8 +23,8 @@ from typing import BinaryIO
 import torch
 
 from drm_lightning.io.safetensors import FLOAT_CODES, TensorInfo, open_safetensors, read_header, read_tensor
-from drm_lightning.merging.ops.lowrank import LowRankDelta
-from drm_lightning.task_vectors.format import (
+from drm_lightning.io.statistics import StatisticsMeta, read_statistics_meta
+from drm_lightning.io.task_vector import (
     DELTAS_FILE,
     HEAD_FILE,
     LORA_A_SUFFIX,
@@ -34,7 +34,7 @@ from drm_lightning.task_vectors.format import (
     TaskVectorMeta,
     read_meta,
 )
-from drm_lightning.task_vectors.statistics import StatisticsMeta, read_statistics_meta
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 
 def matches_lora_targets(module: str, targets: Sequence[str] | str) -> bool:
@@ -56,7 +56,7 @@ class TaskVectorReader:
     """One task vector folder: its ``meta.json`` and the header of its ``task_vector.safetensors``.
 
     Args:
-        folder: a folder written by ``drm_lightning.task_vectors.format.write_task_vector``.
+        folder: a folder written by ``drm_lightning.io.task_vector.write_task_vector``.
 
     Raises:
         TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (deltas or head; the message names
@@ -87,7 +87,7 @@ class TaskVectorReader:
         self._stats: tuple[StatisticsMeta, Path, dict[str, TensorInfo]] | None = None
 
     def has_statistics(self) -> bool:
-        """Whether meta.json records input statistics (``task_vectors/statistics.py``)."""
+        """Whether meta.json records input statistics (``io/statistics.py``)."""
         return self.meta.statistics is not None
 
     def statistics(self) -> StatisticsMeta:

@@ -14,9 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, library_versions
 from drm_lightning.merging.engine.plan import summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
-from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, library_versions
 
 if TYPE_CHECKING:
     from drm_lightning.merging.engine.setup import MergeSetup

@@ -19,6 +19,9 @@ from typing import Any
 
 import torch
 
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.statistics import missing_statistics_message
+from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta
 from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.record import MERGE_FILE
@@ -26,8 +29,6 @@ from drm_lightning.merging.engine.space import check_merge_space
 from drm_lightning.merging.methods.registry import MergeMethod, get_method
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
 from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of
-from drm_lightning.task_vectors.format import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta, open_safetensors
-from drm_lightning.task_vectors.statistics import missing_statistics_message
 from drm_lightning.world import resolve_device
 
 _SAFE_TASK = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -240,7 +241,7 @@ def prepare_merge(
 
 
 def check_statistics(readers: Sequence[TaskVectorReader], method: str) -> None:
-    """Every task vector records input statistics (``task_vectors/statistics.py``) for the same layers.
+    """Every task vector records input statistics (``io/statistics.py``) for the same layers.
 
     Raises:
         TaskVectorError: a task vector without statistics (the message names the command that adds them), or one

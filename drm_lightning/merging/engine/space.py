@@ -5,7 +5,7 @@ can hold the merged delta and the heads (``check_merge_space``; the estimate, ``
 to the safetensors headers: float32 for every merged parameter, whatever the task vectors' dtype), and
 ``save_merged_model`` (``drm_lightning.export.model_folder``) that the model folder fits (``estimate_model_bytes``
 from the base checkpoint's headers in the loading dtype, then the loaded model itself, ``model_bytes``). The probe is
-``drm_lightning.task_vectors.format.disk_free_bytes`` (tests replace it to simulate a small disk).
+``drm_lightning.io.disk.disk_free_bytes`` (tests replace it to simulate a small disk).
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from pathlib import Path
 
 import torch
 
+from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
+from drm_lightning.io.task_vector import HEAD_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, META_FILE, TaskVectorError
 from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.models.backbone import parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
-from drm_lightning.task_vectors.format import (
-    HEAD_FILE,
-    LORA_A_SUFFIX,
-    LORA_B_SUFFIX,
-    META_FILE,
-    TaskVectorError,
-    check_free_space,
-)
 
 #: The tokenizer files a base folder may hold (what ``save_merged_model`` saves beside the merged weights).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.merging.engine.merger import MergeResult, stream_merged, write_merged
 from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
@@ -32,7 +33,6 @@ from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.setup import check_output, prepare_merge
 from drm_lightning.merging.engine.space import estimate_merge_bytes
 from drm_lightning.merging.methods.registry import MergeMethod, get_method
-from drm_lightning.task_vectors.format import check_free_space
 
 
 def _value_text(value: Any) -> str:

@@ -1,7 +1,7 @@
 """RegMean (arXiv 2212.09849): each linear layer merged as the least-squares fit to every task's outputs on its data.
 
 For a weight ``[out, in]`` with per-task input Grams ``G_i`` (``[in, in]``, the per-row mean ``Σ x xᵀ / rows`` that
-``task_vectors/statistics.py`` stores) and ``G̃_i = α·G_i + (1 − α)·diag(G_i)``::
+``io/statistics.py`` stores) and ``G̃_i = α·G_i + (1 − α)·diag(G_i)``::
 
     Δ = (Σ_i c_i Δ_i (G̃_i + ρ̄ I)) (Σ_i (G̃_i + ρ̄ I))⁻¹,    ρ̄ = ridge · tr(Σ_i G̃_i) / (T · in)
 

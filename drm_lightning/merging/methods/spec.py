@@ -47,7 +47,7 @@ class MergeMethod:
             parameters, kept in its module), or that this method checks differently; each returns the normalised
             value or raises ``ValueError``.
         needs_statistics: The matrix rule takes ``statistics=``: per task, the input Gram of the parameter's layer
-            (``[in, in]``, ``task_vectors/statistics.py``), or ``None`` for a parameter without recorded Grams.
+            (``[in, in]``, ``io/statistics.py``), or ``None`` for a parameter without recorded Grams.
             The merge refuses task vectors without statistics up front (``setup.prepare_merge``).
     """
 

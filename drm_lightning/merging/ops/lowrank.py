@@ -3,7 +3,7 @@
 A LoRA expert's delta of a ``[out, in]`` weight has rank ``r ≪ min(out, in)``. Keeping the factors is exact and small,
 and it lets the SVD-based methods work in the joint ``T·r``-dimensional row/column space instead of materialising
 ``T`` dense ``[out, in]`` deltas (see ``functional.drm``, ``iso_c``, ``iso_cts``, ``tsv_m``). The on-disk layout
-(``name.lora_A`` / ``name.lora_B`` and ``meta.lora.scale``) is described in ``task_vectors/format.py``.
+(``name.lora_A`` / ``name.lora_B`` and ``meta.lora.scale``) is described in ``io/task_vector.py``.
 """
 
 from __future__ import annotations

@@ -32,14 +32,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from drm_lightning.task_vectors.format import (
-    META_FILE,
-    TaskVectorError,
-    TaskVectorMeta,
-    check_free_space,
-    open_safetensors,
-    read_meta,
-)
+from drm_lightning.io.disk import check_free_space
+from drm_lightning.io.safetensors import open_safetensors
+from drm_lightning.io.task_vector import META_FILE, TaskVectorError, TaskVectorMeta, read_meta
 
 STATISTICS_FILE = "statistics.safetensors"
 STATISTICS_KIND = "input_gram"
