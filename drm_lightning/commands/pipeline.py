@@ -153,6 +153,7 @@ class Pipeline(FitStage, MergeStage):
         t0 = time.perf_counter()
         with stage("fitting experts"):
             self.fit_experts()
+            self.add_missing_statistics()
         with stage("merging"):
             self.merge_all()
         with stage("evaluating"):

@@ -79,6 +79,31 @@ class FitStage(RunFolder):
             return False
         return saved.get("digest") == digest(self.fit_settings(task))
 
+    def add_missing_statistics(self) -> None:
+        """Experts that lack the input statistics a recipe's method needs (RegMean) get them, on rank 0.
+
+        Experts fitted here record them when fitting ends (``TaskVectorCallback``); this covers the ones reused
+        from a run before that, and imported ones: the recipe's own data, the callback's defaults
+        (``commands/statistics.py``). A task vector's meta.json changes, so merges of it are redone.
+        """
+        from drm_lightning.merging.methods.registry import get_method
+        from drm_lightning.io.task_vector import read_meta
+
+        if not any(get_method(spec.method).needs_statistics for spec in self.recipe.methods):
+            return
+        missing = [t for t in self.tasks if read_meta(self.task_vector_dir(t)).statistics is None]
+        if not missing:
+            return
+
+        def add() -> None:
+            from drm_lightning.commands.statistics import add_expert_statistics
+
+            for task in missing:
+                log(f"{task}: recording the input statistics RegMean needs (the expert has none)")
+                add_expert_statistics(self.task_vector_dir(task), self.datamodules[task])
+
+        rank_zero_then_wait(add)
+
     def fit_experts(self) -> None:
         """Fit every expert that is not current: all ranks together, task by task, or in expert groups."""
         from drm_lightning.world import detect_world

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from drm_lightning.commands.tasks import TaskEntry
 
@@ -40,19 +41,36 @@ def statistics(
     Returns:
         The task vector folder.
     """
+    from drm_lightning.commands.tasks import task_datamodules
+    from drm_lightning.merging.engine.reader import TaskVectorReader
+
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples={examples!r}: expected a positive integer")
+    TaskVectorReader(task_vector)  # validates the folder before any model or data is loaded
+    datamodule = next(iter(task_datamodules([task], [task_vector]).values()))
+    return add_expert_statistics(task_vector, datamodule, examples, layers=layers, seed=seed, device=device)
+
+
+def add_expert_statistics(
+    task_vector: str | Path,
+    datamodule: Any,
+    examples: int = 256,
+    *,
+    layers: list[str] | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> Path:
+    """``statistics`` with the task's datamodule already built (the pipeline's): rebuild the expert, run the sample
+    of training examples, write the Grams into the folder."""
     import torch
 
     from drm_lightning.callbacks.grams import expert_grams, named_layers
-    from drm_lightning.commands.tasks import task_datamodules
     from drm_lightning.io.statistics import add_statistics
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.world import resolve_device
 
-    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
-        raise ValueError(f"examples={examples!r}: expected a positive integer")
-    reader = TaskVectorReader(task_vector)  # validates the folder before any model or data is loaded
-    datamodule = next(iter(task_datamodules([task], [task_vector]).values()))
+    reader = TaskVectorReader(task_vector)
     datamodule.setup("fit")
     loader = datamodule.train_dataloader()
     if not isinstance(loader, torch.utils.data.DataLoader):

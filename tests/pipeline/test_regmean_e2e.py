@@ -83,11 +83,23 @@ def test_without_statistics_one_line_then_the_statistics_command(experts: dict, 
 
 
 def test_pipeline_recipe_with_regmean(tmp_path: Path) -> None:
-    """RegMean in a recipe's method list: the pipeline's fits record the statistics, its merge and λ search use them."""
+    """RegMean in a recipe's method list: the pipeline's fits record the statistics, its merge and λ search use
+    them; reused experts without statistics get them before the merge (the same Grams)."""
     recipe = tiny_two_task_recipe(tmp_path, methods=[{"method": "regmean", "lambdas": [0.5, 1.0]}], split="validation")
     run = run_recipe(tmp_path, recipe)
     report = json.loads((run / "report.json").read_text())
     assert [m["method"] for m in report["results"]["methods"]] == ["regmean"]
     assert "| regmean | regmean | {\"alpha\": 0.9, \"ridge\": 1e-08} |" in (run / "report.md").read_text()
+    recorded = {}
     for task in ("sentiment", "animal"):
-        assert read_meta(run / "task_vectors" / task).statistics is not None
+        folder = run / "task_vectors" / task
+        assert read_meta(folder).statistics is not None
+        recorded[task] = _grams(folder)
+        meta = json.loads((folder / META_FILE).read_text())  # as an expert fitted before statistics existed
+        (folder / META_FILE).write_text(json.dumps({**meta, "statistics": None}))
+    run_recipe(tmp_path, recipe)  # reuses the experts, adds their statistics, merges again
+    for task, grams in recorded.items():
+        added = _grams(run / "task_vectors" / task)
+        assert set(added) == set(grams)
+        for name, gram in grams.items():
+            torch.testing.assert_close(added[name], gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
