@@ -99,6 +99,15 @@ class ExpertCLI(LightningCLI):
                 "<trainer.default_root_dir>/task_vectors/<task>); validate/test load the expert from it when given."
             ),
         )
+        parser.add_argument(
+            "--statistics_examples",
+            type=int,
+            default=256,
+            help=(
+                "fit: training examples whose linear-layer input Grams are recorded beside the task vector, what "
+                "the RegMean merge needs (docs/methods.md, Input statistics); 0 records none."
+            ),
+        )
         # A link into a subclass's init_args applies only when the chosen datamodule has that parameter.
         for key in TOKENIZER_PARAMS:
             parser.link_arguments("model.backbone", f"data.init_args.{key}", apply_on="parse")
@@ -123,7 +132,8 @@ class ExpertCLI(LightningCLI):
 
             if folder is None:
                 folder = str(Path(self.trainer.default_root_dir) / "task_vectors" / self.model.hparams["task"])
-            self.trainer.callbacks.append(TaskVectorCallback(folder))
+            examples = self._get(self.config, "statistics_examples")
+            self.trainer.callbacks.append(TaskVectorCallback(folder, statistics_examples=examples))
             self._task_vector_dir = folder
         elif folder is not None:
             from drm_lightning.models.expert import ExpertModule

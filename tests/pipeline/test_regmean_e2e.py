@@ -82,6 +82,15 @@ def test_without_statistics_one_line_then_the_statistics_command(experts: dict, 
         torch.testing.assert_close(added[name], gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
 
 
+def test_fit_statistics_examples_zero_records_none(experts: dict, tmp_path: Path) -> None:
+    task, config = next(iter(experts["tasks"].items()))
+    model = experts["tmp"] / "model.yaml"
+    args = ["fit", "--config", str(config), "--config", str(model), *QUIET_TRAINER, "--trainer.max_steps=1"]
+    args += ["--trainer.limit_val_batches=0", "--statistics_examples=0", f"--task_vector_dir={tmp_path / 'tv'}"]
+    assert main([*args, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    assert read_meta(tmp_path / "tv").statistics is None and not (tmp_path / "tv" / "statistics.safetensors").exists()
+
+
 def test_pipeline_recipe_with_regmean(tmp_path: Path) -> None:
     """RegMean in a recipe's method list: the pipeline's fits record the statistics, its merge and λ search use
     them; reused experts without statistics get them before the merge (the same Grams)."""
@@ -89,7 +98,7 @@ def test_pipeline_recipe_with_regmean(tmp_path: Path) -> None:
     run = run_recipe(tmp_path, recipe)
     report = json.loads((run / "report.json").read_text())
     assert [m["method"] for m in report["results"]["methods"]] == ["regmean"]
-    assert "| regmean | regmean | {\"alpha\": 0.9, \"ridge\": 1e-08} |" in (run / "report.md").read_text()
+    assert '| regmean | regmean | {"alpha": 0.9, "ridge": 1e-08} |' in (run / "report.md").read_text()
     recorded = {}
     for task in ("sentiment", "animal"):
         folder = run / "task_vectors" / task
