@@ -86,8 +86,8 @@ class FitStage(RunFolder):
         from a run before that, and imported ones: the recipe's own data, the callback's defaults
         (``commands/statistics.py``). A task vector's meta.json changes, so merges of it are redone.
         """
-        from drm_lightning.merging.methods.registry import get_method
         from drm_lightning.io.task_vector import read_meta
+        from drm_lightning.merging.methods.registry import get_method
 
         if not any(get_method(spec.method).needs_statistics for spec in self.recipe.methods):
             return
