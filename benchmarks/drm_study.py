@@ -33,7 +33,7 @@ from drm_lightning.merging.methods.drm_iso import drm_iso
 
 F64 = torch.float64
 
-#: λ chosen by the quickstart (README table, commit f1830b8): the scale each merged delta is used at.
+#: λ chosen by the quickstart (docs/results.md table, commit f1830b8): the scale each merged delta is used at.
 QUICKSTART_LAMBDA = {
     "task_arithmetic": 0.6,
     "ties": 0.8,

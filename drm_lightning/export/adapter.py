@@ -1,7 +1,7 @@
 """``--save_as adapter``: LoRA experts merged into one PEFT LoRA adapter, not a dense model.
 
 Why: T LoRA experts of Llama-3.1-8B (r=16 on 7 projections) give a merged delta of rank ≤ Σ r_i per matrix; written
-dense it is ~28 GB of float32, as factors well under a gigabyte (README, "LoRA out"). ``factor.factor_delta`` finds
+dense it is ~28 GB of float32, as factors well under a gigabyte (docs/results.md). ``factor.factor_delta`` finds
 the factors of the merged delta (exact for Task Arithmetic, DRM, Iso-C, Iso-CTS, TSV-M); this module streams the
 merge parameter by parameter into them and writes a folder that ``peft`` loads as is::
 
