@@ -29,6 +29,7 @@ shows all of it again.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
@@ -124,9 +125,31 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+#: A key of a YAML flow mapping written without the space YAML needs after its colon (``{density:0.2}``).
+_TIGHT_KEY = re.compile(r"([{,]\s*)([A-Za-z_][\w.]*):(?=[^\s/])")
+
+
+def spaced_flow_mappings(args: Sequence[str]) -> list[str]:
+    """``args`` with every flow-mapping value (``{...}``, alone or after ``--key=``) given a space after each key's
+    colon: ``--params {density:0.2}`` as ``{density: 0.2}``.
+
+    Why: one types JSON-like ``{key:value}``, but YAML reads ``density:0.2`` as one plain string (a key without a
+    value), and the parser then refused ``params`` with a Union error about ``str``. A colon followed by ``/`` (a
+    URL, ``C:/``) or already by a space is left alone.
+    """
+    out = []
+    for arg in args:
+        head, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if value.startswith("{") and value.endswith("}"):
+            value = _TIGHT_KEY.sub(r"\1\2: ", value)
+        out.append(f"{head}{sep}{value}")
+    return out
+
+
 def _run(command: str, args: list[str], quiet: Callable[[], None]) -> None:
     """Run one subcommand; ``quiet()`` (the libraries' verbosity) is called once its arguments parsed, or at once for
     Lightning's commands, which import every library anyway."""
+    args = spaced_flow_mappings(args)
     if command in LIGHTNING_COMMANDS:
         from drm_lightning.commands.expert import ExpertCLI
 

@@ -169,7 +169,7 @@ def merge(
             )
     imports = import_inputs(
         task_vectors, output, base=base, family=family, skip=list(skip or []), torch_dtype=torch_dtype,
-        gguf_file=gguf_file,
+        gguf_file=gguf_file, evaluates=bool(tasks),
     )  # fmt: skip
     with imports as folders:
         out = _merge(

@@ -138,14 +138,42 @@ class Pipeline(FitStage, MergeStage):
                 merged[spec.name] = Path(result.learned["folder"])
         return merged
 
+    def merge_inputs(self, merged: dict[str, Path]) -> dict[str, list[dict[str, Any]]]:
+        """Label -> the task vectors its merge holds (task, folder, fingerprint, from its ``merge.json``).
+
+        Raises:
+            ValueError: a merge that lacks one of the recipe's tasks (naming the merge and the tasks): no report is
+                written whose numbers would stand for tasks a merged model never saw.
+        """
+        from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
+
+        inputs = {}
+        for label, folder in merged.items():
+            held = [
+                {"task": i.get("task"), "path": i.get("path"), "fingerprint": i.get("fingerprint")}
+                for i in read_merge_record(folder).get("inputs", [])
+            ]  # fmt: skip
+            missing = [t for t in self.tasks if t not in {i["task"] for i in held}]
+            if missing:
+                raise ValueError(
+                    f"{Path(folder) / MERGE_FILE}: merge {label!r} holds the task vectors of "
+                    f"{[i['task'] for i in held]} but not of {missing}; no report is written for a merge that "
+                    "lacks a recipe task"
+                )
+            inputs[label] = held
+        return inputs
+
     def report(self, results: Any, usage: dict[str, Any] | None = None) -> str:
         from drm_lightning.evaluation.report import build_report
 
-        merged = {label: str(folder) for label, folder in self.chosen_merged_dirs(results).items()}
+        chosen = self.chosen_merged_dirs(results)
+        merges = self.merge_inputs(chosen)
+        merged = {label: str(folder) for label, folder in chosen.items()}
         folders = self.task_vector_dirs()
         return build_report(
-            results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots, usage=usage
-        )
+            results, self.run_dir, task_vectors=folders, merged=merged, plots=self.recipe.plots, usage=usage,
+            merges=merges,
+        )  # fmt: skip
 
     def run(self) -> str:
         from drm_lightning.world import stage

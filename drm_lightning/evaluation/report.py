@@ -62,11 +62,15 @@ def _escape(text: str) -> str:
 
 
 def render_markdown(
-    results: EvaluationResults, images: Sequence[str] = (), usage: Mapping[str, Any] | None = None
+    results: EvaluationResults,
+    images: Sequence[str] = (),
+    usage: Mapping[str, Any] | None = None,
+    merges: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
-    """The report as markdown; ``images`` are file names (relative to the report) to embed; ``usage`` (the
-    exported model: ``label``, ``folder``, ``lambda``, ``save_as``, ``task``, ``lines``) ends it with the Python
-    that loads it."""
+    """The report as markdown; ``images`` are file names (relative to the report) to embed; ``merges`` (label ->
+    the task vectors in that merge: ``task``, ``path``, ``fingerprint``, as ``merge.json`` lists them) gets a table;
+    ``usage`` (the exported model: ``label``, ``folder``, ``lambda``, ``save_as``, ``task``, ``lines``) ends it with
+    the Python that loads it."""
     r = results
     pct = f"{r.metric} (%)"
     lines = [
@@ -147,6 +151,11 @@ def render_markdown(
         lines += ["", "## Grid extensions", "", "A best value at the edge of its grid extended the grid (bounded):", ""]
         lines += [f"- {_escape(m.label)}: {_escape(note)}" for m in noted for note in m.notes]
 
+    if merges:
+        lines += ["", "## Task vectors in each merge", ""]
+        rows = [[_escape(label), _escape(str(i["task"])), f"`{i.get('fingerprint') or MISSING}`", f"`{i['path']}`"]
+                for label, inputs in merges.items() for i in inputs]  # fmt: skip
+        lines += _table(["merged model", "task", "fingerprint", "task vector"], [":---"] * 4, rows)
     if images:
         lines += ["", "## Plots", ""]
         for image in images:
@@ -236,9 +245,13 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def report_dict(results: EvaluationResults, usage: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``report.json``'s content: the results themselves plus the derived numbers the tables show (and the exported
-    model, when there is one)."""
+def report_dict(
+    results: EvaluationResults,
+    usage: Mapping[str, Any] | None = None,
+    merges: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """``report.json``'s content: the results themselves plus the derived numbers the tables show (the task vectors
+    in each merge and the exported model, when given)."""
     r = results
     summary: dict[str, Any] = {
         "pretrained": {"average": r.average("pretrained")},
@@ -255,6 +268,8 @@ def report_dict(results: EvaluationResults, usage: Mapping[str, Any] | None = No
             "normalised": {t: r.normalised(m.label, t) for t in r.tasks},
         }
     data = {"format_version": REPORT_FORMAT_VERSION, "results": r.to_dict(), "summary": summary}
+    if merges:
+        data["merges"] = {label: [dict(i) for i in inputs] for label, inputs in merges.items()}
     if usage:
         data["exported"] = dict(usage)
     return _jsonable(data)
@@ -265,13 +280,15 @@ def write_report(
     folder: str | os.PathLike[str],
     images: Sequence[str] = (),
     usage: Mapping[str, Any] | None = None,
+    merges: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
     """Write ``report.json`` and ``report.md`` into ``folder`` (global rank 0 only) and return the markdown.
 
     Every rank gets the markdown back, so a caller may print it anywhere; only rank 0 touches the disk.
     """
-    markdown = render_markdown(results, images, usage)
-    _write_files(Path(folder), json.dumps(report_dict(results, usage), indent=2, sort_keys=True) + "\n", markdown)
+    markdown = render_markdown(results, images, usage, merges)
+    data = report_dict(results, usage, merges)
+    _write_files(Path(folder), json.dumps(data, indent=2, sort_keys=True) + "\n", markdown)
     return markdown
 
 
@@ -306,6 +323,7 @@ def build_report(
     merged: Mapping[str, str | os.PathLike[str]] | None = None,
     plots: bool = True,
     usage: Mapping[str, Any] | None = None,
+    merges: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> str:
     """Plots (when asked and matplotlib is there) then ``report.json``/``report.md`` embedding them; the markdown.
 
@@ -316,10 +334,11 @@ def build_report(
         merged: method label -> merged folder, for the singular value spectra.
         plots: draw the figures at all.
         usage: the exported model (``render_markdown``), or ``None``.
+        merges: label -> the task vectors in that merge (``render_markdown``), or ``None``.
     """
     images: list[str] = []
     if plots:
         from drm_lightning.evaluation.plots import write_plots
 
         images = [p.name for p in write_plots(results, folder, task_vectors, merged)]
-    return write_report(results, folder, images, usage)
+    return write_report(results, folder, images, usage, merges)

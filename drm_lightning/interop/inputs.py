@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from typing import Literal
 from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.full_model import plan_model
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG, plan_adapter
-from drm_lightning.interop.write import task_name_for, write_import
+from drm_lightning.interop.write import import_notes, task_name_for, write_import
 from drm_lightning.io.atomic import temporary_prefix
 from drm_lightning.io.task_vector import META_FILE
 
@@ -119,8 +120,10 @@ def import_inputs(
     skip: Sequence[str] = (),
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
+    evaluates: bool = False,
 ) -> Iterator[list[str]]:
-    """Yield task-vector folders for ``inputs``: task vectors as they are, the others converted for the duration.
+    """Yield task-vector folders for ``inputs``: task vectors as they are, the others converted for the duration;
+    what the conversions left out is said once (``import_notes``; the tasks without a head only if ``evaluates``).
 
     Args:
         inputs: task-vector, PEFT adapter and ``save_pretrained`` folders (or cached hub ids), mixed.
@@ -145,15 +148,18 @@ def import_inputs(
     beside.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=temporary_prefix(beside) + "inputs-", dir=beside.parent))
     try:
-        folders = []
+        folders, converted = [], []
         for i, (source, plan) in enumerate(zip(inputs, plans, strict=True)):
             if plan is None:
                 folders.append(os.fspath(source))
                 continue
             name = task_name_for(Path(source), None)
-            folders.append(
-                str(write_import(*plan, work / f"{i}-{name}", name, torch_dtype=torch_dtype, gguf_file=gguf_file))
-            )
+            folder = write_import(*plan, work / f"{i}-{name}", name, torch_dtype=torch_dtype, gguf_file=gguf_file,
+                                  notes=False)  # fmt: skip
+            folders.append(str(folder))
+            converted.append((name, *plan))
+        for line in import_notes(converted, evaluates):
+            print(f"drm-lightning: {line}", file=sys.stderr)
         yield folders
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +91,10 @@ def write_import(
     *,
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
+    notes: bool = True,
 ) -> Path:
-    """Load the base, stream the deltas and write the task-vector folder ``output`` atomically."""
+    """Load the base, stream the deltas and write the task-vector folder ``output`` atomically; ``notes``: say on
+    stderr what was left out (``import_notes``), else the caller says it once for all its experts."""
     output = Path(output)
     check_free_space({output: _estimate(plan, info)}, f"task vector of task {task!r}")
     base = load_backbone(info.name, info.family, torch_dtype=torch_dtype, gguf_file=gguf_file)
@@ -141,14 +143,37 @@ def write_import(
         )
         (tmp / META_FILE).write_text(meta.to_json())
     del base, state
-    dropped = list(plan.source.get("dropped") or [])
-    if dropped:
-        shown = ", ".join(dropped[:3]) + (f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else "")
-        print(f"{output}: left out {len(dropped)} tensor(s) outside the backbone and head: {shown}", file=sys.stderr)
-    if not plan.head.config and info.family not in LABEL_WORD_FAMILIES:  # those score label words, headless
-        reason = plan.head.reason
-        print(f"{output}: task {task!r} has no head ({reason}); it merges, but is not evaluated", file=sys.stderr)
+    if notes:
+        for line in import_notes([(task, plan, info)], evaluates=True):
+            print(f"{output}: {line}", file=sys.stderr)
     return output
+
+
+def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates: bool) -> list[str]:
+    """What converting these ``(task, plan, base info)`` left out, said once for all of them: tensors outside the
+    backbone and head (the same set for every expert: one line), and, when the run ``evaluates`` (a λ search, an
+    evaluation), the tasks without a head, which merge but cannot be scored.
+
+    Why grouped: merging eight plain ``BertModel`` fine-tunes printed both lines eight times, the second one in a
+    ``merge`` that evaluated nothing (docs/interop.md says what happens to a fine-tuned pooler).
+    """
+    lines = []
+    dropped: dict[tuple[str, ...], list[str]] = {}
+    for task, plan, _ in imports:
+        names = tuple(plan.source.get("dropped") or ())
+        if names:
+            dropped.setdefault(names, []).append(task)
+    for names, tasks in dropped.items():
+        shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        whose = f"task {tasks[0]!r}" if len(tasks) == 1 else f"{len(tasks)} tasks ({', '.join(tasks)})"
+        lines.append(f"left out {len(names)} tensor(s) outside the backbone and head of {whose}: {shown}")
+    headless = [(task, plan.head.reason) for task, plan, info in imports
+                if not plan.head.config and info.family not in LABEL_WORD_FAMILIES]  # fmt: skip  # label words: no head
+    if headless and evaluates:
+        reasons = sorted({reason for _, reason in headless})
+        tasks = ", ".join(repr(t) for t, _ in headless)
+        lines.append(f"task(s) {tasks} have no head ({'; '.join(reasons)}): they merge, but are not evaluated")
+    return lines
 
 
 def _delta_dtype(weight: torch.Tensor) -> torch.dtype:

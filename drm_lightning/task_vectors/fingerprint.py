@@ -25,8 +25,10 @@ single edited value; for a tensor of n entries a change to k random entries esca
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -110,3 +112,35 @@ def short_fingerprint(recorded: str) -> str:
     """``"sampled1:0123456789ab..."``: a fingerprint shortened for messages, its scheme kept."""
     scheme, _, digest = recorded.rpartition(":")
     return f"{scheme + ':' if scheme else ''}{digest[:12]}..."
+
+
+#: Bytes hashed of a task-vector file: all of a small one; of a large one, its first and last ``_FILE_EDGE`` bytes and
+#: ``_FILE_BLOCKS`` blocks of ``_FILE_BLOCK`` bytes evenly spaced in between (with its size and name).
+_FILE_EDGE = 1 << 20
+_FILE_BLOCK = 4096
+_FILE_BLOCKS = 256
+
+
+def task_vector_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """``"files1:<sha256 hex>"`` of a task-vector folder: which task vector a merge holds (``merge.json`` records it).
+
+    SHA-256 over every file of the folder (sorted by name; hidden temporaries left out): its name and size, and its
+    bytes (a file over 2 MiB: its first and last MiB and 256 blocks of 4 KiB spread over the rest). A refit changes
+    essentially every byte, so any of these; milliseconds for a task vector of any size.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= 2 * _FILE_EDGE:
+                digest.update(f.read())
+                continue
+            digest.update(f.read(_FILE_EDGE))
+            step = (size - 2 * _FILE_EDGE) // _FILE_BLOCKS
+            for i in range(_FILE_BLOCKS):
+                f.seek(_FILE_EDGE + i * step)
+                digest.update(f.read(min(_FILE_BLOCK, step)))
+            f.seek(size - _FILE_EDGE)
+            digest.update(f.read())
+    return f"files1:{digest.hexdigest()}"

@@ -366,3 +366,26 @@ def test_programming_errors_keep_their_traceback(error: Exception, monkeypatch: 
     monkeypatch.delenv("DRM_LIGHTNING_DEBUG", raising=False)
     with pytest.raises(type(error)):
         main(["merge"])
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (["--params", "{density:0.2}"], ["--params", "{density: 0.2}"]),  # as one types JSON
+        (["--params={drop_rate:[0.3,0.6],seed:3}"], ["--params={drop_rate: [0.3,0.6],seed: 3}"]),
+        (["--eval_trainer", "{ devices:1 }"], ["--eval_trainer", "{ devices: 1 }"]),
+        (["--params", "{density: 0.2}"], ["--params", "{density: 0.2}"]),  # already YAML: unchanged
+        (["--params", '{"density":0.2}'], ["--params", '{"density":0.2}']),  # JSON with quoted keys: YAML reads it
+        (["--base", "{url:https://x}"], ["--base", "{url: https://x}"]),  # the key only, not the URL's colon
+        (["--output", "runs/a:b"], ["--output", "runs/a:b"]),  # not a mapping
+    ],
+)
+def test_flow_mappings_without_a_space_after_the_colon_are_read_as_mappings(given: list[str], expected) -> None:
+    import yaml
+
+    from drm_lightning.cli import spaced_flow_mappings
+
+    assert spaced_flow_mappings(given) == expected
+    value = expected[-1].partition("=")[2] if expected[-1].startswith("--") else expected[-1]
+    if value.startswith("{"):
+        assert isinstance(yaml.safe_load(value), dict) and None not in yaml.safe_load(value).values()

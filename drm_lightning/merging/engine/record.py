@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, library_versions
 from drm_lightning.merging.engine.plan import summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
+from drm_lightning.task_vectors.fingerprint import task_vector_fingerprint
 
 if TYPE_CHECKING:
     from drm_lightning.merging.engine.setup import MergeSetup
@@ -73,6 +74,7 @@ def write_merge_record(
             {
                 "path": str(r.folder.resolve()),
                 "task": r.task,
+                "fingerprint": task_vector_fingerprint(r.folder),
                 "kind": r.meta.kind,
                 "base_fingerprint": r.meta.base_fingerprint,
                 "lora_r": r.meta.lora.r if r.meta.lora is not None else None,
