@@ -329,8 +329,13 @@ def join_world(
     merges; the rendezvous waits up to ``timeout_s`` for the slowest rank.
     """
     world = world if world is not None else detect_world()
+    timeout = timedelta(seconds=float(timeout_s))
     if world.world_size > 1 or world.source == "initialized":
-        init_default_group(world, rank_device(device, world.local_rank), timedelta(seconds=float(timeout_s)))
+        init_default_group(world, rank_device(device, world.local_rank), timeout)
+    if world.source == "initialized" and _watch is None:  # a group Lightning made: the launcher's store is there too
+        launched = detect_world(dict(os.environ))
+        if launched.world_size == world.world_size > 1:
+            world_store(launched, timeout)  # starts the watch of the other ranks
     return world
 
 
