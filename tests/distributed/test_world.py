@@ -66,3 +66,36 @@ def test_each_incarnation_rendezvouses_under_keys_of_its_own(monkeypatch: pytest
         dist.destroy_process_group()
         counts.append(agent.num_keys())
     assert counts[1] > counts[0], counts
+
+
+def test_a_process_killed_but_not_reaped_counts_as_gone() -> None:
+    """The watch's look at a rank on this node: a zombie (killed, its launcher not yet reaped it) is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from drm_lightning.world import _process_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _process_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _process_alive(child.pid) and time.monotonic() < deadline:  # a zombie until waited for
+            time.sleep(0.05)
+        assert not _process_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not _process_alive(child.pid)  # reaped: no such process
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_bad_dead_rank_bound_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from drm_lightning import world
+
+    monkeypatch.setenv(world.DEAD_RANK_ENV, value)
+    monkeypatch.setattr(world, "_Watch", lambda *args: pytest.fail("started a watch"))
+    with pytest.raises(ValueError, match=rf"DRM_LIGHTNING_DEAD_RANK_S='{value}'"):
+        world._start_watch("127.0.0.1", 1, 0, 2, hosts_store=False)
