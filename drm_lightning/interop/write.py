@@ -151,8 +151,9 @@ def write_import(
 
 def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates: bool) -> list[str]:
     """What converting these ``(task, plan, base info)`` left out, said once for all of them: tensors outside the
-    backbone and head (the same set for every expert: one line), and, when the run ``evaluates`` (a λ search, an
-    evaluation), the tasks without a head, which merge but cannot be scored.
+    backbone and head (the same set for every expert: one line), and the tasks without a head (one line: when the
+    run ``evaluates``, a λ search or an evaluation, that they cannot be scored; otherwise only that they merge
+    without a classifier of their own).
 
     Why grouped: merging eight plain ``BertModel`` fine-tunes printed both lines eight times, the second one in a
     ``merge`` that evaluated nothing (docs/interop.md says what happens to a fine-tuned pooler).
@@ -169,10 +170,12 @@ def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates:
         lines.append(f"left out {len(names)} tensor(s) outside the backbone and head of {whose}: {shown}")
     headless = [(task, plan.head.reason) for task, plan, info in imports
                 if not plan.head.config and info.family not in LABEL_WORD_FAMILIES]  # fmt: skip  # label words: no head
-    if headless and evaluates:
-        reasons = sorted({reason for _, reason in headless})
-        tasks = ", ".join(repr(t) for t, _ in headless)
-        lines.append(f"task(s) {tasks} have no head ({'; '.join(reasons)}): they merge, but are not evaluated")
+    if headless:
+        names = ", ".join(repr(t) for t, _ in headless)
+        who = f"task {names} has" if len(headless) == 1 else f"tasks {names} have"
+        reasons = "; ".join(sorted({reason for _, reason in headless}))
+        then = "they merge, but are not evaluated" if evaluates else "merged into the backbone, with no classifier"
+        lines.append(f"{who} no head ({reasons}): {then}")
     return lines
 
 

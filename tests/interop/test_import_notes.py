@@ -21,14 +21,15 @@ def _import(task: str, dropped: list[str], head: bool, family: str = "encoder"):
 @pytest.mark.parametrize(
     ("imports", "evaluates", "expected"),
     [
-        # eight plain BertModel fine-tunes, merged without evaluation: one line, no head line
+        # plain BertModel fine-tunes, merged without evaluation: one line each, no word of evaluation
         ([_import(f"t{i}", POOLER, False) for i in range(3)], False,
          ["left out 2 tensor(s) outside the backbone and head of 3 tasks (t0, t1, t2): pooler.dense.bias, "
-          "pooler.dense.weight"]),
+          "pooler.dense.weight",
+          "tasks 't0', 't1', 't2' have no head (no classifier): merged into the backbone, with no classifier"]),
         # the same with an evaluation: the heads' absence matters, said once
         ([_import("a", POOLER, False), _import("b", POOLER, False)], True,
          ["left out 2 tensor(s) outside the backbone and head of 2 tasks (a, b): pooler.dense.bias, "
-          "pooler.dense.weight", "task(s) 'a', 'b' have no head (no classifier): they merge, but are not evaluated"]),
+          "pooler.dense.weight", "tasks 'a', 'b' have no head (no classifier): they merge, but are not evaluated"]),
         # classifiers with heads: nothing to say
         ([_import("a", [], True), _import("b", [], True)], True, []),
         # different left-out sets: one line each
