@@ -98,7 +98,8 @@ class Evaluator:
     """One base backbone in memory, set to ``W_0 + λ·Δ`` and evaluated under every task's head."""
 
     def __init__(self, recipe: str) -> None:
-        from drm_lightning.commands.pipeline import Pipeline, build_pipeline_parser, load_recipe
+        from drm_lightning.commands.pipeline import Pipeline
+        from drm_lightning.commands.pipeline_recipe import build_pipeline_parser, load_recipe
         from drm_lightning.io.task_vector import read_meta
         from drm_lightning.models.backbone import load_recorded_base
 

@@ -33,7 +33,6 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
-from typing import Any
 
 from drm_lightning.exit_cleanup import has_process_group, leave_process_group, leave_rank_watch
 from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
@@ -230,16 +229,6 @@ def _tell_other_ranks(ended: str | None) -> None:
 
         leave_watch(ended)
     leave_rank_watch(ended)
-
-
-def __getattr__(name: str) -> Any:
-    """``ExpertCLI`` and ``parse_expert_args`` live in ``commands.expert``; importing them here lazily keeps
-    ``drm-lightning --help`` free of the Lightning import."""
-    if name in ("ExpertCLI", "parse_expert_args"):
-        from drm_lightning.commands import expert
-
-        return getattr(expert, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":  # python -m drm_lightning.cli (what torchrun launches)

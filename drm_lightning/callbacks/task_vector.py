@@ -39,10 +39,15 @@ from typing_extensions import override
 
 from drm_lightning.callbacks.grams import Grams, expert_grams, recorded_layers
 from drm_lightning.io.disk import check_free_space
-from drm_lightning.io.statistics import DEFAULT_EXAMPLES, statistics_bytes, statistics_section
+from drm_lightning.io.statistics import (
+    DEFAULT_EXAMPLES,
+    statistics_bytes,
+    statistics_section,
+    write_task_vector_with_statistics,
+)
 from drm_lightning.io.task_vector import LoraMeta, TaskVectorMeta, library_versions, write_task_vector
-from drm_lightning.models.backbone import load_backbone
-from drm_lightning.models.expert import ExpertModule, parse_dtype
+from drm_lightning.models.backbone import load_backbone, parse_dtype
+from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import backbone_name, split_lora_state
 from drm_lightning.task_vectors.fingerprint import fingerprint
 
@@ -266,9 +271,9 @@ class TaskVectorCallback(Callback):
                 )
                 if grams is not None:
                     meta.statistics = statistics_section(grams.sums, grams.rows, grams.examples)
-                self.written = write_task_vector(
-                    folder, deltas, head, meta, statistics=grams.sums if grams is not None else None
-                )
+                    self.written = write_task_vector_with_statistics(folder, deltas, head, meta, grams.sums)
+                else:
+                    self.written = write_task_vector(folder, deltas, head, meta)
             except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks are released
                 error = err
         del state

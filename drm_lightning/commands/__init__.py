@@ -38,7 +38,7 @@ def _function(name: str) -> Callable[..., Any]:
 def build_parser(name: str) -> ArgumentParser:
     """The parser of subcommand ``name`` (``merge``, ``evaluate`` or ``pipeline``)."""
     if name == "pipeline":
-        from drm_lightning.commands.pipeline import build_pipeline_parser
+        from drm_lightning.commands.pipeline_recipe import build_pipeline_parser
 
         return build_pipeline_parser()
     fn = _function(name)

@@ -31,30 +31,11 @@ from drm_lightning.commands.pipeline_fit import FitStage
 from drm_lightning.commands.pipeline_folder import log, rank_zero_then_wait
 from drm_lightning.commands.pipeline_merge import MergeStage
 from drm_lightning.commands.pipeline_recipe import (
-    PROG,
-    TASK_MODEL_ARGS,
-    DataDefaults,
-    MethodSpec,
-    Recipe,
     build_pipeline_parser,
-    check_model_settings,
     load_recipe,
-    method_spec,
 )
 
-__all__ = [
-    "PROG",
-    "TASK_MODEL_ARGS",
-    "DataDefaults",
-    "MethodSpec",
-    "Pipeline",
-    "Recipe",
-    "build_pipeline_parser",
-    "check_model_settings",
-    "load_recipe",
-    "method_spec",
-    "run_pipeline",
-]
+__all__ = ["Pipeline", "run_pipeline"]
 
 #: Trainer settings passed on to the evaluation runs (validation / test of every model).
 _EVAL_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "precision")

@@ -4,8 +4,7 @@ Why one base class: text and image tasks differ only in how a batch is built (to
 everything that makes a run reproducible and its errors readable (split roles, seeded validation carve, seeded
 sub-sampling, a per-epoch seeded shuffle that survives resuming, label checks) must behave identically for both,
 and for every task the merger later evaluates. The pieces live one job per module: the checks and ``DataError`` in
-``checks.py``, loading files or a hub dataset in ``sources.py``, the seeded row choice and order in ``sampling.py``;
-the names the tests and older imports take from here stay importable here.
+``checks.py``, loading files or a hub dataset in ``sources.py``, the seeded row choice and order in ``sampling.py``.
 """
 
 from __future__ import annotations
@@ -30,14 +29,7 @@ from drm_lightning.data.checks import (
 )
 from drm_lightning.data.sampling import EpochShuffleSampler, carve_validation, seeded_subset
 
-__all__ = [
-    "ROLES",
-    "SUPPORTED_METRICS",
-    "ClassificationDataModule",
-    "DataError",
-    "EpochShuffleSampler",
-    "label_mapping",
-]
+__all__ = ["ROLES", "ClassificationDataModule"]
 
 ROLES: tuple[str, ...] = ("train", "validation", "test")
 _STAGE_ROLES: dict[str | None, tuple[str, ...]] = {

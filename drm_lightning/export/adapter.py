@@ -308,7 +308,7 @@ def merge_to_adapter(
         copy_heads(setup.readers, tmp)
         save_tokenizer(setup.base, tmp)
         timings["total"] = time.perf_counter() - t_start
-        write_merge_record(tmp, setup, timings, count, lam=lam, save_as="adapter", adapter=summary)
+        write_merge_record(tmp, setup.record(), timings, count, lam=lam, save_as="adapter", adapter=summary)
         write_model_card(tmp, name=output.name)
     return summary
 

@@ -9,9 +9,3 @@
 
 Details and what is refused: ``docs/interop.md``.
 """
-
-from drm_lightning.interop.checkpoint import CheckpointError
-from drm_lightning.interop.export import export_task_models
-from drm_lightning.interop.inputs import convert, import_inputs, input_kind
-
-__all__ = ["CheckpointError", "convert", "export_task_models", "import_inputs", "input_kind"]

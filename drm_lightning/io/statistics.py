@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import open_safetensors
-from drm_lightning.io.task_vector import META_FILE, TaskVectorError, TaskVectorMeta, read_meta
+from drm_lightning.io.task_vector import META_FILE, TaskVectorError, TaskVectorMeta, read_meta, write_task_vector
 
 STATISTICS_FILE = "statistics.safetensors"
 STATISTICS_KIND = "input_gram"
@@ -142,6 +142,26 @@ def save_statistics(path: str | os.PathLike[str], grams: Mapping[str, torch.Tens
     """Write the float32 Grams to ``path`` (a statistics file), with the task and base fingerprint in its header."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in grams.items()}
     save_file(tensors, str(path), metadata={"task": meta.task, "base_fingerprint": meta.base_fingerprint})
+
+
+def write_task_vector_with_statistics(
+    folder: str | os.PathLike[str],
+    deltas: Mapping[str, torch.Tensor],
+    head: Mapping[str, torch.Tensor],
+    meta: TaskVectorMeta,
+    grams: Mapping[str, torch.Tensor],
+) -> Path:
+    """``write_task_vector`` with the input Grams beside the deltas, in the same atomic folder; ``meta.statistics``
+    (``statistics_section``) must describe them."""
+    stats = statistics_meta(meta, folder)
+    if stats is None:
+        raise ValueError(f"task {meta.task!r}: statistics and meta.statistics must be given together")
+    if set(stats.rows) != set(grams):
+        raise ValueError(f"task {meta.task!r}: meta.statistics.rows name other layers than the Grams given")
+    return write_task_vector(
+        folder, deltas, head, meta, extra=lambda tmp: save_statistics(tmp / stats.file, grams, meta),
+        extra_bytes=statistics_bytes(grams),
+    )  # fmt: skip
 
 
 def statistics_section(grams: Mapping[str, torch.Tensor], rows: Mapping[str, int], examples: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -181,34 +181,31 @@ def write_task_vector(
     deltas: Mapping[str, torch.Tensor],
     head: Mapping[str, torch.Tensor],
     meta: TaskVectorMeta,
-    statistics: Mapping[str, torch.Tensor] | None = None,
+    *,
+    extra: Callable[[Path], None] | None = None,
+    extra_bytes: int = 0,
 ) -> Path:
     """Write a task vector folder atomically (all its files appear together or not at all).
 
-    ``statistics``: the input Grams to write beside the deltas (``statistics.py``); ``meta.statistics`` must then
-    describe them.
+    ``extra``: writes more files into the folder being built (given its temporary path), before ``meta.json``;
+    ``extra_bytes`` is their size for the free-space check. What uses it:
+    ``statistics.write_task_vector_with_statistics`` (the input Grams that ``meta.statistics`` describes), so this
+    module does not import the statistics one.
 
     Raises:
         InsufficientSpaceError: before anything is written, when ``folder``'s filesystem lacks the room for the
             three files (the replaced folder, if any, is removed only after the new one is complete, so it does not
             count as free).
     """
-    from drm_lightning.io.statistics import save_statistics, statistics_bytes, statistics_meta
-
-    if (statistics is None) != (meta.statistics is None):
+    if meta.statistics is not None and extra is None:
         raise ValueError(f"task {meta.task!r}: statistics and meta.statistics must be given together")
-    needed = safetensors_bytes(deltas) + safetensors_bytes(head) + len(meta.to_json().encode())
-    needed += statistics_bytes(statistics or {})
+    needed = safetensors_bytes(deltas) + safetensors_bytes(head) + len(meta.to_json().encode()) + extra_bytes
     check_free_space({folder: needed}, f"task vector of task {meta.task!r}")
     with atomic_dir(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in deltas.items()}, str(tmp / DELTAS_FILE))
         save_file({k: v.detach().contiguous().cpu() for k, v in head.items()}, str(tmp / HEAD_FILE))
-        if statistics is not None:
-            stats = statistics_meta(meta, folder)
-            assert stats is not None
-            if set(stats.rows) != set(statistics):
-                raise ValueError(f"task {meta.task!r}: meta.statistics.rows name other layers than the Grams given")
-            save_statistics(tmp / stats.file, statistics, meta)
+        if extra is not None:
+            extra(tmp)
         (tmp / META_FILE).write_text(meta.to_json())
     return Path(folder)
 

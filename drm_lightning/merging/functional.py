@@ -49,8 +49,9 @@ from drm_lightning.merging.methods.checks import (
     check_seed,
     check_switch,
 )
-from drm_lightning.merging.methods.drm import DRM_RANK_TOL, SHARE_EPS, DrmBasis, drm, drm_basis, drm_nonmatrix
+from drm_lightning.merging.methods.drm import DRM_RANK_TOL, DrmBasis, drm, drm_basis, drm_nonmatrix
 from drm_lightning.merging.methods.drm_iso import DrmIsoBasis, drm_iso, drm_iso_basis
+from drm_lightning.merging.methods.drm_prune import SHARE_EPS
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
 from drm_lightning.merging.methods.iso import IsoCtsBasis, iso_c, iso_cts, iso_cts_basis, iso_cts_split
 from drm_lightning.merging.methods.tsv import tsv_m

@@ -53,26 +53,15 @@ from drm_lightning.models.forward import batch_candidates, head_logits
 from drm_lightning.models.heads import ZeroShotHead, build_head, task_head
 from drm_lightning.models.label_words import candidate_logprobs, load_label_targets, target_loss
 from drm_lightning.models.lora import LoraSettings, add_lora
-from drm_lightning.models.metrics import METRICS, check_metrics, metric_collection
-from drm_lightning.models.optim import adamw_warmup_decay, linear_warmup_decay
+from drm_lightning.models.metrics import check_metrics, metric_collection
+from drm_lightning.models.optim import adamw_warmup_decay
 from drm_lightning.models.rebuild import expert_from_task_vector, preloaded_backbone, recorded_head
 from drm_lightning.models.settings import (
-    CHOICE_FAMILIES,
-    CHOICE_FORMAT_OF,
-    TASK_TYPES,
     check_expert_settings,
     datamodule_settings,
 )
 
-__all__ = [
-    "CHOICE_FAMILIES",
-    "CHOICE_FORMAT_OF",
-    "METRICS",
-    "TASK_TYPES",
-    "ExpertModule",
-    "linear_warmup_decay",
-    "parse_dtype",
-]
+__all__ = ["ExpertModule"]
 
 
 class ExpertModule(LightningModule):

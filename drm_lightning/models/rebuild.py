@@ -12,17 +12,27 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
 from drm_lightning.models.backbone import FAMILIES
 from drm_lightning.models.heads import build_head
 
-if TYPE_CHECKING:
-    from drm_lightning.models.expert import ExpertModule
 
-E = TypeVar("E", bound="ExpertModule")
+class Rebuildable(Protocol):
+    """What ``expert_from_task_vector`` needs of the class it builds (``ExpertModule``, which calls it: this module
+    does not import the expert module, so the two make no import cycle)."""
+
+    backbone: nn.Module
+    head: nn.Module | None
+
+    def head_config(self) -> dict[str, Any]: ...
+
+    def eval(self) -> Any: ...
+
+
+E = TypeVar("E", bound=Rebuildable)
 
 _PRELOADED_BACKBONE: ContextVar[nn.Module | None] = ContextVar("drm_lightning_preloaded_backbone", default=None)
 _RECORDED_HEAD: ContextVar[dict[str, Any] | None] = ContextVar("drm_lightning_recorded_head", default=None)

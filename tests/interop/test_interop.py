@@ -26,7 +26,7 @@ import torch
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 from drm_lightning.cli import main
-from drm_lightning.interop import convert
+from drm_lightning.interop.inputs import convert
 from drm_lightning.io.task_vector import TaskVectorError, read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.task_vectors.apply import apply_task_vector

@@ -30,7 +30,7 @@ MEASURE = textwrap.dedent(
     import gc, json, sys, threading, time
     from pathlib import Path
     import psutil
-    from drm_lightning.interop import convert
+    from drm_lightning.interop.inputs import convert
     from drm_lightning.models.backbone import load_backbone
 
     root = Path(sys.argv[1])

@@ -45,7 +45,7 @@ MEASURE = textwrap.dedent(
     import psutil
 
     from drm_lightning.export.model_folder import save_merged_model
-    from drm_lightning.merging import merge_task_vectors
+    from drm_lightning.merging.engine.merger import merge_task_vectors
     from drm_lightning.models.backbone import load_backbone
 
     root = Path(sys.argv[1])

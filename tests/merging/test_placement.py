@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from drm_lightning.merging.engine import placement
-from drm_lightning.merging.engine.merger import merge_parameters, prepare_merge
+from drm_lightning.merging.engine.merger import merge_parameters
+from drm_lightning.merging.engine.setup import prepare_merge
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from drm_lightning.io.merged_delta import iter_merged_delta
-from drm_lightning.merging import merge_task_vectors
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.record import MERGE_FILE
 from drm_lightning.merging.engine.sweep import ParamGrid, edge_extension, merge_task_vectors_many, variant_name
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
-from drm_lightning.merging.methods.drm_iso import drm_iso
-from drm_lightning.merging.methods.registry import DRM_ISO_REFERENCE, METHODS, MergeMethod, get_method
+from drm_lightning.merging.methods.drm_iso import DRM_ISO_REFERENCE, drm_iso
+from drm_lightning.merging.methods.registry import METHODS, get_method
 from drm_lightning.merging.methods.regmean import regmean
+from drm_lightning.merging.methods.spec import MergeMethod
 from drm_lightning.merging.ops import linalg
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases

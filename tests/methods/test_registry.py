@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from drm_lightning.merging import functional as F
-from drm_lightning.merging.methods.registry import METHODS, MergeMethod, collect_methods, get_method, method_modules
+from drm_lightning.merging.methods.registry import METHODS, collect_methods, get_method, method_modules
+from drm_lightning.merging.methods.spec import MergeMethod
 
 ROOT = Path(__file__).resolve().parents[2]
 

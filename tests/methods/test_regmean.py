@@ -18,8 +18,8 @@ from torch import Tensor
 from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.io.statistics import STATISTICS_FILE, add_statistics, statistics_meta
 from drm_lightning.io.task_vector import META_FILE, TaskVectorError, read_meta
-from drm_lightning.merging import merge_task_vectors
 from drm_lightning.merging import reference as ref
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.methods.registry import get_method
 from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.ops.lowrank import LowRankDelta

@@ -235,13 +235,3 @@ def test_lora_names_map_back_to_the_backbone(tiny):
 def test_split_lora_state_rejects_other_adapter_kinds():
     with pytest.raises(ValueError, match="lora_embedding_A"):
         split_lora_state({"base_model.model.emb.lora_embedding_A.default": torch.zeros(2, 3)})
-
-
-@pytest.mark.parametrize("package", ["drm_lightning.models", "drm_lightning.task_vectors"])
-def test_lazy_package_exports(package):
-    import importlib
-
-    module = importlib.import_module(package)
-    assert all(getattr(module, name) is not None for name in module.__all__)
-    with pytest.raises(AttributeError, match="no_such_name"):
-        module.no_such_name  # noqa: B018

@@ -131,7 +131,7 @@ def test_zero_shot_head_bad_config(config, match):
 
 
 def test_templates_are_checked():
-    from drm_lightning.data.common import DataError
+    from drm_lightning.data.checks import DataError
     from drm_lightning.data.image import ImageClassificationDataModule
 
     for templates in (["a photo"], ["{} and {}"], []):

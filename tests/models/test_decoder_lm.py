@@ -165,7 +165,7 @@ PROMPT = "{premise}\nQuestion: does it follow that {claim}?\nAnswer:"
 
 
 def test_prompt_template_formats_each_row_and_is_checked(llama, tmp_path):
-    from drm_lightning.data.common import DataError
+    from drm_lightning.data.checks import DataError
     from drm_lightning.data.text import TextClassificationDataModule
 
     rows = [("the cat is red", "the cat has a colour", "yes"), ("a dog", "a fish", "no")] * 4

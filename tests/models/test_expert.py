@@ -12,8 +12,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from drm_lightning.models.expert import ExpertModule, linear_warmup_decay
+from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import LoraSettings
+from drm_lightning.models.optim import linear_warmup_decay
 from tests.helpers.expert_marks import EXPERT_TEST_MARKS
 from tests.helpers.tiny_models import SyntheticDataModule, tiny_trainer
 

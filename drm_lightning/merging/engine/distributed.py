@@ -351,7 +351,7 @@ def distributed_merge(
                     timings["write"] = time.perf_counter() - t0
                     timings["total"] = time.perf_counter() - t_start
                     write_merge_record(
-                        tmp, setup, timings, merged_count, lam=None,
+                        tmp, setup.record(), timings, merged_count, lam=None,
                         distributed=_record(world, layout, parts, setup.entries),
                     )  # fmt: skip
             except Exception as err:  # noqa: BLE001

@@ -45,7 +45,7 @@ from drm_lightning.merging.engine.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.record import copy_heads, write_merge_record
 from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
-from drm_lightning.merging.methods.registry import MergeMethod
+from drm_lightning.merging.methods.spec import MergeMethod
 
 
 @dataclass
@@ -249,7 +249,7 @@ def write_merged(
         timings["total"] = time.perf_counter() - t_start
         for tmp, out, params in zip(tmps, outputs, param_sets, strict=True):
             own = replace(setup, params=params)
-            write_merge_record(tmp, own, timings, merged_count, lam=None, **(record or {}))
+            write_merge_record(tmp, own.record(), timings, merged_count, lam=None, **(record or {}))
             results.append(MergeResult.from_setup(own, out, dict(timings), merged_count, str(setup.device)))
     return results
 

@@ -10,17 +10,11 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, library_versions
-from drm_lightning.merging.engine.plan import summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
-from drm_lightning.task_vectors.fingerprint import task_vector_fingerprint
-
-if TYPE_CHECKING:
-    from drm_lightning.merging.engine.setup import MergeSetup
 
 MERGE_FILE = "merge.json"
 HEADS_DIR = "heads"
@@ -53,40 +47,18 @@ def copy_heads(readers: Sequence[TaskVectorReader], folder: str | os.PathLike[st
 
 def write_merge_record(
     folder: str | os.PathLike[str],
-    setup: MergeSetup,
+    merge: Mapping[str, Any],
     timings: Mapping[str, float],
     merged_parameters: int,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write ``merge.json``: what was merged, how, from what, against which base, how long it took."""
+    """Write ``merge.json``: what was merged, how, from what, against which base (``merge``: the setup's
+    ``MergeSetup.record()``), how long it took."""
     record: dict[str, Any] = {
         "format_version": MERGE_FORMAT_VERSION,
-        "method": setup.method.name,
-        "label": setup.method.label,
-        "params": setup.params,
-        "coefficients": setup.coefficients,
-        "base_model": setup.base,
-        "base_fingerprint": setup.base_fingerprint,
-        "family": setup.family,
-        "torch_dtype": setup.torch_dtype,
-        "gguf_file": setup.gguf_file,
-        "inputs": [
-            {
-                "path": str(r.folder.resolve()),
-                "task": r.task,
-                "fingerprint": task_vector_fingerprint(r.folder),
-                "kind": r.meta.kind,
-                "base_fingerprint": r.meta.base_fingerprint,
-                "lora_r": r.meta.lora.r if r.meta.lora is not None else None,
-                "metrics": r.meta.metrics,
-            }
-            for r in setup.readers
-        ],
-        "plan": asdict(setup.plan),
-        "rule_counts": summarize(setup.entries),
+        **merge,
         "merged_parameters": merged_parameters,
         "timings": {k: round(float(v), 6) for k, v in timings.items()},
-        "device": str(setup.device),
         "versions": library_versions(),
         **extra,
     }

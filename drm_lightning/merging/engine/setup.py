@@ -13,7 +13,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import torch
 from drm_lightning.io.safetensors import open_safetensors
 from drm_lightning.io.statistics import missing_statistics_message
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, TaskVectorError, TaskVectorMeta
-from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
+from drm_lightning.merging.engine.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.record import MERGE_FILE
 from drm_lightning.merging.engine.space import check_merge_space
-from drm_lightning.merging.methods.registry import MergeMethod, get_method
+from drm_lightning.merging.methods.registry import get_method
+from drm_lightning.merging.methods.spec import MergeMethod
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
-from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of
+from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of, task_vector_fingerprint
 from drm_lightning.world import resolve_device
 
 _SAFE_TASK = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -52,6 +53,35 @@ class MergeSetup:
     timings: dict[str, float] = field(default_factory=dict)
     torch_dtype: str | None = None
     gguf_file: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """What ``merge.json`` says of this merge: the method and its parameters, the inputs, the base, the plan."""
+        return {
+            "method": self.method.name,
+            "label": self.method.label,
+            "params": self.params,
+            "coefficients": self.coefficients,
+            "base_model": self.base,
+            "base_fingerprint": self.base_fingerprint,
+            "family": self.family,
+            "torch_dtype": self.torch_dtype,
+            "gguf_file": self.gguf_file,
+            "inputs": [
+                {
+                    "path": str(r.folder.resolve()),
+                    "task": r.task,
+                    "fingerprint": task_vector_fingerprint(r.folder),
+                    "kind": r.meta.kind,
+                    "base_fingerprint": r.meta.base_fingerprint,
+                    "lora_r": r.meta.lora.r if r.meta.lora is not None else None,
+                    "metrics": r.meta.metrics,
+                }
+                for r in self.readers
+            ],
+            "plan": asdict(self.plan),
+            "rule_counts": summarize(self.entries),
+            "device": str(self.device),
+        }
 
 
 def check_output(output: Path, inputs: Sequence[Path]) -> None:

@@ -32,7 +32,8 @@ from drm_lightning.merging.engine.plan import MergePlan, PlanEntry
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.setup import check_output, prepare_merge
 from drm_lightning.merging.engine.space import estimate_merge_bytes
-from drm_lightning.merging.methods.registry import MergeMethod, get_method
+from drm_lightning.merging.methods.registry import get_method
+from drm_lightning.merging.methods.spec import MergeMethod
 
 
 def _value_text(value: Any) -> str:

@@ -16,10 +16,9 @@ import pkgutil
 from types import ModuleType
 
 from drm_lightning.merging import methods
-from drm_lightning.merging.methods.drm_iso import DRM_ISO_REFERENCE
 from drm_lightning.merging.methods.spec import MergeMethod
 
-__all__ = ["DRM_ISO_REFERENCE", "METHODS", "MergeMethod", "collect_methods", "get_method", "method_modules"]
+__all__ = ["METHODS", "collect_methods", "get_method", "method_modules"]
 
 
 def method_modules(package: ModuleType = methods) -> list[ModuleType]:
