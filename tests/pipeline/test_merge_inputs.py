@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from drm_lightning.io.task_vector import DELTAS_FILE, META_FILE
-from drm_lightning.merging import merge_task_vectors
+from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.record import read_merge_record
 from drm_lightning.task_vectors.fingerprint import task_vector_fingerprint
 
