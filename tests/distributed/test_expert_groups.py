@@ -231,8 +231,9 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
     assert record["distributed"]["world_size"] == 2
     assert [r["parameters"] > 0 for r in record["distributed"]["ranks"]] == [True, True]
     got, ref = _files(tmp_path / "two"), _files(tmp_path / "one")
-    # 2 × (task vector, head); merged delta, 2 heads; the exported best model (models/<label>/) and its 2 heads
-    assert len(ref) == 2 * 2 + 3 + 3 and sorted(got) == sorted(ref)
+    # 2 × (task vector, head, input statistics); merged delta, 2 heads; the exported best model (models/<label>/)
+    # and its 2 heads
+    assert len(ref) == 2 * 3 + 3 + 3 and sorted(got) == sorted(ref)
     assert [name for name in ref if got[name] != ref[name]] == []
     assert _numbers(tmp_path / "two") == _numbers(tmp_path / "one")
     assert out.count("# drm_lightning merge report") == 1  # rank 0 alone reports
