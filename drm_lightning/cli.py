@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pickle import UnpicklingError  # the exception only: nothing here unpickles
 
 from drm_lightning.exit_cleanup import has_process_group, leave_process_group, leave_rank_watch
-from drm_lightning.verbosity import VERBOSE_ENV, quiet_third_party
+from drm_lightning.verbosity import LIBRARIES, VERBOSE_ENV, quiet_third_party
 
 PROG = "drm-lightning"
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
@@ -145,9 +145,9 @@ def spaced_flow_mappings(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _run(command: str, args: list[str], quiet: Callable[[], None]) -> None:
-    """Run one subcommand; ``quiet()`` (the libraries' verbosity) is called once its arguments parsed, or at once for
-    Lightning's commands, which import every library anyway."""
+def _run(command: str, args: list[str], quiet: Callable[..., None]) -> None:
+    """Run one subcommand; ``quiet(libraries)`` (the libraries' verbosity) is called once its arguments parsed, with
+    the libraries it uses, or at once for Lightning's commands, which import every library anyway."""
     args = spaced_flow_mappings(args)
     if command in LIGHTNING_COMMANDS:
         from drm_lightning.commands.expert import ExpertCLI
@@ -198,8 +198,8 @@ def main(args: Sequence[str] | None = None) -> int:
     line: str | None = None
     try:
         if command in _SUMMARY:  # loggers and warnings now; transformers and datasets once the arguments parsed
-            quiet_third_party(verbose=verbose, libraries=False)
-        _run(command, rest, lambda: quiet_third_party(verbose=verbose))
+            quiet_third_party(verbose=verbose, libraries=())
+        _run(command, rest, lambda libraries=LIBRARIES: quiet_third_party(verbose=verbose, libraries=libraries))
         ended = None
     except SystemExit as exc:  # --help / --print_config exit 0 from inside the parser
         code = exc.code

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 VERBOSE_ENV = "DRM_LIGHTNING_VERBOSE"
@@ -89,7 +90,11 @@ class _Saved:
 _saved: _Saved | None = None
 
 
-def quiet_third_party(verbose: bool, *, libraries: bool = True) -> None:
+#: The libraries ``quiet_third_party`` switches by default (importing them).
+LIBRARIES: tuple[str, ...] = ("transformers", "datasets")
+
+
+def quiet_third_party(verbose: bool, *, libraries: Collection[str] = LIBRARIES) -> None:
     """Quiet (``verbose=False``) or restore (``verbose=True``) third-party logging, warnings and progress bars.
 
     Idempotent both ways: quieting twice adds nothing twice, and restoring puts back the levels and switches seen
@@ -98,10 +103,10 @@ def quiet_third_party(verbose: bool, *, libraries: bool = True) -> None:
 
     Args:
         verbose: ``True`` for everything the libraries print (``--debug``, ``DRM_LIGHTNING_VERBOSE=1``).
-        libraries: also switch transformers' and datasets' verbosity and progress bars, importing them (about 1 s).
-            ``False`` switches them only if they are already imported: what ``cli.main`` does before a command's
-            arguments are parsed, so ``--help`` and a malformed command line answer without those imports; the
-            command quiets them with ``True`` once its arguments are good.
+        libraries: which of ``LIBRARIES`` to import and switch (verbosity, progress bars); one already imported
+            is switched either way. Why: importing transformers and datasets costs seconds, so ``cli.main`` passes
+            none before a command's arguments are parsed (``--help`` and a malformed command line answer without
+            them), then those the command uses (a merge without ``--tasks`` never loads datasets).
     """
     if verbose:
         _restore()
@@ -109,7 +114,7 @@ def quiet_third_party(verbose: bool, *, libraries: bool = True) -> None:
         _quiet(libraries)
 
 
-def _quiet(libraries: bool) -> None:
+def _quiet(libraries: Collection[str]) -> None:
     global _saved
     saved = _saved if _saved is not None else _Saved()
     for name in RANK_ZERO_LOGGERS:
@@ -122,14 +127,14 @@ def _quiet(libraries: bool) -> None:
         warnings.filterwarnings("ignore", message=known.message, category=known.category, module=known.module)
 
     _saved = saved
-    if libraries or "transformers" in sys.modules:
+    if "transformers" in libraries or "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         if saved.transformers is None:
             saved.transformers = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
         hf_logging.set_verbosity_error()  # the per-load "LOAD REPORT" (e.g. the pooler we drop on purpose)
         hf_logging.disable_progress_bar()  # "Loading weights" bars; also switches off huggingface_hub's
-    if libraries or "datasets" in sys.modules:
+    if "datasets" in libraries or "datasets" in sys.modules:
         import datasets
 
         if saved.datasets_bars is None:

@@ -44,7 +44,7 @@ if [ "$quick" = 1 ]; then
 else
   speed=(--scale 1 --tasks 8 --repeats 2)
   memory=(--scale 1 --tasks 8)
-  vsmk=()
+  vsmk=(--sizes llama-30m --experts 4 --runs 1 --methods task_arithmetic ties drm_v)  # fits limit_vs
   limit_tests=150 limit_speed=150 limit_memory=60 limit_vs=150
 fi
 

@@ -53,14 +53,21 @@ def parse(name: str, args: Sequence[str]) -> Namespace:
     return build_parser(name).parse_args(list(args))
 
 
-def run(name: str, args: Sequence[str], prepare: Callable[[], None] | None = None) -> Any:
-    """Parse ``args`` for subcommand ``name`` and run it; ``prepare()`` is called once they parsed, before the command
-    runs (``cli.main`` quiets the libraries there, so a malformed command line never imports them)."""
+def libraries_used(name: str, kwargs: dict[str, Any]) -> tuple[str, ...]:
+    """The third-party libraries whose output command ``name`` may show: transformers always, datasets where it loads
+    task data (every command but a merge without ``--tasks``)."""
+    return ("transformers",) if name == "merge" and not kwargs.get("tasks") else ("transformers", "datasets")
+
+
+def run(name: str, args: Sequence[str], prepare: Callable[[tuple[str, ...]], None] | None = None) -> Any:
+    """Parse ``args`` for subcommand ``name`` and run it; ``prepare(libraries_used(...))`` is called once they parsed,
+    before the command runs (``cli.main`` quiets the libraries there, so a malformed command line never imports
+    them, and a merge never imports datasets)."""
     if name == "pipeline":
         from drm_lightning.commands.pipeline import run_pipeline
 
         if prepare is not None:
-            prepare()
+            prepare(libraries_used(name, {}))
         return run_pipeline(list(args))
     parser = build_parser(name)
     config = parser.parse_args(list(args))
@@ -68,5 +75,5 @@ def run(name: str, args: Sequence[str], prepare: Callable[[], None] | None = Non
     kwargs.pop("config", None)
     kwargs.pop("__path__", None)
     if prepare is not None:
-        prepare()
+        prepare(libraries_used(name, kwargs))
     return _function(name)(**kwargs)

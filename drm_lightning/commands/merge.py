@@ -7,19 +7,24 @@
     drm-lightning merge --config configs/merge/ties.yaml --task_vectors [...] --output merged/ties \\
         --lam search --tasks [configs/task/rotten_tomatoes.yaml,configs/task/fine_food.yaml]
 
-Two steps, as the merger is built: Δ_merged is computed once (``merge_task_vectors``, into ``<output>_delta``),
-then ``W_0 + λ·Δ_merged`` is written as a ``save_pretrained`` folder with the task heads and ``merge.json``
-(``save_merged_model``). With ``--lam search`` λ is chosen on the tasks' validation splits first; keeping the
-delta folder lets a later ``evaluate --model <output>_delta --lam <λ>`` try another λ without merging again.
+At a fixed λ on one process the model folder is written straight from the merge
+(``export.model_folder.merge_to_model``): each parameter's Δ_merged is added to the loaded base as soon as it is
+merged, and no Δ folder is written. With
+``--lam search`` (or a searched parameter) Δ_merged is computed once (``merge_task_vectors``) into a temporary
+folder, λ is chosen on the tasks' validation splits, ``W_0 + λ·Δ_merged`` is written (``save_merged_model``) and the
+temporary folder removed. ``--keep_delta`` (or ``--delta_dir``) keeps Δ_merged in ``<output>_delta`` instead, so a
+later ``evaluate --model <output>_delta --lam <λ>`` can try another λ without merging again; the model folder is
+the same, byte for byte, either way.
 
 Under torchrun or srun the first step is shared by the ranks (``merge_task_vectors_distributed``, which is exactly
 ``merge_task_vectors`` on one process); the second writes one folder, so only global rank 0 runs it and the other
-ranks return as soon as Δ_merged is complete. ``--lam search`` runs a one-device Trainer and is refused there.
+ranks return as soon as Δ_merged is complete. ``--lam search`` runs a one-device Trainer and is refused there. The
+ranks share Δ_merged through ``<output>_delta`` (or ``--delta_dir``), which is kept.
 
-Before any model is loaded, the room both folders need (Δ_merged in float32, the model in the base's dtype, the
-heads) is compared with the free space of their filesystems; a disk that clearly cannot hold them is refused with
-one line naming the folders and the sizes. The base is loaded as the task vectors record it (``torch_dtype``,
-``gguf_file`` in their meta.json) unless ``--torch_dtype`` / ``--gguf_file`` say otherwise.
+Before any model is loaded, the room the folders need (Δ_merged in float32 where one is written, the model in the
+base's dtype, the heads) is compared with the free space of their filesystems; a disk that clearly cannot hold them
+is refused with one line naming the folders and the sizes. The base is loaded as the task vectors record it
+(``torch_dtype``, ``gguf_file`` in their meta.json) unless ``--torch_dtype`` / ``--gguf_file`` say otherwise.
 
 ``--save_as model`` (the default) writes a complete folder of the base's own architecture (pooler, ``lm_head``, tied
 weights, config, tokenizer: ``merging.model_folder``). ``--save_as adapter`` (every input LoRA) writes a PEFT
@@ -31,8 +36,11 @@ unless ``--max_rank K`` asks for an SVD truncation, whose relative error is prin
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +72,7 @@ def merge(
     task_models: bool = True,
     extend_edges: int = 1,
     mergekit_config: str | None = None,
+    keep_delta: bool = False,
 ) -> Path:
     """Merge task vectors into one model: ``W_0 + λ·Δ_merged`` as a save_pretrained folder with the task heads.
 
@@ -87,7 +96,9 @@ def merge(
         device: where the merge math runs (default: cuda when available, else cpu).
         include: regexes: only matching 2-D parameters get the method's matrix rule (default: all).
         exclude: regexes: matching parameters get the elementwise rule (default: embeddings and heads).
-        delta_dir: where Δ_merged is kept (default: <output>_delta).
+        delta_dir: keep Δ_merged (float32) in this folder, for a later evaluate --model <delta_dir> --lam <λ>;
+            by default a fixed λ writes the model straight from the merge with no delta folder, and a search keeps
+            Δ_merged in a temporary folder removed at the end (under torchrun or srun: <output>_delta, kept).
         trainer: Trainer arguments for the λ search's validation runs (e.g. {accelerator: gpu, devices: 1}).
         torch_dtype: the dtype to load the base in (default: the one the task vectors record, else its own); the
             merged model is saved in it.
@@ -110,6 +121,7 @@ def merge(
             that gives task_vectors, method, params, coefficients, λ, base and torch_dtype instead of those
             arguments; merge_method takes mergekit's task_arithmetic, ties, dare_linear, dare_ties, linear or any
             method name above (docs/interop.md: where the two tools' definitions differ).
+        keep_delta: keep Δ_merged in <output>_delta (or --delta_dir).
 
     Returns:
         The merged model folder.
@@ -160,6 +172,10 @@ def merge(
         )
     delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     check_output(Path(output), [delta, *map(Path, task_vectors)])  # before any conversion: cheap things first
+    # Δ_merged on disk only where asked for or needed: the ranks of a distributed merge share it through a folder,
+    # a search rescales it per λ (a temporary folder), and a fixed λ on one process needs none.
+    keep = bool(keep_delta) or delta_dir is not None or world.world_size > 1
+    straight = not search and not grid.searched and world.world_size == 1
     if world.world_size > 1:
         foreign = [str(tv) for tv in task_vectors if input_kind(tv) != "task_vector"]
         if foreign:
@@ -171,11 +187,11 @@ def merge(
         task_vectors, output, base=base, family=family, skip=list(skip or []), torch_dtype=torch_dtype,
         gguf_file=gguf_file, evaluates=bool(tasks),
     )  # fmt: skip
-    with imports as folders:
+    with imports as folders, _delta_folder(Path(output), delta, temporary=not keep and not straight) as delta:
         out = _merge(
             folders, output, method, params, lam, lambdas, strategy, tasks, base, family, coefficients, device,
-            include, exclude, delta_dir, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
-            extend_edges,
+            include, exclude, delta, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
+            extend_edges, keep,
         )  # fmt: skip
         if is_global_zero():
             record_sources([out, delta], task_vectors, folders)
@@ -238,7 +254,7 @@ def _merge(
     device: str | None,
     include: list[str] | None,
     exclude: list[str] | None,
-    delta_dir: str | None,
+    delta: Path,
     trainer: dict[str, Any] | None,
     torch_dtype: str | None,
     gguf_file: str | None,
@@ -247,8 +263,10 @@ def _merge(
     save_as: str,
     max_rank: int | None,
     extend_edges: int = 1,
+    keep: bool = True,
 ) -> Path:
-    """``merge`` over task-vector folders only."""
+    """``merge`` over task-vector folders only; Δ_merged goes to ``delta`` where needed, which outlives the merge
+    when ``keep``."""
     from drm_lightning.export.model_folder import save_merged_model
     from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.engine.plan import MergePlan
@@ -257,7 +275,6 @@ def _merge(
 
     search = lam == "search"
     overrides = {k: v for k, v in {"torch_dtype": torch_dtype, "gguf_file": gguf_file}.items() if v is not None}
-    delta = Path(delta_dir) if delta_dir is not None else Path(f"{output}_delta")
     # The merged model is written last, after the expensive merge (and λ search): an output that cannot be
     # written must fail now, not after that work. (merge_task_vectors checks the delta folder itself.)
     check_output(Path(output), [delta, *map(Path, task_vectors)])
@@ -272,10 +289,13 @@ def _merge(
     if save_as == "adapter" and not search and world.world_size == 1:
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
                                  device, torch_dtype, gguf_file)  # fmt: skip
-    check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
     from drm_lightning.merging.engine.sweep import ParamGrid
 
     grid = ParamGrid.parse(method, params)
+    if save_as == "model" and not keep and not search and not grid.searched and world.world_size == 1:
+        return _merge_to_model(task_vectors, output, method, params, float(lam), coefficients, plan, base, family,
+                               device, torch_dtype, gguf_file)  # fmt: skip
+    check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
     datamodules = task_datamodules(tasks, task_vectors) if search or grid.searched else {}
     if grid.searched:
         delta, lam, search_record = _search_params(
@@ -310,9 +330,12 @@ def _merge(
     if save_as == "adapter":
         from drm_lightning.export.adapter import adapter_from_merged, print_report
 
-        print_report(adapter_from_merged(delta, float(lam), output, max_rank=max_rank, device=device), sys.stderr)
+        print_report(
+            adapter_from_merged(delta, float(lam), output, max_rank=max_rank, device=device, keep_delta=keep),
+            sys.stderr,
+        )
     else:
-        save_merged_model(delta, float(lam), output, base=base, family=family, **overrides)
+        save_merged_model(delta, float(lam), output, base=base, family=family, keep_delta=keep, **overrides)
     if search_record is not None:
         from drm_lightning.export.model_card import write_model_card
 
@@ -320,7 +343,8 @@ def _merge(
         best = [p["metrics"] for p in search_record["curve"] if p["lambda"] == search_record["best_lambda"]]
         # The writer wrote the folder's card; the search's results go into it.
         write_model_card(output, results=best[0] if best else None, split="validation", source="λ search")
-    print(f"merged model: {output} (λ={float(lam):g}); merged delta: {delta}", file=sys.stderr)
+    kept = f"; merged delta: {delta}" if keep else ""
+    print(f"merged model: {output} (λ={float(lam):g}){kept}", file=sys.stderr)
     return Path(output)
 
 
@@ -412,6 +436,55 @@ def _search_record(
     }
 
 
+def _merge_to_model(
+    task_vectors: list[str],
+    output: str,
+    method: str,
+    params: dict[str, Any] | None,
+    lam: float,
+    coefficients: list[float] | None,
+    plan: Any,
+    base: str | None,
+    family: str | None,
+    device: str | None,
+    torch_dtype: str | None,
+    gguf_file: str | None,
+) -> Path:
+    """A fixed λ on one process: the model folder written straight from the merge, no Δ_merged on disk."""
+    from drm_lightning.export.model_folder import merge_to_model
+
+    check_space(task_vectors, None, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
+    result = merge_to_model(
+        task_vectors, method, output, lam, params, coefficients, base=base, family=family, plan=plan, device=device,
+        torch_dtype=torch_dtype, gguf_file=gguf_file,
+    )  # fmt: skip
+    seconds = result.timings["total"]
+    print(f"merged {len(task_vectors)} task vectors with {result.label} in {seconds:.1f}s", file=sys.stderr)
+    print(f"merged model: {output} (λ={lam:g})", file=sys.stderr)
+    return Path(output)
+
+
+@contextmanager
+def _delta_folder(output: Path, delta: Path, *, temporary: bool) -> Iterator[Path]:
+    """``delta``, or with ``temporary`` a folder inside a hidden sibling of ``output`` removed on the way out.
+
+    The sibling is named as ``atomic_dir``'s temporaries (``.<output>.tmp-<host>-<pid>-*``), so one a killed run
+    leaves behind is removed by the next write of ``output`` (``remove_stale_temporaries``).
+    """
+    if not temporary:
+        yield delta
+        return
+    from drm_lightning.io.atomic import remove_stale_temporaries, temporary_prefix
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output)
+    folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(output), dir=output.parent))
+    try:
+        yield folder / "delta"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _merge_to_adapter(
     task_vectors: list[str],
     output: str,
@@ -444,7 +517,7 @@ def _merge_to_adapter(
 
 def check_space(
     task_vectors: list[str],
-    delta: Path,
+    delta: Path | None,
     output: Path,
     plan: Any = None,
     *,
@@ -468,7 +541,7 @@ def check_space(
     metas = [r.meta for r in readers]
     load = base_load_options(metas, task_vectors, torch_dtype, gguf_file)
     model = estimate_model_bytes(base if base is not None else metas[0].base_model, **load)
-    needs = {delta: estimate_merge_bytes(readers, plan)}
+    needs = {delta: estimate_merge_bytes(readers, plan)} if delta is not None else {}
     if model is not None:
         needs[output] = model + heads_bytes(readers)
     check_free_space(needs, "merged delta and model")

@@ -343,9 +343,11 @@ def adapter_from_merged(
     *,
     max_rank: int | None = None,
     device: str | torch.device | None = None,
+    keep_delta: bool = True,
 ) -> dict[str, Any]:
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
-    adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary."""
+    adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary.
+    ``keep_delta``: whether ``merged`` outlives the call, so ``merge.json`` may name it."""
     from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
     from drm_lightning.io.atomic import atomic_dir
     from drm_lightning.io.disk import check_free_space
@@ -392,7 +394,13 @@ def adapter_from_merged(
         if (merged / HEADS_DIR).is_dir():
             shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
         save_tokenizer(record["base_model"], tmp)
-        out = {**record, "lam": lam, "merged_delta": str(merged.resolve()), "save_as": "adapter", "adapter": summary}
+        out = {
+            **record,
+            "lam": lam,
+            "merged_delta": str(merged.resolve()) if keep_delta else None,
+            "save_as": "adapter",
+            "adapter": summary,
+        }
         (tmp / MERGE_FILE).write_text(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
         write_model_card(tmp, name=output.name)
     return summary

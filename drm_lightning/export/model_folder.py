@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from torch import nn
 from drm_lightning.export.model_card import write_model_card
 from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.disk import check_free_space
-from drm_lightning.io.merged_delta import merged_delta_index
+from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
 from drm_lightning.merging.engine.apply import add_merged_delta, check_lam
 from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
 from drm_lightning.merging.engine.setup import check_output, describe_load
@@ -60,6 +61,9 @@ from drm_lightning.task_vectors.fingerprint import fingerprint_state, scheme_of
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
+
+    from drm_lightning.merging.engine.merger import MergeResult
+    from drm_lightning.merging.engine.plan import MergePlan
 
 #: What ``merge.json`` of a written folder says it holds (``save_as``).
 SAVE_AS = ("model", "adapter")
@@ -203,6 +207,24 @@ def load_full_base(
     raise ValueError(f"base model {base!r}: no architecture holds its checkpoint and the merged parameters ({tried})")
 
 
+def load_base_with_backbone(
+    base: str, family: str, load: Mapping[str, str | None]
+) -> tuple[PreTrainedModel, str, dict[str, torch.Tensor]]:
+    """``load_full_base`` for a merge still to be planned: the model, the prefix of its backbone, and the backbone's
+    ``state_dict()`` as ``load_backbone`` would give it (its keys from ``backbone_keys``, so no pooler), from one
+    load of the base (``merger.merge_to_model`` fingerprints and plans on it, then merges into it).
+
+    Why every backbone key picks the class: ``backbone_fingerprint`` needs all of them in the written model anyway,
+    so a class that lacks one could never be written.
+    """
+    config = _config(resolve_pretrained(base), load.get("gguf_file"))
+    keys = backbone_keys(config, family)
+    model, prefix = load_full_base(base, family, keys, **load)
+    backbone = model.get_submodule(prefix[:-1]) if prefix else model
+    state = backbone.state_dict()
+    return model, prefix, {k: state[k] for k in state if k in keys}
+
+
 def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: str, scheme: str = "sampled1") -> str:
     """``fingerprint`` of the ``load_backbone`` module inside ``backbone`` (which may hold more: a pooler), under
     ``scheme`` (``task_vectors/fingerprint.py``: a merge.json recorded before ``sampled1`` holds a full hash).
@@ -243,6 +265,7 @@ def save_merged_model(
     max_shard_size: str | int = "2GB",
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
+    keep_delta: bool = True,
 ) -> nn.Module:
     """Write ``W_0 + λ·Δ_merged`` of a merged folder as a complete folder of the base's own architecture.
 
@@ -252,6 +275,8 @@ def save_merged_model(
         output: the folder to write (replaced if it is a previous merge output).
         base, family, torch_dtype, gguf_file: default to what ``merge.json`` records.
         max_shard_size: ``save_pretrained``'s shard size.
+        keep_delta: whether ``merged`` outlives this call; ``merge.json``'s ``merged_delta`` names it only then
+            (a λ search's temporary delta folder is removed once the model is written).
 
     Returns:
         The backbone part of the written model (the module whose ``state_dict()`` names are Δ_merged's), in memory.
@@ -263,42 +288,96 @@ def save_merged_model(
     lam = check_lam(lam)
     merged = Path(merged)
     record = read_merge_record(merged)
+    output = Path(output)
+    check_output(output, [merged])
+    heads = merged / HEADS_DIR
+
+    def copy_heads(folder: Path) -> None:
+        if heads.is_dir():
+            shutil.copytree(heads, folder / HEADS_DIR)
+
+    return write_model_folder(
+        record, lam, output, set(merged_delta_index(merged)), iter_merged_delta(merged), copy_heads, source=merged,
+        base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype, gguf_file=gguf_file,
+        heads_bytes=tree_bytes(heads), where=str(merged / MERGE_FILE),
+        extra={"merged_delta": str(merged.resolve()) if keep_delta else None},
+    )  # fmt: skip
+
+
+def write_model_folder(
+    record: Mapping[str, Any],
+    lam: float,
+    output: Path,
+    names: set[str],
+    deltas: Iterable[tuple[str, torch.Tensor]] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
+    copy_heads: Callable[[Path], None],
+    *,
+    source: Path,
+    base: str | None,
+    family: str | None,
+    max_shard_size: str | int,
+    torch_dtype: str | torch.dtype | None,
+    gguf_file: str | None,
+    heads_bytes: int,
+    where: str,
+    extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
+    loaded: tuple[PreTrainedModel, str] | None = None,
+) -> nn.Module:
+    """The one writer of ``--save_as model`` folders: load the base whole, add ``lam`` times each ``(name, Δ)`` of
+    ``deltas`` to its backbone (``add_merged_delta``'s arithmetic), save it with the tokenizer, the heads
+    (``copy_heads(folder)``) and ``merge.json`` (``record`` plus how the base was loaded, λ and ``extra``), atomically.
+
+    Why one writer for two sources: ``save_merged_model`` streams Δ_merged from a merged folder's shards, and a merge
+    at a fixed λ (``merger.merge_to_model``) streams it straight from the merge, each parameter added as soon as it is
+    merged, so no Δ folder is written and read back; the bytes are the same. ``deltas`` and ``extra`` may be
+    callables, called once the base is loaded and checked (``extra`` once ``deltas`` is exhausted: the merge's
+    timings).
+
+    Args:
+        record: the merge's record (``merge.json`` of the delta folder, or ``record.merge_record``): base model,
+            family, fingerprint and how the base was loaded default to it.
+        names: the backbone parameters ``deltas`` may hold (to choose the class that contains them).
+        source: where ``deltas`` come from, named when one does not fit the base.
+        where: what to name in a fingerprint mismatch (the record's file).
+        heads_bytes: the heads' size, for the free-space check.
+        loaded: the base already loaded by ``load_base_with_backbone`` (model, backbone prefix), merged into in place.
+    """
     base_name = base if base is not None else record["base_model"]
     family = check_family(family if family is not None else record["family"])
     load = {
         "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
         "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
     }
-    output = Path(output)
-    heads = tree_bytes(merged / HEADS_DIR)
-    check_output(output, [merged])
-    estimate = estimate_model_bytes(base_name, **load)
-    if estimate is not None:
-        check_free_space({output: estimate + heads}, "merged model")
-    names = set(merged_delta_index(merged))
-    model, prefix = load_full_base(base_name, family, names, **load)
+    if loaded is None:
+        estimate = estimate_model_bytes(base_name, **load)
+        if estimate is not None:
+            check_free_space({output: estimate + heads_bytes}, "merged model")
+        model, prefix = load_full_base(base_name, family, names, **load)
+    else:
+        model, prefix = loaded
     config = _config(resolve_pretrained(base_name), load["gguf_file"])
     backbone = model.get_submodule(prefix[:-1]) if prefix else model
     actual = backbone_fingerprint(backbone, config, family, scheme_of(record["base_fingerprint"]))
     if actual != record["base_fingerprint"]:
         raise ValueError(
-            f"base model {base_name!r} {describe_load(load)} has fingerprint {actual}, but {merged / MERGE_FILE} was "
+            f"base model {base_name!r} {describe_load(load)} has fingerprint {actual}, but {where} was "
             f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
             "apply"
         )
-    add_merged_delta(backbone, merged, lam)  # the evaluation's arithmetic, so the same bytes as MergedBackbone.at
-    needed = model_bytes(model) + tokenizer_bytes(base_name) + heads + CONFIG_ALLOWANCE
+    stream = deltas() if callable(deltas) else deltas
+    add_merged_delta(backbone, source, lam, deltas=stream)  # the evaluation's arithmetic: MergedBackbone.at's bytes
+    needed = model_bytes(model) + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE
     check_free_space({output: needed}, "merged model")
+    more = extra() if callable(extra) else extra
     with atomic_dir(output) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         save_tokenizer(base_name, tmp)
-        if (merged / HEADS_DIR).is_dir():
-            shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
+        copy_heads(tmp)
         out_record = {
             **record,
             **load,
             "lam": lam,
-            "merged_delta": str(merged.resolve()),
+            **more,
             "save_as": "model",
             "architecture": type(model).__name__,
             "backbone_prefix": prefix,
@@ -306,3 +385,88 @@ def save_merged_model(
         (tmp / MERGE_FILE).write_text(json.dumps(out_record, indent=2, sort_keys=True, default=str) + "\n")
         write_model_card(tmp, name=output.name)
     return backbone
+
+
+def merge_to_model(
+    task_vectors: Sequence[str | os.PathLike[str]],
+    method: str,
+    output: str | os.PathLike[str],
+    lam: float,
+    params: Mapping[str, Any] | None = None,
+    coefficients: Sequence[float] | None = None,
+    *,
+    base: str | None = None,
+    family: str | None = None,
+    plan: MergePlan | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+    max_shard_size: str | int = "2GB",
+) -> MergeResult:
+    """Merge T task vectors and write ``W_0 + lam·Δ_merged`` as a model folder, with no Δ folder in between.
+
+    The same folder, byte for byte, as ``merge_task_vectors`` followed by ``apply_merged_delta(delta, lam, output)``
+    (``model_folder.write_model_folder``, the one writer of both): the base is loaded whole, once, when the cheap
+    checks passed (``prepare_merge`` fingerprints and plans on it: each input byte is read once), and each parameter's
+    float32 Δ_merged is added to it as soon as it is merged, then dropped. Why: at a fixed λ the delta is never read
+    again, and writing it costs the model's size in float32 on disk (32 GB for an 8B model) plus reading it back.
+    Memory: the base model plus one parameter's merge.
+    The folder is written atomically (a crash or a kill leaves nothing at ``output``); its ``merge.json`` is the
+    merge's record with λ, how the base was loaded and ``merged_delta: null``.
+
+    Args:
+        task_vectors, method, params, coefficients, base, family, plan, device, progress, torch_dtype, gguf_file:
+            as ``merge_task_vectors``.
+        output: the model folder (replaced if it is a previous merge output).
+        lam: the scaling coefficient λ.
+        max_shard_size: ``save_pretrained``'s shard size.
+    """
+    from drm_lightning.merging.engine.merger import MergeResult, merge_parameters
+    from drm_lightning.merging.engine.record import copy_heads, merge_record
+    from drm_lightning.merging.engine.setup import prepare_merge
+    from drm_lightning.merging.engine.space import heads_bytes
+
+    t_start = time.perf_counter()
+    lam = check_lam(lam)
+    loaded: list[Any] = []
+
+    def base_state(name: str, fam: str, load: Mapping[str, str | None]) -> Mapping[str, torch.Tensor]:
+        model, prefix, state = load_base_with_backbone(name, fam, load)
+        loaded.append((model, prefix))
+        return state
+
+    setup = prepare_merge(
+        task_vectors, method, params, coefficients, base=base, family=family, plan=plan, device=device,
+        torch_dtype=torch_dtype, gguf_file=gguf_file, base_state=base_state,
+    )  # fmt: skip
+    output = Path(output)
+    check_output(output, [r.folder for r in setup.readers])
+    timings = dict(setup.timings)
+    present = set().union(*(r.names() for r in setup.readers))
+    names = {e.name for e in setup.entries if e.rule != "skip" and e.name in present}
+    merged = [0]
+
+    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
+        stream = merge_parameters(
+            setup.entries, setup.readers, setup.method, setup.params, setup.coefficients, device=setup.device,
+            progress=progress, timings=timings,
+        )  # fmt: skip
+        for name, delta in stream:
+            merged[0] += 1
+            yield name, delta
+        timings["total"] = time.perf_counter() - t_start
+
+    def record() -> dict[str, Any]:
+        return {**merge_record(setup.record(), timings, merged[0]), "merged_delta": None}
+
+    def copy_heads_into(folder: Path) -> None:
+        copy_heads(setup.readers, folder)
+
+    write_model_folder(
+        record(), lam, output, names, deltas, copy_heads_into, source=setup.readers[0].folder, base=setup.base,
+        family=setup.family, max_shard_size=max_shard_size, torch_dtype=setup.torch_dtype,
+        gguf_file=setup.gguf_file, heads_bytes=heads_bytes(setup.readers),
+        where="the task vectors' meta.json", extra=record, loaded=loaded.pop(),
+    )  # fmt: skip
+    return MergeResult.from_setup(setup, output, dict(timings), merged[0], str(setup.device))

@@ -144,7 +144,18 @@ def test_merge_writes_model_heads_and_record(experts: dict) -> None:
     assert (record["method"], record["lam"], record["params"]["density"]) == ("ties", 0.7, 0.5)
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
     assert sorted(p.name for p in (out / "heads").iterdir()) == sorted(TINY_TASKS)
-    assert (Path(f"{out}_delta") / "merge.json").is_file()
+    # a fixed λ writes the model straight from the merge: no delta folder, none named, nothing left beside it
+    assert not Path(f"{out}_delta").exists() and record["merged_delta"] is None
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
+    # --keep_delta keeps one, and the model folder is the same, byte for byte
+    kept = experts["tmp"] / "merged" / "ties_kept"
+    args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(kept), "--keep_delta", "true"]
+    assert main([*args, "--method", "ties", "--params", "{density: 0.5}", "--lam", "0.7"]) == 0
+    assert (Path(f"{kept}_delta") / "merge.json").is_file()
+    assert json.loads((kept / "merge.json").read_text())["merged_delta"] == str(Path(f"{kept}_delta").resolve())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert shards == sorted(p.name for p in kept.glob("*.safetensors"))
+    assert all((out / name).read_bytes() == (kept / name).read_bytes() for name in shards)
 
 
 def test_merge_searches_lambda_on_validation(experts: dict, capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,7 +168,11 @@ def test_merge_searches_lambda_on_validation(experts: dict, capsys: pytest.Captu
     assert [p["lambda"] for p in search["curve"]] == [0.5, 1.0]
     assert search["evaluations"] == 2 and search["notes"] == []  # the cost of the search, said
     assert "2 λ evaluations" in capsys.readouterr().err
-    assert json.loads((out / "merge.json").read_text())["lam"] == search["best_lambda"]
+    record = json.loads((out / "merge.json").read_text())
+    assert record["lam"] == search["best_lambda"]
+    # the searched Δ lived in a temporary folder beside the output, removed once the model was written
+    assert record["merged_delta"] is None and not Path(f"{out}_delta").exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
     best = next(p for p in search["curve"] if p["lambda"] == search["best_lambda"])
     card = (out / "README.md").read_text(encoding="utf-8").split("## Results", 1)[1]  # the model card's results
     for task, metrics in best["metrics"].items():
@@ -171,6 +186,7 @@ def test_merge_searches_method_parameters_with_lambda(experts: dict, capsys: pyt
     out = experts["tmp"] / "merged" / "drm_search"
     args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(out), "--lam", "search"]
     args += ["--method", "drm_v", "--params", "{drop_rate: [0.3, 0.7]}", "--lambdas", "[0.5, 1.0]"]
+    args += ["--keep_delta", "true"]  # every set's Δ kept in <out>_delta/<values>/
     capsys.readouterr()
     assert main([*args, "--tasks", _list(experts["tasks"].values())]) == 0
     err = capsys.readouterr().err
@@ -219,7 +235,7 @@ def test_evaluate_reports_every_task(experts: dict, mode: str) -> None:
     merged = experts["tmp"] / "merged" / "eval_ta"
     if not merged.exists():
         args = ["merge", "--task_vectors", _list(experts["tv"].values()), "--output", str(merged), "--lam", "0.5"]
-        assert main(args) == 0
+        assert main([*args, "--keep_delta", "true"]) == 0
     extra = {
         "merged_model": ["--model", str(merged)],
         "merged_delta": ["--model", f"{merged}_delta", "--lam", "0.5"],

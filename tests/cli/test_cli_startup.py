@@ -48,3 +48,15 @@ def test_help_and_argument_errors_import_no_heavy_library(args: list[str], statu
     assert got["status"] == status
     assert says in got["stdout"] + got["stderr"]
     assert got["loaded"] == []
+
+
+def test_a_merge_imports_neither_lightning_nor_datasets(dense_tvs: list, tmp_path) -> None:
+    """A merge at a fixed λ loads models with transformers, but never Lightning or datasets (seconds of imports that
+    only validation needs)."""
+    args = ["merge", "--task_vectors", "[" + ",".join(map(str, dense_tvs)) + "]", "--output", str(tmp_path / "out")]
+    command = [sys.executable, "-c", _PROBE, "lightning,datasets,transformers", *args, "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["status"] == 0, got["stderr"]
+    assert got["loaded"] == ["transformers"]

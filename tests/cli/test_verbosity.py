@@ -24,7 +24,14 @@ import pytest
 
 import drm_lightning
 from drm_lightning import cli
-from drm_lightning.verbosity import BANNER_LOGGERS, KNOWN_WARNINGS, RANK_ZERO_LOGGERS, VERBOSE_ENV, quiet_third_party
+from drm_lightning.verbosity import (
+    BANNER_LOGGERS,
+    KNOWN_WARNINGS,
+    LIBRARIES,
+    RANK_ZERO_LOGGERS,
+    VERBOSE_ENV,
+    quiet_third_party,
+)
 from tests.helpers.recipes import QUIET_TRAINER
 from tests.helpers.tiny_models import make_tiny_model
 from tests.helpers.tiny_tasks import write_tiny_tasks
@@ -352,8 +359,8 @@ def _fake_run(command: str, rest: list[str], quiet) -> None:
 def test_main_picks_the_mode(
     args: list[str], env: dict[str, str], verbose: bool | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[tuple[bool, bool]] = []
-    monkeypatch.setattr(cli, "quiet_third_party", lambda verbose, libraries=True: calls.append((verbose, libraries)))
+    calls: list[tuple[bool, tuple[str, ...]]] = []
+    monkeypatch.setattr(cli, "quiet_third_party", lambda verbose, libraries: calls.append((verbose, tuple(libraries))))
     monkeypatch.setattr(cli, "_run", _fake_run)
     for name in ("DRM_LIGHTNING_DEBUG", VERBOSE_ENV):
         monkeypatch.delenv(name, raising=False)
@@ -361,4 +368,4 @@ def test_main_picks_the_mode(
         monkeypatch.setenv(name, value)
     assert cli.main(args) == 0
     # loggers first, without importing transformers/datasets; the libraries too once the arguments parsed
-    assert calls == ([] if verbose is None else [(verbose, False), (verbose, True)])
+    assert calls == ([] if verbose is None else [(verbose, ()), (verbose, LIBRARIES)])

@@ -97,7 +97,8 @@ def _with_heads(folders: list[Path], kind: str = "encoder") -> None:
 
 
 def _merge(*args: str) -> None:
-    assert main(["merge", *args]) == 0
+    """``drm-lightning merge``, keeping Δ_merged in ``<output>_delta`` (the tests compare against it)."""
+    assert main(["merge", *args, "--keep_delta", "true"]) == 0
 
 
 def _tvs(folders: list[Path]) -> str:

@@ -61,6 +61,7 @@ def test_searched_adapter_loads_with_plain_peft_at_the_chosen_lambda(lora_expert
     out = tmp / "adapter"
     args = ["merge", "--task_vectors", _list(lora_experts["tv"]), "--output", str(out), "--method", "drm_v"]
     args += ["--params", "{drop_rate: [0.3, 0.7]}", "--lam", "search", "--lambdas", "[0.5, 1.0]"]
+    args += ["--keep_delta", "true"]
     assert main([*args, "--tasks", _list(lora_experts["tasks"]), "--save_as", "adapter", "--device", "cpu"]) == 0
     search = json.loads((out / "lambda_search.json").read_text())
     record = json.loads((out / "merge.json").read_text())

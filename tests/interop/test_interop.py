@@ -143,13 +143,14 @@ def test_merge_takes_folders_directly_equals_extract_then_merge_and_exports(
     inputs = f"[{experts['bert_full']},{experts['bert_lora']}]"
     base = str(experts["bert_base"])
     direct = _cli("merge", "--task_vectors", inputs, "--base", base, "--method", "ties", "--lam", "0.7",
-                  "--output", str(tmp_path / "direct"))  # fmt: skip
+                  "--output", str(tmp_path / "direct"), "--keep_delta", "true")  # fmt: skip
     assert direct.returncode == 0, direct.stderr[-3000:]
     for name in ("bert_full", "bert_lora"):
         flag = "--model" if name == "bert_full" else "--adapter"
         assert main(["extract", flag, str(experts[name]), "--base", base, "--output", str(tmp_path / name)]) == 0
     tvs = f"[{tmp_path / 'bert_full'},{tmp_path / 'bert_lora'}]"
     staged = ["merge", "--task_vectors", tvs, "--method", "ties", "--lam", "0.7", "--output", str(tmp_path / "staged")]
+    staged += ["--keep_delta", "true"]
     assert main(staged) == 0  # in-process: the same code path as the console script, one interpreter start less
     for rel in ("model.safetensors", "tasks/sst_full/model.safetensors", "tasks/nli_lora/model.safetensors"):
         assert (tmp_path / "direct" / rel).read_bytes() == (tmp_path / "staged" / rel).read_bytes(), rel

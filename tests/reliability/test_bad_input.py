@@ -304,16 +304,25 @@ def test_bad_input_is_one_error_line_and_writes_nothing(
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["model", "model_and_kept_delta"])
 @pytest.mark.parametrize("kind", ["dense", "lora"])
 def test_a_disk_too_small_for_the_merge_is_one_error_line_and_exit_1(
-    world: World, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    world: World,
+    kind: str,
+    keep: bool,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The free-space probe says 100 KiB: refused before any model loads, one line naming both folders and sizes."""
+    """The free-space probe says 100 KiB: refused before any model loads, one line naming the folders it would
+    write (the delta folder only where kept) and the sizes."""
     from drm_lightning.io import disk as io_disk
 
     monkeypatch.setattr(io_disk, "disk_free_bytes", lambda path: 100 * 1024)
     folders = world.dense if kind == "dense" else world.lora
-    code, err = run_cli(_merge(world, tmp_path, folders), False, capsys)
+    argv = [*_merge(world, tmp_path, folders), *(["--keep_delta", "true"] if keep else [])]
+    code, err = run_cli(argv, False, capsys)
     assert code == 1
-    assert_refused(code, err, [str(tmp_path / "out_delta"), str(tmp_path / "out"), "MiB, 100 KiB free"])
+    assert_refused(code, err, [str(tmp_path / "out"), "MiB, 100 KiB free"])
+    assert (str(tmp_path / "out_delta") in err) == keep
     assert leftovers(tmp_path) == []

@@ -96,7 +96,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ killed merges
 
 #: Runs ``drm-lightning`` with one hook patched to SIGKILL the process at a chosen moment:
-#: ``delta K``: after the K-th merged tensor (shards of 16 kB, so several are already on disk);
+#: ``merge K``: after the K-th merged tensor is added to the model (a fixed λ: no Δ folder is written);
+#: ``delta K``: after the K-th merged tensor is written to Δ (shards of 16 kB, so several are already on disk): a
+#: kept Δ (``--keep_delta``), or the temporary Δ of a λ search (``search``: its datamodules are stubbed out, it dies
+#: before any validation);
 #: ``apply``: after the merged model's weights and tokenizer are written, just before the final rename.
 KILLER = """
 import os, signal, sys
@@ -105,7 +108,20 @@ from drm_lightning.export import model_folder
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if phase == "delta":
+if phase == "merge":
+    add_all = model_folder.add_merged_delta
+    def add_then_die(model, merged, lam, *, deltas=None):
+        def counted():
+            for i, item in enumerate(deltas, 1):
+                yield item
+                if i == k:
+                    die()
+        return add_all(model, merged, lam, deltas=counted())
+    model_folder.add_merged_delta = add_then_die
+elif phase in ("delta", "search"):
+    if phase == "search":
+        from drm_lightning.commands import merge as merge_command
+        merge_command.task_datamodules = lambda tasks, task_vectors: {}
     init, add, count = shards.ShardWriter.__init__, shards.ShardWriter.add, [0]
     def small_shards(self, folder, max_shard_bytes=0, prefix="delta"):
         init(self, folder, 16_000, prefix)
@@ -134,40 +150,54 @@ def reference_merge(world: dict[str, Any]) -> Path:
     return out
 
 
-def _merge_argv(world: dict[str, Any], out: Path) -> list[str]:
-    return ["merge", "--task_vectors", _list(world["tvs"]), "--output", str(out), "--method", "ties", "--lam", "0.7"]
+def _merge_argv(world: dict[str, Any], out: Path, keep_delta: bool = True) -> list[str]:
+    argv = ["merge", "--task_vectors", _list(world["tvs"]), "--output", str(out), "--method", "ties", "--lam", "0.7"]
+    return [*argv, "--keep_delta", "true"] if keep_delta else argv
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("phase", "k", "stray"),
-    [("delta", 20, ".out_delta.tmp-"), ("apply", 0, ".out.tmp-")],
-    ids=["while_merging_the_delta", "while_writing_the_model"],
-)
+    ("phase", "k", "keep", "stray"),
+    [
+        ("merge", 20, False, None),
+        ("delta", 20, True, ".out_delta.tmp-"),
+        ("search", 20, False, ".out.tmp-"),
+        ("apply", 0, False, ".out.tmp-"),
+        ("apply", 0, True, ".out.tmp-"),
+    ],
+    ids=["while_merging", "while_writing_a_kept_delta", "while_writing_a_search_delta", "while_writing_the_model",
+         "while_writing_the_model_beside_a_kept_delta"],
+)  # fmt: skip
 def test_killed_merge_leaves_nothing_and_a_rerun_gives_the_same_bytes(
-    world: dict[str, Any], reference_merge: Path, tmp_path: Path, phase: str, k: int, stray: str
+    world: dict[str, Any], reference_merge: Path, tmp_path: Path, phase: str, k: int, keep: bool, stray: str | None
 ) -> None:
     out = tmp_path / "out"
-    argv = _merge_argv(world, out)
+    argv = _merge_argv(world, out, keep)
+    killed = argv
+    if phase == "search":  # a λ search over stubbed datamodules: it dies while writing its temporary Δ
+        killed = [*argv[: argv.index("--lam")], "--lam", "search", "--tasks", "[stub]"]
     done = subprocess.run(
-        [sys.executable, "-c", KILLER, phase, str(k), *argv], capture_output=True, text=True, env=_env(), timeout=300
+        [sys.executable, "-c", KILLER, phase, str(k), *killed], capture_output=True, text=True, env=_env(), timeout=300
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
 
-    # Nothing at the output path: the model folder never appeared; a delta folder only if it was complete.
+    # Nothing at the output path: the model folder never appeared; a delta folder only if kept and complete.
     assert not out.exists()
     delta = Path(f"{out}_delta")
-    assert delta.exists() == (phase == "apply")
+    assert delta.exists() == (phase == "apply" and keep)
     if delta.exists():
         assert _comparable(delta) == _comparable(Path(f"{reference_merge}_delta"))
-    # The killed run's temporary folder is left behind (nothing runs after SIGKILL), holding partial work.
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(stray)]
-    assert len(leftovers) == 1
-    assert any(p.suffix == ".safetensors" for p in leftovers[0].rglob("*")), "killed before writing anything"
+    # The killed run's temporary folder is left behind (nothing runs after SIGKILL), holding partial work; a merge
+    # at a fixed λ had written nothing yet.
+    leftovers = [p for p in tmp_path.iterdir() if stray is not None and p.name.startswith(stray)]
+    assert len(leftovers) == (stray is not None) and _hidden(tmp_path) == [p.name for p in leftovers]
+    assert all(any(p.suffix == ".safetensors" for p in left.rglob("*")) for left in leftovers), "killed too early"
 
     assert main(argv) == 0
     assert _comparable(out) == _comparable(reference_merge)
-    assert _comparable(delta) == _comparable(Path(f"{reference_merge}_delta"))
+    assert delta.exists() == keep
+    if keep:
+        assert _comparable(delta) == _comparable(Path(f"{reference_merge}_delta"))
     assert _hidden(tmp_path) == [], "the re-run should remove the dead run's temporary folder"
 
 

@@ -64,3 +64,14 @@ def write_merge_record(
     }
     (Path(folder) / MERGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return record
+
+
+def merge_record(merge: Mapping[str, Any], timings: Mapping[str, float], merged_parameters: int) -> dict[str, Any]:
+    """What ``write_merge_record`` writes, without writing it (a merge straight into a model folder extends it)."""
+    return {
+        "format_version": MERGE_FORMAT_VERSION,
+        **merge,
+        "merged_parameters": merged_parameters,
+        "timings": {k: round(float(v), 6) for k, v in timings.items()},
+        "versions": library_versions(),
+    }

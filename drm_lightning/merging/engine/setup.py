@@ -12,7 +12,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,12 @@ from drm_lightning.merging.engine.space import check_merge_space
 from drm_lightning.merging.methods.registry import get_method
 from drm_lightning.merging.methods.spec import MergeMethod
 from drm_lightning.models.backbone import check_family, dtype_name, load_backbone, parse_dtype
-from drm_lightning.task_vectors.fingerprint import fingerprint, fingerprint_matches, scheme_of, task_vector_fingerprint
+from drm_lightning.task_vectors.fingerprint import (
+    fingerprint_matches,
+    fingerprint_state,
+    scheme_of,
+    task_vector_fingerprint,
+)
 from drm_lightning.world import resolve_device
 
 _SAFE_TASK = re.compile(r"[A-Za-z0-9_.+-]+")
@@ -186,6 +191,7 @@ def prepare_merge(
     output: str | os.PathLike[str] | None = None,
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
+    base_state: Callable[[str, str, Mapping[str, str | None]], Mapping[str, torch.Tensor]] | None = None,
 ) -> MergeSetup:
     """Validate every input and plan the merge; reads headers and the base model, never a delta.
 
@@ -193,7 +199,9 @@ def prepare_merge(
     method and parameters, coefficients, device, output, every meta.json and safetensors header, fingerprint
     agreement between task vectors, free space for ``output`` (``check_merge_space``), then the base model's own
     fingerprint, and every key/shape against it. The base is loaded with ``torch_dtype`` / ``gguf_file``, by
-    default the ones the task vectors record (``base_load_options``).
+    default the ones the task vectors record (``base_load_options``). ``base_state(base, family, load)``, when given,
+    loads it instead and returns the backbone's ``state_dict()`` (``merger.merge_to_model`` loads the whole model
+    there once, and merges into it).
 
     Raises:
         ValueError: (or ``TaskVectorError``) naming the argument, file or key at fault.
@@ -235,11 +243,15 @@ def prepare_merge(
     if output is not None:
         check_merge_space(readers, output, plan)
 
-    model = load_backbone(base_name, family, **load)
-    base_fp = fingerprint(model)
-    mismatched = [fp for fp in expected_fps if not fingerprint_matches(model, fp)]
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    del model  # before any delta is read: the walk below must not hold the base model too
+    state = (
+        load_backbone(base_name, family, **load).state_dict()
+        if base_state is None
+        else base_state(base_name, family, load)
+    )
+    base_fp = fingerprint_state(state)
+    mismatched = [fp for fp in expected_fps if not fingerprint_matches(state, fp)]
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
+    del state  # before any delta is read: the walk below must not hold the base model too
     if mismatched:
         raise ValueError(
             f"base model {base_name!r} {describe_load(load)} has fingerprint {base_fp}, but the task vectors were "
