@@ -67,17 +67,19 @@ def test_straight_to_the_model_folder_equals_delta_then_apply(
 ) -> None:
     tvs = request.getfixturevalue(inputs)
     params = {"seed": 3} if method == "dare" else {}
-    result = merge_to_model(tvs, method, tmp_path / "straight", LAM, params, progress=False)
-    assert result.output == tmp_path / "straight" and result.merged_parameters > 0
+    # one folder name for both: the model card names its folder
+    straight_dir, applied_dir = tmp_path / "straight" / "out", tmp_path / "applied" / "out"
+    result = merge_to_model(tvs, method, straight_dir, LAM, params, progress=False)
+    assert result.output == straight_dir and result.merged_parameters > 0
     merge_task_vectors(tvs, method, tmp_path / "delta", params, progress=False)
-    save_merged_model(tmp_path / "delta", LAM, tmp_path / "applied")
+    save_merged_model(tmp_path / "delta", LAM, applied_dir)
 
-    straight, applied = _files(tmp_path / "straight"), _files(tmp_path / "applied")
+    straight, applied = _files(straight_dir), _files(applied_dir)
     assert sorted(straight) == sorted(applied)
     differ = sorted(name for name in straight if straight[name] != applied[name])
-    assert differ == [MERGE_FILE]  # weights, config, tokenizer and heads: the same bytes
-    a, b = _record(tmp_path / "straight"), _record(tmp_path / "applied")
+    assert differ == [MERGE_FILE]  # weights, config, tokenizer, heads and model card: the same bytes
+    a, b = _record(straight_dir), _record(applied_dir)
     assert a.pop("merged_delta") is None and b.pop("merged_delta") == str((tmp_path / "delta").resolve())
     assert a == b
-    # nothing but the three folders: no Δ folder and no temporary beside the straight one
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["applied", "delta", "straight"]
+    # no Δ folder and no temporary beside the straight output
+    assert sorted(p.name for p in straight_dir.parent.iterdir()) == ["out"]
