@@ -1,6 +1,6 @@
 """Merge speed, memory and accuracy per decoder layer of Llama-3.1-8B, against the straightforward implementation.
 
-For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, TIES, Task Arithmetic) this times
+For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, WUDI's closed form, TIES, Task Arithmetic) this times
 ``drm_lightning.merging.functional`` and ``drm_lightning.merging.reference`` in float32 ("naive": the authors' way,
 ``torch.linalg.svd`` of the matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one decoder
 layer, with T random task deltas (fixed seed). Both are scored against a float64 run of the reference: an
@@ -9,9 +9,9 @@ library's float32 and float64 paths cannot hide.
 
 It also times two floors. An exact SVD-based method cannot go under the float64 eigendecomposition (``eigh``) of
 the joint Gram matrix it decomposes, on that matrix's smaller side (see ``FLOOR_GRAMS``): ``sum_i Delta_i^T Delta_i``
-for DRM-V, ``sum_i Delta_i Delta_i^T`` for DRM-H, the Gram of ``sum_i Delta_i`` for Iso-C and Iso-CTS, each task's
-Gram for TSV-M. Each method's time is printed as a multiple of its floor. And the global top-k selection that DRM's
-pruning needs: ``kthvalue`` (the authors') against ``topk``.
+for DRM-V and WUDI-closed (its weights do not change the size), ``sum_i Delta_i Delta_i^T`` for DRM-H, the Gram of
+``sum_i Delta_i`` for Iso-C and Iso-CTS, each task's Gram for TSV-M. Each method's time is printed as a multiple of
+its floor. And the global top-k selection that DRM's pruning needs: ``kthvalue`` (the authors') against ``topk``.
 
 Usage::
 
@@ -67,6 +67,7 @@ DELTA_SCALE = 1e-3
 DRM_DROP_RATE = 0.8
 TIES_DENSITY = 0.2
 ISO_CTS_COMMON_FRACTION = 0.8
+WUDI_RIDGE = 0.01
 """The methods' documented defaults (docs/methods.md); the same values go to both implementations."""
 
 CPU_DEFAULT_SCALE = 16
@@ -92,6 +93,7 @@ METHODS: dict[str, Method] = {
         Method("iso-c", "Iso-C", "iso_c", floor="sum"),
         Method("iso-cts", "Iso-CTS", "iso_cts", {"common_fraction": ISO_CTS_COMMON_FRACTION}, "sum"),
         Method("tsv-m", "TSV-M", "tsv_m", floor="each"),
+        Method("wudi-closed", "WUDI-closed", "wudi_closed", {"ridge": WUDI_RIDGE}, "rows"),
         Method("ties", "TIES", "ties", {"density": TIES_DENSITY}),
         Method("task-arithmetic", "Task Arithmetic", "task_arithmetic"),
     )
