@@ -67,7 +67,7 @@ DELTA_SCALE = 1e-3
 DRM_DROP_RATE = 0.8
 TIES_DENSITY = 0.2
 ISO_CTS_COMMON_FRACTION = 0.8
-WUDI_RIDGE = 0.01
+WUDI_RIDGE = 0.1
 """The methods' documented defaults (docs/methods.md); the same values go to both implementations."""
 
 CPU_DEFAULT_SCALE = 16

@@ -33,7 +33,7 @@ WUDI_LR = 1e-5
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 """``torch.optim.Adam``'s defaults, which the authors keep (weight decay 0)."""
-WUDI_RIDGE = 0.01
+WUDI_RIDGE = 0.1
 """``wudi_closed``'s default ρ, measured on the quickstart's experts (docs/methods.md, "WUDI")."""
 
 
