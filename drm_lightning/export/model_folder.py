@@ -38,7 +38,7 @@ from drm_lightning.export.model_card import write_model_card
 from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
-from drm_lightning.merging.engine.apply import add_merged_delta, check_lam
+from drm_lightning.merging.engine.apply import add_merged_delta, check_lam, recorded_base
 from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
 from drm_lightning.merging.engine.setup import check_output, describe_load
 from drm_lightning.merging.engine.space import (
@@ -53,7 +53,6 @@ from drm_lightning.models.backbone import (
     accepts_pooling_flag,
     check_family,
     clip_vision_config,
-    dtype_name,
     parse_dtype,
 )
 from drm_lightning.models.resolve import resolve_pretrained
@@ -342,12 +341,7 @@ def write_model_folder(
         heads_bytes: the heads' size, for the free-space check.
         loaded: the base already loaded by ``load_base_with_backbone`` (model, backbone prefix), merged into in place.
     """
-    base_name = base if base is not None else record["base_model"]
-    family = check_family(family if family is not None else record["family"])
-    load = {
-        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
-        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
-    }
+    base_name, family, load = recorded_base(record, base, family, torch_dtype, gguf_file)
     if loaded is None:
         estimate = estimate_model_bytes(base_name, **load)
         if estimate is not None:

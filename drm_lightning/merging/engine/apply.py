@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,6 +73,28 @@ def check_lam(lam: float) -> float:
     return float(lam)
 
 
+def recorded_base(
+    record: Mapping[str, Any],
+    base: str | None = None,
+    family: str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
+    gguf_file: str | None = None,
+) -> tuple[str, str, dict[str, str | None]]:
+    """``(base, family, load options)`` to rebuild the base of a merged folder: each argument given wins, else what
+    its ``merge.json`` (``record``) says, so a base fitted in bfloat16 is merged, applied and saved in bfloat16.
+
+    Raises:
+        ValueError: an unknown family or dtype.
+    """
+    name = base if base is not None else str(record["base_model"])
+    family = check_family(family if family is not None else record["family"])
+    load = {
+        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
+        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
+    }
+    return name, family, load
+
+
 def apply_merged_delta(
     merged: str | os.PathLike[str],
     lam: float,
@@ -104,12 +126,7 @@ def apply_merged_delta(
     lam = check_lam(lam)
     merged = Path(merged)
     record = read_merge_record(merged)
-    base_name = base if base is not None else record["base_model"]
-    family = check_family(family if family is not None else record["family"])
-    load = {
-        "torch_dtype": dtype_name(parse_dtype(torch_dtype)) if torch_dtype is not None else record.get("torch_dtype"),
-        "gguf_file": gguf_file if gguf_file is not None else record.get("gguf_file"),
-    }
+    base_name, family, load = recorded_base(record, base, family, torch_dtype, gguf_file)
     model = load_backbone(base_name, family, **load)
     if not fingerprint_matches(model, record["base_fingerprint"]):
         base_fp = fingerprint(model)
