@@ -22,6 +22,7 @@ from typing import Any
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from drm_lightning.evaluation.results import EvaluationResults
+from drm_lightning.io.json_file import read_json_object
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -305,13 +306,8 @@ def _write_files(folder: Path, report_json: str, markdown: str) -> None:
 def read_report(folder: str | os.PathLike[str]) -> EvaluationResults:
     """Load the results back from ``<folder>/report.json`` (e.g. to redraw plots or rebuild the markdown)."""
     path = Path(folder) / REPORT_JSON
-    if not path.is_file():
-        raise ValueError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(data, dict) or "results" not in data:
+    data = read_json_object(path)
+    if "results" not in data:
         raise ValueError(f"{path}: no 'results' section")
     return EvaluationResults.from_dict(data["results"])
 

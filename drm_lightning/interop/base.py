@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from drm_lightning.interop.checkpoint import CheckpointError, local_folder, read_json
+from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.names import FAMILY_OF_MODEL_TYPE, Rename, checkpoint_renamer
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.models.backbone import check_family
 
 #: config keys that fix a model's size: two checkpoints that differ in one are different models.
@@ -99,7 +100,7 @@ def family_of(config: Mapping[str, Any], where: str) -> str:
 def describe_base(base: str, family: str | None = None) -> BaseInfo:
     """Config, family and backbone skeleton of ``base`` (a folder, ``package://`` name or cached hub id)."""
     folder = local_folder(base)
-    config = read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json", error=CheckpointError)
     family = check_family(family) if family is not None else family_of(config, str(folder / "config.json"))
     shapes, prefix, embeddings, rename = _skeleton(folder, family)
     return BaseInfo(recorded_name(base), folder, config, family, shapes, prefix, embeddings, rename)

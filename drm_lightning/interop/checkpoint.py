@@ -12,14 +12,13 @@ resolved through the local Hugging Face cache only (``local_files_only``), never
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.safetensors import TensorInfo, read_header, read_tensor
 from drm_lightning.models.resolve import resolve_pretrained
 
@@ -51,19 +50,6 @@ def local_folder(name: str | os.PathLike[str]) -> Path:
         ) from None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; errors name the file."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
-
-
 class SafetensorsFolder:
     """The tensors of a folder's safetensors file(s), by name, read one at a time.
 
@@ -81,7 +67,7 @@ class SafetensorsFolder:
         self.folder = folder
         single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            weight_map = read_json(index).get("weight_map")
+            weight_map = read_json_object(index, error=CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index}: no 'weight_map' object")
             files = sorted({str(v) for v in weight_map.values()})

@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from drm_lightning.interop.base import BaseInfo, check_same_model, describe_base, skipped
-from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
+from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder
 from drm_lightning.interop.names import backbone_map, label_names, match_head
 from drm_lightning.interop.write import ImportPlan, head_source
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.safetensors import FLOAT_CODES
 
 
@@ -37,7 +38,7 @@ def plan_model(
             non-float dtype, no safetensors weights (each naming the folder and the value).
     """
     folder = local_folder(model)
-    config = read_json(folder / "config.json")
+    config = read_json_object(folder / "config.json", error=CheckpointError)
     if base is None:
         raise CheckpointError(
             f"{folder}: a fully fine-tuned model needs base= (--base): the model it was fine-tuned from"

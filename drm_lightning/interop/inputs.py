@@ -96,7 +96,8 @@ def default_base(inputs: Sequence[str | os.PathLike[str]], kinds: Sequence[Kind]
     Why: in ``merge --task_vectors [tv/a,ckpt/b]`` the task vector already says which base it was taken against
     (and the merge will use it), so the fine-tuned folder beside it needs no ``--base`` of its own.
     """
-    from drm_lightning.interop.checkpoint import read_json
+    from drm_lightning.interop.checkpoint import CheckpointError
+    from drm_lightning.io.json_file import read_json_object
     from drm_lightning.io.task_vector import read_meta
 
     for source, kind in zip(inputs, kinds, strict=True):
@@ -104,7 +105,8 @@ def default_base(inputs: Sequence[str | os.PathLike[str]], kinds: Sequence[Kind]
             return read_meta(local_folder(source)).base_model
     for source, kind in zip(inputs, kinds, strict=True):
         if kind == "adapter":
-            recorded = read_json(local_folder(source) / ADAPTER_CONFIG).get("base_model_name_or_path")
+            config = read_json_object(local_folder(source) / ADAPTER_CONFIG, error=CheckpointError)
+            recorded = config.get("base_model_name_or_path")
             if recorded:
                 return str(recorded)
     return None

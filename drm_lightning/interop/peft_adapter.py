@@ -32,9 +32,10 @@ from typing import Any
 import torch
 
 from drm_lightning.interop.base import BaseInfo, describe_base, embedding_skip_patterns, skipped
-from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder, read_json
+from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder, local_folder
 from drm_lightning.interop.names import backbone_map, label_names, match_head
 from drm_lightning.interop.write import ImportPlan, head_source
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.task_vector import LoraMeta
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -85,7 +86,7 @@ def plan_adapter(
     """Check a PEFT adapter against its base and plan the conversion; reads JSON and headers only."""
     folder = local_folder(adapter)
     where = str(folder / ADAPTER_CONFIG)
-    config = read_json(folder / ADAPTER_CONFIG)
+    config = read_json_object(folder / ADAPTER_CONFIG, error=CheckpointError)
     check_adapter_config(config, where)
     recorded = config.get("base_model_name_or_path")
     base_name = base if base is not None else recorded
@@ -247,7 +248,8 @@ def _plan_head(
             readers[f"{pooler}.weight"] = lambda: (
                 plain().double() + own * (files.read(key_b).double() @ files.read(key_a).double())
             )
-    model_config = {**info.config, **read_json(folder / "config.json")} if (folder / "config.json").is_file() else {}
+    own = folder / "config.json"
+    model_config = {**info.config, **read_json_object(own, error=CheckpointError)} if own.is_file() else {}
     model_config = model_config or dict(info.config)
     head = match_head(info.family, model_config, shapes, info.prefix, info.hidden_size)
     plan.head, plan.head_read = head, lambda key: readers[key]()

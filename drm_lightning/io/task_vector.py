@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.disk import check_free_space
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.safetensors import open_safetensors
 
 FORMAT_VERSION = 1
@@ -213,12 +214,7 @@ def write_task_vector(
 def read_meta(folder: str | os.PathLike[str]) -> TaskVectorMeta:
     """Read and validate ``meta.json``; errors name the file."""
     path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise TaskVectorError(f"{path}: not found (is {folder} a task vector folder?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TaskVectorError(f"{path}: invalid JSON ({err})") from None
+    data = read_json_object(path, error=TaskVectorError, hint=f"is {folder} a task vector folder?")
     return TaskVectorMeta.from_dict(data, source=str(path))
 
 

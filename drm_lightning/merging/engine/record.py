@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, library_versions
 from drm_lightning.merging.engine.reader import TaskVectorReader
 
@@ -24,12 +25,7 @@ MERGE_FORMAT_VERSION = 1
 def read_merge_record(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """``merge.json`` of a merged (or applied) folder."""
     path = Path(folder) / MERGE_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: not found (is {folder} a folder written by merge_task_vectors?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from None
+    data = read_json_object(path, hint=f"is {folder} a folder written by merge_task_vectors?")
     missing = [k for k in ("method", "base_model", "base_fingerprint", "family") if k not in data]
     if missing:
         raise ValueError(f"{path}: missing key(s) {missing}")

@@ -10,7 +10,6 @@ from the base checkpoint's headers in the loading dtype, then the loaded model i
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
+from drm_lightning.io.shards import read_index
 from drm_lightning.io.task_vector import HEAD_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, META_FILE, TaskVectorError
 from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.merging.engine.reader import TaskVectorReader
@@ -131,11 +131,7 @@ def estimate_model_bytes(
         return None
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{index}: not a shard index ({err!r})") from None
-        files = [path / Path(str(n)).name for n in names]
+        files = [path / name for name in sorted(set(read_index(index, f"{path} a model folder").values()))]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
