@@ -98,15 +98,16 @@ class Evaluator:
     """One base backbone in memory, set to ``W_0 + λ·Δ`` and evaluated under every task's head."""
 
     def __init__(self, recipe: str) -> None:
-        from drm_lightning.commands.pipeline import Pipeline
+        from drm_lightning.commands.pipeline import eval_trainer_kwargs
+        from drm_lightning.commands.pipeline_folder import RunFolder
         from drm_lightning.commands.pipeline_recipe import build_pipeline_parser, load_recipe
         from drm_lightning.io.task_vector import read_meta
         from drm_lightning.models.backbone import load_recorded_base
 
-        pipeline = Pipeline(load_recipe(build_pipeline_parser().parse_args(["--config", recipe])))
+        pipeline = RunFolder(load_recipe(build_pipeline_parser().parse_args(["--config", recipe])))
         self.datamodules = pipeline.datamodules
         self.folders = [pipeline.task_vector_dir(t) for t in pipeline.tasks]
-        self.trainer_kwargs = pipeline.eval_trainer_kwargs()
+        self.trainer_kwargs = eval_trainer_kwargs(pipeline.recipe)
         self.model = load_recorded_base(read_meta(self.folders[0]))
         self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 

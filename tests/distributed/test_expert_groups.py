@@ -324,10 +324,9 @@ def test_shared_out_evaluation_uses_one_device_per_rank(
     eval_trainer's) are replaced, other settings kept."""
     from types import SimpleNamespace
 
-    from drm_lightning.commands.pipeline import Pipeline
+    from drm_lightning.commands.pipeline import eval_trainer_kwargs
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
-    pipeline = Pipeline.__new__(Pipeline)
-    pipeline.recipe = SimpleNamespace(trainer=trainer, eval_trainer=eval_trainer)
-    assert pipeline.eval_trainer_kwargs(local_rank) == {**expected, "num_nodes": 1, "strategy": "auto"}
+    recipe = SimpleNamespace(trainer=trainer, eval_trainer=eval_trainer)
+    assert eval_trainer_kwargs(recipe, local_rank) == {**expected, "num_nodes": 1, "strategy": "auto"}

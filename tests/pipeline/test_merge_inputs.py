@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from drm_lightning.commands.pipeline import merge_inputs
 from drm_lightning.io.task_vector import DELTAS_FILE, META_FILE
 from drm_lightning.merging.engine.merger import merge_task_vectors
 from drm_lightning.merging.engine.record import read_merge_record
@@ -52,17 +53,9 @@ def test_task_vector_fingerprint_follows_the_bytes(
     assert task_vector_fingerprint(copy) != task_vector_fingerprint(dense_tvs[0])
 
 
-def _pipeline(tasks: list[str]):
-    from drm_lightning.commands.pipeline import Pipeline
-
-    pipeline = Pipeline.__new__(Pipeline)
-    pipeline.tasks = tasks
-    return pipeline
-
-
 def test_pipeline_lists_the_inputs_of_each_merge(merged: Path) -> None:
     tasks = [i["task"] for i in read_merge_record(merged)["inputs"]]
-    inputs = _pipeline(tasks).merge_inputs({"TIES": merged})
+    inputs = merge_inputs(tasks, {"TIES": merged})
     assert [i["task"] for i in inputs["TIES"]] == tasks
     assert all(i["fingerprint"].startswith("files1:") for i in inputs["TIES"])
 
@@ -70,7 +63,7 @@ def test_pipeline_lists_the_inputs_of_each_merge(merged: Path) -> None:
 def test_pipeline_refuses_a_report_on_a_merge_missing_a_task(merged: Path) -> None:
     tasks = [i["task"] for i in read_merge_record(merged)["inputs"]]
     with pytest.raises(ValueError, match=r"merge 'TIES' holds .* but not of \['lost_task'\]"):
-        _pipeline([*tasks, "lost_task"]).merge_inputs({"TIES": merged})
+        merge_inputs([*tasks, "lost_task"], {"TIES": merged})
 
 
 def test_report_shows_the_task_vectors_of_each_merge(tmp_path: Path) -> None:

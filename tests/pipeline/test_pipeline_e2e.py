@@ -133,15 +133,16 @@ def test_second_run_reuses_experts_and_merges(first_run: dict, capsys: pytest.Ca
 
 def test_changed_model_settings_make_experts_stale(first_run: dict) -> None:
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import Pipeline
+    from drm_lightning.commands.pipeline_fit import expert_is_current
+    from drm_lightning.commands.pipeline_folder import RunFolder
     from drm_lightning.commands.pipeline_recipe import load_recipe
 
-    same = Pipeline(load_recipe(parse("pipeline", ["--config", str(first_run["recipe"])])))
-    changed = Pipeline(
+    same = RunFolder(load_recipe(parse("pipeline", ["--config", str(first_run["recipe"])])))
+    changed = RunFolder(
         load_recipe(parse("pipeline", ["--config", str(first_run["recipe"]), "--model.learning_rate", "0.01"]))
     )
-    assert all(same.expert_is_current(t) for t in TINY_TASKS)
-    assert not any(changed.expert_is_current(t) for t in TINY_TASKS)
+    assert all(expert_is_current(same, t) for t in TINY_TASKS)
+    assert not any(expert_is_current(changed, t) for t in TINY_TASKS)
 
 
 @pytest.mark.parametrize(

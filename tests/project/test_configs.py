@@ -151,24 +151,28 @@ def test_drm_suites_hold_the_six_tasks_with_the_right_task_types(recipe: str, fa
 
 def _pipeline_recipe(path: Path):
     from drm_lightning.commands import parse
-    from drm_lightning.commands.pipeline import Pipeline
+    from drm_lightning.commands.pipeline_folder import RunFolder
     from drm_lightning.commands.pipeline_recipe import load_recipe
 
-    return Pipeline(load_recipe(parse("pipeline", header_command(path)[1:])))
+    return RunFolder(load_recipe(parse("pipeline", header_command(path)[1:])))
 
 
 @pytest.mark.parametrize("name", ["quickstart_search", "drm_ablation", "quickstart_data_aware"])
 def test_recipes_that_reuse_the_quickstart_experts(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loaded after quickstart.yaml, they fit nothing new: the same fit settings, the quickstart's experts folder."""
+    from drm_lightning.commands.pipeline_fit import fit_settings
+
     monkeypatch.chdir(ROOT)
     quickstart = _pipeline_recipe(Path("recipes/quickstart.yaml"))
     other = _pipeline_recipe(Path(f"recipes/{name}.yaml"))
     assert other.recipe.experts_dir == Path("runs/quickstart") and other.run_dir != quickstart.run_dir
     assert all(other.task_vector_dir(t) == quickstart.task_vector_dir(t) for t in quickstart.tasks)
-    assert all(other.fit_settings(t) == quickstart.fit_settings(t) for t in quickstart.tasks)
+    assert all(fit_settings(other, t) == fit_settings(quickstart, t) for t in quickstart.tasks)
 
 
 def test_search_recipes_search_each_methods_main_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from drm_lightning.commands.pipeline_merge import param_grid
+
     monkeypatch.chdir(ROOT)
     searched = {"drm_v": "drop_rate", "drm_h": "drop_rate", "ties": "density", "dare": "drop_rate"}
     searched["iso_cts"] = "common_fraction"
@@ -177,7 +181,7 @@ def test_search_recipes_search_each_methods_main_parameter(monkeypatch: pytest.M
         methods = {m.method: m for m in pipeline.recipe.methods}
         assert set(methods) == QUICKSTART_METHODS | {"dare"}, name
         for method, key in searched.items():
-            assert len(pipeline.param_grid(methods[method]).axes[key]) >= 3, (name, method)
+            assert len(param_grid(methods[method]).axes[key]) >= 3, (name, method)
         assert len(methods["iso_c"].lambdas) == 30  # the Iso authors' α grid, 0.1-3.0
     lora = _pipeline_recipe(Path("recipes/quickstart_lora.yaml"))
     assert lora.recipe.model["lora"]["r"] == 8 and lora.recipe.experts_dir is None
