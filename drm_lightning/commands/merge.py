@@ -370,13 +370,14 @@ def _search_params(
     """A search over the method's own parameters: every set merged in one pass into ``delta/<values>/``, each
     scored on validation (its λ searched, or at the given λ), the best (set, λ) returned with the landscape.
 
-    The scoring and the edge extension are the pipeline's (``evaluation.run.evaluate_merges`` on the validation
-    splits, ``edge_variants``): a numeric parameter whose best value is the first or last of its grid gets the
-    next value beyond it, merged here and scored, for at most ``extend_edges`` rounds (as the λ grid does)."""
-    from drm_lightning.evaluation.run import Variant, edge_variants, evaluate_merges
-    from drm_lightning.merging.engine.sweep import merge_task_vectors_many, variant_name
+    The search is the pipeline's (``evaluation.param_search.ParamSearch``, scored by ``evaluate_merges`` on the
+    validation splits): a numeric parameter whose best value is the first or last of its grid gets the next value
+    beyond it, merged here and scored, for at most ``extend_edges`` rounds (as the λ grid does)."""
+    from drm_lightning.evaluation.param_search import ParamSearch
+    from drm_lightning.evaluation.run import evaluate_merges
+    from drm_lightning.merging.engine.sweep import merge_task_vectors_many
 
-    def merge_sets(variants: list[Any], params: list[dict[str, Any]]) -> None:
+    def merge_sets(variants: Sequence[Any], params: list[dict[str, Any]]) -> None:
         merged = merge_task_vectors_many(
             task_vectors, method, [v.folder for v in variants], params, coefficients, base=base, family=family,
             plan=plan, device=device, progress=False, torch_dtype=torch_dtype, gguf_file=gguf_file,
@@ -385,21 +386,13 @@ def _search_params(
               f"in one pass, {merged[0].timings['total']:.1f}s: {', '.join(v.name for v in variants)}",
               file=sys.stderr)  # fmt: skip
 
-    variants = [Variant(variant_name(v), v, delta / variant_name(v)) for v in grid.combinations()]
-    merge_sets(variants, [grid.params(v.values) for v in variants])
-    grids = {"now": grid}
-
-    def more_variants(label: str, tried: Any) -> list[Any]:
-        grids["now"], new = edge_variants(grids["now"], tried, delta)
-        if new:
-            merge_sets(new, [grids["now"].params(v.values) for v in new])
-        return new
-
+    search = ParamSearch(grid, delta, merge_sets)
+    merge_sets(search.variants, search.params(search.variants))
     results = evaluate_merges(
-        task_vectors, {method: variants}, datamodules, split="validation",
+        task_vectors, {method: search}, datamodules, split="validation",
         lambdas={method: float(lam)} if lam != "search" else None, strategy=strategy,
         grids={method: list(lambdas)} if lambdas else None, pretrained=False, trainer_kwargs=trainer,
-        extend=extend_edges, more_variants=more_variants,
+        extend=extend_edges,
     )  # fmt: skip
     found = results.methods[0]
     chosen = found.chosen()

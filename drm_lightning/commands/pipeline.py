@@ -31,7 +31,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from drm_lightning.commands.pipeline_fit import add_missing_statistics, fit_experts
 from drm_lightning.commands.pipeline_folder import RunFolder, log, rank_zero_then_wait
-from drm_lightning.commands.pipeline_merge import edge_merges, merge_all, variants
+from drm_lightning.commands.pipeline_merge import merge_all, param_search
 from drm_lightning.commands.pipeline_recipe import Recipe, build_pipeline_parser, load_recipe
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def evaluate(run: RunFolder) -> EvaluationResults:
     share_out = world.world_size > 1
     return evaluate_merges(
         run.task_vector_dirs(),
-        {spec.name: variants(run, spec) or str(run.merged_dir(spec)) for spec in r.methods},
+        {spec.name: param_search(run, spec) or str(run.merged_dir(spec)) for spec in r.methods},
         run.datamodules,
         split=r.split,
         lambdas={spec.name: spec.lam for spec in r.methods if spec.lam is not None},
@@ -81,7 +81,6 @@ def evaluate(run: RunFolder) -> EvaluationResults:
         trainer_kwargs=eval_trainer_kwargs(r, world.local_rank if share_out else None),
         share_out=share_out,
         extend=r.extend_edges,
-        more_variants=edge_merges(run),
         learn={spec.name: spec.learn for spec in r.methods if spec.learn is not None},
         plots=r.plots,
     )

@@ -17,26 +17,25 @@ from drm_lightning.commands.pipeline_folder import RunFolder, log
 from drm_lightning.commands.pipeline_recipe import MethodSpec
 
 if TYPE_CHECKING:
-    from drm_lightning.evaluation.run import MoreVariants, Variant
+    from drm_lightning.evaluation.param_search import ParamSearch, Variant
+
+
+def param_search(run: RunFolder, spec: MethodSpec) -> ParamSearch | None:
+    """A searched method's parameter search (``evaluation.param_search``): every set in merged/<label>/<values>,
+    the sets its edge extension adds merged on this rank alone unless current; ``None`` for a method not searched."""
+    from drm_lightning.evaluation.param_search import ParamSearch
     from drm_lightning.merging.engine.sweep import ParamGrid
 
-
-def param_grid(spec: MethodSpec) -> ParamGrid:
-    """The method's ``ParamGrid``: its parameters, a searched one's values as axes."""
-    from drm_lightning.merging.engine.sweep import ParamGrid
-
-    return ParamGrid.parse(spec.method, spec.params)
-
-
-def variants(run: RunFolder, spec: MethodSpec) -> list[Variant]:
-    """A searched method's parameter sets as ``Variant`` (folder merged/<label>/<values>); ``[]`` otherwise."""
-    from drm_lightning.evaluation.run import Variant
-    from drm_lightning.merging.engine.sweep import variant_name
-
-    grid = param_grid(spec)
+    grid = ParamGrid.parse(spec.method, spec.params)
     if not grid.searched:
-        return []
-    return [Variant(variant_name(v), v, run.merged_dir(spec) / variant_name(v)) for v in grid.combinations()]
+        return None
+
+    def merge_new(variants: Sequence[Variant], params: list[dict[str, Any]]) -> None:
+        todo = [(v, p) for v, p in zip(variants, params, strict=True) if not merge_is_current(run, spec, v.folder, p)]
+        # inside an evaluation unit: this rank alone
+        merge_variants(run, spec, [v for v, _ in todo], [p for _, p in todo], alone=True)
+
+    return ParamSearch(grid, run.merged_dir(spec), merge_new)
 
 
 def merge_is_current(
@@ -85,14 +84,15 @@ def merge_method(run: RunFolder, spec: MethodSpec) -> None:
     from drm_lightning.world import broadcast_json
 
     folders = run.task_vector_dirs()
-    sets = variants(run, spec)
-    if sets:
-        grid = param_grid(spec)
-        current = broadcast_json([merge_is_current(run, spec, v.folder, grid.params(v.values)) for v in sets])
-        todo = [v for v, ok in zip(sets, current, strict=True) if not ok]
-        reused = len(sets) - len(todo)
-        log(f"{spec.name}: {len(sets)} parameter sets ({reused} reused)")
-        merge_variants(run, spec, grid, todo)
+    search = param_search(run, spec)
+    if search is not None:
+        sets = search.params(search.variants)
+        pairs = list(zip(search.variants, sets, strict=True))
+        current = broadcast_json([merge_is_current(run, spec, v.folder, p) for v, p in pairs])
+        todo = [pair for pair, ok in zip(pairs, current, strict=True) if not ok]
+        reused = len(search.variants) - len(todo)
+        log(f"{spec.name}: {len(search.variants)} parameter sets ({reused} reused)")
+        merge_variants(run, spec, [v for v, _ in todo], [p for _, p in todo])
         return
     out = run.merged_dir(spec)
     if broadcast_json(merge_is_current(run, spec)):
@@ -105,10 +105,15 @@ def merge_method(run: RunFolder, spec: MethodSpec) -> None:
 
 
 def merge_variants(
-    run: RunFolder, spec: MethodSpec, grid: ParamGrid, variants: Sequence[Variant], *, alone: bool = False
+    run: RunFolder,
+    spec: MethodSpec,
+    variants: Sequence[Variant],
+    sets: Sequence[dict[str, Any]],
+    *,
+    alone: bool = False,
 ) -> None:
-    """Merge these parameter sets of ``spec`` (values in ``grid``): one pass on one process (or with ``alone``),
-    else shared out."""
+    """Merge these parameter sets of ``spec`` (``sets``: their full parameters): one pass on one process (or with
+    ``alone``), else shared out."""
     from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.engine.sweep import merge_task_vectors_many
     from drm_lightning.world import detect_world
@@ -116,12 +121,11 @@ def merge_variants(
     if not variants:
         return
     folders = run.task_vector_dirs()
-    sets = [grid.params(v.values) for v in variants]
     names = ", ".join(v.name for v in variants)
     log(f"{spec.name}: merging {len(folders)} task vectors at {len(variants)} parameter set(s): {names}")
     if alone or detect_world().world_size == 1:
         merge_task_vectors_many(
-            folders, spec.method, [v.folder for v in variants], sets, device=run.recipe.merge_device,
+            folders, spec.method, [v.folder for v in variants], list(sets), device=run.recipe.merge_device,
             progress=False,
         )  # fmt: skip
         return
@@ -129,23 +133,3 @@ def merge_variants(
         merge_task_vectors_distributed(
             folders, spec.method, variant.folder, params, device=run.recipe.merge_device, progress=False
         )
-
-
-def edge_merges(run: RunFolder) -> MoreVariants:
-    """``evaluate_merges``' ``more_variants`` for the recipe's searched methods: edge extension of their
-    parameters (``evaluation.run.edge_variants``), the new sets merged here unless current."""
-    from drm_lightning.evaluation.run import edge_variants
-
-    grids: dict[str, ParamGrid] = {}
-
-    def more_variants(label: str, tried: Sequence[Any]) -> list[Variant]:
-        spec = next(s for s in run.recipe.methods if s.name == label)
-        if label not in grids:
-            grids[label] = param_grid(spec)
-        grids[label], new = edge_variants(grids[label], tried, run.merged_dir(spec))
-        grid = grids[label]
-        todo = [v for v in new if not merge_is_current(run, spec, v.folder, grid.params(v.values))]
-        merge_variants(run, spec, grid, todo, alone=True)  # inside an evaluation unit: this rank alone
-        return new
-
-    return more_variants

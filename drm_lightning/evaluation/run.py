@@ -18,12 +18,10 @@ result (``gather_results``), so the numbers are those of one process.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -31,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from drm_lightning.evaluation.lambda_search import Strategy, default_grid, search_merged_lambda
 from drm_lightning.evaluation.merged import MergedBackbone, merge_label, merge_seconds
 from drm_lightning.evaluation.multitask import SPLIT_PREFIX, Split, evaluate_backbone
+from drm_lightning.evaluation.param_search import ParamSearch, Variant, best_variant
 from drm_lightning.evaluation.results import (
     EvaluationResults,
     LambdaPoint,
@@ -41,35 +40,16 @@ from drm_lightning.evaluation.results import (
 )
 from drm_lightning.io.task_vector import read_meta
 
-if TYPE_CHECKING:
-    from drm_lightning.merging.engine.sweep import ParamGrid
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One parameter set of a search over a method's own parameters: its searched values and merged folder."""
-
-    name: str
-    values: dict[str, Any]
-    folder: Path
-
-
-MoreVariants = Callable[[str, Sequence[VariantResult]], Sequence[Variant]]
-"""``(label, variants evaluated so far) -> new variants to evaluate`` (merged by the caller); empty: none."""
-
 
 def merged_labels(
-    merged: Mapping[str, str | os.PathLike[str] | Sequence[Variant]] | Sequence[str | os.PathLike[str]],
-) -> dict[str, Path | list[Variant]]:
-    """Label -> merged folder (or parameter sets); a plain list of folders is labelled from each ``merge.json``."""
+    merged: Mapping[str, str | os.PathLike[str] | ParamSearch] | Sequence[str | os.PathLike[str]],
+) -> dict[str, Path | ParamSearch]:
+    """Label -> merged folder (or parameter search); a plain list of folders is labelled from each ``merge.json``."""
     if isinstance(merged, Mapping):
-        return {
-            str(label): list(value) if isinstance(value, list | tuple) else Path(value)
-            for label, value in merged.items()
-        }
+        return {str(label): value if isinstance(value, ParamSearch) else Path(value) for label, value in merged.items()}
     from drm_lightning.merging.engine.record import read_merge_record
 
-    out: dict[str, Path | list[Variant]] = {}
+    out: dict[str, Path | ParamSearch] = {}
     for folder in merged:
         label = merge_label(read_merge_record(folder))
         if label in out:
@@ -80,7 +60,7 @@ def merged_labels(
 
 def evaluate_merges(
     task_vectors: Sequence[str | os.PathLike[str]],
-    merged: Mapping[str, str | os.PathLike[str] | Sequence[Variant]] | Sequence[str | os.PathLike[str]],
+    merged: Mapping[str, str | os.PathLike[str] | ParamSearch] | Sequence[str | os.PathLike[str]],
     datamodules: Mapping[str, LightningDataModule],
     split: Split = "test",
     lambdas: Mapping[str, float] | None = None,
@@ -91,7 +71,6 @@ def evaluate_merges(
     trainer_kwargs: Mapping[str, Any] | None = None,
     share_out: bool = False,
     extend: int = 0,
-    more_variants: MoreVariants | None = None,
     learn: Mapping[str, Mapping[str, Any]] | None = None,
     plots: bool = True,
 ) -> EvaluationResults:
@@ -100,9 +79,9 @@ def evaluate_merges(
     Args:
         task_vectors: the experts' task vector folders (one per task).
         merged: merged folders (``merge_task_vectors`` output), as label -> folder or a list (labels from
-            ``merge.json``). A label may map to a list of ``Variant``: the parameter sets of a search over that
-            method's own parameters, each merged in its own folder; each gets its own λ search and the best
-            (parameter set, λ) on validation is the method's.
+            ``merge.json``). A label may map to a ``ParamSearch``: a search over that method's own parameters,
+            each set merged in its own folder; each gets its own λ search and the best (parameter set, λ) on
+            validation is the method's.
         datamodules: task name -> its datamodule.
         split: the split of the reported numbers (λ is always chosen on ``validation``).
         lambdas: label -> a fixed λ; those models skip the search.
@@ -113,10 +92,8 @@ def evaluate_merges(
         trainer_kwargs: ``Trainer`` arguments for every run (with ``share_out``: one device per rank).
         share_out: divide the evaluations between the ranks of the existing process group (see the module
             docstring); without a group of several ranks, everything runs here.
-        extend: rounds of edge extension, for λ (``search_lambda``) and, through ``more_variants``, for the
-            method's parameters.
-        more_variants: called after a label's variants are evaluated, up to ``extend`` times; the variants it
-            returns (already merged) are evaluated too.
+        extend: rounds of edge extension, for λ (``search_lambda``) and for a searched method's parameters
+            (``ParamSearch.extend``: the sets it adds, merged there, are evaluated too).
         learn: label -> ``LearnSettings`` mapping: learn merging coefficients on top of that model's chosen λ
             (``learn.learn_coefficients``, into ``<merged folder>/learned``); its numbers on ``split`` are then the
             learned model's, and the result's ``learned`` says what was learned on which data.
@@ -125,12 +102,14 @@ def evaluate_merges(
     if split not in SPLIT_PREFIX:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_PREFIX)}")
     labelled = merged_labels(merged)
-    empty = sorted(label for label, value in labelled.items() if isinstance(value, list) and not value)
+    searches = {label: value for label, value in labelled.items() if isinstance(value, ParamSearch)}
+    empty = sorted(label for label, search in searches.items() if not search.variants)
     if empty:
         raise ValueError(f"merged: label(s) {empty} have an empty list of parameter sets")
-    swept = {label for label, value in labelled.items() if isinstance(value, list)}
     folders = _check_labels(
-        {k: v if isinstance(v, list) else [Variant("", {}, v)] for k, v in labelled.items()}, lambdas, grids
+        {k: v.variants if isinstance(v, ParamSearch) else [Variant("", {}, v)] for k, v in labelled.items()},
+        lambdas,
+        grids,
     )
     unknown = sorted(set(learn or {}) - set(folders))
     if unknown:
@@ -157,8 +136,7 @@ def evaluate_merges(
     def one_method(label: str) -> dict[str, Any]:
         return _evaluate_method(
             label, folders[label], task_vectors, datamodules, expert_val, split, lambdas, strategy, grids, metric,
-            kwargs, extend=extend, more_variants=more_variants if label in swept else None,
-            learn=(learn or {}).get(label), plots=plots,
+            kwargs, extend=extend, search=searches.get(label), learn=(learn or {}).get(label), plots=plots,
         ).to_dict()  # fmt: skip
 
     results = _shared(list(folders), one_method, rank, world)
@@ -180,7 +158,7 @@ def _evaluate_method(
     kwargs: dict[str, Any],
     *,
     extend: int = 0,
-    more_variants: MoreVariants | None = None,
+    search: ParamSearch | None = None,
     learn: Mapping[str, Any] | None = None,
     plots: bool = True,
 ) -> MethodResult:
@@ -232,8 +210,8 @@ def _evaluate_method(
 
     for variant in variants:
         evaluate(variant)
-    for _ in range(extend if more_variants is not None else 0):
-        new = [v for v in more_variants(label, list(results)) if v.name not in folders]
+    for _ in range(extend if search is not None else 0):
+        new = [v for v in search.extend(results) if v.name not in folders]
         if not new:
             break
         notes.append("best parameters at the edge of their grid: added " + ", ".join(f"{v.name}" for v in new))
@@ -298,41 +276,6 @@ def _learned_model(
     score = average_normalised(val, expert_val, metric, list(expert_val))
     learned = {**info, "folder": str(output), "validation_score_before": best.score, "validation_score": score}
     return backbone, val, learned
-
-
-def best_variant(results: Sequence[VariantResult]) -> VariantResult:
-    """The variant with the best validation score; ties (and NaN or missing scores, which never win) go to the
-    earlier one."""
-    best = results[0]
-    for item in results[1:]:
-        s, b = item.score, best.score
-        s = -math.inf if s is None or math.isnan(s) else s
-        b = -math.inf if b is None or math.isnan(b) else b
-        if s > b:
-            best = item
-    return best
-
-
-def edge_variants(grid: ParamGrid, tried: Sequence[VariantResult], root: Path) -> tuple[ParamGrid, list[Variant]]:
-    """One round of edge extension of a search over a method's own parameters (``MoreVariants``' core, shared by
-    ``pipeline`` and ``merge``): for every numeric axis of ``grid`` whose best value over ``tried`` is its first or
-    last, the best set with that axis moved one step beyond the edge (``sweep.edge_extension``), in ``root/<name>``.
-
-    Returns the grid with those values added (the next round extends from it) and the new variants, not merged yet;
-    ``[]`` when no axis has a best value at its edge (or none can step beyond it).
-    """
-    from drm_lightning.merging.engine.sweep import edge_extension, variant_name
-
-    best = best_variant(tried)
-    new = []
-    for key in list(grid.axes):
-        value = edge_extension(grid.method, key, grid.axes[key], best.values[key])
-        if value is None:
-            continue
-        grid = grid.extended(key, value)
-        values = {**best.values, key: value}
-        new.append(Variant(variant_name(values), values, Path(root) / variant_name(values)))
-    return grid, new
 
 
 def _place(share_out: bool) -> tuple[int, int]:

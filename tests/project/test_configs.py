@@ -171,7 +171,7 @@ def test_recipes_that_reuse_the_quickstart_experts(name: str, monkeypatch: pytes
 
 
 def test_search_recipes_search_each_methods_main_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
-    from drm_lightning.commands.pipeline_merge import param_grid
+    from drm_lightning.merging.engine.sweep import ParamGrid
 
     monkeypatch.chdir(ROOT)
     searched = {"drm_v": "drop_rate", "drm_h": "drop_rate", "ties": "density", "dare": "drop_rate"}
@@ -181,7 +181,7 @@ def test_search_recipes_search_each_methods_main_parameter(monkeypatch: pytest.M
         methods = {m.method: m for m in pipeline.recipe.methods}
         assert set(methods) == QUICKSTART_METHODS | {"dare"}, name
         for method, key in searched.items():
-            assert len(param_grid(methods[method]).axes[key]) >= 3, (name, method)
+            assert len(ParamGrid.parse(method, methods[method].params).axes[key]) >= 3, (name, method)
         assert len(methods["iso_c"].lambdas) == 30  # the Iso authors' α grid, 0.1-3.0
     lora = _pipeline_recipe(Path("recipes/quickstart_lora.yaml"))
     assert lora.recipe.model["lora"]["r"] == 8 and lora.recipe.experts_dir is None
