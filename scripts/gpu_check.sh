@@ -10,7 +10,8 @@
 #   usage: bash scripts/gpu_check.sh                      # on the GPU machine
 #          bash scripts/gpu_check.sh --device cpu --quick # the dry run the test suite does: every step, tiny shapes
 #
-# DRM_GPU_CHECK_SETUP=0 skips scripts/setup.sh (a .venv already there). A failing step does not stop the others;
+# DRM_GPU_CHECK_SETUP=0 skips scripts/setup.sh (a .venv already there); DRM_GPU_CHECK_MERGEKIT=0 skips step 4 (the
+# suite runs benchmarks/vs_mergekit.py --quick in its own test). A failing step does not stop the others;
 # the script exits non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,7 +88,7 @@ step "merge speed" "$limit_speed" merge_speed.md \
   python benchmarks/merge_speed.py --device "$device" "${speed[@]}" --json "$out/merge_speed.json"
 step "merge memory" "$limit_memory" merge_memory.md \
   python benchmarks/merge_memory.py --device "$device" "${memory[@]}" --json "$out/merge_memory.json"
-if [ -f benchmarks/vs_mergekit.py ]; then
+if [ "${DRM_GPU_CHECK_MERGEKIT:-1}" != 0 ]; then
   cuda_flag=()
   [ "$device" = cuda ] && cuda_flag=(--cuda)
   step "vs mergekit" "$limit_vs" vs_mergekit.md \

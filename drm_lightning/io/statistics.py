@@ -11,7 +11,8 @@ The key is the linear layer's *weight* name in the backbone's ``state_dict()`` (
 expert running (LoRA experts: the input of the base layer, which is the adapted layer's input too). ``rows`` counts
 the input rows summed into each Gram (every non-padding token of every example, or one row per example for a
 pooler), ``examples`` the training examples. The safetensors header's ``__metadata__`` repeats the task and the base
-fingerprint, so a statistics file copied in from another expert's folder is caught (``read_statistics_meta``).
+fingerprint (``RECORDED_FOR``), so a statistics file copied in from another expert's folder is caught
+(``read_statistics_meta``).
 
 Why the raw sum and its row count rather than the mean: the sum is what a recorder can add up over batches and
 ranks (one all-reduce), and the count lets the merge take the per-row mean ``G = Σ x xᵀ / rows`` that RegMean's
@@ -93,6 +94,12 @@ def missing_statistics_message(folder: str | os.PathLike[str], method: str) -> s
     )
 
 
+RECORDED_FOR = "recorded_for"
+"""The one ``__metadata__`` key of a statistics file: JSON of the task and base fingerprint it was recorded for.
+One key, not two: safetensors keeps ``__metadata__`` in a hash map, so two keys come out in an order that changes
+from process to process, and the same Grams would not be the same bytes."""
+
+
 def read_statistics_meta(folder: str | os.PathLike[str], meta: TaskVectorMeta) -> StatisticsMeta:
     """Check a task vector's statistics file against its meta.json without reading a Gram.
 
@@ -121,10 +128,15 @@ def read_statistics_meta(folder: str | os.PathLike[str], meta: TaskVectorMeta) -
         shape = shapes[key]
         if len(shape) != 2 or shape[0] != shape[1] or dtypes[key] != "F32":
             raise TaskVectorError(f"{path}: key {key!r} has shape {list(shape)} {dtypes[key]}, expected [in, in] F32")
+    try:
+        recorded = json.loads(header.get(RECORDED_FOR, "{}"))
+    except json.JSONDecodeError:
+        recorded = {}
+    recorded = recorded if isinstance(recorded, dict) else {}
     for field, expected in (("task", meta.task), ("base_fingerprint", meta.base_fingerprint)):
-        if header.get(field) != expected:
+        if recorded.get(field) != expected:
             raise TaskVectorError(
-                f"{path}: recorded for {field}={header.get(field)!r}, but this task vector's meta.json has "
+                f"{path}: recorded for {field}={recorded.get(field)!r}, but this task vector's meta.json has "
                 f"{expected!r}: statistics from another expert or base; record them again with "
                 f"`{STATISTICS_COMMAND.format(folder=folder)}`"
             )
@@ -141,7 +153,8 @@ def statistics_bytes(grams: Mapping[str, torch.Tensor]) -> int:
 def save_statistics(path: str | os.PathLike[str], grams: Mapping[str, torch.Tensor], meta: TaskVectorMeta) -> None:
     """Write the float32 Grams to ``path`` (a statistics file), with the task and base fingerprint in its header."""
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in grams.items()}
-    save_file(tensors, str(path), metadata={"task": meta.task, "base_fingerprint": meta.base_fingerprint})
+    recorded = json.dumps({"base_fingerprint": meta.base_fingerprint, "task": meta.task}, sort_keys=True)
+    save_file(tensors, str(path), metadata={RECORDED_FOR: recorded})
 
 
 def write_task_vector_with_statistics(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load
 
 from drm_lightning.commands.expert_groups import (
     ExpertGroup,
@@ -234,7 +235,16 @@ def test_two_groups_fit_two_experts_at_once_and_match_one_process(tmp_path: Path
     # 2 × (task vector, head, input statistics); merged delta, 2 heads; the exported best model (models/<label>/)
     # and its 2 heads
     assert len(ref) == 2 * 3 + 3 + 3 and sorted(got) == sorted(ref)
-    assert [name for name in ref if got[name] != ref[name]] == []
+    # the input Grams are sums of large matrix products: another thread count (torchrun's workers run one) sums them
+    # in another order, so they are equal to rounding; every other file is equal bytes
+    grams = [name for name in ref if name.endswith("statistics.safetensors")]
+    assert len(grams) == 2
+    assert [name for name in ref if name not in grams and got[name] != ref[name]] == []
+    for name in grams:
+        mine, theirs = load(got[name]), load(ref[name])
+        assert sorted(mine) == sorted(theirs)
+        for key in theirs:
+            torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6 * float(theirs[key].abs().max()))
     assert _numbers(tmp_path / "two") == _numbers(tmp_path / "one")
     assert out.count("# drm_lightning merge report") == 1  # rank 0 alone reports
     # the evaluations were shared out: rank 1 scored the experts on test (rank 0, which speaks, did not)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_dry_run_writes_every_table(tmp_path: Path) -> None:
-    env = {**os.environ, "OUT": str(tmp_path), "DRM_GPU_CHECK_SETUP": "0"}
+    env = {**os.environ, "OUT": str(tmp_path), "DRM_GPU_CHECK_SETUP": "0", "DRM_GPU_CHECK_MERGEKIT": "0"}
     run = subprocess.run(
         ["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--device", "cpu", "--quick"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,

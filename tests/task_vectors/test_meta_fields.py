@@ -226,7 +226,7 @@ def test_the_merge_command_takes_an_explicit_dtype_for_old_task_vectors(bf16, tm
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
     try:  # a process group exists: merge takes the distributed path, which must pass the dtype on to rank 0's load
-        again = merge([str(old)], str(tmp_path / "again"), torch_dtype="bfloat16")
+        again = merge([str(old)], str(tmp_path / "again"), torch_dtype="bfloat16", keep_delta=True)
     finally:
         dist.destroy_process_group()
     record = read_merge_record(tmp_path / "again_delta")

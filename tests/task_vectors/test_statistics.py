@@ -83,6 +83,8 @@ def test_callback_gram_equals_xtx_on_the_same_examples(tiny, tmp_path, lora) -> 
     else:  # the adapted layers only, under the base weight's name
         assert sorted(stored) == sorted(k for k in stored if k.rsplit(".", 2)[-2] in ("query", "value"))
         assert len(stored) == 2 * 2  # query and value of two layers
+    with safe_open(str(folder / STATISTICS_FILE), "pt") as f:  # one metadata key: safetensors orders several
+        assert list(f.metadata()) == ["recorded_for"]  # differently in each process (not the same bytes)
     direct, rows = _direct(folder, dm, sorted(stored))
     for name, gram in stored.items():
         assert gram.dtype == torch.float32 and meta.statistics["rows"][name] == rows[name], name
