@@ -339,30 +339,3 @@ def merge_chunks(
         else:
             out[a:b] = elect_merge_(x, weights, elect)
     return out
-    step = chunk_size(numel)
-    buf = torch.empty((tasks, min(step, numel)), dtype=_F64, device=out.device)
-    weights = c.to(_F64).reshape(tasks, 1)
-    limits = None
-    if thresholds is not None:
-        limits = [None if t is None else t.to(_F64) / divisor if divisor != 1.0 else t.to(_F64) for t in thresholds]
-    for a, b in _spans(numel):
-        x = buf[:, : b - a]
-        for i, delta in enumerate(deltas):
-            x[i].copy_(delta[a:b])
-        if keep is not None:
-            if divisor != 1.0:
-                x.div_(divisor)
-            x.masked_fill_(~keep[:, a:b], 0)
-        if limits is not None:
-            for i, limit in enumerate(limits):
-                if limit is not None:
-                    x[i].masked_fill_(x[i].abs() < limit, 0)
-        if not elect:
-            out[a:b] = (weights * x).sum(dim=0) if tasks > 1 else weights[0] * x[0]
-            continue
-        sign = torch.where(x.sum(dim=0) >= 0, 1.0, -1.0).to(_F64)
-        x.mul_(sign)  # survivors are now exactly the positive entries
-        count = (x > 0).sum(dim=0).clamp_min_(1)
-        x.clamp_min_(0).mul_(weights)
-        out[a:b] = x.sum(dim=0).mul_(sign).div_(count)
-    return out
