@@ -151,6 +151,35 @@ def test_relative_links_in_the_docs_resolve(doc: Path) -> None:
     assert not missing, f"{doc.relative_to(ROOT)} links to files that do not exist: {missing}"
 
 
+SEPARATOR = re.compile(r"^\|(\s*:?-{3,}:?\s*\|)+\s*$")
+
+
+def table_blocks(doc: Path) -> list[tuple[int, list[str]]]:
+    """The runs of consecutive lines that start with ``|`` outside code fences: (first line number, lines)."""
+    blocks: list[tuple[int, list[str]]] = []
+    fenced = False
+    for number, line in enumerate(text(doc).splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("|"):
+            if blocks and blocks[-1][0] + len(blocks[-1][1]) == number:
+                blocks[-1][1].append(line)
+            else:
+                blocks.append((number, [line]))
+    return blocks
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=IDS)
+def test_every_table_in_the_docs_has_a_header_and_one_column_count(doc: Path) -> None:
+    """A Markdown table is a header, a ``|---|`` row, then rows of as many cells: a blank line inside a table
+    turns its second half into plain text with pipes, and a row with a cell too many or too few renders wrong."""
+    for first, lines in table_blocks(doc):
+        where = f"{doc.relative_to(ROOT)}:{first}"
+        assert len(lines) >= 2 and SEPARATOR.match(lines[1]), f"{where}: a table without its |---| row: {lines[0]!r}"
+        cells = [len(re.findall(r"(?<!\\)\|", line.replace("`|`", ""))) for line in lines]
+        assert len(set(cells)) == 1, f"{where}: rows with different column counts {cells}"
+
+
 def resolves(dotted: str) -> bool:
     """``drm_lightning.a.b.C.d``: the longest importable module prefix, then attributes."""
     parts = dotted.split(".")
