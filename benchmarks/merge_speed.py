@@ -1,26 +1,41 @@
 """Merge speed, memory and accuracy per decoder layer of Llama-3.1-8B, against the straightforward implementation.
 
-For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, WUDI's closed form, TIES, Task Arithmetic) this times
-``drm_lightning.merging.functional`` and ``drm_lightning.merging.reference`` in float32 ("naive": the authors' way,
-``torch.linalg.svd`` of the matrix the paper names, ``kthvalue`` thresholds) on the seven matrices of one decoder
-layer, with T random task deltas (fixed seed). Both are scored against a float64 run of the reference: an
+For every method (DRM-V, DRM-H, Iso-C, Iso-CTS, TSV-M, WUDI's closed form, TIES, Task Arithmetic, and the data-aware
+family: RegMean, WUDI's Adam loop) this times ``drm_lightning.merging.functional`` and
+``drm_lightning.merging.reference`` in float32 ("naive": the authors' way, ``torch.linalg.svd`` of the matrix the
+paper names, ``kthvalue`` thresholds, autograd for WUDI, an explicit inverse for RegMean) on the seven matrices of one
+decoder layer, with T random task deltas (fixed seed). Both are scored against a float64 run of the reference: an
 evaluation of the contract (``docs/methods.md``) that shares no code with the library, so a mistake common to the
-library's float32 and float64 paths cannot hide.
+library's float32 and float64 paths cannot hide. RegMean gets synthetic input statistics of the right shapes: per
+task and matrix the Gram ``XᵀX / N`` of ``N = 2·in`` standard normal input rows (``make_grams``).
 
-It also times two floors. An exact SVD-based method cannot go under the float64 eigendecomposition (``eigh``) of
+It also times floors. An exact SVD-based method cannot go under the float64 eigendecomposition (``eigh``) of
 the joint Gram matrix it decomposes, on that matrix's smaller side (see ``FLOOR_GRAMS``): ``sum_i Delta_i^T Delta_i``
 for DRM-V and WUDI-closed (its weights do not change the size), ``sum_i Delta_i Delta_i^T`` for DRM-H, the Gram of
-``sum_i Delta_i`` for Iso-C and Iso-CTS, each task's Gram for TSV-M. Each method's time is printed as a multiple of
-its floor. And the global top-k selection that DRM's pruning needs: ``kthvalue`` (the authors') against ``topk``.
+``sum_i Delta_i`` for Iso-C and Iso-CTS, each task's Gram for TSV-M. RegMean cannot go under one float64 solve of its
+``in``-sided system ``(sum_i G_i) X = rhs`` with the ``out`` right-hand sides (``solve``); WUDI's Adam loop not under
+one float64 product ``Y·G`` (``[out, in] x [in, in]``, its gradient's matmul) per step (``product``). Each method's
+time is printed as a multiple of its floor. And the global top-k selection that DRM's pruning needs: ``kthvalue``
+(the authors') against ``topk``.
+
+The coefficient learner (``evaluation/coefficient_module.CoefficientModule``, rows ``learn-layer`` and
+``learn-task``) is timed per optimiser step: one forward and backward pass of each of T task batches (``LEARN_BATCH``
+sequences of ``LEARN_TOKENS`` tokens) through the seven matrices wired as one Llama decoder layer (causal grouped-query
+attention, SwiGLU MLP; ``LayerSet``), the merged weights built from the coefficients and K float32 deltas per matrix
+(``layer``: K = 1, one coefficient per matrix over a method's merged delta; ``task``: K = T, AdaMerging's), and one
+Adam step. Its floor (``step``) is the same forward and backward at fixed merged weights (weight gradients, no
+coefficients): what the data alone costs.
 
 Usage::
 
     python benchmarks/merge_speed.py                          # GPU if there is one, full Llama-3.1-8B shapes
     python benchmarks/merge_speed.py --device cpu             # CPU: every dimension / 16 by default
     python benchmarks/merge_speed.py --methods drm-v iso-c --layers q gate --dtype bfloat16 --json out.json
+    python benchmarks/merge_speed.py --methods regmean wudi learn-layer learn-task --wudi-steps 10
 
 Timings exclude one warm-up call per matrix (which is where peak memory and the outputs are taken); CUDA is
-synchronised around every timed call.
+synchronised around every timed call. With ``--json`` the file is rewritten after every method, so a run stopped
+by a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -38,12 +53,14 @@ import statistics
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 HERE = Path(__file__).resolve().parent
 if importlib.util.find_spec("drm_lightning") is None:  # a source checkout that was not pip-installed
@@ -68,7 +85,24 @@ DRM_DROP_RATE = 0.8
 TIES_DENSITY = 0.2
 ISO_CTS_COMMON_FRACTION = 0.8
 WUDI_RIDGE = 0.1
+REGMEAN_ALPHA = 0.9
 """The methods' documented defaults (docs/methods.md); the same values go to both implementations."""
+WUDI_LR = 1e-5
+WUDI_STEPS = 10
+"""Adam steps the benchmark runs per matrix (``--wudi-steps``; the method's default is 300): the time per step is
+printed too, and the cost is linear in the steps."""
+
+GRAM_ROWS_PER_INPUT = 2
+"""RegMean's synthetic statistics: ``N = GRAM_ROWS_PER_INPUT · in`` standard normal input rows per task and matrix."""
+GRAM_CHUNK_ROWS = 8192
+"""Input rows generated at a time while a Gram is summed (bounds the memory of a full-size ``down_proj`` Gram)."""
+
+LEARN_BATCH = 8
+LEARN_TOKENS = 128
+"""The coefficient learner's batch per task and step: ``LEARN_BATCH`` sequences of ``LEARN_TOKENS`` tokens."""
+LEARN_INIT = 0.3
+"""The coefficients' value at the timed steps (a typical chosen λ; the cost does not depend on it)."""
+LLAMA31_8B_HEAD_DIM = 128
 
 CPU_DEFAULT_SCALE = 16
 
@@ -82,7 +116,11 @@ class Method:
     library_name: str
     params: dict[str, object] = field(default_factory=dict)
     floor: str | None = None
-    """Which joint Gram the method must decompose (a key of ``FLOOR_GRAMS``); None for elementwise methods."""
+    """The method's floor: a key of ``FLOOR_GRAMS`` (the joint Gram it must decompose), ``solve``, ``product`` or
+    ``step``; None for elementwise methods."""
+    inputs: str = "deltas"
+    """``deltas``; ``grams``: also each task's input Gram of the matrix (RegMean); ``learn``: the coefficient
+    learner, timed per step over the whole layer (``run_learner``)."""
 
 
 METHODS: dict[str, Method] = {
@@ -96,6 +134,10 @@ METHODS: dict[str, Method] = {
         Method("wudi-closed", "WUDI-closed", "wudi_closed", {"ridge": WUDI_RIDGE}, "rows"),
         Method("ties", "TIES", "ties", {"density": TIES_DENSITY}),
         Method("task-arithmetic", "Task Arithmetic", "task_arithmetic"),
+        Method("regmean", "RegMean", "regmean", {"alpha": REGMEAN_ALPHA}, "solve", "grams"),
+        Method("wudi", "WUDI (Adam)", "wudi", {"steps": WUDI_STEPS, "lr": WUDI_LR}, "product"),
+        Method("learn-layer", "Learn: layer", "coefficients", {"form": "layer"}, "step", "learn"),
+        Method("learn-task", "Learn: task", "coefficients", {"form": "task"}, "step", "learn"),
     )
 }
 
@@ -129,14 +171,26 @@ def method_params(method: Method) -> dict[str, object]:
     return params
 
 
-def run_library(method: Method, params: dict[str, object], deltas: Sequence[Tensor]) -> Tensor:
+def run_library(
+    method: Method, params: dict[str, object], deltas: Sequence[Tensor], grams: Sequence[Tensor] | None = None
+) -> Tensor:
     """The library's merge, output in float32 so that bf16 inputs are not scored on their output rounding."""
-    return library_function(method)(list(deltas), **params, out_dtype=torch.float32)
+    extra = {"statistics": list(grams)} if grams is not None else {}
+    return library_function(method)(list(deltas), **params, **extra, out_dtype=torch.float32)
 
 
-def run_naive(method: Method, params: dict[str, object], deltas: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+def run_naive(
+    method: Method,
+    params: dict[str, object],
+    deltas: Sequence[Tensor],
+    dtype: torch.dtype,
+    grams: Sequence[Tensor] | None = None,
+) -> Tensor:
     """The straightforward merge in ``dtype`` (float32 for the baseline, float64 for the reference)."""
-    return getattr(reference, method.library_name)(list(deltas), **params, dtype=dtype)
+    function = getattr(reference, method.library_name)
+    if grams is not None:
+        return function(list(deltas), list(grams), **params, dtype=dtype)
+    return function(list(deltas), **params, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -390,6 +444,58 @@ def time_floors(
     return floors
 
 
+def make_grams(
+    shapes: dict[str, tuple[int, int]], tasks: int, device: torch.device, seed: int
+) -> dict[str, list[Tensor]]:
+    """RegMean's input statistics, synthetic: per matrix and task the float32 Gram ``XᵀX / N`` (the per-row mean
+    ``io/statistics.py`` stores) of ``N = GRAM_ROWS_PER_INPUT · in`` standard normal input rows, summed in chunks."""
+    grams = {}
+    for name, (_, cols) in shapes.items():
+        generator = torch.Generator(device=device).manual_seed(seed * 1000 + 500 + list(LLAMA31_8B_LAYER).index(name))
+        rows = GRAM_ROWS_PER_INPUT * cols
+        grams[name] = []
+        for _ in range(tasks):
+            gram = torch.zeros(cols, cols, device=device)
+            for start in range(0, rows, GRAM_CHUNK_ROWS):
+                x = torch.randn(min(GRAM_CHUNK_ROWS, rows - start), cols, generator=generator, device=device)
+                gram.addmm_(x.mT, x)
+                del x
+            grams[name].append(gram.div_(rows))
+    return grams
+
+
+def time_solve_floor(
+    deltas: dict[str, list[Tensor]], grams: dict[str, list[Tensor]], timer: Timer, repeats: int
+) -> FloorResult:
+    """RegMean's floor: per matrix, one float64 solve of ``Σ_i G_i`` (``in``-sided) with ``out`` right-hand sides
+    (forming the sum and the right-hand side is not timed)."""
+    seconds, sizes = {}, {}
+    for name, matrix_grams in grams.items():
+        total = sum(g.to(torch.float64) for g in matrix_grams)
+        rhs = deltas[name][0].to(torch.float64).mT.contiguous()
+        torch.linalg.solve(total, rhs)  # warm-up
+        seconds[name] = statistics.median(
+            timer(lambda a=total, b=rhs: torch.linalg.solve(a, b)) for _ in range(repeats)
+        )
+        sizes[name] = total.shape[-1]
+        del total, rhs
+    return FloorResult(sum(seconds.values()), seconds, sizes)
+
+
+def time_product_floor(deltas: dict[str, list[Tensor]], steps: int, timer: Timer, repeats: int) -> FloorResult:
+    """WUDI's Adam floor: per matrix, ``steps`` times one float64 product ``Y·G`` of ``[out, in] x [in, in]``, the
+    matmul of its gradient (one product timed, multiplied by ``steps``)."""
+    seconds, sizes = {}, {}
+    for name, matrix_deltas in deltas.items():
+        y = matrix_deltas[0].to(torch.float64)
+        gram = y.mT @ y  # [in, in]: the shape of WUDI's G
+        y @ gram  # warm-up
+        seconds[name] = steps * statistics.median(timer(lambda a=y, b=gram: a @ b) for _ in range(repeats))
+        sizes[name] = gram.shape[-1]
+        del y, gram
+    return FloorResult(sum(seconds.values()), seconds, sizes)
+
+
 def time_topk(entries: int, keep: int, timer: Timer, repeats: int, seed: int) -> TopKResult:
     """Global top-k threshold over ``entries`` magnitudes: ``kthvalue`` (the authors') against ``topk``."""
     generator = torch.Generator(device=timer.device).manual_seed(seed)
@@ -423,8 +529,8 @@ def relative_error(outputs: dict[str, Tensor], references: dict[str, Tensor]) ->
 
 
 def measure(
-    call: Callable[[Sequence[Tensor]], Tensor],
-    deltas: dict[str, list[Tensor]],
+    call: Callable[[str], Tensor],
+    names: Sequence[str],
     references: dict[str, Tensor] | None,
     timer: Timer,
     repeats: int,
@@ -433,19 +539,19 @@ def measure(
     """One implementation: a warm-up call per matrix (peak memory, error), then ``repeats`` timed passes."""
     peak = 0
     outputs = {}
-    for name, matrix_deltas in deltas.items():
+    for name in names:
         with PeakMemory(timer.device, memory_backend) as memory:
-            out = call(matrix_deltas)
+            out = call(name)
         peak = max(peak, memory.peak_bytes)
         if references is not None:  # kept in float32 at most: one merged delta per matrix of a layer
             outputs[name] = out.to(torch.float32) if out.dtype == torch.float64 else out
         del out
     rel_error, rel_error_per_matrix = relative_error(outputs, references) if references is not None else (None, {})
     del outputs
-    per_matrix: dict[str, list[float]] = {name: [] for name in deltas}
+    per_matrix: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
-        for name, matrix_deltas in deltas.items():
-            per_matrix[name].append(timer(lambda d=matrix_deltas: call(d)))
+        for name in names:
+            per_matrix[name].append(timer(lambda n=name: call(n)))
     totals = [sum(times[i] for times in per_matrix.values()) for i in range(repeats)]
     return ImplResult(
         seconds_per_layer=statistics.median(totals),
@@ -465,21 +571,204 @@ def run_method(
     repeats: int,
     reference: bool,
     memory_backend: str,
+    grams: dict[str, list[Tensor]] | None = None,
+    params: dict[str, object] | None = None,
 ) -> MethodResult:
-    """The float64 reference once per matrix, then each implementation through ``measure``."""
-    params = method_params(method) if "drm_lightning" in impls else dict(method.params)
-    calls: dict[str, Callable[[Sequence[Tensor]], Tensor]] = {
-        "drm_lightning": lambda d: run_library(method, params, d),
-        "naive": lambda d: run_naive(method, params, d, torch.float32),
+    """The float64 reference once per matrix, then each implementation through ``measure``.
+
+    ``grams``: each matrix's per-task input Grams, for a method whose ``inputs`` are ``grams``; ``params``: the
+    method's parameters when not its own (``--wudi-steps``).
+    """
+    params = dict(method.params if params is None else params)
+    if "drm_lightning" in impls:
+        params = {**method_params(method), **params}
+    if method.inputs == "grams" and grams is None:
+        raise ValueError(f"{method.key}: needs the input Grams of every matrix (make_grams)")
+
+    def matrix_grams(name: str) -> list[Tensor] | None:
+        return grams[name] if method.inputs == "grams" and grams is not None else None
+
+    calls: dict[str, Callable[[str], Tensor]] = {
+        "drm_lightning": lambda n: run_library(method, params, deltas[n], matrix_grams(n)),
+        "naive": lambda n: run_naive(method, params, deltas[n], torch.float32, matrix_grams(n)),
     }
     references = None
     if reference:
-        references = {name: run_naive(method, params, d, torch.float64) for name, d in deltas.items()}
-    results = {impl: measure(calls[impl], deltas, references, timer, repeats, memory_backend) for impl in impls}
+        references = {n: run_naive(method, params, deltas[n], torch.float64, matrix_grams(n)) for n in deltas}
+    names = list(deltas)
+    results = {impl: measure(calls[impl], names, references, timer, repeats, memory_backend) for impl in impls}
     speedup = None
     if "drm_lightning" in results and "naive" in results:
         speedup = results["naive"].seconds_per_layer / results["drm_lightning"].seconds_per_layer
     return MethodResult(method.key, method.name, params, results, speedup, method.floor)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The coefficient learner
+# --------------------------------------------------------------------------------------------------------------
+
+PROJECTIONS = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
+"""The benchmark's matrix names -> the Llama module names the learner's layer set uses."""
+
+
+def learner_head_dim(shapes: dict[str, tuple[int, int]], scale: int) -> int:
+    """Llama's head dimension (128) divided by ``scale``; every attention width must hold whole heads."""
+    head_dim = max(1, LLAMA31_8B_HEAD_DIM // scale)
+    q_rows, k_rows = shapes["q"][0], shapes["k"][0]
+    if q_rows % head_dim or k_rows % head_dim or (q_rows // head_dim) % (k_rows // head_dim):
+        raise ValueError(
+            f"--scale {scale}: the learner's layer has q {q_rows} and k {k_rows} outputs, not whole heads of "
+            f"{head_dim} in a grouped-query ratio; use a power of two"
+        )
+    return head_dim
+
+
+class LayerSet(nn.Module):
+    """The seven matrices of one Llama decoder layer, wired as Llama wires them: causal grouped-query attention
+    (``q/k/v/o_proj``) and the SwiGLU MLP (``gate/up/down_proj``), each with its residual (no norms, no rotary
+    embedding: they hold no merged weight)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], head_dim: int) -> None:
+        super().__init__()
+        for name, (rows, cols) in shapes.items():
+            self.add_module(PROJECTIONS[name], nn.Linear(cols, rows, bias=False))
+        self.head_dim = head_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, _ = x.shape
+
+        def heads(projection: nn.Module) -> Tensor:
+            return projection(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o_proj(attention.transpose(1, 2).reshape(batch, length, -1))
+        return x + self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LayerExpert(nn.Module):
+    """One task's expert for the learner: the shared layer set (``backbone``, as ``CoefficientModule`` expects) and
+    the task's own classification head on the mean of the outputs."""
+
+    def __init__(self, backbone: LayerSet, hidden: int, classes: int = 2) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.head(self.backbone(batch["inputs"]).mean(dim=1))
+
+
+@dataclass
+class LearnerBench:
+    """What every learner row shares: the experts on one base layer set, the deltas, one batch per task."""
+
+    experts: dict[str, LayerExpert]
+    deltas: dict[str, list[Tensor]]
+    batch: dict[str, dict[str, Tensor]]
+
+    @classmethod
+    def build(cls, deltas: dict[str, list[Tensor]], scale: int, device: torch.device, seed: int) -> LearnerBench:
+        missing = [name for name in LLAMA31_8B_LAYER if name not in deltas]
+        if missing:
+            raise ValueError(f"--layers: the learner rows need every matrix of the layer; {missing} not chosen")
+        shapes = {name: tuple(d[0].shape) for name, d in deltas.items()}
+        head_dim = learner_head_dim(shapes, scale)  # type: ignore[arg-type]
+        hidden = shapes["q"][1]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            backbone = LayerSet(shapes, head_dim)  # type: ignore[arg-type]
+            experts = {f"task{i}": LayerExpert(backbone, hidden) for i in range(len(deltas["q"]))}
+        for expert in experts.values():
+            expert.to(device).eval()
+        generator = torch.Generator(device=device).manual_seed(seed * 1000 + 999)
+        batch = {
+            task: {"inputs": torch.randn(LEARN_BATCH, LEARN_TOKENS, hidden, generator=generator, device=device)}
+            for task in experts
+        }
+        return cls(experts, deltas, batch)
+
+    def module(self, form: str) -> object:
+        """A ``CoefficientModule`` of ``form`` (``layer``: K = 1, the deltas' sum standing for a method's merged delta;
+        ``task``: K = T), its coefficients at ``LEARN_INIT``, the entropy objective (labels unused)."""
+        from drm_lightning.evaluation.coefficient_module import CoefficientModule
+        from drm_lightning.evaluation.coefficients import CoefficientLayout, LearnSettings
+
+        stacks = {}
+        for name, matrix_deltas in self.deltas.items():
+            stack = torch.stack([d.to(torch.float32) for d in matrix_deltas])
+            stacks[f"{PROJECTIONS[name]}.weight"] = stack.sum(dim=0, keepdim=True) if form == "layer" else stack
+        columns = ["merged"] if form == "layer" else list(self.experts)
+        layout = CoefficientLayout.build(list(stacks), "tensor", columns)
+        settings = LearnSettings(objective="entropy", form=form)  # type: ignore[arg-type]
+        device = self.batch[next(iter(self.batch))]["inputs"].device
+        return CoefficientModule(self.experts, stacks, layout, settings, LEARN_INIT).to(device)
+
+
+def learner_step(module: object, bench_batch: dict[str, dict[str, Tensor]]) -> Callable[[], None]:
+    """One optimiser step of the learner as ``Trainer.fit`` runs it: ``training_step`` on one batch of every task,
+    backward, Adam."""
+    optimizer = module.configure_optimizers()  # type: ignore[attr-defined]
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # self.log outside a Trainer only warns
+            warnings.simplefilter("ignore")
+            loss = module.training_step(bench_batch, 0)  # type: ignore[attr-defined]
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def floor_step(module: object, bench_batch: dict[str, dict[str, Tensor]]) -> Callable[[], None]:
+    """The learner's floor: the same forward and backward of every task's batch at fixed merged weights (weight
+    gradients, no coefficients)."""
+    weights = {
+        name: w.detach().clone().requires_grad_()
+        for name, w in module.merged_parameters().items()  # type: ignore[attr-defined]
+    }
+
+    def step() -> None:
+        for w in weights.values():
+            w.grad = None
+        total = sum(module.task_loss(task, bench_batch[task], weights) for task in bench_batch)  # type: ignore[attr-defined]
+        total.backward()  # type: ignore[union-attr]
+
+    return step
+
+
+def time_step(step: Callable[[], None], timer: Timer, repeats: int, memory_backend: str) -> tuple[list[float], int]:
+    """A warm-up step (peak memory), then ``repeats`` timed steps."""
+    with PeakMemory(timer.device, memory_backend) as memory:
+        step()
+    return [timer(step) for _ in range(repeats)], memory.peak_bytes
+
+
+def run_learner(
+    method: Method, bench: LearnerBench, timer: Timer, repeats: int, memory_backend: str, floor: FloorResult | None
+) -> tuple[MethodResult, FloorResult]:
+    """Seconds per optimiser step of the coefficient learner over the layer set, and its floor (measured here unless
+    ``floor`` is given: it does not depend on the form)."""
+    form = str(method.params["form"])
+    module = bench.module(form)
+    if floor is None:
+        floor_times, _ = time_step(floor_step(module, bench.batch), timer, repeats, memory_backend)
+        floor = FloorResult(statistics.median(floor_times), {}, {})
+    times, peak = time_step(learner_step(module, bench.batch), timer, repeats, memory_backend)
+    del module
+    columns = 1 if form == "layer" else len(bench.experts)
+    params = {**method.params, "columns": columns, "batch": LEARN_BATCH, "tokens": LEARN_TOKENS}
+    impl = ImplResult(statistics.median(times), {}, times, peak, None, {})
+    return MethodResult(method.key, method.name, params, {"drm_lightning": impl}, None, method.floor), floor
 
 
 def machine_info(device: torch.device) -> dict[str, object]:
@@ -522,6 +811,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), help="drm_lightning and/or naive")
     parser.add_argument("--dtype", default="float32", help="dtype of the task deltas: float32 or bfloat16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per matrix after the warm-up")
+    parser.add_argument(
+        "--wudi-steps", type=int, default=WUDI_STEPS, help=f"Adam steps of the wudi row (default {WUDI_STEPS})"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 reference (no errors)")
     parser.add_argument("--no-topk", action="store_true", help="skip the kthvalue vs topk timing")
@@ -542,9 +834,9 @@ def validate(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     device = torch.device(device_name)
     if args.scale is None:
         args.scale = 1 if device.type == "cuda" else CPU_DEFAULT_SCALE
-    for option in ("scale", "tasks", "repeats"):
+    for option in ("scale", "tasks", "repeats", "wudi_steps"):
         if getattr(args, option) < 1:
-            raise ValueError(f"--{option}: must be at least 1, got {getattr(args, option)}")
+            raise ValueError(f"--{option.replace('_', '-')}: must be at least 1, got {getattr(args, option)}")
     for option, known in (("methods", METHODS), ("layers", LLAMA31_8B_LAYER), ("impls", IMPLS)):
         unknown = [value for value in getattr(args, option) if value not in known]
         if unknown:
@@ -576,23 +868,40 @@ def format_report(report: Report) -> str:
         f"Merge speed on {cfg['device']} [{machine}]: Llama-3.1-8B decoder layer / {cfg['scale']}, "
         f"T={cfg['tasks']}, {cfg['dtype']} deltas, median of {cfg['repeats']} after a warm-up, {cfg['clock']} clock",
         f"matrices: {shapes}",
-        "floors, float64 eigh of the joint Gram a method decomposes, summed over the matrices: "
+        "floors (float64 eigh of the joint Gram a method decomposes; RegMean's solve, WUDI's products, the "
+        "learner's fixed-weight step), summed over the matrices: "
         + ", ".join(f"{kind} {floor.seconds_per_layer:.4g} s" for kind, floor in report.floors.items()),
         "",
-        f"{'method':<16}{'implementation':<16}{'s/layer':>10}{'floor s':>9}{'x floor':>9}{'peak MiB':>10}"
+        f"{'method':<16}{'implementation':<16}{'s/layer':>10}{'floor s':>10}{'x floor':>9}{'peak MiB':>10}"
         f"{'naive/ours':>12}{'rel err vs fp64':>17}",
     ]
+    notes = []
     for result in report.methods.values():
+        if "steps" in result.params:
+            per_step = ", ".join(
+                f"{r.seconds_per_layer / float(result.params['steps']):.4g} s ({impl})"
+                for impl, r in result.impls.items()
+            )
+            notes.append(
+                f"{result.name}: {result.params['steps']} Adam steps per matrix; per step and layer {per_step}"
+            )
+        if result.floor == "step":
+            notes.append(
+                f"{result.name}: seconds per optimiser step over the layer, {result.params['columns']} delta(s) per "
+                f"matrix, T={cfg['tasks']} batches of {result.params['batch']}x{result.params['tokens']} tokens"
+            )
         for index, (impl, r) in enumerate(result.impls.items()):
             label = "drm_lightning" if impl == "drm_lightning" else "naive float32"
             speedup = _fmt(result.speedup, ".2f") + "x" if result.speedup is not None and index == 0 else ""
             floor = report.floors[result.floor].seconds_per_layer if result.floor and index == 0 else None
             lines.append(
                 f"{result.name if index == 0 else '':<16}{label:<16}{r.seconds_per_layer:>10.4g}"
-                f"{_fmt(floor, '.4g') if index == 0 else '':>9}"
+                f"{_fmt(floor, '.4g') if index == 0 else '':>10}"
                 f"{_fmt(r.floor_multiple, '.2f'):>9}{r.peak_bytes / 2**20:>10.1f}{speedup:>12}"
                 f"{_fmt(r.rel_error, '.2e'):>17}"
             )
+    if notes:
+        lines += ["", *notes]
     if report.topk is not None:
         t = report.topk
         lines += [
@@ -615,43 +924,68 @@ def main(argv: Sequence[str] | None = None) -> Report:
     finally:
         torch.set_num_threads(threads)
     print(format_report(report), flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    write_json(args.json, report)
     return report
 
 
+def write_json(path: Path | None, report: Report) -> None:
+    """The report as JSON at ``path`` (None: nowhere), replaced whole."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    partial.replace(path)
+
+
 def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Report:
-    """Everything that is measured, in order: the floor, each method, the top-k selection."""
+    """Everything that is measured, in order: the floors, each method, the top-k selection."""
     timer = Timer(device, args.clock)
     shapes = scaled_shapes(args.layers, args.scale)
     deltas = make_deltas(shapes, args.tasks, dtype, device, args.seed)
+    chosen = [METHODS[k] for k in args.methods]
+    bench = None
+    if any(m.inputs == "learn" for m in chosen):  # checked before anything is timed
+        bench = LearnerBench.build(deltas, args.scale, device, args.seed)
+    grams = make_grams(shapes, args.tasks, device, args.seed) if any(m.inputs == "grams" for m in chosen) else None
 
-    floors = time_floors([METHODS[k].floor for k in args.methods if METHODS[k].floor], deltas, timer, args.repeats)
-    methods = {}
-    for key in args.methods:
-        result = run_method(METHODS[key], args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory)
-        floor = floors[result.floor].seconds_per_layer if result.floor else 0.0
-        for impl in result.impls.values():
-            impl.floor_multiple = impl.seconds_per_layer / floor if floor > 0 else None
-        methods[key] = result
-
-    topk = None
-    if not args.no_topk:
-        # DRM-V's pruning set at full rank is the largest: T * n * m entries of the biggest matrix.
-        entries = args.tasks * max(rows * cols for rows, cols in shapes.values())
-        topk = time_topk(entries, round((1.0 - DRM_DROP_RATE) * entries), timer, args.repeats, args.seed)
+    kinds = [m.floor for m in chosen if m.floor]
+    floors = time_floors([k for k in kinds if k in FLOOR_GRAMS], deltas, timer, args.repeats)
+    if "solve" in kinds and grams is not None:
+        floors["solve"] = time_solve_floor(deltas, grams, timer, args.repeats)
+    if "product" in kinds:
+        floors["product"] = time_product_floor(deltas, args.wudi_steps, timer, args.repeats)
 
     config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     config["device"] = device.type
-    return Report(
+    report = Report(
         config=config,
         machine=machine_info(device),
         shapes={name: list(shape) for name, shape in shapes.items()},
         floors=floors,
-        methods=methods,
-        topk=topk,
+        methods={},
+        topk=None,
     )
+    for method in chosen:
+        if method.inputs == "learn":
+            assert bench is not None
+            result, floors["step"] = run_learner(method, bench, timer, args.repeats, args.memory, floors.get("step"))
+        else:
+            params = {**method.params, "steps": args.wudi_steps} if "steps" in method.params else None
+            result = run_method(
+                method, args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory, grams, params
+            )
+        floor = floors[result.floor].seconds_per_layer if result.floor else 0.0
+        for impl in result.impls.values():
+            impl.floor_multiple = impl.seconds_per_layer / floor if floor > 0 else None
+        report.methods[method.key] = result
+        write_json(args.json, report)  # a run stopped by a time limit keeps the rows it finished
+
+    if not args.no_topk:
+        # DRM-V's pruning set at full rank is the largest: T * n * m entries of the biggest matrix.
+        entries = args.tasks * max(rows * cols for rows, cols in shapes.values())
+        report.topk = time_topk(entries, round((1.0 - DRM_DROP_RATE) * entries), timer, args.repeats, args.seed)
+    return report
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ float64 Gram eigendecompositions of ``linalg.py`` (one ``eigh`` per matrix where
 therefore agrees with a float64 evaluation of the contract to far better than 1e-3 relative Frobenius error; the
 only error left for bfloat16 outputs is the final rounding to bfloat16.
 
+``regmean`` also takes each task's input Gram of the parameter (``statistics=``).
+
 The SVD methods (``drm``, ``iso_c``, ``iso_cts``, ``tsv_m``) and ``wudi_closed`` also accept ``LowRankDelta``
 factors and then work in the joint ``Σ r_i``-dimensional space of the factors, materialising only the merged
 ``[out, in]`` result. A mix of dense and factored deltas is densified. The elementwise methods and ``wudi`` (Adam is
@@ -54,6 +56,7 @@ from drm_lightning.merging.methods.drm_iso import DrmIsoBasis, drm_iso, drm_iso_
 from drm_lightning.merging.methods.drm_prune import SHARE_EPS
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
 from drm_lightning.merging.methods.iso import IsoCtsBasis, iso_c, iso_cts, iso_cts_basis, iso_cts_split
+from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.methods.tsv import tsv_m
 from drm_lightning.merging.methods.wudi import (
     WudiGrams,
@@ -102,6 +105,7 @@ __all__ = [
     "iso_cts_basis",
     "iso_cts_split",
     "keep_top_fraction",
+    "regmean",
     "task_arithmetic",
     "task_mean",
     "ties",

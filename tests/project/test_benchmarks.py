@@ -40,16 +40,29 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
     return json.loads(out.read_text()), merge_speed.format_report(report)
 
 
+MERGES = [key for key, method in merge_speed.METHODS.items() if method.inputs != "learn"]
+LEARNERS = [key for key, method in merge_speed.METHODS.items() if method.inputs == "learn"]
+
+
 def test_json_has_every_method_with_finite_numbers(tiny_run: tuple[dict, str]) -> None:
     data, _ = tiny_run
     assert list(data["methods"]) == list(merge_speed.METHODS)
     assert data["shapes"] == {name: [max(1, d // 128) for d in s] for name, s in merge_speed.LLAMA31_8B_LAYER.items()}
-    assert set(data["floors"]) == {"rows", "columns", "sum", "each"}
-    for floor in data["floors"].values():
-        assert floor["seconds_per_layer"] > 0 and set(floor["seconds_per_matrix"]) == set(data["shapes"])
+    assert set(data["floors"]) == {"rows", "columns", "sum", "each", "solve", "product", "step"}
+    for kind, floor in data["floors"].items():
+        assert floor["seconds_per_layer"] > 0
+        assert set(floor["seconds_per_matrix"]) == (set() if kind == "step" else set(data["shapes"]))
     assert data["floors"]["rows"]["gram_size"] == {"q": 32, "k": 24, "v": 24, "o": 32, "gate": 32, "up": 32, "down": 96}
+    inputs = {name: shape[1] for name, shape in data["shapes"].items()}  # RegMean's and WUDI's in-sided systems
+    assert data["floors"]["solve"]["gram_size"] == inputs == data["floors"]["product"]["gram_size"]
     for result in data["methods"].values():
         assert (result["floor"] is None) == (result["key"] in ("ties", "task-arithmetic"))
+        if result["key"] in LEARNERS:
+            assert list(result["impls"]) == ["drm_lightning"] and result["speedup"] is None
+            impl = result["impls"]["drm_lightning"]
+            assert impl["seconds_per_layer"] > 0 and impl["rel_error"] is None and math.isfinite(impl["floor_multiple"])
+            assert result["params"]["columns"] == (1 if result["params"]["form"] == "layer" else 3)
+            continue
         assert set(result["impls"]) == {"drm_lightning", "naive"}
         assert math.isfinite(result["speedup"]) and result["speedup"] > 0
         for impl in result["impls"].values():
@@ -64,7 +77,7 @@ def test_json_has_every_method_with_finite_numbers(tiny_run: tuple[dict, str]) -
     assert topk["kthvalue_s"] > 0 and topk["topk_s"] > 0
 
 
-@pytest.mark.parametrize("method", list(merge_speed.METHODS))
+@pytest.mark.parametrize("method", MERGES)
 def test_library_matches_float64_reference(tiny_run: tuple[dict, str], method: str) -> None:
     """The acceptance bar of docs/methods.md: within 1e-3 of a float64 evaluation of the contract."""
     impl = tiny_run[0]["methods"][method]["impls"]["drm_lightning"]
@@ -77,6 +90,8 @@ def test_table_lists_every_method(tiny_run: tuple[dict, str]) -> None:
     for method in merge_speed.METHODS.values():
         assert any(line.startswith(method.name) for line in table.splitlines()), method.name
     assert "kthvalue" in table and "floor" in table
+    assert f"{merge_speed.WUDI_STEPS} Adam steps per matrix" in table
+    assert "seconds per optimiser step over the layer, 3 delta(s) per matrix" in table
 
 
 def test_bfloat16_subset_scores_against_rounded_inputs(tmp_path: Path) -> None:
@@ -117,12 +132,47 @@ def test_naive_only_without_reference_on_the_process_clock(tmp_path: Path) -> No
         (["--memory", "valgrind"], "--memory"),
         (["--threads", "0"], "--threads"),
         (["--clock", "sundial"], "--clock"),
+        (["--wudi-steps", "0"], "--wudi-steps"),
+        (["--methods", "learn-task", "--layers", "q", "k"], "--layers"),
+        (["--methods", "learn-layer", "--scale", "3"], "--scale 3"),
     ],
 )
 def test_bad_arguments_name_the_option(argv: list[str], message: str) -> None:
     args = ["--device", "cpu", *argv] if argv[0] != "--device" else argv
     with pytest.raises(ValueError, match=message):
         merge_speed.main(args)
+
+
+def test_synthetic_grams_are_input_grams_of_the_right_shape() -> None:
+    """RegMean's benchmark statistics: symmetric, positive definite ``[in, in]`` means of unit-variance rows."""
+    shapes = merge_speed.scaled_shapes(["k", "down"], 64)
+    grams = merge_speed.make_grams(shapes, 2, torch.device("cpu"), seed=0)
+    for name, (_, cols) in shapes.items():
+        assert len(grams[name]) == 2 and not torch.equal(grams[name][0], grams[name][1])
+        for gram in grams[name]:
+            assert gram.shape == (cols, cols) and gram.dtype == torch.float32
+            torch.testing.assert_close(gram, gram.mT)
+            assert float(torch.linalg.eigvalsh(gram.double()).min()) > 0
+            assert abs(float(gram.diagonal().mean()) - 1.0) < 0.15  # N = 2·in rows of variance 1
+
+
+def test_learner_floor_runs_the_learner_forward_at_fixed_weights() -> None:
+    """The floor times the learner's own forward (same loss at the same merged weights) without the coefficients,
+    and one learner step moves every coefficient (the gradient reaches them through the layer set)."""
+    deltas = merge_speed.make_deltas(merge_speed.scaled_shapes(list(merge_speed.LLAMA31_8B_LAYER), 128), 3,
+                                     torch.float32, torch.device("cpu"), seed=0)  # fmt: skip
+    bench = merge_speed.LearnerBench.build(deltas, 128, torch.device("cpu"), seed=0)
+    for form, columns in (("layer", 1), ("task", 3)):
+        module = bench.module(form)
+        assert tuple(module.coefficients.shape) == (7, columns)
+        weights = module.merged_parameters()
+        learner = sum(module.task_loss(t, bench.batch[t], weights) for t in bench.batch)
+        fixed = {name: w.detach() for name, w in weights.items()}
+        floor = sum(module.task_loss(t, bench.batch[t], fixed) for t in bench.batch)
+        assert float(learner.detach()) == float(floor) and math.isfinite(float(floor))
+        before = module.coefficients.detach().clone()
+        merge_speed.learner_step(module, bench.batch)()
+        assert bool((module.coefficients.detach() != before).all())
 
 
 # -- the straightforward implementations are the reference, so they are checked on their own ---------------------

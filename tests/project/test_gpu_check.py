@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import merge_speed  # noqa: E402
 
 
 @pytest.mark.slow
@@ -24,11 +28,14 @@ def test_dry_run_writes_every_table(tmp_path: Path) -> None:
     summary = (tmp_path / "summary.md").read_text()
     rows = [line.split("|")[1:4] for line in summary.splitlines() if line.startswith("| ") and "---" not in line]
     steps = {name.strip(): code.strip() for name, code, _ in rows[1:]}
-    assert {"gpu tests (collected)", "merge speed", "merge memory"} <= set(steps)
+    assert {"gpu tests (collected)", "merge speed", "merge speed (data-aware)", "merge memory"} <= set(steps)
     assert set(steps.values()) == {"0"}
     assert "tests collected" in (tmp_path / "gpu_tests.txt").read_text()
-    for name in ("merge_speed.json", "merge_memory.json"):
+    for name in ("merge_speed.json", "merge_speed_data.json", "merge_memory.json"):
         assert json.loads((tmp_path / name).read_text())
+    speed = json.loads((tmp_path / "merge_speed.json").read_text())["methods"]
+    data = json.loads((tmp_path / "merge_speed_data.json").read_text())["methods"]
+    assert set(speed) | set(data) == set(merge_speed.METHODS) and not set(speed) & set(data)  # every row, once
 
 
 def test_unknown_argument_is_one_line(tmp_path: Path) -> None:
