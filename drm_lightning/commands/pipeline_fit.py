@@ -225,7 +225,7 @@ def fit_expert(run: RunFolder, task: str, overrides: Mapping[str, Any] | None = 
     )
     trainer_kwargs = dict(recipe.trainer)
     callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))
-    callbacks.append(TaskVectorCallback(str(run.task_vector_dir(task))))
+    callbacks.append(TaskVectorCallback(str(run.task_vector_dir(task)), statistics_examples=recipe.statistics_examples))
     trainer_kwargs = _instantiate_trainer_objects(trainer_kwargs)
     if overrides:
         plugins = list(trainer_kwargs.get("plugins") or [])

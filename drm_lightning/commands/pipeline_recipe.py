@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser
 
 from drm_lightning.commands.tasks import TaskEntry, check_task_spec, load_task_spec, unused_defaults, with_defaults
+from drm_lightning.io.statistics import DEFAULT_EXAMPLES
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
@@ -169,6 +170,13 @@ def build_pipeline_parser() -> LightningArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
     parser.add_argument(
+        "--statistics_examples",
+        type=int,
+        default=DEFAULT_EXAMPLES,
+        help="Training examples whose linear-layer input Grams each fitted expert records when its fit ends "
+        "(RegMean's statistics, beside the task vector); 0: none (a recipe with RegMean then refuses).",
+    )
+    parser.add_argument(
         "--procs_per_expert",
         type=int | None,
         default=None,
@@ -227,6 +235,7 @@ class Recipe:
     trainer: dict[str, Any]
     methods: list[MethodSpec]
     seed: int = 0
+    statistics_examples: int = DEFAULT_EXAMPLES
     procs_per_expert: int | None = None
     strategy: str = "grid"
     metric: str = "accuracy"
@@ -279,6 +288,12 @@ def load_recipe(config: Namespace) -> Recipe:
         raise ValueError(f"methods: labels {labels} repeat; give each run of a method its own label")
     if isinstance(config.extend_edges, bool) or config.extend_edges < 0:
         raise ValueError(f"extend_edges={config.extend_edges!r}: expected a number of rounds >= 0")
+    examples = config.statistics_examples
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise ValueError(f"statistics_examples={examples!r}: expected an integer >= 0")
+    needing = [m.name for m in methods if get_method(m.method).needs_statistics]
+    if examples == 0 and needing:
+        raise ValueError(f"statistics_examples=0: methods {needing} merge by the statistics the fits record")
     for i, m in enumerate(methods):
         grid = ParamGrid.parse(m.method, m.params, where=f"methods[{i}].params")
         m.params = dict(m.params) if grid.searched else dict(get_method(m.method).check(dict(m.params or {})))
@@ -289,6 +304,7 @@ def load_recipe(config: Namespace) -> Recipe:
         trainer=plain(config.trainer),
         methods=methods,
         seed=config.seed,
+        statistics_examples=examples,
         procs_per_expert=config.procs_per_expert,
         strategy=config.strategy,
         metric=config.metric,

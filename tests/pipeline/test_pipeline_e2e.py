@@ -155,6 +155,8 @@ def test_changed_model_settings_make_experts_stale(first_run: dict) -> None:
         (["--tasks", "[no/such/task.yaml]"], ["no/such/task.yaml"]),
         (["--model.family", "fancy"], ["family"]),
         (["--procs_per_expert", "0"], ["procs_per_expert=0"]),
+        (["--statistics_examples", "-1"], ["statistics_examples=-1"]),
+        (["--statistics_examples", "0", "--methods", "[{method: regmean}]"], ["statistics_examples=0", "regmean"]),
     ],
 )
 def test_bad_recipes_fail_before_any_work(
