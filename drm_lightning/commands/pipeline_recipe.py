@@ -102,13 +102,13 @@ def method_spec(entry: Mapping[str, Any] | MethodSpec, index: int = 0) -> Method
         spec.lambdas = [float(x) for x in spec.lambdas]
     spec.params = dict(spec.params or {})
     if spec.learn is not None:
-        from drm_lightning.evaluation.coefficients import TASK_FORM_METHODS, LearnSettings
+        from drm_lightning.evaluation.coefficients import LearnSettings, task_form_methods
 
         settings = LearnSettings.parse(spec.learn, where=f"methods[{index}].learn")
-        if settings.form == "task" and spec.method not in TASK_FORM_METHODS:
+        if settings.form == "task" and spec.method not in task_form_methods():
             raise ValueError(
                 f"methods[{index}].learn.form='task': method {spec.method!r} has no per-task terms; the task form "
-                f"works over {list(TASK_FORM_METHODS)} (form: layer works over any method)"
+                f"works over {list(task_form_methods())} (form: layer works over any method)"
             )
         spec.learn = settings.to_dict()
     return spec

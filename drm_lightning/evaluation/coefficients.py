@@ -11,6 +11,9 @@ Two forms (docs/methods.md, "Learned coefficients"):
     the entries of the trimmed ``Δ_i`` that agree with the elected sign, ``n`` their count per entry), so that
     ``Σ_i D_i`` is exactly the merged delta of ``task_arithmetic`` / ``ties`` and all coefficients at the chosen λ
     reproduce the fixed-λ merge. (AdaMerging++ sums the trimmed, sign-elected deltas without dividing by ``n``.)
+    Also over RegMean's and ``wudi_closed``'s per-task terms (``MergeMethod.task_terms``: ``D_i = c_i Δ_i (G̃_i +
+    ρ̄ I) S⁻¹``, ``D_i = w_i P_i P_iᵀ P_i M⁻¹``), where ``Σ_i λ_i D_i`` is the method's own merge with coefficients
+    ``λ_i c_i``: per layer, each task's weight in the method's solution.
 
 A group is one parameter tensor (``granularity: tensor``) or one transformer block (``block``: every parameter whose
 name shares the prefix up to its first number, ``encoder.layer.3``; parameters outside blocks group by their first
@@ -37,8 +40,9 @@ OBJECTIVES = ("entropy", "cross_entropy")
 FORMS = ("layer", "task")
 GRANULARITIES = ("tensor", "block")
 SPLITS = ("validation", "train", "test")
-#: Methods whose merged delta is a sum of per-task terms the ``task`` form can weight one by one.
-TASK_FORM_METHODS = ("task_arithmetic", "ties")
+#: Elementwise methods whose merged delta is a sum of per-task terms the ``task`` form can weight one by one (the
+#: matrix methods with ``task_terms`` join them: ``task_form_methods``).
+ELEMENTWISE_TASK_FORM = ("task_arithmetic", "ties")
 
 
 @dataclass
@@ -214,6 +218,14 @@ def read_merged_stacks(merged: str | os.PathLike[str], include: str | None = Non
     return {name: d.float().unsqueeze(0) for name, d in iter_merged_delta(merged) if is_learned(name, include)}
 
 
+def task_form_methods() -> tuple[str, ...]:
+    """The methods whose merged delta is a sum of per-task terms the ``task`` form can weight one by one: Task
+    Arithmetic, TIES, and every registry method with ``task_terms`` (RegMean, ``wudi_closed``)."""
+    from drm_lightning.merging.methods.registry import METHODS
+
+    return ELEMENTWISE_TASK_FORM + tuple(name for name, m in METHODS.items() if m.task_terms is not None)
+
+
 def read_task_stacks(
     merged: str | os.PathLike[str],
     record: Mapping[str, Any],
@@ -222,39 +234,61 @@ def read_task_stacks(
 ) -> dict[str, torch.Tensor]:
     """``task`` form: each parameter's per-task terms ``[T, *shape]`` (float32), whose sum is the merged delta.
 
+    Task Arithmetic: ``c_i Δ_i``; TIES: ``ties_terms``; a method with ``task_terms`` (RegMean, ``wudi_closed``): its
+    matrix rule's terms on the parameters its merge plan (``merge.json``'s ``plan``) gave the matrix rule, with the
+    recorded parameters and, for RegMean, each task's input Gram; on the others the plain mean's ``c_i Δ_i / T``
+    (their elementwise rule).
+
     Args:
         merged: the merged folder (its keys and shapes name the parameters).
-        record: its ``merge.json`` (method, params, coefficients).
+        record: its ``merge.json`` (method, params, coefficients, plan).
         task_vectors: the task vector folders, in the merge's order.
         include: only the parameters this regular expression is found in (None: all).
     """
     from drm_lightning.io.merged_delta import iter_merged_delta
+    from drm_lightning.merging.engine.merger import read_grams
+    from drm_lightning.merging.engine.plan import MergePlan
     from drm_lightning.merging.engine.reader import TaskVectorReader
+    from drm_lightning.merging.methods.basic import task_mean
+    from drm_lightning.merging.methods.registry import get_method
 
     method = str(record["method"])
-    if method not in TASK_FORM_METHODS:
+    if method not in task_form_methods():
         raise ValueError(
             f"{Path(merged) / 'merge.json'}: method {method!r} has no per-task terms; learn.form='task' works over "
-            f"{list(TASK_FORM_METHODS)} (use form: layer for any method)"
+            f"{list(task_form_methods())} (use form: layer for any method)"
         )
+    spec = get_method(method)
+    if spec.task_terms is not None and spec.elementwise is not task_mean:
+        raise ValueError(f"{method}: the task form needs the plain mean as its elementwise rule")
     readers = [TaskVectorReader(f) for f in task_vectors]
     c = record.get("coefficients") or [1.0] * len(readers)
     weights = torch.tensor([float(x) for x in c], dtype=torch.float64)
-    density = float((record.get("params") or {}).get("density", 0.2))
+    params = dict(record.get("params") or {})
+    density = float(params.get("density", 0.2))
+    plan = MergePlan(**(record.get("plan") or {})) if spec.task_terms is not None else None
     out: dict[str, torch.Tensor] = {}
     for name, merged_delta in iter_merged_delta(merged):
         if not is_learned(name, include):
             continue
         shape = tuple(merged_delta.shape)
+        raw = [reader.get(name, shape) for reader in readers]
+        if plan is not None and plan.rule(name, shape, True) == "matrix":
+            deltas = [torch.zeros(shape, dtype=torch.float64) if d is None else d for d in raw]
+            grams = read_grams(readers, name) if spec.needs_statistics else None
+            terms = spec.matrix_terms(deltas, [float(x) for x in c], grams, **params, out_dtype=torch.float64)
+            out[name] = terms.to(torch.float32)
+            continue
         stack = torch.zeros((len(readers), merged_delta.numel()), dtype=torch.float64)
-        for i, reader in enumerate(readers):
-            delta = reader.get(name, shape)
+        for i, delta in enumerate(raw):
             if delta is None:
                 continue
             dense = delta if isinstance(delta, torch.Tensor) else delta.dense(torch.float64)
             stack[i] = dense.to(torch.float64).reshape(-1)
         if method == "ties":
             stack = ties_terms(stack, density)
+        elif plan is not None:  # the plain mean
+            stack = stack / len(readers)
         out[name] = (weights.view(-1, 1) * stack).to(torch.float32).reshape(len(readers), *shape)
     return out
 

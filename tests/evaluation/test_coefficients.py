@@ -70,6 +70,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from lightning.pytorch import Trainer
 
     from drm_lightning.callbacks.task_vector import TaskVectorCallback
+    from drm_lightning.commands.statistics import add_expert_statistics
     from drm_lightning.io.safetensors import open_safetensors
     from drm_lightning.io.task_vector import DELTAS_FILE, read_head, read_meta, write_task_vector
     from drm_lightning.merging.engine.merger import merge_task_vectors
@@ -99,12 +100,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     noise[table][ids] = torch.randn(len(ids), deltas[table].shape[1], generator=gen) * NOISE
     meta = read_meta(mood)
     meta.task = "noise"
-    meta.statistics = None  # no input Grams for the made-up delta (the callback records mood's)
+    meta.statistics = None  # the callback recorded mood's input Grams; the made-up delta's are recorded below
     write_task_vector(root / "tv" / "noise", noise, read_head(mood), meta)
     folders = [mood, root / "tv" / "noise"]
     datamodules = {t: datamodule(base, files, t) for t in ("mood", "noise")}
+    add_expert_statistics(folders[1], datamodules["noise"], examples=16, device="cpu")  # RegMean's
     merged = {}
-    for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("iso_c", {})):
+    methods = (("task_arithmetic", {}), ("ties", {"density": 0.5}), ("iso_c", {}), ("regmean", {}), ("wudi_closed", {}))
+    for method, params in methods:
         merged[method] = root / "merged" / method
         merge_task_vectors(folders, method, merged[method], params, progress=False, device="cpu")
     return {"root": root, "base": base, "task_vectors": folders, "datamodules": datamodules, "merged": merged}
@@ -200,6 +203,10 @@ def test_combine_is_the_weighted_sum() -> None:
         ("task_arithmetic", "task", "block", None),
         ("ties", "task", "tensor", None),
         ("task_arithmetic", "task", "block", r"layer\.1\."),  # the rest stays at λ
+        ("wudi_closed", "layer", "tensor", None),
+        ("wudi_closed", "task", "tensor", None),
+        ("regmean", "layer", "block", None),
+        ("regmean", "task", "tensor", None),
     ],
 )
 def test_zero_learning_rate_gives_the_fixed_lambda_merge(

@@ -122,6 +122,42 @@ def regmean(
     return inputs.finish(merged, out_dtype)
 
 
+def regmean_terms(
+    deltas: Sequence[Delta],
+    alpha: float = ALPHA,
+    ridge: float = RIDGE,
+    coefficients: Coefficients = None,
+    *,
+    statistics: Sequence[Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """RegMean's per-task terms ``D_i = c_i Δ_i (G̃_i + ρ̄ I) S⁻¹``, ``S = Σ_j (G̃_j + ρ̄ I)``, stacked ``[T, out, in]``.
+
+    ``Σ_i D_i`` is ``regmean`` with the same arguments, and ``S`` does not depend on the coefficients, so
+    ``Σ_i λ_i D_i`` is ``regmean`` with coefficients ``λ_i c_i``: what learned per-task coefficients weigh
+    (``evaluation/coefficients.py``). Without statistics, or all Grams zero: the plain mean's terms ``c_i Δ_i / T``.
+    Dense float64 (``LowRankDelta`` factors are densified).
+    """
+    alpha, ridge, out_dtype = check_alpha(alpha), check_ridge(ridge), check_out_dtype(out_dtype)
+    inputs = prepare("regmean", deltas, matrix=True, keep_factors=False, stack=False)
+    count, (rows, cols), device = inputs.count, inputs.shape, inputs.device
+    c = task_coefficients("regmean", coefficients, count, device)
+    out = torch.stack([inputs.task(i).mul_(float(c[i])) for i in range(count)])
+    grams = None if statistics is None else _check_statistics(statistics, count, cols)
+    shrunk = [] if grams is None else [shrink(g.to(device), alpha) for g in grams]
+    level = float(sum(float(g.diagonal().sum()) for g in shrunk)) / (count * cols)
+    if level <= 0.0:
+        return out.div_(count).mul_(inputs.unit).to(out_dtype or inputs.dtype)
+    rho = ridge * level
+    total = torch.stack(shrunk).sum(dim=0)
+    total.diagonal().add_(count * rho)
+    for i, gram in enumerate(shrunk):
+        gram.diagonal().add_(rho)
+        out[i] = out[i] @ gram
+    solved = torch.linalg.solve(total, out.reshape(count * rows, cols).mT).mT  # S symmetric
+    return solved.reshape(count, rows, cols).mul_(inputs.unit).to(out_dtype or inputs.dtype)
+
+
 METHODS = (
     MergeMethod(
         "regmean",
@@ -133,6 +169,7 @@ METHODS = (
         elementwise=task_mean,
         param_checks={"alpha": check_alpha, "ridge": check_ridge},
         needs_statistics=True,
+        task_terms=regmean_terms,
     ),
 )
 """The registry's entries of this module (``merging/methods/registry.py`` collects them)."""

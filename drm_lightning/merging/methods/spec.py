@@ -49,6 +49,10 @@ class MergeMethod:
         needs_statistics: The matrix rule takes ``statistics=``: per task, the input Gram of the parameter's layer
             (``[in, in]``, ``io/statistics.py``), or ``None`` for a parameter without recorded Grams.
             The merge refuses task vectors without statistics up front (``setup.prepare_merge``).
+        task_terms: ``matrix_only`` methods whose matrix rule is a sum of per-task terms ``D_i`` that scale with
+            their own coefficient alone (``Σ_i λ_i D_i`` is the rule at coefficients ``λ_i c_i``: RegMean,
+            ``wudi_closed``): a function with ``fn``'s arguments returning the stacked ``[T, *shape]`` terms
+            (``matrix_terms``), what learned per-task coefficients weigh (``evaluation/coefficients.py``).
     """
 
     name: str
@@ -65,6 +69,7 @@ class MergeMethod:
     prepare_keys: frozenset[str] = field(default_factory=frozenset)
     param_checks: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
     needs_statistics: bool = False
+    task_terms: Callable[..., Tensor] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -72,6 +77,8 @@ class MergeMethod:
             raise ValueError(f"{self.name}: a matrix_only method needs its elementwise rule")
         if self.needs_statistics and (not self.matrix_only or self.prepare is not None):
             raise ValueError(f"{self.name}: statistics go to a matrix_only method's matrix rule, without prepare")
+        if self.task_terms is not None and not self.matrix_only:
+            raise ValueError(f"{self.name}: task_terms are a matrix_only method's (the matrix rule's terms)")
         stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
         if stray:
             raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")
@@ -129,6 +136,24 @@ class MergeMethod:
         out_dtype = params.pop("out_dtype", None)
         checked = {**self._statistics(statistics), **self.matrix_params(self.check(params))}
         return self.fn(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
+
+    def matrix_terms(
+        self,
+        deltas: Sequence[Delta],
+        coefficients: Coefficients = None,
+        statistics: Sequence[Tensor] | None = None,
+        **params: Any,
+    ) -> Tensor:
+        """The matrix rule's per-task terms ``[T, *shape]`` (``task_terms``), with ``merge_matrix``'s arguments.
+
+        Raises:
+            ValueError: a method without per-task terms.
+        """
+        if self.task_terms is None:
+            raise ValueError(f"{self.name}: its matrix rule has no per-task terms")
+        out_dtype = params.pop("out_dtype", None)
+        checked = {**self._statistics(statistics), **self.matrix_params(self.check(params))}
+        return self.task_terms(deltas, coefficients=coefficients, out_dtype=out_dtype, **checked)
 
     def _statistics(self, statistics: Sequence[Tensor] | None) -> dict[str, Any]:
         if self.needs_statistics:

@@ -211,6 +211,42 @@ def wudi_closed(
     return wudi_closed_basis(deltas, coefficients).merge(ridge, out_dtype=out_dtype)
 
 
+def wudi_closed_terms(
+    deltas: Sequence[Delta],
+    ridge: float = WUDI_RIDGE,
+    coefficients: Coefficients = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``wudi_closed``'s per-task terms ``D_i = w_i P_i P_iᵀ P_i M⁻¹``, stacked ``[T, n, m]`` (``P_i = c_i Δ_i``,
+    ``M = G + ρ (tr G / m) I``; a zero delta's term is zero).
+
+    ``Σ_i D_i`` is ``wudi_closed``; ``w_i = 1/‖P_i‖²`` makes ``G`` independent of the coefficients, so for nonzero
+    ``λ_i`` ``Σ_i λ_i D_i`` is ``wudi_closed`` with coefficients ``λ_i c_i``: what learned per-task coefficients
+    weigh (``evaluation/coefficients.py``). Dense float64 (``LowRankDelta`` factors are densified), one solve.
+    """
+    ridge, out_dtype = check_ridge(ridge), check_out_dtype(out_dtype)
+    inputs = prepare("wudi_closed", deltas, matrix=True, keep_factors=False, normalise=True, stack=False)
+    c = task_coefficients("wudi_closed", coefficients, inputs.count, inputs.device)
+    n, m = inputs.shape
+    out = torch.zeros((inputs.count, n, m), dtype=_F64, device=inputs.device)
+    gram = torch.zeros((m, m), dtype=_F64, device=inputs.device)
+    for i, part in enumerate(_dense_parts(inputs, c)):
+        found = _unit(part)
+        if found is None:
+            continue
+        unit, norm = found  # P_i = s_i E_i, w_i P_i P_iᵀ P_i = s_i E_i E_iᵀ E_i
+        task_gram = unit.mT @ unit
+        gram.add_(task_gram)
+        out[i] = (unit @ task_gram).mul_(norm)
+    trace = float(gram.diagonal().sum())
+    if trace <= 0:
+        return out.to(out_dtype or inputs.dtype)
+    gram.diagonal().add_(ridge * trace / m)
+    solved = torch.linalg.solve(gram, out.reshape(-1, m).mT).mT  # M symmetric
+    return solved.reshape(inputs.count, n, m).mul_(inputs.unit).to(out_dtype or inputs.dtype)
+
+
 def wudi(
     deltas: Sequence[Delta],
     steps: int = WUDI_STEPS,
@@ -283,6 +319,7 @@ METHODS = (
         elementwise=task_mean,
         prepare=wudi_closed_basis,
         param_checks={"ridge": check_ridge},
+        task_terms=wudi_closed_terms,
     ),
 )
 """The registry's entries of this module; non-matrix parameters take the plain mean (``basic.task_mean``), as
