@@ -63,12 +63,15 @@ def run(name: str, args: Sequence[str], prepare: Callable[[tuple[str, ...]], Non
     """Parse ``args`` for subcommand ``name`` and run it; ``prepare(libraries_used(...))`` is called once they parsed,
     before the command runs (``cli.main`` quiets the libraries there, so a malformed command line never imports
     them, and a merge never imports datasets)."""
-    if name == "pipeline":
-        from drm_lightning.commands.pipeline import run_pipeline
+    if name == "pipeline":  # parsed before the pipeline's modules (Lightning) load: --help answers at once
+        from drm_lightning.commands.pipeline_recipe import load_recipe, parse_pipeline_args
 
+        config = parse_pipeline_args(args)
         if prepare is not None:
             prepare(libraries_used(name, {}))
-        return run_pipeline(list(args))
+        from drm_lightning.commands.pipeline import run_recipe
+
+        return run_recipe(load_recipe(config))
     parser = build_parser(name)
     config = parser.parse_args(list(args))
     kwargs = parser.instantiate_classes(config).as_dict()

@@ -32,7 +32,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from drm_lightning.commands.pipeline_fit import add_missing_statistics, fit_experts
 from drm_lightning.commands.pipeline_folder import RunFolder, log, rank_zero_then_wait
 from drm_lightning.commands.pipeline_merge import merge_all, param_search
-from drm_lightning.commands.pipeline_recipe import Recipe, build_pipeline_parser, load_recipe
+from drm_lightning.commands.pipeline_recipe import Recipe, load_recipe, parse_pipeline_args
 
 if TYPE_CHECKING:
     from drm_lightning.evaluation.results import EvaluationResults
@@ -183,6 +183,4 @@ def run_recipe(recipe: Recipe) -> str:
 
 def run_pipeline(args: Sequence[str]) -> str:
     """Parse a recipe (``--config`` plus command-line overrides) and run it; return the report's markdown."""
-    parser = build_pipeline_parser()
-    config = parser.parse_args(list(args))
-    return run_recipe(load_recipe(config))
+    return run_recipe(load_recipe(parse_pipeline_args(args)))

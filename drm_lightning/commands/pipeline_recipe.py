@@ -8,14 +8,12 @@ their parameters, labels, model settings), so a typo fails in a second, not afte
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonargparse import ActionConfigFile, Namespace
-from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from drm_lightning.commands.tasks import TaskEntry, check_task_spec, load_task_spec, unused_defaults, with_defaults
 from drm_lightning.io.statistics import DEFAULT_EXAMPLES
@@ -23,6 +21,14 @@ from drm_lightning.io.statistics import DEFAULT_EXAMPLES
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
 TASK_MODEL_ARGS = ("task", "label_names", "metrics", "task_type", "templates")
+_DESCRIPTION = "Run a recipe: fit missing experts, merge with each method, choose λ, test, report."
+_MODEL_HELP = "ExpertModule arguments shared by every expert (task, label_names and metrics come from each task)."
+_TRAINER_HELP = "Trainer of every fit."
+#: What ``--help`` says of ``model`` and ``trainer`` (the light parser does not import the classes whose keys they are).
+_LIGHT_HELP = {
+    "model": (_MODEL_HELP, "e.g. --model.backbone (required), --model.lora, --model.learning_rate"),
+    "trainer": (_TRAINER_HELP, "e.g. --trainer.max_epochs, --trainer.accelerator, --trainer.precision"),
+}
 
 
 @dataclass
@@ -114,17 +120,19 @@ def method_spec(entry: Mapping[str, Any] | MethodSpec, index: int = 0) -> Method
     return spec
 
 
-def build_pipeline_parser() -> LightningArgumentParser:
-    """The recipe parser: every key of a recipe is checked against ExpertModule, Trainer and the dataclasses here."""
-    import inspect
+def build_pipeline_parser(*, light: bool = False) -> ArgumentParser:
+    """The recipe parser: every key of a recipe is checked against ExpertModule, Trainer and the dataclasses here.
 
-    from drm_lightning.models.expert import ExpertModule
+    Args:
+        light: ``model`` and ``trainer`` as plain mappings, their keys unchecked: a parser that imports no Lightning,
+            torch or transformers, for ``--help`` and the first check of a command line (``parse_pipeline_args``).
+    """
+    if light:
+        parser = ArgumentParser(prog=PROG, exit_on_error=False, description=_DESCRIPTION)
+    else:
+        from lightning.pytorch.cli import LightningArgumentParser
 
-    parser = LightningArgumentParser(
-        prog=PROG,
-        exit_on_error=False,
-        description="Run a recipe: fit missing experts, merge with each method, choose λ, test, report.",
-    )
+        parser = LightningArgumentParser(prog=PROG, exit_on_error=False, description=_DESCRIPTION)
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="The recipe YAML (recipes/*.yaml).")
     parser.add_argument("--run_dir", type=str, default="runs/pipeline", help="Folder of every output of the run.")
     parser.add_argument(
@@ -148,18 +156,17 @@ def build_pipeline_parser() -> LightningArgumentParser:
         help="Task datamodules: configs/task/*.yaml paths, {config: path, init_args: {...}} or class_path mappings.",
     )
     parser.add_class_arguments(DataDefaults, "data", help="Datamodule arguments applied to every task.")
-    params = set(inspect.signature(ExpertModule.__init__).parameters)
-    parser.add_class_arguments(
-        ExpertModule,
-        "model",
-        skip={p for p in TASK_MODEL_ARGS if p in params},
-        instantiate=False,
-        sub_configs=True,
-        help="ExpertModule arguments shared by every expert (task, label_names and metrics come from each task).",
-    )
-    parser.add_class_arguments(
-        Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True, help="Trainer of every fit."
-    )
+    if light:
+        for key, (text, keys) in _LIGHT_HELP.items():
+            parser.add_argument(
+                f"--{key}",
+                type=dict[str, Any],
+                default={},
+                help=f"{text} Keys: {keys}; all of them with their help under --{key}.* of "
+                "'drm-lightning fit --help' (checked against the class once the command line parsed).",
+            )
+    else:
+        _add_model_and_trainer(parser)
     # A list of plain mappings, not list[MethodSpec]: jsonargparse would merge a command-line --methods item by item
     # into the recipe's (a new first method inheriting the old first one's params); a list must replace a list.
     parser.add_argument(
@@ -223,6 +230,43 @@ def build_pipeline_parser() -> LightningArgumentParser:
         help="Trainer arguments of the evaluation runs (default: accelerator/devices/num_nodes/precision of trainer).",
     )
     return parser
+
+
+def _add_model_and_trainer(parser: ArgumentParser) -> None:
+    """``model`` and ``trainer`` checked key by key against ``ExpertModule`` and ``Trainer`` (imports Lightning)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from drm_lightning.models.expert import ExpertModule
+
+    params = set(inspect.signature(ExpertModule.__init__).parameters)
+    parser.add_class_arguments(
+        ExpertModule,
+        "model",
+        skip={p for p in TASK_MODEL_ARGS if p in params},
+        instantiate=False,
+        sub_configs=True,
+        help=_MODEL_HELP,
+    )
+    parser.add_class_arguments(
+        Trainer, "trainer", instantiate=False, fail_untyped=False, sub_configs=True, help=_TRAINER_HELP
+    )
+
+
+def parse_pipeline_args(args: Sequence[str]) -> Namespace:
+    """A pipeline command line (``--config`` recipes and overrides) parsed and checked.
+
+    Why two parsers: the full one needs ``ExpertModule``'s and ``Trainer``'s signatures, so building it imports
+    Lightning, torch and transformers (seconds). The light one answers ``--help`` and refuses a malformed command line
+    (an unknown option, a missing ``tasks``, a value of the wrong type) before that; a line it accepts is parsed again
+    by the full one, which checks the ``model`` and ``trainer`` keys and fills their defaults. ``--print_config``
+    goes to the full parser alone (it prints the full recipe).
+    """
+    args = list(args)
+    if not any(a.startswith("--print_config") for a in args):
+        build_pipeline_parser(light=True).parse_args(args)
+    return build_pipeline_parser().parse_args(args)
 
 
 @dataclass

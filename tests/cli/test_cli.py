@@ -74,7 +74,7 @@ def test_top_level_help_in_a_subprocess() -> None:
         ("fit", ["--task_vector_dir", "--model.backbone", "--data", "--trainer.max_epochs", "--print_config"]),
         ("merge", ["--task_vectors", "--method", "--lam", "--lambdas", "--coefficients", "scaling coefficient"]),
         ("evaluate", ["--model", "--task_vectors", "--tasks", "--experts", "--split"]),
-        ("pipeline", ["--config", "--tasks", "--methods", "--model.backbone", "--trainer.max_epochs", "--run_dir"]),
+        ("pipeline", ["--config", "--tasks", "--methods", "--model.backbone", "--trainer.max_epochs", "fit --help"]),
     ],
 )
 def test_subcommand_help(command: str, expected: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,7 +1,9 @@
 """What each subcommand imports before it does its work: ``--help`` and a malformed command line must answer
 without torch, Lightning, transformers or datasets (each costs seconds), so they answer in well under 2 s.
 
-Run in a fresh interpreter (a subprocess): this test process has them all loaded already.
+Run in a fresh interpreter (a subprocess): this test process has them all loaded already. Every function
+subcommand is here; ``fit``/``validate``/``test`` are not: they are Lightning's own ``LightningCLI``, whose options
+are the ``Trainer``'s signature, so their ``--help`` imports Lightning by design.
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from drm_lightning.cli import FUNCTION_COMMANDS
+
 HEAVY = ("torch", "lightning", "transformers", "datasets")
+RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml")
 
 _PROBE = """
 import contextlib, io, json, sys
@@ -32,22 +38,34 @@ def _probe(args: list[str]) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    ("args", "status", "says"),
-    [
-        (["--help"], 0, "commands:"),
-        (["merge", "--help"], 0, "--task_vectors"),
-        (["evaluate", "--help"], 0, "--tasks"),
-        (["extract", "--help"], 0, "--adapter"),
-        (["merge", "--no_such_option", "1"], 1, "drm-lightning: error: "),
-        (["merge", "--lam", "high"], 1, "drm-lightning: error: "),
-    ],
-)
+#: (command line, exit status, text it must show): --help of every function subcommand and malformed lines.
+CASES = [
+    (["--help"], 0, "commands:"),
+    (["merge", "--help"], 0, "--task_vectors"),
+    (["evaluate", "--help"], 0, "--tasks"),
+    (["extract", "--help"], 0, "--adapter"),
+    (["statistics", "--help"], 0, "--task_vector"),
+    (["pipeline", "--help"], 0, "--methods"),
+    (["merge", "--no_such_option", "1"], 1, "drm-lightning: error: "),
+    (["merge", "--lam", "high"], 1, "drm-lightning: error: "),
+    (["pipeline", "--no_such_option", "1"], 1, "unrecognized arguments: --no_such_option"),
+    (["pipeline"], 1, "required: tasks"),
+    (["pipeline", "--config", RECIPE, "--strategy", "best"], 1, 'Parser key "strategy"'),
+]
+
+
+@pytest.mark.parametrize(("args", "status", "says"), CASES)
 def test_help_and_argument_errors_import_no_heavy_library(args: list[str], status: int, says: str) -> None:
     got = _probe(args)
     assert got["status"] == status
     assert says in got["stdout"] + got["stderr"]
     assert got["loaded"] == []
+
+
+def test_every_function_subcommand_is_probed() -> None:
+    """A subcommand added to the CLI gets its ``--help`` row above (the table is what keeps it light)."""
+    helped = {args[0] for args, _, _ in CASES if args[1:] == ["--help"]}
+    assert helped == set(FUNCTION_COMMANDS)
 
 
 def test_a_merge_imports_neither_lightning_nor_datasets(dense_tvs: list, tmp_path) -> None:
