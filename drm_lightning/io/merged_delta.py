@@ -16,16 +16,24 @@ from pathlib import Path
 import torch
 
 from drm_lightning.io.safetensors import open_safetensors
-from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, index_name, read_index
+from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, BackgroundShardWriter, ShardWriter, index_name, read_index
 
 MERGED_DIR = "merged_delta"
 SHARD_PREFIX = "delta"
 INDEX_FILE = index_name(SHARD_PREFIX)
 
 
-def delta_writer(merged: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ShardWriter:
-    """The writer of ``<merged>/merged_delta/``: add Δ_merged parameter by parameter, then ``close()``."""
-    return ShardWriter(Path(merged) / MERGED_DIR, max_shard_bytes, SHARD_PREFIX)
+def delta_writer(
+    merged: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, *, background: bool = False
+) -> ShardWriter:
+    """The writer of ``<merged>/merged_delta/``: add Δ_merged parameter by parameter, then ``close()``.
+
+    Args:
+        background: write each full shard in a thread while the next fills (``BackgroundShardWriter``; the caller
+            calls ``abort()`` if it stops before ``close()``).
+    """
+    cls = BackgroundShardWriter if background else ShardWriter
+    return cls(Path(merged) / MERGED_DIR, max_shard_bytes, SHARD_PREFIX)
 
 
 def merged_delta_index(merged: str | os.PathLike[str]) -> dict[str, Path]:

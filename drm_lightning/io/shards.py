@@ -5,6 +5,9 @@ with ``safetensors.torch.save_file`` as soon as it is full, then the index that 
 
     <folder>/<prefix>-00001.safetensors ...          the tensors in the order they were added
     <folder>/<prefix>.safetensors.index.json         {"metadata": {"total_size": ...}, "weight_map": {name: shard}}
+
+``BackgroundShardWriter`` writes each full shard in a thread of its own while the next one fills (``io.background``):
+the same files, at most two shards in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from drm_lightning.io.background import Worker
 
 DEFAULT_MAX_SHARD_BYTES = 500 * 1000**2
 
@@ -75,16 +80,52 @@ class ShardWriter:
             return
         self._shards += 1
         filename = f"{self.prefix}-{self._shards:05d}.safetensors"
-        save_file(self._pending, str(self.folder / filename), metadata={"format": "pt"})
+        self._save(self._pending, self.folder / filename)
         self.weight_map.update(dict.fromkeys(self._pending, filename))
         self._pending = {}
         self._pending_bytes = 0
 
+    def _save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+    def _wait(self) -> None:
+        """Every shard flushed so far is on disk (a no-op here: ``flush`` wrote it)."""
+
     def close(self) -> dict[str, str]:
         """Flush and write the index; return the weight map (name -> shard file)."""
         self.flush()
+        self._wait()
         write_index(self.folder / index_name(self.prefix), self.weight_map, self.total_size)
         return dict(self.weight_map)
+
+    def abort(self) -> None:
+        """Give up: nothing more is written (the caller removes the folder). Safe to call after ``close``."""
+        self._pending = {}
+
+
+class BackgroundShardWriter(ShardWriter):
+    """A ``ShardWriter`` whose full shards are written by one thread while the next fills: the same files.
+
+    Memory: at most two shards' tensors (one being written, one filling). A failed write (a full disk) is raised
+    at the next flush or at ``close``. A caller that stops early must call ``abort`` before it removes the folder,
+    so that no shard is written into it afterwards.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike[str], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, prefix: str = "model"
+    ) -> None:
+        super().__init__(folder, max_shard_bytes, prefix)
+        self._worker = Worker(f"drm-lightning-write-{prefix}")
+
+    def _save(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        self._worker.submit(lambda: save_file(tensors, str(path), metadata={"format": "pt"}))
+
+    def _wait(self) -> None:
+        self._worker.finish()
+
+    def abort(self) -> None:
+        super().abort()
+        self._worker.abort()
 
 
 def write_index(path: str | os.PathLike[str], weight_map: Mapping[str, str], total_size: int) -> Path:

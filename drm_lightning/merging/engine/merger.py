@@ -1,9 +1,11 @@
 """Streaming merge of whole models: T task vectors in, one merged delta out, one parameter at a time.
 
-Why streaming: holding T fine-tuned 8B models at once needs T·32 GB. Here host memory stays bounded by one
-parameter's T deltas plus one output shard: each parameter's deltas are read lazily (``TaskVectorReader``), moved to
-the merge device (CUDA when there is one), merged by the rule the ``MergePlan`` gives it, and the float32 result is
-appended to a shard that is flushed to disk as soon as it fills.
+Why streaming: holding T fine-tuned 8B models at once needs T·32 GB. Here host memory stays bounded by two
+parameters' T deltas (the one merging and the one read ahead) plus two output shards (one filling, one being
+written): each parameter's deltas are read lazily (``TaskVectorReader``) by a thread while the one before merges,
+moved to the merge device (CUDA when there is one), merged by the rule the ``MergePlan`` gives it, and the float32
+result is appended to a shard that a writer thread writes to disk as soon as it fills (``io.background``: the same
+bytes; ``DRM_LIGHTNING_PREFETCH=0``/``DRM_LIGHTNING_ASYNC_WRITE=0`` read and write in the merging thread).
 
 Why a merged *delta* rather than merged weights: the merged weight is ``W_0 + λ·Δ_merged`` and λ is searched on
 validation data. ``merge_task_vectors`` computes Δ_merged once (the expensive part); ``apply_merged_delta`` adds
@@ -28,7 +30,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.background import async_write, prefetch_depth, prefetched
 from drm_lightning.io.merged_delta import delta_writer
 from drm_lightning.io.shards import DEFAULT_MAX_SHARD_BYTES, check_max_shard_bytes
 from drm_lightning.memory import release_freed_memory
@@ -58,7 +61,8 @@ class MergeResult:
         label: its display label.
         params: the method's parameters after defaults and validation.
         coefficients: per-task coefficients (``None``: all 1).
-        timings: seconds spent per phase (``load``, ``read``, ``matrix``, ``elementwise``, ``write``, ``total``).
+        timings: seconds spent per phase (``load``, ``read``: waiting for inputs the prefetch thread had not read yet,
+            ``matrix``, ``elementwise``, ``write``, ``total``).
         rule_counts: number of parameters per plan rule (``matrix``, ``elementwise``, ``skip``).
         merged_parameters: parameters with a non-absent merged delta.
         device: the device the merge ran on.
@@ -135,38 +139,62 @@ def stream_merged(
     for key in ("read", "matrix", "elementwise"):
         timings.setdefault(key, 0.0)
     work = [e for e in entries if e.rule != "skip"]
-    bar = tqdm(work, desc=desc, unit="param", disable=not progress)
-    for entry in bar:
-        t0 = time.perf_counter()
+
+    def read(entry: PlanEntry) -> tuple[list, list[torch.Tensor] | None]:
         raw = [reader.get(entry.name, entry.shape) for reader in readers]
         if all(d is None for d in raw):
-            timings["read"] += time.perf_counter() - t0
-            continue
-        grams = read_grams(readers, entry.name) if method.needs_statistics and entry.rule == "matrix" else None
-        t1 = time.perf_counter()
-        timings["read"] += t1 - t0
+            return raw, None
+        wants_grams = method.needs_statistics and entry.rule == "matrix"
+        return raw, read_grams(readers, entry.name) if wants_grams else None
 
-        def call(deltas: list, rule: str = entry.rule, grams: list[torch.Tensor] | None = grams) -> list[torch.Tensor]:
-            moved: dict[int, torch.Tensor] = {}
-            out = []
-            for result in merge(rule, deltas, grams):
-                if id(result) not in moved:
-                    moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
-                out.append(moved[id(result)])
-            sync_device(device)
-            return out
+    with (
+        closing(prefetched(work, read, prefetch_depth())) as inputs,
+        tqdm(total=len(work), desc=desc, unit="param", disable=not progress) as bar,
+    ):
+        t0 = time.perf_counter()
+        for entry, (raw, grams) in inputs:
+            bar.update()
+            t1 = time.perf_counter()
+            timings["read"] += t1 - t0  # the time the merge waited for its inputs
+            if any(d is not None for d in raw):
+                out = merge_entry(entry, raw, grams, method, param_sets, merge, device)
+                del raw, grams  # the prefetch thread reads one more parameter once the next is asked for
+                timings[entry.rule] += time.perf_counter() - t1
+                yield entry.name, out
+            t0 = time.perf_counter()
 
-        out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
-        del raw, grams
-        timings[entry.rule] += time.perf_counter() - t1
-        for tensor, params in zip(out, param_sets, strict=True):
-            if tuple(tensor.shape) != entry.shape:
-                raise RuntimeError(
-                    f"{method.name} returned shape {list(tensor.shape)} for {entry.name!r} of shape {list(entry.shape)}"
-                )
-            if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):  # sum: cheap pass
-                raise ValueError(f"{method.name} with params {dict(params)} gave non-finite values for {entry.name!r}")
-        yield entry.name, out
+
+def merge_entry(
+    entry: PlanEntry,
+    raw: list,
+    grams: list[torch.Tensor] | None,
+    method: MergeMethod,
+    param_sets: Sequence[Mapping[str, Any]],
+    merge: Callable[[str, list, list[torch.Tensor] | None], list[torch.Tensor]],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """One plan entry of ``stream_merged``: its deltas ``raw`` merged on ``device`` (or the CPU where they do not fit),
+    one float32 CPU tensor per parameter set, shapes and finiteness checked."""
+
+    def call(deltas: list) -> list[torch.Tensor]:
+        moved: dict[int, torch.Tensor] = {}
+        out = []
+        for result in merge(entry.rule, deltas, grams):
+            if id(result) not in moved:
+                moved[id(result)] = result.detach().to("cpu", torch.float32).contiguous()
+            out.append(moved[id(result)])
+        sync_device(device)
+        return out
+
+    out, _ = merge_placed(entry.name, method.name, raw, entry.shape, entry.rule, device, call)
+    for tensor, params in zip(out, param_sets, strict=True):
+        if tuple(tensor.shape) != entry.shape:
+            raise RuntimeError(
+                f"{method.name} returned shape {list(tensor.shape)} for {entry.name!r} of shape {list(entry.shape)}"
+            )
+        if not bool(torch.isfinite(tensor.sum())) and not bool(torch.isfinite(tensor).all()):  # sum: cheap pass
+            raise ValueError(f"{method.name} with params {dict(params)} gave non-finite values for {entry.name!r}")
+    return out
 
 
 def merge_parameters(
@@ -231,7 +259,10 @@ def write_merged(
     results = []
     with ExitStack() as stack:
         tmps = [stack.enter_context(atomic_dir(out)) for out in outputs]
-        writers = [delta_writer(tmp, max_shard_bytes) for tmp in tmps]
+        background = async_write()
+        writers = [delta_writer(tmp, max_shard_bytes, background=background) for tmp in tmps]
+        for writer in writers:  # before the temporaries are removed on an error: nothing written into them after
+            stack.callback(writer.abort)
         timings["write"] = 0.0
         for name, deltas in stream:
             t0 = time.perf_counter()
