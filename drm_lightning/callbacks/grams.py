@@ -168,6 +168,19 @@ def record_grams(
     return Grams({name: g.to("cpu") for name, g in sums.items()}, rows, int(examples))
 
 
+def train_loader(datamodule: Any, task: str) -> DataLoader:
+    """A task's training ``DataLoader`` (its datamodule set up for fitting): where the recorded examples come from.
+
+    Raises:
+        ValueError: a ``train_dataloader`` that is not one ``DataLoader`` (naming the task).
+    """
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    if not isinstance(loader, DataLoader):
+        raise ValueError(f"task {task!r}: its datamodule's train_dataloader is not one DataLoader")
+    return loader
+
+
 def training_batches(
     loader: DataLoader, indices: Sequence[int], rank: int, world: int, device: torch.device
 ) -> Iterator[Any]:

@@ -81,7 +81,8 @@ def merge(
             fully fine-tuned save_pretrained folders and PEFT LoRA adapter folders, in any mix (the latter two are
             converted first, as extract would; give --base for fine-tuned models).
         output: the merged model folder (save_pretrained shards, tokenizer, heads/<task>/, merge.json).
-        method: merge method: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m.
+        method: merge method: task_arithmetic, ties, dare, drm_v, drm_h, iso_c, iso_cts, tsv_m, regmean, wudi,
+            wudi_closed, or regmean_plusplus (merged block by block on the training examples of --tasks).
         params: the method's parameters (e.g. {drop_rate: 0.8}); unset ones take the method's defaults. A list
             searches that parameter (e.g. {drop_rate: [0.5, 0.7, 0.9]}; needs --tasks): every set is merged in one
             pass into <delta_dir>/<values>/, each gets its λ (--lam search) or is scored at the given λ on the
@@ -89,7 +90,8 @@ def merge(
         lam: the scaling coefficient λ, or "search" to choose it on the validation splits of --tasks.
         lambdas: the λ grid for --lam search (default: the method's default grid).
         strategy: λ search strategy: grid (every λ) or refine (coarse grid, then golden-section).
-        tasks: task datamodules for --lam search (configs/task/*.yaml paths or class_path mappings).
+        tasks: task datamodules for --lam search and for regmean_plusplus's Grams (configs/task/*.yaml paths or
+            class_path mappings).
         base: the base model (default: the one the task vectors record); its weights must match their fingerprint.
         family: the backbone family (default: the one the task vectors record).
         coefficients: per-task coefficients c_i, one per task vector (default: all 1).
@@ -163,6 +165,7 @@ def merge(
     if grid.searched and not tasks:
         raise ValueError(f"params={params!r}: a list searches that parameter and needs --tasks (validation splits)")
     world = detect_world()
+    block = _block_by_block(method, tasks, world)
     if grid.searched and world.world_size > 1:
         raise ValueError(f"params={params!r}: a parameter search validates on one device; run it as one process")
     if search and world.world_size > 1:
@@ -175,7 +178,7 @@ def merge(
     # Δ_merged on disk only where asked for or needed: the ranks of a distributed merge share it through a folder,
     # a search rescales it per λ (a temporary folder), and a fixed λ on one process needs none.
     keep = bool(keep_delta) or delta_dir is not None or world.world_size > 1
-    straight = not search and not grid.searched and world.world_size == 1
+    straight = not search and not grid.searched and world.world_size == 1 and not block
     if world.world_size > 1:
         foreign = [str(tv) for tv in task_vectors if input_kind(tv) != "task_vector"]
         if foreign:
@@ -200,6 +203,21 @@ def merge(
 
         export_task_models(out)
     return out
+
+
+def _block_by_block(method: str, tasks: list[TaskEntry] | None, world: Any) -> bool:
+    """Whether ``method`` merges block by block with the tasks' data (RegMean++), which needs ``--tasks`` and one
+    process (one line otherwise)."""
+    from drm_lightning.merging.engine.setup import block_by_block_message
+    from drm_lightning.merging.methods.registry import get_method
+
+    if not get_method(method).block_by_block:
+        return False
+    if not tasks:
+        raise ValueError(block_by_block_message(method))
+    if world.world_size > 1:
+        raise ValueError(f"method={method!r} merges block by block on one process; run it without torchrun or srun")
+    return True
 
 
 def _from_mergekit(
@@ -271,6 +289,7 @@ def _merge(
     from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.engine.plan import MergePlan
     from drm_lightning.merging.engine.setup import check_output
+    from drm_lightning.merging.methods.registry import get_method
     from drm_lightning.world import is_global_zero
 
     search = lam == "search"
@@ -286,27 +305,38 @@ def _merge(
     if skip:
         plan_kwargs["skip"] = list(skip)
     plan = MergePlan(**plan_kwargs) if plan_kwargs else None
-    if save_as == "adapter" and not search and world.world_size == 1:
+    block = get_method(method).block_by_block  # RegMean++: merged with the tasks' data into the delta folder
+    if save_as == "adapter" and not search and world.world_size == 1 and not block:
         return _merge_to_adapter(task_vectors, output, method, params, lam, coefficients, max_rank, plan, base, family,
                                  device, torch_dtype, gguf_file)  # fmt: skip
     from drm_lightning.merging.engine.sweep import ParamGrid
 
     grid = ParamGrid.parse(method, params)
-    if save_as == "model" and not keep and not search and not grid.searched and world.world_size == 1:
+    if save_as == "model" and not keep and not search and not grid.searched and world.world_size == 1 and not block:
         return _merge_to_model(task_vectors, output, method, params, float(lam), coefficients, plan, base, family,
                                device, torch_dtype, gguf_file)  # fmt: skip
     check_space(task_vectors, delta, Path(output), plan, base=base, torch_dtype=torch_dtype, gguf_file=gguf_file)
-    datamodules = task_datamodules(tasks, task_vectors) if search or grid.searched else {}
+    datamodules = task_datamodules(tasks, task_vectors) if search or grid.searched or block else {}
     if grid.searched:
         delta, lam, search_record = _search_params(
             task_vectors, delta, method, grid, lam, lambdas, strategy, datamodules, coefficients, base, family, plan,
             device, trainer, torch_dtype, gguf_file, extend_edges,
         )  # fmt: skip
         search = False
-    result = None if grid.searched else merge_task_vectors_distributed(
-        task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
-        torch_dtype=torch_dtype, gguf_file=gguf_file,
-    )  # fmt: skip
+    if grid.searched:
+        result = None
+    elif block:
+        from drm_lightning.evaluation.block_merge import merge_block_by_block
+
+        result = merge_block_by_block(
+            task_vectors, method, delta, datamodules, params, coefficients, base=base, family=family, plan=plan,
+            device=device, torch_dtype=torch_dtype, gguf_file=gguf_file,
+        )  # fmt: skip
+    else:
+        result = merge_task_vectors_distributed(
+            task_vectors, method, delta, params, coefficients, base=base, family=family, plan=plan, device=device,
+            torch_dtype=torch_dtype, gguf_file=gguf_file,
+        )  # fmt: skip
     if not is_global_zero():  # rank 0 alone applies λ and writes the model folder, heads and merge.json
         return Path(output)
     if result is not None:
@@ -376,8 +406,18 @@ def _search_params(
     from drm_lightning.evaluation.param_search import ParamSearch
     from drm_lightning.evaluation.run import evaluate_merges
     from drm_lightning.merging.engine.sweep import merge_task_vectors_many
+    from drm_lightning.merging.methods.registry import get_method
 
     def merge_sets(variants: Sequence[Any], params: list[dict[str, Any]]) -> None:
+        if get_method(method).block_by_block:  # one merge per set, each with the tasks' data
+            from drm_lightning.evaluation.block_merge import merge_block_by_block
+
+            for variant, values in zip(variants, params, strict=True):
+                merge_block_by_block(
+                    task_vectors, method, variant.folder, datamodules, values, coefficients, base=base, family=family,
+                    plan=plan, device=device, torch_dtype=torch_dtype, gguf_file=gguf_file,
+                )  # fmt: skip
+            return
         merged = merge_task_vectors_many(
             task_vectors, method, [v.folder for v in variants], params, coefficients, base=base, family=family,
             plan=plan, device=device, progress=False, torch_dtype=torch_dtype, gguf_file=gguf_file,

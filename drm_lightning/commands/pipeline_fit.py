@@ -89,7 +89,8 @@ def add_missing_statistics(run: RunFolder) -> None:
     from drm_lightning.io.task_vector import read_meta
     from drm_lightning.merging.methods.registry import get_method
 
-    if not any(get_method(spec.method).needs_statistics for spec in run.recipe.methods):
+    stored = [get_method(spec.method) for spec in run.recipe.methods]  # RegMean++ computes its own Grams
+    if not any(m.needs_statistics and not m.block_by_block for m in stored):
         return
     missing = [t for t in run.tasks if read_meta(run.task_vector_dir(t)).statistics is None]
     if not missing:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from drm_lightning.commands.pipeline_folder import RunFolder, log
+from drm_lightning.commands.pipeline_folder import RunFolder, log, rank_zero_then_wait
 from drm_lightning.commands.pipeline_recipe import MethodSpec
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def merge_all(run: RunFolder) -> None:
 def merge_method(run: RunFolder, spec: MethodSpec) -> None:
     """Merge with one method (every parameter set of a searched one), unless its merge is current."""
     from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
+    from drm_lightning.merging.methods.registry import get_method
     from drm_lightning.world import broadcast_json
 
     folders = run.task_vector_dirs()
@@ -97,11 +98,25 @@ def merge_method(run: RunFolder, spec: MethodSpec) -> None:
     out = run.merged_dir(spec)
     if broadcast_json(merge_is_current(run, spec)):
         log(f"{spec.name}: reusing the merge in {out}")
+    elif get_method(spec.method).block_by_block:
+        log(f"{spec.name}: merging {len(folders)} task vectors block by block, with each task's training examples")
+        rank_zero_then_wait(lambda: merge_with_data(run, spec, out, spec.params))
     else:
         log(f"{spec.name}: merging {len(folders)} task vectors")
         merge_task_vectors_distributed(
             folders, spec.method, out, spec.params, device=run.recipe.merge_device, progress=False
         )
+
+
+def merge_with_data(run: RunFolder, spec: MethodSpec, output: Path, params: Mapping[str, Any]) -> None:
+    """A ``block_by_block`` method's merge (RegMean++: Grams on the merged model's inputs) with the recipe's
+    datamodules, on this process (``evaluation.block_merge``)."""
+    from drm_lightning.evaluation.block_merge import merge_block_by_block
+
+    result = merge_block_by_block(
+        run.task_vector_dirs(), spec.method, output, run.datamodules, params, device=run.recipe.merge_device
+    )
+    log(f"{spec.name}: merged in {result.timings['total']:.1f}s ({result.timings['grams']:.1f}s of forward passes)")
 
 
 def merge_variants(
@@ -116,6 +131,7 @@ def merge_variants(
     ``alone``), else shared out."""
     from drm_lightning.merging.engine.distributed import merge_task_vectors_distributed
     from drm_lightning.merging.engine.sweep import merge_task_vectors_many
+    from drm_lightning.merging.methods.registry import get_method
     from drm_lightning.world import detect_world
 
     if not variants:
@@ -123,6 +139,14 @@ def merge_variants(
     folders = run.task_vector_dirs()
     names = ", ".join(v.name for v in variants)
     log(f"{spec.name}: merging {len(folders)} task vectors at {len(variants)} parameter set(s): {names}")
+    if get_method(spec.method).block_by_block:  # one block-by-block merge per set, each with the data
+
+        def each() -> None:
+            for variant, params in zip(variants, sets, strict=True):
+                merge_with_data(run, spec, variant.folder, params)
+
+        each() if alone else rank_zero_then_wait(each)
+        return
     if alone or detect_world().world_size == 1:
         merge_task_vectors_many(
             folders, spec.method, [v.folder for v in variants], list(sets), device=run.recipe.merge_device,

@@ -62,19 +62,14 @@ def add_expert_statistics(
 ) -> Path:
     """``statistics`` with the task's datamodule already built (the pipeline's): rebuild the expert, run the sample
     of training examples, write the Grams into the folder."""
-    import torch
-
-    from drm_lightning.callbacks.grams import expert_grams, named_layers
+    from drm_lightning.callbacks.grams import expert_grams, named_layers, train_loader
     from drm_lightning.io.statistics import add_statistics
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.world import resolve_device
 
     reader = TaskVectorReader(task_vector)
-    datamodule.setup("fit")
-    loader = datamodule.train_dataloader()
-    if not isinstance(loader, torch.utils.data.DataLoader):
-        raise ValueError(f"task {reader.task!r}: its datamodule's train_dataloader is not one DataLoader")
+    loader = train_loader(datamodule, reader.task)
     expert = ExpertModule.from_task_vector(task_vector, with_task_vector=True).to(resolve_device(device))
     targets = named_layers(expert.backbone, reader.names(), layers)
     grams = expert_grams(expert, loader, examples, targets, seed=seed)

@@ -26,7 +26,7 @@ from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.methods.drm_iso import DRM_ISO_REFERENCE, drm_iso
 from drm_lightning.merging.methods.registry import METHODS, get_method
-from drm_lightning.merging.methods.regmean import regmean
+from drm_lightning.merging.methods.regmean import regmean, regmean_plusplus
 from drm_lightning.merging.methods.spec import MergeMethod
 from drm_lightning.merging.ops import linalg
 from drm_lightning.merging.ops.lowrank import LowRankDelta
@@ -219,7 +219,7 @@ def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], me
 
 def test_registry_lists_every_method_once() -> None:
     papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "regmean"]
-    papers += ["wudi", "wudi_closed"]
+    papers += ["wudi", "wudi_closed", "regmean_plusplus"]
     assert sorted(METHODS) == sorted([*papers, "drm_iso_v", "drm_iso_h"])
     for name, method in METHODS.items():
         assert method.name == name and method.label
@@ -227,9 +227,10 @@ def test_registry_lists_every_method_once() -> None:
             assert method.reference.startswith("https://arxiv.org/abs/")
         else:  # this project's variant: its study is the reference
             assert method.reference == DRM_ISO_REFERENCE and (Path(__file__).parents[2] / method.reference).is_file()
-        matrix_fns = (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso, regmean, F.wudi, F.wudi_closed)
+        matrix_fns = (F.drm, F.iso_c, F.iso_cts, F.tsv_m, drm_iso, regmean, regmean_plusplus, F.wudi, F.wudi_closed)
         assert method.matrix_only == (method.fn in matrix_fns)
-        assert method.needs_statistics == (method.fn is regmean)
+        assert method.needs_statistics == (method.fn in (regmean, regmean_plusplus))
+        assert method.block_by_block == (method.fn is regmean_plusplus)
 
 
 @pytest.mark.parametrize("name", list(METHODS))

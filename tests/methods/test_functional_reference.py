@@ -24,7 +24,7 @@ from torch import Tensor
 from drm_lightning.merging import functional as F
 from drm_lightning.merging import reference as ref
 from drm_lightning.merging.methods.registry import METHODS as REGISTRY
-from drm_lightning.merging.methods.regmean import regmean
+from drm_lightning.merging.methods.regmean import regmean, regmean_plusplus
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from tests.helpers import delta_cases
 
@@ -114,6 +114,14 @@ METHODS = [
         "regmean",
         lambda d, c, **k: regmean(d, 0.9, coefficients=c, statistics=_grams(d), **k),
         lambda d, c: ref.regmean(d, _grams(d), 0.9, c),
+        CLUSTER_SAFE,
+    ),
+    # RegMean++'s per-layer solve is RegMean's on the Grams the merged model gives (tests/evaluation/test_block_merge.py
+    # checks those Grams against the equations on a two-layer model)
+    Method(
+        "regmean_plusplus",
+        lambda d, c, **k: regmean_plusplus(d, coefficients=c, statistics=_grams(d), **k),
+        lambda d, c: ref.regmean(d, _grams(d), 0.95, c),
         CLUSTER_SAFE,
     ),
     # O(1) deltas: lr 1e-2 moves the result as far from the sum as the default 1e-5 does on fine-tuning deltas

@@ -38,6 +38,7 @@ NONMATRIX_REFERENCE: dict[str, Callable[[list[Tensor], list[float], dict], Tenso
     "drm_iso_v": lambda d, c, p: ref.task_mean(d, c),  # DRM-Iso: Iso-C's rule (docs/drm_study.md)
     "drm_iso_h": lambda d, c, p: ref.task_mean(d, c),
     "regmean": lambda d, c, p: ref.task_mean(d, c),  # RegMean: the plain mean, as its authors (docs/methods.md)
+    "regmean_plusplus": lambda d, c, p: ref.task_mean(d, c),  # RegMean++: RegMean's rule (FusionBench's code)
     "wudi": lambda d, c, p: ref.task_mean(d, c),  # FusionBench's wudi_merging: the sum over T
     "wudi_closed": lambda d, c, p: ref.task_mean(d, c),
 }

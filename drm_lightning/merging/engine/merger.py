@@ -124,6 +124,7 @@ def stream_merged(
     progress: bool,
     timings: dict[str, float] | None,
     desc: str,
+    statistics: Callable[[str], list[torch.Tensor] | None] | None = None,
 ) -> Iterator[tuple[str, list[torch.Tensor]]]:
     """The streaming loop under ``merge_parameters`` and ``sweep.merge_parameters_many``: yield ``(name, [Δ_merged
     per parameter set])`` for each plan entry a task changes, each a contiguous float32 CPU tensor.
@@ -133,7 +134,8 @@ def stream_merged(
     ``param_sets``; results that are one tensor object stay one after the move to the CPU. Shapes and finiteness are
     checked here. ``statistics`` is ``None`` but for the matrix rule of a method that ``needs_statistics``: then
     each task's input Gram of the parameter (``TaskVectorReader.gram``, read lazily like the deltas, on the CPU),
-    or ``None`` where the task vectors record no Gram for it.
+    or ``None`` where the task vectors record no Gram for it; ``statistics(name)`` gives them instead where the
+    caller computed them (``evaluation/block_merge.py``: Grams on the merged model's inputs).
     """
     timings = timings if timings is not None else {}
     for key in ("read", "matrix", "elementwise"):
@@ -144,8 +146,9 @@ def stream_merged(
         raw = [reader.get(entry.name, entry.shape) for reader in readers]
         if all(d is None for d in raw):
             return raw, None
-        wants_grams = method.needs_statistics and entry.rule == "matrix"
-        return raw, read_grams(readers, entry.name) if wants_grams else None
+        if not (method.needs_statistics and entry.rule == "matrix"):
+            return raw, None
+        return raw, read_grams(readers, entry.name) if statistics is None else statistics(entry.name)
 
     with (
         closing(prefetched(work, read, prefetch_depth())) as inputs,
@@ -207,6 +210,7 @@ def merge_parameters(
     device: torch.device,
     progress: bool = False,
     timings: dict[str, float] | None = None,
+    statistics: Callable[[str], list[torch.Tensor] | None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Merge the given plan entries one at a time; yield ``(name, Δ_merged)`` as contiguous float32 CPU tensors.
 
@@ -221,6 +225,7 @@ def merge_parameters(
         device: where the math runs.
         progress: show a tqdm bar of parameters merged.
         timings: accumulates seconds under ``read``, ``matrix`` and ``elementwise`` when given.
+        statistics: each parameter's per-task Grams where the caller computed them (``stream_merged``).
     """
     coeffs = None if coefficients is None else list(coefficients)
 
@@ -231,7 +236,7 @@ def merge_parameters(
 
     stream = stream_merged(
         entries, readers, method, [params], merge, device=device, progress=progress, timings=timings,
-        desc=f"merge {method.label}",
+        desc=f"merge {method.label}", statistics=statistics,
     )  # fmt: skip
     for name, (merged,) in stream:
         yield name, merged

@@ -192,6 +192,7 @@ def prepare_merge(
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
     base_state: Callable[[str, str, Mapping[str, str | None]], Mapping[str, torch.Tensor]] | None = None,
+    block_by_block: bool = False,
 ) -> MergeSetup:
     """Validate every input and plan the merge; reads headers and the base model, never a delta.
 
@@ -201,7 +202,8 @@ def prepare_merge(
     fingerprint, and every key/shape against it. The base is loaded with ``torch_dtype`` / ``gguf_file``, by
     default the ones the task vectors record (``base_load_options``). ``base_state(base, family, load)``, when given,
     loads it instead and returns the backbone's ``state_dict()`` (``merger.merge_to_model`` loads the whole model
-    there once, and merges into it).
+    there once, and merges into it). ``block_by_block``: the caller is ``evaluation/block_merge.py``, which runs the
+    methods whose Grams depend on the merge (``MergeMethod.block_by_block``); every other caller gets them refused.
 
     Raises:
         ValueError: (or ``TaskVectorError``) naming the argument, file or key at fault.
@@ -210,6 +212,8 @@ def prepare_merge(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     merge_method = get_method(method)
+    if merge_method.block_by_block and not block_by_block:
+        raise ValueError(block_by_block_message(merge_method.name))
     checked = dict(merge_method.check(dict(params or {})))
     folders = [Path(p) for p in task_vectors]
     if not folders:
@@ -229,7 +233,7 @@ def prepare_merge(
         seen[reader.task] = reader.folder
         if not (reader.folder / HEAD_FILE).is_file():
             raise TaskVectorError(f"{reader.folder / HEAD_FILE}: not found")
-    if merge_method.needs_statistics:
+    if merge_method.needs_statistics and not merge_method.block_by_block:
         check_statistics(readers, merge_method.name)
     expected_fps = _check_fingerprints(readers)
     base_name = base if base is not None else readers[0].meta.base_model
@@ -259,7 +263,7 @@ def prepare_merge(
         )
     for reader in readers:
         reader.validate(shapes)
-        if merge_method.needs_statistics:
+        if merge_method.needs_statistics and not merge_method.block_by_block:
             check_statistics_shapes(reader, shapes)
     present = set().union(*(r.names() for r in readers))
     entries = plan.entries(shapes, merge_method, present=present, num_tasks=len(readers))
@@ -279,6 +283,15 @@ def prepare_merge(
         timings=timings,
         torch_dtype=load["torch_dtype"],
         gguf_file=load["gguf_file"],
+    )
+
+
+def block_by_block_message(method: str) -> str:
+    """The one line for a method whose Grams depend on the merge (RegMean++) given to a merge without data."""
+    return (
+        f"method={method!r}: each layer's Grams are taken on the inputs the merged model's earlier layers produce, "
+        "so it merges block by block with every task's training data; give the tasks: a pipeline recipe "
+        f"(`method: {method}`) or `drm-lightning merge --method {method} --tasks [configs/task/<task>.yaml,...]`"
     )
 
 

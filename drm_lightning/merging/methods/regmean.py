@@ -31,6 +31,9 @@ from drm_lightning.merging.methods.spec import MergeMethod
 
 ALPHA = 0.9
 """Default α (off-diagonal share kept): FusionBench's CLIP setting is 0.95, the authors' configs 0.1 or 0.9."""
+ALPHA_PLUSPLUS = 0.95
+"""RegMean++'s default α: FusionBench's ``regmean_plusplus/clip_regmean_plusplus.yaml`` (which the RegMean++
+authors' experiments run), ``reduce_non_diagonal_ratio: 0.95``."""
 RIDGE = 1e-8
 """Default relative ridge ``ρ`` (of the mean eigenvalue of ``Σ G̃``): the rule for a singular ``Σ G̃``."""
 _F64 = torch.float64
@@ -158,6 +161,21 @@ def regmean_terms(
     return solved.reshape(count, rows, cols).mul_(inputs.unit).to(out_dtype or inputs.dtype)
 
 
+def regmean_plusplus(
+    deltas: Sequence[Delta],
+    alpha: float = ALPHA_PLUSPLUS,
+    ridge: float = RIDGE,
+    coefficients: Coefficients = None,
+    *,
+    statistics: Sequence[Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """RegMean++ (arXiv 2508.03121) on one linear weight: RegMean's solve (``regmean``) with Grams taken on the inputs
+    the *merged* model's earlier layers produce, which ``evaluation/block_merge.py`` computes block by block while it
+    merges (docs/methods.md, RegMean++); only the default α differs."""
+    return regmean(deltas, alpha, ridge, coefficients, statistics=statistics, out_dtype=out_dtype)
+
+
 METHODS = (
     MergeMethod(
         "regmean",
@@ -170,6 +188,18 @@ METHODS = (
         param_checks={"alpha": check_alpha, "ridge": check_ridge},
         needs_statistics=True,
         task_terms=regmean_terms,
+    ),
+    MergeMethod(
+        "regmean_plusplus",
+        "RegMean++",
+        "https://arxiv.org/abs/2508.03121",
+        regmean_plusplus,
+        True,
+        {"alpha": ALPHA_PLUSPLUS, "ridge": RIDGE},
+        elementwise=task_mean,
+        param_checks={"alpha": check_alpha, "ridge": check_ridge},
+        needs_statistics=True,
+        block_by_block=True,
     ),
 )
 """The registry's entries of this module (``merging/methods/registry.py`` collects them)."""

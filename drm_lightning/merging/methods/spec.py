@@ -4,7 +4,8 @@ Each method module of ``drm_lightning.merging.methods`` lists its entries in a `
 next to the functions they name; ``drm_lightning.merging.methods.registry`` collects them. The merger knows nothing of
 the math beyond this record: ``check(params)`` once up front (no tensors needed, so a typo fails before any model is
 loaded), then per parameter ``merge_matrix`` or ``merge_elementwise``, or ``merge_many`` for a search. A method
-that weighs the deltas by data (``needs_statistics``: RegMean) also gets each task's input Gram of the parameter.
+that weighs the deltas by data (``needs_statistics``: RegMean) also gets each task's input Gram of the parameter;
+one whose Grams depend on the merge itself (``block_by_block``: RegMean++) is run by ``evaluation/block_merge.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class MergeMethod:
             their own coefficient alone (``Σ_i λ_i D_i`` is the rule at coefficients ``λ_i c_i``: RegMean,
             ``wudi_closed``): a function with ``fn``'s arguments returning the stacked ``[T, *shape]`` terms
             (``matrix_terms``), what learned per-task coefficients weigh (``evaluation/coefficients.py``).
+        block_by_block: The statistics are not the ones the task vectors record but Grams taken on the inputs the
+            *merged* model's earlier blocks produce (RegMean++), so they exist only while the model is merged, block
+            after block, with each task's data: the streaming merge refuses the method (``setup.prepare_merge``)
+            and ``evaluation/block_merge.py`` runs it. Implies ``needs_statistics``.
     """
 
     name: str
@@ -70,6 +75,7 @@ class MergeMethod:
     param_checks: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict, repr=False)
     needs_statistics: bool = False
     task_terms: Callable[..., Tensor] | None = None
+    block_by_block: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -79,6 +85,8 @@ class MergeMethod:
             raise ValueError(f"{self.name}: statistics go to a matrix_only method's matrix rule, without prepare")
         if self.task_terms is not None and not self.matrix_only:
             raise ValueError(f"{self.name}: task_terms are a matrix_only method's (the matrix rule's terms)")
+        if self.block_by_block and not self.needs_statistics:
+            raise ValueError(f"{self.name}: a block_by_block method takes the Grams it computes: needs_statistics")
         stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
         if stray:
             raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")
