@@ -114,8 +114,9 @@ def merge_with_data(run: RunFolder, spec: MethodSpec, output: Path, params: Mapp
     from drm_lightning.evaluation.block_merge import merge_block_by_block
 
     result = merge_block_by_block(
-        run.task_vector_dirs(), spec.method, output, run.datamodules, params, device=run.recipe.merge_device
-    )
+        run.task_vector_dirs(), spec.method, output, run.datamodules, params, device=run.recipe.merge_device,
+        examples=run.recipe.statistics_examples or None,  # RegMean's count, so both see the same examples
+    )  # fmt: skip
     log(f"{spec.name}: merged in {result.timings['total']:.1f}s ({result.timings['grams']:.1f}s of forward passes)")
 
 

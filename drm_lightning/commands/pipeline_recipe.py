@@ -335,7 +335,8 @@ def load_recipe(config: Namespace) -> Recipe:
     examples = config.statistics_examples
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
         raise ValueError(f"statistics_examples={examples!r}: expected an integer >= 0")
-    needing = [m.name for m in methods if get_method(m.method).needs_statistics]
+    stored = [get_method(m.method) for m in methods]  # RegMean++ takes its own Grams while merging
+    needing = [m.name for m, s in zip(methods, stored, strict=True) if s.needs_statistics and not s.block_by_block]
     if examples == 0 and needing:
         raise ValueError(f"statistics_examples=0: methods {needing} merge by the statistics the fits record")
     for i, m in enumerate(methods):
