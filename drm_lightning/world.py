@@ -36,6 +36,13 @@ DEAD_RANK_ENV = "DRM_LIGHTNING_DEAD_RANK_S"
 DEFAULT_DEAD_RANK_S = 30.0
 WATCH_INTERVAL_S = 0.5
 
+#: How many seconds a rank waits for the others to first reach the rendezvous store (``DRM_LIGHTNING_JOIN_S``): a
+#: client for the store's host to accept it, every rank for the ranks of which the store holds no sign yet. After
+#: that the missing ranks count as never joined (killed or crashed before they got there). torchrun's own
+#: rendezvous waits as long (its ``join_timeout``).
+JOIN_ENV = "DRM_LIGHTNING_JOIN_S"
+DEFAULT_JOIN_S = 600.0
+
 #: Collectives wait for the slowest rank's whole share of the work (a long merge), so the timeout must cover it.
 DEFAULT_TIMEOUT_S = 4 * 3600.0
 
@@ -258,6 +265,59 @@ def group_exchange(
 #: many incarnations each had.
 _stores: dict[tuple[str, int, int, bool], Any] = {}
 _incarnations: dict[tuple[str, int, int, bool], int] = {}
+#: The stores this process could not reach (their host never joined): no second try when it leaves.
+_unreachable: set[tuple[str, int, int, bool]] = set()
+
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment variable ``name`` (``default`` when unset).
+
+    Raises:
+        ValueError: one line naming the variable and its value.
+    """
+    value = os.environ.get(name, str(default))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise ValueError(f"{name}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+def _plural(ranks: Sequence[int]) -> str:
+    """``rank 1`` or ``ranks 1, 3``."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+def _wait_for_store(host: str, port: int, rank: int, agent: bool, join_s: float) -> None:
+    """Wait until the rendezvous store at ``host:port`` accepts connections, for at most ``join_s`` seconds.
+
+    Why here, with a plain socket: ``TCPStore``'s client retries for its whole timeout (the collectives' 4 hours)
+    when the store's host never came up (rank 0 killed before it got there, under srun), and logs a C++ backtrace
+    per try; this says once which rank never joined.
+
+    Raises:
+        ConnectionError: the store's host never came up, naming it, the address and the bound.
+    """
+    end = time.monotonic() + join_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(2.0, join_s)):
+                return
+        except OSError:
+            if time.monotonic() >= end:
+                break
+            time.sleep(0.2)
+    if agent:
+        raise ConnectionError(
+            f"the launcher's rendezvous store at {host}:{port} did not answer within {join_s:g} s ({JOIN_ENV}); "
+            f"rank {rank} stops"
+        )
+    raise ConnectionError(
+        f"rank 0 never joined: no rendezvous store at {host}:{port} (rank 0 hosts it) {join_s:g} s after rank {rank} "
+        f"looked for it ({JOIN_ENV}; killed or crashed before getting there?); rank {rank} stops"
+    )
 
 
 def _store_address(world: WorldInfo) -> tuple[str, int, int, bool]:
@@ -280,17 +340,29 @@ def world_store(world: WorldInfo, timeout: timedelta) -> Any:
 
     Why one store for the whole process: a second ``TCPStore`` server on the same port, after the first group was
     destroyed, races with the ranks still connected to the first.
+
+    A client waits at most ``DRM_LIGHTNING_JOIN_S`` seconds (``DEFAULT_JOIN_S``) for the store's host to come up, then
+    raises ``ConnectionError`` naming it; the watch started here ends this process when another rank has left no
+    sign in the store that long after this one arrived (``_Watch``): a rank that never joined is not waited for.
     """
     address = _store_address(world)
     if address not in _stores:
         host, port, size, agent = address
+        hosts = not agent and world.rank == 0
+        join_s = _env_seconds(JOIN_ENV, DEFAULT_JOIN_S)
+        trace(f"rank {world.rank}: reaches the rendezvous store at {host}:{port}")
+        if not hosts and size > 1:
+            try:
+                _wait_for_store(host, port, world.rank, agent, min(join_s, timeout.total_seconds()))
+            except ConnectionError:
+                _unreachable.add(address)
+                raise
         _stores[address] = dist.TCPStore(
-            host, port, size, is_master=not agent and world.rank == 0, timeout=timeout, wait_for_workers=False,
-            multi_tenant=True,
+            host, port, size, is_master=hosts, timeout=timeout, wait_for_workers=False, multi_tenant=True,
         )  # fmt: skip
         _incarnations[address] = 0
         if size > 1 and _watch is None:
-            _start_watch(host, port, world.rank, size, hosts_store=not agent and world.rank == 0)
+            _start_watch(host, port, world.rank, size, hosts_store=hosts, join_s=join_s)
     return _stores[address]
 
 
@@ -417,8 +489,9 @@ def _publish_stage() -> None:
 
 class _Watch:
     """A thread that says every ``WATCH_INTERVAL_S`` that this rank is alive and looks at the others; when one is gone
-    (its process on this node ended, no heartbeat for ``DEAD_RANK_ENV`` seconds, or the store's host is gone) it
-    prints one line naming that rank and its stage and ends this process with status 1.
+    (its process on this node ended, no heartbeat for ``DEAD_RANK_ENV`` seconds, or the store's host is gone), or
+    when ranks left no sign in the store ``JOIN_ENV`` seconds after this one arrived (they never joined), it prints one
+    line naming those ranks (and the stage) and ends this process with status 1.
 
     Why a thread and ``os._exit``: the main thread may be inside a long computation or a C++ wait (a rendezvous, a
     collective) that no exception reaches; what a merge or a fit leaves is staged beside its output under a
@@ -427,16 +500,20 @@ class _Watch:
 
     PREFIX = "drm_lightning/watch/"
 
-    def __init__(self, host: str, port: int, rank: int, size: int, hosts_store: bool, dead_after_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, rank: int, size: int, hosts_store: bool, dead_after_s: float, join_s: float
+    ) -> None:
         # a client of its own: the main thread's blocking rendezvous on the other client must not hold up heartbeats
         self.store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=60))
         self.address, self.rank, self.size, self.hosts_store = f"{host}:{port}", rank, size, hosts_store
-        self.dead_after_s = dead_after_s
+        self.dead_after_s, self.join_s = dead_after_s, join_s
+        self.arrived_at = time.monotonic()
         self.host = socket.gethostname()
         self.leaving = threading.Event()
         self.lock = threading.RLock()
         self.seen: dict[int, tuple[int, float]] = {}  # rank -> (heartbeats, when that count was first seen)
         self.finished: set[int] = set()
+        self.joined: set[int] = {rank}  # the ranks that left a sign in the store (their "who" or "left" key)
         self.store.set(self._key("who", rank), f"{self.host} {os.getpid()}")
         self.publish_stage()
         self.thread = threading.Thread(target=self._run, name="drm_lightning-rank-watch", daemon=True)
@@ -467,6 +544,9 @@ class _Watch:
                         why = self._gone(other)
                         if why is not None:
                             self._stop(other, why)
+                missing = self.never_joined()
+                if missing and time.monotonic() - self.arrived_at > self.join_s:
+                    self._stop(None, self._never_joined_line(missing))
         except Exception as err:  # noqa: BLE001 - the store's host (rank 0 or the launcher) is gone
             if not self.leaving.is_set():
                 self._stop(None, f"the rendezvous store at {self.address} stopped answering ({err})")
@@ -483,13 +563,15 @@ class _Watch:
         """Why rank ``other`` is gone, or ``None`` while it lives (or has not arrived yet)."""
         seen = self.seen
         if self.store.check([self._key("left", other)]):
+            self.joined.add(other)
             status = self.store.get(self._key("left", other)).decode()
             if status == "ok":
                 self.finished.add(other)
                 return None
             return f"failed ({status})"
         if not self.store.check([self._key("who", other)]):
-            return None  # not arrived yet: its rendezvous waits for it
+            return None  # not arrived yet: its rendezvous waits for it (at most ``join_s``: ``look``)
+        self.joined.add(other)
         host, pid = self.store.get(self._key("who", other)).decode().rsplit(" ", 1)
         if host == self.host and not _process_alive(int(pid)):
             return f"died (its process {pid} is gone: killed, out of memory?)"
@@ -499,6 +581,17 @@ class _Watch:
         elif now - seen[other][1] > self.dead_after_s:
             return f"stopped answering ({now - seen[other][1]:.0f} s without a heartbeat)"
         return None
+
+    def never_joined(self) -> list[int]:
+        """The ranks that left no sign in the store at the last look (not arrived yet, or never will)."""
+        return [r for r in range(self.size) if r not in self.joined]
+
+    def _never_joined_line(self, missing: Sequence[int]) -> str:
+        them = "it" if len(missing) == 1 else "them"
+        return (
+            f"{_plural(missing)} never joined: no sign of {them} at the rendezvous store {self.address} "
+            f"{self.join_s:g} s after rank {self.rank} arrived ({JOIN_ENV}; killed or crashed before getting there?)"
+        )
 
     def _stop(self, other: int | None, why: str) -> None:
         if other is None:
@@ -540,16 +633,10 @@ def _process_alive(pid: int) -> bool:
         return True  # no /proc: only heartbeats tell
 
 
-def _start_watch(host: str, port: int, rank: int, size: int, hosts_store: bool) -> None:
+def _start_watch(host: str, port: int, rank: int, size: int, hosts_store: bool, join_s: float = DEFAULT_JOIN_S) -> None:
     global _watch
-    value = os.environ.get(DEAD_RANK_ENV, str(DEFAULT_DEAD_RANK_S))
-    try:
-        dead_after = float(value)
-    except ValueError:
-        dead_after = float("nan")
-    if not dead_after > 0:
-        raise ValueError(f"{DEAD_RANK_ENV}={value!r}: expected a positive number of seconds")
-    _watch = _Watch(host, port, rank, size, hosts_store, dead_after)
+    dead_after = _env_seconds(DEAD_RANK_ENV, DEFAULT_DEAD_RANK_S)
+    _watch = _Watch(host, port, rank, size, hosts_store, dead_after, join_s)
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
 
@@ -557,7 +644,9 @@ def _start_watch(host: str, port: int, rank: int, size: int, hosts_store: bool) 
             """The launcher stops this rank (torchrun does when another rank died): name that rank if it is gone."""
             if _watch is not None:
                 _watch.look(beat=False)
-                _watch._stop(None, f"stopped by the launcher (signal {signum})")
+                missing = _watch.never_joined()
+                never = f"; {_plural(missing)} never joined the rendezvous" if missing else ""
+                _watch._stop(None, f"stopped by the launcher (signal {signum}{never})")
             if callable(previous):
                 previous(signum, frame)
             raise SystemExit(128 + signum)
@@ -577,7 +666,7 @@ def leave_watch(failure: str | None = None) -> None:
     Called by ``exit_cleanup`` when a command ends; a rank that ends without it (killed) is seen as dead.
     """
     global _watch
-    if _watch is None and failure is not None and not _stores:
+    if _watch is None and failure is not None and not _stores and not _unreachable:
         _announce_early_failure()
     if _watch is not None:
         _watch.leave(failure)

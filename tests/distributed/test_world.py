@@ -99,3 +99,41 @@ def test_a_bad_dead_rank_bound_is_refused(monkeypatch: pytest.MonkeyPatch, value
     monkeypatch.setattr(world, "_Watch", lambda *args: pytest.fail("started a watch"))
     with pytest.raises(ValueError, match=rf"DRM_LIGHTNING_DEAD_RANK_S='{value}'"):
         world._start_watch("127.0.0.1", 1, 0, 2, hosts_store=False)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_a_bad_join_bound_is_refused_before_any_connection(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from datetime import timedelta
+
+    from drm_lightning import world
+
+    monkeypatch.setenv(world.JOIN_ENV, value)
+    monkeypatch.setattr(world, "_wait_for_store", lambda *args: pytest.fail("looked for the store"))
+    with pytest.raises(ValueError, match=rf"DRM_LIGHTNING_JOIN_S='{value}'"):
+        world.world_store(WorldInfo(2, 1, 1, "slurm", "127.0.0.1", 1), timedelta(seconds=10))
+
+
+def test_the_ranks_that_never_joined_are_named_once_the_join_bound_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 of 4 watches; rank 2 has arrived (this process stands in for it), ranks 1 and 3 left no sign: nothing
+    is said within ``join_s`` of rank 0's arrival, then one line names both."""
+    import os
+    import socket
+
+    from drm_lightning import world
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    stops: list[tuple[int | None, str]] = []
+    monkeypatch.setattr(world._Watch, "_stop", lambda self, other, why: stops.append((other, why)))
+    watch = world._Watch("127.0.0.1", store.port, 0, 4, hosts_store=False, dead_after_s=30.0, join_s=30.0)
+    try:
+        store.set("drm_lightning/watch/who/2", f"{socket.gethostname()} {os.getpid()}")
+        watch.look(beat=False)
+        assert stops == [] and watch.never_joined() == [1, 3]
+        watch.arrived_at -= 31.0
+        watch.look(beat=False)
+    finally:
+        watch.leave(None)
+    assert stops, "nothing said after the join bound"
+    other, why = stops[-1]
+    assert other is None and why.startswith("ranks 1, 3 never joined: no sign of them"), why
+    assert f"127.0.0.1:{store.port} 30 s after rank 0 arrived (DRM_LIGHTNING_JOIN_S" in why, why
