@@ -108,6 +108,13 @@ class ExpertCLI(LightningCLI):
                 "the RegMean merge needs (docs/methods.md, Input statistics); 0 records none."
             ),
         )
+        parser.add_argument(
+            "--statistics_layers",
+            type=list[str] | None,
+            default=None,
+            help="fit: regexes of weight names (re.search) whose input Grams are recorded (default: every trained "
+            "linear layer); the others are merged by RegMean's plain mean.",
+        )
         # A link into a subclass's init_args applies only when the chosen datamodule has that parameter.
         for key in TOKENIZER_PARAMS:
             parser.link_arguments("model.backbone", f"data.init_args.{key}", apply_on="parse")
@@ -133,7 +140,10 @@ class ExpertCLI(LightningCLI):
             if folder is None:
                 folder = str(Path(self.trainer.default_root_dir) / "task_vectors" / self.model.hparams["task"])
             examples = self._get(self.config, "statistics_examples")
-            self.trainer.callbacks.append(TaskVectorCallback(folder, statistics_examples=examples))
+            layers = self._get(self.config, "statistics_layers")
+            self.trainer.callbacks.append(
+                TaskVectorCallback(folder, statistics_examples=examples, statistics_layers=layers)
+            )
             self._task_vector_dir = folder
         elif folder is not None:
             from drm_lightning.models.expert import ExpertModule

@@ -83,8 +83,9 @@ def add_missing_statistics(run: RunFolder) -> None:
     """Experts that lack the input statistics a recipe's method needs (RegMean) get them, on rank 0.
 
     Experts fitted here record them when fitting ends (``TaskVectorCallback``); this covers the ones reused
-    from a run before that, and imported ones: the recipe's own data, the callback's defaults
-    (``commands/statistics.py``). A task vector's meta.json changes, so merges of it are redone.
+    from a run before that, and imported ones: the recipe's own data, its ``statistics_examples`` and
+    ``statistics_layers`` (``commands/statistics.py``). A task vector's meta.json changes, so merges of it are
+    redone. Experts that have statistics keep them, whichever layers they hold.
     """
     from drm_lightning.io.task_vector import read_meta
     from drm_lightning.merging.methods.registry import get_method
@@ -101,7 +102,12 @@ def add_missing_statistics(run: RunFolder) -> None:
 
         for task in missing:
             log(f"{task}: recording the input statistics RegMean needs (the expert has none)")
-            add_expert_statistics(run.task_vector_dir(task), run.datamodules[task])
+            add_expert_statistics(
+                run.task_vector_dir(task),
+                run.datamodules[task],
+                run.recipe.statistics_examples,
+                layers=run.recipe.statistics_layers,
+            )
 
     rank_zero_then_wait(add)
 
@@ -226,7 +232,13 @@ def fit_expert(run: RunFolder, task: str, overrides: Mapping[str, Any] | None = 
     )
     trainer_kwargs = dict(recipe.trainer)
     callbacks = list(_instantiate_callbacks(trainer_kwargs.pop("callbacks", None)))
-    callbacks.append(TaskVectorCallback(str(run.task_vector_dir(task)), statistics_examples=recipe.statistics_examples))
+    callbacks.append(
+        TaskVectorCallback(
+            str(run.task_vector_dir(task)),
+            statistics_examples=recipe.statistics_examples,
+            statistics_layers=recipe.statistics_layers,
+        )
+    )
     trainer_kwargs = _instantiate_trainer_objects(trainer_kwargs)
     if overrides:
         plugins = list(trainer_kwargs.get("plugins") or [])

@@ -184,6 +184,13 @@ def build_pipeline_parser(*, light: bool = False) -> ArgumentParser:
         "(RegMean's statistics, beside the task vector); 0: none (a recipe with RegMean then refuses).",
     )
     parser.add_argument(
+        "--statistics_layers",
+        type=list[str] | None,
+        default=None,
+        help="Regexes of weight names (re.search) whose input Grams are recorded, by the fits and for experts "
+        "that lack them; the others are merged by RegMean's plain mean. Default: every trained linear layer.",
+    )
+    parser.add_argument(
         "--procs_per_expert",
         type=int | None,
         default=None,
@@ -292,6 +299,7 @@ class Recipe:
     experts: dict[str, str] = field(default_factory=dict)
     export: str = "best"
     save_as: str = "model"
+    statistics_layers: list[str] | None = None
 
 
 def config_dirs(config: Namespace) -> list[Path]:
@@ -342,6 +350,7 @@ def load_recipe(config: Namespace) -> Recipe:
     for i, m in enumerate(methods):
         grid = ParamGrid.parse(m.method, m.params, where=f"methods[{i}].params")
         m.params = dict(m.params) if grid.searched else dict(get_method(m.method).check(dict(m.params or {})))
+    check_statistics_layers(config.statistics_layers)
     return Recipe(
         run_dir=Path(config.run_dir),
         specs=specs,
@@ -362,7 +371,17 @@ def load_recipe(config: Namespace) -> Recipe:
         experts=dict(config.experts or {}),
         export=config.export,
         save_as=config.save_as,
+        statistics_layers=list(config.statistics_layers) if config.statistics_layers is not None else None,
     )
+
+
+def check_statistics_layers(layers: Any) -> None:
+    """``statistics_layers``: valid regexes, or a bad one named in one line."""
+    for pattern in layers or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"statistics_layers: invalid regex {pattern!r} ({err})") from None
 
 
 def check_model_settings(model: Mapping[str, Any]) -> None:

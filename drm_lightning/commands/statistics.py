@@ -63,7 +63,7 @@ def add_expert_statistics(
     """``statistics`` with the task's datamodule already built (the pipeline's): rebuild the expert, run the sample
     of training examples, write the Grams into the folder."""
     from drm_lightning.callbacks.grams import expert_grams, named_layers, train_loader
-    from drm_lightning.io.statistics import add_statistics
+    from drm_lightning.io.statistics import add_statistics, gram_bytes
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.models.expert import ExpertModule
     from drm_lightning.world import resolve_device
@@ -72,6 +72,12 @@ def add_expert_statistics(
     loader = train_loader(datamodule, reader.task)
     expert = ExpertModule.from_task_vector(task_vector, with_task_vector=True).to(resolve_device(device))
     targets = named_layers(expert.backbone, reader.names(), layers)
+    size = gram_bytes({name: layer.in_features for name, layer in targets.items()})
+    print(
+        f"statistics: {reader.task}: {len(targets)} layers, {size / 1e6:.1f} MB of float32 Grams to record "
+        f"({size} bytes)",
+        file=sys.stderr,
+    )
     grams = expert_grams(expert, loader, examples, targets, seed=seed)
     folder = add_statistics(task_vector, grams.sums, grams.rows, grams.examples)
     print(f"statistics: {len(grams.sums)} layers on {grams.examples} examples -> {folder}", file=sys.stderr)

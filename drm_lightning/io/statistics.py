@@ -143,6 +143,15 @@ def read_statistics_meta(folder: str | os.PathLike[str], meta: TaskVectorMeta) -
     return stats
 
 
+def gram_bytes(widths: Mapping[str, int]) -> int:
+    """Bytes of one task's float32 Grams for layers of these input widths (weight name -> ``in``): ``Σ in² · 4``,
+    what a recording will weigh before it runs (the file adds a small header, ``statistics_bytes``)."""
+    for name, width in widths.items():
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"{name}: input width {width!r}, expected a positive integer")
+    return sum(4 * width * width for width in widths.values())
+
+
 def statistics_bytes(grams: Mapping[str, torch.Tensor]) -> int:
     """Bytes ``statistics.safetensors`` will take: float32 Grams plus a header allowance."""
     if not grams:

@@ -157,6 +157,7 @@ def test_changed_model_settings_make_experts_stale(first_run: dict) -> None:
         (["--procs_per_expert", "0"], ["procs_per_expert=0"]),
         (["--statistics_examples", "-1"], ["statistics_examples=-1"]),
         (["--statistics_examples", "0", "--methods", "[{method: regmean}]"], ["statistics_examples=0", "regmean"]),
+        (["--statistics_layers", "['(']"], ["statistics_layers", "invalid regex"]),
     ],
 )
 def test_bad_recipes_fail_before_any_work(

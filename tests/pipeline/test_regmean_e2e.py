@@ -77,6 +77,9 @@ def test_without_statistics_one_line_then_the_statistics_command(experts: dict, 
     assert main(["statistics", "--task_vector", str(copy), "--task", str(experts["tasks"][task])]) == 0
     added, recorded = _grams(copy), _grams(original)
     assert set(added) == set(recorded)
+    size = sum(g.numel() * 4 for g in added.values())  # printed before the recording, from the layers' widths
+    line = f"statistics: {task}: {len(added)} layers, {size / 1e6:.1f} MB of float32 Grams to record ({size} bytes)"
+    assert line in capsys.readouterr().err
     assert read_meta(copy).statistics == read_meta(original).statistics
     for name, gram in recorded.items():
         torch.testing.assert_close(added[name], gram, rtol=1e-4, atol=1e-4 * float(gram.abs().max()))
@@ -89,6 +92,24 @@ def test_fit_statistics_examples_zero_records_none(experts: dict, tmp_path: Path
     args += ["--trainer.limit_val_batches=0", "--statistics_examples=0", f"--task_vector_dir={tmp_path / 'tv'}"]
     assert main([*args, f"--trainer.default_root_dir={tmp_path}"]) == 0
     assert read_meta(tmp_path / "tv").statistics is None and not (tmp_path / "tv" / "statistics.safetensors").exists()
+
+
+def test_recipe_chooses_the_layers_that_get_statistics(tmp_path: Path) -> None:
+    """``statistics_layers`` in a recipe: the fits record only the matching layers' Grams (the two MLP output and
+    two attention output matrices of the tiny encoder), and RegMean merges with them (the other layers by the mean)."""
+    recipe = tiny_two_task_recipe(
+        tmp_path, methods=[{"method": "regmean", "lambdas": [1.0]}], split="validation",
+        statistics_layers=[r"output\.dense\.weight$"],
+    )  # fmt: skip
+    run = run_recipe(tmp_path, recipe)
+    for task in ("sentiment", "animal"):
+        rows = read_meta(run / "task_vectors" / task).statistics["rows"]
+        kinds = ("attention.output.", "output.")
+        expected = [f"encoder.layer.{i}.{kind}dense.weight" for i in range(2) for kind in kinds]
+        assert sorted(rows) == sorted(expected)
+        assert set(_grams(run / "task_vectors" / task)) == set(rows)
+    report = json.loads((run / "report.json").read_text())
+    assert [m["method"] for m in report["results"]["methods"]] == ["regmean"]
 
 
 def test_pipeline_recipe_with_regmean(tmp_path: Path) -> None:

@@ -456,3 +456,18 @@ def test_merge_precision_reads_real_task_vectors(tmp_path: Path) -> None:
     results = merge_precision.main(argv)
     assert list(results) == ["drm-v", "iso-c"]
     assert all(math.isfinite(e) for row in results.values() for e in row.values())
+
+
+def test_statistics_size_per_config_is_the_hand_count() -> None:
+    """benchmarks/statistics_size.py against counts by hand from the architectures: MiniLM (6 layers: five 384-wide
+    inputs and one 1536-wide per layer) and Llama-3.1-8B with LoRA on all seven projections (32 layers: six 4096-wide
+    inputs and down_proj's 14336)."""
+    import statistics_size
+
+    root = BENCHMARKS.parent
+    minilm, llama = statistics_size.main([str(root / "configs/model/minilm.yaml"),
+                                          str(root / "configs/model/llama31_8b_lora.yaml")])  # fmt: skip
+    assert minilm["layers"] == 36 and minilm["bytes_per_task"] == 6 * (5 * 384**2 + 1536**2) * 4
+    assert llama["layers"] == 224 and llama["bytes_per_task"] == 32 * (6 * 4096**2 + 14336**2) * 4
+    down = llama["kinds"]["layers.*.mlp.down_proj.weight"]
+    assert (down["count"], down["width"], down["bytes_each"]) == (32, 14336, 14336**2 * 4)

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
-from drm_lightning.callbacks.grams import sample_indices
+from drm_lightning.callbacks.grams import recorded_layers, sample_indices
 from drm_lightning.callbacks.task_vector import TaskVectorCallback
-from drm_lightning.io.statistics import STATISTICS_FILE
+from drm_lightning.io.statistics import STATISTICS_FILE, gram_bytes
 from drm_lightning.io.task_vector import read_meta
 from drm_lightning.models.expert import ExpertModule
 from drm_lightning.models.lora import LoraSettings
@@ -89,6 +89,20 @@ def test_callback_gram_equals_xtx_on_the_same_examples(tiny, tmp_path, lora) -> 
     for name, gram in stored.items():
         assert gram.dtype == torch.float32 and meta.statistics["rows"][name] == rows[name], name
         torch.testing.assert_close(gram.double(), direct[name], rtol=1e-4, atol=1e-4 * float(direct[name].abs().max()))
+
+
+def test_gram_bytes_is_the_hand_count_of_the_recorded_layers(tiny) -> None:
+    """What a recording will weigh, from the layers the recorder picks on the tiny encoder (2 layers, hidden 32,
+    MLP 64): per layer q, k, v, the attention output and the MLP's first matrix read 32 wide, the MLP's second 64."""
+    expert = ExpertModule(tiny["encoder"], task="t", label_names=list(LABELS))
+    widths = {name: layer.in_features for name, layer in recorded_layers(expert.backbone, lora=False).items()}
+    assert len(widths) == 2 * 6
+    assert gram_bytes(widths) == 2 * (5 * 32 * 32 + 64 * 64) * 4 == 73728
+    only_mlp = recorded_layers(expert.backbone, lora=False, layers=[r"\.output\.dense\.", r"intermediate"])
+    assert gram_bytes({n: m.in_features for n, m in only_mlp.items()}) == 2 * (32 * 32 + 32 * 32 + 64 * 64) * 4
+    assert gram_bytes({}) == 0
+    with pytest.raises(ValueError, match="q.weight: input width 0, expected a positive integer"):
+        gram_bytes({"q.weight": 0})
 
 
 def test_statistics_off_and_bad_settings(tiny, tmp_path) -> None:
