@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "iso_c": ("iso_c", {}),
     "iso_cts": ("iso_cts", {}),
     "tsv_m": ("tsv_m", {}),
+    "wudi_closed": ("wudi_closed", {}),
+    "wudi": ("wudi", {"steps": 3}),  # the memory of Adam's state does not grow with the steps; the time does
 }
 """Benchmark name -> (registry method, parameters beyond its defaults)."""
 

@@ -20,10 +20,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BOUND = 4.0
-#: every method; on this shape each one's float64 Gram ``eigh`` (the Gram, LAPACK's copy and its workspace: about
-#: ``4·k²`` float64 for a ``k``-sided Gram) stays well under the bound, which a wide DRM Gram does not always do
-#: (benchmarks/README.md, ``merge_memory.py``)
-METHODS = ["task_arithmetic", "ties", "dare", "dare_ties", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"]
+#: every data-free method; on this shape each one's float64 Gram ``eigh`` (the Gram, LAPACK's copy and its workspace:
+#: about ``4·k²`` float64 for a ``k``-sided Gram) stays well under the bound, which a wide DRM Gram does not always
+#: do (benchmarks/README.md, ``merge_memory.py``). ``wudi`` holds six float64 copies of the parameter (the sum, its
+#: gradient's constant term, Adam's offset and two moments, the gradient) and the ``in``-sided Gram: 3.1x here.
+#: RegMean is not here: its input Grams are inputs too (``in² · 4`` bytes per task), which this ratio leaves out.
+METHODS = [
+    "task_arithmetic", "ties", "dare", "dare_ties", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "wudi_closed",
+    "wudi",
+]  # fmt: skip
 CASES = [("matrix", (768, 1024)), ("elementwise", (1024, 768))]
 
 SCRIPT = textwrap.dedent(

@@ -288,12 +288,12 @@ def wudi(
     moved = torch.zeros_like(start)
     moment = torch.zeros_like(start)
     second = torch.zeros_like(start)
-    grad = torch.empty_like(start)
+    grad = torch.empty_like(start)  # the gradient, then (once the moments have it) Adam's denominator
     for step in range(1, steps + 1):
         torch.mm(moved, gram, out=grad).add_(at_start).mul_(2.0)
         moment.mul_(beta1).add_(grad, alpha=1 - beta1)
         second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denominator = (second.sqrt() / math.sqrt(1 - beta2**step)).add_(ADAM_EPS)
+        denominator = torch.sqrt(second, out=grad).div_(math.sqrt(1 - beta2**step)).add_(ADAM_EPS)
         moved.addcdiv_(moment, denominator, value=-lr / (1 - beta1**step))
     return inputs.finish(start.add_(moved), out_dtype)
 
