@@ -110,6 +110,7 @@ NEVER_JOINED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_rank_killed_before_it_joins_stops_the_other_within_the_join_bound(tmp_path: Path) -> None:
     """srun-style (no launcher watches the ranks): one rank is killed at once, long before it reaches the rendezvous
