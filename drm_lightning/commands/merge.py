@@ -199,7 +199,7 @@ def merge(
         if is_global_zero():
             record_sources([out, delta], task_vectors, folders)
     if task_models and save_as == "model" and is_global_zero():
-        from drm_lightning.interop.export import export_task_models
+        from drm_lightning.export.task_folders import export_task_models
 
         export_task_models(out)
     return out

@@ -98,7 +98,7 @@ def export_model(
 
         adapter_from_merged(merged, lam, output)
     else:
-        from drm_lightning.interop.export import export_task_models
+        from drm_lightning.export.task_folders import export_task_models
 
         save_merged_model(merged, lam, output)
         export_task_models(output)  # tasks/<task>/ for experts imported from *ForSequenceClassification checkpoints

@@ -262,7 +262,8 @@ def merge_to_adapter(
     Everything cheap is refused first (``check_adapter_request``, then ``prepare_merge``'s checks); the output is
     written atomically. Returns the adapter summary (also in ``merge.json["adapter"]``).
     """
-    from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
+    from drm_lightning.export.folder_writer import save_tokenizer
+    from drm_lightning.export.model_folder import meta_architecture
     from drm_lightning.io.atomic import atomic_dir
     from drm_lightning.io.disk import check_free_space
     from drm_lightning.merging.engine.apply import check_lam
@@ -348,7 +349,8 @@ def adapter_from_merged(
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary.
     ``keep_delta``: whether ``merged`` outlives the call, so ``merge.json`` may name it."""
-    from drm_lightning.export.model_folder import meta_architecture, save_tokenizer
+    from drm_lightning.export.folder_writer import save_tokenizer
+    from drm_lightning.export.model_folder import meta_architecture
     from drm_lightning.io.atomic import atomic_dir
     from drm_lightning.io.disk import check_free_space
     from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index

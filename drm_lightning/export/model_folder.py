@@ -23,7 +23,6 @@ is used, so a config that names a class the checkpoint only partly holds never y
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -34,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from drm_lightning.export.model_card import write_model_card
-from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.export.folder_writer import write_folder
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
 from drm_lightning.merging.engine.apply import add_merged_delta, check_lam, recorded_base
@@ -43,7 +41,6 @@ from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merg
 from drm_lightning.merging.engine.setup import check_output, describe_load
 from drm_lightning.merging.engine.space import (
     CONFIG_ALLOWANCE,
-    TOKENIZER_FILES,
     estimate_model_bytes,
     model_bytes,
     tokenizer_bytes,
@@ -239,21 +236,6 @@ def backbone_fingerprint(backbone: nn.Module, config: PretrainedConfig, family: 
     return fingerprint_state({k: state[k] for k in keys}, scheme)
 
 
-def save_tokenizer(base: str, folder: Path) -> bool:
-    """Save the base model's tokenizer next to the merged weights, if it has one; return whether it did."""
-    from transformers import AutoTokenizer
-
-    path = resolve_pretrained(base)
-    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return False
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):  # a hub model without a tokenizer, or an image model's folder
-        return False
-    tokenizer.save_pretrained(folder)
-    return True
-
-
 def save_merged_model(
     merged: str | os.PathLike[str],
     lam: float,
@@ -363,21 +345,18 @@ def write_model_folder(
     needed = model_bytes(model) + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE
     check_free_space({output: needed}, "merged model")
     more = extra() if callable(extra) else extra
-    with atomic_dir(output) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        save_tokenizer(base_name, tmp)
-        copy_heads(tmp)
-        out_record = {
-            **record,
-            **load,
-            "lam": lam,
-            **more,
-            "save_as": "model",
-            "architecture": type(model).__name__,
-            "backbone_prefix": prefix,
-        }
-        (tmp / MERGE_FILE).write_text(json.dumps(out_record, indent=2, sort_keys=True, default=str) + "\n")
-        write_model_card(tmp, name=output.name)
+    out_record = {
+        **record,
+        **load,
+        "lam": lam,
+        **more,
+        "save_as": "model",
+        "architecture": type(model).__name__,
+        "backbone_prefix": prefix,
+    }
+    write_folder(
+        output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=copy_heads, record=out_record
+    )
     return backbone
 
 

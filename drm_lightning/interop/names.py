@@ -21,7 +21,7 @@ checkpoint                      its head                                        
 ==============================  ========================================================  =========================
 
 ``head_mapping`` (project head parameter -> checkpoint tensor name) is what ``meta.json["source"]`` records, so the
-export (``interop/export.py``) can put a merged backbone back under the architecture's own head.
+export (``export/task_folders.py``) can put a merged backbone back under the architecture's own head.
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ def test_every_head_layout_of_the_table_reproduces_its_logits(tmp_path: Path, ki
     the export puts it back into that architecture."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from drm_lightning.interop.export import build_task_model
+    from drm_lightning.export.task_folders import build_task_model
     from drm_lightning.io.task_vector import read_head
     from drm_lightning.models.backbone import load_backbone
 

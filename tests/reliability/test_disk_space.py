@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drm_lightning.export import model_folder
+from drm_lightning.export import folder_writer
 from drm_lightning.export.model_folder import save_merged_model
 from drm_lightning.io import disk as io_disk
 from drm_lightning.io.disk import (
@@ -160,7 +160,7 @@ def test_plan_skipped_parameters_take_no_space(world):
 def test_model_estimate_covers_save_pretrained_in_each_dtype(world, dtype, tmp_path):
     model = load_backbone(world["bert"], "encoder", torch_dtype=dtype)
     model.save_pretrained(tmp_path / "model")
-    model_folder.save_tokenizer(world["bert"], tmp_path / "model")
+    folder_writer.save_tokenizer(world["bert"], tmp_path / "model")
     written = _size(tmp_path / "model")
     estimate = estimate_model_bytes(world["bert"], dtype)
     assert estimate is not None and written <= estimate <= written + SLACK

@@ -104,7 +104,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 KILLER = """
 import os, signal, sys
 from drm_lightning.io import shards
-from drm_lightning.export import model_folder
+from drm_lightning.export import folder_writer, model_folder
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -132,11 +132,11 @@ elif phase in ("delta", "search"):
             die()
     shards.ShardWriter.__init__, shards.ShardWriter.add = small_shards, add_then_die
 else:
-    save = model_folder.save_tokenizer
+    save = folder_writer.save_tokenizer
     def save_then_die(base, folder):
         save(base, folder)
         die()
-    model_folder.save_tokenizer = save_then_die
+    folder_writer.save_tokenizer = save_then_die
 from drm_lightning.cli import main
 sys.exit(main(argv))
 """

@@ -21,13 +21,12 @@ from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
 from drm_lightning.io.shards import read_index
 from drm_lightning.io.task_vector import HEAD_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, META_FILE, TaskVectorError
+from drm_lightning.io.tokenizer_files import TOKENIZER_CORE_FILES, tokenizer_files
 from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.models.backbone import parse_dtype
 from drm_lightning.models.resolve import resolve_pretrained
 
-#: The tokenizer files a base folder may hold (what ``save_merged_model`` saves beside the merged weights).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
 #: Room for config.json, generation_config.json, special-token files and a shard index beside the weights.
 CONFIG_ALLOWANCE = 16 * 1024
 
@@ -147,7 +146,7 @@ def estimate_model_bytes(
 def tokenizer_bytes(base: str) -> int:
     """Room for the tokenizer ``save_tokenizer`` writes, from the files of a local base folder (0 for a hub id)."""
     path = Path(resolve_pretrained(base))
-    size = sum((path / name).stat().st_size for name in TOKENIZER_FILES if (path / name).is_file())
+    size = sum(file.stat().st_size for file in tokenizer_files(path, TOKENIZER_CORE_FILES))
     # Without a tokenizer.json, save_pretrained converts one (from vocab.txt or a sentencepiece model): room for it.
     return size if (path / "tokenizer.json").is_file() else 3 * size
 

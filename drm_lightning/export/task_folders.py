@@ -11,36 +11,25 @@ the inverse of the import's name mapping: the architecture is rebuilt from the `
 to the checkpoint name ``source.head.mapping`` recorded (a BERT head's ``dense`` becomes ``bert.pooler.dense``).
 Its logits equal the project's own evaluation of the merged backbone under the task's head (the test checks this
 in a process that never imports drm_lightning). Tasks fitted here, or imported without a usable head, get none.
+Each folder is written by ``folder_writer.write_folder`` (the merged model folder's writer) with the merged
+folder's tokenizer files.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from drm_lightning.export.folder_writer import write_folder
 from drm_lightning.interop.names import checkpoint_renamer
-from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_head, read_meta
+from drm_lightning.merging.engine.record import HEADS_DIR
 
 TASKS_DIR = "tasks"
-HEADS_DIR = "heads"
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "added_tokens.json",
-    "preprocessor_config.json",
-)
 
 
 def exportable(meta_source: dict[str, Any] | None) -> bool:
@@ -71,11 +60,7 @@ def export_task_models(merged: str | os.PathLike[str], output: str | os.PathLike
     for folder, meta in todo:
         target = root / meta.task
         model = build_task_model(backbone.state_dict(), meta.source, read_head(folder), folder)
-        with atomic_dir(target) as tmp:
-            model.save_pretrained(tmp)
-            for name in _TOKENIZER_FILES:
-                if (merged / name).is_file():
-                    shutil.copy2(merged / name, tmp / name)
+        write_folder(target, model, tokenizer_files_of=merged)
         written.append(target)
         print(f"{target}: task {meta.task!r} as {type(model).__name__}", file=sys.stderr)
     return written
