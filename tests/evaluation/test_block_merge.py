@@ -260,3 +260,20 @@ def test_pipeline_recipe_with_regmean_plusplus(tmp_path: Path) -> None:
     stamp = (merged / "merge.json").stat().st_mtime_ns
     run_recipe(tmp_path, recipe)
     assert (merged / "merge.json").stat().st_mtime_ns == stamp
+
+
+def test_merge_command_takes_the_tasks(bert: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``drm-lightning merge --method regmean_plusplus`` merges with the --tasks' training examples and writes the
+    model folder (no Δ folder left behind at a fixed λ); without --tasks it is one line and writes nothing."""
+    from drm_lightning.cli import main
+
+    args = ["merge", "--method", "regmean_plusplus", "--task_vectors", json.dumps(bert["tvs"]), "--lam", "1.0"]
+    tasks = ["--tasks", json.dumps([str(p) for p in bert["data"].values()])]
+    assert main([*args, *tasks, "--output", str(tmp_path / "m")]) == 0
+    record = json.loads((tmp_path / "m" / "merge.json").read_text())
+    assert record["method"] == "regmean_plusplus" and record["lam"] == 1.0 and RECORD_KEY in record
+    assert (tmp_path / "m" / "config.json").is_file() and not (tmp_path / "m_delta").exists()
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "n")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tasks" in err[0] and not (tmp_path / "n").exists()
