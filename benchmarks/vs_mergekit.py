@@ -5,6 +5,7 @@
     python benchmarks/vs_mergekit.py                          # SmolLM2-135M shapes, 4 experts, every method, 3 runs
     python benchmarks/vs_mergekit.py --sizes llama-30m smollm2-135m --experts 2 4 8 --methods task_arithmetic ties
     python benchmarks/vs_mergekit.py --quick                  # a tiny Llama, 2 experts, 1 run: the suite's check
+    python benchmarks/vs_mergekit.py --quick --methods ...    # the tiny Llama with other methods
     python benchmarks/vs_mergekit.py --cuda                   # both tools' math on the GPU (--cuda / --device cuda)
 
 What it builds, offline: a Llama of a stated size from its config (``--sizes``: ``smollm2-135m`` has SmolLM2-135M's
@@ -21,7 +22,8 @@ mergekit lives in its own virtual environment, never in this project's: ``--merg
 Each method is one mergekit YAML (``merge_method``, ``base_model``, ``models`` with ``weight``/``density``,
 ``parameters``, ``dtype: float32``). mergekit runs it as written; ``drm-lightning merge --mergekit_config`` runs
 the same YAML with each expert's folder replaced by its task vector folder (docs/interop.md maps the keys; DRM,
-Iso-C and TSV-M, which mergekit lacks, are the same YAML with this project's ``merge_method``). The two tools run
+Iso-C, Iso-CTS and TSV-M, which mergekit lacks, are the same YAML with this project's ``merge_method``; their
+wall time is given as a ratio to this project's Task Arithmetic on the same experts). The two tools run
 interleaved (run r of every method and tool before run r + 1), each under ``/usr/bin/time -v`` for its wall time and
 peak resident memory (a psutil sampler where that is missing); the median over ``--runs`` is printed with the load
 average seen. The relative difference of the two outputs is ``‖Δ_ours − Δ_mergekit‖ / ‖Δ_mergekit‖`` over every
@@ -73,6 +75,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
     "linear": ("linear", {"weight": 1.0}, {}, True),
     "drm_v": ("drm_v", {}, {}, False),
     "iso_c": ("iso_c", {}, {}, False),
+    "iso_cts": ("iso_cts", {}, {}, False),
     "tsv_m": ("tsv_m", {}, {}, False),
 }
 RANK, NOISE, SCALE = 8, 0.1, 2e-3
@@ -160,6 +163,8 @@ def mergekit_yaml(method: str, base: Path, models: list[Path], dtype: str = "flo
         "models": [{"model": str(m), **({"parameters": dict(per_model)} if per_model else {})} for m in models],
         "dtype": dtype,
     }
+    if merge_method == "linear":  # the mean of the experts: mergekit would average a base_model in with a weight
+        del config["base_model"]
     if top:
         config["parameters"] = dict(top)
     return yaml.safe_dump(config, sort_keys=False)
@@ -234,7 +239,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if mergekit is None and not args.no_mergekit:
         _log(f"mergekit not found in {args.mergekit_venv} (--install makes it): timing drm-lightning alone")
     device = ["--device", "cuda"] if args.cuda else ["--device", "cpu"]
-    results: dict[str, Any] = {"machine": machine(args), "rows": [], "extract_s": []}
+    results: dict[str, Any] = {"machine": machine(args), "rows": [], "extract_s": [], "load_start": os.getloadavg()}
     for size in args.sizes:
         for experts in args.experts:
             inputs = build_inputs(work, size, experts)
@@ -275,6 +280,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         shutil.rmtree(path, ignore_errors=True)
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    results["load_end"] = os.getloadavg()
     return results
 
 
@@ -289,9 +295,14 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if args.cuda else None,
         "torch": torch.__version__, "python": platform.python_version(), "runs": args.runs,
+        "command": " ".join(["python", "benchmarks/vs_mergekit.py", *sys.argv[1:]]),
         "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True).stdout.strip(),
     }  # fmt: skip
+
+
+def _loads(loads: Any) -> str:
+    return "/".join(f"{x:.1f}" for x in loads) if loads else "?"
 
 
 def _median(runs: list[dict[str, float]], key: str) -> float:
@@ -304,6 +315,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
         f"Python {m['python']}; commit {m['commit']}; median of {m['runs']} interleaved run(s).",
+        f"Command: `{m.get('command', '?')}`; load average (1/5/15 min) at the start "
+        f"{_loads(results.get('load_start'))}, at the end {_loads(results.get('load_end'))}.",
         "",
         "| model | T | method | mergekit wall s | ours wall s | ours ÷ mergekit | mergekit peak MiB | ours peak MiB "
         "| rel. diff Δ | load avg |",
@@ -338,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sizes", nargs="+", default=["smollm2-135m"], choices=sorted(SIZES))
     parser.add_argument("--experts", nargs="+", type=int, default=[4], help="numbers of experts T to merge")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="default: every method (--quick: task_arithmetic and ties)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per tool and method (median shown)")
     parser.add_argument("--quick", action="store_true", help="a tiny Llama, 2 experts, 2 methods, 1 run")
     parser.add_argument("--cuda", action="store_true", help="the merge math on the GPU in both tools")
@@ -351,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.experts, args.runs = ["tiny"], [2], 1
-        args.methods = [m for m in args.methods if m in ("task_arithmetic", "ties")] or ["task_arithmetic"]
+        args.methods = args.methods or ["task_arithmetic", "ties"]
+    args.methods = args.methods or list(METHODS)
     results = run_benchmark(args)
     print(table(results))
     if args.json:
