@@ -277,3 +277,32 @@ def test_merge_command_takes_the_tasks(bert: dict, tmp_path: Path, capsys: pytes
     assert main([*args, "--output", str(tmp_path / "n")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tasks" in err[0] and not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize(
+    ("family", "blocks"),
+    [
+        ("decoder", ["layers.0", "layers.1"]),
+        ("seq2seq", ["encoder.block.0", "encoder.block.1", "decoder.block.0", "decoder.block.1"]),
+    ],
+)
+def test_other_families_merge_in_call_order(family: str, blocks: list[str], bert: dict, tmp_path: Path) -> None:
+    """A Llama decoder and a T5 (encoder blocks, then decoder blocks whose cross-attention reads the merged encoder):
+    the blocks in the order a pass calls them, early stops, and one task gives its own deltas."""
+    from drm_lightning.commands.tasks import task_datamodules
+    from drm_lightning.models.expert import ExpertModule
+
+    base = make_tiny_model(family, tmp_path / "base")
+    [folder] = write_task_vectors(base, tmp_path / "tv", 1, tasks=["sentiment"], family=family, scale=0.05)
+    meta = read_meta(folder)
+    head = ExpertModule(base, family, meta.task, meta.label_names).head
+    if head is not None:  # seq2seq scores label words: no head
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
+    datamodules = task_datamodules([str(bert["data"]["sentiment"])], [str(folder)])
+    merge_block_by_block([str(folder)], "regmean_plusplus", tmp_path / "m", datamodules, examples=8)
+    info = json.loads((tmp_path / "m" / "merge.json").read_text())[RECORD_KEY]
+    assert info["blocks"] == blocks and info["early_stop"]
+    merged, own = _merged(tmp_path / "m"), dense_deltas(folder)
+    assert set(merged) == set(own)
+    for name, delta in merged.items():
+        torch.testing.assert_close(delta, own[name], rtol=1e-4, atol=1e-6)
