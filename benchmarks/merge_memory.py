@@ -92,9 +92,11 @@ def _kib(field: str) -> int:
 
 
 def measure_in_process(
-    variant: str, shape: tuple[int, int], rule: str, tasks: int, device: str, seed: int = 0
+    variant: str, shape: tuple[int, int], rule: str, tasks: int, device: str, seed: int = 0, warmup: bool = True
 ) -> dict[str, Any]:
-    """One measurement in this process: peak growth above the resident inputs, in bytes and ÷ input bytes."""
+    """One measurement in this process: peak growth above the resident inputs, in bytes and ÷ input bytes
+    (``warmup=False``: without the warm-up call, for a time-boxed CUDA run where one-time workspaces are small beside
+    full-size inputs)."""
     import torch
 
     from drm_lightning.merging.methods.registry import get_method
@@ -105,7 +107,8 @@ def measure_in_process(
     dev = torch.device(device)
     generator = torch.Generator(device=dev).manual_seed(seed)
     deltas = [1e-3 * torch.randn(shape, generator=generator, device=dev) for _ in range(tasks)]
-    merge(deltas, out_dtype=torch.float32, **extra)  # warm-up: lazy imports, the BLAS/LAPACK buffer pools
+    if warmup:
+        merge(deltas, out_dtype=torch.float32, **extra)  # warm-up: lazy imports, the BLAS/LAPACK buffer pools
     input_bytes = tasks * shape[0] * shape[1] * 4
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -131,6 +134,7 @@ def measure_in_process(
         "input_bytes": input_bytes,
         "peak_bytes": int(peak),
         "ratio": peak / input_bytes,
+        "warmup": warmup,
     }
 
 
@@ -142,12 +146,15 @@ def measure_fresh(
     device: str,
     threads: int | None = None,
     fixed_mmap_threshold: bool = True,
+    warmup: bool = True,
 ) -> dict[str, Any]:
     """``measure_in_process`` in a fresh interpreter (nothing an earlier measurement allocated is reused)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", variant, f"{shape[0]}x{shape[1]}", rule]
     cmd += ["--tasks", str(tasks), "--device", device]
     if threads is not None:
         cmd += ["--threads", str(threads)]
+    if not warmup:
+        cmd.append("--no-warmup")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
     if fixed_mmap_threshold:
         env[MMAP_ENV] = str(MMAP_THRESHOLD)
@@ -188,7 +195,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--malloc-default", action="store_true", help=f"children keep glibc's dynamic {MMAP_ENV} (noisier)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
+    parser.add_argument("--no-warmup", action="store_true", help="measure the first call (time-boxed GPU runs)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write every measurement here (rewritten after each one)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "NxM", "RULE"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -205,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.child:
         variant, dims, rule = args.child
         n, m = (int(x) for x in dims.split("x"))
-        print(json.dumps(measure_in_process(variant, (n, m), rule, args.tasks, device)))
+        print(json.dumps(measure_in_process(variant, (n, m), rule, args.tasks, device, warmup=not args.no_warmup)))
         return []
     unknown = sorted(set(args.methods) - set(VARIANTS)) + sorted(set(args.shapes) - set(LLAMA31_8B))
     if unknown:
@@ -216,18 +226,34 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for variant in args.methods:
         for shape, rule in shapes.values():
             if device.startswith("cuda") or args.in_process:
-                row = measure_in_process(variant, shape, rule, args.tasks, device)
+                row = measure_in_process(variant, shape, rule, args.tasks, device, warmup=not args.no_warmup)
             else:
                 row = measure_fresh(
-                    variant, shape, rule, args.tasks, device, args.threads, fixed_mmap_threshold=not args.malloc_default
+                    variant,
+                    shape,
+                    rule,
+                    args.tasks,
+                    device,
+                    args.threads,
+                    fixed_mmap_threshold=not args.malloc_default,
+                    warmup=not args.no_warmup,
                 )
             rows.append(row)
+            write_json(args.json, scale, args.tasks, rows)  # a run stopped by a time limit keeps its rows
             print(f"{variant:16s} {shape[0]}x{shape[1]:<6d} {rule:11s} {row['ratio']:6.2f}x", file=sys.stderr)
     print(f"T = {args.tasks}, {device}, Llama-3.1-8B shapes / {scale}: peak working memory ÷ input bytes")
     print(format_table(rows, shapes))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"scale": scale, "tasks": args.tasks, "rows": rows}, indent=2) + "\n")
+    write_json(args.json, scale, args.tasks, rows)
     return rows
+
+
+def write_json(path: Path | None, scale: int, tasks: int, rows: list[dict[str, Any]]) -> None:
+    """Every measurement so far as JSON at ``path`` (None: nowhere), replaced whole."""
+    if path is None:
+        return
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps({"scale": scale, "tasks": tasks, "rows": rows}, indent=2) + "\n")
+    partial.replace(path)
 
 
 if __name__ == "__main__":

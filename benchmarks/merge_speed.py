@@ -34,8 +34,11 @@ Usage::
     python benchmarks/merge_speed.py --methods regmean wudi learn-layer learn-task --wudi-steps 10
 
 Timings exclude one warm-up call per matrix (which is where peak memory and the outputs are taken); CUDA is
-synchronised around every timed call. With ``--json`` the file is rewritten after every method, so a run stopped
-by a time limit keeps the rows it finished.
+synchronised around every timed call. ``--slow-call-s S`` lets a warm-up call that took S seconds or more count as
+the first timed run (its one-time costs are small beside it): at full shapes on a GPU, where one float32 SVD
+baseline takes a minute, ``--repeats 1 --slow-call-s 1`` runs each slow call once instead of twice. Floors are
+timed just before the first method that needs them (``--no-floors``: not at all). With ``--json`` the file is
+rewritten after every method, so a run stopped by a time limit keeps the rows it finished.
 """
 
 from __future__ import annotations
@@ -427,8 +430,22 @@ Iso-CTS counts only its common subspace: the residuals' top components live in t
 """
 
 
+def repeat_times(
+    call: Callable[[], object], timer: Timer, repeats: int, slow_call_s: float | None, warmup_s: float
+) -> list[float]:
+    """``repeats`` timed calls after a warm-up that took ``warmup_s``; a warm-up of ``slow_call_s`` seconds or more
+    counts as the first of them (``None``: never)."""
+    if slow_call_s is not None and warmup_s >= slow_call_s:
+        return [warmup_s] + [timer(call) for _ in range(repeats - 1)]
+    return [timer(call) for _ in range(repeats)]
+
+
 def time_floors(
-    kinds: Sequence[str], deltas: dict[str, list[Tensor]], timer: Timer, repeats: int
+    kinds: Sequence[str],
+    deltas: dict[str, list[Tensor]],
+    timer: Timer,
+    repeats: int,
+    slow_call_s: float | None = None,
 ) -> dict[str, FloorResult]:
     """Median seconds of float64 ``eigh`` of each kind of joint Gram, per matrix (forming the Gram is not timed)."""
     floors = {}
@@ -436,8 +453,8 @@ def time_floors(
         seconds, sizes = {}, {}
         for name, matrix_deltas in deltas.items():
             gram = FLOOR_GRAMS[kind](torch.stack([d.to(torch.float64) for d in matrix_deltas]))
-            torch.linalg.eigh(gram)  # warm-up
-            seconds[name] = statistics.median(timer(lambda g=gram: torch.linalg.eigh(g)) for _ in range(repeats))
+            call = lambda g=gram: torch.linalg.eigh(g)  # noqa: E731
+            seconds[name] = statistics.median(repeat_times(call, timer, repeats, slow_call_s, timer(call)))
             sizes[name] = gram.shape[-1]
             del gram
         floors[kind] = FloorResult(sum(seconds.values()), seconds, sizes)
@@ -465,7 +482,11 @@ def make_grams(
 
 
 def time_solve_floor(
-    deltas: dict[str, list[Tensor]], grams: dict[str, list[Tensor]], timer: Timer, repeats: int
+    deltas: dict[str, list[Tensor]],
+    grams: dict[str, list[Tensor]],
+    timer: Timer,
+    repeats: int,
+    slow_call_s: float | None = None,
 ) -> FloorResult:
     """RegMean's floor: per matrix, one float64 solve of ``Σ_i G_i`` (``in``-sided) with ``out`` right-hand sides
     (forming the sum and the right-hand side is not timed)."""
@@ -473,24 +494,24 @@ def time_solve_floor(
     for name, matrix_grams in grams.items():
         total = sum(g.to(torch.float64) for g in matrix_grams)
         rhs = deltas[name][0].to(torch.float64).mT.contiguous()
-        torch.linalg.solve(total, rhs)  # warm-up
-        seconds[name] = statistics.median(
-            timer(lambda a=total, b=rhs: torch.linalg.solve(a, b)) for _ in range(repeats)
-        )
+        call = lambda a=total, b=rhs: torch.linalg.solve(a, b)  # noqa: E731
+        seconds[name] = statistics.median(repeat_times(call, timer, repeats, slow_call_s, timer(call)))
         sizes[name] = total.shape[-1]
         del total, rhs
     return FloorResult(sum(seconds.values()), seconds, sizes)
 
 
-def time_product_floor(deltas: dict[str, list[Tensor]], steps: int, timer: Timer, repeats: int) -> FloorResult:
+def time_product_floor(
+    deltas: dict[str, list[Tensor]], steps: int, timer: Timer, repeats: int, slow_call_s: float | None = None
+) -> FloorResult:
     """WUDI's Adam floor: per matrix, ``steps`` times one float64 product ``Y·G`` of ``[out, in] x [in, in]``, the
     matmul of its gradient (one product timed, multiplied by ``steps``)."""
     seconds, sizes = {}, {}
     for name, matrix_deltas in deltas.items():
         y = matrix_deltas[0].to(torch.float64)
         gram = y.mT @ y  # [in, in]: the shape of WUDI's G
-        y @ gram  # warm-up
-        seconds[name] = steps * statistics.median(timer(lambda a=y, b=gram: a @ b) for _ in range(repeats))
+        call = lambda a=y, b=gram: a @ b  # noqa: E731
+        seconds[name] = steps * statistics.median(repeat_times(call, timer, repeats, slow_call_s, timer(call)))
         sizes[name] = gram.shape[-1]
         del y, gram
     return FloorResult(sum(seconds.values()), seconds, sizes)
@@ -535,23 +556,29 @@ def measure(
     timer: Timer,
     repeats: int,
     memory_backend: str,
+    slow_call_s: float | None = None,
 ) -> ImplResult:
-    """One implementation: a warm-up call per matrix (peak memory, error), then ``repeats`` timed passes."""
+    """One implementation: a warm-up call per matrix (peak memory, error), then ``repeats`` timed passes (a matrix
+    whose warm-up took ``slow_call_s`` or more counts it as its first)."""
     peak = 0
     outputs = {}
+    per_matrix: dict[str, list[float]] = {}
     for name in names:
+        box: dict[str, Tensor] = {}
         with PeakMemory(timer.device, memory_backend) as memory:
-            out = call(name)
+            warmup_s = timer(lambda n=name, b=box: b.setdefault("out", call(n)))
+        out = box.pop("out")
+        per_matrix[name] = [warmup_s] if slow_call_s is not None and warmup_s >= slow_call_s else []
         peak = max(peak, memory.peak_bytes)
         if references is not None:  # kept in float32 at most: one merged delta per matrix of a layer
             outputs[name] = out.to(torch.float32) if out.dtype == torch.float64 else out
         del out
     rel_error, rel_error_per_matrix = relative_error(outputs, references) if references is not None else (None, {})
     del outputs
-    per_matrix: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
-            per_matrix[name].append(timer(lambda n=name: call(n)))
+            if len(per_matrix[name]) < repeats:
+                per_matrix[name].append(timer(lambda n=name: call(n)))
     totals = [sum(times[i] for times in per_matrix.values()) for i in range(repeats)]
     return ImplResult(
         seconds_per_layer=statistics.median(totals),
@@ -573,6 +600,7 @@ def run_method(
     memory_backend: str,
     grams: dict[str, list[Tensor]] | None = None,
     params: dict[str, object] | None = None,
+    slow_call_s: float | None = None,
 ) -> MethodResult:
     """The float64 reference once per matrix, then each implementation through ``measure``.
 
@@ -596,7 +624,9 @@ def run_method(
     if reference:
         references = {n: run_naive(method, params, deltas[n], torch.float64, matrix_grams(n)) for n in deltas}
     names = list(deltas)
-    results = {impl: measure(calls[impl], names, references, timer, repeats, memory_backend) for impl in impls}
+    results = {
+        impl: measure(calls[impl], names, references, timer, repeats, memory_backend, slow_call_s) for impl in impls
+    }
     speedup = None
     if "drm_lightning" in results and "naive" in results:
         speedup = results["naive"].seconds_per_layer / results["drm_lightning"].seconds_per_layer
@@ -746,24 +776,33 @@ def floor_step(module: object, bench_batch: dict[str, dict[str, Tensor]]) -> Cal
     return step
 
 
-def time_step(step: Callable[[], None], timer: Timer, repeats: int, memory_backend: str) -> tuple[list[float], int]:
-    """A warm-up step (peak memory), then ``repeats`` timed steps."""
+def time_step(
+    step: Callable[[], None], timer: Timer, repeats: int, memory_backend: str, slow_call_s: float | None = None
+) -> tuple[list[float], int]:
+    """A warm-up step (peak memory), then ``repeats`` timed steps (see ``repeat_times``)."""
     with PeakMemory(timer.device, memory_backend) as memory:
-        step()
-    return [timer(step) for _ in range(repeats)], memory.peak_bytes
+        warmup_s = timer(step)
+    return repeat_times(step, timer, repeats, slow_call_s, warmup_s), memory.peak_bytes
 
 
 def run_learner(
-    method: Method, bench: LearnerBench, timer: Timer, repeats: int, memory_backend: str, floor: FloorResult | None
-) -> tuple[MethodResult, FloorResult]:
+    method: Method,
+    bench: LearnerBench,
+    timer: Timer,
+    repeats: int,
+    memory_backend: str,
+    floor: FloorResult | None,
+    slow_call_s: float | None = None,
+    with_floor: bool = True,
+) -> tuple[MethodResult, FloorResult | None]:
     """Seconds per optimiser step of the coefficient learner over the layer set, and its floor (measured here unless
-    ``floor`` is given: it does not depend on the form)."""
+    ``floor`` is given, as it does not depend on the form, or ``with_floor`` is False)."""
     form = str(method.params["form"])
     module = bench.module(form)
-    if floor is None:
-        floor_times, _ = time_step(floor_step(module, bench.batch), timer, repeats, memory_backend)
+    if floor is None and with_floor:
+        floor_times, _ = time_step(floor_step(module, bench.batch), timer, repeats, memory_backend, slow_call_s)
         floor = FloorResult(statistics.median(floor_times), {}, {})
-    times, peak = time_step(learner_step(module, bench.batch), timer, repeats, memory_backend)
+    times, peak = time_step(learner_step(module, bench.batch), timer, repeats, memory_backend, slow_call_s)
     del module
     columns = 1 if form == "layer" else len(bench.experts)
     params = {**method.params, "columns": columns, "batch": LEARN_BATCH, "tokens": LEARN_TOKENS}
@@ -817,6 +856,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 reference (no errors)")
     parser.add_argument("--no-topk", action="store_true", help="skip the kthvalue vs topk timing")
+    parser.add_argument("--no-floors", action="store_true", help="skip the floors (no x floor column)")
+    parser.add_argument(
+        "--slow-call-s",
+        type=float,
+        default=None,
+        help="a warm-up call taking this many seconds or more counts as the first timed run (default: never)",
+    )
     parser.add_argument("--memory", default="auto", help="CPU peak memory: auto, procfs or psutil")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--clock", default="wall", help="wall, or process (CPU time; --device cpu only)")
@@ -844,6 +890,8 @@ def validate(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise ValueError(f"--dtype: must be float32 or bfloat16, got {args.dtype!r}")
+    if args.slow_call_s is not None and args.slow_call_s < 0:
+        raise ValueError(f"--slow-call-s: must be at least 0, got {args.slow_call_s}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads: must be at least 1, got {args.threads}")
     if args.clock not in CLOCKS:
@@ -893,7 +941,8 @@ def format_report(report: Report) -> str:
         for index, (impl, r) in enumerate(result.impls.items()):
             label = "drm_lightning" if impl == "drm_lightning" else "naive float32"
             speedup = _fmt(result.speedup, ".2f") + "x" if result.speedup is not None and index == 0 else ""
-            floor = report.floors[result.floor].seconds_per_layer if result.floor and index == 0 else None
+            floor_result = report.floors.get(result.floor) if result.floor and index == 0 else None
+            floor = floor_result.seconds_per_layer if floor_result is not None else None
             lines.append(
                 f"{result.name if index == 0 else '':<16}{label:<16}{r.seconds_per_layer:>10.4g}"
                 f"{_fmt(floor, '.4g') if index == 0 else '':>10}"
@@ -949,12 +998,19 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
         bench = LearnerBench.build(deltas, args.scale, device, args.seed)
     grams = make_grams(shapes, args.tasks, device, args.seed) if any(m.inputs == "grams" for m in chosen) else None
 
-    kinds = [m.floor for m in chosen if m.floor]
-    floors = time_floors([k for k in kinds if k in FLOOR_GRAMS], deltas, timer, args.repeats)
-    if "solve" in kinds and grams is not None:
-        floors["solve"] = time_solve_floor(deltas, grams, timer, args.repeats)
-    if "product" in kinds:
-        floors["product"] = time_product_floor(deltas, args.wudi_steps, timer, args.repeats)
+    slow = args.slow_call_s
+    floors: dict[str, FloorResult] = {}
+
+    def time_floor(kind: str | None) -> None:
+        """The floor of ``kind``, timed once, just before the first method that needs it."""
+        if args.no_floors or kind is None or kind in floors or kind == "step":  # the learner times its own
+            return
+        if kind in FLOOR_GRAMS:
+            floors.update(time_floors([kind], deltas, timer, args.repeats, slow))
+        elif kind == "solve" and grams is not None:
+            floors["solve"] = time_solve_floor(deltas, grams, timer, args.repeats, slow)
+        elif kind == "product":
+            floors["product"] = time_product_floor(deltas, args.wudi_steps, timer, args.repeats, slow)
 
     config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
     config["device"] = device.type
@@ -967,19 +1023,28 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
         topk=None,
     )
     for method in chosen:
+        start = time.perf_counter()
+        time_floor(method.floor)
         if method.inputs == "learn":
             assert bench is not None
-            result, floors["step"] = run_learner(method, bench, timer, args.repeats, args.memory, floors.get("step"))
+            result, step_floor = run_learner(
+                method, bench, timer, args.repeats, args.memory, floors.get("step"), slow, not args.no_floors
+            )
+            if step_floor is not None:
+                floors["step"] = step_floor
         else:
             params = {**method.params, "steps": args.wudi_steps} if "steps" in method.params else None
             result = run_method(
-                method, args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory, grams, params
+                method, args.impls, deltas, timer, args.repeats, not args.no_reference, args.memory, grams, params, slow
             )
-        floor = floors[result.floor].seconds_per_layer if result.floor else 0.0
+        floor_result = floors.get(result.floor) if result.floor else None
+        floor = floor_result.seconds_per_layer if floor_result is not None else 0.0
         for impl in result.impls.values():
             impl.floor_multiple = impl.seconds_per_layer / floor if floor > 0 else None
         report.methods[method.key] = result
         write_json(args.json, report)  # a run stopped by a time limit keeps the rows it finished
+        rows = ", ".join(f"{impl} {r.seconds_per_layer:.4g} s" for impl, r in result.impls.items())
+        print(f"merge_speed: {method.key}: {rows} ({time.perf_counter() - start:.1f} s wall)", file=sys.stderr)
 
     if not args.no_topk:
         # DRM-V's pruning set at full rank is the largest: T * n * m entries of the biggest matrix.

@@ -119,6 +119,39 @@ def test_naive_only_without_reference_on_the_process_clock(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
+    ("methods", "extra", "floors"),
+    [
+        (["ties", "iso-c"], [], {"sum"}),  # only the floors the chosen methods need, timed when first needed
+        (["iso-c", "learn-layer"], ["--no-floors"], set()),
+    ],
+)
+def test_floors_of_the_chosen_methods(tmp_path: Path, methods: list[str], extra: list[str], floors: set[str]) -> None:
+    out = tmp_path / "floors.json"
+    merge_speed.main([*TINY, "--no-topk", "--no-reference", "--methods", *methods, *extra, "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["floors"]) == floors
+    for result in data["methods"].values():
+        multiples = {impl["floor_multiple"] is None for impl in result["impls"].values()}
+        assert multiples == {result["floor"] not in floors}
+
+
+@pytest.mark.parametrize(("slow_call_s", "calls"), [(None, 3), (1e9, 3), (0.0, 2)])
+def test_slow_warmup_counts_as_the_first_run(slow_call_s: float | None, calls: int) -> None:
+    """--slow-call-s: a warm-up at least that long is the first of the timed runs; never with None."""
+    counts = {"q": 0, "k": 0}
+
+    def call(name: str) -> torch.Tensor:
+        counts[name] += 1
+        return torch.zeros(2)
+
+    result = merge_speed.measure(
+        call, list(counts), None, merge_speed.Timer(torch.device("cpu")), 2, "auto", slow_call_s
+    )
+    assert counts == {"q": calls, "k": calls}
+    assert len(result.repeats_seconds) == 2 and set(result.seconds_per_matrix) == {"q", "k"}
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--device", "tpu"], "--device"),
@@ -133,6 +166,7 @@ def test_naive_only_without_reference_on_the_process_clock(tmp_path: Path) -> No
         (["--threads", "0"], "--threads"),
         (["--clock", "sundial"], "--clock"),
         (["--wudi-steps", "0"], "--wudi-steps"),
+        (["--slow-call-s", "-1"], "--slow-call-s"),
         (["--methods", "learn-task", "--layers", "q", "k"], "--layers"),
         (["--methods", "learn-layer", "--scale", "3"], "--scale 3"),
     ],
