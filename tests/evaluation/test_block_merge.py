@@ -306,3 +306,19 @@ def test_other_families_merge_in_call_order(family: str, blocks: list[str], bert
     assert set(merged) == set(own)
     for name, delta in merged.items():
         torch.testing.assert_close(delta, own[name], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_task_vectors(bert: dict, tmp_path: Path) -> None:
+    """LoRA task vectors: each expert's block runs with ``scale·B·A`` added, the solve takes the factors; one task
+    gives its own (dense) deltas."""
+    from drm_lightning.models.expert import ExpertModule
+
+    [folder] = write_task_vectors(bert["base"], tmp_path / "tv", 1, tasks=["sentiment"], kind="lora", scale=0.05)
+    meta = read_meta(folder)
+    head = ExpertModule(bert["base"], "encoder", meta.task, meta.label_names).head
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(folder / HEAD_FILE))
+    merge_block_by_block([str(folder)], "regmean_plusplus", tmp_path / "m", bert["datamodules"], examples=8)
+    merged, own = _merged(tmp_path / "m"), dense_deltas(folder)
+    assert set(merged) == set(own)
+    for name, delta in merged.items():
+        torch.testing.assert_close(delta, own[name], rtol=1e-4, atol=1e-6)
