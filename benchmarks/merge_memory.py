@@ -38,6 +38,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-warmup", action="store_true", help="measure the first call (time-boxed GPU runs)")
     parser.add_argument(
+        "--keep-going", action="store_true", help="a failed measurement is reported (exit status 1), the next runs"
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, help="also write every measurement here (rewritten after each one)"
     )
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "NxM", "RULE"), help=argparse.SUPPRESS)
@@ -222,37 +226,54 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         raise SystemExit(f"unknown method or shape {unknown}; methods: {list(VARIANTS)}, shapes: {list(LLAMA31_8B)}")
     scale = args.scale or (1 if device.startswith("cuda") else CPU_DEFAULT_SCALE)
     shapes = {k: (scaled(LLAMA31_8B[k][0], scale), LLAMA31_8B[k][1]) for k in args.shapes}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     for variant in args.methods:
         for shape, rule in shapes.values():
-            if device.startswith("cuda") or args.in_process:
-                row = measure_in_process(variant, shape, rule, args.tasks, device, warmup=not args.no_warmup)
-            else:
-                row = measure_fresh(
-                    variant,
-                    shape,
-                    rule,
-                    args.tasks,
-                    device,
-                    args.threads,
-                    fixed_mmap_threshold=not args.malloc_default,
-                    warmup=not args.no_warmup,
-                )
+            try:
+                if device.startswith("cuda") or args.in_process:
+                    row = measure_in_process(variant, shape, rule, args.tasks, device, warmup=not args.no_warmup)
+                else:
+                    row = measure_fresh(
+                        variant,
+                        shape,
+                        rule,
+                        args.tasks,
+                        device,
+                        args.threads,
+                        fixed_mmap_threshold=not args.malloc_default,
+                        warmup=not args.no_warmup,
+                    )
+            except Exception as err:
+                if not args.keep_going:
+                    raise
+                traceback.print_exc()
+                errors.append({"method": variant, "shape": list(shape), "error": f"{type(err).__name__}: {err}"})
+                print(f"{variant:16s} {shape[0]}x{shape[1]:<6d} FAILED: {errors[-1]['error']}", file=sys.stderr)
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()  # an out-of-memory measurement leaves the next one its memory
+                write_json(args.json, scale, args.tasks, rows, errors)
+                continue
             rows.append(row)
-            write_json(args.json, scale, args.tasks, rows)  # a run stopped by a time limit keeps its rows
+            write_json(args.json, scale, args.tasks, rows, errors)  # a run stopped by a time limit keeps its rows
             print(f"{variant:16s} {shape[0]}x{shape[1]:<6d} {rule:11s} {row['ratio']:6.2f}x", file=sys.stderr)
     print(f"T = {args.tasks}, {device}, Llama-3.1-8B shapes / {scale}: peak working memory ÷ input bytes")
     print(format_table(rows, shapes))
-    write_json(args.json, scale, args.tasks, rows)
+    write_json(args.json, scale, args.tasks, rows, errors)
+    if errors:
+        raise SystemExit(f"{len(errors)} measurement(s) failed: " + "; ".join(e["error"] for e in errors))
     return rows
 
 
-def write_json(path: Path | None, scale: int, tasks: int, rows: list[dict[str, Any]]) -> None:
-    """Every measurement so far as JSON at ``path`` (None: nowhere), replaced whole."""
+def write_json(
+    path: Path | None, scale: int, tasks: int, rows: list[dict[str, Any]], errors: list[dict[str, Any]]
+) -> None:
+    """Every measurement so far (and every failed one) as JSON at ``path`` (None: nowhere), replaced whole."""
     if path is None:
         return
     partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps({"scale": scale, "tasks": tasks, "rows": rows}, indent=2) + "\n")
+    data = {"scale": scale, "tasks": tasks, "rows": rows, "errors": errors}
+    partial.write_text(json.dumps(data, indent=2) + "\n")
     partial.replace(path)
 
 

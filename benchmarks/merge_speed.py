@@ -56,6 +56,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -387,6 +388,8 @@ class Report:
     floors: dict[str, FloorResult]
     methods: dict[str, MethodResult]
     topk: TopKResult | None
+    errors: dict[str, str] = field(default_factory=dict)
+    """Method key -> the exception that stopped it (``--keep-going``)."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -858,6 +861,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-topk", action="store_true", help="skip the kthvalue vs topk timing")
     parser.add_argument("--no-floors", action="store_true", help="skip the floors (no x floor column)")
     parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="a method that raises is reported (JSON 'errors', exit status 1) and the next one runs",
+    )
+    parser.add_argument(
         "--slow-call-s",
         type=float,
         default=None,
@@ -951,6 +959,8 @@ def format_report(report: Report) -> str:
             )
     if notes:
         lines += ["", *notes]
+    if report.errors:
+        lines += ["", *(f"{key} FAILED: {error}" for key, error in report.errors.items())]
     if report.topk is not None:
         t = report.topk
         lines += [
@@ -1022,8 +1032,8 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
         methods={},
         topk=None,
     )
-    for method in chosen:
-        start = time.perf_counter()
+
+    def one(method: Method) -> MethodResult:
         time_floor(method.floor)
         if method.inputs == "learn":
             assert bench is not None
@@ -1041,6 +1051,22 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
         floor = floor_result.seconds_per_layer if floor_result is not None else 0.0
         for impl in result.impls.values():
             impl.floor_multiple = impl.seconds_per_layer / floor if floor > 0 else None
+        return result
+
+    for method in chosen:
+        start = time.perf_counter()
+        try:
+            result = one(method)
+        except Exception as err:
+            if not args.keep_going:
+                raise
+            traceback.print_exc()
+            report.errors[method.key] = f"{type(err).__name__}: {err}"
+            print(f"merge_speed: {method.key} FAILED: {report.errors[method.key]}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # an out-of-memory method leaves the next one its memory
+            write_json(args.json, report)
+            continue
         report.methods[method.key] = result
         write_json(args.json, report)  # a run stopped by a time limit keeps the rows it finished
         rows = ", ".join(f"{impl} {r.seconds_per_layer:.4g} s" for impl, r in result.impls.items())
@@ -1054,4 +1080,4 @@ def run(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> R
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().errors else 0)

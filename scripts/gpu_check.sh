@@ -3,7 +3,8 @@
 #   setup                    the Python packages the GPU machine lacks, from carried wheels (no internet there)
 #   gpu tests                the `gpu`-marked tests (per-test limit 60 s where pytest-timeout is installed)
 #   merge speed              benchmarks/merge_speed.py, full Llama-3.1-8B layer shapes, T = 5, the library's rows
-#                            (DRM-V/H, Iso-C/CTS, TSV-M, WUDI-closed, TIES, TA), their floors, kthvalue vs topk
+#                            (TA, TIES, Iso-C/CTS, DRM-V, WUDI-closed, TSV-M, DRM-H: cheapest first), their floors,
+#                            kthvalue vs topk
 #   merge speed (data-aware) the same for RegMean, WUDI's Adam loop (3 steps), the coefficient learner (both forms),
 #                            with the float64 reference and the float32 baselines (cheap for these methods)
 #   merge memory             benchmarks/merge_memory.py: working memory per method on q, down, gate and embed
@@ -11,7 +12,8 @@
 #   merge speed (baselines)  the authors' float32 SVD code for the rows of `merge speed`, cheapest first, in
 #                            whatever time is left (at most 90 s): the slow ones (DRM-H ~1.5 min a layer) may not fit
 # Each step runs under `timeout`; its output goes to its own file; merge_speed and merge_memory rewrite their JSON
-# after every row, so a step stopped at its limit keeps the rows it finished, and the next step still runs. A step
+# after every row, so a step stopped at its limit keeps the rows it finished, and the next step still runs; with
+# --keep-going a method that raises (a CUDA-only bug, out of memory) is reported and the next method still runs. A step
 # never gets more than what is left of DRM_GPU_CHECK_BUDGET_S (470 s; the dry run 1200 s), so the script ends in
 # time even when a step overruns. summary.md has one line per step: ran / failed (exit N) / timed out / skipped
 # (why), wall seconds and limit; then every step's output. Exit status 1 when a step failed, timed out or had no
@@ -91,18 +93,18 @@ export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 if [ "$quick" = 1 ]; then
   budget=${DRM_GPU_CHECK_BUDGET_S:-1200}
   shape=(--scale 128 --tasks 3 --threads 1)
-  memory=(--scale 64 --tasks 3 --threads 1 --in-process --no-warmup)
+  memory=(--scale 64 --tasks 3 --threads 1 --in-process --no-warmup --keep-going)
   vsmk=(--quick)
   limit_setup=120 limit_tests=120 limit_speed=120 limit_data=120 limit_memory=120 limit_vs=300 limit_base=120
 else
   budget=${DRM_GPU_CHECK_BUDGET_S:-470}
   shape=(--scale 1 --tasks 5)
-  memory=(--scale 1 --tasks 5 --no-warmup)
+  memory=(--scale 1 --tasks 5 --no-warmup --keep-going)
   vsmk=(--sizes llama-30m --experts 4 --runs 1 --methods task_arithmetic ties)
   limit_setup=60 limit_tests=90 limit_speed=150 limit_data=60 limit_memory=60 limit_vs=90 limit_base=90
 fi
-timing=(--repeats 1 --slow-call-s 1)
-svd_methods=(drm-v drm-h iso-c iso-cts tsv-m wudi-closed ties task-arithmetic)
+timing=(--repeats 1 --slow-call-s 1 --keep-going)
+svd_methods=(task-arithmetic ties iso-c iso-cts drm-v wudi-closed tsv-m drm-h)  # cheapest first
 base_methods=(task-arithmetic ties iso-c wudi-closed drm-v tsv-m iso-cts drm-h)  # cheapest first
 data_methods=(regmean wudi learn-layer learn-task)
 deadline=$((SECONDS + budget))

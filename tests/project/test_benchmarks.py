@@ -135,6 +135,26 @@ def test_floors_of_the_chosen_methods(tmp_path: Path, methods: list[str], extra:
         assert multiples == {result["floor"] not in floors}
 
 
+def test_keep_going_reports_a_failed_method_and_runs_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_method = merge_speed.run_method
+
+    def fails_on_iso_c(method, *args, **kwargs):
+        if method.key == "iso-c":
+            raise RuntimeError("CUDA out of memory (planted)")
+        return run_method(method, *args, **kwargs)
+
+    monkeypatch.setattr(merge_speed, "run_method", fails_on_iso_c)
+    out = tmp_path / "keep.json"
+    argv = [*TINY, "--no-topk", "--no-reference", "--methods", "iso-c", "ties", "--json", str(out)]
+    report = merge_speed.main([*argv, "--keep-going"])
+    data = json.loads(out.read_text())
+    assert list(data["methods"]) == ["ties"]
+    assert data["errors"] == {"iso-c": "RuntimeError: CUDA out of memory (planted)"}
+    assert "iso-c FAILED: RuntimeError" in merge_speed.format_report(report)
+    with pytest.raises(RuntimeError, match="planted"):  # without --keep-going the run stops there
+        merge_speed.main(argv)
+
+
 @pytest.mark.parametrize(("slow_call_s", "calls"), [(None, 3), (1e9, 3), (0.0, 2)])
 def test_slow_warmup_counts_as_the_first_run(slow_call_s: float | None, calls: int) -> None:
     """--slow-call-s: a warm-up at least that long is the first of the timed runs; never with None."""
@@ -424,6 +444,25 @@ def test_merge_memory_in_process_table_has_every_method_and_shape(
     body = [line for line in table[3:] if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in body] == list(merge_memory.VARIANTS)
     assert all(line.count("×") == len(shapes) for line in body)
+
+
+def test_merge_memory_keep_going_reports_a_failed_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merge_memory
+
+    measure = merge_memory.measure_in_process
+
+    def fails_on_ties(variant, *args, **kwargs):
+        if variant == "ties":
+            raise RuntimeError("CUDA out of memory (planted)")
+        return measure(variant, *args, **kwargs)
+
+    monkeypatch.setattr(merge_memory, "measure_in_process", fails_on_ties)
+    out = tmp_path / "memory.json"
+    argv = ["--device", "cpu", "--in-process", "--scale", "256", "--tasks", "2", "--methods", "ties", "iso_c"]
+    with pytest.raises(SystemExit, match=r"1 measurement\(s\) failed: RuntimeError: CUDA out of memory"):
+        merge_memory.main([*argv, "--shapes", "q", "--keep-going", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert [row["method"] for row in data["rows"]] == ["iso_c"] and [e["method"] for e in data["errors"]] == ["ties"]
 
 
 def test_merge_memory_fresh_child_measures_one_method(tmp_path: Path) -> None:
