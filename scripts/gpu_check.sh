@@ -58,8 +58,8 @@
 # as summary.md and gpu_check.tar.gz (the device call returns at most 8 files; DRM_GPU_CHECK_PACK=0/1 overrides).
 #
 # Environment: DRM_GPU_CHECK_SETUP=auto (default: wheels when .gpu_wheels/project has some, else the current
-# python as it is when it imports the project's dependencies, else scripts/setup.sh, which needs PyPI) | wheels |
-# venv | 0 (the current python as it is). DRM_GPU_CHECK_WHEELS (.gpu_wheels), DRM_GPU_CHECK_BUDGET_S,
+# python as it is when it imports torch: the benchmarks and gpu tests need no more, the mergekit step's CLI does;
+# else scripts/setup.sh, which needs PyPI) | wheels | venv | 0 (the current python as it is). DRM_GPU_CHECK_WHEELS (.gpu_wheels), DRM_GPU_CHECK_BUDGET_S,
 # DRM_GPU_CHECK_MERGEKIT=0 skips the mergekit step, MERGEKIT_VENV (a folder with bin/mergekit-yaml, used first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -121,6 +121,7 @@ summary="$out/summary.md"
 } > "$summary"
 files=()
 failed=0
+step_rc=0
 
 row() {  # row NAME STATUS SECONDS LIMIT FILE
   echo "| $1 | $2 | $3 | $4 | $5 |" >> "$summary"  # as each step ends: a script stopped early keeps its rows
@@ -140,6 +141,7 @@ step() {  # step NAME LIMIT OUTPUT_FILE COMMAND...: runs COMMAND under min(LIMIT
   echo "gpu_check: $name (limit ${limit}s) -> $out/$file" >&2
   timeout --kill-after=5 "$limit" "$@" > "$out/$file" 2>&1
   local rc=$? status=ran
+  step_rc=$rc
   case "$rc" in
     0) ;;
     124|137) status="timed out"; failed=1 ;;
@@ -156,14 +158,19 @@ skip() {  # skip NAME WHY: a step left out by design (not a failure)
 # -- setup: the packages the GPU machine lacks, without the internet
 mode=${DRM_GPU_CHECK_SETUP:-auto}
 deps_ok() { "$py" -c "import torch, lightning, transformers, jsonargparse, datasets, safetensors, peft" 2>/dev/null; }
+why="DRM_GPU_CHECK_SETUP=0"
 if [ "$mode" = auto ]; then
   if compgen -G "$wheels/project/*.whl" > /dev/null; then mode=wheels
-  elif deps_ok; then mode=0
+  elif deps_ok; then mode=0 why="its packages are there"
+  elif "$py" -c "import torch" 2>/dev/null; then
+    # torch but not all the rest, and no wheels: most likely a GPU machine without internet whose call carried no
+    # .gpu_wheels. The benchmarks and the gpu tests need torch alone; what needs the CLI fails in its own step.
+    mode=0 why="no wheels in $wheels; the packages it lacks are MISSING in environment.txt"
   else mode=venv
   fi
 fi
 case "$mode" in
-  0|none) skip setup "DRM_GPU_CHECK_SETUP=0: $(command -v "$py")" ;;
+  0|none) skip setup "$why: $(command -v "$py")" ;;
   wheels)
     site="$scratch/site"
     step "setup (wheels)" "$limit_setup" setup.txt \
@@ -174,7 +181,7 @@ case "$mode" in
   venv)
     step "setup (scripts/setup.sh, needs PyPI)" "$limit_setup" setup.txt bash scripts/setup.sh test,demo
     # shellcheck disable=SC1091
-    [ -f "${DRM_VENV:-.venv}/bin/activate" ] && . "${DRM_VENV:-.venv}/bin/activate" && py=python
+    [ "$step_rc" = 0 ] && . "${DRM_VENV:-.venv}/bin/activate" && py=python  # else: the python there was
     ;;
   *) echo "gpu_check.sh: DRM_GPU_CHECK_SETUP must be auto, wheels, venv or 0, got '$mode'" >&2; exit 2 ;;
 esac
@@ -248,7 +255,7 @@ step "merge speed (baselines)" "$limit_base" merge_speed_baselines.md \
   --no-floors --no-topk --methods "${base_methods[@]}" --json "$out/merge_speed_baselines.json"
 
 # -- summary.md: the step table, then each step's output (the tail of long ones)
-rows=$(grep '^| ' "$summary" | tail -n +3)
+rows=$(grep '^| ' "$summary" | tail -n +2)
 {
   for file in "${files[@]}"; do
     echo
