@@ -24,9 +24,7 @@ Parameters the experts changed outside their LoRA factors (biases, norms) are sa
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +35,6 @@ import torch
 from safetensors.torch import save_file
 
 from drm_lightning.export.factor import EXACT_TOL, factor_delta
-from drm_lightning.export.model_card import write_model_card
 from drm_lightning.io.task_vector import read_meta
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 
@@ -262,13 +259,12 @@ def merge_to_adapter(
     Everything cheap is refused first (``check_adapter_request``, then ``prepare_merge``'s checks); the output is
     written atomically. Returns the adapter summary (also in ``merge.json["adapter"]``).
     """
-    from drm_lightning.export.folder_writer import save_tokenizer
+    from drm_lightning.export.folder_writer import write_folder
     from drm_lightning.export.model_folder import meta_architecture
-    from drm_lightning.io.atomic import atomic_dir
     from drm_lightning.io.disk import check_free_space
     from drm_lightning.merging.engine.apply import check_lam
     from drm_lightning.merging.engine.merger import merge_parameters
-    from drm_lightning.merging.engine.record import copy_heads, write_merge_record
+    from drm_lightning.merging.engine.record import copy_heads, merge_record
     from drm_lightning.merging.engine.setup import check_output, prepare_merge
     from drm_lightning.merging.engine.space import heads_bytes
     from drm_lightning.models.backbone import load_backbone
@@ -301,16 +297,20 @@ def merge_to_adapter(
     if builder.dense:
         model = load_backbone(setup.base, setup.family, torch_dtype=setup.torch_dtype, gguf_file=setup.gguf_file)
         base_state = model.state_dict()
-    with atomic_dir(output) as tmp:
-        summary = write_adapter(
-            tmp, builder, base_state, base_path=resolve_pretrained(setup.base), architecture=architecture
-        )
-        del base_state
-        copy_heads(setup.readers, tmp)
-        save_tokenizer(setup.base, tmp)
+    summary: dict[str, Any] = {}
+
+    def weights(folder: Path) -> None:
+        base_path = resolve_pretrained(setup.base)
+        summary.update(write_adapter(folder, builder, base_state, base_path=base_path, architecture=architecture))
+
+    def heads(folder: Path) -> None:
+        copy_heads(setup.readers, folder)
+
+    def record() -> dict[str, Any]:
         timings["total"] = time.perf_counter() - t_start
-        write_merge_record(tmp, setup.record(), timings, count, lam=lam, save_as="adapter", adapter=summary)
-        write_model_card(tmp, name=output.name)
+        return {**merge_record(setup.record(), timings, count), "lam": lam, "save_as": "adapter", "adapter": summary}
+
+    write_folder(output, weights, tokenizer_of=setup.base, heads=heads, record=record)
     return summary
 
 
@@ -349,9 +349,8 @@ def adapter_from_merged(
     """Turn a dense merged folder (``merge_task_vectors`` output, e.g. after a λ search) of LoRA experts into a PEFT
     adapter at ``lam``; the experts' task vectors (``merge.json``'s inputs) give the spans. Returns the summary.
     ``keep_delta``: whether ``merged`` outlives the call, so ``merge.json`` may name it."""
-    from drm_lightning.export.folder_writer import save_tokenizer
+    from drm_lightning.export.folder_writer import write_folder
     from drm_lightning.export.model_folder import meta_architecture
-    from drm_lightning.io.atomic import atomic_dir
     from drm_lightning.io.disk import check_free_space
     from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
     from drm_lightning.merging.engine.apply import check_lam
@@ -389,20 +388,15 @@ def adapter_from_merged(
         if not fingerprint_matches(model, record["base_fingerprint"]):
             raise ValueError(f"{merged / MERGE_FILE}: base model {record['base_model']!r} has other weights now")
         base_state = model.state_dict()
-    with atomic_dir(output) as tmp:
-        summary = write_adapter(
-            tmp, builder, base_state, base_path=resolve_pretrained(record["base_model"]), architecture=architecture
-        )
-        if (merged / HEADS_DIR).is_dir():
-            shutil.copytree(merged / HEADS_DIR, tmp / HEADS_DIR)
-        save_tokenizer(record["base_model"], tmp)
-        out = {
-            **record,
-            "lam": lam,
-            "merged_delta": str(merged.resolve()) if keep_delta else None,
-            "save_as": "adapter",
-            "adapter": summary,
-        }
-        (tmp / MERGE_FILE).write_text(json.dumps(out, indent=2, sort_keys=True, default=str) + "\n")
-        write_model_card(tmp, name=output.name)
+    summary: dict[str, Any] = {}
+
+    def weights(folder: Path) -> None:
+        base_path = resolve_pretrained(record["base_model"])
+        summary.update(write_adapter(folder, builder, base_state, base_path=base_path, architecture=architecture))
+
+    def out_record() -> dict[str, Any]:
+        delta = str(merged.resolve()) if keep_delta else None
+        return {**record, "lam": lam, "merged_delta": delta, "save_as": "adapter", "adapter": summary}
+
+    write_folder(output, weights, tokenizer_of=record["base_model"], heads=merged / HEADS_DIR, record=out_record)
     return summary

@@ -24,7 +24,6 @@ is used, so a config that names a class the checkpoint only partly holds never y
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -272,13 +271,8 @@ def save_merged_model(
     output = Path(output)
     check_output(output, [merged])
     heads = merged / HEADS_DIR
-
-    def copy_heads(folder: Path) -> None:
-        if heads.is_dir():
-            shutil.copytree(heads, folder / HEADS_DIR)
-
     return write_model_folder(
-        record, lam, output, set(merged_delta_index(merged)), iter_merged_delta(merged), copy_heads, source=merged,
+        record, lam, output, set(merged_delta_index(merged)), iter_merged_delta(merged), heads, source=merged,
         base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype, gguf_file=gguf_file,
         heads_bytes=tree_bytes(heads), where=str(merged / MERGE_FILE),
         extra={"merged_delta": str(merged.resolve()) if keep_delta else None},
@@ -291,7 +285,7 @@ def write_model_folder(
     output: Path,
     names: set[str],
     deltas: Iterable[tuple[str, torch.Tensor]] | Callable[[], Iterable[tuple[str, torch.Tensor]]],
-    copy_heads: Callable[[Path], None],
+    heads: Path | Callable[[Path], None],
     *,
     source: Path,
     base: str | None,
@@ -305,8 +299,8 @@ def write_model_folder(
     loaded: tuple[PreTrainedModel, str] | None = None,
 ) -> nn.Module:
     """The one writer of ``--save_as model`` folders: load the base whole, add ``lam`` times each ``(name, Δ)`` of
-    ``deltas`` to its backbone (``add_merged_delta``'s arithmetic), save it with the tokenizer, the heads
-    (``copy_heads(folder)``) and ``merge.json`` (``record`` plus how the base was loaded, λ and ``extra``), atomically.
+    ``deltas`` to its backbone (``add_merged_delta``'s arithmetic), save it with the tokenizer, the heads and
+    ``merge.json`` (``record`` plus how the base was loaded, λ and ``extra``) through ``folder_writer.write_folder``.
 
     Why one writer for two sources: ``save_merged_model`` streams Δ_merged from a merged folder's shards, and a merge
     at a fixed λ (``merger.merge_to_model``) streams it straight from the merge, each parameter added as soon as it is
@@ -320,6 +314,7 @@ def write_model_folder(
         names: the backbone parameters ``deltas`` may hold (to choose the class that contains them).
         source: where ``deltas`` come from, named when one does not fit the base.
         where: what to name in a fingerprint mismatch (the record's file).
+        heads: a ``heads/`` folder to copy, or what writes one into the folder it is given.
         heads_bytes: the heads' size, for the free-space check.
         loaded: the base already loaded by ``load_base_with_backbone`` (model, backbone prefix), merged into in place.
     """
@@ -355,7 +350,7 @@ def write_model_folder(
         "backbone_prefix": prefix,
     }
     write_folder(
-        output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=copy_heads, record=out_record
+        output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=heads, record=out_record
     )
     return backbone
 

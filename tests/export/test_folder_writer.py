@@ -6,6 +6,7 @@ with and without a merge record holds. Byte-for-byte equality of whole merged fo
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,38 @@ def test_a_written_folder_gets_every_tokenizer_file_of_its_source_as_it_is(model
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # the temporary sibling is gone
 
 
-def test_a_merge_record_brings_its_model_card_and_heads(model: BertModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("heads_as", ["folder", "writer"])
+def test_a_merge_record_brings_its_model_card_and_heads(model: BertModel, tmp_path: Path, heads_as: str) -> None:
     record = {"base_model": "tiny-bert", "base_fingerprint": "sampled1:0", "family": "encoder", "method": "ties",
-              "lam": 0.5, "save_as": "model"}
+              "lam": 0.5, "save_as": "model"}  # fmt: skip
+    source = tmp_path / "delta" / "heads"
+    (source / "sst2").mkdir(parents=True)
+    (source / "sst2" / "head.safetensors").write_bytes(b"head")
 
     def heads(folder: Path) -> None:
-        (folder / "heads").mkdir()
+        shutil.copytree(source, folder / "heads")
 
     out = tmp_path / "merged"
-    write_folder(out, model, max_shard_size="40KB", heads=heads, record=record)
+    write_folder(out, model, max_shard_size="40KB", heads=source if heads_as == "folder" else heads, record=record)
     assert json.loads((out / MERGE_FILE).read_text()) == record
-    assert (out / "heads").is_dir() and (out / "model.safetensors.index.json").is_file()
+    assert (out / "heads" / "sst2" / "head.safetensors").read_bytes() == b"head"
+    assert (out / "model.safetensors.index.json").is_file()  # save_pretrained's shards at max_shard_size
     assert "tiny-bert" in (out / "README.md").read_text()
     assert not [p for p in out.iterdir() if p.name in TOKENIZER_FILES]
+
+
+def test_a_weights_writer_and_a_late_record(tmp_path: Path) -> None:
+    """An adapter's folder: its own weights writer, and ``merge.json`` made once the weights are written."""
+    written: list[str] = []
+
+    def weights(folder: Path) -> None:
+        (folder / "adapter_model.safetensors").write_bytes(b"weights")
+        written.append("weights")
+
+    def record() -> dict:
+        assert written == ["weights"]
+        return {"base_model": "b", "base_fingerprint": "sampled1:0", "family": "encoder", "method": "ties"}
+
+    out = tmp_path / "adapter"
+    write_folder(out, weights, heads=tmp_path / "no_heads", record=record)
+    assert {p.name for p in out.iterdir()} == {"adapter_model.safetensors", MERGE_FILE, "README.md"}
