@@ -29,9 +29,9 @@
 # Iso-C (the H100 figures, at T = 5). One layer holds 218 M weights (q, o 4096×4096; k, v 1024×4096; gate,
 # up 14336×4096; down 4096×14336): 4.4 GB of float32 deltas at T = 5.
 #   step                     estimate  limit  why
-#   setup                        15 s    60   pip install --no-index of ~15 small wheels, imports
+#   setup                        15 s    60   pip install --no-index of 6 small wheels (1.9 MB), imports
 #   gpu tests                    45 s    90   58 small CUDA tests, two tiny Lightning fits, one FSDP run
-#   merge speed                 ~95 s   150   one call per method (1 s+ calls are their own warm-up): DRM-V ~8 s
+#   merge speed                 ~95 s   180   one call per method (1 s+ calls are their own warm-up): DRM-V ~8 s
 #                                             (Grams 1.5e13 flop, 6 eigh 4096 + 1 eigh 14336), DRM-H ~12 s (2 eigh
 #                                             14336), TSV-M ~8 s (35 eigh 4096), WUDI-closed ~9 s, Iso-C/CTS ~5 s;
 #                                             floors ~28 s (rows, columns, sum, each); top-k ~5 s; start-up ~10 s
@@ -40,12 +40,14 @@
 #   merge memory                ~50 s    60   11 methods × 4 shapes, one call each (--no-warmup), embed 10.5 GB in
 #   vs mergekit                 ~70 s    90   llama-30m, 4 experts, TA and TIES, 1 run: ~8 s of start-up per CLI
 #   merge speed (baselines)     rest     90   TA, TIES, Iso-C, WUDI-closed, DRM-V (54 s), TSV-M, Iso-CTS, DRM-H
-#   total                     ~400 s  ≤470   worst case: the budget stops it; the device call needs ~1-2 min more
-#                                             to start the machine and copy files (timeout_s 560 leaves room)
+#   total                     ~420 s  ≤470   the budget stops it: if eigh is 4x slower than assumed, DRM-H's row
+#                                             (last of merge speed) and the baselines are what is lost; the device
+#                                             call needs ~1-2 min more to start the machine and copy files
+#                                             (timeout_s 560 leaves room)
 #
 # What the GPU machine needs (this workplace's nvidia-h100-x1/nvidia-h200: Python 3.12 with torch, lightning,
 # transformers, peft, safetensors, torchmetrics, pytest, pytest-timeout, psutil; no internet, so nothing can be
-# pip-installed there). The rest travels as wheels in .gpu_wheels/ (git-ignored; ~10 MB of the call's 64 MiB):
+# pip-installed there). The rest travels as wheels in .gpu_wheels/ (git-ignored; 5 MB of the call's 64 MiB):
 #   bash scripts/gpu_wheels.sh                  # here, with PyPI: .gpu_wheels/{project,mergekit}/*.whl for cp312
 #   device run: command "bash scripts/gpu_check.sh", carry [".gpu_wheels"], timeout_s 560
 # Run gpu_wheels.sh in the checkout the device call sends (the session's own, with this commit checked out): what
@@ -101,7 +103,7 @@ else
   shape=(--scale 1 --tasks 5)
   memory=(--scale 1 --tasks 5 --no-warmup --keep-going)
   vsmk=(--sizes llama-30m --experts 4 --runs 1 --methods task_arithmetic ties)
-  limit_setup=60 limit_tests=90 limit_speed=150 limit_data=60 limit_memory=60 limit_vs=90 limit_base=90
+  limit_setup=60 limit_tests=90 limit_speed=180 limit_data=60 limit_memory=60 limit_vs=90 limit_base=90
 fi
 timing=(--repeats 1 --slow-call-s 1 --keep-going)
 svd_methods=(task-arithmetic ties iso-c iso-cts drm-v wudi-closed tsv-m drm-h)  # cheapest first
