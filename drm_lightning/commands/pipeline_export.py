@@ -68,10 +68,10 @@ def example_text(datamodule: Any, split: str) -> tuple[str, str | None]:
 
 def adapter_possible(method: str, task_vectors: Sequence[str | Path]) -> bool:
     """Whether ``save_as="adapter"`` can be exact for this method and these experts."""
-    from drm_lightning.export.adapter import EXACT_METHODS
+    from drm_lightning.export.adapter import exact_adapter
     from drm_lightning.io.task_vector import read_meta
 
-    return method in EXACT_METHODS and all(read_meta(tv).kind == "lora" for tv in task_vectors)
+    return exact_adapter(method) and all(read_meta(tv).kind == "lora" for tv in task_vectors)
 
 
 def export_model(

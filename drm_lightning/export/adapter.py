@@ -2,8 +2,9 @@
 
 Why: T LoRA experts of Llama-3.1-8B (r=16 on 7 projections) give a merged delta of rank ≤ Σ r_i per matrix; written
 dense it is ~28 GB of float32, as factors well under a gigabyte (docs/results.md). ``factor.factor_delta`` finds
-the factors of the merged delta (exact for Task Arithmetic, DRM, Iso-C, Iso-CTS, TSV-M); this module streams the
-merge parameter by parameter into them and writes a folder that ``peft`` loads as is::
+the factors of the merged delta, exact for every method whose registry entry names a ``lora_span`` (Task
+Arithmetic, DRM, DRM-Iso, Iso-C, Iso-CTS, TSV-M, RegMean, RegMean++, WUDI-closed; docs/interop.md proves which);
+this module streams the merge parameter by parameter into them and writes a folder that ``peft`` loads as is::
 
     <output>/
       adapter_config.json          LoraConfig: target_modules (full module names), rank_pattern / alpha_pattern
@@ -18,8 +19,9 @@ merge parameter by parameter into them and writes a folder that ``peft`` loads a
 ``PeftModel.from_pretrained(<base's own class>.from_pretrained(base), output)`` then computes ``W_0 + λ·Δ_merged``.
 Parameters the experts changed outside their LoRA factors (biases, norms) are saved as full weights
 ``W_0 + λ·Δ_merged``: of their whole module as ``modules_to_save``, or, for the bias of a LoRA layer, through peft's
-``bias="lora_only"``. TIES and DARE trim single entries, so their merged delta is full rank: refused, unless
-``max_rank`` asks for a truncated SVD, whose relative error per module is recorded and returned.
+``bias="lora_only"``. TIES and DARE trim single entries and WUDI's Adam steps are elementwise, so their merged
+delta is full rank: refused, unless ``max_rank`` asks for a truncated SVD, whose relative error per module is
+recorded and returned.
 """
 
 from __future__ import annotations
@@ -36,13 +38,18 @@ from safetensors.torch import save_file
 
 from drm_lightning.export.factor import EXACT_TOL, factor_delta
 from drm_lightning.io.task_vector import read_meta
+from drm_lightning.merging.methods.registry import METHODS, get_method
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-#: Methods whose merged delta of LoRA experts has an exact low-rank form (see ``factor.py``).
-EXACT_METHODS = frozenset({"task_arithmetic", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"})
 _PEFT = "base_model.model."
+
+
+def exact_adapter(method: str) -> bool:
+    """Whether ``method``'s merge of LoRA experts is an exact adapter: its merged delta stays in a joint span of
+    their factors (``MergeMethod.lora_span``), so its rank is at most ``Σ r_i``. ``ValueError`` for an unknown name."""
+    return get_method(method).lora_span is not None
 
 
 def check_adapter_request(method: str, task_vectors: Sequence[str | os.PathLike[str]], max_rank: int | None) -> None:
@@ -50,10 +57,11 @@ def check_adapter_request(method: str, task_vectors: Sequence[str | os.PathLike[
     input that is not a LoRA task vector (``ValueError`` naming the method or the folder)."""
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
         raise ValueError(f"max_rank={max_rank!r}: expected a positive integer")
-    if method not in EXACT_METHODS and max_rank is None:
+    if not exact_adapter(method) and max_rank is None:
+        exact = ", ".join(sorted(name for name in METHODS if exact_adapter(name)))
         raise ValueError(
-            f"save_as=adapter: {method} trims single entries, so its merged delta is full rank and has no exact LoRA "
-            f"form (exact: {', '.join(sorted(EXACT_METHODS))}); use save_as=model, or max_rank=K for an SVD "
+            f"save_as=adapter: {method}'s merged delta of LoRA experts leaves the span of their factors (it is full "
+            f"rank) and has no exact LoRA form (exact: {exact}); use save_as=model, or max_rank=K for an SVD "
             "truncation that reports its error per module"
         )
     for folder in task_vectors:

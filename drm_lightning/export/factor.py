@@ -5,9 +5,15 @@ Why this is possible: each LoRA expert's delta ``Δ_i = s_i B_i A_i`` has its co
 
 - Task Arithmetic, Iso-C, Iso-CTS, TSV-M: both. Their result is built from singular vectors of sums, residuals or
   single deltas, all inside the joint column space ``span[B_1 … B_T]`` and the joint row space ``span[A_1ᵀ … A_Tᵀ]``.
-- DRM-V: the joint row space (``Δ_merged = B · V_rᵀ``, ``V_r`` from the stacked rows); its ``B`` is pruned and
-  elected entry by entry, so its columns leave ``span[B_i]``. DRM-H: the joint column space, the other way round.
-- TIES, DARE: neither. Trimming or dropping single entries makes the result full rank.
+  WUDI-closed: both too (``R M⁻¹``; ``M`` keeps the joint row space invariant).
+- DRM-V, DRM-Iso-V: the joint row space (``Δ_merged = B · V_rᵀ``, ``V_r`` from the stacked rows); its ``B`` is pruned
+  and elected entry by entry, so its columns leave ``span[B_i]``. DRM-H, DRM-Iso-H: the joint column space, the
+  other way round. RegMean, RegMean++: the joint column space (``Σ_i B_i (A_i G̃_i S⁻¹)``; the data Grams move the
+  rows out of ``span[A_iᵀ]``).
+- TIES, DARE, WUDI (Adam): neither. Trimming or dropping single entries, or Adam's elementwise steps, make the
+  result full rank.
+
+Each method's registry entry says which (``MergeMethod.lora_span``); docs/interop.md has the proofs.
 
 So ``Δ_merged = (Δ_merged Q)(Q)ᵀ`` with ``Q`` an orthonormal basis of the joint row space (or ``P Pᵀ Δ_merged`` for
 the column space), and a thin SVD of the small ``n × Σr`` (or ``Σr × m``) matrix gives the factors with the rank of

@@ -27,14 +27,30 @@ from drm_lightning.export.factor import factor_delta
 from drm_lightning.export.task_model import load_task_model
 from drm_lightning.io.merged_delta import iter_merged_delta
 from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_meta
-from drm_lightning.merging import functional as F
+from drm_lightning.merging.methods.registry import METHODS
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.models.heads import DecoderHead, EncoderHead
-from tests.helpers.merge_inputs import write_task_vectors
+from tests.helpers.merge_inputs import with_random_statistics, write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.tiny_tasks import write_tiny_tasks
 
 LAM = 0.7
-EXACT = ["task_arithmetic", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m"]
+#: Every method whose merge of LoRA experts is an exact adapter (``lora_span``), with the experts it merges here:
+#: ``lora`` (three tasks, rank 3), ``lora_stats`` (the same with input statistics, for RegMean) or ``lora_data`` (two
+#: tiny tasks with their data, for RegMean++, which takes its Grams block by block from ``--tasks``).
+EXACT = {
+    "task_arithmetic": "lora",
+    "drm_v": "lora",
+    "drm_h": "lora",
+    "drm_iso_v": "lora",
+    "drm_iso_h": "lora",
+    "iso_c": "lora",
+    "iso_cts": "lora",
+    "tsv_m": "lora",
+    "wudi_closed": "lora",
+    "regmean": "lora_stats",
+    "regmean_plusplus": "lora_data",
+}
 
 #: Runs in a fresh interpreter: loads what a spec names with plain transformers/peft, writes logits to a file.
 PLAIN = textwrap.dedent(
@@ -131,8 +147,19 @@ def run(tmp_path_factory) -> dict:
     jobs["encoder"] = {"class": "AutoModel", "path": str(root / "encoder")}
     lora = write_task_vectors(decoder, root / "tvs_lora", 3, kind="lora", family="decoder", rank=3, scale=0.05)
     _with_heads(lora, "decoder")
-    for method in EXACT:
-        common = ["--task_vectors", _tvs(lora), "--method", method, "--lam", str(LAM)]
+    data = write_tiny_tasks(root / "data", sizes=(24, 8, 8))
+    experts = {
+        "lora": lora,
+        "lora_stats": with_random_statistics(lora, root / "tvs_lora_stats"),
+        "lora_data": write_task_vectors(decoder, root / "tvs_lora_data", 2, kind="lora", family="decoder", rank=3,
+                                        scale=0.05, tasks=list(data)),  # fmt: skip
+    }
+    _with_heads(experts["lora_data"], "decoder")
+    tasks = ["--tasks", _tvs(list(data.values()))]
+    for method, key in EXACT.items():
+        common = ["--task_vectors", _tvs(experts[key]), "--method", method, "--lam", str(LAM)]
+        if METHODS[method].block_by_block:
+            common += tasks
         _merge(*common, "--output", str(root / f"dense_{method}"))
         _merge(*common, "--save_as", "adapter", "--output", str(root / f"adapter_{method}"))
         jobs[f"dense_{method}"] = {"class": "LlamaForCausalLM", "path": str(root / f"dense_{method}")}
@@ -141,7 +168,7 @@ def run(tmp_path_factory) -> dict:
     ids = torch.randint(5, 60, (3, 7))
     got = _plain(root, jobs, ids)
     return {"root": root, "decoder": decoder, "tied_base": tied, "encoder_base": encoder, "enc_tvs": enc_tvs,
-            "lora": lora, "ids": ids, "got": got}  # fmt: skip
+            "lora": lora, "experts": experts, "ids": ids, "got": got}  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["decoder", "decoder_lm"])
@@ -274,21 +301,28 @@ def test_the_readme_load_snippet_runs_on_a_merged_folder(run: dict) -> None:
 # -- LoRA out --------------------------------------------------------------------------------------------------
 
 
+def test_the_table_holds_every_exact_method() -> None:
+    assert set(EXACT) == {name for name, method in METHODS.items() if method.lora_span is not None}
+
+
 @pytest.mark.parametrize("method", EXACT)
 def test_lora_adapter_equals_the_dense_merge(run: dict, method: str) -> None:
     root, got = run["root"], run["got"]
     assert _rel(got[f"adapter_{method}"], got[f"dense_{method}"]) < 1e-5
+    assert _rel(got[f"adapter_{method}"], got["base"]) > 1e-3  # the merge changed the model
     adapter = root / f"adapter_{method}"
-    assert not (root / f"adapter_{method}_delta").exists()  # a fixed λ writes no dense delta
+    if not METHODS[method].block_by_block:  # RegMean++ merges into a dense delta first, kept by --keep_delta
+        assert not (root / f"adapter_{method}_delta").exists()  # a fixed λ writes no dense delta
     config = json.loads((adapter / "adapter_config.json").read_text())
     record = json.loads((adapter / "merge.json").read_text())
-    assert record["save_as"] == "adapter" and record["lam"] == LAM
+    assert record["save_as"] == "adapter" and record["lam"] == LAM and record["method"] == method
     assert config["rank_pattern"] == config["alpha_pattern"]
-    sum_r = 3 * 3
+    experts = run["experts"][EXACT[method]]
+    sum_r = 3 * len(experts)
     assert config["rank_pattern"] and max(config["rank_pattern"].values()) <= sum_r
     assert config["modules_to_save"]  # the norms the experts changed, as full weights
     assert set(config["target_modules"]) == set(config["rank_pattern"])
-    assert sorted(p.name for p in (adapter / "heads").iterdir()) == ["task0", "task1", "task2"]
+    assert sorted(p.name for p in (adapter / "heads").iterdir()) == sorted(read_meta(t).task for t in experts)
     # Per module: B·A equals λ·Δ_merged of the dense merge, and the rank is that of Δ_merged itself.
     dense = dict(iter_merged_delta(root / f"dense_{method}_delta"))
     weights = load_file(str(adapter / "adapter_model.safetensors"))
@@ -375,7 +409,9 @@ def test_pipeline_export_picks_the_best_on_validation_and_falls_back_to_a_model(
 
 def test_full_rank_methods_are_refused_in_one_line(run: dict, tmp_path: Path, capsys) -> None:
     """``main`` is the console script's own function: its return value is the exit status."""
-    for method in ("ties", "dare"):
+    refused = [name for name, method in METHODS.items() if method.lora_span is None]
+    assert refused == ["ties", "dare", "wudi"]
+    for method in refused:
         args = ["merge", "--task_vectors", _tvs(run["lora"]), "--save_as", "adapter", "--method", method]
         assert main([*args, "--output", str(tmp_path / method)]) != 0
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -407,15 +443,21 @@ def test_max_rank_truncates_and_reports_the_error_per_module(run: dict, tmp_path
 
 
 def test_factor_delta_has_the_exact_rank_of_every_method() -> None:
-    """Against float64: the factors reproduce the merged delta and their rank is its numerical rank (≤ Σ r_i)."""
+    """Against float64: the factors reproduce the merged delta and their rank is its numerical rank (≤ Σ r_i), for
+    every exact method (RegMean's with random Grams)."""
     gen = torch.Generator().manual_seed(0)
     for n, m in ((24, 16), (16, 40)):
         lora = [LowRankDelta(torch.randn(n, r, generator=gen), torch.randn(r, m, generator=gen), 0.5) for r in (2, 3)]
-        for fn in (F.task_arithmetic, F.iso_c, F.iso_cts, F.tsv_m, F.drm):
-            merged = fn(lora, out_dtype=torch.float64)
+        inputs = [torch.randn(2 * m, m, generator=gen) for _ in lora]
+        grams = [x.T @ x / x.shape[0] for x in inputs]
+        for name in EXACT:
+            method = METHODS[name]
+            kwargs = {"statistics": grams} if method.needs_statistics else {}
+            merge = method.merge_matrix if method.matrix_only else method.fn
+            merged = merge(lora, out_dtype=torch.float64, **kwargs)
             result = factor_delta(merged, lora)
-            assert _rel(result.B @ result.A, merged) < 1e-10, fn.__name__
-            assert result.rank == int(torch.linalg.matrix_rank(merged, rtol=1e-9)) <= 5
-            assert result.error < 1e-7
+            assert _rel(result.B @ result.A, merged) < 1e-10, name
+            assert result.rank == int(torch.linalg.matrix_rank(merged, rtol=1e-9)) <= 5, name
+            assert result.error < 1e-7, name
     with pytest.raises(ValueError, match="max_rank"):
         factor_delta(torch.randn(6, 6, dtype=torch.float64), [], max_rank=None)

@@ -13,10 +13,12 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from drm_lightning.merging import functional as F
 from drm_lightning.merging.methods.registry import METHODS, collect_methods, get_method, method_modules
 from drm_lightning.merging.methods.spec import MergeMethod
+from drm_lightning.merging.ops.lowrank import LowRankDelta
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,3 +131,41 @@ def test_the_float64_reference_imports_no_method_code() -> None:
         for alias in node.names
     ]
     assert not [name for name in imported if (name or "").startswith("drm_lightning")], imported
+
+
+def _span_residuals(merged: torch.Tensor, lora: list[LowRankDelta]) -> dict[str, float]:
+    """Relative residual of ``merged`` outside the joint column space of the ``B_i`` and the row space of the
+    ``A_i``."""
+    cols, _ = torch.linalg.qr(torch.cat([f.B for f in lora], dim=1))
+    rows, _ = torch.linalg.qr(torch.cat([f.A for f in lora]).mT)
+    norm = merged.norm()
+    return {
+        "columns": float((merged - cols @ (cols.mT @ merged)).norm() / norm),
+        "rows": float((merged - (merged @ rows) @ rows.mT).norm() / norm),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_lora_span_is_where_the_merge_of_lora_experts_lies(name: str, shape: tuple[int, int]) -> None:
+    """``lora_span`` (what ``save_as=adapter`` trusts) against float64 merges of random LoRA factors (RegMean's with
+    random data Grams): inside the declared spans to rounding, and far outside the others, so no method is
+    declared exact that is not, nor refused that is."""
+    n, m = shape
+    gen = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    lora = [
+        LowRankDelta(torch.randn(n, r, generator=gen, dtype=f64), torch.randn(r, m, generator=gen, dtype=f64), 0.5)
+        for r in (2, 3, 2)
+    ]
+    inputs = [torch.randn(3 * m, m, generator=gen, dtype=f64) for _ in lora]
+    method = METHODS[name]
+    kwargs = {"statistics": [x.T @ x / x.shape[0] for x in inputs]} if method.needs_statistics else {}
+    merge = method.merge_matrix if method.matrix_only else method.fn
+    residual = _span_residuals(merge(lora, out_dtype=f64, **kwargs), lora)
+    inside = {"both": {"columns", "rows"}, "columns": {"columns"}, "rows": {"rows"}, None: set()}[method.lora_span]
+    for span, value in residual.items():
+        if span in inside:
+            assert value < 1e-12, (span, value)
+        else:
+            assert value > 1e-4, (span, value)

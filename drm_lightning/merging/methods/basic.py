@@ -166,7 +166,15 @@ def dare(
 
 
 METHODS = (
-    MergeMethod("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089", task_arithmetic, False, {}),
+    MergeMethod(
+        "task_arithmetic",
+        "Task Arithmetic",
+        "https://arxiv.org/abs/2212.04089",
+        task_arithmetic,
+        False,
+        {},
+        lora_span="both",
+    ),
     MergeMethod("ties", "TIES", "https://arxiv.org/abs/2306.01708", ties, False, {"density": 0.2}),
     MergeMethod(
         "dare",

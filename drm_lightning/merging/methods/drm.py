@@ -293,6 +293,7 @@ METHODS = tuple(
         elementwise_only=frozenset({"nonmatrix_drop_rate"}),
         prepare=drm_basis,
         prepare_keys=frozenset({"direction", "rank_tol"}),
+        lora_span="rows" if direction[0] == "v" else "columns",
     )
     for direction in DIRECTIONS
 )

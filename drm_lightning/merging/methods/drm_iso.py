@@ -143,6 +143,7 @@ METHODS = tuple(  # not a published method: DRM followed by Iso-C's flat spectru
         elementwise=task_mean,
         prepare=drm_iso_basis,
         prepare_keys=frozenset({"direction", "rank_tol"}),
+        lora_span="rows" if direction[0] == "v" else "columns",
     )
     for direction in DIRECTIONS
 )

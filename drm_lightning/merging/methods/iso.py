@@ -269,7 +269,14 @@ def iso_cts(
 
 METHODS = (
     MergeMethod(
-        "iso_c", "Iso-C", "https://arxiv.org/abs/2502.04959", iso_c, True, {"rank_tol": RANK_TOL}, elementwise=task_mean
+        "iso_c",
+        "Iso-C",
+        "https://arxiv.org/abs/2502.04959",
+        iso_c,
+        True,
+        {"rank_tol": RANK_TOL},
+        elementwise=task_mean,
+        lora_span="both",
     ),
     MergeMethod(
         "iso_cts",
@@ -281,6 +288,7 @@ METHODS = (
         elementwise=task_mean,
         prepare=iso_cts_basis,
         prepare_keys=frozenset({"rank_tol"}),
+        lora_span="both",
     ),
 )
 """The registry's entries of this module; non-matrix parameters take the plain mean (``basic.task_mean``)."""

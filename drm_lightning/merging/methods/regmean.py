@@ -188,6 +188,7 @@ METHODS = (
         param_checks={"alpha": check_alpha, "ridge": check_ridge},
         needs_statistics=True,
         task_terms=regmean_terms,
+        lora_span="columns",
     ),
     MergeMethod(
         "regmean_plusplus",
@@ -200,6 +201,7 @@ METHODS = (
         param_checks={"alpha": check_alpha, "ridge": check_ridge},
         needs_statistics=True,
         block_by_block=True,
+        lora_span="columns",
     ),
 )
 """The registry's entries of this module (``merging/methods/registry.py`` collects them)."""

@@ -6,6 +6,7 @@ the math beyond this record: ``check(params)`` once up front (no tensors needed,
 loaded), then per parameter ``merge_matrix`` or ``merge_elementwise``, or ``merge_many`` for a search. A method
 that weighs the deltas by data (``needs_statistics``: RegMean) also gets each task's input Gram of the parameter;
 one whose Grams depend on the merge itself (``block_by_block``: RegMean++) is run by ``evaluation/block_merge.py``.
+``lora_span`` says whether a merge of LoRA experts can be written back as an exact adapter (``export/adapter.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from torch import Tensor
 
 from drm_lightning.merging.methods.checks import PARAM_CHECKS
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
+
+LORA_SPANS = ("both", "columns", "rows", None)
+"""The values of ``MergeMethod.lora_span``."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class MergeMethod:
             *merged* model's earlier blocks produce (RegMean++), so they exist only while the model is merged, block
             after block, with each task's data: the streaming merge refuses the method (``setup.prepare_merge``)
             and ``evaluation/block_merge.py`` runs it. Implies ``needs_statistics``.
+        lora_span: Where the merged delta of LoRA experts ``Δ_i = B_i A_i`` lies, for every parameter value:
+            ``"both"`` (in the joint column space ``span[B_1 … B_T]`` and the joint row space ``span[A_1ᵀ … A_Tᵀ]``),
+            ``"columns"`` or ``"rows"`` (in that one), or ``None`` (in neither: TIES and DARE trim single entries,
+            WUDI's Adam steps are elementwise). Any span bounds the rank by ``Σ r_i``, so ``save_as=adapter``
+            writes the merge exactly for the methods that name one and refuses the others without ``max_rank``;
+            docs/interop.md ("Which merges are exact adapters") proves each method's value.
     """
 
     name: str
@@ -76,6 +86,7 @@ class MergeMethod:
     needs_statistics: bool = False
     task_terms: Callable[..., Tensor] | None = None
     block_by_block: bool = False
+    lora_span: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
@@ -87,6 +98,8 @@ class MergeMethod:
             raise ValueError(f"{self.name}: task_terms are a matrix_only method's (the matrix rule's terms)")
         if self.block_by_block and not self.needs_statistics:
             raise ValueError(f"{self.name}: a block_by_block method takes the Grams it computes: needs_statistics")
+        if self.lora_span not in LORA_SPANS:
+            raise ValueError(f"{self.name}: lora_span={self.lora_span!r}, expected one of {LORA_SPANS}")
         stray = (self.elementwise_keys | self.elementwise_only | self.prepare_keys) - set(self.defaults)
         if stray:
             raise ValueError(f"{self.name}: parameter(s) {sorted(stray)} have no default")

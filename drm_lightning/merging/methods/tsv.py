@@ -81,7 +81,14 @@ def tsv_m(
 
 METHODS = (
     MergeMethod(
-        "tsv_m", "TSV-M", "https://arxiv.org/abs/2412.00081", tsv_m, True, {"rank_tol": RANK_TOL}, elementwise=task_mean
+        "tsv_m",
+        "TSV-M",
+        "https://arxiv.org/abs/2412.00081",
+        tsv_m,
+        True,
+        {"rank_tol": RANK_TOL},
+        elementwise=task_mean,
+        lora_span="both",
     ),
 )
 """The registry's entry of this module; non-matrix parameters take the plain mean (``basic.task_mean``)."""

@@ -308,6 +308,7 @@ METHODS = (
         {"steps": WUDI_STEPS, "lr": WUDI_LR},
         elementwise=task_mean,
         param_checks={"steps": check_steps, "lr": check_lr},
+        # lora_span None: Adam divides the gradient entry by entry, so its steps leave the factors' spans
     ),
     MergeMethod(
         "wudi_closed",
@@ -320,6 +321,7 @@ METHODS = (
         prepare=wudi_closed_basis,
         param_checks={"ridge": check_ridge},
         task_terms=wudi_closed_terms,
+        lora_span="both",
     ),
 )
 """The registry's entries of this module; non-matrix parameters take the plain mean (``basic.task_mean``), as
