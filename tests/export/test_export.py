@@ -316,6 +316,9 @@ def test_lora_adapter_equals_the_dense_merge(run: dict, method: str) -> None:
     config = json.loads((adapter / "adapter_config.json").read_text())
     record = json.loads((adapter / "merge.json").read_text())
     assert record["save_as"] == "adapter" and record["lam"] == LAM and record["method"] == method
+    span = METHODS[method].lora_span  # the factoring went through the span the registry declares
+    bases = {info["basis"] for info in record["adapter"]["modules"].values() if info["rank"]}
+    assert bases <= ({"rows", "columns"} if span == "both" else {span}), bases
     assert config["rank_pattern"] == config["alpha_pattern"]
     experts = run["experts"][EXACT[method]]
     sum_r = 3 * len(experts)
