@@ -36,6 +36,7 @@ unless ``--max_rank K`` asks for an SVD truncation, whose relative error is prin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from drm_lightning.commands.tasks import TaskEntry, task_datamodules
+
+#: What a λ search chose and measured, beside the merged folder it chose.
+SEARCH_FILE = "lambda_search.json"
 
 
 def merge(
@@ -196,8 +200,8 @@ def merge(
             include, exclude, delta, trainer, torch_dtype, gguf_file, skip, world, save_as, max_rank,
             extend_edges, keep,
         )  # fmt: skip
-        if is_global_zero():
-            record_sources([out, delta], task_vectors, folders)
+        if is_global_zero() and record_sources([out, delta], task_vectors, folders):
+            _write_card(out)  # its experts table names the folders given, as merge.json now does
     if task_models and save_as == "model" and is_global_zero():
         from drm_lightning.export.task_folders import export_task_models
 
@@ -367,12 +371,8 @@ def _merge(
     else:
         save_merged_model(delta, float(lam), output, base=base, family=family, keep_delta=keep, **overrides)
     if search_record is not None:
-        from drm_lightning.export.model_card import write_model_card
-
-        (Path(output) / "lambda_search.json").write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
-        best = [p["metrics"] for p in search_record["curve"] if p["lambda"] == search_record["best_lambda"]]
-        # The writer wrote the folder's card; the search's results go into it.
-        write_model_card(output, results=best[0] if best else None, split="validation", source="λ search")
+        (Path(output) / SEARCH_FILE).write_text(json.dumps(search_record, indent=2, sort_keys=True) + "\n")
+        _write_card(output)  # the writer wrote the folder's card; the search's results go into it
     kept = f"; merged delta: {delta}" if keep else ""
     print(f"merged model: {output} (λ={float(lam):g}){kept}", file=sys.stderr)
     return Path(output)
@@ -453,6 +453,22 @@ def _search_params(
         ],
     }
     return delta / chosen.name, float(chosen.lam), record
+
+
+def _write_card(folder: str | os.PathLike[str]) -> None:
+    """(Re)write a merged folder's model card from what the folder holds: ``merge.json``, its heads, and the
+    validation metrics at the chosen λ when ``lambda_search.json`` is there."""
+    from drm_lightning.export.model_card import CARD_FILE, write_model_card
+
+    folder = Path(folder)
+    if not (folder / CARD_FILE).is_file():
+        return
+    results = None
+    if (folder / SEARCH_FILE).is_file():
+        search = json.loads((folder / SEARCH_FILE).read_text())
+        best = [p["metrics"] for p in search["curve"] if p["lambda"] == search["best_lambda"]]
+        results = best[0] if best else None
+    write_model_card(folder, results=results, split="validation", source="λ search")
 
 
 def _search_record(

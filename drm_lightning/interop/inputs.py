@@ -169,8 +169,9 @@ def import_inputs(
 
 def record_sources(
     records: Sequence[str | os.PathLike[str]], inputs: Sequence[str | os.PathLike[str]], folders: Sequence[str]
-) -> None:
-    """Point the ``inputs`` of each ``merge.json`` in ``records`` at the folders the experts were converted from.
+) -> bool:
+    """Point the ``inputs`` of each ``merge.json`` in ``records`` at the folders the experts were converted from;
+    whether any input was converted (so a record changed, and the model card written from it must be rewritten).
 
     Why: a converted input was merged from a temporary folder that is gone once ``merge`` returns; the record
     should name what the user gave (and say it was converted), not a path that no longer exists.
@@ -180,7 +181,7 @@ def record_sources(
         if os.fspath(given) != folder:
             sources[str(Path(folder).resolve())] = (str(local_folder(given).resolve()), input_kind(given))
     if not sources:
-        return
+        return False
     for record_dir in records:
         path = Path(record_dir) / "merge.json"
         if not path.is_file():
@@ -192,3 +193,4 @@ def record_sources(
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, path)
+    return True

@@ -288,6 +288,9 @@ def test_two_peft_adapters_in_one_peft_adapter_out(experts: dict[str, Path], tmp
         (str(experts["bert_lora"].resolve()), "adapter"),
         (str(second.resolve()), "adapter"),
     ]  # the folders given, not the temporary conversions (gone by now)
+    for out in ("dense", "adapter"):  # and so does each model card's experts table
+        card = (tmp_path / out / "README.md").read_text()
+        assert str(second.resolve()) in card and "inputs-" not in card, card
 
 
 def test_hub_id_is_read_from_the_local_cache_only(
