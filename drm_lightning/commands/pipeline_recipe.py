@@ -16,7 +16,6 @@ from typing import Any, Literal
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from drm_lightning.commands.tasks import TaskEntry, check_task_spec, load_task_spec, unused_defaults, with_defaults
-from drm_lightning.io.statistics import DEFAULT_EXAMPLES
 
 PROG = "drm-lightning pipeline"
 #: ExpertModule arguments that come from each task's datamodule, not from the recipe's shared model settings.
@@ -176,12 +175,18 @@ def build_pipeline_parser(*, light: bool = False) -> ArgumentParser:
         help="Merge methods, each a merged model: {method, params, label, lam, lambdas, learn} (see MethodSpec).",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed_everything before each expert's fit.")
+    examples = None  # the light parser imports nothing of torch (io.statistics does); only the full one fills it in
+    if not light:
+        from drm_lightning.io.statistics import DEFAULT_EXAMPLES
+
+        examples = DEFAULT_EXAMPLES
     parser.add_argument(
         "--statistics_examples",
         type=int,
-        default=DEFAULT_EXAMPLES,
+        default=examples,
         help="Training examples whose linear-layer input Grams each fitted expert records when its fit ends "
-        "(RegMean's statistics, beside the task vector); 0: none (a recipe with RegMean then refuses).",
+        "(RegMean's statistics, beside the task vector; default: the fit callback's, io.statistics.DEFAULT_EXAMPLES)"
+        "; 0: none (a recipe with RegMean then refuses).",
     )
     parser.add_argument(
         "--statistics_layers",
@@ -286,7 +291,7 @@ class Recipe:
     trainer: dict[str, Any]
     methods: list[MethodSpec]
     seed: int = 0
-    statistics_examples: int = DEFAULT_EXAMPLES
+    statistics_examples: int | None = None  # load_recipe fills it (the parser default: io.statistics.DEFAULT_EXAMPLES)
     procs_per_expert: int | None = None
     strategy: str = "grid"
     metric: str = "accuracy"
