@@ -29,8 +29,9 @@ is refused with one line naming the folders and the sizes. The base is loaded as
 ``--save_as model`` (the default) writes a complete folder of the base's own architecture (pooler, ``lm_head``, tied
 weights, config, tokenizer: ``merging.model_folder``). ``--save_as adapter`` (every input LoRA) writes a PEFT
 LoRA adapter of the merged delta's exact rank instead (``drm_lightning.export.adapter``); with a fixed λ on one
-process it is merged straight into the adapter and no dense Δ_merged is written. TIES and DARE are refused there
-unless ``--max_rank K`` asks for an SVD truncation, whose relative error is printed per module. See docs/interop.md.
+process it is merged straight into the adapter and no dense Δ_merged is written. Methods whose merge of LoRA experts
+is full rank (TIES, DARE, WUDI's Adam: no ``lora_span`` in the registry) are refused there unless ``--max_rank K``
+asks for an SVD truncation, whose relative error is printed per module. See docs/interop.md.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def merge(
         gguf_file: a GGUF file inside the base folder to load it from (default: the one the task vectors record).
         save_as: model (a complete save_pretrained folder of the base's own architecture: pooler, lm_head, config,
             tokenizer) or adapter (every input LoRA: a PEFT LoRA adapter of the merged delta's exact rank, no dense
-            delta written for a fixed λ; task_arithmetic, drm_v, drm_h, iso_c, iso_cts, tsv_m).
+            delta written for a fixed λ; every method but ties, dare and wudi, docs/interop.md).
         max_rank: save_as=adapter: cut every module's rank to at most K by SVD and print the relative error per
-            module (needed for ties and dare, whose merged delta is full rank).
+            module (needed for ties, dare and wudi, whose merged delta is full rank).
         skip: regexes: parameters kept at the base's weights whatever the experts say (also left out when a model
             or adapter is converted, e.g. the embeddings of a model with added tokens).
         task_models: for experts imported from *ForSequenceClassification checkpoints, also write
