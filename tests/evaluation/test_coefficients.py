@@ -20,6 +20,7 @@ from drm_lightning.evaluation.coefficients import (
     LearnSettings,
     combine,
     group_of,
+    task_form_methods,
     ties_terms,
 )
 from drm_lightning.evaluation.learn import COEFFICIENTS_JSON, learn_coefficients, read_coefficients
@@ -295,6 +296,19 @@ def test_an_include_that_matches_nothing_is_refused(setup: dict, tmp_path: Path)
         learn_coefficients(setup["merged"]["iso_c"], 1.0, setup["task_vectors"], setup["datamodules"],
                            {**QUICK, "include": "decoder"}, out, plots=False)  # fmt: skip
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "regmean", "wudi_closed", "iso_c", "tsv_m", "drm_v"])
+def test_a_recipe_takes_the_task_form_exactly_over_the_methods_with_task_terms(method: str) -> None:
+    from drm_lightning.commands.pipeline_recipe import method_spec
+
+    entry = {"method": method, "learn": {"form": "task"}}
+    if method in ("task_arithmetic", "ties", "regmean", "wudi_closed"):
+        assert method in task_form_methods()
+        assert method_spec(entry).learn["form"] == "task"
+    else:
+        with pytest.raises(ValueError, match=rf"^methods\[0\]\.learn\.form='task': method '{method}' has no per-task"):
+            method_spec(entry)
 
 
 def test_the_task_form_over_a_method_without_task_terms_is_refused(setup: dict, tmp_path: Path) -> None:
