@@ -28,6 +28,7 @@ shows all of it again.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -216,6 +217,13 @@ def main(args: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: {line}", file=sys.stderr)
         if not had_group:  # the command's own group: gone before the interpreter exits
             leave_process_group()
+        if args is None:
+            # The console script (or python -m): the process ends with the command, so every object left is moved
+            # out of the collector's sight. Why: the interpreter's teardown otherwise traverses the hundreds of
+            # thousands of objects torch and transformers' model classes made, about 1 s of a tiny merge's wall
+            # (benchmarks/README.md). Not for main([...]) in-process (tests, notebooks): a frozen object that later
+            # becomes cyclic garbage is never freed.
+            gc.freeze()
     return 0
 
 

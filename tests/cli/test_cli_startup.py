@@ -85,3 +85,26 @@ def test_a_fixed_lam_merge_imports_nothing_it_does_not_use(dense_tvs: list, tmp_
     got = json.loads(done.stdout.splitlines()[-1])
     assert got["status"] == 0, got["stderr"]
     assert got["loaded"] == ["transformers"]
+
+
+_FREEZE_PROBE = """
+import contextlib, gc, io, sys
+from drm_lightning.cli import main
+sys.argv = ["drm-lightning", *sys.argv[2:]]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    main() if {console} else main(sys.argv[1:])
+print(gc.get_freeze_count())
+"""
+
+
+@pytest.mark.parametrize("console", [True, False], ids=["console script", "in-process main(args)"])
+def test_only_the_console_script_freezes_its_objects_for_a_fast_exit(console: bool) -> None:
+    """``main()`` reading ``sys.argv`` (the console script, ``python -m``) ends the process, so it freezes what is left
+    (the interpreter's teardown then skips traversing it); ``main([...])`` in-process freezes nothing."""
+    probe = _FREEZE_PROBE.format(console=console)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "x", "merge", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    frozen = int(done.stdout.splitlines()[-1])
+    assert (frozen > 0) == console
