@@ -8,7 +8,8 @@ Kinds, told apart by the files a folder holds:
 
 ``import_inputs`` plans every conversion first (configs and headers only), so a bad third input is refused before
 the first is converted, then writes each into a temporary folder beside the output that is removed afterwards
-(and, should the process be killed, by the next write to that output: ``remove_stale_temporaries``).
+(and, should the process be killed, by the next write to that output: ``remove_stale_temporaries``). Experts of
+one base share one loaded base (``load_base``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.full_model import plan_model
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG, plan_adapter
-from drm_lightning.interop.write import import_notes, task_name_for, write_import
+from drm_lightning.interop.write import import_notes, load_base, task_name_for, write_import
 from drm_lightning.io.atomic import temporary_prefix
 from drm_lightning.io.task_vector import META_FILE
 
@@ -150,16 +151,20 @@ def import_inputs(
     beside.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=temporary_prefix(beside) + "inputs-", dir=beside.parent))
     try:
-        folders, converted = [], []
+        folders, converted, loaded = [], [], None
         for i, (source, plan) in enumerate(zip(inputs, plans, strict=True)):
             if plan is None:
                 folders.append(os.fspath(source))
                 continue
             name = task_name_for(Path(source), None)
+            if loaded is None or not loaded.serves(plan[1], torch_dtype, gguf_file):
+                loaded = None  # one base in memory at a time
+                loaded = load_base(plan[1], torch_dtype=torch_dtype, gguf_file=gguf_file)
             folder = write_import(*plan, work / f"{i}-{name}", name, torch_dtype=torch_dtype, gguf_file=gguf_file,
-                                  notes=False)  # fmt: skip
+                                  notes=False, loaded=loaded)  # fmt: skip
             folders.append(str(folder))
             converted.append((name, *plan))
+        del loaded
         for line in import_notes(converted, evaluates):
             print(f"drm-lightning: {line}", file=sys.stderr)
         yield folders

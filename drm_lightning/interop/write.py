@@ -5,7 +5,8 @@ Both hand over a plan (``ImportPlan``: which backbone parameters get a dense del
 which LoRA factors, which head), checked before the base is loaded; ``write_import`` then checks the free space,
 loads the base once (the only model in memory), fingerprints it, and streams one tensor at a time into
 ``task_vector.safetensors`` inside ``atomic_dir`` (the folder appears whole or not at all). Peak host memory: the
-base model plus a few tensors of one parameter.
+base model plus a few tensors of one parameter. Several experts of one base (``merge`` given model folders) share
+one loaded base (``LoadedBase``) instead of loading and fingerprinting it once per expert.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from drm_lightning.io.task_vector import (
     library_versions,
 )
 from drm_lightning.models.backbone import LABEL_WORD_FAMILIES, load_backbone
-from drm_lightning.task_vectors.fingerprint import fingerprint
+from drm_lightning.task_vectors.fingerprint import fingerprint_state
 
 _SAFE_TASK = re.compile(r"[^A-Za-z0-9_.+-]+")
 
@@ -83,6 +84,30 @@ def _estimate(plan: ImportPlan, info: BaseInfo) -> int:
     return total + 4 * 1024**2
 
 
+@dataclass(frozen=True)
+class LoadedBase:
+    """A base loaded for conversions: its ``state_dict()`` and fingerprint, and how it was loaded."""
+
+    name: str
+    family: str
+    torch_dtype: str | None
+    gguf_file: str | None
+    state: dict[str, torch.Tensor]
+    fingerprint: str
+
+    def serves(self, info: BaseInfo, torch_dtype: str | None, gguf_file: str | None) -> bool:
+        """Whether this is the base ``info`` describes, loaded the way the conversion asks."""
+        wanted = (info.name, info.family, torch_dtype, gguf_file)
+        return wanted == (self.name, self.family, self.torch_dtype, self.gguf_file)
+
+
+def load_base(info: BaseInfo, *, torch_dtype: str | None = None, gguf_file: str | None = None) -> LoadedBase:
+    """Load the base ``info`` describes (``from_pretrained``, as the merge does) and fingerprint it."""
+    model = load_backbone(info.name, info.family, torch_dtype=torch_dtype, gguf_file=gguf_file)
+    state = model.state_dict()
+    return LoadedBase(info.name, info.family, torch_dtype, gguf_file, state, fingerprint_state(state))
+
+
 def write_import(
     plan: ImportPlan,
     info: BaseInfo,
@@ -92,17 +117,20 @@ def write_import(
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
     notes: bool = True,
+    loaded: LoadedBase | None = None,
 ) -> Path:
     """Load the base, stream the deltas and write the task-vector folder ``output`` atomically; ``notes``: say on
-    stderr what was left out (``import_notes``), else the caller says it once for all its experts."""
+    stderr what was left out (``import_notes``), else the caller says it once for all its experts; ``loaded``: the
+    base already loaded (``load_base``) when it ``serves`` this conversion, else it is loaded here."""
     output = Path(output)
     check_free_space({output: _estimate(plan, info)}, f"task vector of task {task!r}")
-    base = load_backbone(info.name, info.family, torch_dtype=torch_dtype, gguf_file=gguf_file)
-    state = base.state_dict()
+    if loaded is None or not loaded.serves(info, torch_dtype, gguf_file):
+        loaded = load_base(info, torch_dtype=torch_dtype, gguf_file=gguf_file)
+    state = loaded.state
     for name in plan.dense:
         if name not in state or tuple(state[name].shape) != info.shapes[name]:
             raise CheckpointError(f"{info.name}: loads without the parameter {name!r} its config.json describes")
-    base_fp = fingerprint(base)
+    base_fp = loaded.fingerprint
     candidates = [(name, info.shapes[name], _delta_dtype(state[name])) for name in plan.dense]
     for name, (shape_a, shape_b) in plan.lora_shapes.items():
         candidates += [(name + LORA_A_SUFFIX, shape_a, torch.float32), (name + LORA_B_SUFFIX, shape_b, torch.float32)]
@@ -114,9 +142,10 @@ def write_import(
                 dtype = _delta_dtype(state[name])
                 delta = tuned.to(dtype) - state[name].detach().to(dtype)
                 del tuned
-                if not bool(torch.isfinite(delta).all()):
+                finite, nonzero = _finite_nonzero(delta)
+                if not finite:
                     raise CheckpointError(f"{plan.source.get('path')}: tensor for {name!r} holds NaN or Inf")
-                if delta.any():
+                if nonzero:
                     writer.add(name, delta)
                 else:
                     zero += 1
@@ -142,7 +171,7 @@ def write_import(
             source={**plan.source, "unchanged": zero},
         )
         (tmp / META_FILE).write_text(meta.to_json())
-    del base, state
+    del loaded, state
     if notes:
         for line in import_notes([(task, plan, info)], evaluates=True):
             print(f"{output}: {line}", file=sys.stderr)
@@ -177,6 +206,18 @@ def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates:
         then = "they merge, but are not evaluated" if evaluates else "merged into the backbone, with no classifier"
         lines.append(f"{who} no head ({reasons}): {then}")
     return lines
+
+
+def _finite_nonzero(delta: torch.Tensor) -> tuple[bool, bool]:
+    """Whether every entry of ``delta`` is finite, and whether one is not zero, from one ``aminmax`` pass.
+
+    Why: ``isfinite(delta).all()`` and ``delta.any()`` made a boolean copy and read the tensor twice, about half of
+    a conversion's arithmetic; the minimum and maximum say both (NaN propagates into them, ±Inf is one of them).
+    """
+    if delta.numel() == 0:
+        return True, False
+    low, high = (float(v) for v in torch.aminmax(delta))
+    return math.isfinite(low) and math.isfinite(high), low != 0.0 or high != 0.0
 
 
 def _delta_dtype(weight: torch.Tensor) -> torch.dtype:
