@@ -7,12 +7,15 @@
     python benchmarks/vs_mergekit.py --quick                  # a tiny Llama, 2 experts, 1 run: the suite's check
     python benchmarks/vs_mergekit.py --quick --methods ...    # the tiny Llama with other methods
     python benchmarks/vs_mergekit.py --cuda                   # both tools' math on the GPU (--cuda / --device cuda)
+    python benchmarks/vs_mergekit.py --folders                # also our merge given the expert folders themselves
 
 What it builds, offline: a Llama of a stated size from its config (``--sizes``: ``smollm2-135m`` has SmolLM2-135M's
 shapes, tied embeddings and 134.5 M parameters; ``llama-30m`` a narrower, shallower one; weights seeded, float32),
 and T experts ``W_0 + Δ_t`` with seeded low-rank-plus-noise deltas (rank 8 plus 10 % noise on every matrix, noise
 on every vector), saved as ``save_pretrained`` folders. mergekit merges those folders; this project merges task
 vectors made from them once by ``drm-lightning extract`` (timed apart, as the one-time conversion it is).
+``--folders`` adds a third tool: ``drm-lightning merge`` given the same ``save_pretrained`` folders mergekit reads,
+each converted to a temporary task vector inside the merge (the end-to-end wall of a user who holds model folders).
 
 mergekit lives in its own virtual environment, never in this project's: ``--mergekit_venv`` (default
 ``$MERGEKIT_VENV`` or ``/work/mkvenv``) is used when it holds ``bin/mergekit-yaml``; ``--install`` makes it
@@ -248,7 +251,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             case = work / size / f"T{experts}"
             case.mkdir(parents=True, exist_ok=True)
             rows = {m: {"size": size, "params": inputs["params"], "experts": experts, "method": m, "ours": [],
-                        "mergekit": [], "load": []} for m in args.methods}  # fmt: skip
+                        "mergekit": [], "folders": [], "load": []} for m in args.methods}  # fmt: skip
             for r in range(args.runs):
                 for i, method in enumerate(args.methods):
                     mk_cfg, our_cfg = case / f"{method}.mergekit.yml", case / f"{method}.ours.yml"
@@ -261,6 +264,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     ours = [sys.executable, "-m", "drm_lightning.cli", "merge", "--mergekit_config", str(our_cfg),
                             "--output", str(case / f"{method}.ours"), *device]  # fmt: skip
                     tools.append(("ours", ours))
+                    if args.folders:  # the same YAML over the model folders: conversion inside the merge
+                        folder_cfg = case / f"{method}.folders.yml"
+                        folder_cfg.write_text(mergekit_yaml(method, inputs["base"], inputs["experts"]))
+                        tools.append(("folders", [*ours[:5], str(folder_cfg), "--output",
+                                                  str(case / f"{method}.folders"), *device]))  # fmt: skip
                     if (r + i) % 2:  # interleaved: each tool goes first in every other slot
                         tools.reverse()
                     for tool, command in tools:
@@ -313,6 +321,7 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 def table(results: dict[str, Any]) -> str:
     """The markdown table: medians per (size, T, method); our-only methods as ratios to our Task Arithmetic."""
     m = results["machine"]
+    folders = any(r.get("folders") for r in results["rows"])
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}; torch {m['torch']}, "
         f"Python {m['python']}; commit {m['commit']}; median of {m['runs']} interleaved run(s).",
@@ -320,8 +329,9 @@ def table(results: dict[str, Any]) -> str:
         f"{_loads(results.get('load_start'))}, at the end {_loads(results.get('load_end'))}.",
         "",
         "| model | T | method | mergekit wall s | ours wall s | ours ÷ mergekit | mergekit peak MiB | ours peak MiB "
-        "| rel. diff Δ | load avg |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| rel. diff Δ | load avg |" + (" ours from folders wall s | from folders ÷ mergekit | from folders peak MiB |"
+                                       if folders else ""),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if folders else ""),
     ]
     ta = {(r["size"], r["experts"]): r for r in results["rows"] if r["method"] == "task_arithmetic"}
     for r in results["rows"]:
@@ -337,8 +347,13 @@ def table(results: dict[str, Any]) -> str:
         mk_m_s = f"{mk_m:.0f}" if r["mergekit"] else "-"
         load = f"{min(r['load']):.1f}–{max(r['load']):.1f}"
         size = f"{r['size']} ({r['params'] / 1e6:.1f} M)"
-        lines.append(f"| {size} | {r['experts']} | {r['method']} | {mk_w_s} | {ours_w:.1f} | {ratio} | {mk_m_s} | "
-                     f"{ours_m:.0f} | {diff} | {load} |")  # fmt: skip
+        line = (f"| {size} | {r['experts']} | {r['method']} | {mk_w_s} | {ours_w:.1f} | {ratio} | {mk_m_s} | "
+                f"{ours_m:.0f} | {diff} | {load} |")  # fmt: skip
+        if folders:
+            fo_w = _median(r.get("folders", []), "wall_s")
+            fo_ratio = f"{fo_w / mk_w:.2f}" if r["mergekit"] and r.get("folders") else "-"
+            line += f" {fo_w:.1f} | {fo_ratio} | {_median(r.get('folders', []), 'rss_mib'):.0f} |"
+        lines.append(line)
     extract = results["extract_s"]
     if extract:
         lines += ["", f"One-time conversion (`drm-lightning extract` per expert, not in the merge times): median "
@@ -360,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mergekit_venv", default=os.environ.get("MERGEKIT_VENV", "/work/mkvenv"))
     parser.add_argument("--install", action="store_true", help="make the mergekit virtualenv when it is missing")
     parser.add_argument("--no_mergekit", action="store_true", help="time drm-lightning alone")
+    parser.add_argument("--folders", action="store_true",
+                        help="also time our merge given the expert folders (conversion inside the merge)")  # fmt: skip
     parser.add_argument("--work", default=None, help="where models go (kept and reused; default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
     parser.add_argument("--json", default=None, help="also write every number as JSON")
