@@ -2,7 +2,7 @@
 
 Everything in ``recipes/quickstart.yaml`` runs as shipped (the four demo tasks, the model and trainer settings, the
 merge methods' parameters) except what the command line shrinks: training and evaluation samples (with a learning
-rate to match), four of the seven methods, and λ, which is searched for the first method only and fixed for the
+rate to match), four of the eight methods, and λ, which is searched for the first method only and fixed for the
 others (the search itself is covered by ``test_pipeline_e2e.py``). Budget: about 150 s on 2 CPU cores.
 """
 
