@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 YAMLS = sorted(
     p.relative_to(ROOT) for pattern in ("configs/**/*.yaml", "recipes/**/*.yaml") for p in ROOT.glob(pattern)
 )
-QUICKSTART_METHODS = {"drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic"}
+QUICKSTART_METHODS = {"drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "ties", "task_arithmetic", "wudi_closed"}
 #: Top-level keys each config folder's files hold (a recipe holds the pipeline's keys).
 SECTIONS = {"model": {"model"}, "task": {"data"}, "trainer": {"trainer"}, "task_list": {"run_dir", "tasks"}}
 
