@@ -33,15 +33,9 @@ def llama_bf16_tvs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 @pytest.fixture(scope="module")
 def stats_tvs(dense_tvs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """``dense_tvs`` with random input statistics (the methods that need them: RegMean)."""
-    import shutil
+    from tests.helpers.merge_inputs import with_random_statistics
 
-    from tests.helpers.merge_inputs import add_random_statistics
-
-    root = tmp_path_factory.mktemp("stats")
-    out = [Path(shutil.copytree(folder, root / folder.name)) for folder in dense_tvs]
-    for i, folder in enumerate(out):
-        add_random_statistics(folder, seed=i)
-    return out
+    return with_random_statistics(dense_tvs, tmp_path_factory.mktemp("stats"))
 
 
 CASES = [

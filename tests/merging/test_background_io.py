@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -38,13 +37,9 @@ SEQUENTIAL = ("0", "0")
 @pytest.fixture(scope="module")
 def stats_tvs(dense_tvs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """``dense_tvs`` with random input statistics (the methods that need them: RegMean)."""
-    from tests.helpers.merge_inputs import add_random_statistics
+    from tests.helpers.merge_inputs import with_random_statistics
 
-    root = tmp_path_factory.mktemp("stats")
-    out = [Path(shutil.copytree(folder, root / folder.name)) for folder in dense_tvs]
-    for i, folder in enumerate(out):
-        add_random_statistics(folder, seed=i)
-    return out
+    return with_random_statistics(dense_tvs, tmp_path_factory.mktemp("stats"))
 
 
 def _hashes(folder: Path, suffix: str = ".safetensors") -> dict[str, str]:
