@@ -120,7 +120,9 @@ def merge_block_by_block(
             )
     loaded: dict[str, nn.Module] = {}
 
-    def base_state(name: str, fam: str, load: Mapping[str, str | None]) -> Mapping[str, torch.Tensor]:
+    def base_state(
+        name: str, fam: str, load: Mapping[str, str | None], expected: Sequence[str]
+    ) -> Mapping[str, torch.Tensor]:
         loaded["base"] = load_backbone(name, fam, **load)
         return loaded["base"].state_dict()
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from drm_lightning.export.checkpoint_base import CheckpointBase, open_checkpoint_base
 from drm_lightning.export.folder_writer import write_folder
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.merged_delta import iter_merged_delta, merged_delta_index
@@ -271,12 +272,14 @@ def save_merged_model(
     output = Path(output)
     check_output(output, [merged])
     heads = merged / HEADS_DIR
-    return write_model_folder(
+    backbone = write_model_folder(
         record, lam, output, set(merged_delta_index(merged)), iter_merged_delta(merged), heads, source=merged,
         base=base, family=family, max_shard_size=max_shard_size, torch_dtype=torch_dtype, gguf_file=gguf_file,
         heads_bytes=tree_bytes(heads), where=str(merged / MERGE_FILE),
         extra={"merged_delta": str(merged.resolve()) if keep_delta else None},
     )  # fmt: skip
+    assert backbone is not None  # loaded through its model class: nothing was given loaded
+    return backbone
 
 
 def write_model_folder(
@@ -296,8 +299,8 @@ def write_model_folder(
     heads_bytes: int,
     where: str,
     extra: Mapping[str, Any] | Callable[[], Mapping[str, Any]],
-    loaded: tuple[PreTrainedModel, str] | None = None,
-) -> nn.Module:
+    loaded: tuple[PreTrainedModel, str] | CheckpointBase | None = None,
+) -> nn.Module | None:
     """The one writer of ``--save_as model`` folders: load the base whole, add ``lam`` times each ``(name, Δ)`` of
     ``deltas`` to its backbone (``add_merged_delta``'s arithmetic), save it with the tokenizer, the heads and
     ``merge.json`` (``record`` plus how the base was loaded, λ and ``extra``) through ``folder_writer.write_folder``.
@@ -316,9 +319,25 @@ def write_model_folder(
         where: what to name in a fingerprint mismatch (the record's file).
         heads: a ``heads/`` folder to copy, or what writes one into the folder it is given.
         heads_bytes: the heads' size, for the free-space check.
-        loaded: the base already loaded by ``load_base_with_backbone`` (model, backbone prefix), merged into in place.
+        loaded: the base already loaded, merged into in place: by ``load_base_with_backbone`` (model, backbone
+            prefix), or as its own checkpoint (``checkpoint_base``: no model class, the same bytes written).
+
+    Returns:
+        The backbone part of the written model, in memory; ``None`` for a base written as its checkpoint.
     """
     base_name, family, load = recorded_base(record, base, family, torch_dtype, gguf_file)
+    if isinstance(loaded, CheckpointBase):  # checked against the recorded fingerprint when it was opened
+        loaded.add(lam, deltas() if callable(deltas) else deltas, source)
+        needed = loaded.nbytes() + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE
+        check_free_space({output: needed}, "merged model")
+        more = extra() if callable(extra) else extra
+        out_record = {**record, **load, "lam": lam, **more, "save_as": "model", "architecture": loaded.architecture,
+                      "backbone_prefix": loaded.prefix}  # fmt: skip
+        write_folder(
+            output, loaded.save, tokenizer_of=base_name, heads=heads,
+            record=out_record,
+        )  # fmt: skip
+        return None
     if loaded is None:
         estimate = estimate_model_bytes(base_name, **load)
         if estimate is not None:
@@ -349,9 +368,7 @@ def write_model_folder(
         "architecture": type(model).__name__,
         "backbone_prefix": prefix,
     }
-    write_folder(
-        output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=heads, record=out_record
-    )
+    write_folder(output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=heads, record=out_record)
     return backbone
 
 
@@ -399,7 +416,13 @@ def merge_to_model(
     lam = check_lam(lam)
     loaded: list[Any] = []
 
-    def base_state(name: str, fam: str, load: Mapping[str, str | None]) -> Mapping[str, torch.Tensor]:
+    def base_state(
+        name: str, fam: str, load: Mapping[str, str | None], expected: Sequence[str]
+    ) -> Mapping[str, torch.Tensor]:
+        checkpoint = open_checkpoint_base(name, fam, load, expected, max_shard_size)
+        if checkpoint is not None:  # no model class needed: its tensors go out under their own names
+            loaded.append(checkpoint)
+            return checkpoint.backbone_state()
         model, prefix, state = load_base_with_backbone(name, fam, load)
         loaded.append((model, prefix))
         return state

@@ -74,8 +74,8 @@ NOT_FOR_A_FIXED_LAM = ("lightning", "datasets", "torchmetrics", "matplotlib", "p
 
 
 def test_a_fixed_lam_merge_imports_nothing_it_does_not_use(dense_tvs: list, tmp_path) -> None:
-    """A merge at a fixed λ loads and saves the model with transformers (its model class is the folder's writer),
-    but imports none of ``NOT_FOR_A_FIXED_LAM``."""
+    """A merge at a fixed λ imports transformers (the backbone's loader module names its classes; a base its own
+    checkpoint cannot stand for is loaded and saved through its model class), but none of ``NOT_FOR_A_FIXED_LAM``."""
     tvs, out = "[" + ",".join(map(str, dense_tvs)) + "]", str(tmp_path / "out")
     args = ["merge", "--task_vectors", tvs, "--method", "task_arithmetic", "--lam", "0.5", "--output", out]
     probed = ",".join((*NOT_FOR_A_FIXED_LAM, "transformers"))

@@ -151,8 +151,9 @@ def run(tmp_path_factory) -> dict:
     experts = {
         "lora": lora,
         "lora_stats": with_random_statistics(lora, root / "tvs_lora_stats"),
-        "lora_data": write_task_vectors(decoder, root / "tvs_lora_data", 2, kind="lora", family="decoder", rank=3,
-                                        scale=0.05, tasks=list(data)),  # fmt: skip
+        "lora_data": write_task_vectors(
+            decoder, root / "tvs_lora_data", 2, kind="lora", family="decoder", rank=3, scale=0.05, tasks=list(data)
+        ),  # fmt: skip
     }
     _with_heads(experts["lora_data"], "decoder")
     tasks = ["--tasks", _tvs(list(data.values()))]

@@ -104,20 +104,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 KILLER = """
 import os, signal, sys
 from drm_lightning.io import shards
-from drm_lightning.export import folder_writer, model_folder
+from drm_lightning.export import checkpoint_base, folder_writer, model_folder
 
 phase, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-if phase == "merge":
-    add_all = model_folder.add_merged_delta
+def counted(deltas):
+    for i, item in enumerate(deltas, 1):
+        yield item
+        if i == k:
+            die()
+if phase == "merge":  # whichever way the base is merged into: its model class or its own checkpoint
+    add_all, add_to_checkpoint = model_folder.add_merged_delta, checkpoint_base.CheckpointBase.add
     def add_then_die(model, merged, lam, *, deltas=None):
-        def counted():
-            for i, item in enumerate(deltas, 1):
-                yield item
-                if i == k:
-                    die()
-        return add_all(model, merged, lam, deltas=counted())
+        return add_all(model, merged, lam, deltas=counted(deltas))
+    def add_to_checkpoint_then_die(self, lam, deltas, source):
+        return add_to_checkpoint(self, lam, counted(deltas), source)
     model_folder.add_merged_delta = add_then_die
+    checkpoint_base.CheckpointBase.add = add_to_checkpoint_then_die
 elif phase in ("delta", "search"):
     if phase == "search":
         from drm_lightning.commands import merge as merge_command

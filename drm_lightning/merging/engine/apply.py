@@ -59,12 +59,19 @@ def add_merged_delta(
         if storage in done:
             continue
         done.add(storage)
-        delta = delta.to(target.device)
-        if target.dtype == torch.float32:
-            target.add_(delta, alpha=lam)
-        else:
-            target.copy_((target.float() + lam * delta).to(target.dtype))
+        add_scaled_(target, delta, lam)
     return model
+
+
+@torch.no_grad()
+def add_scaled_(target: torch.Tensor, delta: torch.Tensor, lam: float) -> None:
+    """``target += lam · delta`` in place: float32 directly, any other dtype in float32 and rounded once (so a bf16
+    base does not accumulate two roundings). Every writer of merged weights adds through here, so their bytes agree."""
+    delta = delta.to(target.device)
+    if target.dtype == torch.float32:
+        target.add_(delta, alpha=lam)
+    else:
+        target.copy_((target.float() + lam * delta).to(target.dtype))
 
 
 def check_lam(lam: float) -> float:

@@ -191,7 +191,7 @@ def prepare_merge(
     output: str | os.PathLike[str] | None = None,
     torch_dtype: str | torch.dtype | None = None,
     gguf_file: str | None = None,
-    base_state: Callable[[str, str, Mapping[str, str | None]], Mapping[str, torch.Tensor]] | None = None,
+    base_state: Callable[[str, str, Mapping[str, str | None], Sequence[str]], Mapping[str, torch.Tensor]] | None = None,
     block_by_block: bool = False,
 ) -> MergeSetup:
     """Validate every input and plan the merge; reads headers and the base model, never a delta.
@@ -200,10 +200,12 @@ def prepare_merge(
     method and parameters, coefficients, device, output, every meta.json and safetensors header, fingerprint
     agreement between task vectors, free space for ``output`` (``check_merge_space``), then the base model's own
     fingerprint, and every key/shape against it. The base is loaded with ``torch_dtype`` / ``gguf_file``, by
-    default the ones the task vectors record (``base_load_options``). ``base_state(base, family, load)``, when given,
-    loads it instead and returns the backbone's ``state_dict()`` (``merger.merge_to_model`` loads the whole model
-    there once, and merges into it). ``block_by_block``: the caller is ``evaluation/block_merge.py``, which runs the
-    methods whose Grams depend on the merge (``MergeMethod.block_by_block``); every other caller gets them refused.
+    default the ones the task vectors record (``base_load_options``). ``base_state(base, family, load, expected)``,
+    when given, loads it instead and returns the backbone's ``state_dict()`` (``model_folder.merge_to_model`` loads
+    the whole base there once, and merges into it; ``expected``: the fingerprints the task vectors recorded, which
+    the state is checked against here all the same). ``block_by_block``: the caller is ``evaluation/block_merge.py``,
+    which runs the methods whose Grams depend on the merge (``MergeMethod.block_by_block``); every other caller gets
+    them refused.
 
     Raises:
         ValueError: (or ``TaskVectorError``) naming the argument, file or key at fault.
@@ -250,7 +252,7 @@ def prepare_merge(
     state = (
         load_backbone(base_name, family, **load).state_dict()
         if base_state is None
-        else base_state(base_name, family, load)
+        else base_state(base_name, family, load, expected_fps)
     )
     base_fp = fingerprint_state(state)
     mismatched = [fp for fp in expected_fps if not fingerprint_matches(state, fp)]
