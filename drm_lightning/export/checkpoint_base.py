@@ -9,21 +9,20 @@ are written as ``save_pretrained`` writes a model of one shard (``model.safetens
 metadata), next to the base's own ``config.json`` and ``generation_config.json`` copied byte for byte.
 
 When it is used (``open_checkpoint_base`` returns ``None`` otherwise, and the model class path runs): the base is a
-local folder with ``config.json`` naming its ``architectures`` and a ``model_type`` that ``transformers`` defines (no
-``auto_map``: code in the folder is never trusted, and the model class path refuses it in one line); its safetensors
-weights fit in one output shard (``max_shard_size``: ``save_pretrained`` cuts shards in its modules' order, which a
-checkpoint does not keep); no GGUF file; every floating tensor is stored in one dtype that is also the config's
-``dtype`` and the requested ``torch_dtype`` (so loading would cast nothing); and the tensors under some prefix (``""``,
-``"model."``, ...; for encoder and vision families also without the ``pooler.*`` that ``load_backbone`` leaves out) have
-exactly the fingerprint the task vectors recorded: the names, dtypes, shapes and sampled values of the backbone
-``load_backbone`` built. That check is what makes both paths write the same bytes
-(``tests/export/test_checkpoint_base.py`` compares them per architecture): anything ``transformers`` renames, ties or
-converts on load (T5's shared embeddings, ViT's stored ``encoder.layer.*`` names, a CLIP tower inside ``CLIPModel``)
-changes the names and so goes the model class way, as does a file that stores a tied weight twice. The folder's
-``merge.json`` records the class the config names first (``architecture``) and the prefix (``backbone_prefix``), as the
-other path does. One difference remains by design: a base folder without ``generation_config.json`` gets none here,
-where ``save_pretrained`` of a generating model derives one from its config (``transformers`` derives the same one when
-it loads the folder).
+local folder with ``config.json`` naming its ``architectures`` and no ``auto_map`` (code in the folder is never trusted:
+the model class path refuses it in one line); its safetensors weights fit in one output shard (``max_shard_size``:
+``save_pretrained`` cuts shards in its modules' order, which a checkpoint does not keep); no GGUF file; every floating
+tensor is stored in one dtype that is also the config's ``dtype`` and the requested ``torch_dtype`` (so loading would
+cast nothing); and the tensors under some prefix (``""``, ``"model."``, ...; for encoder and vision families also
+without the ``pooler.*`` that ``load_backbone`` leaves out) have exactly the fingerprint the task vectors recorded: the
+names, dtypes, shapes and sampled values of the backbone ``load_backbone`` built. That check is what makes both paths
+write the same bytes (``tests/export/test_checkpoint_base.py`` compares them per architecture): anything
+``transformers`` renames, ties or converts on load (T5's shared embeddings, ViT's stored ``encoder.layer.*`` names, a
+CLIP tower inside ``CLIPModel``) changes the names and so goes the model class way, as does a file that stores a tied
+weight twice. The folder's ``merge.json`` records the class the config names first (``architecture``) and the prefix
+(``backbone_prefix``), as the other path does. One difference remains by design: a base folder without
+``generation_config.json`` gets none here, where ``save_pretrained`` of a generating model derives one from its config
+(``transformers`` derives the same one when it loads the folder).
 """
 
 from __future__ import annotations
@@ -135,7 +134,7 @@ def open_checkpoint_base(
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
         return None
-    if "auto_map" in config or config.get("model_type") not in _known_model_types():
+    if "auto_map" in config:
         return None  # a model only its own code defines: the model class path refuses it in one line
     limit = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
     if weights.nbytes() > limit:
@@ -176,10 +175,3 @@ def _stores_a_tie(tensors: Mapping[str, torch.Tensor], backbone: Sequence[str]) 
 
 def _sample_key(tensor: torch.Tensor) -> str:
     return fingerprint_state({"": tensor})
-
-
-def _known_model_types() -> set[str]:
-    """The ``model_type`` values ``transformers`` defines itself (a name table: no model module is imported)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    return set(CONFIG_MAPPING_NAMES)

@@ -32,11 +32,11 @@ def save_tokenizer(base: str, folder: Path) -> bool:
     A local base folder without any of ``TOKENIZER_CORE_FILES`` has none (``AutoTokenizer`` would build an empty one
     from a CLIP folder's image-processor config alone).
     """
-    from transformers import AutoTokenizer
-
     path = resolve_pretrained(base)
     if Path(path).is_dir() and not tokenizer_files(path, TOKENIZER_CORE_FILES):
         return False
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):  # a hub model without a tokenizer, or an image model's folder
