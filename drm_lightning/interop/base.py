@@ -106,7 +106,24 @@ def describe_base(base: str, family: str | None = None) -> BaseInfo:
     return BaseInfo(recorded_name(base), folder, config, family, shapes, prefix, embeddings, rename)
 
 
+#: The last skeletons built, by (folder, family, config.json text): a merge of T experts of one base describes that
+#: base T times, and each meta-device build costs a fraction of a second (the first also imports the model's module).
+_SKELETONS: dict[tuple[str, str, str], tuple[dict[str, tuple[int, ...]], str, list[str], Rename]] = {}
+_SKELETONS_KEPT = 4
+
+
 def _skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], str, list[str], Rename]:
+    """``_build_skeleton``, remembered for the same folder, family and config text (a rewritten config is rebuilt)."""
+    key = (str(folder.resolve()), family, (folder / "config.json").read_text(encoding="utf-8"))
+    if key not in _SKELETONS:
+        while len(_SKELETONS) >= _SKELETONS_KEPT:
+            _SKELETONS.pop(next(iter(_SKELETONS)))
+        _SKELETONS[key] = _build_skeleton(folder, family)
+    shapes, prefix, embeddings, rename = _SKELETONS[key]
+    return dict(shapes), prefix, list(embeddings), rename
+
+
+def _build_skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], str, list[str], Rename]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from drm_lightning.models.backbone import POOLED_FAMILIES, accepts_pooling_flag

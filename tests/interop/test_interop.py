@@ -355,3 +355,21 @@ def test_a_task_vector_beside_a_model_folder_names_the_base(experts: dict[str, P
     assert main([*args, str(tmp_path / "merged")]) == 0
     record = json.loads((tmp_path / "merged" / "merge.json").read_text())
     assert record["base_model"] == str(experts["bert_base"].resolve())
+
+
+def test_a_base_rewritten_in_place_is_described_afresh(tmp_path: Path) -> None:
+    """``describe_base`` remembers skeletons (a merge of T experts describes one base T times), but by the config's
+    text: a base folder rewritten with another size is never described from the stale skeleton."""
+    from drm_lightning.interop.base import describe_base
+    from tests.helpers.merge_inputs import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "base", "bert")
+    first = describe_base(str(folder), "encoder")
+    assert describe_base(str(folder), "encoder").shapes == first.shapes
+    build_tiny_model(folder, "bert", hidden_size=48)
+    again = describe_base(str(folder), "encoder")
+    assert (
+        again.shapes["embeddings.word_embeddings.weight"][1]
+        == 48
+        != first.shapes["embeddings.word_embeddings.weight"][1]
+    )
