@@ -178,6 +178,7 @@ BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
     ("inf", lambda: F.task_arithmetic(INF), r"deltas\[2\] contains NaN or Inf"),
     ("-inf", lambda: F.iso_cts(NEG_INF), r"deltas\[0\] contains NaN or Inf"),
     ("nan bfloat16", lambda: F.ties([x.bfloat16() for x in NAN]), r"deltas\[1\] contains NaN or Inf"),
+    ("inf and -inf", lambda: F.task_arithmetic([torch.tensor([math.inf, -math.inf])]), r"deltas\[0\].*NaN or Inf"),
     (
         "inf factor",
         lambda: F.iso_c([LowRankDelta(torch.full((6, 1), math.inf), torch.ones(1, 5))]),
@@ -210,6 +211,15 @@ BAD_ARGS: list[tuple[str, Callable[[], Any], str]] = [
 def test_bad_arguments_raise_value_error_naming_them(call: Callable[[], Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_finite_deltas_whose_sum_overflows_are_not_mistaken_for_inf(method: str) -> None:
+    """The finiteness check sums first (one cheap reduction); a float32 sum that overflows on finite values must fall
+    back to the exact test, not refuse the deltas."""
+    big = torch.full((4,), 3e38)
+    merged = getattr(F, method)([big, -big], density=1.0) if method == "ties" else getattr(F, method)([big, -big])
+    assert torch.isfinite(merged).all()
 
 
 # --------------------------------------------------------------------------------------------------------------------
