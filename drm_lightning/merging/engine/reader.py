@@ -2,8 +2,8 @@
 
 Why lazy: a merge of T experts of an 8B model must never hold T models in memory. The reader keeps only the
 safetensors header (names, shapes, dtypes, byte offsets; validated by ``safe_open`` when the reader is made) and
-reads each tensor's bytes with one positioned read into a fresh tensor (``io.safetensors.read_tensor``; why not a
-memory map is said there). A plain read makes exactly the tensor's bytes resident, freed with it.
+maps each tensor's pages when it is asked for (``io.safetensors.map_tensor``: a private mapping of that tensor only,
+not of the file, so exactly its bytes are resident and only while the tensor lives).
 
 Why validate here: a task vector taken against another model (or with a typo'd key) would otherwise merge silently
 into garbage or fail deep inside a decomposition. Everything that the header alone can tell (unknown keys, shapes,
@@ -22,7 +22,14 @@ from typing import BinaryIO
 
 import torch
 
-from drm_lightning.io.safetensors import FLOAT_CODES, TensorInfo, open_safetensors, read_header, read_tensor
+from drm_lightning.io.safetensors import (
+    FLOAT_CODES,
+    TensorInfo,
+    map_tensor,
+    open_safetensors,
+    read_header,
+    read_tensor,
+)
 from drm_lightning.io.statistics import StatisticsMeta, read_statistics_meta
 from drm_lightning.io.task_vector import (
     DELTAS_FILE,
@@ -258,7 +265,7 @@ class TaskVectorReader:
         return LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
 
     def _read(self, handle: BinaryIO, key: str) -> torch.Tensor:
-        tensor = read_tensor(handle, self._header[key], key, error=TaskVectorError)
+        tensor = map_tensor(handle, self._header[key], key, error=TaskVectorError)
         check_finite(tensor, f"{self.path}: key {key!r}")
         return tensor
 
