@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Idle OpenMP threads sleep instead of spinning. Why: with torch's default of one intra-op thread per core, every
-# parallel region ends in a barrier where the finished threads spin (GNU OpenMP's default ACTIVE policy) for the one
-# that was descheduled; on a CPU that other jobs share, that spin takes the cores the late thread needs. Measured on
-# the 2-core project machine at load average 11-15: the quickstart's DRM-V merge took 307 s of matrix time with 2
-# threads and 27 s with 1; with PASSIVE, 32 s with 2 threads (benchmarks/README.md). It is read once, when the
-# OpenMP runtime loads with torch, so it is set here, before anything imports torch; a value the user set wins.
+# Idle OpenMP threads spin only briefly, then sleep. Why: with torch's default of one intra-op thread per core, every
+# parallel region ends in a barrier where the finished threads wait for the others. GNU OpenMP's default spins for
+# 300,000 iterations: on a CPU that other jobs share, that spin takes the cores a descheduled thread needs (the
+# quickstart's DRM-V merge: 307 s of matrix time with 2 threads, 27 s with 1, at load average 11-15). Sleeping at
+# once (PASSIVE) fixes that but wakes a thread at every one of the thousands of short regions of a merge, which on
+# an idle machine made the merges 2-3x slower. A short spin (3,000 iterations, microseconds) is as fast as spinning
+# when idle and as PASSIVE under load (benchmarks/README.md "Threads"). Both are read once, when the OpenMP runtime
+# loads with torch, so they are set here, before anything imports torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 # A process group still alive at exit is destroyed before the interpreter tears down (exit_cleanup: gloo aborts).
 from drm_lightning import exit_cleanup as _exit_cleanup  # noqa: E402

@@ -168,6 +168,8 @@ def map_tensor(
         raise error(f"{info.file}: tensor {name!r}: file ends before byte {info.end} (truncated?)")
     first = info.start - info.start % mmap.ALLOCATIONGRANULARITY
     mapped = mmap.mmap(handle.fileno(), info.end - first, offset=first, access=mmap.ACCESS_COPY)
+    if hasattr(mmap, "MADV_WILLNEED"):  # the kernel starts reading a file not in its cache now, not at first touch
+        mapped.madvise(mmap.MADV_WILLNEED)
     count = info.nbytes // dtype.itemsize
     return torch.frombuffer(mapped, dtype=dtype, count=count, offset=info.start - first).reshape(info.shape)
 

@@ -1,4 +1,5 @@
-"""``import drm_lightning`` asks OpenMP for sleeping idle threads before torch (and its OpenMP runtime) loads.
+"""``import drm_lightning`` asks OpenMP for idle threads that spin briefly, then sleep, before torch (and its OpenMP
+runtime) loads.
 
 Why it matters and the measurement: the comment in ``drm_lightning/__init__.py``. The runtime reads
 ``OMP_WAIT_POLICY`` once, when it is loaded, so the test checks the order in a fresh interpreter: at the moment
@@ -23,7 +24,7 @@ PROBE = textwrap.dedent(
 
         def find_spec(self, name, path=None, target=None):
             if name == "torch" and Probe.seen == "torch never imported":
-                Probe.seen = os.environ.get("OMP_WAIT_POLICY")
+                Probe.seen = f"{os.environ.get('OMP_WAIT_POLICY')},{os.environ.get('GOMP_SPINCOUNT')}"
             return None
 
     sys.meta_path.insert(0, Probe())
@@ -34,11 +35,17 @@ PROBE = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_wait_policy_is_set_before_torch_loads(preset: str | None, expected: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if preset is not None:
-        env["OMP_WAIT_POLICY"] = preset
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ({}, "PASSIVE,3000"),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE,3000"),
+        ({"GOMP_SPINCOUNT": "0"}, "PASSIVE,0"),
+    ],
+)
+def test_wait_policy_is_set_before_torch_loads(preset: dict[str, str], expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(preset)
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == f"{expected} True"

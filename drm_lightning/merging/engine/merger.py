@@ -48,6 +48,7 @@ from drm_lightning.merging.engine.plan import MergePlan, PlanEntry, summarize
 from drm_lightning.merging.engine.reader import TaskVectorReader
 from drm_lightning.merging.engine.record import copy_heads, write_merge_record
 from drm_lightning.merging.engine.setup import MergeSetup, prepare_merge
+from drm_lightning.merging.methods.inputs import inputs_checked
 from drm_lightning.merging.methods.spec import MergeMethod
 
 
@@ -143,7 +144,9 @@ def stream_merged(
     work = [e for e in entries if e.rule != "skip"]
 
     def read(entry: PlanEntry) -> tuple[list, list[torch.Tensor] | None]:
-        raw = [reader.get(entry.name, entry.shape) for reader in readers]
+        # mapped only: the NaN/Inf pass runs in the merging thread (below), so no arithmetic runs in two threads,
+        # each with its own OpenMP team fighting for the same cores
+        raw = [reader.get(entry.name, entry.shape, check=False) for reader in readers]
         if all(d is None for d in raw):
             return raw, None
         if not (method.needs_statistics and entry.rule == "matrix"):
@@ -160,7 +163,10 @@ def stream_merged(
             t1 = time.perf_counter()
             timings["read"] += t1 - t0  # the time the merge waited for its inputs
             if any(d is not None for d in raw):
-                out = merge_entry(entry, raw, grams, method, param_sets, merge, device)
+                for reader, delta in zip(readers, raw, strict=True):
+                    reader.check(entry.name, delta)
+                with inputs_checked():  # the methods' own NaN/Inf pass would repeat the one just made
+                    out = merge_entry(entry, raw, grams, method, param_sets, merge, device)
                 del raw, grams  # the prefetch thread reads one more parameter once the next is asked for
                 timings[entry.rule] += time.perf_counter() - t1
                 yield entry.name, out

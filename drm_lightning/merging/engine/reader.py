@@ -18,7 +18,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -245,8 +244,13 @@ class TaskVectorReader:
                 f"{self.path}: key {key!r} has dtype {dtype}, expected a float dtype {sorted(FLOAT_CODES)}"
             )
 
-    def get(self, name: str, base_shape: Sequence[int]) -> torch.Tensor | LowRankDelta | None:
+    def get(self, name: str, base_shape: Sequence[int], *, check: bool = True) -> torch.Tensor | LowRankDelta | None:
         """The delta of ``name`` on CPU as stored (dense tensor or LoRA factors), or ``None`` for a zero delta.
+
+        Args:
+            check: look for NaN/Inf now (``check``); ``False`` leaves it to the caller, which must call ``check``
+                before using the values (the merge's read-ahead thread maps the delta, the merging thread checks
+                it, so no arithmetic runs in two threads at once).
 
         Raises:
             TaskVectorError: shape/rank mismatch with ``base_shape``, or NaN/Inf values (naming file and key).
@@ -257,17 +261,28 @@ class TaskVectorReader:
         self._check_header(name, base_shape)
         keys = (self._dense[name],) if name in self._dense else self._lora[name]
         with open(self.path, "rb") as f:
-            tensors = [self._read(f, key) for key in keys]
+            tensors = [map_tensor(f, self._header[key], key, error=TaskVectorError) for key in keys]
         if name in self._dense:
-            return tensors[0]
-        lora_a, lora_b = tensors
-        assert self.meta.lora is not None  # _check_header verified the rank against it
-        return LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
+            delta: torch.Tensor | LowRankDelta = tensors[0]
+        else:
+            lora_a, lora_b = tensors
+            assert self.meta.lora is not None  # _check_header verified the rank against it
+            delta = LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
+        if check:
+            self.check(name, delta)
+        return delta
 
-    def _read(self, handle: BinaryIO, key: str) -> torch.Tensor:
-        tensor = map_tensor(handle, self._header[key], key, error=TaskVectorError)
-        check_finite(tensor, f"{self.path}: key {key!r}")
-        return tensor
+    def check(self, name: str, delta: torch.Tensor | LowRankDelta | None) -> None:
+        """Raise ``TaskVectorError`` naming the file and key if ``delta`` (``get``'s value for ``name``) holds NaN or
+        Inf."""
+        if delta is None:
+            return
+        if isinstance(delta, torch.Tensor):
+            check_finite(delta, f"{self.path}: key {self._dense[name]!r}")
+            return
+        key_a, key_b = self._lora[name]
+        check_finite(delta.A, f"{self.path}: key {key_a!r}")
+        check_finite(delta.B, f"{self.path}: key {key_b!r}")
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:

@@ -11,7 +11,9 @@ float64 ``[T]`` tensor. Bad arguments raise ``ValueError`` naming the method, th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -112,11 +114,28 @@ class Flat:
         return torch.empty(self.shape.numel(), dtype=out_dtype or self.dtype, device=self.device)
 
 
+#: Set while the caller has already checked every delta for NaN/Inf (``inputs_checked``).
+_CHECKED: ContextVar[bool] = ContextVar("drm_lightning_inputs_checked", default=False)
+
+
+@contextmanager
+def inputs_checked() -> Iterator[None]:
+    """Within it, the elementwise methods skip their own NaN/Inf pass over the deltas: for a caller that checked each
+    one already and says where a bad value lies (the merge engine: ``TaskVectorReader.check`` names the file and key),
+    so a merge reads every delta once for the check, not twice. Everything else is validated as always."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def prepare_flat(method: str, deltas: Any) -> Flat:
-    """Validate ``deltas`` for an elementwise method, with the finiteness check and without a float64 stack."""
+    """Validate ``deltas`` for an elementwise method, with the finiteness check (unless ``inputs_checked``) and
+    without a float64 stack."""
     items, shape, dtype, device = _validate(method, deltas, False)
     flats = [(item.dense(_F64) if isinstance(item, LowRankDelta) else item).reshape(-1) for item in items]
-    for i, flat in enumerate(flats):
+    for i, flat in enumerate([] if _CHECKED.get() else flats):
         # one reduction (a sum: any NaN/Inf makes it non-finite), the exact test only when it is not finite
         if flat.numel() and not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
             raise ValueError(f"{method}: deltas[{i}] contains NaN or Inf")
