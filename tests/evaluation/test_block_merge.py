@@ -37,13 +37,16 @@ ALPHA = 0.95
 
 
 class _Reader:
-    """A task vector in memory (what the merge loop reads: ``task``, ``get``)."""
+    """A task vector in memory (what the merge loop reads: ``task``, ``get``, ``check``)."""
 
     def __init__(self, task: str, deltas: dict[str, torch.Tensor]) -> None:
         self.task, self.deltas, self.folder = task, deltas, Path(task)
 
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def get(self, name: str, shape: tuple[int, ...], *, check: bool = True) -> torch.Tensor | None:
         return self.deltas.get(name)
+
+    def check(self, name: str, delta: torch.Tensor | None) -> None:
+        assert delta is None or bool(torch.isfinite(delta).all())
 
 
 def _two_layers(tasks: int, seed: int) -> tuple[nn.Sequential, list[_Reader], list[torch.Tensor]]:

@@ -1,18 +1,22 @@
-"""``io.safetensors.map_tensor``, how the merge reads each delta: the same values as a positioned read for every dtype
-and layout, a private mapping (writing to the tensor never touches the file), released with the tensor, and a file
-truncated after its header was read is one error line, never a crash on first touch.
+"""How the merge reads each delta: ``io.safetensors.map_tensor`` gives the same values as a positioned read for every
+dtype and layout, a private mapping (writing to the tensor never touches the file), released with the tensor, and a
+file truncated after its header was read is one error line, never a crash on first touch; each delta is checked for
+NaN/Inf once, in the merging thread (``TaskVectorReader.check``, the methods' own pass skipped under
+``inputs_checked``).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
+import re
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from drm_lightning.io.safetensors import SafetensorsError, map_tensor, read_header, read_tensor
 
@@ -96,3 +100,52 @@ def test_a_file_truncated_after_its_header_was_read_is_one_error(stored: Path) -
         f.truncate(info.end - 1)
         with pytest.raises(SafetensorsError, match=r"t\.safetensors: tensor 'pages': file ends before byte"):
             map_tensor(f, info, "pages")
+
+
+# ------------------------------------------------------------------------------------------ checked once, where used
+
+
+@pytest.mark.parametrize("kind", ["dense", "lora"])
+def test_a_delta_read_unchecked_is_checked_by_check_naming_its_file_and_key(tmp_path: Path, kind: str) -> None:
+    """The merge's read-ahead thread maps deltas with ``check=False``; ``check`` (in the merging thread) then names the
+    file and the key holding NaN, as ``get`` itself does."""
+    from drm_lightning.io.task_vector import DELTAS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, TaskVectorError
+    from drm_lightning.merging.engine.reader import TaskVectorReader
+    from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
+
+    (tv,) = write_task_vectors(build_tiny_model(tmp_path / "base"), tmp_path / "tv", 1, kind=kind)
+    path = tv / DELTAS_FILE
+    tensors = {k: v.clone() for k, v in load_file(path).items()}
+    key = next(k for k in sorted(tensors) if k.endswith(LORA_A_SUFFIX if kind == "lora" else ".weight"))
+    tensors[key].view(-1)[3] = math.nan
+    save_file(tensors, str(path))
+    name = key.removesuffix(LORA_A_SUFFIX)
+    if kind == "lora":
+        shape = (tensors[name + LORA_B_SUFFIX].shape[0], tensors[key].shape[1])
+    else:
+        shape = tuple(tensors[name].shape)
+    reader = TaskVectorReader(tv)
+    delta = reader.get(name, shape, check=False)  # no error yet
+    with pytest.raises(
+        TaskVectorError, match=rf"task_vector\.safetensors: key {re.escape(repr(key))} has 1 non-finite"
+    ):
+        reader.check(name, delta)
+    with pytest.raises(TaskVectorError, match=re.escape(repr(key))):
+        reader.get(name, shape)
+
+
+def test_inside_inputs_checked_the_methods_skip_only_their_nan_pass() -> None:
+    """``inputs_checked`` is the engine's promise that every delta was checked; the methods then skip their own pass
+    (and nothing else: a shape mismatch is still refused)."""
+    from drm_lightning.merging import functional as F
+    from drm_lightning.merging.methods.inputs import inputs_checked
+
+    bad = [torch.ones(3), torch.tensor([1.0, math.nan, 0.0])]
+    with pytest.raises(ValueError, match=r"deltas\[1\] contains NaN or Inf"):
+        F.task_arithmetic(bad)
+    with inputs_checked():
+        assert torch.isnan(F.task_arithmetic(bad)[1])
+        with pytest.raises(ValueError, match=r"deltas\[1\] has shape"):
+            F.task_arithmetic([torch.ones(3), torch.ones(4)])
+    with pytest.raises(ValueError, match="NaN or Inf"):  # and only inside it
+        F.task_arithmetic(bad)
