@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from drm_lightning.io.json_file import read_json_object
-from drm_lightning.io.safetensors import TensorInfo, read_header, read_tensor
+from drm_lightning.io.safetensors import TensorInfo, map_tensor, read_header, read_tensor
 from drm_lightning.models.resolve import resolve_pretrained
 
 
@@ -101,6 +101,13 @@ class SafetensorsFolder:
         info = self.tensors[name]
         with open(info.file, "rb") as handle:
             return read_tensor(handle, info, name, error=CheckpointError)
+
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as stored, mapped from its file rather than copied (``io.safetensors.map_tensor``): for a
+        tensor read, used and dropped (a conversion's fine-tuned weights), not for a whole model held at once."""
+        info = self.tensors[name]
+        with open(info.file, "rb") as handle:
+            return map_tensor(handle, info, name, error=CheckpointError)
 
     def iter_read(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
