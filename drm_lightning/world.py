@@ -222,10 +222,14 @@ def trace(message: str) -> None:
     """One line on stderr under ``DRM_LIGHTNING_TRACE=1``, prefixed with the launcher's rank and the pid.
 
     Why: a multi-process failure is read from one log of interleaved ranks; tracing every rank's task list and
-    every exchange's payload shows which rank decided what (how the lost-task race was found).
+    every exchange's payload shows which rank decided what (how the lost-task race was found). Why one ``write``
+    with its newline, not ``print``: ``print`` writes the text and the newline separately, so two ranks tracing at
+    the same moment into one log could leave a line glued to the other rank's (a stress run's test then missed a
+    rank's "stage merging" line); one short write to a shared file lands whole.
     """
     if os.environ.get(TRACE_ENV) == "1":
-        print(f"[trace pid {os.getpid()}] {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"[trace pid {os.getpid()}] {message}\n")
+        sys.stderr.flush()
 
 
 def failure_status(err: BaseException) -> dict[str, Any]:

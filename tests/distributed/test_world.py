@@ -137,3 +137,28 @@ def test_the_ranks_that_never_joined_are_named_once_the_join_bound_has_passed(mo
     other, why = stops[-1]
     assert other is None and why.startswith("ranks 1, 3 never joined: no sign of them"), why
     assert f"127.0.0.1:{store.port} 30 s after rank 0 arrived (DRM_LIGHTNING_JOIN_S" in why, why
+
+
+def test_a_trace_line_is_written_whole_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks trace into one shared log: a line written in pieces (``print``'s text, then its newline) could be glued to
+    another rank's line written in between, and a test waiting for ``... stage merging / drm_v\\n`` would miss it."""
+    import io
+    import sys
+
+    from drm_lightning.world import TRACE_ENV, trace
+
+    class Recorder(io.StringIO):
+        writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stderr", recorder)
+    monkeypatch.setenv(TRACE_ENV, "1")
+    trace("stage merging / drm_v")
+    assert len(recorder.writes) == 1 and recorder.writes[0].endswith("] stage merging / drm_v\n")
+    monkeypatch.setenv(TRACE_ENV, "0")
+    trace("not traced")
+    assert len(recorder.writes) == 1
