@@ -8,6 +8,7 @@ folder is still the same. One table over architectures, each base built and save
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -261,3 +262,45 @@ def test_a_merge_from_the_checkpoint_imports_no_model_class(
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+_LOAD = """
+import sys
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+expected = load_file(sys.argv[2])
+state = model.state_dict()
+assert "drm_lightning" not in sys.modules
+for key, value in expected.items():
+    torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6)
+print("loaded", len(expected))
+"""
+
+
+def test_the_folder_written_from_the_checkpoint_loads_in_plain_transformers(
+    built: Callable[[str], tuple[Path, list[Path]]], tmp_path: Path
+) -> None:
+    """In a process that never imports drm_lightning, ``AutoModelForCausalLM`` loads the folder, and its weights are
+    ``W_0 + λ·Σ_i Δ_i`` (Task Arithmetic) computed here from the files."""
+    from safetensors.torch import load_file, save_file
+
+    base, tvs = built("llama-causal-untied")
+    out = tmp_path / "out"
+    merge_to_model(tvs, "task_arithmetic", out, LAM, progress=False)
+    stored = load_file(base / "model.safetensors")
+    deltas = [load_file(tv / "task_vector.safetensors") for tv in tvs]
+    expected = {
+        f"model.{name}": stored[f"model.{name}"] + LAM * sum(d[name] for d in deltas)
+        for name in ("layers.0.self_attn.q_proj.weight", "norm.weight", "embed_tokens.weight")
+    }
+    expected["lm_head.weight"] = stored["lm_head.weight"]  # not in the backbone: as stored
+    save_file(expected, str(tmp_path / "expected.safetensors"))
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(out), str(tmp_path / "expected.safetensors")],
+        capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "4"
