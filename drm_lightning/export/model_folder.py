@@ -326,38 +326,31 @@ def write_model_folder(
         The backbone part of the written model, in memory; ``None`` for a base written as its checkpoint.
     """
     base_name, family, load = recorded_base(record, base, family, torch_dtype, gguf_file)
+    backbone: nn.Module | None = None
     if isinstance(loaded, CheckpointBase):  # checked against the recorded fingerprint when it was opened
         loaded.add(lam, deltas() if callable(deltas) else deltas, source)
-        needed = loaded.nbytes() + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE
-        check_free_space({output: needed}, "merged model")
-        more = extra() if callable(extra) else extra
-        out_record = {**record, **load, "lam": lam, **more, "save_as": "model", "architecture": loaded.architecture,
-                      "backbone_prefix": loaded.prefix}  # fmt: skip
-        write_folder(
-            output, loaded.save, tokenizer_of=base_name, heads=heads,
-            record=out_record,
-        )  # fmt: skip
-        return None
-    if loaded is None:
-        estimate = estimate_model_bytes(base_name, **load)
-        if estimate is not None:
-            check_free_space({output: estimate + heads_bytes}, "merged model")
-        model, prefix = load_full_base(base_name, family, names, **load)
+        weights, architecture, prefix, size = loaded.save, loaded.architecture, loaded.prefix, loaded.nbytes()
     else:
-        model, prefix = loaded
-    config = _config(resolve_pretrained(base_name), load["gguf_file"])
-    backbone = model.get_submodule(prefix[:-1]) if prefix else model
-    actual = backbone_fingerprint(backbone, config, family, scheme_of(record["base_fingerprint"]))
-    if actual != record["base_fingerprint"]:
-        raise ValueError(
-            f"base model {base_name!r} {describe_load(load)} has fingerprint {actual}, but {where} was "
-            f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing to "
-            "apply"
-        )
-    stream = deltas() if callable(deltas) else deltas
-    add_merged_delta(backbone, source, lam, deltas=stream)  # the evaluation's arithmetic: MergedBackbone.at's bytes
-    needed = model_bytes(model) + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE
-    check_free_space({output: needed}, "merged model")
+        if loaded is None:
+            estimate = estimate_model_bytes(base_name, **load)
+            if estimate is not None:
+                check_free_space({output: estimate + heads_bytes}, "merged model")
+            model, prefix = load_full_base(base_name, family, names, **load)
+        else:
+            model, prefix = loaded
+        config = _config(resolve_pretrained(base_name), load["gguf_file"])
+        backbone = model.get_submodule(prefix[:-1]) if prefix else model
+        actual = backbone_fingerprint(backbone, config, family, scheme_of(record["base_fingerprint"]))
+        if actual != record["base_fingerprint"]:
+            raise ValueError(
+                f"base model {base_name!r} {describe_load(load)} has fingerprint {actual}, but {where} was "
+                f"merged against {record['base_fingerprint']} ({record['base_model']}): different weights, refusing "
+                "to apply"
+            )
+        stream = deltas() if callable(deltas) else deltas
+        add_merged_delta(backbone, source, lam, deltas=stream)  # the evaluation's arithmetic: MergedBackbone.at's
+        weights, architecture, size = model, type(model).__name__, model_bytes(model)
+    check_free_space({output: size + tokenizer_bytes(base_name) + heads_bytes + CONFIG_ALLOWANCE}, "merged model")
     more = extra() if callable(extra) else extra
     out_record = {
         **record,
@@ -365,10 +358,10 @@ def write_model_folder(
         "lam": lam,
         **more,
         "save_as": "model",
-        "architecture": type(model).__name__,
+        "architecture": architecture,
         "backbone_prefix": prefix,
     }
-    write_folder(output, model, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=heads, record=out_record)
+    write_folder(output, weights, max_shard_size=max_shard_size, tokenizer_of=base_name, heads=heads, record=out_record)
     return backbone
 
 
