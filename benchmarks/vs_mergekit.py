@@ -329,8 +329,8 @@ def table(results: dict[str, Any]) -> str:
         f"{_loads(results.get('load_start'))}, at the end {_loads(results.get('load_end'))}.",
         "",
         "| model | T | method | mergekit wall s | ours wall s | ours ÷ mergekit | mergekit peak MiB | ours peak MiB "
-        "| rel. diff Δ | load avg |" + (" ours from folders wall s | from folders ÷ mergekit | from folders peak MiB |"
-                                       if folders else ""),
+        "| rel. diff Δ | load avg |"
+        + (" ours from folders wall s | from folders ÷ mergekit | from folders peak MiB |" if folders else ""),
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if folders else ""),
     ]
     ta = {(r["size"], r["experts"]): r for r in results["rows"] if r["method"] == "task_arithmetic"}
