@@ -37,7 +37,7 @@ from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder
 from drm_lightning.io.json_file import read_json_object
 from drm_lightning.io.safetensors import DTYPES, FLOAT_CODES
 from drm_lightning.merging.engine.apply import add_scaled_
-from drm_lightning.models.backbone import dtype_name
+from drm_lightning.models.backbone import POOLED_FAMILIES, dtype_name
 from drm_lightning.models.resolve import resolve_pretrained
 from drm_lightning.task_vectors.fingerprint import fingerprint_matches, fingerprint_state
 
@@ -47,7 +47,6 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 WEIGHTS = "model.safetensors"
 #: The module ``load_backbone`` leaves out of encoder and vision backbones (``add_pooling_layer=False``).
 POOLER = "pooler."
-_POOLED_FAMILIES = ("encoder", "vision")
 
 
 class CheckpointBase:
@@ -152,7 +151,7 @@ def open_checkpoint_base(
     for prefix in [""] + sorted({name.split(".")[0] + "." for name in tensors if "." in name}):
         under = [name for name in tensors if name.startswith(prefix)]
         views = [under]
-        if family in _POOLED_FAMILIES:
+        if family in POOLED_FAMILIES:
             views.append([name for name in under if not name[len(prefix) :].startswith(POOLER)])
         for names in views:
             state = {name[len(prefix) :]: tensors[name] for name in names}
