@@ -135,10 +135,11 @@ def prepare_flat(method: str, deltas: Any) -> Flat:
     without a float64 stack."""
     items, shape, dtype, device = _validate(method, deltas, False)
     flats = [(item.dense(_F64) if isinstance(item, LowRankDelta) else item).reshape(-1) for item in items]
-    for i, flat in enumerate([] if _CHECKED.get() else flats):
-        # one reduction (a sum: any NaN/Inf makes it non-finite), the exact test only when it is not finite
-        if flat.numel() and not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
-            raise ValueError(f"{method}: deltas[{i}] contains NaN or Inf")
+    if not _CHECKED.get():
+        for i, flat in enumerate(flats):
+            # one reduction (a sum: any NaN/Inf makes it non-finite), the exact test only when it is not finite
+            if flat.numel() and not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+                raise ValueError(f"{method}: deltas[{i}] contains NaN or Inf")
     return Flat(flats, shape, dtype, device)
 
 
