@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # scripts/stress_distributed.sh N: every multi-process test (pytest -m multiprocess) N times under each launch style
-# (DRM_TEST_LAUNCH: torchrun --standalone, the static several-node form; see tests/helpers/launch.py), one pytest
-# process per run, rounds interleaved (round i runs every test under every style before round i+1), so a run cut
-# short still covers every test about equally. Prints one line per test and style: runs, failures, slowest seconds.
+# (DRM_TEST_LAUNCH: torchrun --standalone, the static several-node form; see tests/helpers/launch.py), rounds
+# interleaved (round i runs every test under every style before round i+1), so a run cut short still covers every
+# test about equally. Prints one line per test and style: runs, failures, slowest seconds.
 #
 #   bash scripts/stress_distributed.sh 50                       # every multi-process test, 50 times per style
 #   DRM_STRESS_K=failing_group bash scripts/stress_distributed.sh 50    # only tests matching -k
 #   DRM_STRESS_STYLES="standalone static srun" ...              # the styles (default: standalone static)
+#   DRM_STRESS_PARALLEL=1 ...                                   # the styles' rounds side by side, one loop each
+#   DRM_STRESS_SEPARATE=1 ...                                   # one pytest process per test run (default: per round)
 #   bash scripts/stress_distributed.sh --summary runs/stress/results.tsv   # the summary of a run so far
 #
-# Each run's result goes to runs/stress/results.tsv (DRM_STRESS_DIR), a failed run's output to runs/stress/fail-*.log.
+# By default a round of one style is one pytest process (every test in it; its seconds are pytest's own per test,
+# without the process's start-up), which saves a pytest start per test. Each test's result goes to
+# runs/stress/results.tsv (DRM_STRESS_DIR), the output of a round (or run) with a failure to runs/stress/fail-*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,22 +46,83 @@ if [[ -n "${DRM_STRESS_K:-}" ]]; then select+=(-k "$DRM_STRESS_K"); fi
 mapfile -t TESTS < <(python -m pytest -q -p no:cacheprovider --collect-only "${select[@]}" tests | grep '::')
 echo "stress: ${#TESTS[@]} test(s) x styles [$STYLES] x $N round(s); results in $RESULTS" >&2
 
-for ((round = 1; round <= N; round++)); do
-    for style in $STYLES; do
-        for test in "${TESTS[@]}"; do
-            log=$(mktemp "$DIR/run-XXXXXX.log")
-            start=$(date +%s.%N)
-            DRM_TEST_LAUNCH=$style timeout 900 python -m pytest -q -p no:cacheprovider -x "$test" >"$log" 2>&1
-            rc=$?
-            seconds=$(echo "$(date +%s.%N) - $start" | bc)
-            printf '%s\t%s\t%s\t%.1f\t%s\n' "$style" "$test" "$rc" "$seconds" "$round" >>"$RESULTS"
-            if [[ $rc -ne 0 ]]; then
-                mv "$log" "$DIR/fail-$style-$round-$(echo "$test" | tr -c 'A-Za-z0-9_\n' '_').log"
-                echo "FAILED ($style, round $round): $test" >&2
+# one_test STYLE ROUND TEST: one pytest process for one test.
+one_test() {
+    local style=$1 round=$2 test=$3 log start rc seconds
+    log=$(mktemp "$DIR/run-XXXXXX.log")
+    start=$(date +%s.%N)
+    DRM_TEST_LAUNCH=$style timeout 900 python -m pytest -q -p no:cacheprovider -x "$test" >"$log" 2>&1
+    rc=$?
+    seconds=$(echo "$(date +%s.%N) - $start" | bc)
+    printf '%s\t%s\t%s\t%.1f\t%s\n' "$style" "$test" "$rc" "$seconds" "$round" >>"$RESULTS"
+    if [[ $rc -ne 0 ]]; then
+        mv "$log" "$DIR/fail-$style-$round-$(echo "$test" | tr -c 'A-Za-z0-9_\n' '_').log"
+        echo "FAILED ($style, round $round): $test" >&2
+    else
+        rm -f "$log"
+    fi
+}
+
+# one_round STYLE ROUND: one pytest process for every test; one line per test from its JUnit XML.
+one_round() {
+    local style=$1 round=$2 log xml failed
+    log=$(mktemp "$DIR/round-XXXXXX.log")
+    xml="$log.xml"
+    DRM_TEST_LAUNCH=$style timeout $((900 * ${#TESTS[@]})) python -m pytest -q -p no:cacheprovider \
+        --junitxml="$xml" "${TESTS[@]}" >"$log" 2>&1
+    failed=$(python - "$xml" "$style" "$round" "${TESTS[@]}" >>"$RESULTS" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+
+xml, style, rnd, tests = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+try:
+    cases = list(ET.parse(xml).getroot().iter("testcase"))
+except (OSError, ET.ParseError):  # the process died before writing it
+    cases = []
+results = {}  # (classname, name) -> (failed, seconds, skipped)
+for case in cases:
+    tags = {child.tag for child in case}
+    results[case.get("classname"), case.get("name")] = (bool(tags & {"failure", "error"}), float(case.get("time", 0)),
+                                                         "skipped" in tags)
+for test in tests:
+    path, *parts = test.split("::")
+    key = (".".join([path.removesuffix(".py").replace("/", "."), *parts[:-1]]), parts[-1])
+    failed, seconds, skipped = results.get(key, (True, 0.0, False))  # a test missing from the XML failed
+    if skipped and not failed:
+        continue
+    print(f"{style}\t{test}\t{int(failed)}\t{seconds:.1f}\t{rnd}")
+    if failed:
+        print(test, file=sys.stderr)
+PY
+    2>&1)
+    if [[ -n "$failed" ]]; then
+        mv "$log" "$DIR/fail-$style-$round.log"
+        echo "FAILED ($style, round $round): $failed" >&2
+    else
+        rm -f "$log"
+    fi
+    rm -f "$xml"
+}
+
+# style_rounds STYLE...: N rounds of the styles, interleaved.
+style_rounds() {
+    local round style test
+    for ((round = 1; round <= N; round++)); do
+        for style in "$@"; do
+            if [[ -n "${DRM_STRESS_SEPARATE:-}" ]]; then
+                for test in "${TESTS[@]}"; do one_test "$style" "$round" "$test"; done
             else
-                rm -f "$log"
+                one_round "$style" "$round"
             fi
         done
     done
-done
+}
+
+if [[ -n "${DRM_STRESS_PARALLEL:-}" ]]; then
+    for style in $STYLES; do style_rounds "$style" & done
+    wait
+else
+    # shellcheck disable=SC2086
+    style_rounds $STYLES
+fi
 summary "$RESULTS"
