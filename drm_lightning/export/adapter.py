@@ -216,13 +216,12 @@ def estimate_adapter_bytes(readers: Iterable[Any], max_rank: int | None = None) 
     """Bytes of the adapter for these task vectors, from their headers: per adapted ``[n, m]`` matrix
     ``min(Σ r_i, max_rank) · (n + m)`` float32 values, plus every densely changed parameter in float32 (its module
     is saved whole, usually a norm: a small over-estimate)."""
-    from drm_lightning.merging.engine.space import delta_shapes
 
     ranks: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     dense: dict[str, int] = {}
     for reader in readers:
-        for name, shape in delta_shapes(reader).items():
+        for name, shape in reader.delta_shapes().items():
             if reader.is_lowrank(name):
                 ranks[name] = ranks.get(name, 0) + int(reader.meta.lora.r if reader.meta.lora else 0)
                 shapes[name] = shape
@@ -365,7 +364,6 @@ def adapter_from_merged(
     from drm_lightning.merging.engine.reader import TaskVectorReader
     from drm_lightning.merging.engine.record import HEADS_DIR, MERGE_FILE, read_merge_record
     from drm_lightning.merging.engine.setup import check_output
-    from drm_lightning.merging.engine.space import delta_shapes
     from drm_lightning.models.backbone import load_backbone
     from drm_lightning.models.resolve import resolve_pretrained
     from drm_lightning.task_vectors.fingerprint import fingerprint_matches
@@ -385,7 +383,7 @@ def adapter_from_merged(
     )
     shapes: dict[str, tuple[int, ...]] = {}
     for reader in readers:
-        shapes.update(delta_shapes(reader))
+        shapes.update(reader.delta_shapes())
     builder = AdapterBuilder(prefix, lam, max_rank, resolve_device(device))
     for name, delta in iter_merged_delta(merged):
         _add(builder, name, delta, readers, shapes[name], str(record.get("label") or record["method"]))

@@ -9,14 +9,13 @@ are written as ``save_pretrained`` writes a model of one shard (``model.safetens
 metadata), next to the base's own ``config.json`` and ``generation_config.json`` copied byte for byte.
 
 When it is used (``open_checkpoint_base`` returns ``None`` otherwise, and the model class path runs): the base is a
-local folder with ``config.json`` naming its ``architectures`` and no ``auto_map`` (code in the folder is never trusted:
-the model class path refuses it in one line); its safetensors weights fit in one output shard (``max_shard_size``:
-``save_pretrained`` cuts shards in its modules' order, which a checkpoint does not keep); no GGUF file; every floating
-tensor is stored in one dtype that is also the config's ``dtype`` and the requested ``torch_dtype`` (so loading would
-cast nothing); and the tensors under some prefix (``""``, ``"model."``, ...; for encoder and vision families also
-without the ``pooler.*`` that ``load_backbone`` leaves out) have exactly the fingerprint the task vectors recorded: the
-names, dtypes, shapes and sampled values of the backbone ``load_backbone`` built. That check is what makes both paths
-write the same bytes (``tests/export/test_checkpoint_base.py`` compares them per architecture): anything
+local folder with ``config.json`` naming its ``architectures``; it loads as stored (``interop/stored_base.py``: no
+GGUF file, no ``auto_map``, one floating dtype that loading keeps, no tied weight stored twice); its safetensors
+weights fit in one output shard (``max_shard_size``: ``save_pretrained`` cuts shards in its modules' order, which a
+checkpoint does not keep); and the tensors under some prefix (``backbone_views``) have exactly the fingerprint the
+task vectors recorded: the names, dtypes, shapes and sampled values of the backbone ``load_backbone`` built. That
+check is what makes both paths write the same bytes (``tests/export/test_checkpoint_base.py`` compares them per
+architecture): anything
 ``transformers`` renames, ties or converts on load (T5's shared embeddings, ViT's stored ``encoder.layer.*`` names, a
 CLIP tower inside ``CLIPModel``) changes the names and so goes the model class way, as does a file that stores a tied
 weight twice. The folder's ``merge.json`` records the class the config names first (``architecture``) and the prefix
@@ -34,19 +33,16 @@ from pathlib import Path
 import torch
 
 from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder
+from drm_lightning.interop.stored_base import backbone_views, loads_as_stored, stores_a_tie
 from drm_lightning.io.json_file import read_json_object
-from drm_lightning.io.safetensors import DTYPES, FLOAT_CODES
 from drm_lightning.merging.engine.apply import add_scaled_
-from drm_lightning.models.backbone import POOLED_FAMILIES, dtype_name
 from drm_lightning.models.resolve import resolve_pretrained
-from drm_lightning.task_vectors.fingerprint import fingerprint_matches, fingerprint_state
+from drm_lightning.task_vectors.fingerprint import fingerprint_matches
 
 #: Files of the base folder copied as they are (``save_pretrained`` writes these two beside the weights).
 CONFIG_FILES = ("config.json", "generation_config.json")
 #: The weights file of a ``save_pretrained`` folder of one shard.
 WEIGHTS = "model.safetensors"
-#: The module ``load_backbone`` leaves out of encoder and vision backbones (``add_pooling_layer=False``).
-POOLER = "pooler."
 
 
 class CheckpointBase:
@@ -120,8 +116,6 @@ def open_checkpoint_base(
     """
     from huggingface_hub.serialization._base import parse_size_to_int
 
-    if load.get("gguf_file") is not None:
-        return None
     try:
         folder = Path(resolve_pretrained(base))
         if not folder.is_dir() or not (folder / "config.json").is_file():
@@ -133,44 +127,16 @@ def open_checkpoint_base(
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
         return None
-    if "auto_map" in config:
-        return None  # a model only its own code defines: the model class path refuses it in one line
+    if not loads_as_stored(config, weights, load):
+        return None  # a cast, code of its own or a GGUF file: the model class path does (or refuses) that
     limit = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
     if weights.nbytes() > limit:
         return None
-    floats = {code for code in weights.dtype_codes() if code in FLOAT_CODES}
-    if len(floats) != 1 or any(code not in DTYPES for code in weights.dtype_codes()):
-        return None
-    stored = dtype_name(DTYPES[floats.pop()])
-    if config.get("dtype", config.get("torch_dtype")) not in (None, stored) or load.get("torch_dtype") not in (
-        None,
-        stored,
-    ):
-        return None  # loading would cast: the model class path does that
     tensors = dict(weights.iter_read(weights.names()))
-    for prefix in [""] + sorted({name.split(".")[0] + "." for name in tensors if "." in name}):
-        under = [name for name in tensors if name.startswith(prefix)]
-        views = [under]
-        if family in POOLED_FAMILIES:
-            views.append([name for name in under if not name[len(prefix) :].startswith(POOLER)])
-        for names in views:
-            state = {name[len(prefix) :]: tensors[name] for name in names}
-            if expected and all(fingerprint_matches(state, fp) for fp in expected):
-                if _stores_a_tie(tensors, names):
-                    return None
-                return CheckpointBase(folder, tensors, prefix, names, architectures[0])
+    for prefix, names in backbone_views(list(tensors), family):
+        state = {name[len(prefix) :]: tensors[name] for name in names}
+        if expected and all(fingerprint_matches(state, fp) for fp in expected):
+            if stores_a_tie(tensors, names):
+                return None
+            return CheckpointBase(folder, tensors, prefix, names, architectures[0])
     return None
-
-
-def _stores_a_tie(tensors: Mapping[str, torch.Tensor], backbone: Sequence[str]) -> bool:
-    """Whether a tensor outside the backbone is stored as a copy of one inside (an untied file of tied weights, e.g.
-    ``lm_head.weight`` beside ``model.embed_tokens.weight``): adding Δ to the backbone's copy alone would leave the
-    other stale in the file, where the model class path ties them and saves one. Matrices only: what is tied is an
-    embedding or a projection, while a fresh model's vectors (zero biases, unit norms) are often equal by chance."""
-    inside = set(backbone)
-    seen = {_sample_key(tensors[name]) for name in backbone if tensors[name].ndim >= 2}
-    return any(_sample_key(t) in seen for name, t in tensors.items() if name not in inside and t.ndim >= 2)
-
-
-def _sample_key(tensor: torch.Tensor) -> str:
-    return fingerprint_state({"": tensor})

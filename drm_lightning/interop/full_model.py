@@ -65,6 +65,7 @@ def plan_model(
         if tensor.dtype not in FLOAT_CODES:
             raise CheckpointError(f"{tensor.file}: tensor {key!r} has dtype {tensor.dtype}, expected a float dtype")
         plan.dense[name] = lambda key=key: files.map(key)  # read, subtracted from the base, dropped
+        plan.dense_keys[name] = (tensor.file, key)
     if not mapping:
         shown = ", ".join(repr(k) for k in files.names()[:3])
         raise CheckpointError(

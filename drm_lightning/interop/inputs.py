@@ -9,7 +9,9 @@ Kinds, told apart by the files a folder holds:
 ``import_inputs`` plans every conversion first (configs and headers only), so a bad third input is refused before
 the first is converted, then writes each into a temporary folder beside the output that is removed afterwards
 (and, should the process be killed, by the next write to that output: ``remove_stale_temporaries``). Experts of
-one base share one loaded base (``load_base``).
+one base share one loaded base (``load_base``). For a merge at a fixed λ (``by_reference``) a fine-tuned model
+whose base loads as stored is not converted at all: its folder names the two checkpoints, and the merge takes each
+delta as it reads the parameter (``io/delta_reference.py``); no base is loaded for it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Literal
 from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.full_model import plan_model
 from drm_lightning.interop.peft_adapter import ADAPTER_CONFIG, plan_adapter
-from drm_lightning.interop.write import import_notes, load_base, task_name_for, write_import
+from drm_lightning.interop.stored_base import StoredBackbone, stored_backbone
+from drm_lightning.interop.write import (
+    import_notes,
+    load_base,
+    task_name_for,
+    write_import,
+    write_reference_import,
+)
 from drm_lightning.io.atomic import temporary_prefix
 from drm_lightning.io.task_vector import META_FILE
 
@@ -124,6 +133,7 @@ def import_inputs(
     torch_dtype: str | None = None,
     gguf_file: str | None = None,
     evaluates: bool = False,
+    by_reference: bool = False,
 ) -> Iterator[list[str]]:
     """Yield task-vector folders for ``inputs``: task vectors as they are, the others converted for the duration;
     what the conversions left out is said once (``import_notes``; the tasks without a head only if ``evaluates``).
@@ -134,6 +144,9 @@ def import_inputs(
         base: the base of the models (and of adapters, over their adapter_config.json); default:
             ``default_base``.
         family, skip, torch_dtype, gguf_file: as for ``convert``.
+        by_reference: a fine-tuned model whose base's stored tensors are its backbone (``stored_backbone``) gets a
+            folder that holds its deltas by reference (``write_reference_import``), read only by the merger
+            (``TaskVectorReader``): for a merge at a fixed λ, whose only reader of the inputs is the merger.
     """
     kinds = [input_kind(p) for p in inputs]
     base = base if base is not None else default_base(inputs, kinds)
@@ -152,18 +165,28 @@ def import_inputs(
     work = Path(tempfile.mkdtemp(prefix=temporary_prefix(beside) + "inputs-", dir=beside.parent))
     try:
         folders, converted, loaded = [], [], None
+        stored: dict[tuple[str, str], StoredBackbone | None] = {}
+        load = {"torch_dtype": torch_dtype, "gguf_file": gguf_file}
         for i, (source, plan) in enumerate(zip(inputs, plans, strict=True)):
             if plan is None:
                 folders.append(os.fspath(source))
                 continue
-            name = task_name_for(Path(source), None)
-            if loaded is None or not loaded.serves(plan[1], torch_dtype, gguf_file):
+            name, (import_plan, info) = task_name_for(Path(source), None), plan
+            converted.append((name, *plan))
+            if by_reference and not import_plan.lora:
+                if (info.name, info.family) not in stored:
+                    stored[info.name, info.family] = stored_backbone(info, load)
+                backbone = stored[info.name, info.family]
+                if backbone is not None:
+                    folders.append(str(write_reference_import(import_plan, info, work / f"{i}-{name}", name, backbone,
+                                                              torch_dtype=torch_dtype)))  # fmt: skip
+                    continue
+            if loaded is None or not loaded.serves(info, torch_dtype, gguf_file):
                 loaded = None  # one base in memory at a time
-                loaded = load_base(plan[1], torch_dtype=torch_dtype, gguf_file=gguf_file)
+                loaded = load_base(info, torch_dtype=torch_dtype, gguf_file=gguf_file)
             folder = write_import(*plan, work / f"{i}-{name}", name, torch_dtype=torch_dtype, gguf_file=gguf_file,
                                   notes=False, loaded=loaded)  # fmt: skip
             folders.append(str(folder))
-            converted.append((name, *plan))
         del loaded
         for line in import_notes(converted, evaluates):
             print(f"drm-lightning: {line}", file=sys.stderr)

@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 from drm_lightning.interop.base import BaseInfo
 from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
+from drm_lightning.interop.stored_base import StoredBackbone
 from drm_lightning.io.atomic import atomic_dir
+from drm_lightning.io.delta_reference import finite_nonzero, write_reference
 from drm_lightning.io.disk import check_free_space
 from drm_lightning.io.safetensors import StreamingSafetensorsWriter
 from drm_lightning.io.task_vector import (
@@ -61,6 +63,7 @@ class ImportPlan:
 
     Attributes:
         dense: backbone name -> a function giving the fine-tuned weight (the delta is it minus ``W_0``).
+        dense_keys: backbone name -> the file and tensor name ``dense`` reads (``write_reference_import``).
         lora: backbone weight name -> a function giving ``(A [r, in], B [out, r])`` in float32, scale folded in.
         lora_meta: the task vector's LoRA settings (``None`` for a dense task vector).
         head: the mapped head (or the reason there is none) and ``read``, checkpoint name -> tensor.
@@ -69,6 +72,7 @@ class ImportPlan:
     """
 
     dense: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    dense_keys: dict[str, tuple[Path, str]] = field(default_factory=dict)
     lora: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     lora_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     lora_meta: LoraMeta | None = None
@@ -142,7 +146,7 @@ def write_import(
                 dtype = _delta_dtype(state[name])
                 delta = tuned.to(dtype) - state[name].detach().to(dtype)
                 del tuned
-                finite, nonzero = _finite_nonzero(delta)
+                finite, nonzero = finite_nonzero(delta)
                 if not finite:
                     raise CheckpointError(f"{plan.source.get('path')}: tensor for {name!r} holds NaN or Inf")
                 if nonzero:
@@ -154,28 +158,74 @@ def write_import(
                 factor_a, factor_b = read()
                 writer.add(name + LORA_A_SUFFIX, factor_a)
                 writer.add(name + LORA_B_SUFFIX, factor_b)
-        head = plan.head.tensors(plan.head_read) if plan.head.config and plan.head_read is not None else {}
-        save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / HEAD_FILE))
-        meta = TaskVectorMeta(
-            task=task,
-            kind="lora" if plan.lora_meta is not None else "dense",
-            base_model=info.name,
-            base_fingerprint=base_fp,
-            family=info.family,
-            torch_dtype=torch_dtype,
-            gguf_file=gguf_file,
-            label_names=list(plan.label_names),
-            lora=plan.lora_meta,
-            head=dict(plan.head.config),
-            versions=library_versions(),
-            source={**plan.source, "unchanged": zero},
-        )
-        (tmp / META_FILE).write_text(meta.to_json())
+        _write_head_and_meta(tmp, plan, info, task, base_fp, torch_dtype, gguf_file, unchanged=zero)
     del loaded, state
     if notes:
         for line in import_notes([(task, plan, info)], evaluates=True):
             print(f"{output}: {line}", file=sys.stderr)
     return output
+
+
+def write_reference_import(
+    plan: ImportPlan,
+    info: BaseInfo,
+    output: str | os.PathLike[str],
+    task: str,
+    stored: StoredBackbone,
+    *,
+    torch_dtype: str | None = None,
+) -> Path:
+    """``write_import``'s folder for a fine-tuned model whose base ``stored`` stands for its backbone, with the
+    deltas held by reference (``io/delta_reference.py``: ``reference.json`` names, per parameter, the fine-tuned and
+    the base tensor) instead of written: no base is loaded and no delta is computed here; the merge takes each one
+    when it reads the parameter, with the same arithmetic. Parameters the fine-tune left unchanged are found then
+    (``meta.json["source"]["unchanged"]`` is ``None``). A plan with LoRA factors is refused (an adapter's factors
+    are small and written as they are)."""
+    if plan.lora:
+        raise ValueError(f"task {task!r}: a plan with LoRA factors has no reference form")
+    output = Path(output)
+    codes = {stored.weights.tensors[key].dtype for key in stored.keys.values()}
+    dtype = torch.float64 if "F64" in codes else torch.float32  # _delta_dtype of a base of one float dtype
+    tensors = {}
+    for name in plan.dense:
+        file, key = plan.dense_keys[name]
+        base_key = stored.keys[name]
+        tensors[name] = (file, key, stored.weights.tensors[base_key].file, base_key)
+    with atomic_dir(output) as tmp:
+        write_reference(tmp, tensors, dtype)
+        _write_head_and_meta(tmp, plan, info, task, stored.fingerprint, torch_dtype, None, unchanged=None)
+    return output
+
+
+def _write_head_and_meta(
+    tmp: Path,
+    plan: ImportPlan,
+    info: BaseInfo,
+    task: str,
+    base_fingerprint: str,
+    torch_dtype: str | None,
+    gguf_file: str | None,
+    *,
+    unchanged: int | None,
+) -> None:
+    """The head (``head.safetensors``, empty where there is none) and ``meta.json`` of an import, into ``tmp``."""
+    head = plan.head.tensors(plan.head_read) if plan.head.config and plan.head_read is not None else {}
+    save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / HEAD_FILE))
+    meta = TaskVectorMeta(
+        task=task,
+        kind="lora" if plan.lora_meta is not None else "dense",
+        base_model=info.name,
+        base_fingerprint=base_fingerprint,
+        family=info.family,
+        torch_dtype=torch_dtype,
+        gguf_file=gguf_file,
+        label_names=list(plan.label_names),
+        lora=plan.lora_meta,
+        head=dict(plan.head.config),
+        versions=library_versions(),
+        source={**plan.source, "unchanged": unchanged},
+    )
+    (tmp / META_FILE).write_text(meta.to_json())
 
 
 def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates: bool) -> list[str]:
@@ -206,18 +256,6 @@ def import_notes(imports: Sequence[tuple[str, ImportPlan, BaseInfo]], evaluates:
         then = "they merge, but are not evaluated" if evaluates else "merged into the backbone, with no classifier"
         lines.append(f"{who} no head ({reasons}): {then}")
     return lines
-
-
-def _finite_nonzero(delta: torch.Tensor) -> tuple[bool, bool]:
-    """Whether every entry of ``delta`` is finite, and whether one is not zero, from one ``aminmax`` pass.
-
-    Why: ``isfinite(delta).all()`` and ``delta.any()`` made a boolean copy and read the tensor twice, about half of
-    a conversion's arithmetic; the minimum and maximum say both (NaN propagates into them, ±Inf is one of them).
-    """
-    if delta.numel() == 0:
-        return True, False
-    low, high = (float(v) for v in torch.aminmax(delta))
-    return math.isfinite(low) and math.isfinite(high), low != 0.0 or high != 0.0
 
 
 def _delta_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -14,6 +14,7 @@ names: factors for other modules mean the metadata describes another adapter.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from drm_lightning.io.delta_reference import REFERENCE_FILE, DeltaReference, read_reference, take_delta
 from drm_lightning.io.safetensors import (
     FLOAT_CODES,
     TensorInfo,
@@ -59,10 +61,12 @@ def matches_lora_targets(module: str, targets: Sequence[str] | str) -> bool:
 
 
 class TaskVectorReader:
-    """One task vector folder: its ``meta.json`` and the header of its ``task_vector.safetensors``.
+    """One task vector folder: its ``meta.json`` and the header of its ``task_vector.safetensors`` (or, for a dense
+    task vector held by reference, of the two checkpoints its ``reference.json`` names: ``io/delta_reference.py``).
 
     Args:
-        folder: a folder written by ``drm_lightning.io.task_vector.write_task_vector``.
+        folder: a folder written by ``drm_lightning.io.task_vector.write_task_vector`` (or
+            ``interop.inputs.import_inputs(by_reference=True)``).
 
     Raises:
         TaskVectorError: missing/invalid meta.json, missing/corrupt safetensors (deltas or head; the message names
@@ -76,15 +80,26 @@ class TaskVectorReader:
         self.folder = Path(folder)
         self.meta: TaskVectorMeta = read_meta(self.folder)
         self.path = self.folder / DELTAS_FILE
-        with open_safetensors(
-            self.path, error=TaskVectorError
-        ) as f:  # validates the header and the file length; names the file if not
-            keys = set(f.keys())
+        # a dense task vector held by reference (io/delta_reference.py): deltas taken from two checkpoints on read
+        self._reference: dict[str, DeltaReference] = {}
+        self._reference_dtype = torch.float32
+        self._not_finite: set[str] = set()
+        self._header: dict[str, TensorInfo]
+        if not self.path.exists() and (self.folder / REFERENCE_FILE).is_file() and self.meta.kind == "dense":
+            self.path = self.folder / REFERENCE_FILE
+            self._reference, self._reference_dtype = read_reference(self.folder)
+            self._header = {name: ref.tuned for name, ref in self._reference.items()}
+            keys = set(self._header)
+        else:
+            with open_safetensors(
+                self.path, error=TaskVectorError
+            ) as f:  # validates the header and the file length; names the file if not
+                keys = set(f.keys())
+            self._header = read_header(self.path, error=TaskVectorError)
         # The head is only copied on by the merger, never parsed; checking its header here refuses a pickle (or any
         # non-safetensors file) under that name instead of passing it on into the merged folder.
         with open_safetensors(self.folder / HEAD_FILE, error=TaskVectorError):
             pass
-        self._header: dict[str, TensorInfo] = read_header(self.path, error=TaskVectorError)
         if set(self._header) != keys:
             raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
         self._dense: dict[str, str] = {}
@@ -183,11 +198,21 @@ class TaskVectorReader:
         """Base parameter names this task vector changes (LoRA pairs under their weight's name), sorted."""
         return sorted([*self._dense, *self._lora])
 
+    def delta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Base parameter name -> the full shape of its delta, from the header (LoRA: ``[out, in]``), sorted."""
+        shapes = {name: self._header[key].shape for name, key in self._dense.items()}
+        for name, (key_a, key_b) in self._lora.items():
+            shapes[name] = (self._header[key_b].shape[0], self._header[key_a].shape[-1])
+        return dict(sorted(shapes.items()))
+
     def is_lowrank(self, name: str) -> bool:
         return name in self._lora
 
     def nbytes(self, name: str) -> int:
-        """Bytes this task vector stores for ``name`` (0 if absent): for memory accounting and logs."""
+        """Bytes this task vector stores for ``name`` (0 if absent; by reference: its delta's): for memory accounting
+        and logs."""
+        if name in self._reference:
+            return math.prod(self._header[name].shape) * self._reference_dtype.itemsize
         keys = self._lora.get(name) or ((self._dense[name],) if name in self._dense else ())
         return sum(self._header[key].nbytes for key in keys)
 
@@ -250,7 +275,8 @@ class TaskVectorReader:
         Args:
             check: look for NaN/Inf now (``check``); ``False`` leaves it to the caller, which must call ``check``
                 before using the values (the merge's read-ahead thread maps the delta, the merging thread checks
-                it, so no arithmetic runs in two threads at once).
+                it, so no arithmetic runs in two threads at once). A delta by reference is the one exception: its
+                subtraction and its one range pass run here, in whichever thread reads it.
 
         Raises:
             TaskVectorError: shape/rank mismatch with ``base_shape``, or NaN/Inf values (naming file and key).
@@ -259,6 +285,13 @@ class TaskVectorReader:
         if name not in self._dense and name not in self._lora:
             return None
         self._check_header(name, base_shape)
+        if name in self._reference:
+            taken, finite = take_delta(self._reference[name], self._reference_dtype)
+            if not finite:
+                self._not_finite.add(name)
+                if check:
+                    self.check(name, taken)
+            return taken
         keys = (self._dense[name],) if name in self._dense else self._lora[name]
         with open(self.path, "rb") as f:
             tensors = [map_tensor(f, self._header[key], key, error=TaskVectorError) for key in keys]
@@ -276,6 +309,14 @@ class TaskVectorReader:
         """Raise ``TaskVectorError`` naming the file and key if ``delta`` (``get``'s value for ``name``) holds NaN or
         Inf."""
         if delta is None:
+            return
+        if name in self._reference:  # get() looked already (one pass took the delta's range)
+            if name in self._not_finite:
+                ref = self._reference[name]
+                raise TaskVectorError(
+                    f"{ref.tuned.file}: tensor {ref.tuned_key!r} minus the base's {ref.base_key!r} ({name!r}) holds "
+                    "NaN or Inf"
+                )
             return
         if isinstance(delta, torch.Tensor):
             check_finite(delta, f"{self.path}: key {self._dense[name]!r}")

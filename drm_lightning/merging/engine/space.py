@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from drm_lightning.io.disk import check_free_space
-from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, open_safetensors, read_header
+from drm_lightning.io.safetensors import FLOAT_CODES, ITEMSIZE, read_header
 from drm_lightning.io.shards import read_index
-from drm_lightning.io.task_vector import HEAD_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, META_FILE, TaskVectorError
+from drm_lightning.io.task_vector import HEAD_FILE, META_FILE
 from drm_lightning.io.tokenizer_files import TOKENIZER_CORE_FILES, tokenizer_files
 from drm_lightning.merging.engine.plan import MergePlan
 from drm_lightning.merging.engine.reader import TaskVectorReader
@@ -29,21 +29,6 @@ from drm_lightning.models.resolve import resolve_pretrained
 
 #: Room for config.json, generation_config.json, special-token files and a shard index beside the weights.
 CONFIG_ALLOWANCE = 16 * 1024
-
-
-def delta_shapes(reader: TaskVectorReader) -> dict[str, tuple[int, ...]]:
-    """Base parameter name -> the full shape of its delta, from the safetensors header (LoRA: ``[out, in]``)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    with open_safetensors(reader.path, error=TaskVectorError) as f:
-        header = {key: tuple(int(n) for n in f.get_slice(key).get_shape()) for key in f.keys()}
-    for key, shape in header.items():
-        if key.endswith(LORA_A_SUFFIX):
-            partner = header.get(key[: -len(LORA_A_SUFFIX)] + LORA_B_SUFFIX)
-            if partner is not None and len(shape) == 2 and len(partner) == 2:
-                shapes[key[: -len(LORA_A_SUFFIX)]] = (partner[0], shape[1])
-        elif not key.endswith(LORA_B_SUFFIX):
-            shapes[key] = shape
-    return shapes
 
 
 def _readers(task_vectors: Sequence[TaskVectorReader | str | os.PathLike[str]]) -> list[TaskVectorReader]:
@@ -68,7 +53,7 @@ def estimate_merge_bytes(
     plan = plan if plan is not None else MergePlan()
     shapes: dict[str, tuple[int, ...]] = {}
     for reader in readers:
-        for name, shape in delta_shapes(reader).items():
+        for name, shape in reader.delta_shapes().items():
             shapes.setdefault(name, shape)
     total = 0
     for name, shape in shapes.items():
