@@ -8,19 +8,24 @@ so a new warning, any error and anything drm_lightning itself logs or warns stil
 or ``DRM_LIGHTNING_VERBOSE=1`` calls ``quiet_third_party(verbose=True)``, which undoes all of it.
 
 Lightning's training progress bar and model summary are left to the Trainer's ``enable_progress_bar`` /
-``enable_model_summary`` (the recipes set them). Importing this module is light: the libraries are imported only
-when quieted.
+``enable_model_summary`` (the recipes set them). Importing this module is light: datasets is imported only when
+quieted, and transformers never for it (an import hook switches it the moment something else imports it).
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import re
 import sys
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import Any
 
 VERBOSE_ENV = "DRM_LIGHTNING_VERBOSE"
 
@@ -103,8 +108,9 @@ def quiet_third_party(verbose: bool, *, libraries: Collection[str] = LIBRARIES) 
 
     Args:
         verbose: ``True`` for everything the libraries print (``--debug``, ``DRM_LIGHTNING_VERBOSE=1``).
-        libraries: which of ``LIBRARIES`` to import and switch (verbosity, progress bars); one already imported
-            is switched either way. Why: importing transformers and datasets costs seconds, so ``cli.main`` passes
+        libraries: which of ``LIBRARIES`` to switch (verbosity, progress bars); one already imported is switched
+            either way. transformers is never imported for it: if it is not yet, it is switched the moment it is
+            (``_AfterImport``); datasets is imported. Why: importing them costs seconds, so ``cli.main`` passes
             none before a command's arguments are parsed (``--help`` and a malformed command line answer without
             them), then those the command uses (a merge without ``--tasks`` never loads datasets).
     """
@@ -127,13 +133,10 @@ def _quiet(libraries: Collection[str]) -> None:
         warnings.filterwarnings("ignore", message=known.message, category=known.category, module=known.module)
 
     _saved = saved
-    if "transformers" in libraries or "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        if saved.transformers is None:
-            saved.transformers = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
-        hf_logging.set_verbosity_error()  # the per-load "LOAD REPORT" (e.g. the pooler we drop on purpose)
-        hf_logging.disable_progress_bar()  # "Loading weights" bars; also switches off huggingface_hub's
+    if HF_LOGGING in sys.modules:
+        _quiet_transformers()
+    elif "transformers" in libraries and not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(HF_LOGGING, _quiet_transformers))  # quieted when first imported
     if "datasets" in libraries or "datasets" in sys.modules:
         import datasets
 
@@ -152,6 +155,7 @@ def _restore() -> None:
         entry = known.entry()
         if entry in warnings.filters:
             warnings.filters.remove(entry)
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
     saved, _saved = _saved, None
     if saved is None:
         return
@@ -168,3 +172,61 @@ def _restore() -> None:
         import datasets
 
         datasets.enable_progress_bars()
+
+
+#: transformers' logging module: what quieting transformers switches (verbosity, progress bars).
+HF_LOGGING = "transformers.utils.logging"
+
+
+def _quiet_transformers() -> None:
+    """transformers' per-load "LOAD REPORT" (e.g. the pooler dropped on purpose) and "Loading weights" bars off (which
+    also switches off huggingface_hub's), the settings before saved once for ``_restore``."""
+    from transformers.utils import logging as hf_logging
+
+    if _saved is None:  # restored meanwhile
+        return
+    if _saved.transformers is None:
+        _saved.transformers = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """A one-shot import hook: ``then()`` runs right after module ``name`` first executes.
+
+    Why: quieting transformers by importing it cost ~0.5 s of every command, though a merge of task vectors into
+    a base stored as its backbone never builds a model; its switches are set the moment something imports it.
+    """
+
+    def __init__(self, name: str, then: Callable[[], None]) -> None:
+        self.name = name
+        self.then = then
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]  # one shot, and not found again below
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenLoader(spec.loader, self.then)
+        return spec
+
+
+class _ThenLoader(importlib.abc.Loader):
+    """``loader`` that calls ``then()`` once the module executed (everything else passed through)."""
+
+    def __init__(self, loader: importlib.abc.Loader, then: Callable[[], None]) -> None:
+        self._loader = loader
+        self._then = then
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        self._then()
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... of the real loader
+        return getattr(self._loader, name)

@@ -29,8 +29,6 @@ import inspect
 from typing import TYPE_CHECKING
 
 import torch
-import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from drm_lightning.io.task_vector import TORCH_DTYPES
 from drm_lightning.models.resolve import resolve_pretrained
@@ -40,7 +38,9 @@ from drm_lightning.task_vectors.fingerprint import fingerprint as fingerprint
 from drm_lightning.task_vectors.fingerprint import fingerprint_matches as fingerprint_matches
 from drm_lightning.task_vectors.fingerprint import fingerprint_state as fingerprint_state
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # transformers is imported where a model is built: its import costs ~0.5 s a merge never needs
+    import transformers
+
     from drm_lightning.io.task_vector import TaskVectorMeta
 
 FAMILIES = ("encoder", "decoder", "decoder_lm", "seq2seq", "vision", "clip")
@@ -74,6 +74,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def accepts_pooling_flag(config: transformers.PretrainedConfig) -> bool:
     """Whether the ``AutoModel`` class for ``config`` takes ``add_pooling_layer`` (BERT, RoBERTa, ViT do)."""
+    from transformers import AutoModel
+
     try:
         model_class = AutoModel._model_mapping[type(config)]
     except KeyError:
@@ -117,6 +119,8 @@ def load_backbone(
     Returns:
         The model in eval mode, as ``from_pretrained`` leaves it.
     """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     check_family(family)
     torch_dtype = parse_dtype(torch_dtype)
     path = resolve_pretrained(name)

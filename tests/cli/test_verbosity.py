@@ -369,3 +369,29 @@ def test_main_picks_the_mode(
     assert cli.main(args) == 0
     # loggers first, without importing transformers/datasets; the libraries too once the arguments parsed
     assert calls == ([] if verbose is None else [(verbose, ()), (verbose, LIBRARIES)])
+
+
+_DEFERRED = """
+import logging, sys
+from drm_lightning.verbosity import quiet_third_party
+quiet_third_party(False)
+assert "transformers" not in sys.modules
+if sys.argv[1] == "restore-first":
+    quiet_third_party(True)
+from transformers.utils import logging as hf_logging
+print(hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+quiet_third_party(True)
+print(hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+"""
+
+
+@pytest.mark.parametrize(
+    ("order", "when_imported"),
+    [("quiet-then-import", f"{logging.ERROR} False"), ("restore-first", f"{logging.WARNING} True")],
+)
+def test_transformers_is_quieted_when_imported_not_imported_to_quiet_it(order: str, when_imported: str) -> None:
+    """In a fresh interpreter: quieting does not import transformers; the first import of it is quiet (or, restored
+    before it came, as transformers' own defaults), and restoring gives the defaults back."""
+    done = subprocess.run([sys.executable, "-c", _DEFERRED, order], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [when_imported, f"{logging.WARNING} True"]
