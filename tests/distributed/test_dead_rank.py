@@ -10,6 +10,9 @@ Launch styles: every stage runs under the session's style (``DRM_TEST_LAUNCH``, 
 expert group's fit runs srun-style too, where no launcher stops the survivor and the watch alone must (rank 0 waits
 in the gloo rendezvous after its own group, a C++ wait no exception reaches). ``scripts/stress_distributed.sh`` with
 ``DRM_STRESS_STYLES="standalone static srun"`` runs every stage under every style (each case about 20 s here).
+
+A rank killed before it joins: srun-style, where the join bound (``DRM_LIGHTNING_JOIN_S``) stops the other rank; and
+under torchrun, where the launcher stops it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from drm_lightning.world import JOIN_ENV
-from tests.helpers.launch import launch_style, read_logs, reaped, start
+from tests.helpers.launch import launch_style, rank_pid, read_logs, reaped, start
 from tests.helpers.recipes import tiny_two_task_recipe, write_recipe
 
 #: Seconds from the kill to the last rank's exit that the test allows: the watch looks every 0.5 s, the rest is a
@@ -157,3 +160,32 @@ def test_a_rank_killed_before_it_joins_stops_the_other_within_the_join_bound(tmp
         line = errors[0]
         assert says in line and f"{JOIN_S:g} s after rank {survivor}" in line and JOIN_ENV in line, line
         assert not (folder / "run" / "report.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_rank_killed_under_torchrun_before_it_joins_stops_the_launch(tmp_path: Path) -> None:
+    """Under torchrun (the session's style): rank 1's process is killed as soon as the launcher started it, seconds
+    before it could reach the rendezvous store. The launcher sees it die and stops rank 0 (a torchrun worker is
+    never left waiting on the store): the launch exits non-zero within ``BOUND_S``, torchrun's failure summary
+    names rank 1 and its signal, and nothing that looks complete is left."""
+    if launch_style() == "srun":
+        pytest.skip("no launcher watches srun-style ranks: the never-joined test covers them")
+    log = tmp_path / "two.log"
+    launch = start(_pipeline(tmp_path), log, 2, env={"DRM_LIGHTNING_TRACE": "1"})
+    with reaped(launch):
+        deadline, pid = time.monotonic() + 120, None
+        while pid is None and time.monotonic() < deadline and launch.poll() is None:
+            pid = rank_pid(launch, 1)
+            time.sleep(0.01)
+        assert pid is not None, read_logs(log)[-4000:]
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        launch.wait(timeout=BOUND_S + 30)
+        stopped_after = time.monotonic() - killed_at
+    out = read_logs(log)
+    assert "rank 1: joins the world" not in out, out[-4000:]  # killed before it got anywhere near the store
+    assert launch.returncode not in (0, None), out[-4000:]
+    assert stopped_after < BOUND_S, f"torchrun ({launch.style}): the launch took {stopped_after:.0f} s to stop"
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", out), out[-4000:]
+    assert not (tmp_path / "run" / "report.md").exists() and not (tmp_path / "run" / "merged").exists()

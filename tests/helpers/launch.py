@@ -105,6 +105,20 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def rank_pid(launch: Launch, rank: int) -> int | None:
+    """The process of ``rank`` under a torchrun ``launch`` (a worker whose environment says ``RANK=<rank>``), or
+    ``None`` while the launcher has not started it yet."""
+    want = f"RANK={rank}".encode()
+    for pid in _descendants(launch.procs[0].pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if want in env:
+            return pid
+    return None
+
+
 @contextmanager
 def reaped(proc: subprocess.Popen | Launch) -> Iterator[subprocess.Popen | Launch]:
     """Yield ``proc``; if the block fails (a timeout, an assertion), kill and wait for it, so no rank outlives its
