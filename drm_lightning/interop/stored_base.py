@@ -18,7 +18,8 @@ weights, where the model class ties them on load).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,22 +74,26 @@ def _sample_key(tensor: torch.Tensor) -> str:
     return fingerprint_state({"": tensor})
 
 
-class MappedTensors(Mapping[str, torch.Tensor]):
-    """Stored tensors under names of one's choosing, each mapped from its file when looked up
-    (``SafetensorsFolder.map``) and released with it: a whole checkpoint fingerprinted or sampled, never held."""
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """Tensors by name, each read by its function when looked up (a mapping from its file: ``SafetensorsFolder.map``)
+    and released with it: a whole checkpoint fingerprinted or sampled, never held."""
 
-    def __init__(self, weights: SafetensorsFolder, keys: Mapping[str, str]) -> None:
-        self.weights = weights
-        self.keys = dict(keys)
+    def __init__(self, reads: Mapping[str, Callable[[], torch.Tensor]]) -> None:
+        self.reads = dict(reads)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.weights.map(self.keys[name])
+        return self.reads[name]()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys)
+        return iter(self.reads)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.reads)
+
+    @classmethod
+    def stored(cls, weights: SafetensorsFolder, keys: Mapping[str, str]) -> LazyTensors:
+        """``weights``' tensors ``keys`` (name -> stored name) names."""
+        return cls({name: functools.partial(weights.map, key) for name, key in keys.items()})
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ def stored_backbone(info: BaseInfo, load: Mapping[str, str | None]) -> StoredBac
             continue
         if any(weights.tensors[key].shape != info.shapes[name] for name, key in keys.items()):
             continue
-        if stores_a_tie(MappedTensors(weights, {name: name for name in weights.names()}), names):
+        if stores_a_tie(LazyTensors.stored(weights, {name: name for name in weights.names()}), names):
             return None
-        return StoredBackbone(weights, keys, fingerprint_state(MappedTensors(weights, keys)))
+        return StoredBackbone(weights, keys, fingerprint_state(LazyTensors.stored(weights, keys)))
     return None

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from drm_lightning.interop.base import BaseInfo
 from drm_lightning.interop.checkpoint import CheckpointError
 from drm_lightning.interop.names import HeadMatch
-from drm_lightning.interop.stored_base import StoredBackbone
+from drm_lightning.interop.stored_base import LazyTensors, StoredBackbone
 from drm_lightning.io.atomic import atomic_dir
 from drm_lightning.io.delta_reference import finite_nonzero, write_reference
 from drm_lightning.io.disk import check_free_space
@@ -191,8 +191,9 @@ def write_reference_import(
         file, key = plan.dense_keys[name]
         base_key = stored.keys[name]
         tensors[name] = (file, key, stored.weights.tensors[base_key].file, base_key)
+    tuned = fingerprint_state(LazyTensors(plan.dense))  # what the folder holds: which weights, not only where
     with atomic_dir(output) as tmp:
-        write_reference(tmp, tensors, dtype)
+        write_reference(tmp, tensors, dtype, tuned)
         _write_head_and_meta(tmp, plan, info, task, stored.fingerprint, torch_dtype, None, unchanged=None)
     return output
 

@@ -2,7 +2,7 @@
 
 A task-vector folder (``io/task_vector.py``) whose ``task_vector.safetensors`` is replaced by ``reference.json``::
 
-    {"format": 1, "delta_dtype": "float32",
+    {"format": 1, "delta_dtype": "float32", "tuned_fingerprint": "sampled1:...",
      "tensors": {"<backbone name>": {"tuned": ["/abs/expert/model.safetensors", "<key>"],
                                      "base": ["/abs/base/model.safetensors", "<key>"]}, ...}}
 
@@ -47,15 +47,26 @@ class DeltaReference:
 
 
 def write_reference(
-    folder: str | os.PathLike[str], tensors: dict[str, tuple[Path, str, Path, str]], delta_dtype: torch.dtype
+    folder: str | os.PathLike[str],
+    tensors: dict[str, tuple[Path, str, Path, str]],
+    delta_dtype: torch.dtype,
+    tuned_fingerprint: str,
 ) -> None:
-    """Write ``reference.json`` into ``folder``: name -> (tuned file, key, base file, key), files made absolute."""
+    """Write ``reference.json`` into ``folder``: name -> (tuned file, key, base file, key), files made absolute, and
+    the fine-tuned tensors' fingerprint (so the folder's own fingerprint, which ``merge.json`` records, says which
+    weights it stands for, not only where they were)."""
     dtype = next(name for name, value in DELTA_DTYPES.items() if value == delta_dtype)
     entries = {
         name: {"tuned": [str(Path(tf).resolve()), tk], "base": [str(Path(bf).resolve()), bk]}
         for name, (tf, tk, bf, bk) in tensors.items()
     }
-    text = json.dumps({"format": REFERENCE_FORMAT, "delta_dtype": dtype, "tensors": entries}, indent=1)
+    data = {
+        "format": REFERENCE_FORMAT,
+        "delta_dtype": dtype,
+        "tuned_fingerprint": tuned_fingerprint,
+        "tensors": entries,
+    }
+    text = json.dumps(data, indent=1)
     (Path(folder) / REFERENCE_FILE).write_text(text + "\n")
 
 

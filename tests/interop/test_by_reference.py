@@ -193,3 +193,24 @@ def test_a_spoilt_reference_file_is_one_line_naming_it(
         path.write_text(edit(json.loads(path.read_text())))
         with pytest.raises(TaskVectorError, match=message):
             TaskVectorReader(folder)
+
+
+def test_the_recorded_fingerprint_of_an_input_by_reference_follows_its_weights(
+    cases: dict[str, tuple[Path, list[Path]]], tmp_path: Path
+) -> None:
+    """``merge.json`` records a fingerprint per input: by reference it must change with the fine-tuned weights, not
+    only with where they are (the folder holds their paths, not their bytes)."""
+    base, experts = cases["llama-bf16"]
+    expert = _copy(experts[0], tmp_path / "in" / "chat")
+
+    def recorded(output: str) -> str:
+        _merge([expert, experts[1]], tmp_path / output, "task_arithmetic", "--base", str(base))
+        return json.loads((tmp_path / output / "merge.json").read_text())["inputs"][0]["fingerprint"]
+
+    first = recorded("a")
+    assert recorded("b") == first  # the same weights: the same fingerprint
+    tensors = load_file(expert / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, expert / "model.safetensors", metadata={"format": "pt"})
+    assert recorded("c") != first
