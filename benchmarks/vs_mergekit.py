@@ -15,7 +15,8 @@ and T experts ``W_0 + Δ_t`` with seeded low-rank-plus-noise deltas (rank 8 plus
 on every vector), saved as ``save_pretrained`` folders. mergekit merges those folders; this project merges task
 vectors made from them once by ``drm-lightning extract`` (timed apart, as the one-time conversion it is).
 ``--folders`` adds a third tool: ``drm-lightning merge`` given the same ``save_pretrained`` folders mergekit reads,
-each converted to a temporary task vector inside the merge (the end-to-end wall of a user who holds model folders).
+converted inside the merge (the end-to-end wall of a user who holds model folders; at a fixed λ each delta is taken
+by reference as the merge reads it, docs/interop.md).
 
 mergekit lives in its own virtual environment, never in this project's: ``--mergekit_venv`` (default
 ``$MERGEKIT_VENV`` or ``/work/mkvenv``) is used when it holds ``bin/mergekit-yaml``; ``--install`` makes it
