@@ -191,9 +191,9 @@ def merge(
                 f"task_vectors: {foreign[0]} is not a task vector folder; under {world.source} convert it first "
                 "(drm-lightning extract), then merge the task vectors"
             )
-    # the model folder straight from the merge (_merge_to_model): the merger is the inputs' only reader, so a
-    # fine-tuned model's deltas are taken as it reads them, not written to a temporary task vector first
-    by_reference = straight and save_as == "model" and not keep
+    # no search, one process, no block-by-block merge: the merger is the inputs' only reader, so a fine-tuned
+    # model's deltas are taken as it reads them, not written to a temporary task vector first
+    by_reference = straight
     imports = import_inputs(
         task_vectors, output, base=base, family=family, skip=list(skip or []), torch_dtype=torch_dtype,
         gguf_file=gguf_file, evaluates=bool(tasks), by_reference=by_reference,

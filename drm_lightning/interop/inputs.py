@@ -146,7 +146,8 @@ def import_inputs(
         family, skip, torch_dtype, gguf_file: as for ``convert``.
         by_reference: a fine-tuned model whose base's stored tensors are its backbone (``stored_backbone``) gets a
             folder that holds its deltas by reference (``write_reference_import``), read only by the merger
-            (``TaskVectorReader``): for a merge at a fixed λ, whose only reader of the inputs is the merger.
+            (``TaskVectorReader``): for a merge at a fixed λ on one process, whose only reader of the inputs is the
+            merger.
     """
     kinds = [input_kind(p) for p in inputs]
     base = base if base is not None else default_base(inputs, kinds)

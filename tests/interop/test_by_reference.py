@@ -5,7 +5,8 @@ What is checked, on folders ``transformers`` saved itself:
 - the merged model folder is, byte for byte, the one ``extract`` of each expert followed by a merge writes, per base
   (BERT with its pooler and a sharded classifier, a bf16 Llama, a float32 Llama with bf16 experts) and method;
 - where the base's stored tensors are its backbone no base is loaded and nothing is converted (``load_base`` and
-  ``write_import`` are never called); where they are not (a cast on load, ``--torch_dtype``) the written way runs;
+  ``write_import`` are never called), also when the merge keeps its delta; where they are not (a cast on load,
+  ``--torch_dtype``) the written way runs;
 - each delta the reader takes equals the written one exactly, and a parameter the fine-tune left unchanged reads
   as absent;
 - bad input is one line naming the file: NaN or Inf in a fine-tuned tensor, a fine-tuned file cut short, a spoilt
@@ -90,6 +91,19 @@ def test_a_merge_by_reference_writes_the_bytes_of_extract_then_merge(
         (str(e.resolve()), "model") for e in experts
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the reference folders are gone
+
+
+def test_a_merge_that_keeps_its_delta_goes_by_reference_too(
+    cases: dict[str, tuple[Path, list[Path]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, experts = cases["bert"]
+    tvs = [convert(str(e), tmp_path / e.name, base=str(base)) for e in experts]
+    _merge(tvs, tmp_path / "staged", "ties", "--keep_delta", "true")
+    with monkeypatch.context() as patch:
+        _no_conversion(patch)
+        _merge(experts, tmp_path / "direct", "ties", "--base", str(base), "--keep_delta", "true")
+    for name in ("direct/model.safetensors", "direct_delta/merged_delta/delta-00001.safetensors"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("direct", "staged")).read_bytes(), name
 
 
 def test_a_base_that_loads_cast_goes_the_written_way_with_the_same_result(
