@@ -70,7 +70,8 @@ one_round() {
     xml="$log.xml"
     DRM_TEST_LAUNCH=$style timeout $((900 * ${#TESTS[@]})) python -m pytest -q -p no:cacheprovider \
         --junitxml="$xml" "${TESTS[@]}" >"$log" 2>&1
-    failed=$(python - "$xml" "$style" "$round" "${TESTS[@]}" >>"$RESULTS" <<'PY'
+    # stderr (the failed tests' names) into $failed, stdout (one line per test) onto the results; the order matters
+    failed=$(python - "$xml" "$style" "$round" "${TESTS[@]}" 2>&1 >>"$RESULTS" <<'PY'
 import sys
 import xml.etree.ElementTree as ET
 
@@ -94,7 +95,7 @@ for test in tests:
     if failed:
         print(test, file=sys.stderr)
 PY
-    2>&1)
+    )
     if [[ -n "$failed" ]]; then
         mv "$log" "$DIR/fail-$style-$round.log"
         echo "FAILED ($style, round $round): $failed" >&2

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from drm_lightning.io.safetensors import open_safetensors
 from drm_lightning.io.task_vector import DELTAS_FILE, HEAD_FILE, read_meta
+from tests.helpers.launch import free_ports
 from tests.helpers.tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,12 +36,6 @@ BATCH = 2  # per process; the single-process reference uses 2 * BATCH
 TRAIN_ROWS = 16  # a multiple of 2 * BATCH: no padding by the DistributedSampler, no ragged last batch
 POSITIVE = ("good", "great", "fun", "nice", "best", "love", "superb", "fresh")
 NEGATIVE = ("bad", "awful", "poor", "dull", "boring", "worst", "hate", "rotten")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_csv(path: Path, rows: int, seed: int) -> None:
@@ -130,7 +124,7 @@ def _tensors(folder: Path, filename: str) -> dict[str, torch.Tensor]:
 @pytest.mark.multiprocess
 def test_two_nodes_match_one_process(workdir: Path) -> None:
     root = workdir
-    single_port, multi_port = _free_port(), _free_port()
+    single_port, multi_port = free_ports(2)  # two launches on one port would meet in one store and hang
     jobs = {
         "single": (_fit(root, "single", num_nodes=1, batch_size=2 * BATCH), _env(MASTER_PORT=str(single_port))),
         **{

@@ -30,9 +30,20 @@ LAUNCH_ENV = "DRM_TEST_LAUNCH"
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a launcher's ``--master_port``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports free on 127.0.0.1 right now: all bound at once, so no two are the same (two
+    calls of ``free_port`` may return one port twice, and two launches on it would meet in one store)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def launch_style() -> str:
