@@ -179,10 +179,10 @@ def write_reference_import(
     deltas held by reference (``io/delta_reference.py``: ``reference.json`` names, per parameter, the fine-tuned and
     the base tensor) instead of written: no base is loaded and no delta is computed here; the merge takes each one
     when it reads the parameter, with the same arithmetic. Parameters the fine-tune left unchanged are found then
-    (``meta.json["source"]["unchanged"]`` is ``None``). A plan with LoRA factors is refused (an adapter's factors
-    are small and written as they are)."""
-    if plan.lora:
-        raise ValueError(f"task {task!r}: a plan with LoRA factors has no reference form")
+    (``meta.json["source"]["unchanged"]`` is ``None``). An adapter's plan is refused (its factors are small and
+    written as they are)."""
+    if plan.lora_meta is not None or plan.dense_keys.keys() != plan.dense.keys():
+        raise ValueError(f"task {task!r}: only a fine-tuned model's plan has a reference form, not an adapter's")
     output = Path(output)
     codes = {stored.weights.tensors[key].dtype for key in stored.keys.values()}
     dtype = torch.float64 if "F64" in codes else torch.float32  # _delta_dtype of a base of one float dtype

@@ -228,3 +228,24 @@ def test_the_recorded_fingerprint_of_an_input_by_reference_follows_its_weights(
     tensors[name] = tensors[name] * 2
     save_file(tensors, expert / "model.safetensors", metadata={"format": "pt"})
     assert recorded("c") != first
+
+
+def test_an_adapter_is_written_as_it_is_even_where_a_model_goes_by_reference(
+    cases: dict[str, tuple[Path, list[Path]]], tmp_path: Path
+) -> None:
+    """Only a fine-tuned model's plan has a reference form: an adapter's factors (and its ``modules_to_save``, also
+    where no LoRA factor is left) are small and written, and ``write_reference_import`` refuses its plan."""
+    from drm_lightning.interop.peft_adapter import plan_adapter
+    from drm_lightning.interop.stored_base import stored_backbone
+    from drm_lightning.interop.write import write_reference_import
+    from tests.helpers.interop_models import bert_lora
+
+    base, experts = cases["bert"]
+    adapter = bert_lora(base, tmp_path / "lora", seed=7)
+    inputs = [str(experts[0]), str(adapter)]
+    with import_inputs(inputs, tmp_path / "out", base=str(base), by_reference=True) as (model, lora):
+        assert (Path(model) / REFERENCE_FILE).is_file() and (Path(lora) / DELTAS_FILE).is_file()
+    plan, info = plan_adapter(str(adapter), str(base))
+    plan.lora = {}  # what is left of an adapter whose LoRA modules were all skipped
+    with pytest.raises(ValueError, match="only a fine-tuned model's plan has a reference form"):
+        write_reference_import(plan, info, tmp_path / "tv", "lora", stored_backbone(info, {}))
