@@ -89,19 +89,18 @@ class TaskVectorReader:
             self.path = self.folder / REFERENCE_FILE
             self._reference, self._reference_dtype = read_reference(self.folder)
             self._header = {name: ref.tuned for name, ref in self._reference.items()}
-            keys = set(self._header)
         else:
             with open_safetensors(
                 self.path, error=TaskVectorError
             ) as f:  # validates the header and the file length; names the file if not
                 keys = set(f.keys())
             self._header = read_header(self.path, error=TaskVectorError)
+            if set(self._header) != keys:
+                raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
         # The head is only copied on by the merger, never parsed; checking its header here refuses a pickle (or any
         # non-safetensors file) under that name instead of passing it on into the merged folder.
         with open_safetensors(self.folder / HEAD_FILE, error=TaskVectorError):
             pass
-        if set(self._header) != keys:
-            raise TaskVectorError(f"{self.path}: header keys differ from what safetensors reads")
         self._dense: dict[str, str] = {}
         self._lora: dict[str, tuple[str, str]] = {}
         self._group_keys()
