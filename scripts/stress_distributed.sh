@@ -6,10 +6,15 @@
 #
 #   bash scripts/stress_distributed.sh 50                       # every multi-process test, 50 times per style
 #   DRM_STRESS_K=failing_group bash scripts/stress_distributed.sh 50    # only tests matching -k
+#   DRM_STRESS_PATHS="tests/distributed" ...                    # where to collect them (default: tests)
 #   DRM_STRESS_STYLES="standalone static srun" ...              # the styles (default: standalone static)
 #   DRM_STRESS_PARALLEL=1 ...                                   # the styles' rounds side by side, one loop each
 #   DRM_STRESS_SEPARATE=1 ...                                   # one pytest process per test run (default: per round)
 #   bash scripts/stress_distributed.sh --summary runs/stress/results.tsv   # the summary of a run so far
+#
+# A run cut short (a killed loop, a machine given back) goes on where it stopped when started again with the same
+# DRM_STRESS_DIR and N: each style starts after its last finished round. The folder records the commit it tests
+# (DIR/commit); another commit, or uncommitted changes to tracked files, is refused in one line.
 #
 # By default a round of one style is one pytest process (every test in it; its seconds are pytest's own per test,
 # without the process's start-up), which saves a pytest start per test. Each test's result goes to
@@ -37,18 +42,36 @@ STYLES=${DRM_STRESS_STYLES:-standalone static}
 DIR=${DRM_STRESS_DIR:-runs/stress}
 mkdir -p "$DIR"
 RESULTS="$DIR/results.tsv"
+COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]]; then COMMIT="$COMMIT+uncommitted"; fi
+if [[ -s "$RESULTS" ]]; then
+    if [[ "$(cat "$DIR/commit" 2>/dev/null || echo 'no record')" != "$COMMIT" ]]; then
+        echo "stress: $DIR holds a run of commit $(cat "$DIR/commit" 2>/dev/null || echo '(no record)'), this checkout is $COMMIT; give another DRM_STRESS_DIR" >&2
+        exit 2
+    fi
+else
+    echo "$COMMIT" >"$DIR/commit"
+fi
 # shellcheck disable=SC1091
 . "${DRM_VENV:-.venv}/bin/activate"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
 
 select=(-m multiprocess)
 if [[ -n "${DRM_STRESS_K:-}" ]]; then select+=(-k "$DRM_STRESS_K"); fi
-mapfile -t TESTS < <(python -m pytest -q -p no:cacheprovider --collect-only "${select[@]}" tests | grep '::')
+# shellcheck disable=SC2086
+mapfile -t TESTS < <(python -m pytest -q -p no:cacheprovider --collect-only "${select[@]}" ${DRM_STRESS_PATHS:-tests} | grep '::')
 echo "stress: ${#TESTS[@]} test(s) x styles [$STYLES] x $N round(s); results in $RESULTS" >&2
 
-# one_test STYLE ROUND TEST: one pytest process for one test.
+# last_round STYLE: the highest round of STYLE in the results so far (0 for none).
+last_round() {
+    awk -F'\t' -v style="$1" '$1 == style && $5 > last { last = $5 } END { print last + 0 }' "$RESULTS" 2>/dev/null || echo 0
+}
+
+# one_test STYLE ROUND TEST: one pytest process for one test (unless a resumed run already has its result).
 one_test() {
     local style=$1 round=$2 test=$3 log start rc seconds
+    if awk -F'\t' -v s="$style" -v t="$test" -v r="$round" '$1 == s && $2 == t && $5 == r { found = 1 } END { exit !found }' \
+        "$RESULTS" 2>/dev/null; then return; fi
     log=$(mktemp "$DIR/run-XXXXXX.log")
     start=$(date +%s.%N)
     DRM_TEST_LAUNCH=$style timeout 900 python -m pytest -q -p no:cacheprovider -x "$test" >"$log" 2>&1
@@ -105,11 +128,20 @@ PY
     rm -f "$xml"
 }
 
-# style_rounds STYLE...: N rounds of the styles, interleaved.
+# style_rounds STYLE...: rounds up to N of the styles, interleaved, each style after its last finished round (a round
+# of one pytest process writes its results only when it ends; a separate-process round is taken up where it stopped).
 style_rounds() {
-    local round style test
-    for ((round = 1; round <= N; round++)); do
+    local round style test first=$N
+    for style in "$@"; do
+        round=$(last_round "$style")
+        if ((round > 0)); then echo "stress: $style resumes after round $round" >&2; fi
+        if [[ -z "${DRM_STRESS_SEPARATE:-}" ]]; then round=$((round + 1)); fi
+        if ((round < first)); then first=$round; fi
+    done
+    if ((first < 1)); then first=1; fi
+    for ((round = first; round <= N; round++)); do
         for style in "$@"; do
+            if [[ -z "${DRM_STRESS_SEPARATE:-}" ]] && ((round <= $(last_round "$style"))); then continue; fi
             if [[ -n "${DRM_STRESS_SEPARATE:-}" ]]; then
                 for test in "${TESTS[@]}"; do one_test "$style" "$round" "$test"; done
             else
