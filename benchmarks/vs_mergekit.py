@@ -16,7 +16,9 @@ on every vector), saved as ``save_pretrained`` folders. mergekit merges those fo
 vectors made from them once by ``drm-lightning extract`` (timed apart, as the one-time conversion it is).
 ``--folders`` adds a third tool: ``drm-lightning merge`` given the same ``save_pretrained`` folders mergekit reads,
 converted inside the merge (the end-to-end wall of a user who holds model folders; at a fixed λ each delta is taken
-by reference as the merge reads it, docs/interop.md).
+by reference as the merge reads it, docs/interop.md). It is timed twice: with the base's skeleton already in the
+cache (``interop/skeleton_cache.py``; a folder of the benchmark's own, filled by one untimed merge first: every merge
+of a base after its first) and with an empty cache each run (the first merge of a base on a machine).
 
 mergekit lives in its own virtual environment, never in this project's: ``--mergekit_venv`` (default
 ``$MERGEKIT_VENV`` or ``/work/mkvenv``) is used when it holds ``bin/mergekit-yaml``; ``--install`` makes it
@@ -252,31 +254,36 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             case = work / size / f"T{experts}"
             case.mkdir(parents=True, exist_ok=True)
             rows = {m: {"size": size, "params": inputs["params"], "experts": experts, "method": m, "ours": [],
-                        "mergekit": [], "folders": [], "load": []} for m in args.methods}  # fmt: skip
+                        "mergekit": [], "folders": [], "folders_first": [], "load": []}
+                    for m in args.methods}  # fmt: skip
+            warm = {**_env(), "DRM_LIGHTNING_CACHE": str(work / "skeleton-cache")}
             for r in range(args.runs):
                 for i, method in enumerate(args.methods):
                     mk_cfg, our_cfg = case / f"{method}.mergekit.yml", case / f"{method}.ours.yml"
                     mk_cfg.write_text(mergekit_yaml(method, inputs["base"], inputs["experts"]))
                     our_cfg.write_text(mergekit_yaml(method, inputs["base"], inputs["task_vectors"]))
-                    tools = []
+                    tools = []  # (tool, command, environment)
                     if mergekit is not None and METHODS[method][3]:
                         mk_command = [str(mergekit), str(mk_cfg), str(case / f"{method}.mergekit")]
-                        tools.append(("mergekit", [*mk_command, *(["--cuda"] if args.cuda else [])]))
+                        tools.append(("mergekit", [*mk_command, *(["--cuda"] if args.cuda else [])], _env()))
                     ours = [sys.executable, "-m", "drm_lightning.cli", "merge", "--mergekit_config", str(our_cfg),
                             "--output", str(case / f"{method}.ours"), *device]  # fmt: skip
-                    tools.append(("ours", ours))
+                    tools.append(("ours", ours, _env()))
                     if args.folders:  # the same YAML over the model folders: conversion inside the merge
                         folder_cfg = case / f"{method}.folders.yml"
                         folder_cfg.write_text(mergekit_yaml(method, inputs["base"], inputs["experts"]))
-                        tools.append(("folders", [*ours[:5], str(folder_cfg), "--output",
-                                                  str(case / f"{method}.folders"), *device]))  # fmt: skip
+                        folder = [*ours[:5], str(folder_cfg), "--output", str(case / f"{method}.folders"), *device]
+                        if r == 0 and i == 0:  # untimed: the base's skeleton into the warm cache
+                            subprocess.run(folder, env=warm, capture_output=True, check=True)
+                        cold = {**_env(), "DRM_LIGHTNING_CACHE": tempfile.mkdtemp(dir=case, prefix="cold-cache-")}
+                        tools += [("folders", folder, warm), ("folders_first", folder, cold)]
                     if (r + i) % 2:  # interleaved: each tool goes first in every other slot
                         tools.reverse()
-                    for tool, command in tools:
+                    for tool, command, env in tools:
                         out = Path(command[2] if tool == "mergekit" else command[command.index("--output") + 1])
                         shutil.rmtree(out, ignore_errors=True)
                         rows[method]["load"].append(os.getloadavg()[0])
-                        got = timed(command, _env())
+                        got = timed(command, env)
                         rows[method][tool].append(got)
                         _log(f"{size} T={experts} {method:16s} {tool:8s} run {r + 1}: {got['wall_s']:.1f} s, "
                              f"{got['rss_mib']:.0f} MiB peak (load {rows[method]['load'][-1]:.1f})")  # fmt: skip
@@ -331,8 +338,13 @@ def table(results: dict[str, Any]) -> str:
         "",
         "| model | T | method | mergekit wall s | ours wall s | ours ÷ mergekit | mergekit peak MiB | ours peak MiB "
         "| rel. diff Δ | load avg |"
-        + (" ours from folders wall s | from folders ÷ mergekit | from folders peak MiB |" if folders else ""),
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if folders else ""),
+        + (
+            " ours from folders wall s | from folders ÷ mergekit | from folders peak MiB | from folders, first merge "
+            "of the base, wall s |"
+            if folders
+            else ""
+        ),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|---:|" if folders else ""),
     ]
     ta = {(r["size"], r["experts"]): r for r in results["rows"] if r["method"] == "task_arithmetic"}
     for r in results["rows"]:
@@ -354,6 +366,7 @@ def table(results: dict[str, Any]) -> str:
             fo_w = _median(r.get("folders", []), "wall_s")
             fo_ratio = f"{fo_w / mk_w:.2f}" if r["mergekit"] and r.get("folders") else "-"
             line += f" {fo_w:.1f} | {fo_ratio} | {_median(r.get('folders', []), 'rss_mib'):.0f} |"
+            line += f" {_median(r.get('folders_first', []), 'wall_s'):.1f} |"
         lines.append(line)
     extract = results["extract_s"]
     if extract:

@@ -1,6 +1,9 @@
 """Shared fixtures. Tests never reach the network: the hub is forced offline here."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The skeleton cache (interop/skeleton_cache.py) of this test process and the processes it starts: never the user's.
+os.environ["DRM_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="drm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DRM_LIGHTNING_CACHE"], ignore_errors=True)
 
 import torch  # noqa: E402  (after the environment above, which transformers reads at import)
 

@@ -23,6 +23,7 @@ import torch
 
 from drm_lightning.interop.checkpoint import CheckpointError, local_folder
 from drm_lightning.interop.names import FAMILY_OF_MODEL_TYPE, Rename, checkpoint_renamer
+from drm_lightning.interop.skeleton_cache import cached_skeleton
 from drm_lightning.io.json_file import read_json_object
 from drm_lightning.models.backbone import check_family
 
@@ -113,12 +114,14 @@ _SKELETONS_KEPT = 4
 
 
 def _skeleton(folder: Path, family: str) -> tuple[dict[str, tuple[int, ...]], str, list[str], Rename]:
-    """``_build_skeleton``, remembered for the same folder, family and config text (a rewritten config is rebuilt)."""
-    key = (str(folder.resolve()), family, (folder / "config.json").read_text(encoding="utf-8"))
+    """``_build_skeleton``, remembered for the same folder, family and config text (a rewritten config is rebuilt),
+    in this process and on disk (``skeleton_cache``)."""
+    text = (folder / "config.json").read_text(encoding="utf-8")
+    key = (str(folder.resolve()), family, text)
     if key not in _SKELETONS:
         while len(_SKELETONS) >= _SKELETONS_KEPT:
             _SKELETONS.pop(next(iter(_SKELETONS)))
-        _SKELETONS[key] = _build_skeleton(folder, family)
+        _SKELETONS[key] = cached_skeleton(family, text, lambda: _build_skeleton(folder, family))
     shapes, prefix, embeddings, rename = _SKELETONS[key]
     return dict(shapes), prefix, list(embeddings), rename
 
