@@ -124,10 +124,25 @@ def take_delta(ref: DeltaReference, dtype: torch.dtype) -> tuple[torch.Tensor | 
     Raises:
         TaskVectorError: a file shorter than its header says (changed since the reference was written).
     """
+    return subtract(*map_pair(ref), dtype)
+
+
+def map_pair(ref: DeltaReference) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fine-tuned and the base tensor of ``ref``, mapped from their files (``map_tensor``; the kernel starts
+    reading them), no arithmetic: a read-ahead thread maps, the merging thread subtracts (``subtract``).
+
+    Raises:
+        TaskVectorError: a file shorter than its header says (changed since the reference was written).
+    """
     with open(ref.tuned.file, "rb") as f:
         tuned = map_tensor(f, ref.tuned, ref.tuned_key, error=TaskVectorError)
     with open(ref.base.file, "rb") as f:
         base = map_tensor(f, ref.base, ref.base_key, error=TaskVectorError)
+    return tuned, base
+
+
+def subtract(tuned: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """``(tuned − base in dtype, finite)``; the delta is ``None`` where it is zero everywhere (and finite)."""
     delta = tuned.to(dtype) - base.to(dtype)
     del tuned, base
     finite, nonzero = finite_nonzero(delta)

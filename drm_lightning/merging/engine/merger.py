@@ -144,8 +144,8 @@ def stream_merged(
     work = [e for e in entries if e.rule != "skip"]
 
     def read(entry: PlanEntry) -> tuple[list, list[torch.Tensor] | None]:
-        # mapped only: the NaN/Inf pass runs in the merging thread (below), so no arithmetic runs in two threads,
-        # each with its own OpenMP team fighting for the same cores
+        # mapped only: the NaN/Inf pass (and a delta by reference's subtraction) runs in the merging thread (below),
+        # so no arithmetic runs in two threads, each with its own OpenMP team fighting for the same cores
         raw = [reader.get(entry.name, entry.shape, check=False) for reader in readers]
         if all(d is None for d in raw):
             return raw, None
@@ -162,9 +162,8 @@ def stream_merged(
             bar.update()
             t1 = time.perf_counter()
             timings["read"] += t1 - t0  # the time the merge waited for its inputs
+            raw = [reader.check(entry.name, delta) for reader, delta in zip(readers, raw, strict=True)]
             if any(d is not None for d in raw):
-                for reader, delta in zip(readers, raw, strict=True):
-                    reader.check(entry.name, delta)
                 with inputs_checked():  # the methods' own NaN/Inf pass would repeat the one just made
                     out = merge_entry(entry, raw, grams, method, param_sets, merge, device)
                 del raw, grams  # the prefetch thread reads one more parameter once the next is asked for

@@ -18,11 +18,12 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from drm_lightning.io.delta_reference import REFERENCE_FILE, DeltaReference, read_reference, take_delta
+from drm_lightning.io.delta_reference import REFERENCE_FILE, DeltaReference, map_pair, read_reference, subtract
 from drm_lightning.io.safetensors import (
     FLOAT_CODES,
     TensorInfo,
@@ -83,7 +84,6 @@ class TaskVectorReader:
         # a dense task vector held by reference (io/delta_reference.py): deltas taken from two checkpoints on read
         self._reference: dict[str, DeltaReference] = {}
         self._reference_dtype = torch.float32
-        self._not_finite: set[str] = set()
         self._header: dict[str, TensorInfo]
         if not self.path.exists() and (self.folder / REFERENCE_FILE).is_file() and self.meta.kind == "dense":
             self.path = self.folder / REFERENCE_FILE
@@ -268,14 +268,17 @@ class TaskVectorReader:
                 f"{self.path}: key {key!r} has dtype {dtype}, expected a float dtype {sorted(FLOAT_CODES)}"
             )
 
-    def get(self, name: str, base_shape: Sequence[int], *, check: bool = True) -> torch.Tensor | LowRankDelta | None:
+    def get(
+        self, name: str, base_shape: Sequence[int], *, check: bool = True
+    ) -> torch.Tensor | LowRankDelta | MappedReference | None:
         """The delta of ``name`` on CPU as stored (dense tensor or LoRA factors), or ``None`` for a zero delta.
 
         Args:
-            check: look for NaN/Inf now (``check``); ``False`` leaves it to the caller, which must call ``check``
-                before using the values (the merge's read-ahead thread maps the delta, the merging thread checks
-                it, so no arithmetic runs in two threads at once). A delta by reference is the one exception: its
-                subtraction and its one range pass run here, in whichever thread reads it.
+            check: look for NaN/Inf now (``check``); ``False`` leaves it to the caller, which must use what
+                ``check(name, value)`` returns (the merge's read-ahead thread maps the delta, the merging thread
+                checks it, so no arithmetic runs in two threads at once, each with its own OpenMP team fighting for
+                the same cores). A delta by reference then comes as its two mapped tensors (``MappedReference``):
+                ``check`` subtracts them.
 
         Raises:
             TaskVectorError: shape/rank mismatch with ``base_shape``, or NaN/Inf values (naming file and key).
@@ -285,12 +288,8 @@ class TaskVectorReader:
             return None
         self._check_header(name, base_shape)
         if name in self._reference:
-            taken, finite = take_delta(self._reference[name], self._reference_dtype)
-            if not finite:
-                self._not_finite.add(name)
-                if check:
-                    self.check(name, taken)
-            return taken
+            mapped = MappedReference(*map_pair(self._reference[name]))
+            return self.check(name, mapped) if check else mapped
         keys = (self._dense[name],) if name in self._dense else self._lora[name]
         with open(self.path, "rb") as f:
             tensors = [map_tensor(f, self._header[key], key, error=TaskVectorError) for key in keys]
@@ -300,29 +299,45 @@ class TaskVectorReader:
             lora_a, lora_b = tensors
             assert self.meta.lora is not None  # _check_header verified the rank against it
             delta = LowRankDelta(lora_b, lora_a, float(self.meta.lora.scale))
-        if check:
-            self.check(name, delta)
-        return delta
+        return self.check(name, delta) if check else delta
 
-    def check(self, name: str, delta: torch.Tensor | LowRankDelta | None) -> None:
-        """Raise ``TaskVectorError`` naming the file and key if ``delta`` (``get``'s value for ``name``) holds NaN or
-        Inf."""
+    def check(
+        self, name: str, delta: torch.Tensor | LowRankDelta | MappedReference | None
+    ) -> torch.Tensor | LowRankDelta | None:
+        """``delta`` (``get(name, check=False)``'s value) once looked at for NaN and Inf: the same object, except a
+        delta by reference, taken here (``W_ft − W_0`` and its range in one pass; ``None`` where it is all zero).
+
+        Raises:
+            TaskVectorError: NaN or Inf, naming the file and key (for a delta by reference: the fine-tuned file and
+                tensor, and the base's tensor).
+        """
         if delta is None:
-            return
-        if name in self._reference:  # get() looked already (one pass took the delta's range)
-            if name in self._not_finite:
+            return None
+        if isinstance(delta, MappedReference):
+            taken, finite = subtract(delta.tuned, delta.base, self._reference_dtype)
+            if not finite:
                 ref = self._reference[name]
                 raise TaskVectorError(
                     f"{ref.tuned.file}: tensor {ref.tuned_key!r} minus the base's {ref.base_key!r} ({name!r}) holds "
                     "NaN or Inf"
                 )
-            return
+            return taken
         if isinstance(delta, torch.Tensor):
             check_finite(delta, f"{self.path}: key {self._dense[name]!r}")
-            return
+            return delta
         key_a, key_b = self._lora[name]
         check_finite(delta.A, f"{self.path}: key {key_a!r}")
         check_finite(delta.B, f"{self.path}: key {key_b!r}")
+        return delta
+
+
+@dataclass(frozen=True)
+class MappedReference:
+    """A delta by reference as ``TaskVectorReader.get(check=False)`` gives it: the fine-tuned and the base tensor,
+    mapped from their files and not yet subtracted (``TaskVectorReader.check`` takes the delta)."""
+
+    tuned: torch.Tensor
+    base: torch.Tensor
 
 
 def check_finite(tensor: torch.Tensor, what: str) -> None:
