@@ -162,7 +162,8 @@ def stream_merged(
             bar.update()
             t1 = time.perf_counter()
             timings["read"] += t1 - t0  # the time the merge waited for its inputs
-            raw = [reader.check(entry.name, delta) for reader, delta in zip(readers, raw, strict=True)]
+            for i, reader in enumerate(readers):  # in place: a delta by reference's mapped tensors go once taken
+                raw[i] = reader.check(entry.name, raw[i])
             if any(d is not None for d in raw):
                 with inputs_checked():  # the methods' own NaN/Inf pass would repeat the one just made
                     out = merge_entry(entry, raw, grams, method, param_sets, merge, device)
