@@ -45,8 +45,9 @@ class _Reader:
     def get(self, name: str, shape: tuple[int, ...], *, check: bool = True) -> torch.Tensor | None:
         return self.deltas.get(name)
 
-    def check(self, name: str, delta: torch.Tensor | None) -> None:
+    def check(self, name: str, delta: torch.Tensor | None) -> torch.Tensor | None:
         assert delta is None or bool(torch.isfinite(delta).all())
+        return delta
 
 
 def _two_layers(tasks: int, seed: int) -> tuple[nn.Sequential, list[_Reader], list[torch.Tensor]]:
