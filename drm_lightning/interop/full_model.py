@@ -50,7 +50,7 @@ def plan_model(
         mapping, rest = backbone_map(files.names(), info.shapes, info.prefix, info.rename)
     except ValueError as err:
         raise CheckpointError(f"{folder}: {err}") from None
-    plan = ImportPlan()
+    plan = ImportPlan(whole_model=True)
     skipped_names = []
     for name, key in mapping.items():
         tensor = files.tensors[key]
@@ -64,8 +64,7 @@ def plan_model(
             )
         if tensor.dtype not in FLOAT_CODES:
             raise CheckpointError(f"{tensor.file}: tensor {key!r} has dtype {tensor.dtype}, expected a float dtype")
-        plan.dense[name] = lambda key=key: files.map(key)  # read, subtracted from the base, dropped
-        plan.dense_keys[name] = (tensor.file, key)
+        plan.dense[name] = (files, key)
     if not mapping:
         shown = ", ".join(repr(k) for k in files.names()[:3])
         raise CheckpointError(

@@ -174,8 +174,7 @@ def import_inputs(
                 continue
             name, (import_plan, info) = task_name_for(Path(source), None), plan
             converted.append((name, *plan))
-            whole_model = import_plan.lora_meta is None and import_plan.dense_keys.keys() == import_plan.dense.keys()
-            if by_reference and whole_model:  # an adapter (its modules_to_save too) is written as it is
+            if by_reference and import_plan.whole_model:  # an adapter (its modules_to_save too) is written as it is
                 if (info.name, info.family) not in stored:
                     stored[info.name, info.family] = stored_backbone(info, load)
                 backbone = stored[info.name, info.family]

@@ -183,7 +183,7 @@ def plan_adapter(
                 f"{tensor.file}: {key!r} has shape {list(tensor.shape)}, but the base {info.name} has "
                 f"{list(info.shapes[name])}: the adapter was trained on another base ({origin})"
             )
-        plan.dense[name] = lambda key=stored[key]: files.read(key)
+        plan.dense[name] = (files, stored[key])
     _plan_head(plan, info, files, {k: stored[k] for k in rest}, folder, head_lora)
     plan.source.update(
         {

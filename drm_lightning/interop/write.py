@@ -11,6 +11,7 @@ one loaded base (``LoadedBase``) instead of loading and fingerprinting it once p
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -24,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from drm_lightning.interop.base import BaseInfo
-from drm_lightning.interop.checkpoint import CheckpointError
+from drm_lightning.interop.checkpoint import CheckpointError, SafetensorsFolder
 from drm_lightning.interop.names import HeadMatch
 from drm_lightning.interop.stored_base import LazyTensors, StoredBackbone
 from drm_lightning.io.atomic import atomic_dir
@@ -62,8 +63,10 @@ class ImportPlan:
     """What one import writes, decided from headers and configs alone.
 
     Attributes:
-        dense: backbone name -> a function giving the fine-tuned weight (the delta is it minus ``W_0``).
-        dense_keys: backbone name -> the file and tensor name ``dense`` reads (``write_reference_import``).
+        dense: backbone name -> the stored fine-tuned weight (its safetensors and tensor name); the delta is it
+            minus ``W_0``.
+        whole_model: a fine-tuned model's plan (every ``dense`` weight a whole model's), which has a reference form
+            (``write_reference_import``); an adapter's (its ``modules_to_save``) has none.
         lora: backbone weight name -> a function giving ``(A [r, in], B [out, r])`` in float32, scale folded in.
         lora_meta: the task vector's LoRA settings (``None`` for a dense task vector).
         head: the mapped head (or the reason there is none) and ``read``, checkpoint name -> tensor.
@@ -71,8 +74,8 @@ class ImportPlan:
         source: ``meta.json["source"]``.
     """
 
-    dense: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
-    dense_keys: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    dense: dict[str, tuple[SafetensorsFolder, str]] = field(default_factory=dict)
+    whole_model: bool = False
     lora: dict[str, Callable[[], tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     lora_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     lora_meta: LoraMeta | None = None
@@ -141,8 +144,8 @@ def write_import(
     zero = 0
     with atomic_dir(output) as tmp:
         with StreamingSafetensorsWriter(tmp / DELTAS_FILE, candidates) as writer:
-            for name, read in plan.dense.items():
-                tuned = read()
+            for name, (files, key) in plan.dense.items():
+                tuned = files.map(key)  # read, subtracted from the base, dropped
                 dtype = _delta_dtype(state[name])
                 delta = tuned.to(dtype) - state[name].detach().to(dtype)
                 del tuned
@@ -181,17 +184,17 @@ def write_reference_import(
     when it reads the parameter, with the same arithmetic. Parameters the fine-tune left unchanged are found then
     (``meta.json["source"]["unchanged"]`` is ``None``). An adapter's plan is refused (its factors are small and
     written as they are)."""
-    if plan.lora_meta is not None or plan.dense_keys.keys() != plan.dense.keys():
+    if not plan.whole_model:
         raise ValueError(f"task {task!r}: only a fine-tuned model's plan has a reference form, not an adapter's")
     output = Path(output)
     codes = {stored.weights.tensors[key].dtype for key in stored.keys.values()}
     dtype = torch.float64 if "F64" in codes else torch.float32  # _delta_dtype of a base of one float dtype
     tensors = {}
-    for name in plan.dense:
-        file, key = plan.dense_keys[name]
+    for name, (files, key) in plan.dense.items():
         base_key = stored.keys[name]
-        tensors[name] = (file, key, stored.weights.tensors[base_key].file, base_key)
-    tuned = fingerprint_state(LazyTensors(plan.dense))  # what the folder holds: which weights, not only where
+        tensors[name] = (files.tensors[key].file, key, stored.weights.tensors[base_key].file, base_key)
+    reads = {name: functools.partial(files.map, key) for name, (files, key) in plan.dense.items()}
+    tuned = fingerprint_state(LazyTensors(reads))  # what the folder holds: which weights, not only where
     with atomic_dir(output) as tmp:
         write_reference(tmp, tensors, dtype, tuned)
         _write_head_and_meta(tmp, plan, info, task, stored.fingerprint, torch_dtype, None, unchanged=None)
