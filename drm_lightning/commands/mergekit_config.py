@@ -202,6 +202,11 @@ def read_mergekit_config(path: str | Path, known_methods: set[str] | frozenset[s
     else:
         if normalize:
             coefficients = [w / sum(weights) for w in weights]
+        if name == "model_stock" and any(w != 1.0 for w in weights):
+            notes.append(
+                "model_stock: mergekit ignores the models' weights; drm-lightning weighs the mean with them (the "
+                "cosines stay unweighted)"
+            )
         params = dict(shared)
         if rescale is not None:
             raise MergekitConfigError(f"{where}: parameters.rescale: not a parameter of {name}")

@@ -56,6 +56,7 @@ from drm_lightning.merging.methods.drm_iso import DrmIsoBasis, drm_iso, drm_iso_
 from drm_lightning.merging.methods.drm_prune import SHARE_EPS
 from drm_lightning.merging.methods.inputs import Coefficients, Delta
 from drm_lightning.merging.methods.iso import IsoCtsBasis, iso_c, iso_cts, iso_cts_basis, iso_cts_split
+from drm_lightning.merging.methods.model_stock import model_stock
 from drm_lightning.merging.methods.regmean import regmean
 from drm_lightning.merging.methods.tsv import tsv_m
 from drm_lightning.merging.methods.wudi import (
@@ -105,6 +106,7 @@ __all__ = [
     "iso_cts_basis",
     "iso_cts_split",
     "keep_top_fraction",
+    "model_stock",
     "regmean",
     "task_arithmetic",
     "task_mean",

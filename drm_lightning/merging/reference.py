@@ -190,6 +190,26 @@ def dare(
     return task_arithmetic(list(stacked), coefficients, dtype=dtype)
 
 
+def model_stock(deltas: Sequence[Tensor], coefficients: Coefficients = None, *, dtype: torch.dtype = F64) -> Tensor:
+    """Model Stock: ``t · (1/T) Σ_i c_i Δ_i``, ``t = T·cos θ / (1 + (T − 1)·cos θ)``, ``cos θ`` the mean over pairs
+    ``i < j`` of ``⟨Δ_i, Δ_j⟩ / (‖Δ_i‖ ‖Δ_j‖)`` of the flattened deltas (0 where a norm is 0) held to ``[0, 1]``;
+    ``T = 1``: ``t = 1``."""
+    stacked = _stack(deltas, dtype)
+    tasks = stacked.shape[0]
+    vectors = stacked.reshape(tasks, -1)
+    t = torch.ones((), dtype=dtype)
+    if tasks > 1:
+        cosines = []
+        for i in range(tasks):
+            for j in range(i + 1, tasks):
+                a, b = vectors[i], vectors[j]
+                norms = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+                cosines.append(torch.dot(a, b) / norms if norms > 0 else torch.zeros((), dtype=dtype))
+        cos = torch.stack(cosines).mean().clamp(0, 1)
+        t = tasks * cos / (1 + (tasks - 1) * cos)
+    return t * task_mean(list(stacked), coefficients, dtype=dtype)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # DRM
 # --------------------------------------------------------------------------------------------------------------------

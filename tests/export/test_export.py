@@ -48,6 +48,7 @@ EXACT = {
     "iso_cts": "lora",
     "tsv_m": "lora",
     "wudi_closed": "lora",
+    "model_stock": "lora",
     "regmean": "lora_stats",
     "regmean_plusplus": "lora_data",
 }

@@ -17,7 +17,7 @@ from drm_lightning.cli import main
 from drm_lightning.commands.mergekit_config import MergekitConfigError, read_mergekit_config
 from tests.helpers.merge_inputs import build_tiny_model, write_task_vectors
 
-OURS = frozenset({"task_arithmetic", "ties", "dare", "drm_v", "iso_cts"})
+OURS = frozenset({"task_arithmetic", "ties", "dare", "drm_v", "iso_cts", "model_stock"})
 
 
 def _config(tmp_path: Path, body: dict) -> Path:
@@ -75,6 +75,14 @@ MAPPINGS = [
         {"merge_method": "drm_v", "base_model": "base", "models": _models(1.0, 1.0),
          "parameters": {"drop_rate": 0.5, "lambda": 1.2}},
         "drm_v", {"drop_rate": 0.5}, None, 1.2, 0, id="ours-drm_v",
+    ),
+    pytest.param(
+        {"merge_method": "model_stock", "base_model": "base", "models": _models(1.0, 1.0, 1.0)},
+        "model_stock", {}, None, 1.0, 0, id="model_stock",
+    ),
+    pytest.param(
+        {"merge_method": "model_stock", "base_model": "base", "models": _models(1.0, 2.0)},
+        "model_stock", {}, [1.0, 2.0], 1.0, 1, id="model_stock-weights-said-once",
     ),
 ]  # fmt: skip
 

@@ -229,7 +229,7 @@ def test_finite_deltas_whose_sum_overflows_are_not_mistaken_for_inf(method: str)
 
 def test_registry_lists_every_method_once() -> None:
     papers = ["task_arithmetic", "ties", "dare", "drm_v", "drm_h", "iso_c", "iso_cts", "tsv_m", "regmean"]
-    papers += ["wudi", "wudi_closed", "regmean_plusplus"]
+    papers += ["wudi", "wudi_closed", "regmean_plusplus", "model_stock"]
     assert sorted(METHODS) == sorted([*papers, "drm_iso_v", "drm_iso_h"])
     for name, method in METHODS.items():
         assert method.name == name and method.label

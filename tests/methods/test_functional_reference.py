@@ -110,6 +110,7 @@ METHODS = [
         lambda d, c: ref.drm_iso(d, "horizontal", 0.8, c),
         COMMON,
     ),
+    Method("model_stock", lambda d, c, **k: F.model_stock(d, c, **k), ref.model_stock, CLUSTER_SAFE),
     Method(
         "regmean",
         lambda d, c, **k: regmean(d, 0.9, coefficients=c, statistics=_grams(d), **k),

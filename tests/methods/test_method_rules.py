@@ -41,6 +41,7 @@ NONMATRIX_REFERENCE: dict[str, Callable[[list[Tensor], list[float], dict], Tenso
     "regmean_plusplus": lambda d, c, p: ref.task_mean(d, c),  # RegMean++: RegMean's rule (FusionBench's code)
     "wudi": lambda d, c, p: ref.task_mean(d, c),  # FusionBench's wudi_merging: the sum over T
     "wudi_closed": lambda d, c, p: ref.task_mean(d, c),
+    "model_stock": lambda d, c, p: ref.model_stock(d, c),  # elementwise: one rule everywhere, as mergekit's
 }
 NONMATRIX_PARAMS = {
     "ties": [{"density": 0.4}],

@@ -154,8 +154,15 @@ def test_lora_span_is_where_the_merge_of_lora_experts_lies(name: str, shape: tup
     n, m = shape
     gen = torch.Generator().manual_seed(3)
     f64 = torch.float64
+    # experts that share one direction (the first column of B_i and row of A_i), as fine-tunes of one base do:
+    # the deltas' cosines are positive, so Model Stock's ratio is not 0
+    b0, a0 = torch.randn(n, 1, generator=gen, dtype=f64), torch.randn(1, m, generator=gen, dtype=f64)
     lora = [
-        LowRankDelta(torch.randn(n, r, generator=gen, dtype=f64), torch.randn(r, m, generator=gen, dtype=f64), 0.5)
+        LowRankDelta(
+            torch.cat([b0, torch.randn(n, r - 1, generator=gen, dtype=f64)], dim=1),
+            torch.cat([a0, torch.randn(r - 1, m, generator=gen, dtype=f64)]),
+            0.5,
+        )
         for r in (2, 3, 2)
     ]
     inputs = [torch.randn(3 * m, m, generator=gen, dtype=f64) for _ in lora]
