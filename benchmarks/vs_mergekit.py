@@ -79,6 +79,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any], bool]] = {
     "dare_linear": ("dare_linear", {"weight": 1.0, "density": 0.2}, {}, True),
     "dare_ties": ("dare_ties", {"weight": 1.0, "density": 0.2}, {}, True),
     "linear": ("linear", {"weight": 1.0}, {}, True),
+    "model_stock": ("model_stock", {"weight": 1.0}, {}, True),
     "drm_v": ("drm_v", {}, {}, False),
     "iso_c": ("iso_c", {}, {}, False),
     "iso_cts": ("iso_cts", {}, {}, False),

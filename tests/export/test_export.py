@@ -30,6 +30,7 @@ from drm_lightning.io.task_vector import HEAD_FILE, META_FILE, read_meta
 from drm_lightning.merging.methods.registry import METHODS
 from drm_lightning.merging.ops.lowrank import LowRankDelta
 from drm_lightning.models.heads import DecoderHead, EncoderHead
+from tests.helpers import delta_cases
 from tests.helpers.merge_inputs import with_random_statistics, write_task_vectors
 from tests.helpers.tiny_models import make_tiny_model
 from tests.helpers.tiny_tasks import write_tiny_tasks
@@ -452,7 +453,8 @@ def test_factor_delta_has_the_exact_rank_of_every_method() -> None:
     every exact method (RegMean's with random Grams)."""
     gen = torch.Generator().manual_seed(0)
     for n, m in ((24, 16), (16, 40)):
-        lora = [LowRankDelta(torch.randn(n, r, generator=gen), torch.randn(r, m, generator=gen), 0.5) for r in (2, 3)]
+        factors = delta_cases.agreeing_factors((n, m), (2, 3), gen, torch.float32)
+        lora = [LowRankDelta(b, a, 0.5) for b, a in factors]
         inputs = [torch.randn(2 * m, m, generator=gen) for _ in lora]
         grams = [x.T @ x / x.shape[0] for x in inputs]
         for name in EXACT:

@@ -4,6 +4,8 @@ defined, disjoint tasks, rank-deficient (LoRA-like) and zero or tiny tasks, and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -92,3 +94,18 @@ def low_rank_factors(
         a = torch.cat([shared_a, own[1:]]) if shared else own
         out.append((torch.randn(n, r, generator=gen, dtype=F64), a, 2.0 / r))
     return out
+
+
+def agreeing_factors(
+    shape: tuple[int, int], ranks: Sequence[int], gen: torch.Generator, dtype: torch.dtype = F64
+) -> list[tuple[Tensor, Tensor]]:
+    """``(B, A)`` per task whose products share one rank-1 direction (the first column of every ``B`` and the first
+    row of every ``A``), as fine-tunes of one base do: the deltas' cosines are positive, so Model Stock's ratio is
+    not 0 (on independent factors it often is: a mean cosine below 0 gives the base)."""
+    n, m = shape
+    b0, a0 = torch.randn(n, 1, generator=gen, dtype=dtype), torch.randn(1, m, generator=gen, dtype=dtype)
+    return [
+        (torch.cat([b0, torch.randn(n, r - 1, generator=gen, dtype=dtype)], dim=1),
+         torch.cat([a0, torch.randn(r - 1, m, generator=gen, dtype=dtype)]))
+        for r in ranks
+    ]  # fmt: skip

@@ -19,6 +19,7 @@ from drm_lightning.merging import functional as F
 from drm_lightning.merging.methods.registry import METHODS, collect_methods, get_method, method_modules
 from drm_lightning.merging.methods.spec import MergeMethod
 from drm_lightning.merging.ops.lowrank import LowRankDelta
+from tests.helpers import delta_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -154,17 +155,7 @@ def test_lora_span_is_where_the_merge_of_lora_experts_lies(name: str, shape: tup
     n, m = shape
     gen = torch.Generator().manual_seed(3)
     f64 = torch.float64
-    # experts that share one direction (the first column of B_i and row of A_i), as fine-tunes of one base do:
-    # the deltas' cosines are positive, so Model Stock's ratio is not 0
-    b0, a0 = torch.randn(n, 1, generator=gen, dtype=f64), torch.randn(1, m, generator=gen, dtype=f64)
-    lora = [
-        LowRankDelta(
-            torch.cat([b0, torch.randn(n, r - 1, generator=gen, dtype=f64)], dim=1),
-            torch.cat([a0, torch.randn(r - 1, m, generator=gen, dtype=f64)]),
-            0.5,
-        )
-        for r in (2, 3, 2)
-    ]
+    lora = [LowRankDelta(b, a, 0.5) for b, a in delta_cases.agreeing_factors(shape, (2, 3, 2), gen)]
     inputs = [torch.randn(3 * m, m, generator=gen, dtype=f64) for _ in lora]
     method = METHODS[name]
     kwargs = {"statistics": [x.T @ x / x.shape[0] for x in inputs]} if method.needs_statistics else {}
