@@ -15,6 +15,7 @@ Launch styles (``LAUNCH_STYLES``), all on localhost:
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,13 +34,47 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports free on 127.0.0.1 right now: all bound at once, so no two are the same (two
-    calls of ``free_port`` may return one port twice, and two launches on it would meet in one store)."""
-    sockets = [socket.socket() for _ in range(count)]
+#: Where the kernel's own port choices start (``ip_local_port_range``), when it cannot be read.
+EPHEMERAL_LOW = 32768
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range: ports it hands to sockets bound to port 0 and to outgoing
+    connections."""
     try:
-        for s in sockets:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return EPHEMERAL_LOW
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports free on 127.0.0.1 right now, drawn at random below the kernel's ephemeral range
+    (all bound at once, so no two are the same: two launches on one port would meet in one store).
+
+    Why below that range: a port the kernel chose for a socket bound to port 0 is free again once the socket closes,
+    and the kernel may give it to the next outgoing connection (a gloo rank of another test running beside this one)
+    before the launch binds it: EADDRINUSE, seen once in 8 rounds of ``scripts/stress_distributed.sh`` with the
+    styles side by side. Below the range only another explicit bind can take it. Where the range leaves too few
+    ports below it, the kernel chooses, as before.
+    """
+    low = ephemeral_low()
+    rng = random.SystemRandom()  # not the global generator: tests seed it, and every xdist worker alike
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(50 * count if low - 1024 >= 1024 else 0):
+            if len(sockets) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", rng.randrange(max(1024, low - 16384), low)))
+            except OSError:  # in use (or taken by this call already)
+                s.close()
+                continue
+            sockets.append(s)
+        while len(sockets) < count:
+            s = socket.socket()
             s.bind(("127.0.0.1", 0))
+            sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
