@@ -44,10 +44,7 @@ def stock_ratio(gram: Tensor) -> Tensor:
 def _scales(flats: Sequence[Tensor]) -> Tensor:
     """Each delta's largest magnitude (1 for a zero delta): the Grams are taken on ``Δ_i / s_i``, which keeps them
     clear of underflow and overflow; the cosines do not depend on it."""
-    values = []
-    for x in flats:
-        low, high = x.aminmax() if x.numel() else (x.new_zeros(()), x.new_zeros(()))
-        values.append(max(abs(float(low)), abs(float(high))) or 1.0)
+    values = [max(abs(float(low)), abs(float(high))) or 1.0 for low, high in (x.aminmax() for x in flats)]
     return torch.tensor(values, dtype=_F64, device=flats[0].device)
 
 
